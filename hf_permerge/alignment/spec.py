@@ -1,0 +1,94 @@
+"""The permutation spec: which tensor axes each group of hidden units permutes.
+
+Everything downstream (apply, invert, match, merge) is written once against this
+spec, never per architecture (Git Re-Basin's idea, with a validator on top).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class PermGroup:
+    """One permutation group: the units of a hidden layer or the channels of a conv layer."""
+
+    name: str
+    size: int
+    axes: tuple[tuple[str, int], ...]
+    """(state-dict key, axis) pairs this group permutes (weights, biases, norm buffers)."""
+    activation: str
+    """Module whose output carries the group's post-nonlinearity activations (unit axis 1)."""
+    preactivation: str | None = None
+    """Module whose output carries the pre-nonlinearity activations (unit axis 1)."""
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    groups: tuple[PermGroup, ...]
+
+    def __post_init__(self):
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"permutation spec has duplicate group names: {names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def __getitem__(self, name: str) -> PermGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no permutation group {name!r}; groups are {self.names}")
+
+    def axes_to_perm(self) -> dict[str, dict[int, str]]:
+        """key -> {axis: group}: the inverse map, derived, never written by hand."""
+        out: dict[str, dict[int, str]] = {}
+        for g in self.groups:
+            for key, axis in g.axes:
+                out.setdefault(key, {})[axis] = g.name
+        return out
+
+    def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Check that the spec fits a state dict: keys exist, sizes agree, no group twice on one tensor."""
+        seen: dict[str, set[str]] = {}
+        for g in self.groups:
+            for key, axis in g.axes:
+                if key not in state_dict:
+                    raise ValueError(f"permutation group {g.name!r} names {key!r}, which is not in the state dict")
+                t = state_dict[key]
+                if axis >= t.ndim or t.shape[axis] != g.size:
+                    raise ValueError(
+                        f"permutation group {g.name!r} (size {g.size}) does not fit axis {axis} of {key!r} "
+                        f"with shape {tuple(t.shape)}"
+                    )
+                if g.name in seen.setdefault(key, set()):
+                    raise ValueError(f"permutation group {g.name!r} appears on two axes of {key!r}")
+                seen[key].add(g.name)
+
+
+def permute_tensor(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor],
+                   except_group: str | None = None) -> torch.Tensor:
+    """Apply every group's permutation that acts on `key` (optionally all but one), the single place this happens."""
+    for axis, group in spec.axes_to_perm().get(key, {}).items():
+        if group == except_group or group not in perms:
+            continue
+        tensor = torch.index_select(tensor, axis, perms[group].to(tensor.device))
+    return tensor
+
+
+def apply_permutations(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
+                       perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return a permuted copy of a state dict: unit j of the result is unit perms[g][j] of the input."""
+    a2p = spec.axes_to_perm()
+    out = {}
+    for key, t in state_dict.items():
+        if key in a2p:
+            for axis, group in a2p[key].items():
+                if group in perms:
+                    t = torch.index_select(t, axis, perms[group].to(t.device))
+        out[key] = t
+    return out

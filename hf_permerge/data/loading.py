@@ -1,0 +1,83 @@
+"""Load a split as a `datasets.Dataset` with the Hub's schema (the interchange format)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import FASHION_MNIST_DIR, dataset_info
+from .idx import find_idx_pair, read_idx
+
+SPLITS = ("train", "test")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not available; choose one of {list(SPLITS)}")
+
+
+def local_idx_dir(name: str, data_dir: str | os.PathLike | None) -> Path | None:
+    """The folder of IDX files to read for `name`, or None to go through `datasets.load_dataset`."""
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"data directory {path} does not exist; point data_dir at a folder with the IDX files "
+                "or leave it unset to use the default"
+            )
+        return path
+    if name == "fashion_mnist" and Path(FASHION_MNIST_DIR).is_dir():
+        return Path(FASHION_MNIST_DIR)
+    return None
+
+
+def load_idx_arrays(name: str, split: str, data_dir=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images uint8 (N, H, W), labels int64) from local IDX files, or None when there are none."""
+    _check_split(split)
+    folder = local_idx_dir(name, data_dir)
+    if folder is None:
+        return None
+    images_path, labels_path = find_idx_pair(folder, split)
+    images, labels = read_idx(images_path), read_idx(labels_path).astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    return images, labels
+
+
+def load_hub_dataset(name: str, split: str, **kwargs):
+    """`datasets.load_dataset` with an error that says how to get the data when offline."""
+    import datasets
+
+    info = dataset_info(name)
+    try:
+        return datasets.load_dataset(info.hub_id, split=split, **kwargs)
+    except Exception as err:  # network errors come in many types
+        hint = ("`apt-get install dataset-fashion-mnist` gives the real data offline; "
+                if name == "fashion_mnist" else "")
+        raise RuntimeError(
+            f"could not load {name!r} ({info.hub_id}) from the Hub: {err}. The Hub is unreachable or the "
+            f"data is not cached: {hint}or set data.data_dir to a folder with the data, or run once online "
+            "so that `datasets` caches it."
+        ) from err
+
+
+def load_image_dataset(name: str = "fashion_mnist", split: str = "train", data_dir=None, **load_kwargs):
+    """A split as a `datasets.Dataset` with columns `image` (PIL) and `label` (ClassLabel with names).
+
+    Fashion-MNIST comes from local IDX files (the Debian package, or `data_dir`) when present,
+    otherwise from the Hub; MNIST and CIFAR-10 come from the Hub (or IDX files in `data_dir`).
+    """
+    import datasets
+
+    info = dataset_info(name)
+    _check_split(split)
+    arrays = load_idx_arrays(name, split, data_dir)
+    if arrays is None:
+        ds = load_hub_dataset(name, split, **load_kwargs)
+        if info.image_column != "image":
+            ds = ds.rename_column(info.image_column, "image")
+        return ds
+    images, labels = arrays
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(info.class_names))})
+    return datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features)

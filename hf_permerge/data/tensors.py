@@ -1,0 +1,86 @@
+"""The hot path: a whole split as normalised tensors on the device, made once."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .catalog import dataset_info
+from .loading import load_idx_arrays, load_image_dataset
+
+
+@dataclass
+class TensorSplit:
+    """A split on the device: `pixel_values` (N, C, H, W) float32 normalised, `labels` (N,) int64."""
+
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None, seed: int = 0) -> "TensorSplit":
+        """A fixed random subset of n examples (all when n is None or >= len)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].to(self.labels.device)
+        return TensorSplit(self.pixel_values[idx], self.labels[idx], f"{self.fingerprint}:subset{n}@{seed}")
+
+    def to(self, device) -> "TensorSplit":
+        return TensorSplit(self.pixel_values.to(device), self.labels.to(device), self.fingerprint)
+
+
+def normalise(images: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 images (N, H, W) or (N, H, W, C) -> float (N, C, H, W), (x/255 - mean) / std per channel."""
+    x = torch.tensor(np.asarray(images))
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def dataset_to_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
+    """A `datasets.Dataset` with the Hub schema -> (uint8 images, int64 labels)."""
+    missing = {"image", "label"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"dataset lacks column(s) {sorted(missing)}; expected 'image' and 'label' "
+                         f"(found {ds.column_names})")
+    arr = ds.with_format("numpy")
+    return np.asarray(arr["image"], dtype=np.uint8), np.asarray(arr["label"], dtype=np.int64)
+
+
+def fingerprint_arrays(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]
+
+
+_CACHE: dict = {}
+
+
+def load_tensors(name: str = "fashion_mnist", split: str = "train", device="cpu", data_dir=None) -> TensorSplit:
+    """Normalised tensors of a split on `device`; local IDX files are read without `datasets` at all."""
+    key = (name, split, str(data_dir))
+    if key not in _CACHE:
+        info = dataset_info(name)
+        arrays = load_idx_arrays(name, split, data_dir)
+        if arrays is None:
+            arrays = dataset_to_arrays(load_image_dataset(name, split, data_dir))
+        images, labels = arrays
+        _CACHE[key] = TensorSplit(normalise(images, info.image_mean, info.image_std), torch.from_numpy(labels),
+                                  fingerprint_arrays(images, labels))
+    return _CACHE[key].to(device)
+
+
+def tensors_from_dataset(ds, name: str = "fashion_mnist", device="cpu") -> TensorSplit:
+    """Any `datasets.Dataset` with the Hub schema -> normalised tensors (the user-data path)."""
+    info = dataset_info(name)
+    images, labels = dataset_to_arrays(ds)
+    return TensorSplit(normalise(images, info.image_mean, info.image_std), torch.from_numpy(labels),
+                       fingerprint_arrays(images, labels)).to(device)

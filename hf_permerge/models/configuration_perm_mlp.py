@@ -1,0 +1,48 @@
+"""Config of the paper's fully connected network (App. F.1)."""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+INITS = ("kaiming_normal", "xavier", "orthogonal")
+LOSSES = ("cross_entropy", "mse")
+
+
+def check_common(config) -> None:
+    """Validate the fields our two model configs share; errors name the field and the allowed values."""
+    if config.init not in INITS:
+        raise ValueError(f"init={config.init!r} is not supported; choose one of {list(INITS)}")
+    if config.loss not in LOSSES:
+        raise ValueError(f"loss={config.loss!r} is not supported; choose one of {list(LOSSES)}")
+    if len(config.image_mean) != config.num_channels or len(config.image_std) != config.num_channels:
+        raise ValueError(
+            f"image_mean/image_std need one value per channel ({config.num_channels}), "
+            f"got {config.image_mean} / {config.image_std}"
+        )
+
+
+class PermMLPConfig(PretrainedConfig):
+    """`depth` hidden ReLU layers of `width` units, then a linear read-out.
+
+    `seed` fixes the initialisation bit-identically; `image_mean` / `image_std` record the
+    input normalisation the data path applies, so any client can reproduce it.
+    """
+
+    model_type = "perm_mlp"
+
+    def __init__(self, depth: int = 2, width: int = 512, num_channels: int = 1, image_size: int = 28,
+                 num_labels: int = 10, bias: bool = False, init: str = "kaiming_normal",
+                 loss: str = "cross_entropy", seed: int = 0, image_mean=(0.2860,), image_std=(0.3530,), **kwargs):
+        self.depth = int(depth)
+        self.width = int(width)
+        self.num_channels = int(num_channels)
+        self.image_size = int(image_size)
+        self.bias = bool(bias)
+        self.init = init
+        self.loss = loss
+        self.seed = int(seed)
+        self.image_mean = [float(m) for m in image_mean]
+        self.image_std = [float(s) for s in image_std]
+        super().__init__(num_labels=num_labels, **kwargs)
+        if self.depth < 1 or self.width < 1:
+            raise ValueError(f"depth and width must be >= 1, got depth={self.depth}, width={self.width}")
+        check_common(self)
