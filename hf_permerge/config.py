@@ -1,0 +1,159 @@
+"""The run config: YAML sections `model`, `data`, `training`, `alignment`, `evaluation`, validated on load.
+
+A typo or a wrong type fails early with an error naming the key (mergekit's lesson).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSection(_Section):
+    type: Literal["mlp", "cnn"] = "mlp"
+    depth: int = Field(2, ge=1)
+    width: int = Field(512, ge=1)
+    layers: str = "64-64-avg-128-128"
+    batch_norm: bool = False
+    bias: bool | None = None
+    """None: the architecture's default (False for the MLP as in the authors' code, True for the CNN)."""
+    init: Literal["kaiming_normal", "xavier", "orthogonal"] = "kaiming_normal"
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+
+    @model_validator(mode="after")
+    def _check_layers(self):
+        if self.type == "cnn":
+            from .models.configuration_perm_cnn import parse_layers
+
+            try:
+                parse_layers(self.layers)
+            except ValueError as err:
+                raise ValueError(f"model.layers: {err}") from None
+        return self
+
+
+class DataSection(_Section):
+    dataset: Literal["fashion_mnist", "mnist", "cifar10"] = "fashion_mnist"
+    data_dir: str | None = None
+
+
+class TrainingSection(_Section):
+    num_nets: int = Field(2, ge=1)
+    seed: int = 0
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(100, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1.0e-3, gt=0)
+    weight_decay: float = Field(1.0e-2, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    save_steps: list[int] = Field(default_factory=list)
+    engine: Literal["auto", "stacked", "per_net"] = "auto"
+    """auto: all nets in one stacked engine on one process; per-net under several processes."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_with: str | None = None
+    eval_each_epoch: bool = True
+
+    @model_validator(mode="after")
+    def _check_steps(self):
+        bad = [s for s in self.save_steps if s <= 0]
+        if bad:
+            raise ValueError(f"training.save_steps must be positive step counts (step 0, the init, is always saved); got {bad}")
+        return self
+
+
+class AlignmentSection(_Section):
+    matcher: Literal["activation", "weight", "gradient"] = "activation"
+    similarity: Literal["cosine", "correlation", "l2"] = "cosine"
+    preactivation: bool = False
+    num_examples: int = Field(10000, ge=1)
+    checkpoint: str = "final"
+    """Checkpoint whose activations/weights define the permutation (final, init, step-N)."""
+    preconditioner: Literal["foof", "none"] = "foof"
+    damping: float = Field(1.0e-3, gt=0)
+
+
+class EvaluationSection(_Section):
+    num_lambdas: int = Field(11, ge=2)
+    splits: list[Literal["test", "train"]] = Field(default_factory=lambda: ["test", "train"])
+    train_subset: int = Field(10000, ge=1)
+    n_way: bool = True
+    plane: bool = False
+    plane_resolution: int = Field(21, ge=3)
+    schedules: list[int] = Field(default_factory=list)
+    """perm@x steps for the schedule curves (Fig. 3 right); empty: no schedule curves."""
+    current_perm: bool = False
+    plots: bool = True
+    batch_size: int = Field(10000, ge=1)
+
+
+class RunConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    alignment: AlignmentSection = Field(default_factory=AlignmentSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see configs/ for the known keys)")
+        else:
+            got = e.get("input")
+            lines.append(f"  {key}: {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `section.key=value` overrides; values are parsed as YAML (so `1`, `1e-3`, `[1,2]` work)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.epochs=1")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, source: str = "(dict)") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source} must be a mapping with sections model, data, training, ...")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return config_from_dict(apply_overrides(data, overrides), str(path))

@@ -1,0 +1,68 @@
+"""Atomic writes: an output appears whole or not at all, and nothing a user made is lost."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike):
+    """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
+                     marker: str | None = None) -> Path:
+    """Refuse an output folder that exists (unless overwrite/resume) or cannot be written, before any work.
+
+    With `overwrite`, only a folder that holds our own output (`marker` file) is replaced;
+    a non-empty folder of anything else is never deleted.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output path {path} exists and is not a folder; choose another --output-dir")
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return path
+        if not overwrite:
+            raise FileExistsError(
+                f"output folder {path} exists and is not empty; pass --overwrite to replace it"
+                + (" or --resume to continue an interrupted run" if marker == "run_config.json" else "")
+            )
+        if marker and not (path / marker).exists():
+            raise FileExistsError(
+                f"output folder {path} is not empty and does not look like an hf_permerge output "
+                f"(no {marker}); refusing to delete it even with --overwrite. Choose another --output-dir"
+            )
+    parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output folder {path} cannot be written (no write permission on {parent})")
+    return path

@@ -1,0 +1,46 @@
+"""Checkpoint files: HF model folders, and optimizer state as safetensors (never pickle)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..io_utils import atomic_dir, write_json_atomic
+
+
+def save_model(model, folder: str | Path) -> None:
+    """`save_pretrained` into a temp folder, renamed into place (safetensors only)."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+
+
+def optimizer_state_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten `optimizer.state_dict()` to named tensors plus JSON-able param groups."""
+    tensors = {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            tensors[f"state.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_resume_state(folder: Path, model, opt_tensors: dict[str, torch.Tensor], opt_meta: dict, step: int) -> None:
+    """Everything needed to continue a net's training exactly: weights, optimizer, step."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        write_json_atomic(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta})
+
+
+def load_resume_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    return load_file(str(folder / "optimizer.safetensors")), meta["optimizer"], int(meta["step"])

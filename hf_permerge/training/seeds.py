@@ -1,0 +1,18 @@
+"""One config seed derives every random stream of every net (init, data order)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_STREAMS = {"init": 0, "data": 1}
+
+
+def derive_seed(seed: int, net_index: int, stream: str) -> int:
+    """A 31-bit seed for (config seed, net, stream), independent across nets and streams."""
+    return int(np.random.SeedSequence([int(seed), int(net_index), _STREAMS[stream]]).generate_state(1)[0] >> 1)
+
+
+def epoch_order(data_seed: int, epoch: int, n: int, device="cpu") -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run replays it exactly."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([data_seed, epoch]).generate_state(1)[0] >> 1))
+    return torch.randperm(n, generator=g).to(device)

@@ -1,0 +1,226 @@
+"""PairTrainer: N nets that differ only in seed (init and data order), on Accelerate.
+
+Under `accelerate launch` with several processes the nets are shared out (net i goes to
+process i % world_size); each net's result depends only on its own seeds, so any number of
+processes gives the same weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data.tensors import load_tensors
+from ..io_utils import check_output_dir, write_json_atomic
+from .builders import build_model
+from .checkpoints import load_resume_state, save_model, save_resume_state
+from .engines import make_engine
+from .seeds import derive_seed, epoch_order
+
+logger = logging.getLogger("hf_permerge.training")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: list[dict]
+    train_s: float
+
+
+def _versions() -> dict:
+    import accelerate
+    import transformers
+
+    from .. import __version__
+    return {"hf_permerge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}
+
+
+class PairTrainer:
+    """Train `training.num_nets` nets and write a pair folder (see README: net_i/{init,step-N,final}, pair.json)."""
+
+    def __init__(self, config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False,
+                 accelerator=None, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.overwrite, self.resume, self.progress = overwrite, resume, progress
+        tc = config.training
+        self.accelerator = accelerator or Accelerator(log_with=tc.log_with)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        """Checks every process makes before anything is written, then the main process prepares the folder."""
+        out, acc = self.output_dir, self.accelerator
+        check_output_dir(out, self.overwrite, self.resume, marker="run_config.json")
+        saved = out / "run_config.json"
+        if self.resume and saved.exists():
+            before = json.loads(saved.read_text())
+            if before != self.config.to_dict():
+                raise ValueError(f"cannot resume in {out}: its run_config.json differs from this config; "
+                                 "use the same config, or another --output-dir")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if self.overwrite and not self.resume and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(saved, self.config.to_dict())
+        acc.wait_for_everyone()
+
+    def my_nets(self) -> list[int]:
+        acc = self.accelerator
+        return [i for i in range(self.config.training.num_nets) if i % acc.num_processes == acc.process_index]
+
+    # -- training -----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg, tc, acc = self.config, self.config.training, self.accelerator
+        # data first: a missing data set must fail before any output is written
+        train = load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir)
+        test = load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir)
+        self._prepare_output()
+        if tc.log_with:
+            acc.init_trackers("hf_permerge", config=cfg.to_dict())
+        start = time.perf_counter()
+        nets = [i for i in self.my_nets() if not (self.output_dir / f"net_{i}" / "final").exists()]
+        if nets:
+            self._train_nets(nets, train, test)
+        acc.wait_for_everyone()
+        train_s = time.perf_counter() - start
+        metrics = self._write_pair_json(train, test, train_s) if acc.is_main_process else []
+        acc.wait_for_everyone()
+        if tc.log_with:
+            acc.end_training()
+        return TrainResult(self.output_dir, metrics, train_s)
+
+    def _train_nets(self, nets: list[int], train, test) -> None:
+        cfg, tc, acc = self.config, self.config.training, self.accelerator
+        models = [build_model(cfg, i) for i in nets]
+        for i, m in zip(nets, models):
+            if not (self.output_dir / f"net_{i}" / "init").exists():
+                save_model(m, self.output_dir / f"net_{i}" / "init")
+        engine = make_engine(tc.engine, models, tc, acc.device)
+        data_seeds = [derive_seed(tc.seed, i, "data") for i in nets]
+        steps_per_epoch = len(train) // tc.batch_size
+        total = self._total_steps = steps_per_epoch * tc.epochs
+        step = self._maybe_resume(engine, nets) if self.resume else 0
+        save_steps = {s for s in tc.save_steps if s <= total}
+        bar = tqdm(total=total, initial=step, desc=f"train nets {nets}", disable=not self.progress,
+                   dynamic_ncols=True, leave=False)
+        t0 = time.perf_counter()
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            orders = [epoch_order(s, epoch, len(train), acc.device) for s in data_seeds]
+            loss_sum = torch.zeros(len(nets), device=acc.device)
+            for b in range(offset, steps_per_epoch):
+                idx = [o[b * tc.batch_size:(b + 1) * tc.batch_size] for o in orders]
+                loss_sum += engine.step([train.pixel_values[j] for j in idx], [train.labels[j] for j in idx])
+                step += 1
+                bar.update(1)
+                if step in save_steps:
+                    for k, i in enumerate(nets):
+                        save_model(engine.export(k), self.output_dir / f"net_{i}" / f"step-{step}")
+            self._epoch_end(engine, nets, epoch, loss_sum / max(1, steps_per_epoch - offset), test, t0, step)
+        bar.close()
+        for k, i in enumerate(nets):
+            save_model(engine.export(k), self.output_dir / f"net_{i}" / "final")
+            for old in (self.output_dir / f"net_{i}").glob("resume-step-*"):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _epoch_end(self, engine, nets, epoch, mean_loss, test, t0, step) -> None:
+        tc, acc = self.config.training, self.accelerator
+        line = f"epoch {epoch + 1}/{tc.epochs} ({time.perf_counter() - t0:.1f} s)"
+        logs = {}
+        evals = engine.evaluate(test.pixel_values, test.labels) if tc.eval_each_epoch else None
+        for k, i in enumerate(nets):
+            line += f" | net {i}: train loss {mean_loss[k].item():.4f}"
+            logs[f"net_{i}/train_loss"] = mean_loss[k].item()
+            if evals:
+                line += f" test acc {evals[k][1]:.4f}"
+                logs[f"net_{i}/test_loss"], logs[f"net_{i}/test_acc"] = evals[k]
+        logger.info(line)
+        if self.progress:
+            tqdm.write(line)
+        if tc.log_with:
+            acc.log(logs, step=step)
+        if step < self._total_steps:  # a resume point at every epoch end but the last (final follows)
+            self._save_resume(engine, nets, step)
+
+    def _save_resume(self, engine, nets, step) -> None:
+        for k, i in enumerate(nets):
+            tensors, meta = engine.optimizer_state(k)
+            save_resume_state(self.output_dir / f"net_{i}" / f"resume-step-{step}", engine.export(k), tensors, meta, step)
+        for i in nets:  # older points go only once every net has the new one
+            for old in (self.output_dir / f"net_{i}").glob("resume-step-*"):
+                if int(old.name.rsplit("-", 1)[1]) < step:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _maybe_resume(self, engine, nets) -> int:
+        """Continue from the newest step that every net of this process saved; 0 when none did."""
+        from safetensors.torch import load_file
+
+        common = None
+        for i in nets:
+            steps = {int(p.name.rsplit("-", 1)[1]) for p in (self.output_dir / f"net_{i}").glob("resume-step-*")}
+            common = steps if common is None else common & steps
+        if not common:
+            return 0
+        step = max(common)
+        for k, i in enumerate(nets):
+            folder = self.output_dir / f"net_{i}" / f"resume-step-{step}"
+            tensors, meta, _ = load_resume_state(folder)
+            weights = load_file(str(folder / "model.safetensors"))
+            model = engine.export(k)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(weights[n])
+            if hasattr(engine, "params"):
+                with torch.no_grad():
+                    for n in engine.params:
+                        engine.params[n][k].copy_(weights[n])
+            engine.load_optimizer_state(k, tensors, meta)
+        logger.info("resumed nets %s from step %d", nets, step)
+        return step
+
+    # -- summary ---------------------------------------------------------------------------------------
+    def _write_pair_json(self, train, test, train_s) -> list[dict]:
+        from transformers import AutoModelForImageClassification
+
+        from .engines import eval_loss_acc
+
+        cfg = self.config
+        metrics = []
+        for i in range(cfg.training.num_nets):
+            model = AutoModelForImageClassification.from_pretrained(self.output_dir / f"net_{i}" / "final")
+            model.to(self.accelerator.device)
+            model.eval()
+            loss, acc = eval_loss_acc(lambda b: model(pixel_values=b, return_dict=False)[0], test.pixel_values,
+                                          test.labels, model.compute_loss, 10000)
+            metrics.append({"net": i, "test": {"loss": loss, "acc": acc}})
+        steps_per_epoch = len(train) // cfg.training.batch_size
+        pair = {
+            "format": "hf_permerge.pair/1",
+            "num_nets": cfg.training.num_nets,
+            "config": cfg.to_dict(),
+            "seeds": [{"init": derive_seed(cfg.training.seed, i, "init"), "data": derive_seed(cfg.training.seed, i, "data")}
+                      for i in range(cfg.training.num_nets)],
+            "data": {"dataset": cfg.data.dataset, "train_fingerprint": train.fingerprint,
+                     "test_fingerprint": test.fingerprint, "num_train": len(train), "num_test": len(test)},
+            "steps": {"per_epoch": steps_per_epoch, "total": steps_per_epoch * cfg.training.epochs,
+                      "saved": sorted(s for s in cfg.training.save_steps if s <= steps_per_epoch * cfg.training.epochs)},
+            "checkpoints": ["init"] + [f"step-{s}" for s in sorted(cfg.training.save_steps)
+                                       if s <= steps_per_epoch * cfg.training.epochs] + ["final"],
+            "versions": _versions(),
+            "timings": {"train_s": train_s},
+            "nets": metrics,
+        }
+        write_json_atomic(self.output_dir / "pair.json", pair)
+        return metrics
