@@ -7,8 +7,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; every ML config writes learning rates that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -57,6 +73,8 @@ class TrainingSection(_Section):
     weight_decay: float = Field(1.0e-2, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     save_steps: list[int] = Field(default_factory=list)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many steps (smoke runs and tests); None: train all `epochs`."""
     engine: Literal["auto", "stacked", "per_net"] = "auto"
     """auto: all nets in one stacked engine on one process; per-net under several processes."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -127,7 +145,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
         node = data
@@ -153,7 +171,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     return config_from_dict(apply_overrides(data, overrides), str(path))

@@ -12,3 +12,7 @@ AutoModelForImageClassification.register(PermMLPConfig, PermMLPForImageClassific
 AutoModelForImageClassification.register(PermCNNConfig, PermCNNForImageClassification, exist_ok=True)
 
 __all__ = ["PermMLPConfig", "PermCNNConfig", "PermMLPForImageClassification", "PermCNNForImageClassification"]
+
+from .image_processing_perm import register_image_processor  # noqa: E402
+
+register_image_processor()

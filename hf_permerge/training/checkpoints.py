@@ -10,10 +10,21 @@ from safetensors.torch import load_file, save_file
 from ..io_utils import atomic_dir, write_json_atomic
 
 
+def write_model_files(model, folder: Path) -> None:
+    """config.json + model.safetensors, exactly what `from_pretrained` reads.
+
+    Not `save_pretrained`: under torch.distributed, transformers writes only on rank 0, but here
+    every process owns different nets and must write its own.
+    """
+    model.config.save_pretrained(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+
 def save_model(model, folder: str | Path) -> None:
-    """`save_pretrained` into a temp folder, renamed into place (safetensors only)."""
+    """Write an HF model folder into a temp folder, renamed into place (safetensors only)."""
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write_model_files(model, tmp)
 
 
 def optimizer_state_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -36,7 +47,7 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
 def save_resume_state(folder: Path, model, opt_tensors: dict[str, torch.Tensor], opt_meta: dict, step: int) -> None:
     """Everything needed to continue a net's training exactly: weights, optimizer, step."""
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write_model_files(model, tmp)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json_atomic(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta})
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -44,6 +44,18 @@ def _versions() -> dict:
             "accelerate": accelerate.__version__}
 
 
+def _multi_process_without_cuda() -> bool:
+    """Several processes and no CUDA: Accelerate must be told to use gloo on the CPU, or each process
+    silently runs alone (a launcher config's `use_cpu` does not reach `Accelerator` under --multi_gpu)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def total_steps(tc, num_train: int) -> int:
+    """Optimiser steps of a run: whole batches only (the last partial batch of an epoch is dropped)."""
+    total = (num_train // tc.batch_size) * tc.epochs
+    return min(total, tc.max_steps) if tc.max_steps else total
+
+
 class PairTrainer:
     """Train `training.num_nets` nets and write a pair folder (see README: net_i/{init,step-N,final}, pair.json)."""
 
@@ -55,7 +67,7 @@ class PairTrainer:
         self.output_dir = Path(output_dir)
         self.overwrite, self.resume, self.progress = overwrite, resume, progress
         tc = config.training
-        self.accelerator = accelerator or Accelerator(log_with=tc.log_with)
+        self.accelerator = accelerator or Accelerator(log_with=tc.log_with, cpu=_multi_process_without_cuda())
 
     # -- set-up -----------------------------------------------------------------------------------
     def _prepare_output(self) -> None:
@@ -110,17 +122,20 @@ class PairTrainer:
         engine = make_engine(tc.engine, models, tc, acc.device)
         data_seeds = [derive_seed(tc.seed, i, "data") for i in nets]
         steps_per_epoch = len(train) // tc.batch_size
-        total = self._total_steps = steps_per_epoch * tc.epochs
+        total = self._total_steps = total_steps(tc, len(train))
         step = self._maybe_resume(engine, nets) if self.resume else 0
         save_steps = {s for s in tc.save_steps if s <= total}
         bar = tqdm(total=total, initial=step, desc=f"train nets {nets}", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
+        if step < total:
+            bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             orders = [epoch_order(s, epoch, len(train), acc.device) for s in data_seeds]
             loss_sum = torch.zeros(len(nets), device=acc.device)
-            for b in range(offset, steps_per_epoch):
+            batches = range(offset, min(steps_per_epoch, offset + total - step))
+            for b in batches:
                 idx = [o[b * tc.batch_size:(b + 1) * tc.batch_size] for o in orders]
                 loss_sum += engine.step([train.pixel_values[j] for j in idx], [train.labels[j] for j in idx])
                 step += 1
@@ -128,7 +143,7 @@ class PairTrainer:
                 if step in save_steps:
                     for k, i in enumerate(nets):
                         save_model(engine.export(k), self.output_dir / f"net_{i}" / f"step-{step}")
-            self._epoch_end(engine, nets, epoch, loss_sum / max(1, steps_per_epoch - offset), test, t0, step)
+            self._epoch_end(engine, nets, epoch, loss_sum / max(1, len(batches)), test, t0, step)
         bar.close()
         for k, i in enumerate(nets):
             save_model(engine.export(k), self.output_dir / f"net_{i}" / "final")
@@ -206,6 +221,7 @@ class PairTrainer:
                                           test.labels, model.compute_loss, 10000)
             metrics.append({"net": i, "test": {"loss": loss, "acc": acc}})
         steps_per_epoch = len(train) // cfg.training.batch_size
+        total = total_steps(cfg.training, len(train))
         pair = {
             "format": "hf_permerge.pair/1",
             "num_nets": cfg.training.num_nets,
@@ -214,10 +230,9 @@ class PairTrainer:
                       for i in range(cfg.training.num_nets)],
             "data": {"dataset": cfg.data.dataset, "train_fingerprint": train.fingerprint,
                      "test_fingerprint": test.fingerprint, "num_train": len(train), "num_test": len(test)},
-            "steps": {"per_epoch": steps_per_epoch, "total": steps_per_epoch * cfg.training.epochs,
-                      "saved": sorted(s for s in cfg.training.save_steps if s <= steps_per_epoch * cfg.training.epochs)},
-            "checkpoints": ["init"] + [f"step-{s}" for s in sorted(cfg.training.save_steps)
-                                       if s <= steps_per_epoch * cfg.training.epochs] + ["final"],
+            "steps": {"per_epoch": steps_per_epoch, "total": total,
+                      "saved": sorted(s for s in cfg.training.save_steps if s <= total)},
+            "checkpoints": ["init"] + [f"step-{s}" for s in sorted(cfg.training.save_steps) if s <= total] + ["final"],
             "versions": _versions(),
             "timings": {"train_s": train_s},
             "nets": metrics,

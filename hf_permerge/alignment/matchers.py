@@ -1,0 +1,152 @@
+"""The matcher interface, the registry of matchers by name, and what every matcher shares.
+
+A matcher aligns model_b ONTO model_a: model_a is the reference and stays as it is;
+`matcher.match(model_a, model_b, data).apply(model_b)` lines up unit by unit with model_a.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import ClassVar, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..data.tensors import TensorSplit, dataset_to_arrays, fingerprint_arrays, normalise
+from .hungarian import matched_similarity
+from .permutations import Permutations
+from .spec import PermutationSpec
+
+
+@dataclasses.dataclass
+class Matcher:
+    """Base class: settings are the dataclass fields (constructor kwargs), `name` is the registry key."""
+
+    name: ClassVar[str] = ""
+
+    @property
+    def settings(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:  # pragma: no cover
+        raise NotImplementedError
+
+    def _info(self, similarities: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor],
+              data: TensorSplit | None) -> dict:
+        """The header a `Permutations` carries: matcher, settings, data, and per group the summed
+        similarity of the identity matching next to that of the matching found."""
+        groups = {g: {"similarity_identity": matched_similarity(s, torch.arange(len(s))),
+                      "similarity_matched": matched_similarity(s, perms[g])} for g, s in similarities.items()}
+        data_info = None if data is None else {"fingerprint": data.fingerprint, "num_examples": len(data)}
+        return {"matcher": self.name, "settings": self.settings, "data": data_info, "groups": groups}
+
+
+MATCHERS: dict[str, type[Matcher]] = {}
+
+
+def register_matcher(cls: type[Matcher]) -> type[Matcher]:
+    MATCHERS[cls.name] = cls
+    return cls
+
+
+def get_matcher(name: str, **settings) -> Matcher:
+    """`get_matcher("activation", similarity="correlation")` -> a configured matcher."""
+    from . import activation, gradient, weight  # noqa: F401  (importing registers the built-in matchers)
+
+    if name not in MATCHERS:
+        raise ValueError(f"unknown matcher {name!r}; choose one of {sorted(MATCHERS)}")
+    cls = MATCHERS[name]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"matcher {name!r} has no setting(s) {unknown}; its settings are {fields}")
+    return cls(**settings)
+
+
+def check_choice(setting: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{setting}={value!r} is not supported; choose one of {list(choices)}")
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> PermutationSpec:
+    """The shared spec of two nets, or a ValueError naming how they differ."""
+    for which, m in (("model_a", model_a), ("model_b", model_b)):
+        if not hasattr(m, "permutation_spec"):
+            raise TypeError(f"{which} ({type(m).__name__}) does not declare a permutation spec; "
+                            "use one of the hf_permerge model classes")
+    if type(model_a) is not type(model_b):
+        raise ValueError(f"cannot match nets of different types: {type(model_a).__name__} vs {type(model_b).__name__}")
+    spec_a, spec_b = model_a.permutation_spec(), model_b.permutation_spec()
+    if spec_a != spec_b:
+        desc = lambda s: [(g.name, g.size) for g in s.groups]  # noqa: E731
+        raise ValueError(f"cannot match nets of different architectures: groups (name, width) "
+                         f"{desc(spec_a)} vs {desc(spec_b)}")
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    spec_a.validate(sd_a)
+    for key, t in sd_a.items():
+        if key not in sd_b or sd_b[key].shape != t.shape:
+            other = tuple(sd_b[key].shape) if key in sd_b else "missing"
+            raise ValueError(f"cannot match nets of different architectures: {key!r} has shape "
+                             f"{tuple(t.shape)} in model_a and {other} in model_b")
+    return spec_a
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pixels on the model's device in the model's dtype (a float64 or bfloat16 net takes its own)."""
+    p = next(model.parameters())
+    return pixel_values.to(device=p.device, dtype=p.dtype)
+
+
+def as_tensor_split(data, model: nn.Module) -> TensorSplit:
+    """A TensorSplit, a `datasets.Dataset` with the Hub schema, or a pixel tensor -> a TensorSplit.
+
+    A `datasets.Dataset` is normalised with the model's own `image_mean` / `image_std`, the
+    normalisation it was trained with.
+    """
+    if data is None:
+        raise ValueError("this matcher needs data: pass a TensorSplit (hf_permerge.data.load_tensors) "
+                         "or a datasets.Dataset with 'image' and 'label' columns")
+    if isinstance(data, TensorSplit):
+        split = data
+    elif isinstance(data, torch.Tensor):
+        labels = torch.zeros(len(data), dtype=torch.long, device=data.device)
+        split = TensorSplit(data, labels, "tensor")
+    elif hasattr(data, "column_names"):
+        images, labels = dataset_to_arrays(data)
+        cfg = model.config
+        split = TensorSplit(normalise(images, cfg.image_mean, cfg.image_std), torch.from_numpy(labels),
+                            fingerprint_arrays(images, labels))
+    else:
+        raise TypeError(f"cannot use {type(data).__name__} as matching data; pass a TensorSplit or a "
+                        "datasets.Dataset")
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "image_size"):
+        want = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if tuple(split.pixel_values.shape[1:]) != want:
+            raise ValueError(f"images of shape {tuple(split.pixel_values.shape[1:])} do not fit the model, "
+                             f"which takes (channels, height, width) = {want}")
+    return split
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Eval mode for the duration (BatchNorm uses, and never updates, its running statistics)."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)

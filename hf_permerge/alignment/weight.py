@@ -1,0 +1,103 @@
+"""Weight matching (Git Re-Basin): the data-free matcher, and the linear-matching core it shares.
+
+`solve_linear_matching` maximises  sum over pairs (A, B), over spec-named keys k of  <A[k], pi(B[k])>
+by coordinate descent over groups: each group's objective, with every other group's permutation
+held fixed, is linear in its own permutation matrix, hence one Hungarian solve. The gradient
+matcher (App. B) reuses it with other pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .hungarian import matched_similarity, solve_assignment
+from .matchers import Matcher, check_same_architecture, register_matcher
+from .permutations import Permutations
+from .spec import PermutationSpec, permute_tensor
+
+TensorDict = Mapping[str, torch.Tensor]
+
+
+def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[TensorDict],
+                          pairs_b: TensorDict | Sequence[TensorDict], max_iter: int = 100, seed: int = 0,
+                          bottom_up_first: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Permutations pi of the b side maximising  sum_p sum_k <pairs_a[p][k], pi(pairs_b[p][k])>.
+
+    pairs_a / pairs_b: one state-dict-like mapping each, or equal-length sequences of them paired
+    element-wise. Only keys the spec names and both sides hold count. Sweeps visit the groups in a
+    random order fixed by `seed` until a sweep improves no group, at most `max_iter` sweeps; a
+    group's new permutation is kept only if it strictly improves its objective (ties keep the
+    current one). Git Re-Basin starts the sweeps from the identity. With `bottom_up_first` they start
+    from one layer-by-layer pass instead (paper App. D): groups in spec order, input to output, each
+    using only the tensors whose other permuted axes belong to groups already matched. That start
+    does not depend on how model_b's units happen to be labelled, so neither does the result.
+
+    Returns (perms, similarities): similarities[g][i, j] is group g's objective for putting unit
+    j of b in slot i, with every other group at its final permutation.
+    """
+    if isinstance(pairs_a, Mapping):
+        pairs_a, pairs_b = [pairs_a], [pairs_b]
+    if len(pairs_a) != len(pairs_b):
+        raise ValueError(f"pairs_a has {len(pairs_a)} mappings but pairs_b has {len(pairs_b)}")
+    named = set(spec.axes_to_perm())
+    pairs = [({k: a[k].detach().double() for k in named if k in a and k in b},
+              {k: b[k].detach().double() for k in named if k in a and k in b}) for a, b in zip(pairs_a, pairs_b)]
+    perms = {g.name: torch.arange(g.size) for g in spec.groups}
+
+    axes_to_perm = spec.axes_to_perm()
+
+    def similarity(group: str, solved: set[str] | None = None) -> torch.Tensor:
+        g = spec[group]
+        total = None
+        for a, b in pairs:
+            for key, axis in g.axes:
+                if key not in a:
+                    continue
+                if solved is not None and not set(axes_to_perm[key].values()) - {group} <= solved:
+                    continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
+                b_k = permute_tensor(spec, key, b[key], perms, except_group=group)
+                term = a[key].movedim(axis, 0).reshape(g.size, -1) @ b_k.movedim(axis, 0).reshape(g.size, -1).T
+                total = term if total is None else total + term
+        return total if total is not None else torch.zeros(g.size, g.size, dtype=torch.float64)
+
+    generator = torch.Generator().manual_seed(seed)
+    if bottom_up_first:
+        solved: set[str] = set()
+        for group in spec.names:
+            perms[group] = solve_assignment(similarity(group, solved))
+            solved.add(group)
+    for sweep in range(max_iter):
+        order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
+        improved = False
+        for group in order:
+            s = similarity(group)
+            new = solve_assignment(s)
+            old_value, new_value = matched_similarity(s, perms[group]), matched_similarity(s, new)
+            if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
+                perms[group] = new
+                improved = True
+        if not improved:
+            break
+    return perms, {g: similarity(g) for g in spec.names}
+
+
+@register_matcher
+@dataclasses.dataclass
+class WeightMatcher(Matcher):
+    """Git Re-Basin weight matching: maximise sum_k <theta_a[k], pi(theta_b)[k]>, no data needed.
+
+    Every tensor the spec names counts (weights, biases, BatchNorm affine and running statistics).
+    """
+
+    name: ClassVar[str] = "weight"
+    max_iter: int = 100
+    seed: int = 0
+
+    def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:
+        spec = check_same_architecture(model_a, model_b)
+        perms, similarities = solve_linear_matching(spec, model_a.state_dict(), model_b.state_dict(),
+                                                    self.max_iter, self.seed)
+        return Permutations(perms, self._info(similarities, perms, None))

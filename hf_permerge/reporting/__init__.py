@@ -1,0 +1,1 @@
+"""Reports: plots and model cards made from a run's report.json."""

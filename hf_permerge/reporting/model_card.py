@@ -1,0 +1,219 @@
+"""The model card of a merged model: Hub metadata (base models, data, model-index) plus a readable body.
+
+Rendered from `MODEL_CARD_TEMPLATE.md` (shipped as `hf_permerge/templates/MODEL_CARD_TEMPLATE.md`) with
+`huggingface_hub.ModelCard.from_template`, so `ModelCard.load(repo_id)` parses it back.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "MODEL_CARD_TEMPLATE.md"
+
+ARCHITECTURES = {"mlp": "MLP", "cnn": "CNN"}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _get(tree: Any, *keys, default=None):
+    """tree[k0][k1]... or `default` when any level is missing."""
+    for key in keys:
+        if isinstance(tree, dict) and key in tree:
+            tree = tree[key]
+        elif isinstance(tree, (list, tuple)) and isinstance(key, int) and -len(tree) <= key < len(tree):
+            tree = tree[key]
+        else:
+            return default
+    return tree
+
+
+def _metric(tree: Any, name: str):
+    """`acc` or `loss` from a {loss, acc} dict (also accepting `accuracy`)."""
+    if not isinstance(tree, dict):
+        return None
+    value = tree.get(name, tree.get("accuracy") if name == "acc" else None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{value:.{digits}f}"
+
+
+def _base_models(entries) -> list[dict]:
+    """Normalise base-model entries to {"name", "hub"}; a bare string counts as a Hub id when shaped like one."""
+    out = []
+    for entry in entries or []:
+        if isinstance(entry, dict):
+            out.append({"name": str(entry["name"]), "hub": bool(entry.get("hub", _HUB_ID.match(str(entry["name"]))))})
+        else:
+            out.append({"name": str(entry), "hub": bool(_HUB_ID.match(str(entry)))})
+    return out
+
+
+def _architecture(info: dict) -> str:
+    arch = info.get("architecture") or _get(info, "config", "model_type", default="")
+    return str(arch).lower().removeprefix("perm_")
+
+
+def _architecture_details(arch: str, config: dict | None) -> str:
+    if not config:
+        return ""
+    if arch == "mlp" and "depth" in config:
+        return f"{config['depth']} hidden layers of {config.get('width')} units"
+    if arch == "cnn" and "layers" in config:
+        return f"layers {config['layers']}" + (", batch norm" if config.get("batch_norm") else "")
+    return ""
+
+
+def _dataset(name: str | None) -> tuple[str | None, str | None]:
+    """(display name, Hub id) of a data set named in our catalog, or taken as a Hub id as is."""
+    if not name:
+        return None, None
+    from ..data.catalog import DATASETS
+
+    if name in DATASETS:
+        return DATASET_NAMES.get(name, name), DATASETS[name].hub_id
+    return name, name
+
+
+def _curve_rows(curves: dict | None) -> list[dict]:
+    """One row per λ, vanilla and permuted side by side (joined on λ)."""
+    rows: dict[float, dict] = {}
+    for path in ("vanilla", "permuted"):
+        lambdas = _get(curves, path, "lambdas") or []
+        for i, lam in enumerate(lambdas):
+            row = rows.setdefault(round(float(lam), 9), {"lam": f"{float(lam):g}"})
+            row[f"{path}_acc"] = _fmt(_metric({"acc": _get(curves, path, "test", "acc", i)}, "acc"))
+            row[f"{path}_loss"] = _fmt(_metric({"loss": _get(curves, path, "test", "loss", i)}, "loss"))
+    blank = {"vanilla_acc": "–", "vanilla_loss": "–", "permuted_acc": "–", "permuted_loss": "–"}
+    return [{**blank, **rows[k]} for k in sorted(rows)]
+
+
+def _merged_metrics(info: dict, report: dict, checkpoint: str, alpha: float) -> dict:
+    """The merged model's measured test {acc, loss}: given, else read off the permuted curve at alpha."""
+    given = _get(info, "merged", "test")
+    if isinstance(given, dict):
+        return {"acc": _metric(given, "acc"), "loss": _metric(given, "loss")}
+    curve = _get(report, "curves", checkpoint, "permuted") or {}
+    for i, lam in enumerate(curve.get("lambdas") or []):
+        if abs(float(lam) - alpha) < 1e-9:
+            return {"acc": _metric({"acc": _get(curve, "test", "acc", i)}, "acc"),
+                    "loss": _metric({"loss": _get(curve, "test", "loss", i)}, "loss")}
+    if abs(alpha - 0.5) < 1e-9:
+        mid = _get(report, "midpoint", checkpoint, "permuted", "test")
+        return {"acc": _metric(mid, "acc"), "loss": _metric(mid, "loss")}
+    return {"acc": None, "loss": None}
+
+
+def render_model_card(info: dict, template_path: str | Path | None = None):
+    """Render the card of a merged model as a `huggingface_hub.ModelCard` (save it as README.md).
+
+    `info` (every key optional unless marked; missing parts leave their section or row out):
+
+    - `base_models` (list, required): the source models, each a Hub repo id (`"user/net-a"`), a local name
+      (`"net_0/final"`), or `{"name": ..., "hub": bool}` to say which. Hub ids go to the `base_model`
+      metadata; all of them go to `merged_from` and to the body.
+    - `model_name` (str): title and model-index name; default: the name part of `repo_id`.
+    - `repo_id` (str): where the card's model lives, for the loading snippet.
+    - `architecture` (`"mlp"` | `"cnn"`): default from `config["model_type"]` (`perm_mlp` -> `mlp`).
+    - `config` (dict): the merged model's config.json, for architecture details.
+    - `dataset` (str): a catalog name (`"fashion_mnist"`, mapped to its Hub id) or a Hub dataset id.
+    - `matcher` (str or dict): `{"name": "activation", <setting>: <value>, ...}`.
+    - `checkpoint` (str, default `"final"`): which checkpoint was merged; `alpha` (float, default 0.5): λ.
+    - `command` (str): the command that reproduces the merge.
+    - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
+    - `merged` (dict): `{"test": {"acc": float, "loss": float}}` measured on the merged model; default: the
+      permuted curve's value at λ = alpha, or `report["midpoint"]` when alpha = 0.5.
+    - `license` (str).
+    - `report` (dict): report.json as written by the evaluation, of which these parts are read:
+        `endpoints[i].test.{loss,acc}` (and `endpoints[i].name`),
+        `curves.{final,init}.{vanilla,permuted}.lambdas` with `.test.{loss,acc}` (lists aligned with lambdas),
+        `midpoint.{final,init}.{vanilla,permuted}.test.{loss,acc}`,
+        `barrier.{final,init}.{vanilla,permuted}.{test,train}.{loss,acc}`.
+
+    Metadata: `library_name: hf_permerge`, tags (model-merging, permutation-alignment, the architecture,
+    merge), `base_model`, `datasets`, `pipeline_tag: image-classification`, and a `model-index` with the
+    merged model's test accuracy and loss and the barriers of the merged checkpoint (test split).
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    report = info.get("report") or {}
+    base = _base_models(info.get("base_models"))
+    if not base:
+        raise ValueError("info['base_models'] must list the merged models (Hub repo ids or local names)")
+    arch = _architecture(info)
+    checkpoint = str(info.get("checkpoint") or "final")
+    alpha = float(info["alpha"]) if info.get("alpha") is not None else 0.5
+    dataset_name, dataset_id = _dataset(info.get("dataset"))
+    repo_id = info.get("repo_id")
+    model_name = info.get("model_name") or (repo_id.split("/")[-1] if repo_id else "hf_permerge-merged-model")
+    matcher = info.get("matcher") or {}
+    if isinstance(matcher, str):
+        matcher = {"name": matcher}
+    merged = _merged_metrics(info, report, checkpoint, alpha)
+
+    barriers = []
+    for ckpt in ("final", "init"):
+        for path in ("vanilla", "permuted"):
+            for split in ("test", "train"):
+                values = _get(report, "barrier", ckpt, path, split)
+                if isinstance(values, dict):
+                    barriers.append({"checkpoint": ckpt, "path": path, "split": split,
+                                     "loss": _fmt(_metric(values, "loss")), "acc": _fmt(_metric(values, "acc"))})
+
+    eval_results = []
+    task = {"task_type": "image-classification", "dataset_type": dataset_id or "unknown",
+            "dataset_name": dataset_name or "unknown", "dataset_split": "test"}
+    if dataset_id:
+        if merged["acc"] is not None:
+            eval_results.append(EvalResult(**task, metric_type="accuracy", metric_value=merged["acc"],
+                                           metric_name="Test accuracy"))
+        if merged["loss"] is not None:
+            eval_results.append(EvalResult(**task, metric_type="loss", metric_value=merged["loss"],
+                                           metric_name="Test loss"))
+        for path in ("permuted", "vanilla"):
+            values = _get(report, "barrier", checkpoint, path, "test")
+            for key, kind in (("loss", "loss"), ("acc", "accuracy")):
+                value = _metric(values, key)
+                if value is not None:
+                    eval_results.append(EvalResult(**task, metric_type=f"{kind}_barrier", metric_value=value,
+                                                   metric_name=f"{kind.capitalize()} barrier ({path}, {checkpoint})"))
+
+    hub_bases = [m["name"] for m in base if m["hub"]]
+    extra = {"merged_from": [m["name"] for m in base]}
+    if hub_bases:
+        extra["base_model_relation"] = "merge"
+    card_data = ModelCardData(
+        library_name="hf_permerge", license=info.get("license"),
+        tags=["model-merging", "permutation-alignment", *([arch] if arch else []), "merge"],
+        base_model=hub_bases or None, datasets=[dataset_id] if dataset_id else None,
+        pipeline_tag="image-classification", metrics=["accuracy", "loss"] if eval_results else None,
+        model_name=model_name if eval_results else None, eval_results=eval_results or None, **extra)
+
+    endpoints = []
+    for i, endpoint in enumerate(report.get("endpoints") or []):
+        test = _get(endpoint, "test")
+        name = _get(endpoint, "name") or (base[i]["name"] if i < len(base) else f"model {i}")
+        endpoints.append({"name": f"endpoint: {name}", "acc": _fmt(_metric(test, "acc")),
+                          "loss": _fmt(_metric(test, "loss"))})
+    interpolation = [{"checkpoint": ckpt, "rows": rows} for ckpt in ("final", "init")
+                     if (rows := _curve_rows(_get(report, "curves", ckpt)))]
+    plots = [p if isinstance(p, dict) else {"path": str(p), "caption": Path(str(p)).stem.replace("_", " ")}
+             for p in info.get("plots") or []]
+
+    return ModelCard.from_template(
+        card_data, template_path=str(template_path or TEMPLATE_PATH),
+        model_name=model_name, repo_id=repo_id or "path/to/this/folder",
+        architecture_name=ARCHITECTURES.get(arch, arch), architecture_details=_architecture_details(arch, info.get("config")),
+        base_models=base, dataset_name=dataset_name, dataset_id=dataset_id,
+        matcher_name=matcher.get("name"),
+        matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
+        checkpoint=checkpoint, alpha=f"{alpha:g}", merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
+        merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "", endpoints=endpoints,
+        barriers=barriers, interpolation=interpolation, plots=plots, command=info.get("command"))

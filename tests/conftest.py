@@ -1,0 +1,59 @@
+"""Shared fixtures: small real Fashion-MNIST folders in IDX format, tiny run configs."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an IDX file (uint8 payload), gzipped: the format the Debian package ships."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def real_fmnist() -> Path:
+    if not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("real Fashion-MNIST missing: run `make test` (it installs dataset-fashion-mnist)")
+    return REAL_FMNIST
+
+
+@pytest.fixture(scope="session")
+def tiny_fmnist(tmp_path_factory, real_fmnist) -> Path:
+    """The first 1000 train / 500 test images of the real data, as IDX files in a folder of their own."""
+    from hf_permerge.data.idx import read_idx
+
+    out = tmp_path_factory.mktemp("tiny_fmnist")
+    for split, prefix, n in (("train", "train", 1000), ("test", "t10k", 500)):
+        write_idx(out / f"{prefix}-images-idx3-ubyte.gz", read_idx(real_fmnist / f"{prefix}-images-idx3-ubyte.gz")[:n])
+        write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", read_idx(real_fmnist / f"{prefix}-labels-idx1-ubyte.gz")[:n])
+    return out
+
+
+@pytest.fixture
+def tiny_config(tiny_fmnist):
+    """A 2-net, 1x32 MLP run on the tiny data: 10 steps per epoch."""
+    from hf_permerge.config import config_from_dict
+
+    def make(**sections):
+        data = {
+            "model": {"type": "mlp", "depth": 1, "width": 32},
+            "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
+            "training": {"num_nets": 2, "seed": 0, "epochs": 2, "batch_size": 100, "save_steps": [5]},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        return config_from_dict(data)
+
+    return make

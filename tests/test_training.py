@@ -1,0 +1,156 @@
+"""PairTrainer: seeds, engines, resume, several processes, output folder safety."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
+
+from hf_permerge.config import load_config
+from hf_permerge.training import PairTrainer, build_model
+from hf_permerge.training import engines
+
+ROOT = Path(__file__).parents[1]
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def test_pair_folder_layout_and_seeded_inits(tmp_path, tiny_config):
+    cfg = tiny_config()
+    result = PairTrainer(cfg, tmp_path / "pair", progress=False).train()
+    pair = json.loads((tmp_path / "pair" / "pair.json").read_text())
+    assert pair["num_nets"] == 2 and pair["checkpoints"] == ["init", "step-5", "final"]
+    assert {"config", "seeds", "data", "steps", "versions", "nets"} <= pair.keys()
+    assert pair["steps"] == {"per_epoch": 10, "total": 20, "saved": [5]}
+    for i in range(2):
+        for ck in pair["checkpoints"]:
+            model = AutoModelForImageClassification.from_pretrained(tmp_path / "pair" / f"net_{i}" / ck)
+            assert model.config.id2label[0] == "T - shirt / top"
+        # the saved init is exactly what the seed gives
+        assert_same(weights(tmp_path / "pair" / f"net_{i}" / "init"), build_model(cfg, i).state_dict())
+    # the nets differ only in seed: different inits, and the data orders differ too
+    assert not torch.equal(weights(tmp_path / "pair/net_0/init")["layers.0.weight"],
+                           weights(tmp_path / "pair/net_1/init")["layers.0.weight"])
+    assert pair["seeds"][0]["data"] != pair["seeds"][1]["data"]
+    assert [m["test"]["acc"] for m in result.metrics] == [n["test"]["acc"] for n in pair["nets"]]
+    assert not list((tmp_path / "pair").rglob("resume-step-*"))  # resume points go once a net is final
+
+
+def test_same_config_same_weights(tmp_path, tiny_config):
+    cfg = tiny_config(training={"epochs": 1})
+    PairTrainer(cfg, tmp_path / "a", progress=False).train()
+    PairTrainer(cfg, tmp_path / "b", progress=False).train()
+    assert_same(weights(tmp_path / "a/net_1/final"), weights(tmp_path / "b/net_1/final"))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_stacked_engine_equals_per_net_engine(tmp_path, tiny_config, optimizer):
+    """One optimiser over stacked parameters equals N independent optimisers (AdamW/SGD are elementwise)."""
+    outs = {}
+    for engine in ("stacked", "per_net"):
+        cfg = tiny_config(training={"engine": engine, "optimizer": optimizer, "lr": 0.01 if optimizer == "sgd" else 1e-3})
+        PairTrainer(cfg, tmp_path / engine, progress=False).train()
+        outs[engine] = [weights(tmp_path / engine / f"net_{i}" / "final") for i in range(2)]
+    for a, b in zip(outs["stacked"], outs["per_net"]):
+        assert_same(a, b, atol=2e-5)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_config, monkeypatch):
+    cfg = tiny_config(training={"epochs": 3})
+    PairTrainer(cfg, tmp_path / "full", progress=False).train()
+
+    calls = {"n": 0}
+    real_step = engines.StackedEngine.step
+
+    def crashing_step(self, xs, ys):
+        calls["n"] += 1
+        if calls["n"] == 17:  # mid-way through epoch 2
+            raise KeyboardInterrupt
+        return real_step(self, xs, ys)
+
+    monkeypatch.setattr(engines.StackedEngine, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        PairTrainer(cfg, tmp_path / "cut", progress=False).train()
+    monkeypatch.setattr(engines.StackedEngine, "step", real_step)
+    assert (tmp_path / "cut/net_0/resume-step-10").exists() and not (tmp_path / "cut/pair.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        PairTrainer(cfg, tmp_path / "cut", progress=False).train()
+    PairTrainer(cfg, tmp_path / "cut", resume=True, progress=False).train()
+    for i in range(2):
+        for ck in ("step-5", "final"):
+            assert_same(weights(tmp_path / f"full/net_{i}/{ck}"), weights(tmp_path / f"cut/net_{i}/{ck}"))
+
+
+def test_resume_refuses_a_different_config(tmp_path, tiny_config):
+    PairTrainer(tiny_config(training={"epochs": 1}), tmp_path / "p", progress=False).train()
+    with pytest.raises(ValueError, match="differs"):
+        PairTrainer(tiny_config(training={"epochs": 2}), tmp_path / "p", resume=True, progress=False).train()
+
+
+def test_two_processes_give_the_same_weights_as_one(tmp_path, tiny_fmnist):
+    """`accelerate launch` with 2 CPU processes (gloo) shares out the nets; the weights are identical."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{type: mlp, depth: 1, width: 32}}\ndata: {{dataset: fashion_mnist, data_dir: {tiny_fmnist}}}\n"
+                   "training: {num_nets: 2, epochs: 1}\n")
+    acc_cfg = tmp_path / "accelerate.yaml"
+    acc_cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+                       "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n"
+                       "main_process_ip: 127.0.0.1\nmain_process_port: 29517\nrdzv_backend: static\nsame_network: true\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as each launched process: same float sums
+    bindir = Path(sys.executable).parent
+    two = subprocess.run([str(bindir / "accelerate"), "launch", "--config_file", str(acc_cfg), str(ROOT / "examples/train_pair.py"),
+                          "--config", str(cfg), "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([str(bindir / "hf-permerge"), "-q", "train", str(cfg), "-o", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for i in range(2):
+        assert_same(weights(tmp_path / f"one/net_{i}/final"), weights(tmp_path / f"two/net_{i}/final"))
+    assert json.loads((tmp_path / "two/pair.json").read_text())["num_nets"] == 2
+
+
+def test_output_folder_safety(tmp_path, tiny_config):
+    cfg = tiny_config(training={"epochs": 1})
+    mine = tmp_path / "users_stuff"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        PairTrainer(cfg, mine, progress=False).train()
+    with pytest.raises(FileExistsError, match="refusing to delete"):
+        PairTrainer(cfg, mine, overwrite=True, progress=False).train()
+    assert (mine / "thesis.tex").read_text() == "precious"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        PairTrainer(cfg, tmp_path / "afile" / "out", progress=False).train()
+
+
+def test_missing_data_fails_before_writing(tmp_path, tiny_config):
+    cfg = tiny_config(data={"data_dir": str(tmp_path / "nowhere")})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PairTrainer(cfg, tmp_path / "out", progress=False).train()
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_reports_accuracy_and_errors_cleanly(tmp_path, tiny_fmnist):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{type: cnn, layers: 4-avg-8}}\ndata: {{data_dir: {tiny_fmnist}}}\ntraining: {{epochs: 1}}\n")
+    exe = str(Path(sys.executable).parent / "hf-permerge")
+    ok = subprocess.run([exe, "-q", "train", str(cfg), "-o", str(tmp_path / "p")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "net 1: test loss" in ok.stdout
+    bad = subprocess.run([exe, "train", str(cfg), "-o", str(tmp_path / "q"), "--set", "training.epochz=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "training.epochz: unknown key" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "q").exists()
