@@ -1,0 +1,245 @@
+"""PermMerger: align N nets onto the first, then merge trained weights, inits or any saved step."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..alignment import Permutations, get_matcher
+from ..alignment.spec import apply_permutations
+from ..io_utils import atomic_dir, write_json_atomic
+from .sources import NetSource, load_sources
+
+logger = logging.getLogger("hf_permerge.merging")
+
+_IGNORED_CONFIG_KEYS = {"seed", "_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
+                        "dtype", "torch_dtype"}
+
+
+def check_same_architecture(configs: list, names: list[str]) -> None:
+    """Refuse nets of different architectures, naming the first differing config field."""
+    ref = {k: v for k, v in configs[0].to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+    for cfg, name in zip(configs[1:], names[1:]):
+        other = {k: v for k, v in cfg.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+        for key in sorted(set(ref) | set(other)):
+            if ref.get(key) != other.get(key):
+                raise ValueError(f"cannot merge {names[0]} with {name}: different architectures "
+                                 f"({key}: {ref.get(key)!r} vs {other.get(key)!r}); only nets of one architecture "
+                                 "can be aligned and merged")
+
+
+def average_state_dicts(states: list[dict], weights: list[float]) -> dict:
+    """Weighted average of state dicts; integer buffers (BatchNorm's counter) are taken from the first."""
+    out = {}
+    for key, ref in states[0].items():
+        if ref.is_floating_point():
+            out[key] = sum(w * s[key].to(ref.dtype) for w, s in zip(weights, states))
+        else:
+            out[key] = ref.clone()
+    return out
+
+
+class PermMerger:
+    """Load N nets, align them onto net 0, merge.
+
+        merger = PermMerger.from_pretrained("runs/pair")      # or a Hub repo id, or [dir_a, dir_b, ...]
+        merger.align()                                         # activation matching on 10k training images
+        merged = merger.merge(alpha=0.5)                       # (1 - alpha) * theta_0 + alpha * pi(theta_1)
+        init_avg = merger.merge(alpha=0.5, checkpoint="init")  # the same permutation on the untrained inits
+        merger.save_pretrained("runs/merged")
+    """
+
+    def __init__(self, sources: list[NetSource], pair: dict | None = None, device=None):
+        if len(sources) < 2:
+            raise ValueError("merging needs at least two nets")
+        self.sources = sources
+        self.pair = pair
+        self.device = torch.device(device) if device else torch.device("cpu")
+        self.permutations: list[Permutations] | None = None
+        self.alignment: dict = {}
+        self._last_merge: dict | None = None
+        self._cache: dict = {}
+        configs = [self._config(i, next(iter(s.checkpoints))) for i, s in enumerate(sources)]
+        check_same_architecture(configs, [s.name for s in sources])
+        self.spec = self.load(0).permutation_spec()
+
+    @classmethod
+    def from_pretrained(cls, pair_or_models, device=None) -> "PermMerger":
+        """A pair folder, the Hub repo id of a pair, or a list of >= 2 model folders / repo ids."""
+        sources, pair = load_sources(pair_or_models)
+        return cls(sources, pair, device)
+
+    # -- loading ---------------------------------------------------------------------------------
+    @property
+    def num_nets(self) -> int:
+        return len(self.sources)
+
+    def _config(self, i: int, checkpoint: str):
+        from transformers import AutoConfig
+
+        import hf_permerge  # noqa: F401  (registers our model types)
+        return AutoConfig.from_pretrained(self.sources[i].folder(checkpoint))
+
+    def load(self, i: int, checkpoint: str = "final"):
+        """Net i at a checkpoint, as saved (not permuted), on the merger's device, in eval mode."""
+        from transformers import AutoModelForImageClassification
+
+        import hf_permerge  # noqa: F401
+        key = (i, checkpoint)
+        if key not in self._cache:
+            model = AutoModelForImageClassification.from_pretrained(self.sources[i].folder(checkpoint))
+            self._cache[key] = model.to(self.device).eval()
+        return self._cache[key]
+
+    def dataset_name(self) -> str:
+        return (self.pair or {}).get("config", {}).get("data", {}).get("dataset", "fashion_mnist")
+
+    def data_dir(self):
+        return (self.pair or {}).get("config", {}).get("data", {}).get("data_dir")
+
+    # -- aligning --------------------------------------------------------------------------------
+    def align(self, dataset=None, matcher: str = "activation", checkpoint: str = "final", **settings) -> list[Permutations]:
+        """Align every net onto net 0 at `checkpoint`; returns one `Permutations` per net (net 0: identity).
+
+        `dataset` is a `datasets.Dataset` (Hub schema) or a `TensorSplit`; by default the pair's
+        training split (the matcher takes its fixed subset of `num_examples`). The weight matcher uses no data.
+        """
+        from ..data.tensors import load_tensors
+
+        if dataset is None and matcher != "weight":
+            dataset = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
+        m = get_matcher(matcher, **settings)
+        ref = self.load(0, checkpoint)
+        start = time.perf_counter()
+        perms = [Permutations.identity(self.spec)]
+        for i in range(1, self.num_nets):
+            perms.append(m.match(ref, self.load(i, checkpoint), dataset))
+        self.permutations = perms
+        self.alignment = {"matcher": matcher, "settings": m.settings() if callable(getattr(m, "settings", None)) else settings,
+                          "checkpoint": checkpoint, "align_s": time.perf_counter() - start}
+        return perms
+
+    def set_permutations(self, perms: list[Permutations], **alignment) -> None:
+        """Use permutations found elsewhere (e.g. at another step: the paper's perm@x)."""
+        if len(perms) != self.num_nets:
+            raise ValueError(f"need {self.num_nets} permutations (one per net, net 0's the identity), got {len(perms)}")
+        for p in perms:
+            p.validate(self.spec)
+        self.permutations = list(perms)
+        self.alignment = dict(alignment)
+
+    def _require_alignment(self) -> list[Permutations]:
+        if self.permutations is None:
+            raise RuntimeError("no permutations yet: call merger.align() first (or set_permutations)")
+        return self.permutations
+
+    # -- merging ---------------------------------------------------------------------------------
+    def permuted_state(self, i: int, checkpoint: str = "final", permute: bool = True) -> dict:
+        state = self.load(i, checkpoint).state_dict()
+        if not permute or i == 0:
+            return state
+        return apply_permutations(self.spec, state, self._require_alignment()[i])
+
+    def permuted(self, i: int, checkpoint: str = "final"):
+        """Net i permuted onto net 0: the same function as net i, its units lined up with net 0's."""
+        return self._require_alignment()[i].apply(self.load(i, checkpoint), self.spec)
+
+    def _model_with(self, state: dict, checkpoint: str):
+        import copy
+
+        model = copy.deepcopy(self.load(0, checkpoint))
+        model.load_state_dict(state)
+        return model
+
+    def merge(self, alpha: float = 0.5, checkpoint: str = "final", other: int = 1, permute: bool = True):
+        """`(1 - alpha) * theta_0 + alpha * pi(theta_other)` as a new model; `permute=False` gives vanilla averaging."""
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not 1 <= other < self.num_nets:
+            raise ValueError(f"other must name a net 1..{self.num_nets - 1}, got {other}")
+        states = [self.permuted_state(0, checkpoint), self.permuted_state(other, checkpoint, permute)]
+        merged = self._model_with(average_state_dicts(states, [1 - alpha, alpha]), checkpoint)
+        self._last_merge = {"alpha": float(alpha), "checkpoint": checkpoint, "nets": [0, other], "permuted": permute}
+        return merged
+
+    def merge_all(self, checkpoint: str = "final", k: int | None = None, permute: bool = True):
+        """Uniform average of the first k aligned nets (all by default): the paper's Fig. 3 mid."""
+        k = self.num_nets if k is None else k
+        if not 1 <= k <= self.num_nets:
+            raise ValueError(f"k must be in 1..{self.num_nets}, got {k}")
+        states = [self.permuted_state(i, checkpoint, permute) for i in range(k)]
+        merged = self._model_with(average_state_dicts(states, [1.0 / k] * k), checkpoint)
+        self._last_merge = {"alpha": None, "checkpoint": checkpoint, "nets": list(range(k)), "permuted": permute}
+        return merged
+
+    # -- saving ----------------------------------------------------------------------------------
+    def merge_settings(self) -> dict:
+        return {
+            "format": "hf_permerge.merge/1",
+            "sources": [s.hub_id or s.name for s in self.sources],
+            "hub_sources": [s.hub_id for s in self.sources if s.hub_id],
+            "merge": self._last_merge,
+            "alignment": {k: v for k, v in self.alignment.items()},
+            "dataset": self.dataset_name(),
+        }
+
+    def save_pretrained(self, output_dir, model=None, extra_files: dict | None = None) -> Path:
+        """Write the merged model (HF folder), the permutations, the merge settings and an image processor.
+
+        `model` defaults to `merge()` with the last settings (alpha 0.5 on the final weights).
+        The folder appears whole or not at all.
+        """
+        from ..models.image_processing_perm import image_processor_for
+        from ..training.checkpoints import write_model_files
+
+        perms = self._require_alignment()
+        if model is None:
+            last = self._last_merge or {"alpha": 0.5, "checkpoint": "final"}
+            model = (self.merge(last["alpha"], last["checkpoint"]) if last.get("alpha") is not None
+                     else self.merge_all(last["checkpoint"], len(last["nets"])))
+        output_dir = Path(output_dir)
+        with atomic_dir(output_dir) as tmp:
+            write_model_files(model, tmp)
+            image_processor_for(model.config).save_pretrained(tmp)
+            (tmp / "permutations").mkdir()
+            for i, p in enumerate(perms):
+                p.save(tmp / "permutations" / f"net_{i}.safetensors")
+            write_json_atomic(tmp / "merge_config.json", self.merge_settings())
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
+        return output_dir
+
+    def save_permutations(self, output_dir) -> Path:
+        output_dir = Path(output_dir)
+        with atomic_dir(output_dir) as tmp:
+            for i, p in enumerate(self._require_alignment()):
+                p.save(tmp / f"net_{i}.safetensors")
+            write_json_atomic(tmp / "alignment.json", {**self.merge_settings(), "merge": None})
+        return output_dir
+
+    def load_permutations(self, folder) -> list[Permutations]:
+        folder = Path(folder)
+        perms = []
+        for i in range(self.num_nets):
+            path = folder / f"net_{i}.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder} lacks net_{i}.safetensors; pass the folder written by "
+                                        "`hf-permerge align` (or a merge's permutations/ folder)")
+            perms.append(Permutations.load(path))
+        meta = json.loads((folder / "alignment.json").read_text()).get("alignment", {}) if (folder / "alignment.json").is_file() else {}
+        self.set_permutations(perms, **meta)
+        return perms
+
+    def push_to_hub(self, repo_id: str, output_dir=None, **kwargs):
+        """Save (if not yet saved) and upload the merged folder in one commit; see `hf_permerge.hub`."""
+        from ..hub import push_folder_to_hub
+
+        if output_dir is None:
+            import tempfile
+
+            output_dir = Path(tempfile.mkdtemp(prefix="hf_permerge_push_")) / "merged"
+            self.save_pretrained(output_dir)
+        return push_folder_to_hub(output_dir, repo_id, **kwargs)
