@@ -44,7 +44,100 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_output_args(p, resumable=True)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("align", help="find the permutations that align every net of a pair onto net 0",
+                       description="Match hidden units of each net to net 0 (activation matching with the Hungarian "
+                                   "algorithm by default) and write OUT/net_i.safetensors + OUT/alignment.json.",
+                       epilog=EPILOG)
+    _add_pair_arg(p)
+    _add_output_args(p)
+    _add_matcher_args(p)
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("merge", help="merge a pair: align, then average weights (trained, init or a step)",
+                       description="Writes OUT as an HF model folder (loads with AutoModelForImageClassification after "
+                                   "`import hf_permerge`), with the permutations and merge_config.json.",
+                       epilog=EPILOG)
+    _add_pair_arg(p)
+    _add_output_args(p)
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the permuted other net: (1-alpha)*theta_0 + alpha*pi(theta_1) (default 0.5)")
+    p.add_argument("--checkpoint", default="final",
+                   help="which weights to merge: final (default), init (the untrained inits) or step-N")
+    p.add_argument("--all", action="store_true", help="uniform average of all N aligned nets instead of a pair")
+    p.add_argument("--vanilla", action="store_true", help="average without permuting (the baseline)")
+    p.add_argument("--permutations", help="use permutations from `hf-permerge align` instead of aligning again")
+    _add_matcher_args(p)
+    p.set_defaults(func=cmd_merge)
     return parser
+
+
+def _add_pair_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids")
+
+
+def _add_matcher_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("matching")
+    g.add_argument("--matcher", default="activation", choices=["activation", "weight", "gradient"],
+                   help="activation (paper Sec. 2, default), weight (Git Re-Basin, no data) or gradient (App. B, at init)")
+    g.add_argument("--similarity", default="cosine", choices=["cosine", "correlation", "l2"],
+                   help="activation similarity (default cosine, uncentred)")
+    g.add_argument("--preactivation", action="store_true", help="match activations before the non-linearity")
+    g.add_argument("--num-examples", type=int, default=10000, help="training images to match on (default 10000)")
+    g.add_argument("--align-checkpoint", default="final",
+                   help="checkpoint whose activations define the permutation (default final; step-N gives perm@N)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _matcher_settings(args) -> dict:
+    if args.matcher == "activation":
+        return {"similarity": args.similarity, "preactivation": args.preactivation, "num_examples": args.num_examples}
+    if args.matcher == "gradient":
+        return {"num_examples": args.num_examples}
+    return {}
+
+
+def _merger(args):
+    import torch
+
+    from .merging import PermMerger
+
+    source = args.pair[0] if len(args.pair) == 1 else args.pair
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return PermMerger.from_pretrained(source, device=device)
+
+
+def cmd_align(args) -> int:
+    from .io_utils import check_output_dir
+
+    check_output_dir(args.output_dir, args.overwrite)
+    merger = _merger(args)
+    perms = merger.align(matcher=args.matcher, checkpoint=args.align_checkpoint, **_matcher_settings(args))
+    merger.save_permutations(args.output_dir)
+    for i, p in enumerate(perms[1:], start=1):
+        for group, sims in p.info.get("groups", {}).items():
+            print(f"net {i} {group}: similarity identity {sims['similarity_identity']:.2f} -> "
+                  f"matched {sims['similarity_matched']:.2f}")
+    print(f"permutations: {args.output_dir} ({merger.alignment['align_s']:.1f} s)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .io_utils import check_output_dir
+
+    check_output_dir(args.output_dir, args.overwrite, marker="merge_config.json")
+    merger = _merger(args)
+    if args.permutations:
+        merger.load_permutations(args.permutations)
+    else:
+        merger.align(matcher=args.matcher, checkpoint=args.align_checkpoint, **_matcher_settings(args))
+    if args.all:
+        model = merger.merge_all(args.checkpoint, permute=not args.vanilla)
+    else:
+        model = merger.merge(args.alpha, args.checkpoint, permute=not args.vanilla)
+    merger.save_pretrained(args.output_dir, model)
+    print(f"merged model: {args.output_dir}")
+    return 0
 
 
 def cmd_train(args) -> int:

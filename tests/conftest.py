@@ -57,3 +57,21 @@ def tiny_config(tiny_fmnist):
         return config_from_dict(data)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, tiny_fmnist):
+    """Three trained 1x32 MLPs (2 epochs on 1000 real images), with init/step-5/final checkpoints."""
+    from hf_permerge.config import config_from_dict
+    from hf_permerge.training import PairTrainer
+
+    cfg = config_from_dict({
+        "model": {"type": "mlp", "depth": 1, "width": 32},
+        "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
+        "training": {"num_nets": 3, "seed": 0, "epochs": 2, "save_steps": [5]},
+        "alignment": {"num_examples": 1000},
+        "evaluation": {"train_subset": 1000},
+    })
+    out = tmp_path_factory.mktemp("pairs") / "tiny_pair"
+    PairTrainer(cfg, out, progress=False).train()
+    return out
