@@ -119,7 +119,10 @@ def folder_kind(folder: str | os.PathLike) -> str:
             raise HubError(f"{path / 'pair.json'} is not valid JSON ({err}); re-create the pair folder",
                            "invalid_folder") from None
         return "pair"
-    missing = [name for name in ("config.json", "model.safetensors") if not (path / name).is_file()]
+    weights = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards and their index
+    missing = [name for name in ("config.json", weights[0]) if not (path / name).is_file()]
+    if missing == [weights[0]] and (path / weights[1]).is_file():
+        missing = []
     if missing:
         raise HubError(f"{path} is neither a model folder nor a pair folder: it lacks {', '.join(missing)} (a model "
                        "folder has config.json and model.safetensors, as written by save_pretrained; a pair folder "

@@ -210,10 +210,11 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     return ModelCard.from_template(
         card_data, template_path=str(template_path or TEMPLATE_PATH),
         model_name=model_name, repo_id=repo_id or "path/to/this/folder",
-        architecture_name=ARCHITECTURES.get(arch, arch), architecture_details=_architecture_details(arch, info.get("config")),
+        architecture_name=ARCHITECTURES.get(arch, arch),
+        architecture_details=_architecture_details(arch, info.get("config")),
         base_models=base, dataset_name=dataset_name, dataset_id=dataset_id,
-        matcher_name=matcher.get("name"),
-        matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
-        checkpoint=checkpoint, alpha=f"{alpha:g}", merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
-        merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "", endpoints=endpoints,
-        barriers=barriers, interpolation=interpolation, plots=plots, command=info.get("command"))
+        matcher_name=matcher.get("name"), matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
+        checkpoint=checkpoint, alpha=f"{alpha:g}",
+        merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
+        merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "",
+        endpoints=endpoints, barriers=barriers, interpolation=interpolation, plots=plots, command=info.get("command"))
