@@ -69,6 +69,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permutations", help="use permutations from `hf-permerge align` instead of aligning again")
     _add_matcher_args(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("evaluate", help="align a pair and write report.json, plots and the merged model",
+                       description="Aligns the pair (config's `alignment` section, from pair.json unless --config), "
+                                   "evaluates interpolation curves (vanilla and permuted, trained and init), barriers, "
+                                   "n-way averages, and optionally the plane and schedules. Writes OUT/report.json, "
+                                   "OUT/*.png, OUT/permutations/ and OUT/merged/ (model + card).",
+                       epilog=EPILOG)
+    p.add_argument("pair", help="a pair folder or the Hub repo id of a pair")
+    p.add_argument("--config", help="config whose alignment/evaluation sections to use (default: the pair's own)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set evaluation.plane=true")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_output_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="the main job: train a pair, align, evaluate, report (train + evaluate)",
+                       description="Train `training.num_nets` nets, align them, evaluate curves and barriers, and write "
+                                   "OUT/pair/, OUT/report.json, OUT/*.png, OUT/permutations/, OUT/merged/.",
+                       epilog=EPILOG)
+    _add_config_args(p)
+    _add_output_args(p, resumable=True)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("push", help="upload a merged-model folder or a pair folder to the Hub in one commit",
+                       description="Uploads FOLDER (a merged model written by merge/evaluate/run, or a pair folder) to "
+                                   "the model repo REPO_ID in one commit, creating it if needed. The token comes from "
+                                   "--token, HF_TOKEN or `hf auth login`, and is never printed.",
+                       epilog=EPILOG)
+    p.add_argument("folder", help="e.g. runs/demo/merged or runs/demo/pair")
+    p.add_argument("repo_id", help="namespace/name (the namespace defaults to the token's user)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", help="branch to push to (created if missing)")
+    p.add_argument("--commit-message", help="commit message (default: 'Upload ... with hf_permerge')")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--token", help="a Hugging Face token (prefer HF_TOKEN or `hf auth login`)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 
@@ -150,6 +186,42 @@ def cmd_train(args) -> int:
     for m in result.metrics:
         print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
     print(f"pair folder: {result.output_dir} ({result.train_s:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .config import load_config
+    from .reporting.pipeline import evaluate_pair
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    evaluate_pair(args.pair, args.output_dir, config, overrides=None if config else args.overrides,
+                  overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+                  command=" ".join(["hf-permerge"] + sys.argv[1:]))
+    print(f"report: {args.output_dir}/report.json")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .reporting.pipeline import run
+
+    config = load_config(args.config, args.overrides)
+    run(config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+        command=" ".join(["hf-permerge"] + sys.argv[1:]))
+    print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import HubError, push_folder_to_hub
+
+    try:
+        info = push_folder_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
+                                  revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
+    except HubError as err:
+        print(f"hf-permerge push: error: {err}", file=sys.stderr)
+        return 2
+    print(f"pushed: {getattr(info, 'pr_url', None) or info}")
     return 0
 
 

@@ -40,12 +40,13 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
-                     marker: str | None = None) -> Path:
+                     marker: str | tuple[str, ...] | None = None) -> Path:
     """Refuse an output folder that exists (unless overwrite/resume) or cannot be written, before any work.
 
-    With `overwrite`, only a folder that holds our own output (`marker` file) is replaced;
+    With `overwrite`, only a folder that holds our own output (a `marker` file) is replaced;
     a non-empty folder of anything else is never deleted.
     """
+    markers = (marker,) if isinstance(marker, str) else tuple(marker or ())
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} exists and is not a folder; choose another --output-dir")
@@ -55,12 +56,13 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
         if not overwrite:
             raise FileExistsError(
                 f"output folder {path} exists and is not empty; pass --overwrite to replace it"
-                + (" or --resume to continue an interrupted run" if marker == "run_config.json" else "")
+                + (" or --resume to continue an interrupted run" if "run_config.json" in markers
+                   or "pair/run_config.json" in markers else "")
             )
-        if marker and not (path / marker).exists():
+        if markers and not any((path / m).exists() for m in markers):
             raise FileExistsError(
                 f"output folder {path} is not empty and does not look like an hf_permerge output "
-                f"(no {marker}); refusing to delete it even with --overwrite. Choose another --output-dir"
+                f"(no {' or '.join(markers)}); refusing to delete it even with --overwrite. Choose another --output-dir"
             )
     parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():

@@ -126,7 +126,7 @@ class PairTrainer:
         step = self._maybe_resume(engine, nets) if self.resume else 0
         save_steps = {s for s in tc.save_steps if s <= total}
         bar = tqdm(total=total, initial=step, desc=f"train nets {nets}", disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, mininterval=1.0)
         t0 = time.perf_counter()
         if step < total:
             bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")

@@ -1,0 +1,121 @@
+"""The main job: train a pair, align it, evaluate it, write report.json, plots and the merged model."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, config_from_dict
+from ..io_utils import atomic_dir, check_output_dir, write_json_atomic
+
+logger = logging.getLogger("hf_permerge.pipeline")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluation_splits(config: RunConfig, device) -> dict:
+    """The test split and the fixed training subset the report evaluates on (whole, on the device)."""
+    from ..data.tensors import load_tensors
+
+    splits = {}
+    for name in config.evaluation.splits:
+        split = load_tensors(config.data.dataset, name, device, config.data.data_dir)
+        splits[name] = split.subset(config.evaluation.train_subset, seed=0) if name == "train" else split
+    return splits
+
+
+def align_merger(merger, config: RunConfig, splits: dict | None = None):
+    """Align with the config's `alignment` section, on the training split."""
+    a = config.alignment
+    settings = {"similarity": a.similarity, "preactivation": a.preactivation, "num_examples": a.num_examples} \
+        if a.matcher == "activation" else {"num_examples": a.num_examples, "preconditioner": a.preconditioner,
+                                           "damping": a.damping} if a.matcher == "gradient" else {}
+    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, **settings)
+    return merger
+
+
+def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrides: list[str] | None = None,
+                  overwrite: bool = False, progress: bool = True, device=None, train_s: float | None = None,
+                  command: str | None = None) -> dict:
+    """Align and evaluate a pair folder; write OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
+    from ..config import apply_overrides
+    from ..merging import PermMerger
+    from .plots import write_plots
+    from .report import build_report, summary_table
+
+    device = torch.device(device) if device else default_device()
+    merger = PermMerger.from_pretrained(pair_dir, device=device)
+    if config is None:
+        if merger.pair is None:
+            raise ValueError(f"{pair_dir} has no pair.json; pass a config")
+        config = config_from_dict(apply_overrides(json.loads(json.dumps(merger.pair["config"])), overrides),
+                                  f"{pair_dir}/pair.json")
+    output_dir = Path(output_dir)
+    if not (output_dir / "pair").resolve() == Path(pair_dir).resolve():
+        check_output_dir(output_dir, overwrite, marker="report.json")
+    splits = evaluation_splits(config, device)
+    align_merger(merger, config)
+    report = build_report(merger, config.evaluation, splits, progress=progress)
+    report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
+    report["config"] = config.to_dict()
+    report["pair"] = str(pair_dir)
+    report["command"] = command
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(output_dir / "merged") as tmp:
+        merged = merger.merge(0.5, "final")
+        merger.save_pretrained(tmp / "model", merged)
+        for item in (tmp / "model").iterdir():
+            shutil.move(str(item), tmp / item.name)
+        (tmp / "model").rmdir()
+        plots = write_plots(report, tmp) if config.evaluation.plots else []
+        write_json_atomic(tmp / "report.json", report)
+        _write_card(merger, report, config, plots, tmp)
+        for name in plots + ["report.json"]:
+            shutil.copy2(tmp / name, output_dir / f".{name}.tmp")
+    for name in plots + ["report.json"]:
+        (output_dir / f".{name}.tmp").replace(output_dir / name)
+    merger.save_permutations(output_dir / "permutations")
+    print(summary_table(report))
+    return report
+
+
+def _write_card(merger, report: dict, config: RunConfig, plots: list[str], folder: Path) -> None:
+    from .model_card import render_model_card
+
+    info = {
+        "architecture": config.model.type,
+        "config": merger.load(0).config.to_dict(),
+        "base_models": [{"name": s.hub_id or s.name, "hub": bool(s.hub_id)} for s in merger.sources],
+        "dataset": config.data.dataset,
+        "matcher": merger.alignment.get("matcher"),
+        "matcher_settings": merger.alignment.get("settings"),
+        "checkpoint": "final",
+        "alpha": 0.5,
+        "report": report,
+        "plots": plots,
+        "command": report.get("command"),
+    }
+    render_model_card(info).save(folder / "README.md")
+
+
+def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False, progress: bool = True,
+        command: str | None = None) -> dict:
+    """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/."""
+    from ..training import PairTrainer
+
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite, resume, marker=("report.json", "pair/run_config.json"))
+    if overwrite and not resume and output_dir.exists():
+        shutil.rmtree(output_dir)
+    start = time.perf_counter()
+    PairTrainer(config, output_dir / "pair", resume=resume, progress=progress,
+                overwrite=overwrite).train()
+    train_s = time.perf_counter() - start
+    return evaluate_pair(output_dir / "pair", output_dir, config, overwrite=True, progress=progress,
+                         train_s=train_s, command=command)

@@ -1,0 +1,172 @@
+"""The evaluation of a pair: endpoints, interpolation curves, barriers, n-way averages, plane, schedules.
+
+One function, `build_report`, turns a merger (aligned) and the `evaluation` config section into
+the report.json dict (keys documented in README, "report.json"). All curves are evaluated batched.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluation.barrier import loss_barrier
+from ..evaluation.interpolation import evaluate_combinations, evaluate_model
+
+logger = logging.getLogger("hf_permerge.reporting")
+
+CHECKPOINTS = ("final", "init")
+MODES = ("vanilla", "permuted")
+
+
+def report_lambdas(n: int) -> list[float]:
+    """n evenly spaced lambdas in [0, 1], always with the midpoint 0.5 (the paper's merged net)."""
+    lams = {round(i / (n - 1), 10) for i in range(n)} | {0.5}
+    return sorted(lams)
+
+
+def _split_metrics(metrics: dict, idx: int) -> dict:
+    return {k: metrics[k][idx] for k in ("loss", "acc", "nll", "nll_tempered")}
+
+
+def checkpoint_step(name: str, total: int) -> int:
+    return 0 if name == "init" else total if name == "final" else int(name.split("-", 1)[1])
+
+
+def build_report(merger, evaluation, splits: dict, progress: bool = True) -> dict:
+    """report.json as a dict. `splits`: {"test": TensorSplit, "train": TensorSplit (the fixed subset)}."""
+    start = time.perf_counter()
+    ev = evaluation
+    lambdas = report_lambdas(ev.num_lambdas)
+    mid = lambdas.index(0.5)
+    template = merger.load(0)
+    report: dict = {"lambdas": lambdas, "endpoints": [], "curves": {}, "midpoint": {}, "barrier": {}}
+    steps = [("endpoints", None)] + [(ck, mode) for ck in CHECKPOINTS for mode in MODES]
+    bar = tqdm(steps, desc="evaluate", disable=not progress, leave=False, mininterval=1.0)
+    for what, mode in bar:
+        bar.set_postfix_str(f"{what} {mode or ''}")
+        if what == "endpoints":
+            for i in range(merger.num_nets):
+                report["endpoints"].append({
+                    "net": i, **{s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i), split).items()}, 0)
+                                 for s, split in splits.items()},
+                    "init": {s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i, "init"), split).items()}, 0)
+                             for s, split in splits.items()}})
+            continue
+        ck = what
+        states = [merger.permuted_state(0, ck), merger.permuted_state(1, ck, permute=(mode == "permuted"))]
+        lam = torch.tensor(lambdas, dtype=torch.float64)
+        res = evaluate_combinations(template, states, torch.stack([1 - lam, lam], 1), splits, batch_size=ev.batch_size)
+        curve = {"lambdas": lambdas}
+        for s, m in res.items():
+            curve[s] = {k: m[k] for k in ("loss", "acc", "nll", "nll_tempered")}
+        report["curves"].setdefault(ck, {})[mode] = curve
+        report["midpoint"].setdefault(ck, {})[mode] = {s: _split_metrics(res[s], mid) for s in res}
+        report["barrier"].setdefault(ck, {})[mode] = {
+            s: {"loss": loss_barrier(lambdas, res[s]["loss"], "loss").barrier,
+                "acc": loss_barrier(lambdas, res[s]["acc"], "accuracy").barrier,
+                "loss_lambda": loss_barrier(lambdas, res[s]["loss"], "loss").lam}
+            for s in res}
+    if ev.n_way and merger.num_nets > 2:
+        report["n_way"] = n_way(merger, splits["test"], ev.batch_size)
+    if ev.plane:
+        report["plane"] = plane_report(merger, splits["test"], ev)
+    if ev.schedules or ev.current_perm:
+        report["schedules"] = schedules(merger, splits["test"], ev)
+    report["matching"] = {"matcher": merger.alignment.get("matcher"), "settings": merger.alignment.get("settings"),
+                          "checkpoint": merger.alignment.get("checkpoint"),
+                          "groups": merger.permutations[1].info.get("groups", {})}
+    report["timings"] = {"evaluate_s": time.perf_counter() - start, "align_s": merger.alignment.get("align_s")}
+    return report
+
+
+def n_way(merger, test, batch_size: int) -> dict:
+    """Test accuracy of the uniform average of the first k nets, k = 2..N (Fig. 3 mid), in one batched pass."""
+    n = merger.num_nets
+    coeffs = torch.zeros(n - 1, n, dtype=torch.float64)
+    for row, k in enumerate(range(2, n + 1)):
+        coeffs[row, :k] = 1.0 / k
+    out: dict = {str(k): {} for k in range(2, n + 1)}
+    for ck in CHECKPOINTS:
+        for mode in MODES:
+            states = [merger.permuted_state(i, ck, permute=(mode == "permuted")) for i in range(n)]
+            res = evaluate_combinations(merger.load(0), states, coeffs, {"test": test}, batch_size=batch_size)["test"]
+            for row, k in enumerate(range(2, n + 1)):
+                out[str(k)].setdefault(ck, {})[mode] = {"test": {"acc": res["acc"][row], "loss": res["loss"][row]}}
+    return out
+
+
+def plane_report(merger, test, ev) -> dict:
+    """Accuracy/loss on the plane through theta_0, theta_1 and pi(theta_1), trained and init (Fig. 1)."""
+    from ..evaluation.plane import evaluate_plane
+
+    out = {}
+    for ck in CHECKPOINTS:
+        out[ck] = evaluate_plane(merger.load(0), merger.permuted_state(0, ck), merger.permuted_state(1, ck, permute=False),
+                                 merger.permuted_state(1, ck), {"test": test}, resolution=ev.plane_resolution,
+                                 batch_size=ev.batch_size)
+    return out
+
+
+def schedules(merger, test, ev) -> dict:
+    """Midpoint test accuracy at every saved checkpoint t, with perm@x (found at step x) and current perm (Fig. 3 right)."""
+    first = merger.sources[1]
+    names = [n for n in merger.sources[0].checkpoints if n in first.checkpoints]
+    saved_steps = [checkpoint_step(n, 0) for n in names if n.startswith("step-")]
+    total = (merger.pair or {}).get("steps", {}).get("total", max(saved_steps, default=0) + 1)
+    names = sorted(names, key=lambda n: checkpoint_step(n, total))
+    steps = [checkpoint_step(n, total) for n in names]
+    saved_perms, saved_alignment = merger.permutations, merger.alignment
+    settings = dict(saved_alignment.get("settings") or {})
+    matcher = saved_alignment.get("matcher", "activation")
+
+    def midpoints(perms) -> list[float]:
+        merger.set_permutations(perms, **saved_alignment)
+        coeffs = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+        accs = []
+        for n in names:
+            states = [merger.permuted_state(0, n), merger.permuted_state(1, n)]
+            accs.append(evaluate_combinations(merger.load(0, n), states, coeffs, {"test": test},
+                                              batch_size=ev.batch_size)["test"]["acc"][0])
+        return accs
+
+    out = {"steps": steps, "checkpoints": names, "perm_at": {}}
+    try:
+        for x in ev.schedules:
+            name = "init" if x == 0 else "final" if x == total else f"step-{x}"
+            if name not in names:
+                logger.warning("perm@%d skipped: no checkpoint %s (saved: %s)", x, name, names)
+                continue
+            perms = merger.align(matcher=matcher, checkpoint=name, **settings)
+            out["perm_at"][str(x)] = midpoints(perms)
+        merger.set_permutations(saved_perms, **saved_alignment)
+        out["vanilla"] = midpoints([merger.permutations[0]] * merger.num_nets)
+        if ev.current_perm:
+            current = []
+            for n in names:
+                perms = merger.align(matcher=matcher, checkpoint=n, **settings)
+                current.append(midpoints(perms)[names.index(n)])
+            out["current_perm"] = current
+    finally:
+        merger.set_permutations(saved_perms, **saved_alignment)
+    return out
+
+
+def summary_table(report: dict) -> str:
+    """The printed summary: single net, vanilla average, permuted average, barriers; trained and init."""
+    lines = [f"{'':8} {'single net':>11} {'vanilla avg':>12} {'perm avg':>9} {'barrier van':>12} {'barrier perm':>13}"]
+    for ck in CHECKPOINTS:
+        if ck not in report.get("midpoint", {}):
+            continue
+        singles = [e["test"]["acc"] if ck == "final" else e["init"]["test"]["acc"] for e in report["endpoints"][:2]]
+        mid = report["midpoint"][ck]
+        bar = report["barrier"][ck]
+        lines.append(f"{ck + ' acc':8} {sum(singles) / len(singles):11.4f} {mid['vanilla']['test']['acc']:12.4f} "
+                     f"{mid['permuted']['test']['acc']:9.4f} {bar['vanilla']['test']['acc']:12.4f} "
+                     f"{bar['permuted']['test']['acc']:13.4f}")
+        losses = [e["test"]["loss"] if ck == "final" else e["init"]["test"]["loss"] for e in report["endpoints"][:2]]
+        lines.append(f"{ck + ' loss':8} {sum(losses) / len(losses):11.4f} {mid['vanilla']['test']['loss']:12.4f} "
+                     f"{mid['permuted']['test']['loss']:9.4f} {bar['vanilla']['test']['loss']:12.4f} "
+                     f"{bar['permuted']['test']['loss']:13.4f}")
+    return "\n".join(lines)
