@@ -57,8 +57,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
         config = config_from_dict(apply_overrides(json.loads(json.dumps(merger.pair["config"])), overrides),
                                   f"{pair_dir}/pair.json")
     output_dir = Path(output_dir)
-    if not (output_dir / "pair").resolve() == Path(pair_dir).resolve():
-        check_output_dir(output_dir, overwrite, marker="report.json")
+    check_output_dir(output_dir, overwrite, marker=("report.json", "pair/run_config.json"))
     splits = evaluation_splits(config, device)
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
