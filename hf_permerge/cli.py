@@ -105,6 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     p.add_argument("--token", help="a Hugging Face token (prefer HF_TOKEN or `hf auth login`)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("sweep", help="run a grid of runs (a paper figure): one table and one figure; resumable",
+                       description="Run every cell of a sweep config (a base run config plus a `sweep:` section with "
+                                   "name, experiment and grid; see configs/sweeps/). Each cell trains a pair in "
+                                   "OUT/cells/<cell>/ and writes its result.json; cells with a result are skipped, so "
+                                   "running the same command again continues a sweep. Writes OUT/results.csv, "
+                                   "OUT/summary.csv, OUT/results.json and OUT/<name>.png. Under `accelerate launch "
+                                   "-m hf_permerge.cli sweep ...` the processes share the cells (cell i on process "
+                                   "i %% world size).",
+                       epilog=EPILOG)
+    p.add_argument("config", help="sweep YAML: sections model, data, training, alignment, evaluation and sweep "
+                                  "(see configs/sweeps/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base value (training.epochs=1) or a sweep value (sweep.keep_pairs=true, "
+                        "sweep.grid.model.width=[32,64]); repeatable, values parsed as YAML")
+    p.add_argument("--output-dir", "-o", required=True,
+                   help="sweep folder; an existing sweep folder is continued (finished cells are skipped)")
+    p.add_argument("--overwrite", action="store_true", help="start the sweep again: delete an existing sweep folder")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -222,6 +241,26 @@ def cmd_push(args) -> int:
         print(f"hf-permerge push: error: {err}", file=sys.stderr)
         return 2
     print(f"pushed: {getattr(info, 'pr_url', None) or info}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweeps import load_sweep_config, run_sweep
+
+    config = load_sweep_config(args.config, args.overrides)
+    result = run_sweep(config, args.output_dir, overwrite=args.overwrite, progress=not args.quiet,
+                       command=" ".join(["hf-permerge"] + sys.argv[1:]))
+    if not result.is_main_process:
+        return 0
+    print(result.summary)
+    print(f"{len(config.cells)} cells ({len(result.ran)} run here, {len(result.skipped)} already done); "
+          f"wrote {', '.join(f'{args.output_dir}/{f}' for f in result.files)}")
+    if result.failed:
+        print(f"hf-permerge sweep: {len(result.failed)} cell(s) failed (run the command again to retry them):",
+              file=sys.stderr)
+        for cell, error in result.failed.items():
+            print(f"  {cell}: {error} (see {args.output_dir}/cells/{cell}/error.txt)", file=sys.stderr)
+        return 1
     return 0
 
 

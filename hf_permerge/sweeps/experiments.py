@@ -1,0 +1,113 @@
+"""What a cell measures, per experiment: the report pipeline's numbers, cut down to a small result.
+
+Every experiment aligns the cell's pair and runs `build_report` (the one place curves, barriers,
+n-way averages and schedules are computed); it only chooses which parts of the report to ask for
+and which numbers to keep. All numbers are on the test split unless a key says `train`.
+
+- `pair` (Fig. 2, 3 left, 4, 10, 11): single net, vanilla and permuted average, barriers; trained and init.
+- `n_way` (Fig. 3 mid): the pair numbers plus the average of the first k nets, k = 2..N.
+- `schedules` (Fig. 3 right, 4 right): the pair numbers plus the midpoint accuracy at every saved
+  step under perm@x (permutation found at step x) and the current permutation.
+- `matchers` (App. B): for each labelled alignment (e.g. activation matching after training, the
+  gradient/FOOF matcher at init), the pair numbers under that alignment, keyed `<label>:<metric>`.
+"""
+from __future__ import annotations
+
+from statistics import fmean
+
+from ..config import AlignmentSection, RunConfig
+
+CHECKPOINT_PREFIX = {"final": "", "init": "init_"}
+MODE_SHORT = {"vanilla": "vanilla", "permuted": "perm"}
+
+
+def pair_metrics(report: dict) -> dict[str, float]:
+    """Flat numbers of a report: `single_acc`, `vanilla_acc`, `perm_acc`, `barrier_perm_loss`, ... and
+    the same at initialisation with the prefix `init_` (the permutation is the one found by the alignment)."""
+    out: dict[str, float] = {}
+    ends = report["endpoints"]
+    for ck, prefix in CHECKPOINT_PREFIX.items():
+        tests = [e["test"] if ck == "final" else e["init"]["test"] for e in ends]
+        out[f"{prefix}single_acc"] = fmean(t["acc"] for t in tests)
+        out[f"{prefix}single_loss"] = fmean(t["loss"] for t in tests)
+        for mode, short in MODE_SHORT.items():
+            mid = report["midpoint"][ck][mode]["test"]
+            out[f"{prefix}{short}_acc"] = mid["acc"]
+            out[f"{prefix}{short}_loss"] = mid["loss"]
+            bars = report["barrier"][ck][mode]
+            out[f"{prefix}barrier_{short}_acc"] = bars["test"]["acc"]
+            out[f"{prefix}barrier_{short}_loss"] = bars["test"]["loss"]
+            if "train" in bars:
+                out[f"{prefix}barrier_{short}_train_loss"] = bars["train"]["loss"]
+    return out
+
+
+def curves_of(report: dict) -> dict:
+    """Test accuracy and loss along the interpolation, trained and init, vanilla and permuted."""
+    return {ck: {mode: {"lambdas": c["lambdas"], "acc": c["test"]["acc"], "loss": c["test"]["loss"]}
+                 for mode, c in modes.items()} for ck, modes in report["curves"].items()}
+
+
+def n_way_metrics(report: dict) -> dict[str, float]:
+    """`nway{k}_{init_}{perm|vanilla}_acc` for k = 2..N."""
+    out = {}
+    for k, by_ck in report.get("n_way", {}).items():
+        for ck, prefix in CHECKPOINT_PREFIX.items():
+            for mode, short in MODE_SHORT.items():
+                out[f"nway{k}_{prefix}{short}_acc"] = by_ck[ck][mode]["test"]["acc"]
+    return out
+
+
+def schedule_metrics(report: dict) -> dict[str, float]:
+    """`sched_{perm@x|current|vanilla}_t{step}`: midpoint test accuracy at each saved step."""
+    sch = report.get("schedules")
+    if not sch:
+        return {}
+    out = {}
+    series = {f"perm@{x}": accs for x, accs in sch["perm_at"].items()}
+    series["vanilla"] = sch["vanilla"]
+    if "current_perm" in sch:
+        series["current"] = sch["current_perm"]
+    for name, accs in series.items():
+        for step, acc in zip(sch["steps"], accs):
+            out[f"sched_{name}_t{step}"] = acc
+    return out
+
+
+def _evaluation(config: RunConfig, n_way: bool = False, schedules: bool = False):
+    """The cell's evaluation settings with only the parts this experiment reads switched on."""
+    ev = config.evaluation
+    return ev.model_copy(update={"n_way": n_way, "plane": False, "plots": False,
+                                 "schedules": list(ev.schedules) if schedules else [],
+                                 "current_perm": ev.current_perm if schedules else False})
+
+
+def measure(experiment: str, config: RunConfig, pair_dir, device, matchers: dict | None = None,
+            curves: bool = False, progress: bool = False) -> dict:
+    """The cell result (without its bookkeeping): {"metrics": {...}, optional "curves", "timings"}."""
+    from ..merging import PermMerger
+    from ..reporting.pipeline import align_merger, evaluation_splits
+    from ..reporting.report import build_report
+
+    merger = PermMerger.from_pretrained(pair_dir, device=device)
+    splits = evaluation_splits(config, device)
+    if experiment == "matchers":
+        metrics, timings = {}, {}
+        for label, settings in (matchers or {}).items():
+            alignment = AlignmentSection.model_validate({**config.alignment.model_dump(), **settings})
+            cfg = config.model_copy(update={"alignment": alignment})
+            align_merger(merger, cfg)
+            report = build_report(merger, _evaluation(cfg), splits, progress=progress)
+            metrics.update({f"{label}:{k}": v for k, v in pair_metrics(report).items()})
+            timings[f"{label}:align_s"] = report["timings"]["align_s"]
+            timings[f"{label}:evaluate_s"] = report["timings"]["evaluate_s"]
+        return {"metrics": metrics, "timings": timings}
+    align_merger(merger, config)
+    report = build_report(merger, _evaluation(config, n_way=experiment == "n_way", schedules=experiment == "schedules"),
+                          splits, progress=progress)
+    metrics = pair_metrics(report) | n_way_metrics(report) | schedule_metrics(report)
+    out = {"metrics": metrics, "timings": {"align_s": report["timings"]["align_s"],
+                                           "evaluate_s": report["timings"]["evaluate_s"]}}
+    if curves:
+        out["curves"] = curves_of(report)
+    return out

@@ -1,0 +1,206 @@
+"""Run a sweep: each cell trains a pair and measures it; processes share the cells; finished cells are skipped.
+
+    OUT/sweep.json                  the validated sweep (base config, grid, cell list)
+    OUT/cells/<cell>/result.json    the cell's config and its numbers (small: no weights, no full curves)
+    OUT/cells/<cell>/pair/          its pair folder while it runs (kept only with sweep.keep_pairs)
+    OUT/cells/<cell>/error.txt      the traceback of a cell that failed (it is retried on the next run)
+    OUT/results.csv, summary.csv, results.json, <name>.png
+
+Under `accelerate launch` with several processes, cell i runs on process i % world size, and each
+process trains its cell's nets itself (the nets are not shared further); the main process writes
+the table and the figure once every process is done. No scheduler of our own: Accelerate starts the
+processes, and a second run of the same command picks up whatever is not finished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..io_utils import check_output_dir, write_json_atomic
+from .config import Cell, SweepConfig
+
+logger = logging.getLogger("hf_permerge.sweeps")
+
+BARRIER_TIMEOUT = timedelta(days=7)
+"""Processes that finish their cells early wait at a barrier for the others; cells can take hours."""
+
+
+class OneProcess:
+    """What `PairTrainer` asks of an Accelerator, for a cell that one process of a sweep trains whole."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+@dataclass
+class SweepResult:
+    output_dir: Path
+    is_main_process: bool
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """cell id -> the last line of its error (main process: every failed cell of the sweep)."""
+    summary: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def process_state():
+    """Accelerate's view of the processes (one, or those of `accelerate launch`); gloo on CPU."""
+    from accelerate import PartialState
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kwargs = {"timeout": BARRIER_TIMEOUT} if several else {}
+    return PartialState(cpu=several and not torch.cuda.is_available(), **kwargs)
+
+
+def _measure_settings(config: SweepConfig) -> dict:
+    s = config.sweep
+    return {"experiment": s.experiment, "matchers": s.matchers, "curves": s.curves}
+
+
+def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
+    """Refuse to mix results of a different config into this sweep, before any work."""
+    for cell in config.cells:
+        folder = output_dir / "cells" / cell.id
+        result, run_config = folder / "result.json", folder / "pair" / "run_config.json"
+        saved = None
+        if result.is_file():
+            data = json.loads(result.read_text())
+            saved = data.get("config")
+            if data.get("measure") != _measure_settings(config):
+                raise ConfigError(f"{result} was measured with {data.get('measure')}, not {_measure_settings(config)}; "
+                                  "use another --output-dir, or --overwrite to start the sweep again")
+        elif run_config.is_file():
+            saved = json.loads(run_config.read_text())
+        if saved is not None and saved != cell.config.to_dict():
+            diff = sorted(f"{sec}.{k}" for sec, vals in cell.config.to_dict().items()
+                          for k, v in vals.items() if saved.get(sec, {}).get(k) != v)
+            raise ConfigError(f"cell {cell.id} in {output_dir} was made with a different config (differs in "
+                              f"{', '.join(diff) or 'its sections'}); use another --output-dir, or --overwrite "
+                              "to start the sweep again")
+
+
+def check_data(config: SweepConfig) -> None:
+    """Every data set the cells use must load (on the CPU, cached for the cells) before anything is written."""
+    from ..data.tensors import load_tensors
+
+    for dataset, data_dir in sorted({(c.config.data.dataset, c.config.data.data_dir) for c in config.cells}, key=str):
+        for split in ("train", "test"):
+            load_tensors(dataset, split, "cpu", data_dir)
+
+
+def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress: bool = False) -> str:
+    """Train and measure one cell; returns "done", "skipped" (a result exists) or "failed" (error.txt written)."""
+    from ..training import PairTrainer
+    from .experiments import measure
+
+    folder = output_dir / "cells" / cell.id
+    if (folder / "result.json").is_file():
+        return "skipped"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.txt").unlink(missing_ok=True)
+    pair_dir = folder / "pair"
+    start = time.perf_counter()
+    try:
+        if (pair_dir / "pair.json").is_file():   # trained on an earlier run that stopped while measuring
+            train_s = json.loads((pair_dir / "pair.json").read_text())["timings"]["train_s"]
+        else:
+            train_s = PairTrainer(cell.config, pair_dir, resume=True, accelerator=OneProcess(device),
+                                  progress=progress).train().train_s
+        measured = measure(config.sweep.experiment, cell.config, pair_dir, device, matchers=config.sweep.matchers,
+                           curves=config.sweep.curves, progress=progress)
+    except Exception:  # one cell's failure (a diverged net, a full disk) must not stop the other cells
+        (folder / "error.txt").write_text(traceback.format_exc())
+        logger.warning("cell %s failed; see %s", cell.id, folder / "error.txt")
+        return "failed"
+    result = {
+        "format": "hf_permerge.sweep_cell/1",
+        "cell": cell.id,
+        "values": cell.values,
+        "measure": _measure_settings(config),
+        "config": cell.config.to_dict(),
+        "metrics": measured["metrics"],
+        **({"curves": measured["curves"]} if "curves" in measured else {}),
+        "timings": {"train_s": train_s, **measured["timings"], "cell_s": time.perf_counter() - start},
+        "device": str(device),
+    }
+    write_json_atomic(folder / "result.json", result)
+    if not config.sweep.keep_pairs:
+        shutil.rmtree(pair_dir, ignore_errors=True)
+    return "done"
+
+
+def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = None) -> tuple[list[str], str, dict]:
+    """results.csv (a row per cell), summary.csv (mean and sem over seeds), results.json and the figure(s)."""
+    from .figures import write_figures
+    from .tables import cell_rows, summarise, summary_text, write_csv
+
+    rows = cell_rows(config, output_dir)
+    summary = summarise(config, rows)
+    figures = write_figures(config, rows, summary, output_dir) if summary else []
+    write_csv(output_dir / "results.csv", rows)
+    write_csv(output_dir / "summary.csv", summary)
+    cell_s = [r["cell_s"] for r in rows if "cell_s" in r]
+    write_json_atomic(output_dir / "results.json", {
+        "format": "hf_permerge.sweep/1",
+        "sweep": config.sweep.model_dump(mode="json"),
+        "command": command,
+        "cells": rows,
+        "summary": summary,
+        "figures": figures,
+        "timings": {"cells_done": len(cell_s), "cell_s_total": sum(cell_s)},
+    })
+    failed = {r["cell"]: r["error"] for r in rows if r["status"] == "failed"}
+    return ["results.csv", "summary.csv", "results.json"] + figures, summary_text(config, summary), failed
+
+
+def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress: bool = True,
+              command: str | None = None) -> SweepResult:
+    """Run (or continue) a sweep in `output_dir`. Every process of `accelerate launch` calls this."""
+    state = process_state()
+    output_dir = Path(output_dir)
+    ours = (output_dir / "sweep.json").is_file()
+    check_output_dir(output_dir, overwrite, resume=ours and not overwrite, marker="sweep.json")
+    if ours and not overwrite:
+        check_finished_cells(config, output_dir)
+    check_data(config)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / "sweep.json", {**config.to_dict(), "source": config.source, "command": command})
+    state.wait_for_everyone()
+
+    result = SweepResult(output_dir, state.is_main_process)
+    mine = [c for i, c in enumerate(config.cells) if i % state.num_processes == state.process_index]
+    tag = f"[process {state.process_index}] " if state.num_processes > 1 else ""
+    for n, cell in enumerate(mine, start=1):
+        start = time.perf_counter()
+        status = run_cell(cell, config, output_dir, state.device, progress)
+        {"done": result.ran, "skipped": result.skipped}.get(status, []).append(cell.id)
+        if status == "failed":
+            result.failed[cell.id] = "see error.txt"
+        if progress or status != "skipped":
+            print(f"{tag}cell {n}/{len(mine)} {cell.id}: {status} ({time.perf_counter() - start:.1f} s)", flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        result.files, result.summary, result.failed = write_outputs(config, output_dir, command)
+    return result
