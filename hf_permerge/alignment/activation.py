@@ -56,7 +56,7 @@ class ActivationStatistics:
         self.sumsq_b += b.square().sum(0)
         self.cross.addmm_(a.T, b)
 
-    def similarity(self, kind: str = "cosine", eps: float = 1e-12) -> torch.Tensor:
+    def similarity(self, kind: str = "cosine") -> torch.Tensor:
         """(n, n) similarity of unit i of net a and unit j of net b.
 
         cosine (uncentred, as the authors' code): <a_i, b_j> / (|a_i| |b_j|);
@@ -66,14 +66,16 @@ class ActivationStatistics:
         check_choice("similarity", kind, SIMILARITIES)
         n = max(self.count, 1)
         if kind == "cosine":
-            norms = torch.outer(self.sumsq_a.sqrt(), self.sumsq_b.sqrt())
-            return self.cross / norms.clamp_min(eps)
+            return _ratio(self.cross, torch.outer(self.sumsq_a.sqrt(), self.sumsq_b.sqrt()))
         if kind == "correlation":
             mean_a, mean_b = self.sum_a / n, self.sum_b / n
             cov = self.cross / n - torch.outer(mean_a, mean_b)
-            std_a, std_b = _std(self.sumsq_a / n, mean_a), _std(self.sumsq_b / n, mean_b)
-            return cov / torch.outer(std_a, std_b).clamp_min(eps)
+            return _ratio(cov, torch.outer(_std(self.sumsq_a / n, mean_a), _std(self.sumsq_b / n, mean_b)))
         return -(self.sumsq_a[:, None] + self.sumsq_b[None, :] - 2 * self.cross) / n
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
 def _std(second_moment: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

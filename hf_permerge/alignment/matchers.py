@@ -102,7 +102,7 @@ def model_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def as_tensor_split(data, model: nn.Module) -> TensorSplit:
-    """A TensorSplit, a `datasets.Dataset` with the Hub schema, or a pixel tensor -> a TensorSplit.
+    """A TensorSplit, or a `datasets.Dataset` with the Hub schema ('image', 'label') -> a TensorSplit.
 
     A `datasets.Dataset` is normalised with the model's own `image_mean` / `image_std`, the
     normalisation it was trained with.
@@ -112,9 +112,6 @@ def as_tensor_split(data, model: nn.Module) -> TensorSplit:
                          "or a datasets.Dataset with 'image' and 'label' columns")
     if isinstance(data, TensorSplit):
         split = data
-    elif isinstance(data, torch.Tensor):
-        labels = torch.zeros(len(data), dtype=torch.long, device=data.device)
-        split = TensorSplit(data, labels, "tensor")
     elif hasattr(data, "column_names"):
         images, labels = dataset_to_arrays(data)
         cfg = model.config

@@ -141,7 +141,7 @@ class Permutations(Mapping[str, torch.Tensor]):
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file (one int64 tensor per group) whose metadata header holds `info` as JSON."""
         path = os.fspath(path)
-        header = {"format_version": FORMAT_VERSION, "groups": list(self._perms), **self.info}
+        header = {**self.info, "format_version": FORMAT_VERSION, "group_order": list(self._perms)}
         metadata = {METADATA_KEY: json.dumps(header, sort_keys=True, default=_json_default)}
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".permutations-", suffix=".safetensors.tmp")
@@ -169,7 +169,7 @@ class Permutations(Mapping[str, torch.Tensor]):
             raise ValueError(f"{path!r} is a safetensors file but not a permutations file "
                              f"(its metadata lacks {METADATA_KEY!r})")
         header = json.loads(metadata[METADATA_KEY])
-        order = header.pop("groups", list(perms))
+        order = header.pop("group_order", list(perms))
         header.pop("format_version", None)
         return cls({g: perms[g] for g in order}, header)
 

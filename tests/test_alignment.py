@@ -1,0 +1,415 @@
+"""Alignment: permutations leave the function unchanged (App. E), and the matchers find them (Section 2, App. B)."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hf_permerge.alignment import (ActivationStatistics, Permutations, activation_statistics, get_matcher,
+                                   solve_assignment, solve_assignments)
+from hf_permerge.alignment.permutations import METADATA_KEY
+from hf_permerge.data.tensors import TensorSplit, load_tensors, normalise
+from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
+                                PermMLPForImageClassification)
+
+ACTIVATION_VARIANTS = [dict(similarity=s, preactivation=p)
+                       for s, p in itertools.product(("cosine", "correlation", "l2"), (False, True))]
+
+
+# Nets and data -------------------------------------------------------------------------------------
+
+def mlp(seed=0, depth=2, width=32, bias=True, image_size=28):
+    return PermMLPForImageClassification(PermMLPConfig(depth=depth, width=width, bias=bias, seed=seed,
+                                                       image_size=image_size)).eval()
+
+
+def cnn(seed=0, layers="8-8-avg-16", batch_norm=False, bias=True, image_size=28):
+    return PermCNNForImageClassification(PermCNNConfig(layers=layers, batch_norm=batch_norm, bias=bias, seed=seed,
+                                                       image_size=image_size)).eval()
+
+
+NETS = {"mlp": lambda seed=0: mlp(seed), "cnn": lambda seed=0: cnn(seed),
+        "cnn_bn": lambda seed=0: randomise_norm(cnn(seed, batch_norm=True), seed)}
+
+
+@torch.no_grad()
+def randomise_state(model, seed):
+    """Random biases and BatchNorm state (at init they are 0 / 1 and would hide a wrong axis)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.ndim == 1:
+            value = torch.randn(t.shape, generator=gen) * 0.3
+            t.copy_(value.abs() + 0.5 if name.endswith("running_var") else value)
+    return model
+
+
+@torch.no_grad()
+def randomise_norm(model, seed):
+    """BatchNorm statistics and affine parameters as after some training, so eval-mode BN is not the identity."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    for name, t in model.state_dict().items():
+        if ".norm." in name and t.is_floating_point():
+            value = torch.rand(t.shape, generator=gen)
+            t.copy_(value + 0.5 if name.endswith(("running_var", "weight")) else value - 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def data() -> TensorSplit:
+    return load_tensors("fashion_mnist", "test").subset(512, seed=0)  # the smaller split loads faster
+
+
+def briefly_trained(model, data, steps=10, seed=0):
+    """A few Adam steps: enough to move the nets off their init, cheap on 2 cores."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(data), (32,), generator=gen)
+        loss = model(pixel_values=data.pixel_values[idx], labels=data.labels[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_pair(data):
+    """Two differently seeded, briefly trained nets per architecture, trained once for the module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = tuple(briefly_trained(NETS[name](seed), data, seed=seed) for seed in (0, 1))
+        return cache[name]
+    return get
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(pixel_values=x).logits
+
+
+# App. E: permuting hidden units leaves the function unchanged ----------------------------------------
+
+architectures = st.one_of(
+    st.builds(lambda depth, width, bias: mlp(depth=depth, width=width, bias=bias, image_size=8),
+              st.integers(1, 3), st.integers(1, 16), st.booleans()),
+    st.builds(lambda layers, bn, bias: cnn(layers=layers, batch_norm=bn, bias=bias, image_size=8),
+              st.sampled_from(["4", "3-5", "4-avg-6", "2-3-avg-4-4", "4-avg-4-avg-8"]), st.booleans(), st.booleans()),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(model=architectures, seed=st.integers(0, 2**16))
+def test_permuted_net_computes_same_function(model, seed):
+    randomise_state(model, seed)
+    spec = model.permutation_spec()
+    perms = Permutations.random(spec, seed)
+    permuted = perms.apply(model)
+    assert type(permuted) is type(model) and not permuted.training
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    expected, got = logits(model, x), logits(permuted, x)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    if not perms.is_identity():  # the weights did move: the check above is not vacuous
+        assert any(not torch.equal(permuted.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_permuted_net_computes_same_function_on_images(name, data):
+    model = randomise_state(NETS[name](), 0)
+    permuted = Permutations.random(model.permutation_spec(), seed=1).apply(model)
+    x = data.pixel_values[:64]
+    expected = logits(model, x)
+    assert ((logits(permuted, x) - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_apply_leaves_its_input_unchanged_and_works_on_state_dicts():
+    model = randomise_state(mlp(), 0)
+    spec = model.permutation_spec()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    perms = Permutations.random(spec, 0)
+    permuted_model, permuted_state = perms.apply(model), perms.apply(model.state_dict(), spec)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(permuted_model.state_dict()[k], v) for k, v in permuted_state.items())
+    with pytest.raises(ValueError, match="PermutationSpec"):
+        perms.apply(model.state_dict())
+
+
+# The algebra ---------------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_inverse_and_compose(sizes, seed):
+    model = randomise_state(mlp(depth=len(sizes), width=max(sizes), image_size=4), seed)
+    spec = model.permutation_spec()
+    p, q = Permutations.random(spec, seed), Permutations.random(spec, seed + 1)
+    state = model.state_dict()
+
+    def same(x, y):
+        return all(torch.equal(x[k], y[k]) for k in x)
+
+    assert same(p.inverse().apply(p.apply(state, spec), spec), state)
+    assert same(p.apply(p.inverse().apply(state, spec), spec), state)
+    assert same(p.compose(q).apply(state, spec), p.apply(q.apply(state, spec), spec))
+    assert p.compose(p.inverse()).is_identity() and p.inverse().compose(p).is_identity()
+    assert p.compose(Permutations.identity(spec)) == p == Permutations.identity(spec).compose(p)
+    assert same(Permutations.identity(spec).apply(state, spec), state)
+
+
+def test_compose_refuses_permutations_of_other_groups():
+    p = Permutations.identity(mlp(depth=2).permutation_spec())
+    with pytest.raises(ValueError, match="different groups"):
+        p.compose(Permutations.identity(mlp(depth=3).permutation_spec()))
+
+
+def test_validate_rejects_a_non_bijection_with_a_clear_message():
+    spec = mlp(width=4).permutation_spec()
+    Permutations.identity(spec).validate(spec)
+    bad = Permutations({"hidden.0": torch.tensor([0, 1, 1, 3]), "hidden.1": torch.arange(4)})
+    with pytest.raises(ValueError, match=r"'hidden.0' is not a bijection.*repeated entries \[1\]"):
+        bad.validate(spec)
+    with pytest.raises(ValueError, match="not a bijection"):
+        bad.apply(mlp(width=4))
+    with pytest.raises(ValueError, match="has 3 entries but the group has 4 units"):
+        Permutations({"hidden.0": torch.arange(3), "hidden.1": torch.arange(4)}).validate(spec)
+    with pytest.raises(ValueError, match=r"missing groups \['hidden.1'\]"):
+        Permutations({"hidden.0": torch.arange(4)}).validate(spec)
+    with pytest.raises(ValueError, match=r"unknown groups \['conv.0'\]"):
+        Permutations({"hidden.0": torch.arange(4), "hidden.1": torch.arange(4), "conv.0": torch.arange(4)}
+                     ).validate(spec)
+
+
+def test_save_load_round_trip_keeps_permutations_and_metadata(tmp_path, data):
+    a, b = mlp(0), mlp(1)
+    perms = get_matcher("activation", num_examples=256).match(a, b, data)
+    path = tmp_path / "permutations.safetensors"
+    perms.save(path)
+    loaded = Permutations.load(path)
+    assert loaded == perms and loaded.info == json.loads(json.dumps(perms.info))
+    assert loaded.info["matcher"] == "activation"
+    assert loaded.info["settings"]["similarity"] == "cosine" and loaded.info["settings"]["num_examples"] == 256
+    assert loaded.info["data"] == {"fingerprint": data.subset(256, 0).fingerprint, "num_examples": 256}
+    assert set(loaded.info["groups"]["hidden.0"]) == {"similarity_identity", "similarity_matched"}
+    with safe_open(str(path), framework="pt") as f:  # the header is plain JSON any reader can parse
+        header = json.loads(f.metadata()[METADATA_KEY])
+    assert header["group_order"] == ["hidden.0", "hidden.1"] and header["matcher"] == "activation"
+    assert not list(tmp_path.glob(".permutations-*"))  # no temp file left behind
+
+
+def test_load_refuses_files_that_are_not_permutations(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Permutations.load(tmp_path / "missing.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(ValueError, match="not a permutations file"):
+        Permutations.load(tmp_path / "weights.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        Permutations.load(tmp_path / "corrupt.safetensors")
+
+
+# The Hungarian step --------------------------------------------------------------------------------
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_assignment_maximises_summed_similarity(n, seed):
+    s = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    perm = solve_assignment(s)
+    best = max(sum(s[i, j].item() for i, j in enumerate(p)) for p in itertools.permutations(range(n)))
+    assert sum(s[i, j].item() for i, j in enumerate(perm.tolist())) == pytest.approx(best)
+
+
+def test_concurrent_solves_equal_one_by_one():
+    gen = torch.Generator().manual_seed(0)
+    sims = {f"g{i}": torch.randn(40, 40, generator=gen) for i in range(6)}
+    solved = solve_assignments(sims, max_workers=3)
+    assert list(solved) == list(sims)
+    assert all(torch.equal(solved[g], solve_assignment(s)) for g, s in sims.items())
+
+
+def test_assignment_refuses_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        solve_assignment(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+# Section 2: streaming statistics -------------------------------------------------------------------
+
+def full_matrix_similarity(a, b, kind):
+    """The d x n reference computation the streaming statistics must reproduce."""
+    if kind == "cosine":
+        return torch.nn.functional.normalize(a, dim=0).T @ torch.nn.functional.normalize(b, dim=0)
+    if kind == "correlation":
+        return torch.corrcoef(torch.cat([a, b], 1).T)[: a.shape[1], a.shape[1]:]
+    return -torch.cdist(a.T, b.T).square() / a.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "correlation", "l2"])
+def test_streaming_statistics_equal_the_full_matrix_computation(kind):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.relu(torch.randn(300, 12, generator=gen, dtype=torch.float64) + 0.3)
+    b = a[:, torch.randperm(12, generator=gen)] * 2 + torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    expected = full_matrix_similarity(a, b, kind)
+    for batch in (300, 64, 7):
+        stats = ActivationStatistics.zeros(12)
+        for s in range(0, 300, batch):
+            stats.update(a[s:s + batch], b[s:s + batch])
+        torch.testing.assert_close(stats.similarity(kind), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_dead_units_get_zero_similarity_not_nan():
+    a, b = torch.rand(50, 3, dtype=torch.float64), torch.rand(50, 3, dtype=torch.float64)
+    a[:, 1] = 0.0
+    b[:, 2] = 0.7  # constant: no variance
+    stats = ActivationStatistics.zeros(3)
+    stats.update(a, b)
+    for kind in ("cosine", "correlation"):
+        s = stats.similarity(kind)
+        assert torch.isfinite(s).all() and (s[1] == 0).all()
+    assert (stats.similarity("correlation")[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_statistics_do_not_depend_on_the_batch_size(name, data):
+    a, b = NETS[name](0), NETS[name](1)
+    spec = a.permutation_spec()
+    x = data.pixel_values[:40]
+    for pre in (False, True):
+        whole = activation_statistics(a, b, x, spec, preactivation=pre, batch_size=40)
+        batched = activation_statistics(a, b, x, spec, preactivation=pre, batch_size=17)
+        for g in spec.names:
+            for kind in ("cosine", "correlation", "l2"):
+                # float32 forward passes round differently per batch size; the sums themselves are float64
+                torch.testing.assert_close(batched[g].similarity(kind), whole[g].similarity(kind),
+                                           rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_see_every_spatial_position_as_a_sample_of_its_channel(data):
+    a, b = cnn(0, layers="4-avg-8"), cnn(1, layers="4-avg-8")
+    x = data.pixel_values[:20]
+    stats = activation_statistics(a, b, x, a.permutation_spec(), preactivation=True, batch_size=8)
+    with torch.no_grad():
+        act_a = a.blocks[0].conv(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
+        act_b = b.blocks[0].conv(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
+    assert stats["conv.0"].count == 20 * 28 * 28
+    torch.testing.assert_close(stats["conv.0"].similarity("correlation"),
+                               full_matrix_similarity(act_a, act_b, "correlation"), rtol=1e-6, atol=1e-8)
+    assert stats["conv.1"].count == 20 * 14 * 14
+    post = activation_statistics(a, b, x, a.permutation_spec(), preactivation=False, batch_size=8)
+    assert post["conv.0"].count == 20 * 14 * 14  # the block output, after its 2x2 average pool
+    assert post["conv.1"].count == 20  # after the global pool: one sample per image
+
+
+# Section 2 / App. B: the matchers find the right permutations -------------------------------------
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("variant", ACTIVATION_VARIANTS, ids=lambda v: f"{v['similarity']}-pre{v['preactivation']}")
+def test_self_match_finds_identity_by_activations(name, variant, data):
+    a = NETS[name]()
+    perms = get_matcher("activation", num_examples=128, **variant).match(a, a, data)
+    assert perms.is_identity()
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_self_match_finds_identity_by_weights(name):
+    a = NETS[name]()
+    assert get_matcher("weight").match(a, a).is_identity()
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("variant", ACTIVATION_VARIANTS, ids=lambda v: f"{v['similarity']}-pre{v['preactivation']}")
+def test_matching_recovers_a_known_permutation_by_activations(name, variant, data):
+    a = NETS[name]()
+    pi = Permutations.random(a.permutation_spec(), seed=7)
+    found = get_matcher("activation", num_examples=128, **variant).match(a, pi.apply(a), data)
+    assert found == pi.inverse()
+    assert all(torch.equal(found.apply(pi.apply(a)).state_dict()[k], v) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_matching_recovers_a_known_permutation_by_weights(name):
+    a = NETS[name]()
+    pi = Permutations.random(a.permutation_spec(), seed=7)
+    assert get_matcher("weight").match(a, pi.apply(a)) == pi.inverse()
+
+
+# App. B's objective compares a net with a *moved* copy of the other: for b = a it is symmetric in
+# pi and pi^{-1} and its optimum need not be the identity (first order, moving towards a permuted copy
+# of yourself can look downhill). What must hold is that the labelling of model_b's units does not
+# matter: matching a onto pi(b) gives the matching of a onto b, composed with pi^{-1}.
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("preconditioner", ["foof", "none"])
+def test_gradient_matching_does_not_depend_on_how_units_are_labelled(name, preconditioner, data):
+    a, b = NETS[name](0), NETS[name](1)
+    pi = Permutations.random(a.permutation_spec(), seed=7)
+    matcher = get_matcher("gradient", preconditioner=preconditioner, num_examples=32 if name == "cnn" else 256)
+    found = matcher.match(a, b, data)
+    assert matcher.match(a, pi.apply(b), data).compose(pi) == found
+    assert not found.is_identity()
+
+
+@pytest.mark.parametrize("matcher", ["activation", "weight", "gradient"])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_matched_nets_are_more_similar_than_unmatched_ones(matcher, name, data, trained_pair):
+    a, b = trained_pair(name)
+    perms = get_matcher(matcher, num_examples=128) if matcher != "weight" else get_matcher("weight")
+    perms = perms.match(a, b, data)
+    perms.validate(a.permutation_spec())
+    groups = perms.info["groups"]
+    assert set(groups) == set(a.permutation_spec().names)
+    for g in groups.values():
+        assert g["similarity_matched"] >= g["similarity_identity"]
+    assert sum(g["similarity_matched"] for g in groups.values()) > sum(g["similarity_identity"]
+                                                                      for g in groups.values())
+
+
+# Interface -----------------------------------------------------------------------------------------
+
+def test_registry_names_the_matchers_and_refuses_unknown_ones():
+    assert get_matcher("activation").name == "activation"
+    assert get_matcher("weight", max_iter=5).settings == {"max_iter": 5, "seed": 0}
+    assert get_matcher("gradient").settings["preconditioner"] == "foof"
+    with pytest.raises(ValueError, match="unknown matcher 'hungarian'"):
+        get_matcher("hungarian")
+    with pytest.raises(ValueError, match=r"no setting\(s\) \['similarity'\]"):
+        get_matcher("weight", similarity="cosine")
+    with pytest.raises(ValueError, match="similarity='dot' is not supported"):
+        get_matcher("activation", similarity="dot")
+    with pytest.raises(ValueError, match="preconditioner='kfac' is not supported"):
+        get_matcher("gradient", preconditioner="kfac")
+
+
+def test_matching_refuses_nets_of_different_architectures(data):
+    with pytest.raises(ValueError, match="different architectures"):
+        get_matcher("weight").match(mlp(width=32), mlp(width=16))
+    with pytest.raises(ValueError, match="different architectures"):
+        get_matcher("weight").match(mlp(depth=2), mlp(depth=3))
+    with pytest.raises(ValueError, match="different types"):
+        get_matcher("weight").match(mlp(), cnn())
+    with pytest.raises(ValueError, match="needs data"):
+        get_matcher("activation").match(mlp(), mlp())
+
+
+def test_images_that_do_not_fit_the_model_are_refused():
+    split = TensorSplit(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), "cifar-like")
+    with pytest.raises(ValueError, match=r"do not fit the model.*\(1, 28, 28\)"):
+        get_matcher("activation").match(mlp(), mlp(), split)
+
+
+def test_a_datasets_dataset_matches_like_its_tensors():
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=64)
+    ds = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()})
+    a, b = mlp(0), mlp(1)
+    split = TensorSplit(normalise(images, a.config.image_mean, a.config.image_std), torch.from_numpy(labels), "x")
+    from_ds = get_matcher("activation").match(a, b, ds)
+    assert from_ds == get_matcher("activation").match(a, b, split)
+    assert from_ds.info["data"]["num_examples"] == 64
