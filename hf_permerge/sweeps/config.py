@@ -151,7 +151,7 @@ class SweepConfig:
 
 def _slug(value) -> str:
     text = str(value).replace(" ", "-")
-    return re.sub(r"[^A-Za-z0-9.=+@-]", "", text) or "x"
+    return re.sub(r"[^A-Za-z0-9._=+@-]", "", text) or "x"
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
@@ -216,7 +216,7 @@ def _format(err: ValidationError, source: str) -> str:
             lines.append(f"  {key}: required")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {msg}" + ("" if msg.startswith("sweep") else f" (got {e.get('input')!r})"))
+            lines.append(f"  {msg}" if msg.startswith("sweep") else f"  {key}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -65,7 +65,7 @@ def _band(ax, xs, rows, metric, colour, label, categorical, **kw):
     if categorical or len(x) == 1:
         ax.errorbar(x, y, yerr=err, fmt="o", color=colour, label=label, capsize=3, ms=4, **kw)
     else:
-        ax.plot(x, y, "-o", color=colour, label=label, ms=3, **kw)
+        ax.plot(x, y, marker="o", ls=kw.pop("ls", "-"), color=colour, label=label, ms=3, **kw)
         ax.fill_between(x, [a - b for a, b in zip(y, err)], [a + b for a, b in zip(y, err)], color=colour, alpha=0.2, lw=0)
 
 
@@ -94,14 +94,15 @@ def plot_pair(config: SweepConfig, summary: list[dict], path: Path) -> str:
         categorical = xs_raw and not isinstance(xs_raw[0], (int, float))
         for r, (prefix, metric, ylabel) in enumerate(rows_spec):
             ax = axes[r][col]
-            for short, name in SERIES:
-                _band(ax, xs, rows, f"{prefix}{short}_{metric}", SERIES_COLOURS[short], name, categorical)
+            for j, (short, name) in enumerate(SERIES):
+                dodged = [x + (j - 1) * 0.08 for x in xs] if categorical else xs   # side by side, not on top
+                _band(ax, dodged, rows, f"{prefix}{short}_{metric}", SERIES_COLOURS[short], name, categorical)
             if prefix == "init_" and metric == "acc":
                 ax.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance")
             if log:
                 ax.set_xscale("log", base=2)
-            if categorical or not log:
-                ax.set_xticks(xs, [str(v) for v in xs_raw], rotation=20 if categorical else 0, fontsize=8)
+            ax.set_xticks(xs, [str(v) for v in xs_raw], rotation=20 if categorical else 0, fontsize=8)
+            ax.minorticks_off()
             ax.set_ylabel(ylabel, fontsize=8)
             ax.grid(alpha=0.3)
             if r == 0:
@@ -158,6 +159,7 @@ def plot_n_way(config: SweepConfig, summary: list[dict], path: Path) -> str:
                 ax.axhline(CHANCE, color="grey", ls=":", lw=1)
             ax.set_title(f"{title}\n{'init avg (perm. from training)' if prefix else 'trained avg'}; dotted: vanilla",
                          fontsize=9)
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("number of averaged nets k (1: single net)", fontsize=8)
             ax.set_ylabel("test accuracy", fontsize=8)
             ax.grid(alpha=0.3)
@@ -204,10 +206,10 @@ def plot_matchers(config: SweepConfig, summary: list[dict], path: Path) -> str:
         row = rows[0]
         for r, prefix in enumerate(("init_", "")):
             ax = axes[r][col]
-            for short, name in SERIES:
+            for j, (short, name) in enumerate(SERIES):
                 pts = [{"v": row.get(f"{lab}:{prefix}{short}_acc"), "v_sem": row.get(f"{lab}:{prefix}{short}_acc_sem")}
                        for lab in labels]
-                _band(ax, xs, pts, "v", SERIES_COLOURS[short], name, True)
+                _band(ax, [x + (j - 1) * 0.08 for x in xs], pts, "v", SERIES_COLOURS[short], name, True)
             if prefix == "init_":
                 ax.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance")
             ax.set_xticks(xs, labels, rotation=20, fontsize=8)
