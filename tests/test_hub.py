@@ -119,7 +119,7 @@ def write_pair_folder(folder: Path) -> None:
         for checkpoint in ("init", "final"):
             PermMLPForImageClassification(PermMLPConfig(depth=1, width=8, seed=net)).save_pretrained(
                 folder / f"net_{net}" / checkpoint)
-    (folder / "pair.json").write_text(json.dumps({"seeds": [0, 1], "dataset": "fashion_mnist"}))
+    (folder / "pair.json").write_text(json.dumps({"num_nets": 2, "seeds": [0, 1], "dataset": "fashion_mnist"}))
     (folder / ".cache").mkdir()  # hidden entries (e.g. huggingface_hub's local-dir metadata) stay local
     (folder / ".cache" / "junk").write_text("x")
 
@@ -210,6 +210,8 @@ def test_pair_folder_round_trip(hub, published):
     assert published["resolved_repo"] == published["snapshot"]
     assert published["resolved_local"] == str(published["tmp"] / "pair")
     assert sorted(published["net_0_only"]) == sorted(k for k in expected if k.startswith("net_0/"))
+    assert published["merger_nets"] == 2 and published["merger_sources"] == ["alice/fmnist-pair"] * 2
+    assert published["merger_checkpoints"] == ["final", "init"]
 
 
 def test_push_to_a_new_branch_and_as_a_pull_request(hub, published):
@@ -408,7 +410,12 @@ def _scenario_pair_round_trip(folder: str, repo_id: str) -> dict:
     full_id = f"alice/{repo_id}"
     partial = Path(download_from_hub(full_id, allow_patterns="net_0/*", cache_dir="partial_cache"))
     snapshot = download_from_hub(full_id)
+    from hf_permerge.merging import PermMerger
+
+    merger = PermMerger.from_pretrained(full_id)  # a pair straight from its Hub repo id
     return {"snapshot": snapshot, "resolved_repo": resolve_local_or_hub(full_id),
+            "merger_nets": merger.num_nets, "merger_sources": [s.hub_id for s in merger.sources],
+            "merger_checkpoints": sorted(merger.sources[1].checkpoints),
             "resolved_local": resolve_local_or_hub(folder),
             "net_0_only": [p.relative_to(partial).as_posix() for p in partial.rglob("*") if p.is_file()]}
 
