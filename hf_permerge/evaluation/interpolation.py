@@ -9,7 +9,8 @@ Speed: the P parameter sets of a curve (or of a plane grid) are stacked along a 
 run with `torch.vmap` over `torch.func.functional_call`, so one data chunk passes through all P
 networks as batched matmuls / grouped convolutions; data are index slices of tensors already on the
 device, never a Python loop per sample. If vmap cannot run a model, we fall back to a loop over the
-parameter sets (with a warning) and give the same numbers, only slower.
+parameter sets (with a warning) and give the same numbers, only slower. Our MLP takes a faster
+path (`_mlp_logits`): its first layer runs once per endpoint instead of once per lambda.
 
 Reported per network, over the whole split:
 - `loss`: the model's own training objective (`config.loss`: cross-entropy or MSE), via its
@@ -107,7 +108,8 @@ def _tempering_terms(shifted: torch.Tensor, beta: torch.Tensor):
     shifted = logits - row max, laid out (P, C, N) so the reductions over classes vectorise over N.
     """
     e = torch.exp(shifted * beta[:, None, None])
-    s0, s1, s2 = e.sum(1), (e * shifted).sum(1), (e * shifted * shifted).sum(1)
+    es = e * shifted
+    s0, s1, s2 = e.sum(1), es.sum(1), es.mul_(shifted).sum(1)
     mean = s1 / s0
     return s0.log().mean(-1), mean, (s2 / s0 - mean * mean).mean(-1)
 
@@ -119,7 +121,8 @@ def tempered_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     minus a linear term), so its derivative is monotone: a safeguarded Newton search for the root,
     bisecting in log(beta) over [-7, 7] whenever a Newton step leaves the bracket, converges in a
     handful of passes over the logits (a fixed grid or golden section needs ~40). T = 1 is also
-    tried, so the result is never above the untempered NLL.
+    tried, so the result is never above the untempered NLL. A net no better than uniform guessing
+    gets T = inf and NLL = log(num classes); a net with every example right gets T = e^-7.
     """
     logits = logits.float()
     row_max = logits.amax(-1)                                                        # (P, N)
@@ -130,32 +133,34 @@ def tempered_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     def nll(beta):
         return _tempering_terms(shifted, beta)[0] + beta * gap
 
-    n_sets = logits.shape[0]
-    lo = torch.full((n_sets,), -7.0, device=logits.device)
-    hi = torch.full((n_sets,), 7.0, device=logits.device)
-    u = torch.zeros(n_sets, device=logits.device)                                     # log beta, start at T = 1
+    def grad_and_curvature(u):
+        _, mean, curvature = _tempering_terms(shifted, u.exp())
+        return mean.mean(-1) + gap, curvature    # d NLL / d beta = E_p[z] - z_y, averaged; its derivative
+
+    lo = torch.full((logits.shape[0],), -7.0, device=logits.device)
+    hi = -lo
+    grad_lo, grad_hi = grad_and_curvature(lo)[0], grad_and_curvature(hi)[0]
+    at_bound = (grad_lo >= 0) | (grad_hi <= 0)  # optimum at T = e^7 (useless net) or T = e^-7 (all correct)
+    u = torch.zeros_like(lo)                     # start at T = 1
     for _ in range(60):
-        beta = u.exp()
-        _, mean, curvature = _tempering_terms(shifted, beta)
-        grad = mean.mean(-1) + gap                # d NLL / d beta = E_p[z] - z_y, averaged
+        grad, curvature = grad_and_curvature(u)
         lo, hi = torch.where(grad < 0, u, lo), torch.where(grad < 0, hi, u)
-        newton = beta - grad / curvature
+        newton = u.exp() - grad / curvature
         ok = torch.isfinite(newton) & (newton > lo.exp()) & (newton < hi.exp())
         u_next = torch.where(ok, newton.clamp_min(1e-30).log(), (lo + hi) / 2)
-        done = bool(((u_next - u).abs() < 1e-6).all())
-        u = u_next
-        if done:
+        step, u = (u_next - u).abs(), u_next
+        if bool((at_bound | (step < 1e-4) | (hi - lo < 1e-4)).all()):  # T to 1e-4 relative
             break
-    ones = torch.ones_like(u)
-    beta = torch.where(nll(u.exp()) < nll(ones), u.exp(), ones)
+    beta = torch.where(grad_hi <= 0, hi.exp(), u.exp())
+    beta = torch.where(grad_lo >= 0, torch.zeros_like(beta), beta)   # no better than uniform: T = inf, log C
+    beta = torch.where(nll(beta) < nll(torch.ones_like(beta)), beta, torch.ones_like(beta))
     return nll(beta), 1.0 / beta
 
 
 def metrics_from_logits(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
     """Per-set metrics of stacked logits (P, N, C) on one split; see the module docstring."""
-    loss = torch.vmap(lambda z: model.compute_loss(z, labels))(logits) if hasattr(model, "compute_loss") \
-        else torch.vmap(lambda z: F.cross_entropy(z, labels))(logits)
-    nll = torch.vmap(lambda z: F.cross_entropy(z, labels))(logits)
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(logits)), reduction="none").view(len(logits), -1).mean(-1)
+    loss = torch.stack([model.compute_loss(z, labels) for z in logits]) if hasattr(model, "compute_loss") else nll
     acc = (logits.argmax(-1) == labels).float().mean(-1)
     nll_t, temperature = tempered_nll(logits, labels)
     return {"loss": loss.tolist(), "acc": acc.tolist(), "nll": nll.tolist(),
@@ -175,8 +180,8 @@ def evaluate_model(model: nn.Module, split: TensorSplit, batch_size: int = DEFAU
     return {k: v[0] for k, v in metrics.items()}
 
 
-def _forward_sets(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor, use_vmap: bool) -> torch.Tensor:
-    """Logits (P, B, C) of the P stacked parameter sets on one data chunk x (B, ...)."""
+def _vmap_logits(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor, use_vmap: bool) -> torch.Tensor:
+    """Logits (P, B, C) of P stacked parameter sets on one data chunk x (B, ...): any architecture."""
     def forward(params, inputs):
         return functional_call(model, (params, fixed), (inputs,), {"return_dict": False})[0]
     if use_vmap:
@@ -185,42 +190,84 @@ def _forward_sets(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor,
     return torch.stack([forward({k: v[p] for k, v in stacked.items()}, x) for p in range(n_sets)])
 
 
+def _mlp_first_layer(bases: Sequence[StateDict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The K bases' first-layer weights (K*H, D) and biases stacked, made once per pass."""
+    weight = torch.cat([b["layers.0.weight"] for b in bases])
+    bias = torch.cat([b["layers.0.bias"] for b in bases])[:, None] if "layers.0.bias" in bases[0] else None
+    return weight, bias
+
+
+def _mlp_logits(first_layer: tuple, coeffs: torch.Tensor, stacked: dict, depth: int, x: torch.Tensor) -> torch.Tensor:
+    """PermMLP fast path, same numbers as `_vmap_logits` up to float rounding.
+
+    The first layer is linear in its weights and sees the same x in every set, so it runs once per
+    basis (K = 2 for a curve, 3 for the plane) and its outputs are mixed, instead of running once
+    per set: that is most of the work of a 1-hidden-layer net and about half of a 2x512 one.
+    Activations are kept as (P, H, B), so the mixing is one GEMM (P x K) @ (K x H*B) and each
+    later layer one batched GEMM W_p @ h_p with the bias fused (baddbmm).
+    """
+    (n_sets, n_bases), batch = coeffs.shape, x.shape[0]
+    weight, bias = first_layer
+    first = weight @ x.flatten(1).T if bias is None else torch.addmm(bias, weight, x.flatten(1).T)   # (K*H, B)
+    h = (coeffs.to(first) @ first.view(n_bases, -1)).view(n_sets, -1, batch).relu_()           # (P, H, B)
+    names = [f"layers.{i}" for i in range(1, depth)] + ["classifier"]
+    for i, name in enumerate(names):
+        weight, bias = stacked[f"{name}.weight"], stacked.get(f"{name}.bias")
+        h = torch.bmm(weight, h) if bias is None else torch.baddbmm(bias[:, :, None], weight, h)
+        if i + 1 < len(names):
+            h = h.relu_()
+    return h.transpose(1, 2)                                                                    # (P, B, C)
+
+
 def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: torch.Tensor,
                           splits: Mapping[str, TensorSplit], batch_size: int = DEFAULT_BATCH_SIZE,
                           sets_per_pass: int = DEFAULT_SETS_PER_PASS) -> dict[str, dict[str, list[float]]]:
     """Metrics of the networks sum_k coeffs[p, k] * bases[k], p = 0..P-1, on every split.
 
     `model` only supplies the architecture (its own weights are not used). Returns
-    {split: {metric: [P values]}} with the metrics of `metrics_from_logits`.
+    {split: {metric: [P values]}} with the metrics of `metrics_from_logits`. Memory is bounded by
+    sets_per_pass x batch_size x the widest activation, plus sets_per_pass parameter copies.
     """
+    from ..models import PermMLPForImageClassification
+
     bases = [_as_state_dict(b) for b in bases]
     reference = dict(model.state_dict())
     for i, b in enumerate(bases):
         _check_compatible(reference, b, f"parameter set {i} vs the model")
     coeffs = torch.as_tensor(coeffs, dtype=torch.float64)
-    if coeffs.ndim != 2 or coeffs.shape[1] != len(bases):
-        raise ValueError(f"coeffs must have shape (P, {len(bases)}), got {tuple(coeffs.shape)}")
-    results = {name: {} for name in splits}
+    if coeffs.ndim != 2 or coeffs.shape[1] != len(bases) or not torch.isfinite(coeffs).all():
+        raise ValueError(f"coeffs must be finite with shape (P, {len(bases)}), got {tuple(coeffs.shape)}")
+    fast_mlp = type(model) is PermMLPForImageClassification
     use_vmap = True
+    results = {name: {} for name in splits}
     with _eval_mode(model):
         for name, split in splits.items():
             device = split.pixel_values.device
             on_device = [{k: v.to(device) for k, v in b.items()} for b in bases]
             for start in range(0, coeffs.shape[0], sets_per_pass):
-                stacked = combine_state_dicts(on_device, coeffs[start:start + sets_per_pass])
-                fixed = {k: v for k, v in on_device[0].items() if k not in stacked}
+                chunk_coeffs = coeffs[start:start + sets_per_pass]
+                if fast_mlp:   # its first layer is mixed from the bases' outputs, never stacked
+                    first_layer = _mlp_first_layer(on_device)
+                    stacked = combine_state_dicts([{k: v for k, v in b.items() if not k.startswith("layers.0.")}
+                                                   for b in on_device], chunk_coeffs)
+                else:
+                    stacked = combine_state_dicts(on_device, chunk_coeffs)
+                    fixed = {k: v for k, v in on_device[0].items() if k not in stacked}
                 chunks = []
                 for i in range(0, len(split), batch_size):
                     x = split.pixel_values[i:i + batch_size]
+                    if fast_mlp:
+                        chunks.append(_mlp_logits(first_layer, chunk_coeffs, stacked, model.config.depth, x))
+                        continue
                     if use_vmap:
                         try:
-                            chunks.append(_forward_sets(model, stacked, fixed, x, use_vmap=True))
+                            chunks.append(_vmap_logits(model, stacked, fixed, x, use_vmap=True))
                             continue
                         except (RuntimeError, NotImplementedError, ValueError) as err:
                             warnings.warn(f"torch.vmap could not run {type(model).__name__} ({err}); "
                                           "evaluating the parameter sets one by one instead (same numbers, slower)")
                             use_vmap = False
-                    chunks.append(_forward_sets(model, stacked, fixed, x, use_vmap=False))
+                    chunks.append(_vmap_logits(model, stacked, fixed, x, use_vmap=False))
                 metrics = metrics_from_logits(model, torch.cat(chunks, dim=1), split.labels)
                 for key, values in metrics.items():
                     results[name].setdefault(key, []).extend(values)
