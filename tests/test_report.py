@@ -24,7 +24,7 @@ def eval_config(tiny_fmnist, **evaluation):
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_pair, tiny_fmnist):
     out = tmp_path_factory.mktemp("report") / "out"
-    cfg = eval_config(tiny_fmnist, schedules=[0, 5], current_perm=True)
+    cfg = eval_config(tiny_fmnist, schedules=[0, 5], current_perm=True, plane=True, plane_resolution=6)
     evaluate_pair(tiny_pair, out, cfg, progress=False)
     return out
 
@@ -45,6 +45,9 @@ def test_report_json_has_every_contract_key(report_dir):
                 assert 0 <= r["n_way"][k][ck][mode]["test"]["acc"] <= 1
     assert {"similarity_identity", "similarity_matched"} <= r["matching"]["groups"]["hidden.0"].keys()
     assert {"train_s", "align_s", "evaluate_s"} <= r["timings"].keys()
+    plane = r["plane"]["init"]
+    assert len(plane["u"]) == 6 and len(plane["test"]["acc"]) == 6 and len(plane["test"]["acc"][0]) == 6
+    assert set(plane["points"]) == {"theta_0", "theta_1", "pi_theta_1"}
     sch = r["schedules"]
     assert sch["checkpoints"] == ["init", "step-5", "final"] and sch["steps"] == [0, 5, 20]
     assert set(sch["perm_at"]) == {"0", "5"} and len(sch["current_perm"]) == 3
@@ -72,7 +75,7 @@ def test_permutation_lowers_the_barrier_on_a_real_pair(report_dir):
 
 
 def test_outputs_are_written(report_dir):
-    for name in ("interpolation.png", "n_way.png", "schedules.png", "report.json"):
+    for name in ("interpolation.png", "n_way.png", "schedules.png", "plane.png", "report.json"):
         assert (report_dir / name).stat().st_size > 0
         assert (report_dir / "merged" / name).exists()
     assert (report_dir / "permutations" / "net_2.safetensors").exists()
