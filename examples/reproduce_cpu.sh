@@ -27,11 +27,12 @@ fig3_mid() { run fig3_mid configs/sweeps/fig3_mid.yaml "${EVAL[@]}" --set traini
 fig3_right() { run fig3_right configs/sweeps/fig3_right.yaml "${EVAL[@]}" --set training.epochs=1 --set model.width=512 \
     --set "training.save_steps=[1,2,5,10,20,50,100,200,400]" --set evaluation.num_lambdas=3 --set "sweep.grid.training.seed=[0]"; }
 fig4() { run fig4 configs/sweeps/fig4_cnn_small.yaml "${EVAL[@]}" --set model.layers=16-16-avg-32-32 --set training.max_steps=300 \
-    --set evaluation.num_lambdas=3 --set "sweep.cases={sgd lr 0.01: {training.optimizer: sgd, training.lr: 0.01}, sgd lr 0.1: {training.optimizer: sgd, training.lr: 0.1}, adamw lr 1e-3: {training.optimizer: adamw, training.lr: 1.0e-3, training.weight_decay: 1.0e-2}}" \
+    --set evaluation.num_lambdas=3 --set "sweep.cases={sgd lr 0.01: {training.optimizer: sgd, training.lr: 0.01}, sgd lr 0.1: {training.optimizer: sgd, training.lr: 0.1}}" \
     --set "sweep.grid.training.seed=[0,1]"; }
 fig11() { run fig11 configs/sweeps/fig11_init_loss.yaml "${EVAL[@]}" --set training.epochs=1 --set model.width=256 \
     --set evaluation.num_lambdas=3 --set "sweep.grid.training.seed=[0]"; }
 appB() { run appB configs/sweeps/appB_matchers.yaml "${EVAL[@]}" --set evaluation.num_lambdas=3 \
+    --set "sweep.matchers={activation@final: {matcher: activation, checkpoint: final}, gradient-foof@init: {matcher: gradient, checkpoint: init, preconditioner: foof}, gradient-raw@init: {matcher: gradient, checkpoint: init, preconditioner: none}, activation@init: {matcher: activation, checkpoint: init}}" \
     --set sweep.cases.mlp.model.width=256 --set sweep.cases.mlp.training.max_steps=600 \
     --set sweep.cases.cnn.model.layers=8-8-avg-16-16 --set sweep.cases.cnn.training.max_steps=300 \
     --set "sweep.grid.training.seed=[0]"; }

@@ -189,6 +189,7 @@ def plot_schedules(config: SweepConfig, summary: list[dict], path: Path) -> str:
         ax.axhline(CHANCE, color="grey", ls=":", lw=1)
         positive = [t for s in series.values() for t in s if t > 0]
         ax.set_xscale("symlog", linthresh=max(1, min(positive, default=1)))
+        ax.set_xlim(left=0)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training step t (perm@x applied to the nets at step t)", fontsize=8)
         ax.set_ylabel("test accuracy of the midpoint", fontsize=8)

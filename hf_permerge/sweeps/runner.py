@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, config_from_dict
 from ..io_utils import check_output_dir, write_json_atomic
 from .config import Cell, SweepConfig
 
@@ -75,6 +75,14 @@ def _measure_settings(config: SweepConfig) -> dict:
     return {"experiment": s.experiment, "matchers": s.matchers, "curves": s.curves}
 
 
+def _as_current(saved: dict) -> dict | None:
+    """A saved run config read with today's schema (a key added since then takes its default); None if invalid."""
+    try:
+        return config_from_dict(saved).to_dict()
+    except ConfigError:
+        return None
+
+
 def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
     """Refuse to mix results of a different config into this sweep, before any work."""
     for cell in config.cells:
@@ -89,7 +97,8 @@ def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
                                   "use another --output-dir, or --overwrite to start the sweep again")
         elif run_config.is_file():
             saved = json.loads(run_config.read_text())
-        if saved is not None and saved != cell.config.to_dict():
+        if saved is not None and _as_current(saved) != cell.config.to_dict():
+            saved = _as_current(saved) or saved
             diff = sorted(f"{sec}.{k}" for sec, vals in cell.config.to_dict().items()
                           for k, v in vals.items() if saved.get(sec, {}).get(k) != v)
             raise ConfigError(f"cell {cell.id} in {output_dir} was made with a different config (differs in "
