@@ -187,6 +187,17 @@ def test_invalid_sweep_configs_fail_early_naming_the_key(sweep, message):
         sweep_config_from_dict({**BASE, "sweep": sweep}, "s.yaml")
 
 
+def test_overrides_reach_grid_keys_and_case_names_with_dots():
+    sweep = {"name": "s", "experiment": "pair", "grid": {"model.width": [8]},
+             "cases": {"sgd lr 0.01": {"training.optimizer": "sgd", "training.lr": 0.01}}}
+    config = sweep_config_from_dict({**BASE, "sweep": sweep}, "s.yaml", [
+        "sweep.grid.model.width=[8,16]", "sweep.cases.sgd lr 0.01.training.lr=0.02", "sweep.keep_pairs=true",
+        "training.max_steps=3"])
+    assert [c.id for c in config.cells] == ["case=sgd-lr-0.01_width=8", "case=sgd-lr-0.01_width=16"]
+    assert {(c.config.training.lr, c.config.training.max_steps) for c in config.cells} == {(0.02, 3)}
+    assert config.sweep.keep_pairs and config.sweep.cases["sgd lr 0.01"]["training.optimizer"] == "sgd"
+
+
 def test_unknown_section_and_missing_sweep_section():
     with pytest.raises(ConfigError, match="modle: unknown section"):
         sweep_config_from_dict({"modle": {}, "sweep": {"name": "s", "experiment": "pair"}})

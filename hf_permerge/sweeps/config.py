@@ -220,22 +220,35 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[tuple[list[str], str]]]:
-    """Run-config overrides, and `sweep.*` ones (whose grid keys hold dots: `sweep.grid.model.width=[32]`)."""
+def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Run-config overrides, and `sweep.*` ones as (path after `sweep.`, raw value)."""
     base, sweep = [], []
     for item in overrides or []:
         path = item.split("=", 1)[0].strip()
         if path == "sweep" or path.startswith("sweep."):
-            if "=" not in item:
+            if "=" not in item or path == "sweep":
                 raise ConfigError(f"override {item!r} must look like sweep.key=value, e.g. sweep.keep_pairs=true")
-            parts = path.split(".")[1:]
-            if len(parts) >= 2 and parts[0] in ("grid", "cases", "matchers"):
-                parts = [parts[0], ".".join(parts[1:])] if parts[0] == "grid" else [parts[0], parts[1], ".".join(parts[2:])]
-                parts = [p for p in parts if p]
-            sweep.append((parts, item.split("=", 1)[1]))
+            sweep.append((path[len("sweep."):], item.split("=", 1)[1]))
         else:
             base.append(item)
     return base, sweep
+
+
+def _sweep_key_path(section: dict, path: str) -> list[str]:
+    """Split `grid.model.width` -> [grid, model.width] and `cases.<name>.training.lr` -> [cases, <name>,
+    training.lr]: grid keys hold dots, and so may case names (`sgd lr 0.01`), matched against those given."""
+    head, _, rest = path.partition(".")
+    if head == "grid" and rest:
+        return [head, rest]
+    if head in ("cases", "matchers") and rest:
+        known = section.get(head) if isinstance(section.get(head), dict) else {}
+        name = next((n for n in sorted(known, key=len, reverse=True) if rest.startswith(f"{n}.")), None)
+        if name is None:
+            name, _, rest = rest.partition(".")
+        else:
+            rest = rest[len(name) + 1:]
+        return [head, name] + ([rest] if rest else [])
+    return path.split(".")
 
 
 def sweep_config_from_dict(data: dict, source: str = "(dict)", overrides: list[str] | None = None) -> SweepConfig:
@@ -250,9 +263,8 @@ def sweep_config_from_dict(data: dict, source: str = "(dict)", overrides: list[s
                           f"{list(SECTIONS)} and sweep)")
     base_overrides, sweep_overrides = _split_overrides(overrides)
     base = apply_overrides(data, base_overrides)
-    for parts, raw in sweep_overrides:
-        if not parts:
-            raise ConfigError("override sweep=... must name a key, e.g. sweep.keep_pairs=true")
+    for path, raw in sweep_overrides:
+        parts = _sweep_key_path(section, path)
         try:
             value = parse_yaml(raw)
         except yaml.YAMLError as err:
