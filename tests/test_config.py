@@ -7,7 +7,9 @@ from hf_permerge.config import ConfigError, config_from_dict, load_config
 def test_shipped_configs_load():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml")):
+    paths = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))  # run configs (sweeps: test_sweeps)
+    assert paths
+    for path in paths:
         load_config(path)
 
 
