@@ -7,7 +7,7 @@ Convention shared by every matcher: `similarity[i, j]` scores unit i of the refe
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Mapping
+from typing import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -43,14 +43,14 @@ class AssignmentSolver:
 
     def __init__(self, max_workers: int | None = None):
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hungarian")
-        self._futures: dict[str, Future] = {}
+        self._futures: dict[Hashable, Future] = {}
 
-    def submit(self, name: str, similarity: torch.Tensor) -> None:
+    def submit(self, name: Hashable, similarity: torch.Tensor) -> None:
         # The device->host copy happens here, on the caller's thread, so workers never touch the device.
         s = similarity.detach().to("cpu", torch.float64)
         self._futures[name] = self._pool.submit(solve_assignment, s)
 
-    def results(self) -> dict[str, torch.Tensor]:
+    def results(self) -> dict[Hashable, torch.Tensor]:
         return {name: f.result() for name, f in self._futures.items()}
 
     def close(self) -> None:

@@ -1,0 +1,145 @@
+"""The fast paths compute what the plain ones compute: stacked forwards, fused optimisers, overlapped solves."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_permerge.alignment.activation import ActivationMatcher
+from hf_permerge.data.tensors import load_tensors
+from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
+                                PermMLPForImageClassification)
+from hf_permerge.training.engines import StackedEngine, make_engine, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def tc(optimizer="adamw", precision="fp32"):
+    return SimpleNamespace(optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.05, weight_decay=1e-2,
+                           momentum=0.9, precision=precision)
+
+
+NETS = {
+    "mlp": lambda s: PermMLPForImageClassification(PermMLPConfig(depth=2, width=24, seed=s)),
+    "mlp_bias": lambda s: PermMLPForImageClassification(PermMLPConfig(depth=1, width=16, bias=True, seed=s)),
+    "mlp_mse": lambda s: PermMLPForImageClassification(PermMLPConfig(depth=1, width=16, loss="mse", seed=s)),
+    "cnn": lambda s: PermCNNForImageClassification(PermCNNConfig(layers="4-avg-8", seed=s)),
+}
+FORWARDS = {"mlp": ("bmm", "vmap", "loop"), "mlp_bias": ("bmm", "vmap", "loop"), "mlp_mse": ("bmm", "loop"),
+            "cnn": ("vmap", "loop")}
+CASES = [(name, fwd) for name, fwds in FORWARDS.items() for fwd in fwds]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_fmnist):
+    return load_tensors("fashion_mnist", "train", "cpu", tiny_fmnist)
+
+
+def batches(data, num_nets, step, size=50):
+    """A different batch for each net, as the trainer gives them (each net its own data order)."""
+    g = torch.Generator().manual_seed(step)
+    idx = [torch.randperm(len(data), generator=g)[:size] for _ in range(num_nets)]
+    return [data.pixel_values[i] for i in idx], [data.labels[i] for i in idx]
+
+
+@pytest.mark.parametrize("name,forward", CASES)
+def test_stacked_forward_equals_each_nets_own_forward(name, forward, data):
+    models = [NETS[name](s) for s in range(3)]
+    engine = StackedEngine(models, tc(), CPU, forward=forward)
+    xs, _ = batches(data, 3, 0)
+    with torch.no_grad():
+        got = engine.logits(torch.stack(xs))
+        for i, (m, x) in enumerate(zip(models, xs)):
+            torch.testing.assert_close(got[i], m(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("name,forward", CASES)
+def test_stacked_training_equals_per_net_training(name, forward, optimizer, data):
+    """One optimiser over stacked parameters == one per net (AdamW and SGD are elementwise), per forward."""
+    stacked = make_engine("stacked", [NETS[name](s) for s in range(3)], tc(optimizer), CPU, forward=forward)
+    per_net = make_engine("per_net", [NETS[name](s) for s in range(3)], tc(optimizer), CPU)
+    for step in range(8):
+        xs, ys = batches(data, 3, step)
+        torch.testing.assert_close(stacked.step(xs, ys), per_net.step(xs, ys), rtol=1e-4, atol=1e-5)
+    for i in range(3):
+        a, b = stacked.export(i).state_dict(), per_net.export(i).state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)
+    x, y = data.pixel_values[:200], data.labels[:200]
+    for (la, aa), (lb, ab) in zip(stacked.evaluate(x, y, chunk=64), per_net.evaluate(x, y)):
+        assert la == pytest.approx(lb, abs=1e-5) and aa == pytest.approx(ab, abs=1e-9)
+
+
+def test_auto_forward_is_bmm_for_mlps_and_a_loop_for_cnns_on_the_cpu():
+    assert StackedEngine([NETS["mlp"](0)], tc(), CPU).forward == "bmm"
+    assert StackedEngine([NETS["cnn"](0)], tc(), CPU).forward == "loop"
+    with pytest.raises(ValueError, match="PermMLP"):
+        StackedEngine([NETS["cnn"](0)], tc(), CPU, forward="bmm")
+    with pytest.raises(ValueError, match="forward must be one of"):
+        StackedEngine([NETS["mlp"](0)], tc(), CPU, forward="fast")
+
+
+def test_stacked_weight_gradients_need_no_layout_copy(data):
+    """The bmm forward gives each weight gradient in the weight's own (contiguous) layout."""
+    engine = StackedEngine([NETS["mlp"](s) for s in range(2)], tc(), CPU)
+    xs, ys = batches(data, 2, 0)
+    engine._losses(engine.logits(torch.stack(xs)), torch.stack(ys)).sum().backward()
+    assert all(p.grad.is_contiguous() for p in engine.params.values())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fused_optimiser_follows_the_textbook_update(optimizer):
+    """make_optimizer's fused kernel takes the same steps as PyTorch's plain for-loop implementation."""
+    torch.manual_seed(0)
+    w = torch.randn(37, 11)
+    ours, plain = w.clone().requires_grad_(), w.clone().requires_grad_()
+    opt = make_optimizer([ours], tc(optimizer))
+    assert opt.defaults["fused"]
+    cfg = tc(optimizer)
+    ref = torch.optim.AdamW([plain], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False) if optimizer == "adamw" \
+        else torch.optim.SGD([plain], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False)
+    for step in range(20):
+        g = torch.randn(37, 11, generator=torch.Generator().manual_seed(step))
+        ours.grad, plain.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_optimizer_state_round_trips_per_net(data):
+    """Net i's optimiser slice saved from one engine and loaded into another continues identically."""
+    a = make_engine("stacked", [NETS["mlp"](s) for s in range(2)], tc(), CPU)
+    for step in range(3):
+        a.step(*batches(data, 2, step))
+    b = make_engine("stacked", [NETS["mlp"](s) for s in range(2)], tc(), CPU)
+    with torch.no_grad():
+        for n in a.params:
+            b.params[n].copy_(a.params[n])
+    for i in range(2):
+        b.load_optimizer_state(i, *a.optimizer_state(i))
+    xs, ys = batches(data, 2, 3)
+    torch.testing.assert_close(a.step(xs, ys), b.step(xs, ys), rtol=0, atol=0)
+    for n in a.params:
+        torch.testing.assert_close(a.params[n], b.params[n], rtol=0, atol=0)
+
+
+def test_bf16_option_trains_close_to_fp32(data):
+    """bf16 autocast is an option, not the default: it runs and stays near the fp32 losses."""
+    fp32 = make_engine("stacked", [NETS["mlp"](s) for s in range(2)], tc(), CPU)
+    bf16 = make_engine("stacked", [NETS["mlp"](s) for s in range(2)], tc(precision="bf16"), CPU)
+    for step in range(3):
+        xs, ys = batches(data, 2, step)
+        l32, l16 = fp32.step(xs, ys), bf16.step(xs, ys)
+        assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
+        torch.testing.assert_close(l16, l32, rtol=0.05, atol=0.05)
+
+
+def test_match_many_equals_one_match_per_net(data):
+    """Overlapping net i's Hungarian solves with net i+1's statistics changes no permutation."""
+    ref, others = NETS["mlp"](0), [NETS["mlp"](s) for s in (1, 2, 3)]
+    matcher = ActivationMatcher(num_examples=300)
+    together = matcher.match_many(ref, others, data)
+    for perms, other in zip(together, others):
+        alone = matcher.match(ref, other, data)
+        assert perms == alone
+        assert perms.info["groups"] == alone.info["groups"]
