@@ -113,6 +113,8 @@ class EvaluationSection(_Section):
     current_perm: bool = False
     plots: bool = True
     batch_size: int = Field(10000, ge=1)
+    repair: Literal["repair", "reset_bn"] | None = None
+    """Also evaluate the midpoints with REPAIR or a BatchNorm reset (report.json `repair`); None: not."""
 
 
 class RunConfig(_Section):

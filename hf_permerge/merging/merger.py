@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from ..alignment import Permutations, get_matcher
 from ..alignment.spec import apply_permutations
 from ..io_utils import atomic_dir, write_json_atomic
+from .repair import DEFAULT_NUM_EXAMPLES as DEFAULT_REPAIR_EXAMPLES
+from .repair import apply_repair, check_repair_mode
 from .sources import NetSource, load_sources
 
 logger = logging.getLogger("hf_permerge.merging")
@@ -154,26 +157,55 @@ class PermMerger:
         model.load_state_dict(state)
         return model
 
-    def merge(self, alpha: float = 0.5, checkpoint: str = "final", other: int = 1, permute: bool = True):
-        """`(1 - alpha) * theta_0 + alpha * pi(theta_other)` as a new model; `permute=False` gives vanilla averaging."""
+    def merge(self, alpha: float = 0.5, checkpoint: str = "final", other: int = 1, permute: bool = True,
+              repair: str | None = None, repair_data=None, repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES):
+        """`(1 - alpha) * theta_0 + alpha * pi(theta_other)` as a new model; `permute=False` gives vanilla averaging.
+
+        repair: None, "repair" (REPAIR: each unit's pre-activation mean/std set to the interpolation of the
+        endpoints') or "reset_bn" (BatchNorm running statistics recomputed), on `repair_examples` images of
+        `repair_data` (default: the pair's training split); see `hf_permerge.merging.repair`. A repaired
+        merge is recorded as `merge_settings()["merge"]["repair"]` (absent: no repair).
+        """
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if not 1 <= other < self.num_nets:
             raise ValueError(f"other must name a net 1..{self.num_nets - 1}, got {other}")
+        check_repair_mode(repair)
         states = [self.permuted_state(0, checkpoint), self.permuted_state(other, checkpoint, permute)]
         merged = self._model_with(average_state_dicts(states, [1 - alpha, alpha]), checkpoint)
-        self._last_merge = {"alpha": float(alpha), "checkpoint": checkpoint, "nets": [0, other], "permuted": permute}
+        if repair is not None:
+            endpoints = [self._endpoint(i, checkpoint, permute) for i in (0, other)] if repair == "repair" else []
+            apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1 - alpha, alpha],
+                         num_examples=repair_examples)
+        self._last_merge = {"alpha": float(alpha), "checkpoint": checkpoint, "nets": [0, other], "permuted": permute,
+                            **({"repair": repair} if repair else {})}
         return merged
 
-    def merge_all(self, checkpoint: str = "final", k: int | None = None, permute: bool = True):
-        """Uniform average of the first k aligned nets (all by default): the paper's Fig. 3 mid."""
+    def merge_all(self, checkpoint: str = "final", k: int | None = None, permute: bool = True,
+                  repair: str | None = None, repair_data=None, repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES):
+        """Uniform average of the first k aligned nets (all by default): the paper's Fig. 3 mid. `repair` as in `merge`."""
         k = self.num_nets if k is None else k
         if not 1 <= k <= self.num_nets:
             raise ValueError(f"k must be in 1..{self.num_nets}, got {k}")
+        check_repair_mode(repair)
         states = [self.permuted_state(i, checkpoint, permute) for i in range(k)]
         merged = self._model_with(average_state_dicts(states, [1.0 / k] * k), checkpoint)
-        self._last_merge = {"alpha": None, "checkpoint": checkpoint, "nets": list(range(k)), "permuted": permute}
+        if repair is not None:
+            endpoints = [self._endpoint(i, checkpoint, permute) for i in range(k)] if repair == "repair" else []
+            apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1.0 / k] * k,
+                         num_examples=repair_examples)
+        self._last_merge = {"alpha": None, "checkpoint": checkpoint, "nets": list(range(k)), "permuted": permute,
+                            **({"repair": repair} if repair else {})}
         return merged
+
+    def _endpoint(self, i: int, checkpoint: str, permute: bool):
+        """Net i as it enters the merge: permuted onto net 0 (or as saved, for vanilla averaging)."""
+        return self.permuted(i, checkpoint) if permute and i > 0 else self.load(i, checkpoint)
+
+    def _repair_data(self, data):
+        from ..data.tensors import load_tensors
+
+        return data if data is not None else load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
 
     # -- saving ----------------------------------------------------------------------------------
     def merge_settings(self) -> dict:
@@ -186,10 +218,31 @@ class PermMerger:
             "dataset": self.dataset_name(),
         }
 
-    def save_pretrained(self, output_dir, model=None, extra_files: dict | None = None) -> Path:
-        """Write the merged model (HF folder), the permutations, the merge settings and an image processor.
+    def model_card(self, model, report: dict | None = None, plots=(), command: str | None = None, repo_id=None):
+        """The merged model's card (`huggingface_hub.ModelCard`): sources, matcher, merge, measured numbers."""
+        from ..reporting.model_card import render_model_card  # cards are reporting's job; imported only here
+
+        last = self._last_merge or {}
+        settings = dict(self.alignment.get("settings") or {})
+        return render_model_card({
+            "base_models": [{"name": s.hub_id or s.name, "hub": bool(s.hub_id)} for s in self.sources],
+            "config": model.config.to_dict(),
+            "dataset": self.dataset_name(),
+            "matcher": {"name": self.alignment.get("matcher", "activation"), **settings},
+            "checkpoint": last.get("checkpoint", "final"),
+            "alpha": last.get("alpha"),
+            "report": report,
+            "plots": list(plots),
+            "command": command,
+            "repo_id": repo_id,
+        })
+
+    def save_pretrained(self, output_dir, model=None, report: dict | None = None, files=(),
+                        command: str | None = None) -> Path:
+        """Write the merged model (HF folder), image processor, permutations, merge settings and model card.
 
         `model` defaults to `merge()` with the last settings (alpha 0.5 on the final weights).
+        `report` (report.json) and `files` (e.g. plots) are stored beside it and described in the card.
         The folder appears whole or not at all.
         """
         from ..models.image_processing_perm import image_processor_for
@@ -198,8 +251,9 @@ class PermMerger:
         perms = self._require_alignment()
         if model is None:
             last = self._last_merge or {"alpha": 0.5, "checkpoint": "final"}
-            model = (self.merge(last["alpha"], last["checkpoint"]) if last.get("alpha") is not None
-                     else self.merge_all(last["checkpoint"], len(last["nets"])))
+            model = (self.merge(last["alpha"], last["checkpoint"], repair=last.get("repair"))
+                     if last.get("alpha") is not None
+                     else self.merge_all(last["checkpoint"], len(last["nets"]), repair=last.get("repair")))
         output_dir = Path(output_dir)
         with atomic_dir(output_dir) as tmp:
             write_model_files(model, tmp)
@@ -208,8 +262,14 @@ class PermMerger:
             for i, p in enumerate(perms):
                 p.save(tmp / "permutations" / f"net_{i}.safetensors")
             write_json_atomic(tmp / "merge_config.json", self.merge_settings())
-            for name, writer in (extra_files or {}).items():
-                writer(tmp / name)
+            names = []
+            for f in map(Path, files):
+                shutil.copy2(f, tmp / f.name)
+                names.append(f.name)
+            if report is not None:
+                write_json_atomic(tmp / "report.json", report)
+            plots = [n for n in names if n.endswith(".png")]
+            self.model_card(model, report, plots, command).save(tmp / "README.md")
         return output_dir
 
     def save_permutations(self, output_dir) -> Path:

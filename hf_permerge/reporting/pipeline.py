@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from ..config import RunConfig, config_from_dict
-from ..io_utils import atomic_dir, check_output_dir, write_json_atomic
+from ..io_utils import check_output_dir, write_json_atomic
 
 logger = logging.getLogger("hf_permerge.pipeline")
 
@@ -66,41 +67,16 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     report["pair"] = str(pair_dir)
     report["command"] = command
     output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(output_dir / "merged") as tmp:
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".plots-") as tmp:
+        plots = [Path(tmp) / name for name in (write_plots(report, Path(tmp)) if config.evaluation.plots else [])]
         merged = merger.merge(0.5, "final")
-        merger.save_pretrained(tmp / "model", merged)
-        for item in (tmp / "model").iterdir():
-            shutil.move(str(item), tmp / item.name)
-        (tmp / "model").rmdir()
-        plots = write_plots(report, tmp) if config.evaluation.plots else []
-        write_json_atomic(tmp / "report.json", report)
-        _write_card(merger, report, config, plots, tmp)
-        for name in plots + ["report.json"]:
-            shutil.copy2(tmp / name, output_dir / f".{name}.tmp")
-    for name in plots + ["report.json"]:
-        (output_dir / f".{name}.tmp").replace(output_dir / name)
+        merger.save_pretrained(output_dir / "merged", merged, report=report, files=plots, command=command)
+        for path in plots:
+            path.replace(output_dir / path.name)
+    write_json_atomic(output_dir / "report.json", report)
     merger.save_permutations(output_dir / "permutations")
     print(summary_table(report))
     return report
-
-
-def _write_card(merger, report: dict, config: RunConfig, plots: list[str], folder: Path) -> None:
-    from .model_card import render_model_card
-
-    info = {
-        "architecture": config.model.type,
-        "config": merger.load(0).config.to_dict(),
-        "base_models": [{"name": s.hub_id or s.name, "hub": bool(s.hub_id)} for s in merger.sources],
-        "dataset": config.data.dataset,
-        "matcher": merger.alignment.get("matcher"),
-        "matcher_settings": merger.alignment.get("settings"),
-        "checkpoint": "final",
-        "alpha": 0.5,
-        "report": report,
-        "plots": plots,
-        "command": report.get("command"),
-    }
-    render_model_card(info).save(folder / "README.md")
 
 
 def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False, progress: bool = True,

@@ -68,6 +68,8 @@ def build_report(merger, evaluation, splits: dict, progress: bool = True) -> dic
                 "acc": loss_barrier(lambdas, res[s]["acc"], "accuracy").barrier,
                 "loss_lambda": loss_barrier(lambdas, res[s]["loss"], "loss").lam}
             for s in res}
+    if getattr(ev, "repair", None):
+        report["repair"] = repair_report(merger, splits, ev.repair, report["endpoints"])
     if ev.n_way and merger.num_nets > 2:
         report["n_way"] = n_way(merger, splits["test"], ev.batch_size)
     if ev.plane:
@@ -79,6 +81,25 @@ def build_report(merger, evaluation, splits: dict, progress: bool = True) -> dic
                           "groups": merger.permutations[1].info.get("groups", {})}
     report["timings"] = {"evaluate_s": time.perf_counter() - start, "align_s": merger.alignment.get("align_s")}
     return report
+
+
+def repair_report(merger, splits: dict, repair: str, endpoints: list) -> dict:
+    """The trained midpoints (vanilla, permuted) after REPAIR or a BatchNorm reset, and their barrier at the
+    midpoint: mean of the two endpoints minus the midpoint (accuracy; loss the other way round)."""
+    saved = merger._last_merge           # the report's own merges must not change what save_pretrained saves
+    out: dict = {"mode": repair, "midpoint": {}, "barrier_midpoint": {}}
+    try:
+        for mode in MODES:
+            model = merger.merge(0.5, permute=(mode == "permuted"), repair=repair)
+            res = {s: evaluate_model(model, split) for s, split in splits.items()}
+            out["midpoint"][mode] = {s: {"loss": r["loss"], "acc": r["acc"]} for s, r in res.items()}
+            out["barrier_midpoint"][mode] = {
+                s: {"acc": (endpoints[0][s]["acc"] + endpoints[1][s]["acc"]) / 2 - r["acc"],
+                    "loss": r["loss"] - (endpoints[0][s]["loss"] + endpoints[1][s]["loss"]) / 2}
+                for s, r in res.items()}
+    finally:
+        merger._last_merge = saved
+    return out
 
 
 def n_way(merger, test, batch_size: int) -> dict:
