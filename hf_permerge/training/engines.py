@@ -129,12 +129,14 @@ class StackedEngine:
     `forward`: "bmm" (PermMLP only: batched matmuls), "vmap" (`vmap(functional_call)`, any
     architecture), "loop" (one `functional_call` per net on its slice of the stacked parameters);
     "auto": bmm for PermMLP, else vmap on CUDA and loop elsewhere. All give the same numbers up to
-    float rounding. Buffers (none without BatchNorm) are not supported: BatchNorm nets use `PerNetEngine`.
+    float rounding. `compile`: run the forward through `torch.compile` (measured: no gain on the
+    CPU, so off by default and not a config setting). Buffers (none without BatchNorm) are not
+    supported: BatchNorm nets use `PerNetEngine`.
     """
 
     name = "stacked"
 
-    def __init__(self, models, tc, device, forward: str = "auto"):
+    def __init__(self, models, tc, device, forward: str = "auto", compile: bool = False):
         if any(True for m in models for _ in m.buffers()):
             raise ValueError("the stacked engine does not support models with buffers (BatchNorm); "
                              "use training.engine=per_net")
@@ -159,6 +161,8 @@ class StackedEngine:
         self._logits_fn = {"bmm": lambda p, x: bmm_mlp_logits(p, x, layers),
                            "vmap": lambda p, x: vmap_logits(self.template, p, x),
                            "loop": lambda p, x: loop_logits(self.template, p, x)}[forward]
+        if compile:
+            self._logits_fn = torch.compile(self._logits_fn)
         self._losses = torch.vmap(self.template.compute_loss)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
