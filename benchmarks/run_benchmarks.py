@@ -3,7 +3,7 @@
 One process, one device. Every comparison runs reference and ours interleaved, several repeats,
 and reports medians; a ratio is reference time / our time (> 1: ours is faster).
 
-    python benchmarks/run_benchmarks.py                 # quick mode (a few minutes on 2 idle CPU cores)
+    python benchmarks/run_benchmarks.py                 # quick mode (38 min on the shared 2-core CPU, load ~6)
     python benchmarks/run_benchmarks.py --full          # more steps, more repeats, extra variants
     python benchmarks/run_benchmarks.py --only train,align --repeats 5
 
