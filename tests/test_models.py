@@ -103,3 +103,14 @@ def test_cnn_last_activation_is_after_global_pool():
 def test_config_records_normalisation_and_import_registers_auto_classes():
     assert hf_permerge.PermMLPConfig().image_mean == [0.2860]
     assert AutoConfig.for_model("perm_cnn").model_type == "perm_cnn"
+
+
+def test_batchnorm_statistics_survive_a_save_load_round_trip(tmp_path):
+    m = PermCNNForImageClassification(PermCNNConfig(layers="4-avg-8", batch_norm=True, seed=0))
+    m.train()
+    with torch.no_grad():
+        m(pixel_values=torch.randn(16, 1, 28, 28) * 3 + 1)  # running stats move away from 0 / 1
+    m.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    for name, buf in m.named_buffers():
+        assert torch.equal(buf, dict(loaded.named_buffers())[name]), name

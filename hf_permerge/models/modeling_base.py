@@ -58,8 +58,8 @@ class PermPreTrainedModel(PreTrainedModel):
                 value = torch.zeros(param.shape)
             param.copy_(value.to(param.dtype))
         for name, buf in self.named_buffers():
-            if buf.device.type == "meta":
-                continue
+            if buf.device.type == "meta" or getattr(buf, "_is_hf_initialized", False):
+                continue  # BatchNorm statistics loaded from a checkpoint are kept, like parameters
             if name.endswith("running_mean"):
                 buf.zero_()
             elif name.endswith("running_var"):
