@@ -233,3 +233,44 @@ def test_activation_matching_with_traced_spec_undoes_a_permutation():
     aligned = perms.apply(scrambled)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(aligned.state_dict()[key], value)
+
+
+def test_activation_matching_undoes_a_permutation_of_a_vit_on_its_token_axis():
+    """A ViT's units sit on the last axis of (N, tokens, units) activations: `unit_axis` 2."""
+    model = randomise_norms(tiny_vit(3))
+    attach_permutation_spec(model, on_unsupported="skip")
+    spec = model.permutation_spec()
+    assert {g.unit_axis for g in spec.groups} == {2}
+    scrambled = Permutations.random(spec, seed=4).apply(model)
+    data = TensorSplit(x28(32, 8), torch.zeros(32, dtype=torch.long), "random")
+    perms = get_matcher("activation", num_examples=32, batch_size=16).match(model, scrambled, data)
+    aligned = perms.apply(scrambled)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(aligned.state_dict()[key], value)
+
+
+def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):
+    """Two transformers ViTs saved as HF folders: PermMerger traces their spec, aligns, REPAIRs, saves."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_permerge import PermMerger
+
+    folders = []
+    for seed in (0, 1):
+        folders.append(tmp_path / f"vit_{seed}")
+        randomise_norms(tiny_vit(seed), seed).save_pretrained(folders[-1])
+    merger = PermMerger.from_pretrained(folders)
+    assert merger.traced is not None and merger.traced.skipped        # attention heads left as they are
+    data = TensorSplit(x28(64, 9), torch.zeros(64, dtype=torch.long), "random")
+    perms = merger.align(data, num_examples=64)
+    assert set(perms[1]) == set(merger.spec.names)
+    x = x28(8, 10)
+    with torch.no_grad():     # the permuted net computes what net 1 computes
+        torch.testing.assert_close(merger.permuted(1)(pixel_values=x).logits,
+                                   merger.load(1)(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+    merged = merger.merge(0.5, repair="repair", repair_data=data, repair_examples=64)
+    out = merger.save_pretrained(tmp_path / "merged", model=merged)
+    reloaded = AutoModelForImageClassification.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, merged(pixel_values=x).logits)
+    assert "REPAIR" in (out / "README.md").read_text()

@@ -23,11 +23,12 @@ from .spec import PermutationSpec
 SIMILARITIES = ("cosine", "correlation", "l2")
 
 
-def units_as_columns(t: torch.Tensor) -> torch.Tensor:
-    """(N, C) or (N, C, *spatial) -> (rows, C): every spatial position is a sample of its channel."""
-    if t.ndim == 2:
+def units_as_columns(t: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """Units on `axis` -> (rows, units): (N, C, *spatial) with axis 1, (N, tokens, C) with axis 2;
+    every other position is a sample of its unit."""
+    if t.ndim == 2 and axis in (1, -1):
         return t
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t.movedim(axis, -1).reshape(-1, t.shape[axis])
 
 
 @dataclasses.dataclass
@@ -94,8 +95,11 @@ def activation_modules(spec: PermutationSpec, preactivation: bool) -> dict[str, 
     out = {}
     for g in spec.groups:
         name = g.preactivation if preactivation else g.activation
-        if name is None:
+        if name is None and preactivation:
             raise ValueError(f"group {g.name!r} names no pre-activation module; use preactivation=False")
+        if name is None:
+            raise ValueError(f"group {g.name!r} names no module whose output carries its activations (e.g. its "
+                             "nonlinearity is a functional call): wrap it in an nn.Module, or use matcher='weight'")
         out[g.name] = name
     return out
 
@@ -115,12 +119,12 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: 
 
     def hook_a(group):
         def hook(module, inputs, output):
-            held[group] = units_as_columns(output).to(torch.float64)  # a copy: safe from in-place ops later
+            held[group] = units_as_columns(output, spec[group].unit_axis).to(torch.float64)  # a copy: safe from in-place ops later
         return hook
 
     def hook_b(group):
         def hook(module, inputs, output):
-            stats[group].update(held.pop(group), units_as_columns(output))
+            stats[group].update(held.pop(group), units_as_columns(output, spec[group].unit_axis))
         return hook
 
     modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())

@@ -73,7 +73,8 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> Permutati
     for which, m in (("model_a", model_a), ("model_b", model_b)):
         if not hasattr(m, "permutation_spec"):
             raise TypeError(f"{which} ({type(m).__name__}) does not declare a permutation spec; "
-                            "use one of the hf_permerge model classes")
+                            "use one of the hf_permerge model classes, or give it a traced spec: "
+                            "hf_permerge.alignment.attach_permutation_spec(model, on_unsupported='skip')")
     if type(model_a) is not type(model_b):
         raise ValueError(f"cannot match nets of different types: {type(model_a).__name__} vs {type(model_b).__name__}")
     spec_a, spec_b = model_a.permutation_spec(), model_b.permutation_spec()

@@ -19,10 +19,14 @@ class PermGroup:
     size: int
     axes: tuple[tuple[str, int], ...]
     """(state-dict key, axis) pairs this group permutes (weights, biases, norm buffers)."""
-    activation: str
-    """Module whose output carries the group's post-nonlinearity activations (unit axis 1)."""
+    activation: str | None
+    """Module whose output carries the group's post-nonlinearity activations (units on `unit_axis`);
+    None where no module carries them alone (a functional activation): weight matching still works."""
     preactivation: str | None = None
-    """Module whose output carries the pre-nonlinearity activations (unit axis 1)."""
+    """Module whose output carries the pre-nonlinearity activations (units on `unit_axis`)."""
+    unit_axis: int = 1
+    """Axis of those modules' outputs that carries the units: 1 for (N, units) and conv maps (N, C, H, W),
+    2 for a transformer's (N, tokens, units). Every other position counts as a sample of its unit."""
 
 
 @dataclass(frozen=True)

@@ -726,7 +726,11 @@ def _build(an: _Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         size = an.param_axes[next(e for e in elems if e in an.param_axes)][2]
         pre, act, axis_pre, axis_act, sites = _modules(an, root, origins)
         repair_modules += sites
-        groups.append(PermGroup(name, size, tuple(axes), activation=act, preactivation=pre))
+        axis = axis_act if act is not None else axis_pre
+        if pre is not None and act is not None and axis_pre != axis_act:
+            pre = None     # one unit axis per group: keep the one activation matching uses by default
+        groups.append(PermGroup(name, size, tuple(axes), activation=act or pre, preactivation=pre,
+                                unit_axis=axis if axis is not None else 1))
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
     spec = PermutationSpec(tuple(groups))
     spec.validate(model.state_dict())

@@ -65,8 +65,11 @@ class PermMerger:
         self.alignment: dict = {}
         self._last_merge: dict | None = None
         self._cache: dict = {}
+        self.traced = None
+        """The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped)."""
         configs = [self._config(i, next(iter(s.checkpoints))) for i, s in enumerate(sources)]
         check_same_architecture(configs, [s.name for s in sources])
+        self.spec = None
         self.spec = self.load(0).permutation_spec()
 
     @classmethod
@@ -94,8 +97,29 @@ class PermMerger:
         key = (i, checkpoint)
         if key not in self._cache:
             model = AutoModelForImageClassification.from_pretrained(self.sources[i].folder(checkpoint))
-            self._cache[key] = model.to(self.device).eval()
+            self._cache[key] = self._with_spec(model.to(self.device).eval())
         return self._cache[key]
+
+    def _with_spec(self, model):
+        """Our classes declare their spec; any other model (a transformers ViT, a ResNet) gets one traced
+        from its graph once (attention heads and other unfollowable groups left unpermuted) and shared."""
+        if hasattr(model, "permutation_spec"):
+            return model
+        from ..alignment.tracing import attach_permutation_spec, trace
+
+        if self.spec is None:
+            try:
+                traced = trace(model, on_unsupported="skip")
+            except ValueError as err:
+                raise ValueError(f"{type(model).__name__} declares no permutation spec and tracing one failed: {err}. "
+                                 "Attach a spec yourself (hf_permerge.alignment.tracing.attach_permutation_spec) "
+                                 "and use the matchers directly") from err
+            if traced.skipped:
+                logger.info("traced spec of %s leaves %d groups unpermuted: %s", type(model).__name__,
+                            len(traced.skipped), "; ".join(f"{k}: {v}" for k, v in traced.skipped.items()))
+            self.traced = traced
+            return attach_permutation_spec(model, traced.spec)
+        return attach_permutation_spec(model, self.spec)
 
     def dataset_name(self) -> str:
         return (self.pair or {}).get("config", {}).get("data", {}).get("dataset", "fashion_mnist")
@@ -176,7 +200,7 @@ class PermMerger:
         if repair is not None:
             endpoints = [self._endpoint(i, checkpoint, permute) for i in (0, other)] if repair == "repair" else []
             apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1 - alpha, alpha],
-                         num_examples=repair_examples)
+                         num_examples=repair_examples, **self._repair_sites(repair))
         self._last_merge = {"alpha": float(alpha), "checkpoint": checkpoint, "nets": [0, other], "permuted": permute,
                             **({"repair": repair} if repair else {})}
         return merged
@@ -193,7 +217,7 @@ class PermMerger:
         if repair is not None:
             endpoints = [self._endpoint(i, checkpoint, permute) for i in range(k)] if repair == "repair" else []
             apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1.0 / k] * k,
-                         num_examples=repair_examples)
+                         num_examples=repair_examples, **self._repair_sites(repair))
         self._last_merge = {"alpha": None, "checkpoint": checkpoint, "nets": list(range(k)), "permuted": permute,
                             **({"repair": repair} if repair else {})}
         return merged
@@ -201,6 +225,12 @@ class PermMerger:
     def _endpoint(self, i: int, checkpoint: str, permute: bool):
         """Net i as it enters the merge: permuted onto net 0 (or as saved, for vanilla averaging)."""
         return self.permuted(i, checkpoint) if permute and i > 0 else self.load(i, checkpoint)
+
+    def _repair_sites(self, repair: str) -> dict:
+        """A traced spec knows every branch's last affine layer (residual streams included): REPAIR them all."""
+        if repair == "repair" and self.traced is not None and self.traced.repair_modules:
+            return {"modules": list(self.traced.repair_modules)}
+        return {}
 
     def _repair_data(self, data):
         from ..data.tensors import load_tensors
@@ -231,6 +261,7 @@ class PermMerger:
             "matcher": {"name": self.alignment.get("matcher", "activation"), **settings},
             "checkpoint": last.get("checkpoint", "final"),
             "alpha": last.get("alpha"),
+            "repair": last.get("repair"),
             "report": report,
             "plots": list(plots),
             "command": command,
@@ -245,7 +276,6 @@ class PermMerger:
         `report` (report.json) and `files` (e.g. plots) are stored beside it and described in the card.
         The folder appears whole or not at all.
         """
-        from ..models.image_processing_perm import image_processor_for
         from ..training.checkpoints import write_model_files
 
         perms = self._require_alignment()
@@ -257,7 +287,9 @@ class PermMerger:
         output_dir = Path(output_dir)
         with atomic_dir(output_dir) as tmp:
             write_model_files(model, tmp)
-            image_processor_for(model.config).save_pretrained(tmp)
+            processor = self._image_processor(model)
+            if processor is not None:
+                processor.save_pretrained(tmp)
             (tmp / "permutations").mkdir()
             for i, p in enumerate(perms):
                 p.save(tmp / "permutations" / f"net_{i}.safetensors")
@@ -271,6 +303,20 @@ class PermMerger:
             plots = [n for n in names if n.endswith(".png")]
             self.model_card(model, report, plots, command).save(tmp / "README.md")
         return output_dir
+
+    def _image_processor(self, model):
+        """Ours for our configs; for other models, the one saved beside net 0 (none if it has none)."""
+        from ..models.image_processing_perm import image_processor_for
+
+        if hasattr(model.config, "image_mean"):
+            return image_processor_for(model.config)
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(next(iter(self.sources[0].checkpoints.values())))
+        except (OSError, ValueError):
+            logger.info("net 0 has no image processor; the merged folder gets none")
+            return None
 
     def save_permutations(self, output_dir) -> Path:
         output_dir = Path(output_dir)

@@ -126,6 +126,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     - `dataset` (str): a catalog name (`"fashion_mnist"`, mapped to its Hub id) or a Hub dataset id.
     - `matcher` (str or dict): `{"name": "activation", <setting>: <value>, ...}`.
     - `checkpoint` (str, default `"final"`): which checkpoint was merged; `alpha` (float, default 0.5): λ.
+    - `repair` (`"repair"` | `"reset_bn"`): the correction applied after merging (see `hf_permerge.merging.repair`).
     - `command` (str): the command that reproduces the merge.
     - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
     - `merged` (dict): `{"test": {"acc": float, "loss": float}}` measured on the merged model; default: the
@@ -214,7 +215,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         architecture_details=_architecture_details(arch, info.get("config")),
         base_models=base, dataset_name=dataset_name, dataset_id=dataset_id,
         matcher_name=matcher.get("name"), matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
-        checkpoint=checkpoint, alpha=f"{alpha:g}",
+        checkpoint=checkpoint, alpha=f"{alpha:g}", repair=info.get("repair"),
         merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
         merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "",
         endpoints=endpoints, barriers=barriers, interpolation=interpolation, plots=plots, command=info.get("command"))
