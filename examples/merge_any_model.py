@@ -74,6 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     width = args.width or (16 if args.arch == "resnet" else 64)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = Path(args.output_dir)
     train_data, test = load_tensors("fashion_mnist", "train"), load_tensors("fashion_mnist", "test")
 

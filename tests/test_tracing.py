@@ -274,3 +274,33 @@ def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).logits, merged(pixel_values=x).logits)
     assert "REPAIR" in (out / "README.md").read_text()
+
+
+def test_perm_merger_aligns_transformers_resnets_and_resets_their_batchnorm(tmp_path):
+    """transformers' ResNet (residual blocks, BatchNorm; its config has no image_size): the spec is traced on
+    images of the merge's data set, every group is followable, and reset_bn leaves standardised statistics."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from hf_permerge import PermMerger
+
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          downsample_in_first_stage=False, num_labels=10)
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folders.append(tmp_path / f"resnet_{seed}")
+        randomise_norms(ResNetForImageClassification(config), seed).save_pretrained(folders[-1])
+    merger = PermMerger.from_pretrained(folders)
+    assert not merger.traced.skipped and len(merger.spec.groups) == 4
+    data = TensorSplit(x28(64, 11), torch.zeros(64, dtype=torch.long), "random")
+    merger.align(data, num_examples=64)
+    x = x28(8, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(merger.permuted(1)(pixel_values=x).logits,
+                                   merger.load(1)(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+    plain = merger.merge(0.5)
+    reset = merger.merge(0.5, repair="reset_bn", repair_data=data, repair_examples=64)
+    bn = "resnet.embedder.embedder.normalization"
+    assert not torch.allclose(plain.get_submodule(bn).running_var, reset.get_submodule(bn).running_var)
+    stem = reset.resnet.embedder.embedder.convolution(x28(64, 11))
+    torch.testing.assert_close(stem.mean((0, 2, 3)), reset.get_submodule(bn).running_mean, rtol=1e-4, atol=1e-4)

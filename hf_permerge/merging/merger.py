@@ -109,7 +109,7 @@ class PermMerger:
 
         if self.spec is None:
             try:
-                traced = trace(model, on_unsupported="skip")
+                traced = trace(model, self._example_pixels(model), on_unsupported="skip")
             except ValueError as err:
                 raise ValueError(f"{type(model).__name__} declares no permutation spec and tracing one failed: {err}. "
                                  "Attach a spec yourself (hf_permerge.alignment.tracing.attach_permutation_spec) "
@@ -120,6 +120,13 @@ class PermMerger:
             self.traced = traced
             return attach_permutation_spec(model, traced.spec)
         return attach_permutation_spec(model, self.spec)
+
+    def _example_pixels(self, model) -> torch.Tensor:
+        """Two images of the merge's data set, shaped as the model takes them, to trace a spec with."""
+        from ..alignment.matchers import model_input
+        from ..data.tensors import load_tensors
+
+        return model_input(model, load_tensors(self.dataset_name(), "test", self.device, self.data_dir()).pixel_values[:2])
 
     def dataset_name(self) -> str:
         return (self.pair or {}).get("config", {}).get("data", {}).get("dataset", "fashion_mnist")
