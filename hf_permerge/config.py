@@ -93,6 +93,8 @@ class AlignmentSection(_Section):
     matcher: Literal["activation", "weight", "gradient"] = "activation"
     similarity: Literal["cosine", "correlation", "l2"] = "cosine"
     preactivation: bool = False
+    products: Literal["float32", "float64"] = "float32"
+    """Activation matching: dtype of the n x n products of shifted activations (float64: exact, 2x slower on CPUs)."""
     num_examples: int = Field(10000, ge=1)
     checkpoint: str = "final"
     """Checkpoint whose activations/weights define the permutation (final, init, step-N)."""

@@ -258,10 +258,25 @@ def test_streaming_statistics_equal_the_full_matrix_computation(kind):
     b = a[:, torch.randperm(12, generator=gen)] * 2 + torch.randn(300, 12, generator=gen, dtype=torch.float64)
     expected = full_matrix_similarity(a, b, kind)
     for batch in (300, 64, 7):
-        stats = ActivationStatistics.zeros(12)
+        stats = ActivationStatistics.zeros(12, product_dtype=torch.float64)
         for s in range(0, 300, batch):
             stats.update(a[s:s + batch], b[s:s + batch])
         torch.testing.assert_close(stats.similarity(kind), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "correlation", "l2"])
+def test_float32_products_of_shifted_activations_keep_the_centred_similarities(kind):
+    """Units with a mean 100x their spread: unshifted float32 sums would lose the covariance to cancellation."""
+    gen = torch.Generator().manual_seed(1)
+    a = 50 + 0.5 * torch.randn(4000, 16, generator=gen, dtype=torch.float64)
+    b = a[:, torch.randperm(16, generator=gen)] + 0.3 * torch.randn(4000, 16, generator=gen, dtype=torch.float64) - 20
+    expected = full_matrix_similarity(a.float().double(), b.float().double(), kind)   # what the net would give
+    stats = ActivationStatistics.zeros(16)                                               # float32 products
+    for s in range(0, 4000, 1000):
+        stats.update(a[s:s + 1000].float(), b[s:s + 1000].float())
+    assert stats.cross.dtype == torch.float64
+    scale = expected.abs().max()
+    torch.testing.assert_close(stats.similarity(kind), expected, rtol=0, atol=2e-5 * float(scale))
 
 
 def test_dead_units_get_zero_similarity_not_nan():
@@ -281,20 +296,21 @@ def test_statistics_do_not_depend_on_the_batch_size(name, data):
     a, b = NETS[name](0), NETS[name](1)
     spec = a.permutation_spec()
     x = data.pixel_values[:40]
-    for pre in (False, True):
-        whole = activation_statistics(a, b, x, spec, preactivation=pre, batch_size=40)
-        batched = activation_statistics(a, b, x, spec, preactivation=pre, batch_size=17)
+    for pre, products in ((False, "float64"), (True, "float64"), (False, "float32"), (True, "float32")):
+        whole = activation_statistics(a, b, x, spec, preactivation=pre, batch_size=40, products=products)
+        batched = activation_statistics(a, b, x, spec, preactivation=pre, batch_size=17, products=products)
         for g in spec.names:
             for kind in ("cosine", "correlation", "l2"):
-                # float32 forward passes round differently per batch size; the sums themselves are float64
-                torch.testing.assert_close(batched[g].similarity(kind), whole[g].similarity(kind),
-                                           rtol=1e-5, atol=1e-6)
+                # float32 forward passes round differently per batch size; float32 products add ~1e-6 relative
+                w = whole[g].similarity(kind)
+                tol = 1e-6 if products == "float64" else 2e-5 * float(w.abs().max())
+                torch.testing.assert_close(batched[g].similarity(kind), w, rtol=1e-5, atol=tol)
 
 
 def test_statistics_see_every_spatial_position_as_a_sample_of_its_channel(data):
     a, b = cnn(0, layers="4-avg-8"), cnn(1, layers="4-avg-8")
     x = data.pixel_values[:20]
-    stats = activation_statistics(a, b, x, a.permutation_spec(), preactivation=True, batch_size=8)
+    stats = activation_statistics(a, b, x, a.permutation_spec(), preactivation=True, batch_size=8, products="float64")
     with torch.no_grad():
         act_a = a.blocks[0].conv(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
         act_b = b.blocks[0].conv(x).permute(0, 2, 3, 1).reshape(-1, 4).double()

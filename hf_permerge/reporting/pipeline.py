@@ -34,7 +34,8 @@ def evaluation_splits(config: RunConfig, device) -> dict:
 def align_merger(merger, config: RunConfig, splits: dict | None = None):
     """Align with the config's `alignment` section, on the training split."""
     a = config.alignment
-    settings = {"similarity": a.similarity, "preactivation": a.preactivation, "num_examples": a.num_examples} \
+    settings = {"similarity": a.similarity, "preactivation": a.preactivation, "num_examples": a.num_examples,
+                "products": a.products} \
         if a.matcher == "activation" else {"num_examples": a.num_examples, "preconditioner": a.preconditioner,
                                            "damping": a.damping} if a.matcher == "gradient" else {}
     merger.align(matcher=a.matcher, checkpoint=a.checkpoint, **settings)
