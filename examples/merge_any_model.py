@@ -13,7 +13,6 @@ merge them at alpha = 0.5: plain, with REPAIR, and (ResNet) with a BatchNorm res
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

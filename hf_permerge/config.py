@@ -142,24 +142,39 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def set_override(data: dict, keys: list[str], raw: str, item: str) -> None:
+    """data[k0][k1]...[kn] = the YAML value of `raw`; `item` names the override in errors."""
+    try:
+        value = parse_yaml(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """Apply `section.key=value` overrides; values are parsed as YAML (so `1`, `1e-3`, `[1,2]` work)."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.epochs=1")
         path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
-        try:
-            value = parse_yaml(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k!r} is not a section")
-        node[keys[-1]] = value
+        set_override(data, path.strip().split("."), raw, item)
     return data
+
+
+def read_yaml_file(path: str | Path, what: str, shipped: str) -> dict:
+    """A YAML mapping from a file, or a ConfigError saying what is wrong and where the shipped ones are."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; the shipped ones are in {shipped}")
+    try:
+        return parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
 
 
 def config_from_dict(data: dict, source: str = "(dict)") -> RunConfig:
@@ -172,11 +187,5 @@ def config_from_dict(data: dict, source: str = "(dict)") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
-    try:
-        data = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    data = read_yaml_file(path, "config file", "configs/")
     return config_from_dict(apply_overrides(data, overrides), str(path))

@@ -5,7 +5,7 @@ spec, never per architecture (Git Re-Basin's idea, with a validator on top).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch

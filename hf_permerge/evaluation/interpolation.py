@@ -23,7 +23,6 @@ Reported per network, over the whole split:
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager

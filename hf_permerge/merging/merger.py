@@ -149,8 +149,11 @@ class PermMerger:
         ref = self.load(0, checkpoint)
         start = time.perf_counter()
         perms = [Permutations.identity(self.spec)]
-        for i in range(1, self.num_nets):
-            perms.append(m.match(ref, self.load(i, checkpoint), dataset))
+        others = [self.load(i, checkpoint) for i in range(1, self.num_nets)]
+        if hasattr(m, "match_many"):   # one net's Hungarian solves overlap the next net's statistics
+            perms += m.match_many(ref, others, dataset)
+        else:
+            perms += [m.match(ref, other, dataset) for other in others]
         self.permutations = perms
         self.alignment = {"matcher": matcher, "settings": m.settings() if callable(getattr(m, "settings", None)) else settings,
                           "checkpoint": checkpoint, "align_s": time.perf_counter() - start}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 CHECKPOINT_HELP = "checkpoints are 'init', 'final' or 'step-N' (see pair.json's 'checkpoints')"

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import (AlignmentSection, ConfigError, RunConfig, apply_overrides, config_from_dict, parse_yaml)
+from ..config import (AlignmentSection, ConfigError, RunConfig, apply_overrides, config_from_dict, read_yaml_file,
+                      set_override)
 
 EXPERIMENTS = ("pair", "n_way", "schedules", "matchers")
 SECTIONS = tuple(RunConfig.model_fields)
@@ -264,17 +264,7 @@ def sweep_config_from_dict(data: dict, source: str = "(dict)", overrides: list[s
     base_overrides, sweep_overrides = _split_overrides(overrides)
     base = apply_overrides(data, base_overrides)
     for path, raw in sweep_overrides:
-        parts = _sweep_key_path(section, path)
-        try:
-            value = parse_yaml(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override sweep.{'.'.join(parts)}: cannot parse value: {err}") from None
-        node = section
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override sweep.{'.'.join(parts)}: {p!r} is not a mapping")
-        node[parts[-1]] = value
+        set_override(section, _sweep_key_path(section, path), raw, f"sweep.{path}={raw}")
     try:
         sweep = SweepSection.model_validate(section)
     except ValidationError as err:
@@ -285,11 +275,4 @@ def sweep_config_from_dict(data: dict, source: str = "(dict)", overrides: list[s
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Read and validate a sweep YAML; `overrides` as on the command line (`section.key=value`,
     `sweep.grid.model.width=[32,64]`, `sweep.keep_pairs=true`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {path} does not exist; the shipped ones are in configs/sweeps/")
-    try:
-        data = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep config {path} is not valid YAML: {err}") from None
-    return sweep_config_from_dict(data, str(path), overrides)
+    return sweep_config_from_dict(read_yaml_file(path, "sweep config", "configs/sweeps/"), str(path), overrides)
