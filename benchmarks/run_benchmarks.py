@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = results["machine"].get("gpu", "cpu").replace(" ", "_")
     tag += "".join(f"-{k}={v}" for k, v in sorted(results["machine"]["env"].items())).lower()
-    path = args.out / f"{results['machine']['host']}-{tag}-{results['date'][:10]}.json"
+    path = args.out / f"{results['machine']['host']}-{tag}-{results['date'][:16].replace(':', '')}.json"
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return 0
