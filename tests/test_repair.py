@@ -53,15 +53,23 @@ def test_repair_sets_preactivation_mean_and_std_to_the_interpolation(cls, config
         torch.testing.assert_close(sm[m].std, std_t, atol=1e-4, rtol=1e-4)
 
 
-def test_repair_without_bias_restores_the_std(train_split):
-    """A bias-free layer cannot take a shift: scale-only REPAIR sets each unit's std to the target's."""
+def test_repair_without_bias_scales_each_unit_by_the_least_squares_fit_of_the_repair_map(train_split):
+    """A bias-free layer cannot take a shift: each unit of the first layer is scaled by the s minimising
+    sum over samples of (s z - (a z + b))^2, where a z + b is the full REPAIR map of that unit."""
     a, b = pair(PermMLPForImageClassification, depth=2, width=32, bias=False)
     merged = averaged(a, b)
     data = train_split.subset(400, seed=0)
+    x = data.pixel_values.flatten(1).double()
+    z = x @ merged.layers[0].weight.detach().double().T                  # (samples, units) before repair
+    sa, sb = (unit_statistics(m, ["layers.0"], data.pixel_values)["layers.0"] for m in (a, b))
+    a_map = 0.5 * (sa.std + sb.std) / z.std(0, unbiased=False)
+    b_map = 0.5 * (sa.mean + sb.mean) - a_map * z.mean(0)
+    expected = (z * (a_map * z + b_map)).sum(0) / z.square().sum(0)
+    before = merged.layers[0].weight.detach().clone()
     repair(merged, [a, b], data, num_examples=None)
-    for m in ("layers.0", "layers.1"):
-        sa, sb, sm = (unit_statistics(x, [m], data.pixel_values)[m] for x in (a, b, merged))
-        torch.testing.assert_close(sm.std, 0.5 * (sa.std + sb.std), atol=1e-4, rtol=1e-4)
+    scale = (merged.layers[0].weight.detach() / before).double()
+    torch.testing.assert_close(scale, expected[:, None].expand_as(scale), rtol=1e-4, atol=1e-6)
+    assert merged.layers[0].bias is None and merged.layers[1].bias is None     # architecture unchanged
 
 
 @pytest.fixture
