@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="uniform average of all N aligned nets instead of a pair")
     p.add_argument("--vanilla", action="store_true", help="average without permuting (the baseline)")
     p.add_argument("--permutations", help="use permutations from `hf-permerge align` instead of aligning again")
+    p.add_argument("--repair", choices=["repair", "reset_bn"], default=None,
+                   help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
+                        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 training images")
     _add_matcher_args(p)
     p.set_defaults(func=cmd_merge)
 
@@ -138,6 +141,8 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--similarity", default="cosine", choices=["cosine", "correlation", "l2"],
                    help="activation similarity (default cosine, uncentred)")
     g.add_argument("--preactivation", action="store_true", help="match activations before the non-linearity")
+    g.add_argument("--products", default="float32", choices=["float32", "float64"],
+                   help="dtype of the activation cross-products (default float32, of mean-shifted activations)")
     g.add_argument("--num-examples", type=int, default=10000, help="training images to match on (default 10000)")
     g.add_argument("--align-checkpoint", default="final",
                    help="checkpoint whose activations define the permutation (default final; step-N gives perm@N)")
@@ -146,7 +151,8 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
 
 def _matcher_settings(args) -> dict:
     if args.matcher == "activation":
-        return {"similarity": args.similarity, "preactivation": args.preactivation, "num_examples": args.num_examples}
+        return {"similarity": args.similarity, "preactivation": args.preactivation, "num_examples": args.num_examples,
+                "products": args.products}
     if args.matcher == "gradient":
         return {"num_examples": args.num_examples}
     return {}
@@ -187,9 +193,9 @@ def cmd_merge(args) -> int:
     else:
         merger.align(matcher=args.matcher, checkpoint=args.align_checkpoint, **_matcher_settings(args))
     if args.all:
-        model = merger.merge_all(args.checkpoint, permute=not args.vanilla)
+        model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
     else:
-        model = merger.merge(args.alpha, args.checkpoint, permute=not args.vanilla)
+        model = merger.merge(args.alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
     merger.save_pretrained(args.output_dir, model)
     print(f"merged model: {args.output_dir}")
     return 0

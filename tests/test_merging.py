@@ -119,3 +119,8 @@ def test_cli_align_then_merge(tiny_pair, tmp_path):
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "m").config.model_type == "perm_mlp"
     r = subprocess.run([exe, "merge", str(tiny_pair), "-o", str(tmp_path / "m")], capture_output=True, text=True)
     assert r.returncode == 2 and "--overwrite" in r.stderr
+    r = subprocess.run([exe, "merge", str(tiny_pair), "-o", str(tmp_path / "r"), "--repair", "repair",
+                        "--permutations", str(tmp_path / "perms")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "r/merge_config.json").read_text())["merge"]["repair"] == "repair"
+    assert "REPAIR" in (tmp_path / "r/README.md").read_text()
