@@ -273,7 +273,8 @@ def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):
     reloaded = AutoModelForImageClassification.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).logits, merged(pixel_values=x).logits)
-    assert "REPAIR" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "REPAIR" in card and "traced from the model's graph; 3 groups permuted, 6 left as they are" in card
 
 
 def test_perm_merger_aligns_transformers_resnets_and_resets_their_batchnorm(tmp_path):

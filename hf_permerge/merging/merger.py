@@ -256,6 +256,8 @@ class PermMerger:
             "merge": self._last_merge,
             "alignment": {k: v for k, v in self.alignment.items()},
             "dataset": self.dataset_name(),
+            **({"traced_spec": {"groups": self.spec.names, "skipped": dict(self.traced.skipped)}}
+               if self.traced is not None else {}),
         }
 
     def model_card(self, model, report: dict | None = None, plots=(), command: str | None = None, repo_id=None):
@@ -272,6 +274,8 @@ class PermMerger:
             "checkpoint": last.get("checkpoint", "final"),
             "alpha": last.get("alpha"),
             "repair": last.get("repair"),
+            "traced_spec": ({"groups": len(self.spec.groups), "skipped": sorted(self.traced.skipped)}
+                            if self.traced is not None else None),
             "report": report,
             "plots": list(plots),
             "command": command,

@@ -127,6 +127,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     - `matcher` (str or dict): `{"name": "activation", <setting>: <value>, ...}`.
     - `checkpoint` (str, default `"final"`): which checkpoint was merged; `alpha` (float, default 0.5): λ.
     - `repair` (`"repair"` | `"reset_bn"`): the correction applied after merging (see `hf_permerge.merging.repair`).
+    - `traced_spec` (`{"groups": int, "skipped": [module names]}`): the spec was traced, not hand-written.
     - `command` (str): the command that reproduces the merge.
     - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
     - `merged` (dict): `{"test": {"acc": float, "loss": float}}` measured on the merged model; default: the
@@ -215,7 +216,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         architecture_details=_architecture_details(arch, info.get("config")),
         base_models=base, dataset_name=dataset_name, dataset_id=dataset_id,
         matcher_name=matcher.get("name"), matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
-        checkpoint=checkpoint, alpha=f"{alpha:g}", repair=info.get("repair"),
+        checkpoint=checkpoint, alpha=f"{alpha:g}", repair=info.get("repair"), traced_spec=info.get("traced_spec"),
         merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
         merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "",
         endpoints=endpoints, barriers=barriers, interpolation=interpolation, plots=plots, command=info.get("command"))
