@@ -35,6 +35,16 @@ class TrainResult:
     train_s: float
 
 
+@dataclass
+class NetSlot:
+    """One net to train: where it is saved (its net_i folder), its name in logs, its model and data seed."""
+
+    folder: Path
+    name: str
+    model: torch.nn.Module
+    data_seed: int
+
+
 def _versions() -> dict:
     import accelerate
     import transformers
@@ -113,27 +123,34 @@ class PairTrainer:
             acc.end_training()
         return TrainResult(self.output_dir, metrics, train_s)
 
+    def _slots(self, nets: list[int]) -> list[NetSlot]:
+        cfg = self.config
+        return [NetSlot(self.output_dir / f"net_{i}", f"net {i}", build_model(cfg, i),
+                        derive_seed(cfg.training.seed, i, "data")) for i in nets]
+
     def _train_nets(self, nets: list[int], train, test) -> None:
-        cfg, tc, acc = self.config, self.config.training, self.accelerator
-        models = [build_model(cfg, i) for i in nets]
-        for i, m in zip(nets, models):
-            if not (self.output_dir / f"net_{i}" / "init").exists():
-                save_model(m, self.output_dir / f"net_{i}" / "init")
-        engine = make_engine(tc.engine, models, tc, acc.device)
-        data_seeds = [derive_seed(tc.seed, i, "data") for i in nets]
+        self._train_slots(self._slots(nets), train, test)
+
+    def _train_slots(self, slots: list[NetSlot], train, test) -> None:
+        """Train the slots' nets in one engine (their configs' training sections are this trainer's)."""
+        tc, acc = self.config.training, self.accelerator
+        for slot in slots:
+            if not (slot.folder / "init").exists():
+                save_model(slot.model, slot.folder / "init")
+        engine = make_engine(tc.engine, [slot.model for slot in slots], tc, acc.device)
         steps_per_epoch = len(train) // tc.batch_size
         total = self._total_steps = total_steps(tc, len(train))
-        step = self._maybe_resume(engine, nets) if self.resume else 0
+        step = self._maybe_resume(engine, slots) if self.resume else 0
         save_steps = {s for s in tc.save_steps if s <= total}
-        bar = tqdm(total=total, initial=step, desc=f"train nets {nets}", disable=not self.progress,
+        bar = tqdm(total=total, initial=step, desc=f"train {len(slots)} nets", disable=not self.progress,
                    dynamic_ncols=True, leave=False, mininterval=1.0)
         t0 = time.perf_counter()
         if step < total:
             bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
-            orders = [epoch_order(s, epoch, len(train), acc.device) for s in data_seeds]
-            loss_sum = torch.zeros(len(nets), device=acc.device)
+            orders = [epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots]
+            loss_sum = torch.zeros(len(slots), device=acc.device)
             batches = range(offset, min(steps_per_epoch, offset + total - step))
             for b in batches:
                 idx = [o[b * tc.batch_size:(b + 1) * tc.batch_size] for o in orders]
@@ -141,56 +158,57 @@ class PairTrainer:
                 step += 1
                 bar.update(1)
                 if step in save_steps:
-                    for k, i in enumerate(nets):
-                        save_model(engine.export(k), self.output_dir / f"net_{i}" / f"step-{step}")
-            self._epoch_end(engine, nets, epoch, loss_sum / max(1, len(batches)), test, t0, step)
+                    for k, slot in enumerate(slots):
+                        save_model(engine.export(k), slot.folder / f"step-{step}")
+            self._epoch_end(engine, slots, epoch, loss_sum / max(1, len(batches)), test, t0, step)
         bar.close()
-        for k, i in enumerate(nets):
-            save_model(engine.export(k), self.output_dir / f"net_{i}" / "final")
-            for old in (self.output_dir / f"net_{i}").glob("resume-step-*"):
+        for k, slot in enumerate(slots):
+            save_model(engine.export(k), slot.folder / "final")
+            for old in slot.folder.glob("resume-step-*"):
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _epoch_end(self, engine, nets, epoch, mean_loss, test, t0, step) -> None:
+    def _epoch_end(self, engine, slots, epoch, mean_loss, test, t0, step) -> None:
         tc, acc = self.config.training, self.accelerator
         line = f"epoch {epoch + 1}/{tc.epochs} ({time.perf_counter() - t0:.1f} s)"
         logs = {}
         evals = engine.evaluate(test.pixel_values, test.labels) if tc.eval_each_epoch else None
-        for k, i in enumerate(nets):
-            line += f" | net {i}: train loss {mean_loss[k].item():.4f}"
-            logs[f"net_{i}/train_loss"] = mean_loss[k].item()
+        for k, slot in enumerate(slots):
+            key = slot.name.replace(" ", "_")
+            line += f" | {slot.name}: train loss {mean_loss[k].item():.4f}"
+            logs[f"{key}/train_loss"] = mean_loss[k].item()
             if evals:
                 line += f" test acc {evals[k][1]:.4f}"
-                logs[f"net_{i}/test_loss"], logs[f"net_{i}/test_acc"] = evals[k]
+                logs[f"{key}/test_loss"], logs[f"{key}/test_acc"] = evals[k]
         logger.info(line)
         if self.progress:
             tqdm.write(line)
         if tc.log_with:
             acc.log(logs, step=step)
         if step < self._total_steps:  # a resume point at every epoch end but the last (final follows)
-            self._save_resume(engine, nets, step)
+            self._save_resume(engine, slots, step)
 
-    def _save_resume(self, engine, nets, step) -> None:
-        for k, i in enumerate(nets):
+    def _save_resume(self, engine, slots, step) -> None:
+        for k, slot in enumerate(slots):
             tensors, meta = engine.optimizer_state(k)
-            save_resume_state(self.output_dir / f"net_{i}" / f"resume-step-{step}", engine.export(k), tensors, meta, step)
-        for i in nets:  # older points go only once every net has the new one
-            for old in (self.output_dir / f"net_{i}").glob("resume-step-*"):
+            save_resume_state(slot.folder / f"resume-step-{step}", engine.export(k), tensors, meta, step)
+        for slot in slots:  # older points go only once every net has the new one
+            for old in slot.folder.glob("resume-step-*"):
                 if int(old.name.rsplit("-", 1)[1]) < step:
                     shutil.rmtree(old, ignore_errors=True)
 
-    def _maybe_resume(self, engine, nets) -> int:
-        """Continue from the newest step that every net of this process saved; 0 when none did."""
+    def _maybe_resume(self, engine, slots) -> int:
+        """Continue from the newest step that every net saved; 0 when none did."""
         from safetensors.torch import load_file
 
         common = None
-        for i in nets:
-            steps = {int(p.name.rsplit("-", 1)[1]) for p in (self.output_dir / f"net_{i}").glob("resume-step-*")}
+        for slot in slots:
+            steps = {int(p.name.rsplit("-", 1)[1]) for p in slot.folder.glob("resume-step-*")}
             common = steps if common is None else common & steps
         if not common:
             return 0
         step = max(common)
-        for k, i in enumerate(nets):
-            folder = self.output_dir / f"net_{i}" / f"resume-step-{step}"
+        for k, slot in enumerate(slots):
+            folder = slot.folder / f"resume-step-{step}"
             tensors, meta, _ = load_resume_state(folder)
             weights = load_file(str(folder / "model.safetensors"))
             model = engine.export(k)
@@ -202,7 +220,7 @@ class PairTrainer:
                     for n in engine.params:
                         engine.params[n][k].copy_(weights[n])
             engine.load_optimizer_state(k, tensors, meta)
-        logger.info("resumed nets %s from step %d", nets, step)
+        logger.info("resumed %s from step %d", [slot.name for slot in slots], step)
         return step
 
     # -- summary ---------------------------------------------------------------------------------------
