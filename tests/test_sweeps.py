@@ -98,6 +98,19 @@ def test_permuted_average_beats_vanilla_average_in_the_smoke_sweep(tmp_path, tin
         assert row["barrier_perm_loss"] < row["barrier_vanilla_loss"]
 
 
+def test_seeds_trained_as_one_stack_give_the_same_results_as_one_pair_at_a_time(tmp_path, tiny_fmnist):
+    """stack_seeds (default): a cell's seeds train together, measured as before, with the same numbers."""
+    args = ("sweep.grid.model.width=[32]", "sweep.grid.training.seed=[0,1,2]")
+    stacked = run_sweep(smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args), tmp_path / "stacked", progress=False)
+    alone = run_sweep(smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args, "sweep.stack_seeds=false"),
+                      tmp_path / "alone", progress=False)
+    assert stacked.ran == alone.ran and len(stacked.ran) == 6        # depths 1, 2 x three seeds
+    for cell in stacked.ran:
+        a, b = (json.loads((tmp_path / run / "cells" / cell / "result.json").read_text()) for run in ("stacked", "alone"))
+        assert a["timings"]["trained_together"] == 3 and "trained_together" not in b["timings"]
+        assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-4, abs=1e-5)
+
+
 def test_second_run_skips_every_cell_and_writes_the_same_table(tmp_path, tiny_fmnist):
     config = smoke("fig3_mid_smoke.yaml", tiny_fmnist)
     first = run_sweep(config, tmp_path / "out", progress=False)

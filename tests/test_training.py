@@ -154,3 +154,27 @@ def test_cli_train_reports_accuracy_and_errors_cleanly(tmp_path, tiny_fmnist):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "training.epochz: unknown key" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_pairs_trained_together_equal_pairs_trained_alone(tmp_path, tiny_config):
+    """A sweep's seeds of one cell as one stack of nets: the same weights as one pair at a time."""
+    from hf_permerge.training import train_together
+
+    configs = [tiny_config(training={"seed": s}) for s in (3, 4)]
+    for c, cfg in enumerate(configs):
+        PairTrainer(cfg, tmp_path / f"alone_{c}", progress=False).train()
+    results = train_together([PairTrainer(cfg, tmp_path / f"together_{c}", progress=False)
+                              for c, cfg in enumerate(configs)])
+    assert [r.output_dir.name for r in results] == ["together_0", "together_1"]
+    for c in range(2):
+        pair = json.loads((tmp_path / f"together_{c}" / "pair.json").read_text())
+        assert pair["timings"]["trained_together"] == 2 and pair["config"]["training"]["seed"] == 3 + c
+        for i in range(2):
+            for ckpt in ("init", "step-5", "final"):
+                alone = load_file(tmp_path / f"alone_{c}" / f"net_{i}" / ckpt / "model.safetensors")
+                together = load_file(tmp_path / f"together_{c}" / f"net_{i}" / ckpt / "model.safetensors")
+                for k in alone:
+                    torch.testing.assert_close(together[k], alone[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="differ only in training.seed"):
+        train_together([PairTrainer(configs[0], tmp_path / "x", progress=False),
+                        PairTrainer(tiny_config(model={"width": 16}), tmp_path / "y", progress=False)])

@@ -68,6 +68,9 @@ class SweepSection(BaseModel):
     """Keep each cell's pair folder (checkpoints) after it is measured; off by default to save disk."""
     curves: bool = False
     """Keep the interpolation curves (test accuracy and loss) in each cell's result and plot them."""
+    stack_seeds: bool = True
+    """Train the cells that differ only in `training.seed` as one stack of nets (the same weights as one
+    pair at a time, in fewer, larger steps); stacks are capped at `STACK_MAX_PARAMS` parameters."""
 
     @field_validator("grid")
     @classmethod

@@ -115,6 +115,55 @@ def check_data(config: SweepConfig) -> None:
             load_tensors(dataset, split, "cpu", data_dir)
 
 
+STACK_MAX_PARAMS = 200_000_000
+"""Parameters of all nets in one training stack (with gradients and AdamW's two moments: 3.2 GB in float32)."""
+
+
+def _parameter_count(config) -> int:
+    """Parameters of one net of `config`, from its model section (no model is built)."""
+    m = config.model
+    if m.type == "mlp":
+        widths = [784] + [m.width] * m.depth + [10]
+        return sum(a * b + (b if m.bias else 0) for a, b in zip(widths, widths[1:]))
+    channels, total = 1, 0
+    for token in m.layers.split("-"):
+        if token != "avg":
+            total += channels * int(token) * 9 + int(token) * (5 if m.batch_norm else 1)
+            channels = int(token)
+    return total + channels * 10 + 10
+
+
+def seed_stacks(cells: list[Cell], output_dir: Path) -> list[list[Cell]]:
+    """Groups of untrained cells (no result, no pair folder yet) that differ only in `training.seed`,
+    each group's nets within STACK_MAX_PARAMS; single cells are left to `run_cell`."""
+    from ..training.trainer import _without_seed
+
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        folder = output_dir / "cells" / cell.id
+        if (folder / "result.json").is_file() or (folder / "pair").exists():
+            continue
+        groups.setdefault(json.dumps(_without_seed(cell.config), sort_keys=True), []).append(cell)
+    stacks = []
+    for group in groups.values():
+        per_pair = _parameter_count(group[0].config) * group[0].config.training.num_nets
+        size = max(1, STACK_MAX_PARAMS // max(per_pair, 1))
+        stacks += [group[i:i + size] for i in range(0, len(group), size) if len(group[i:i + size]) > 1]
+    return stacks
+
+
+def train_stack(stack: list[Cell], output_dir: Path, device, progress: bool) -> None:
+    """Train a stack's pairs together; on any error leave them to `run_cell` (which resumes or retrains)."""
+    from ..training import PairTrainer, train_together
+
+    try:
+        train_together([PairTrainer(cell.config, output_dir / "cells" / cell.id / "pair", resume=True,
+                                    accelerator=OneProcess(device), progress=progress) for cell in stack])
+    except Exception:
+        logger.warning("training cells %s together failed; training them one by one:\n%s",
+                       [c.id for c in stack], traceback.format_exc())
+
+
 def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress: bool = False) -> str:
     """Train and measure one cell; returns "done", "skipped" (a result exists) or "failed" (error.txt written)."""
     from ..training import PairTrainer
@@ -128,11 +177,11 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
     pair_dir = folder / "pair"
     start = time.perf_counter()
     try:
-        if (pair_dir / "pair.json").is_file():   # trained on an earlier run that stopped while measuring
-            train_s = json.loads((pair_dir / "pair.json").read_text())["timings"]["train_s"]
+        if (pair_dir / "pair.json").is_file():   # trained in a stack, or on a run that stopped while measuring
+            train_timings = json.loads((pair_dir / "pair.json").read_text())["timings"]
         else:
-            train_s = PairTrainer(cell.config, pair_dir, resume=True, accelerator=OneProcess(device),
-                                  progress=progress).train().train_s
+            train_timings = {"train_s": PairTrainer(cell.config, pair_dir, resume=True, accelerator=OneProcess(device),
+                                                    progress=progress).train().train_s}
         measured = measure(config.sweep.experiment, cell.config, pair_dir, device, matchers=config.sweep.matchers,
                            curves=config.sweep.curves, progress=progress)
     except Exception:  # one cell's failure (a diverged net, a full disk) must not stop the other cells
@@ -147,7 +196,7 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
         "config": cell.config.to_dict(),
         "metrics": measured["metrics"],
         **({"curves": measured["curves"]} if "curves" in measured else {}),
-        "timings": {"train_s": train_s, **measured["timings"], "cell_s": time.perf_counter() - start},
+        "timings": {**train_timings, **measured["timings"], "cell_s": time.perf_counter() - start},
         "device": str(device),
     }
     write_json_atomic(folder / "result.json", result)
@@ -201,7 +250,13 @@ def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress
     result = SweepResult(output_dir, state.is_main_process)
     mine = [c for i, c in enumerate(config.cells) if i % state.num_processes == state.process_index]
     tag = f"[process {state.process_index}] " if state.num_processes > 1 else ""
+    stacks = {cell.id: stack for stack in (seed_stacks(mine, output_dir) if config.sweep.stack_seeds else [])
+              for cell in stack}
     for n, cell in enumerate(mine, start=1):
+        if cell.id in stacks and not (output_dir / "cells" / cell.id / "pair").exists():
+            start = time.perf_counter()
+            train_stack(stacks[cell.id], output_dir, state.device, progress)
+            print(f"{tag}trained {len(stacks[cell.id])} cells together ({time.perf_counter() - start:.1f} s)", flush=True)
         start = time.perf_counter()
         status = run_cell(cell, config, output_dir, state.device, progress)
         {"done": result.ran, "skipped": result.skipped}.get(status, []).append(cell.id)

@@ -224,7 +224,7 @@ class PairTrainer:
         return step
 
     # -- summary ---------------------------------------------------------------------------------------
-    def _write_pair_json(self, train, test, train_s) -> list[dict]:
+    def _write_pair_json(self, train, test, train_s, trained_together: int = 1) -> list[dict]:
         from transformers import AutoModelForImageClassification
 
         from .engines import eval_loss_acc
@@ -252,8 +252,54 @@ class PairTrainer:
                       "saved": sorted(s for s in cfg.training.save_steps if s <= total)},
             "checkpoints": ["init"] + [f"step-{s}" for s in sorted(cfg.training.save_steps) if s <= total] + ["final"],
             "versions": _versions(),
-            "timings": {"train_s": train_s},
+            "timings": {"train_s": train_s, **({"trained_together": trained_together} if trained_together > 1 else {})},
             "nets": metrics,
         }
         write_json_atomic(self.output_dir / "pair.json", pair)
         return metrics
+
+
+def _without_seed(config: RunConfig) -> dict:
+    d = config.to_dict()
+    d["training"] = {k: v for k, v in d["training"].items() if k != "seed"}
+    return d
+
+
+def train_together(trainers: list[PairTrainer]) -> list[TrainResult]:
+    """Train several pairs whose configs differ only in `training.seed` as one stack of nets.
+
+    A sweep's seeds of one cell (Fig. 2: 6 seeds x 2 nets) become one engine of 12 nets: one batched
+    step instead of six, the same weights as training each pair alone (each net depends only on its
+    own seeds; the stacked engine's steps are elementwise per net). Each pair folder is written as
+    `PairTrainer.train` writes it; `timings.train_s` is the group's time split evenly, with
+    `timings.trained_together` the number of pairs. One process only (a sweep shares out whole cells).
+    """
+    if not trainers:
+        return []
+    first = trainers[0]
+    reference = _without_seed(first.config)
+    for t in trainers[1:]:
+        if _without_seed(t.config) != reference:
+            raise ValueError(f"train_together needs configs that differ only in training.seed; {t.output_dir} differs "
+                             f"from {first.output_dir}")
+        if t.accelerator.num_processes > 1:
+            raise ValueError("train_together runs in one process; under several processes train pairs one by one")
+    cfg, acc = first.config, first.accelerator
+    train = load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir)
+    test = load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir)
+    for t in trainers:
+        t._prepare_output()
+    start = time.perf_counter()
+    slots = []
+    for t in trainers:
+        nets = [i for i in range(t.config.training.num_nets) if not (t.output_dir / f"net_{i}" / "final").exists()]
+        slots += [NetSlot(slot.folder, f"{t.output_dir.name}/{slot.name}", slot.model, slot.data_seed)
+                  for slot in t._slots(nets)]
+    if slots:
+        first._train_slots(slots, train, test)
+    train_s = (time.perf_counter() - start) / len(trainers)
+    results = []
+    for t in trainers:
+        metrics = t._write_pair_json(train, test, train_s, trained_together=len(trainers))
+        results.append(TrainResult(t.output_dir, metrics, train_s))
+    return results
