@@ -116,7 +116,15 @@ def check_data(config: SweepConfig) -> None:
 
 
 STACK_MAX_PARAMS = 200_000_000
-"""Parameters of all nets in one training stack (with gradients and AdamW's two moments: 3.2 GB in float32)."""
+"""Parameters of all nets in one training stack on the CPU (with gradients and AdamW's two moments: 3.2 GB in
+float32); on a GPU, a 64th of its memory in parameters (16 bytes each: a quarter of the memory in all)."""
+
+
+def stack_max_params(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 64
+    return STACK_MAX_PARAMS
 
 
 def _parameter_count(config) -> int:
@@ -133,9 +141,9 @@ def _parameter_count(config) -> int:
     return total + channels * 10 + 10
 
 
-def seed_stacks(cells: list[Cell], output_dir: Path) -> list[list[Cell]]:
+def seed_stacks(cells: list[Cell], output_dir: Path, max_params: int = STACK_MAX_PARAMS) -> list[list[Cell]]:
     """Groups of untrained cells (no result, no pair folder yet) that differ only in `training.seed`,
-    each group's nets within STACK_MAX_PARAMS; single cells are left to `run_cell`."""
+    each group's nets within `max_params`; single cells are left to `run_cell`."""
     from ..training.trainer import _without_seed
 
     groups: dict[str, list[Cell]] = {}
@@ -147,7 +155,7 @@ def seed_stacks(cells: list[Cell], output_dir: Path) -> list[list[Cell]]:
     stacks = []
     for group in groups.values():
         per_pair = _parameter_count(group[0].config) * group[0].config.training.num_nets
-        size = max(1, STACK_MAX_PARAMS // max(per_pair, 1))
+        size = max(1, max_params // max(per_pair, 1))
         stacks += [group[i:i + size] for i in range(0, len(group), size) if len(group[i:i + size]) > 1]
     return stacks
 
@@ -250,7 +258,8 @@ def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress
     result = SweepResult(output_dir, state.is_main_process)
     mine = [c for i, c in enumerate(config.cells) if i % state.num_processes == state.process_index]
     tag = f"[process {state.process_index}] " if state.num_processes > 1 else ""
-    stacks = {cell.id: stack for stack in (seed_stacks(mine, output_dir) if config.sweep.stack_seeds else [])
+    stacks = {cell.id: stack for stack in (seed_stacks(mine, output_dir, stack_max_params(state.device))
+                                           if config.sweep.stack_seeds else [])
               for cell in stack}
     for n, cell in enumerate(mine, start=1):
         if cell.id in stacks and not (output_dir / "cells" / cell.id / "pair").exists():
