@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One GPU session's measurements for issue 6, as one prepared device call (see BENCHMARKS.md).
+#
+# Prepare here (CPU machine), once per session:
+#   bash benchmarks/gpu_session.sh --prepare        # wheels the GPU image lacks -> .whl/, Fashion-MNIST -> .data/
+# Then one device call (device tool `run`):
+#   carry: [".whl", ".data"]   command: bash benchmarks/gpu_session.sh   timeout_s: 580
+# It checks the GPU, runs the benchmark script on CUDA (quick mode: 1 epoch per net), times the whole
+# Fig. 2 grid as a sweep, and leaves JSON results and logs under $OUT. The CPU dry run of the plumbing:
+#   OUT=/tmp/gpu_dry bash benchmarks/gpu_session.sh --dry-run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+    grep -qx '/.data/' .git/info/exclude 2>/dev/null || echo /.data/ >> .git/info/exclude
+    # The GPU image (Python 3.12) has torch, transformers, accelerate, scipy, matplotlib, pyyaml, jinja2, tqdm,
+    # pillow, safetensors; it lacks pydantic (config validation). datasets / evaluate are not needed here.
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+    mkdir -p .data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .data/fashion-mnist/
+    du -sh .whl .data
+    exit 0
+fi
+
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT=${OUT:?set OUT to the folder that comes back}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=python3
+if [[ $DRY == 1 ]]; then
+    PY=${PY_DRY:-.venv/bin/python}
+else
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site:$PWD
+    else
+        export PYTHONPATH=$PWD
+    fi
+    if [[ -d .data/fashion-mnist && ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+        mkdir -p /usr/share/datasets && cp -r .data/fashion-mnist /usr/share/datasets/
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+
+$PY - <<'EOF' 2>&1 | tee "$OUT/check.txt"
+import torch, transformers, accelerate, scipy, pydantic
+import hf_permerge
+from hf_permerge.data import load_tensors
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__,
+      "accelerate", accelerate.__version__, "scipy", scipy.__version__, "pydantic", pydantic.__version__)
+print("fashion-mnist train", tuple(load_tensors("fashion_mnist", "train").pixel_values.shape))
+EOF
+
+step() {  # step NAME SECONDS CMD...: a time-boxed step whose log comes back; a failure does not stop the rest
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 && echo "ok $name $((SECONDS - start)) s" || echo "FAILED $name rc=$? $((SECONDS - start)) s"
+    tail -25 "$OUT/$name.log"
+}
+
+if [[ $DRY == 1 ]]; then
+    step bench 900 $PY benchmarks/run_benchmarks.py --only curves --repeats 1 --out "$OUT"
+    step fig2 900 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist_smoke.yaml -o /tmp/gpu_dry_fig2 --overwrite
+else
+    # (a)-(d) on CUDA, quick mode (600 MLP / 300 CNN steps per net, 3 repeats): ratios against the reference.
+    step bench 200 $PY benchmarks/run_benchmarks.py --out "$OUT"
+    # The whole Fig. 2 grid (depths 1-3, widths 32..8192, 6 seeds, pairs, curves of trained nets and inits)
+    # against the issue's 5-minute target; stopped at 5 minutes, the cells done are counted.
+    step fig2 300 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2 --overwrite
+    ls /tmp/fig2/cells 2>/dev/null | wc -l | sed 's/^/fig2 cells started: /'
+    find /tmp/fig2/cells -name result.json 2>/dev/null | wc -l | sed 's/^/fig2 cells done: /'
+    cp /tmp/fig2/results.csv /tmp/fig2/summary.csv "$OUT/" 2>/dev/null || true
+fi
+ls -la "$OUT"
