@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .hungarian import AssignmentSolver
 from .matchers import (Matcher, as_tensor_split, batch_slices, check_choice, check_same_architecture, eval_mode,
@@ -170,7 +171,10 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: 
             handles.append(modules_a[name].register_forward_hook(hook_a(g)))
             handles.append(modules_b[name].register_forward_hook(hook_b(g)))
         with eval_mode(model_a, model_b):
-            for s in batch_slices(len(pixel_values), batch_size):
+            slices = list(batch_slices(len(pixel_values), batch_size))
+            # a bar only on a terminal (disable=None), for the long ones: wide nets on the CPU take minutes
+            for s in tqdm(slices, desc="activation statistics", leave=False, mininterval=2.0, delay=2.0,
+                          disable=None):
                 x = pixel_values[s]
                 model_a(pixel_values=model_input(model_a, x))
                 model_b(pixel_values=model_input(model_b, x))

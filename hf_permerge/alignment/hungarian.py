@@ -51,6 +51,14 @@ class AssignmentSolver:
         self._futures[name] = self._pool.submit(solve_assignment, s)
 
     def results(self) -> dict[Hashable, torch.Tensor]:
+        """Wait for every solve; on a terminal, a bar counts them once the wait passes 2 s (n = 8192: minutes)."""
+        from concurrent.futures import as_completed
+
+        from tqdm.auto import tqdm
+
+        for _ in tqdm(as_completed(self._futures.values()), total=len(self._futures), desc="hungarian",
+                      leave=False, delay=2.0, disable=None):
+            pass
         return {name: f.result() for name, f in self._futures.items()}
 
     def close(self) -> None:
