@@ -259,7 +259,9 @@ def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):
     for seed in (0, 1):
         folders.append(tmp_path / f"vit_{seed}")
         randomise_norms(tiny_vit(seed), seed).save_pretrained(folders[-1])
-    merger = PermMerger.from_pretrained(folders)
+    with pytest.raises(ValueError, match=r"tracing one failed.*example_inputs"):
+        PermMerger.from_pretrained(folders, example_inputs=torch.randn(2, 3, 28, 28))   # 3 channels: wrong
+    merger = PermMerger.from_pretrained(folders, example_inputs=x28(2, 13))
     assert merger.traced is not None and merger.traced.skipped        # attention heads left as they are
     data = TensorSplit(x28(64, 9), torch.zeros(64, dtype=torch.long), "random")
     perms = merger.align(data, num_examples=64)

@@ -55,7 +55,7 @@ class PermMerger:
         merger.save_pretrained("runs/merged")
     """
 
-    def __init__(self, sources: list[NetSource], pair: dict | None = None, device=None):
+    def __init__(self, sources: list[NetSource], pair: dict | None = None, device=None, example_inputs=None):
         if len(sources) < 2:
             raise ValueError("merging needs at least two nets")
         self.sources = sources
@@ -67,16 +67,21 @@ class PermMerger:
         self._cache: dict = {}
         self.traced = None
         """The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped)."""
+        self.example_inputs = example_inputs
         configs = [self._config(i, next(iter(s.checkpoints))) for i, s in enumerate(sources)]
         check_same_architecture(configs, [s.name for s in sources])
         self.spec = None
         self.spec = self.load(0).permutation_spec()
 
     @classmethod
-    def from_pretrained(cls, pair_or_models, device=None) -> "PermMerger":
-        """A pair folder, the Hub repo id of a pair, or a list of >= 2 model folders / repo ids."""
+    def from_pretrained(cls, pair_or_models, device=None, example_inputs=None) -> "PermMerger":
+        """A pair folder, the Hub repo id of a pair, or a list of >= 2 model folders / repo ids.
+
+        example_inputs: for models without a `permutation_spec()` (any HF image classifier), the inputs to
+        trace one with (a pixel tensor); default two test images of the pair's data set (Fashion-MNIST).
+        """
         sources, pair = load_sources(pair_or_models)
-        return cls(sources, pair, device)
+        return cls(sources, pair, device, example_inputs)
 
     # -- loading ---------------------------------------------------------------------------------
     @property
@@ -109,11 +114,13 @@ class PermMerger:
 
         if self.spec is None:
             try:
-                traced = trace(model, self._example_pixels(model), on_unsupported="skip")
+                example = self.example_inputs if self.example_inputs is not None else self._example_pixels(model)
+                traced = trace(model, example, on_unsupported="skip")
             except ValueError as err:
                 raise ValueError(f"{type(model).__name__} declares no permutation spec and tracing one failed: {err}. "
-                                 "Attach a spec yourself (hf_permerge.alignment.tracing.attach_permutation_spec) "
-                                 "and use the matchers directly") from err
+                                 "If the model takes other inputs than the data set's images, pass "
+                                 "PermMerger.from_pretrained(..., example_inputs=<pixel tensor>); or attach a spec "
+                                 "yourself (hf_permerge.alignment.attach_permutation_spec)") from err
             if traced.skipped:
                 logger.info("traced spec of %s leaves %d groups unpermuted: %s", type(model).__name__,
                             len(traced.skipped), "; ".join(f"{k}: {v}" for k, v in traced.skipped.items()))
