@@ -178,3 +178,31 @@ def test_pairs_trained_together_equal_pairs_trained_alone(tmp_path, tiny_config)
     with pytest.raises(ValueError, match="differ only in training.seed"):
         train_together([PairTrainer(configs[0], tmp_path / "x", progress=False),
                         PairTrainer(tiny_config(model={"width": 16}), tmp_path / "y", progress=False)])
+
+
+def test_pairs_cut_while_trained_together_resume_one_by_one(tmp_path, tiny_config, monkeypatch):
+    """A stack interrupted mid-way leaves per-net resume points; each pair then resumes alone (as a sweep's
+    `run_cell` does) and ends with the weights of an uninterrupted run."""
+    from hf_permerge.training import train_together
+
+    configs = [tiny_config(training={"seed": s, "epochs": 3}) for s in (5, 6)]
+    calls = {"n": 0}
+    real_step = engines.StackedEngine.step
+
+    def crashing_step(self, xs, ys):
+        calls["n"] += 1
+        if calls["n"] == 15:  # in epoch 2, after the resume point at step 10
+            raise KeyboardInterrupt
+        return real_step(self, xs, ys)
+
+    monkeypatch.setattr(engines.StackedEngine, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_together([PairTrainer(cfg, tmp_path / f"cut_{c}", progress=False) for c, cfg in enumerate(configs)])
+    monkeypatch.setattr(engines.StackedEngine, "step", real_step)
+    for c, cfg in enumerate(configs):
+        assert (tmp_path / f"cut_{c}/net_1/resume-step-10").exists()
+        PairTrainer(cfg, tmp_path / f"cut_{c}", resume=True, progress=False).train()
+        PairTrainer(cfg, tmp_path / f"full_{c}", progress=False).train()
+        for i in range(2):
+            assert_same(weights(tmp_path / f"full_{c}/net_{i}/final"), weights(tmp_path / f"cut_{c}/net_{i}/final"),
+                        atol=1e-5)
