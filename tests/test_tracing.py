@@ -143,14 +143,14 @@ def test_residual_bn_cnn_groups_tie_the_residual_streams():
         torch.testing.assert_close(permuted(x28(8, 1)), model(x28(8, 1)), rtol=1e-4, atol=1e-5)
 
 
-def test_vit_mlp_blocks_and_residual_stream_are_groups_attention_heads_skipped():
+def test_vit_residual_stream_mlp_blocks_and_attention_heads_are_groups():
     model = randomise_norms(tiny_vit())
-    with pytest.raises(ValueError, match=r"q_proj.*splits an axis of size 16 into \[2, 8\].*attention"):
-        trace(model)
-    result = trace(model, on_unsupported="skip")
+    result = trace(model)                            # checks invariance itself, with random per-head permutations
     by_name = {g.name: g for g in result.spec.groups}
     stream = by_name["vit.embeddings.patch_embeddings.projection"]
-    assert set(by_name) == {stream.name, "vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"}
+    assert set(by_name) == {stream.name} | {f"vit.layers.{i}.{m}" for i in (0, 1)
+                                            for m in ("mlp.fc1", "attention.q_proj", "attention.v_proj")}
+    assert not result.skipped
     assert {("vit.embeddings.cls_token", 2), ("vit.embeddings.position_embeddings", 2),
             ("vit.layers.0.layernorm_before.weight", 0), ("vit.layers.1.attention.o_proj.bias", 0),
             ("vit.layers.0.attention.q_proj.weight", 1), ("vit.layernorm.bias", 0),
@@ -159,13 +159,29 @@ def test_vit_mlp_blocks_and_residual_stream_are_groups_attention_heads_skipped()
     mlp = by_name["vit.layers.0.mlp.fc1"]
     assert set(mlp.axes) == {("vit.layers.0.mlp.fc1.weight", 0), ("vit.layers.0.mlp.fc1.bias", 0),
                              ("vit.layers.0.mlp.fc2.weight", 1)}
-    assert (mlp.preactivation, mlp.activation) == ("vit.layers.0.mlp.fc1", "vit.layers.0.mlp.activation_fn")
-    assert set(result.skipped) == {f"vit.layers.{i}.attention.{p}_proj" for i in (0, 1) for p in "qkv"}
+    assert (mlp.preactivation, mlp.activation, mlp.blocks) == ("vit.layers.0.mlp.fc1", "vit.layers.0.mlp.activation_fn", 1)
+    # 2 heads of 8 units: queries and keys share one permutation, values and the output projection another,
+    # each permuting units within their head only
+    qk, vo = by_name["vit.layers.0.attention.q_proj"], by_name["vit.layers.0.attention.v_proj"]
+    assert set(qk.axes) == {(f"vit.layers.0.attention.{p}_proj.{t}", 0) for p in "qk" for t in ("weight", "bias")}
+    assert set(vo.axes) == {("vit.layers.0.attention.v_proj.weight", 0), ("vit.layers.0.attention.v_proj.bias", 0),
+                            ("vit.layers.0.attention.o_proj.weight", 1)}
+    assert qk.blocks == vo.blocks == 2 and qk.size == 16
     perms = Permutations.random(result.spec, seed=1)
+    assert torch.equal(perms[qk.name] // 8, torch.arange(16) // 8) and not perms.is_identity()
     permuted = perms.apply(model, result.spec)
     x = x28(6, 2)
     with torch.no_grad():
         torch.testing.assert_close(permuted(pixel_values=x).logits, model(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+    assert "vit.layers.0.attention.q_proj" not in result.repair_modules
+
+
+def test_a_permutation_that_moves_units_between_heads_is_refused():
+    spec = trace_permutation_spec(tiny_vit())
+    perms = dict(Permutations.identity(spec))
+    perms["vit.layers.0.attention.v_proj"] = torch.arange(16).roll(8)          # swaps the two heads
+    with pytest.raises(ValueError, match="between its 2 blocks"):
+        Permutations(perms).validate(spec)
 
 
 class SingleHeadAttention(nn.Module):
@@ -262,7 +278,8 @@ def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):
     with pytest.raises(ValueError, match=r"tracing one failed.*example_inputs"):
         PermMerger.from_pretrained(folders, example_inputs=torch.randn(2, 3, 28, 28))   # 3 channels: wrong
     merger = PermMerger.from_pretrained(folders, example_inputs=x28(2, 13))
-    assert merger.traced is not None and merger.traced.skipped        # attention heads left as they are
+    assert merger.traced is not None and not merger.traced.skipped
+    assert {g.blocks for g in merger.spec.groups} == {1, 2}           # attention heads: permuted within each head
     data = TensorSplit(x28(64, 9), torch.zeros(64, dtype=torch.long), "random")
     perms = merger.align(data, num_examples=64)
     assert set(perms[1]) == set(merger.spec.names)
@@ -276,7 +293,7 @@ def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).logits, merged(pixel_values=x).logits)
     card = (out / "README.md").read_text()
-    assert "REPAIR" in card and "traced from the model's graph; 3 groups permuted, 6 left as they are" in card
+    assert "REPAIR" in card and "traced from the model's graph; 7 groups permuted" in card
 
 
 def test_perm_merger_aligns_transformers_resnets_and_resets_their_batchnorm(tmp_path):

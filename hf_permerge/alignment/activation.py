@@ -228,7 +228,7 @@ class ActivationMatcher(Matcher):
                 similarities.append({})
                 for g in spec.names:
                     similarities[k][g] = stats.pop(g).similarity(self.similarity)
-                    solver.submit((k, g), similarities[k][g])
+                    solver.submit((k, g), similarities[k][g], spec[g].blocks)
             solved = solver.results()
         out = []
         for k, sims in enumerate(similarities):

@@ -14,16 +14,24 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 
-def solve_assignment(similarity: torch.Tensor) -> torch.Tensor:
-    """The permutation maximising `sum_i similarity[i, perm[i]]` (float64, CPU, scipy)."""
+def solve_assignment(similarity: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """The permutation maximising `sum_i similarity[i, perm[i]]` (float64, CPU, scipy).
+
+    blocks > 1: units stay within their block of `n / blocks` consecutive units (attention heads), so each
+    diagonal block is its own, smaller assignment."""
     s = similarity.detach().to("cpu", torch.float64).numpy()
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"similarity must be a square matrix, got shape {s.shape}")
     if not np.isfinite(s).all():
         raise ValueError("similarity matrix has NaN or infinite entries; are the activations or weights finite?")
-    rows, cols = linear_sum_assignment(s, maximize=True)
-    assert (rows == np.arange(len(rows))).all()
-    return torch.from_numpy(cols).long()
+    width = len(s) // blocks
+    cols = []
+    for b in range(blocks):
+        block = slice(b * width, (b + 1) * width)
+        rows, c = linear_sum_assignment(s[block, block], maximize=True)
+        assert (rows == np.arange(len(rows))).all()
+        cols.append(c + b * width)
+    return torch.from_numpy(np.concatenate(cols)).long()
 
 
 def matched_similarity(similarity: torch.Tensor, perm: torch.Tensor) -> float:
@@ -45,10 +53,10 @@ class AssignmentSolver:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hungarian")
         self._futures: dict[Hashable, Future] = {}
 
-    def submit(self, name: Hashable, similarity: torch.Tensor) -> None:
+    def submit(self, name: Hashable, similarity: torch.Tensor, blocks: int = 1) -> None:
         # The device->host copy happens here, on the caller's thread, so workers never touch the device.
         s = similarity.detach().to("cpu", torch.float64)
-        self._futures[name] = self._pool.submit(solve_assignment, s)
+        self._futures[name] = self._pool.submit(solve_assignment, s, blocks)
 
     def results(self) -> dict[Hashable, torch.Tensor]:
         """Wait for every solve; on a terminal, a bar counts them once the wait passes 2 s (n = 8192: minutes)."""
@@ -71,10 +79,10 @@ class AssignmentSolver:
         self.close()
 
 
-def solve_assignments(similarities: Mapping[str, torch.Tensor], max_workers: int | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """One independent assignment per group, solved concurrently."""
+def solve_assignments(similarities: Mapping[str, torch.Tensor], max_workers: int | None = None,
+                      blocks: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """One independent assignment per group, solved concurrently (`blocks`: group -> blocks, default 1)."""
     with AssignmentSolver(max_workers) as solver:
         for name, s in similarities.items():
-            solver.submit(name, s)
+            solver.submit(name, s, (blocks or {}).get(name, 1))
         return solver.results()

@@ -72,8 +72,12 @@ class Permutations(Mapping[str, torch.Tensor]):
     def random(cls, spec: PermutationSpec, seed: int = 0) -> "Permutations":
         """Uniformly random permutations (tests, and the 'random permutation' baseline)."""
         gen = torch.Generator().manual_seed(seed)
-        return cls({g.name: torch.randperm(g.size, generator=gen) for g in spec.groups},
-                   {"matcher": "random", "settings": {"seed": seed}})
+
+        def one(g):
+            width = g.size // g.blocks        # within its block, each unit goes anywhere
+            return torch.cat([b * width + torch.randperm(width, generator=gen) for b in range(g.blocks)])
+
+        return cls({g.name: one(g) for g in spec.groups}, {"matcher": "random", "settings": {"seed": seed}})
 
     def validate(self, spec: PermutationSpec) -> None:
         """Raise ValueError unless there is exactly one bijection of the right size per spec group."""
@@ -92,6 +96,10 @@ class Permutations(Mapping[str, torch.Tensor]):
                 raise ValueError(f"permutation of group {g.name!r} is not a bijection of 0..{g.size - 1}: "
                                  f"repeated entries {values[counts > 1].tolist()[:5]}, "
                                  f"out-of-range entries {p[(p < 0) | (p >= g.size)].tolist()[:5]}")
+            width = g.size // g.blocks
+            if g.blocks > 1 and not torch.equal(p // width, torch.arange(g.size) // width):
+                raise ValueError(f"permutation of group {g.name!r} moves units between its {g.blocks} blocks "
+                                 "(attention heads), which would change the model's function")
 
     def is_identity(self) -> bool:
         return all(torch.equal(p, torch.arange(len(p))) for p in self._perms.values())

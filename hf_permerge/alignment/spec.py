@@ -27,6 +27,14 @@ class PermGroup:
     unit_axis: int = 1
     """Axis of those modules' outputs that carries the units: 1 for (N, units) and conv maps (N, C, H, W),
     2 for a transformer's (N, tokens, units). Every other position counts as a sample of its unit."""
+    blocks: int = 1
+    """The units form `blocks` equal runs of consecutive units that a permutation may not mix: the heads
+    of an attention layer (each head's units are permuted among themselves, the heads stay in place)."""
+
+    def __post_init__(self):
+        if self.blocks < 1 or self.size % self.blocks:
+            raise ValueError(f"permutation group {self.name!r}: {self.size} units do not split into {self.blocks} "
+                             "equal blocks")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     from hf_permerge.alignment.tracing import trace_permutation_spec
     spec = trace_permutation_spec(model)                       # == model.permutation_spec() for our classes
-    spec = trace_permutation_spec(vit, on_unsupported="skip")  # attention heads left unpermuted
+    spec = trace_permutation_spec(vit)                         # heads: units permuted within each head
 
 How. The model is traced with `torch.export` (non-strict), which gives a `torch.fx` graph of aten ops
 in which every parameter and buffer is a placeholder named by its state-dict key and every op carries
@@ -21,10 +21,15 @@ gets a label, and labels are merged with union-find:
   pass labels through (flattening (N, C, 1, 1) to (N, C) keeps C);
 - the model's inputs and outputs are pinned: a label tied to them is never permuted (the classifier's
   output, the input pixels);
-- a matrix product ties the axes it contracts (single-head attention: the query and key projections'
-  units become one group, the value projection's units another);
-- anything else that touches a candidate group's axis (a reshape that splits it into attention heads
-  or merges it with spatial positions, a concatenation along it, an index into it, an op this tracer
+- a matrix product (and `scaled_dot_product_attention`) ties the axes it contracts: the query and key
+  projections' units become one group, the value projection's units (with the output projection's
+  inputs) another;
+- attention heads: a reshape that splits a group's axis into (heads, units per head) pins the heads
+  axis and keeps the group on the units; the reshape that merges them back restores it. Such a group
+  gets `PermGroup.blocks` = heads: its permutations move units only within their head (each head
+  its own permutation, heads in place), which every matcher respects (one assignment per head);
+- anything else that touches a candidate group's axis (a reshape that merges it with spatial
+  positions or splits it otherwise, a concatenation along it, an index into it, an op this tracer
   does not know) makes
   the group unfollowable: `on_unsupported="error"` (default) raises a ValueError naming the op, its
   node and its module; `"skip"` leaves that group unpermuted and records why in `TracedSpec.skipped`.
@@ -215,6 +220,7 @@ class _Analysis:
         self.blocks: list = []          # (element, reason)
         self.origins: dict = {}         # element -> list of (node, weight key)
         self.param_axes: dict = {}      # element -> (state-dict key, axis, size)
+        self.head_splits: list = []     # (label, heads): a group's axis split into (heads, units per head)
         self.graph = ep.graph_module.graph
         self.module_of: dict = {}       # node -> innermost module path
         self.module_calls: dict = {}    # module path -> set of nn_module_stack keys (one per call)
@@ -498,6 +504,8 @@ class _Analysis:
             if len(ia) == 1 and len(oa) == 1:
                 out[oa[0][0]] = xl[ia[0][0]]
                 continue
+            if self._heads(xl, ia, oa, out):
+                continue
             sizes_in, sizes_out = [s for _, s in ia], [s for _, s in oa]
             for axis, size in ia:
                 what = (f"splits an axis of size {size} into {sizes_out} (as attention heads do)" if len(ia) == 1 else
@@ -506,6 +514,44 @@ class _Analysis:
                 self.block(xl[axis], f"{_op_name(node)} ({self.where(node)}) {what}")
             for axis, _ in oa:
                 out[axis] = _PIN
+        self.labels[node] = tuple(out)
+
+    def _is_group(self, label) -> bool:
+        return label is not None and self.uf.find(label) != self.uf.find(_PIN)
+
+    def _heads(self, xl, ia, oa, out) -> bool:
+        """Attention heads: a group's axis split into (heads, units per head), or merged back from them.
+
+        The split keeps the group on the units-per-head axis and pins the heads axis; the group's
+        permutations then stay within each head (`PermGroup.blocks` = heads), so every head's units are
+        permuted among themselves and the heads stay where they are. Only that merge (heads pinned,
+        major; a split group's units minor) is undone; any other merge still blocks the group."""
+        if len(ia) == 1 and len(oa) == 2 and self._is_group(xl[ia[0][0]]):
+            (head_axis, heads), (unit_axis, _) = oa
+            label = xl[ia[0][0]]
+            self.head_splits.append((label, heads))
+            out[head_axis], out[unit_axis] = _PIN, label
+            return True
+        if len(ia) == 2 and len(oa) == 1:
+            (head_axis, heads), (unit_axis, _) = ia
+            label = xl[unit_axis]
+            split = any(h == heads and self.uf.find(l) == self.uf.find(label) for l, h in self.head_splits)
+            if split and self._is_group(label) and not self._is_group(xl[head_axis]):
+                out[oa[0][0]] = label
+                return True
+        return False
+
+    def op_scaled_dot_product_attention(self, node, val):
+        """softmax(q k^T / sqrt(d)) v over (..., heads, tokens, units): q's and k's units are contracted
+        (one group), v's units pass to the output; the leading axes broadcast."""
+        ql, kl, vl = (self.lab(a) for a in node.args[:3])
+        if not all(isinstance(l, tuple) and len(l) >= 2 for l in (ql, kl, vl)):
+            return self._unknown(node, val)
+        self.uf.union(ql[-1], kl[-1])
+        self.uf.union(kl[-2], vl[-2])
+        out = list(ql[:-1]) + [vl[-1]]
+        for i in range(len(out) - 2):
+            out[i] = self.uf.union(self.uf.union(out[i], kl[i] if i < len(kl) else None), vl[i] if i < len(vl) else None)
         self.labels[node] = tuple(out)
 
     def op_matmul(self, node, val):
@@ -724,13 +770,22 @@ def _build(an: _Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             skipped[name] = reason
             continue
         size = an.param_axes[next(e for e in elems if e in an.param_axes)][2]
+        heads = {h for l, h in an.head_splits if uf.find(l) == root}
+        if len(heads) > 1 and on_unsupported == "error":
+            raise ValueError(f"cannot derive a permutation spec for {type(model).__name__}: the units produced by "
+                             f"{name!r} are split into {sorted(heads)} heads in different places")
+        if len(heads) > 1:
+            skipped[name] = f"its units are split into {sorted(heads)} heads in different places"
+            continue
+        blocks = heads.pop() if heads else 1
         pre, act, axis_pre, axis_act, sites = _modules(an, root, origins)
-        repair_modules += sites
+        if blocks == 1:      # attention projections are not REPAIRed: their outputs are logits' factors
+            repair_modules += sites
         axis = axis_act if act is not None else axis_pre
         if pre is not None and act is not None and axis_pre != axis_act:
             pre = None     # one unit axis per group: keep the one activation matching uses by default
         groups.append(PermGroup(name, size, tuple(axes), activation=act or pre, preactivation=pre,
-                                unit_axis=axis if axis is not None else 1))
+                                unit_axis=axis if axis is not None else 1, blocks=blocks))
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
     spec = PermutationSpec(tuple(groups))
     spec.validate(model.state_dict())
@@ -829,6 +884,8 @@ def _modules(an: _Analysis, root, origins):
     if nonlinear or norms:
         node, axis_act = (nonlinear or norms)[-1]
         act = _single_op_module(an, node)
+    elif ends[0][1] is not None:     # tied producers and nothing after them (attention's query and key): the first
+        act, axis_act = ends[0][1], _unit_axis(an, ends[0][0], root)
     return None, act, None, axis_act, sites
 
 

@@ -67,14 +67,14 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     if bottom_up_first:
         solved: set[str] = set()
         for group in spec.names:
-            perms[group] = solve_assignment(similarity(group, solved))
+            perms[group] = solve_assignment(similarity(group, solved), spec[group].blocks)
             solved.add(group)
     for sweep in range(max_iter):
         order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
         improved = False
         for group in order:
             s = similarity(group)
-            new = solve_assignment(s)
+            new = solve_assignment(s, spec[group].blocks)
             old_value, new_value = matched_similarity(s, perms[group]), matched_similarity(s, new)
             if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
                 perms[group] = new
