@@ -150,8 +150,9 @@ def _pixels(data, model: nn.Module, num_examples: int | None, seed: int) -> torc
 
 
 def repair_modules(spec: PermutationSpec) -> list[str]:
-    """The modules REPAIR corrects by default: each group's pre-activation module, where it has one."""
-    return [g.preactivation for g in spec.groups if g.preactivation is not None]
+    """The modules REPAIR corrects by default: each group's pre-activation module, where it has one
+    (not attention projections, `blocks` > 1: their outputs are factors of attention logits, not pre-activations)."""
+    return [g.preactivation for g in spec.groups if g.preactivation is not None and g.blocks == 1]
 
 
 def _check_foldable(model: nn.Module, modules: Sequence[str]) -> None:
