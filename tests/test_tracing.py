@@ -324,3 +324,32 @@ def test_perm_merger_aligns_transformers_resnets_and_resets_their_batchnorm(tmp_
     assert not torch.allclose(plain.get_submodule(bn).running_var, reset.get_submodule(bn).running_var)
     stem = reset.resnet.embedder.embedder.convolution(x28(64, 11))
     torch.testing.assert_close(stem.mean((0, 2, 3)), reset.get_submodule(bn).running_mean, rtol=1e-4, atol=1e-4)
+
+
+class MinorHeadsAttention(nn.Module):
+    """Splits its units as (units per head, heads): heads minor. Per-head permutations of consecutive units
+    are then wrong; the invariance check finds it and the group is refused (or skipped), not mis-permuted."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.head = nn.Linear(4, d), nn.Linear(d, 3)
+        self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.embed(x)
+        n, t, d = h.shape
+        split = lambda y: y.view(n, t, d // self.heads, self.heads).permute(0, 3, 1, 2)  # noqa: E731
+        out = torch.nn.functional.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        out = out.permute(0, 2, 3, 1).reshape(n, t, d)
+        return self.head((h + self.o(out)).mean(1))
+
+
+def test_attention_split_with_minor_heads_is_refused_by_the_invariance_check():
+    model = MinorHeadsAttention().eval()
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"cannot be permuted: randomly permuting it changes the model's outputs"):
+        trace(model, x)
+    result = trace(model, x, on_unsupported="skip")
+    assert result.skipped and {g.blocks for g in result.spec.groups} == {1}      # the stream is still a group
+    check_permutation_invariance(model, result.spec, x)

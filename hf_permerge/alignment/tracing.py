@@ -62,7 +62,7 @@ from torch import nn
 
 from .spec import PermGroup, PermutationSpec, apply_permutations
 
-__all__ = ["TracedSpec", "trace", "trace_permutation_spec", "check_permutation_invariance",
+__all__ = ["TracedSpec", "trace", "trace_permutation_spec", "check_permutation_invariance", "InvarianceError",
            "attach_permutation_spec", "example_inputs_for"]
 
 _PIN = ("pin",)
@@ -717,7 +717,21 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
     analysis.run()
     result = _build(analysis, model, on_unsupported)
     if check and result.spec.groups:
-        check_permutation_invariance(model, result.spec, example_inputs)
+        try:
+            check_permutation_invariance(model, result.spec, example_inputs)
+        except InvarianceError as err:      # a group the rules followed wrongly: refuse it like any other
+            reason = ("randomly permuting it changes the model's outputs (an op uses its units in a way the "
+                      "tracer's rules do not capture, e.g. attention heads split with the heads as the minor axis)")
+            if on_unsupported == "error":
+                raise ValueError(f"cannot derive a permutation spec for {type(model).__name__}: the units of "
+                                 f"{err.groups} cannot be permuted: {reason}. Pass on_unsupported='skip' to leave "
+                                 "such groups unpermuted.") from err
+            kept = tuple(g for g in result.spec.groups if g.name not in err.groups)
+            result = dataclasses.replace(
+                result, spec=PermutationSpec(kept), skipped={**result.skipped, **{g: reason for g in err.groups}},
+                unit_axes={g: a for g, a in result.unit_axes.items() if g not in err.groups})
+            if kept:
+                check_permutation_invariance(model, result.spec, example_inputs)
     return result
 
 
@@ -892,6 +906,14 @@ def _modules(an: _Analysis, root, origins):
 # --------------------------------------------------------------------------------------------------
 # Checks and glue
 # --------------------------------------------------------------------------------------------------
+class InvarianceError(AssertionError):
+    """A permutation spec under which the model's outputs change; `groups` names the groups that break it."""
+
+    def __init__(self, message: str, groups: list[str]):
+        super().__init__(message)
+        self.groups = groups
+
+
 @torch.no_grad()
 def check_permutation_invariance(model: nn.Module, spec: PermutationSpec, example_inputs=None, seed: int = 0,
                                  rtol: float = 1e-4) -> None:
@@ -924,8 +946,8 @@ def check_permutation_invariance(model: nn.Module, spec: PermutationSpec, exampl
                if differs(Permutations({g.name: perms[g.name]})) > rtol]
     finally:
         model.train(was_training)
-    raise AssertionError(f"permuting group(s) {bad or spec.names} of {type(model).__name__} changes its outputs: "
-                         "the permutation spec is wrong for this model")
+    raise InvarianceError(f"permuting group(s) {bad or spec.names} of {type(model).__name__} changes its outputs: "
+                          "the permutation spec is wrong for this model", bad or spec.names)
 
 
 def attach_permutation_spec(model: nn.Module, spec: PermutationSpec | None = None, **trace_kwargs) -> nn.Module:
