@@ -8,7 +8,9 @@ different seeds for init and data order), saves them as ordinary HF folders, the
 `PermMerger.from_pretrained([a, b])` trace their permutation spec (residual streams tied, BatchNorm
 following its channels, ViT attention heads left unpermuted), align them by activation matching and
 merge them at alpha = 0.5: plain, with REPAIR, and (ResNet) with a BatchNorm reset. Writes
-`results.json` and prints the midpoint table; the numbers in BENCHMARKS.md come from this script.
+`results-<merged folder>.json` and prints the midpoint table; the numbers in REPRODUCING.md ("Beyond the
+paper") come from this script. `--matcher weight` and `--keep-heads` (attention heads stay in place)
+re-use the trained nets and write their own merged folder.
 """
 from __future__ import annotations
 
@@ -64,12 +66,15 @@ def train(model, data, seed: int, epochs: int, batch_size: int, lr: float, progr
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=["resnet", "vit"], required=True)
-    p.add_argument("--output-dir", required=True, help="holds net_0/, net_1/, merged/ and results.json")
+    p.add_argument("--output-dir", required=True, help="holds net_0/, net_1/, merged*/ and results-*.json")
     p.add_argument("--width", type=int, default=None, help="ResNet: first stage channels (16); ViT: hidden size (64)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
+    p.add_argument("--matcher", default="activation", choices=["activation", "weight"])
+    p.add_argument("--keep-heads", action="store_true",
+                   help="keep attention heads in place (permute units within each head only)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     width = args.width or (16 if args.arch == "resnet" else 64)
@@ -96,8 +101,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     merger = PermMerger.from_pretrained(folders)     # no permutation_spec(): traced from the graph
     timings["trace_s"] = time.perf_counter() - start
+    if args.keep_heads:                              # the same groups, without the couplings that move whole heads
+        from hf_permerge.alignment import PermutationSpec, attach_permutation_spec
+
+        merger.spec = PermutationSpec(merger.spec.groups)
+        for i in range(2):
+            attach_permutation_spec(merger.load(i), merger.spec)
     start = time.perf_counter()
-    merger.align()                                   # activation matching on 10,000 training images
+    merger.align(matcher=args.matcher)               # activation matching: 10,000 training images
     timings["align_s"] = time.perf_counter() - start
 
     ends = [evaluate_model(merger.load(i), test) for i in range(2)]
@@ -112,15 +123,18 @@ def main(argv=None) -> int:
                 "barrier_midpoint_loss": r["loss"] - mean_end["loss"]}
     best = max((k for k in rows if k.startswith("permuted")), key=lambda k: rows[k]["acc"])
     merged = merger.merge(0.5, repair=None if best.endswith("none") else best.split("+")[1])
-    merger.save_pretrained(out / "merged", model=merged, command=f"python examples/merge_any_model.py --arch {args.arch}")
+    merged_dir = out / ("merged" if args.matcher == "activation" and not args.keep_heads else
+                        f"merged-{args.matcher}{'-keep-heads' if args.keep_heads else ''}")
+    merger.save_pretrained(merged_dir, model=merged, command=f"python examples/merge_any_model.py --arch {args.arch}")
     results = {
-        "arch": args.arch, "width": width, "epochs": args.epochs, "seeds": args.seeds,
+        "arch": args.arch, "width": width, "epochs": args.epochs, "seeds": args.seeds, "matcher": args.matcher,
+        "keep_heads": args.keep_heads, "couplings": [list(c) for c in merger.spec.couplings],
         "groups": {g.name: g.size for g in merger.spec.groups}, "skipped": merger.traced.skipped,
         "repair_modules": list(merger.traced.repair_modules),
         "endpoints": [{"acc": e["acc"], "loss": e["loss"]} for e in ends], "midpoints": rows,
         "timings": timings, "merged_saved_with": best,
     }
-    write_json_atomic(out / "results.json", results)
+    write_json_atomic(out / f"results-{merged_dir.name}.json", results)
     print(f"{args.arch}: {len(merger.spec.groups)} permutation groups traced, {len(merger.traced.skipped)} left "
           f"unpermuted; endpoints test acc {ends[0]['acc']:.4f} / {ends[1]['acc']:.4f}")
     print(f"{'midpoint (alpha 0.5)':24s} {'test acc':>9s} {'barrier':>8s}")

@@ -168,7 +168,8 @@ def test_vit_residual_stream_mlp_blocks_and_attention_heads_are_groups():
                             ("vit.layers.0.attention.o_proj.weight", 1)}
     assert qk.blocks == vo.blocks == 2 and qk.size == 16
     perms = Permutations.random(result.spec, seed=1)
-    assert torch.equal(perms[qk.name] // 8, torch.arange(16) // 8) and not perms.is_identity()
+    blocks = perms[qk.name].view(2, 8) // 8
+    assert (blocks == blocks[:, :1]).all() and not perms.is_identity()      # heads move whole, if at all
     permuted = perms.apply(model, result.spec)
     x = x28(6, 2)
     with torch.no_grad():
@@ -176,12 +177,39 @@ def test_vit_residual_stream_mlp_blocks_and_attention_heads_are_groups():
     assert "vit.layers.0.attention.q_proj" not in result.repair_modules
 
 
-def test_a_permutation_that_moves_units_between_heads_is_refused():
+def test_heads_move_whole_and_together_or_not_at_all():
     spec = trace_permutation_spec(tiny_vit())
-    perms = dict(Permutations.identity(spec))
-    perms["vit.layers.0.attention.v_proj"] = torch.arange(16).roll(8)          # swaps the two heads
-    with pytest.raises(ValueError, match="between its 2 blocks"):
-        Permutations(perms).validate(spec)
+    q, v = "vit.layers.0.attention.q_proj", "vit.layers.0.attention.v_proj"
+    assert (q, v) in spec.couplings
+    swap = torch.arange(16).roll(8)                                     # head 0 <-> head 1, units in order
+    mixed = torch.tensor([8] + list(range(1, 8)) + [0] + list(range(9, 16)))   # one unit across heads
+    for perms, message in (({v: mixed}, "between its 2 blocks"), ({v: swap}, "move their blocks .heads. alike")):
+        with pytest.raises(ValueError, match=message):
+            Permutations({**Permutations.identity(spec), **perms}).validate(spec)
+    both = Permutations({**Permutations.identity(spec), q: swap, v: swap})
+    both.validate(spec)
+    model = randomise_norms(tiny_vit())
+    x = x28(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(both.apply(model, spec)(pixel_values=x).logits, model(pixel_values=x).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("matcher", ["activation", "weight"])
+def test_matchers_undo_a_permutation_of_a_vit_that_moves_heads(matcher):
+    model = randomise_norms(tiny_vit(5))
+    attach_permutation_spec(model)
+    spec = model.permutation_spec()
+    scramble = Permutations.random(spec, seed=2)
+    sigma = {n: scramble[n].view(2, 8)[:, 0] // 8 for c in spec.couplings for n in c}
+    assert any(not torch.equal(s, torch.arange(2)) for s in sigma.values())     # some heads do move
+    scrambled = scramble.apply(model)
+    data = TensorSplit(x28(32, 8), torch.zeros(32, dtype=torch.long), "random")
+    kwargs = {"num_examples": 32, "batch_size": 16} if matcher == "activation" else {}
+    perms = get_matcher(matcher, **kwargs).match(model, scrambled, data)
+    aligned = perms.apply(scrambled)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(aligned.state_dict()[key], value)
 
 
 class SingleHeadAttention(nn.Module):

@@ -228,7 +228,12 @@ class ActivationMatcher(Matcher):
                 similarities.append({})
                 for g in spec.names:
                     similarities[k][g] = stats.pop(g).similarity(self.similarity)
-                    solver.submit((k, g), similarities[k][g], spec[g].blocks)
+                    coupled = spec.coupling_of(g)
+                    if coupled is None:
+                        solver.submit((k, g), similarities[k][g], spec[g].blocks)
+                    elif g == coupled[-1]:     # an attention layer's groups move their heads together
+                        solver.submit_coupled(tuple((k, n) for n in coupled),
+                                              [similarities[k][n] for n in coupled], spec[g].blocks)
             solved = solver.results()
         out = []
         for k, sims in enumerate(similarities):

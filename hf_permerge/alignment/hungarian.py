@@ -34,6 +34,29 @@ def solve_assignment(similarity: torch.Tensor, blocks: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(cols)).long()
 
 
+def solve_coupled(similarities, blocks: int) -> list[torch.Tensor]:
+    """Permutations of several blocked groups that move whole blocks alike (one attention layer's heads).
+
+    Block j of the other net goes to slot-block i for every group at once: block pairs are scored by the
+    summed value of each group's best within-block assignment, the block map is the assignment maximising
+    that score, and each group's units are then assigned within the chosen block pairs (exact for this
+    two-level structure: the objective is separable once the block map is fixed)."""
+    mats = [s.detach().to("cpu", torch.float64).numpy() for s in similarities]
+    width = mats[0].shape[0] // blocks
+    inner: dict = {}
+    score = np.zeros((blocks, blocks))
+    for i in range(blocks):
+        for j in range(blocks):
+            for k, s in enumerate(mats):
+                sub = s[i * width:(i + 1) * width, j * width:(j + 1) * width]
+                rows, cols = linear_sum_assignment(sub, maximize=True)
+                inner[k, i, j] = cols
+                score[i, j] += sub[rows, cols].sum()
+    _, block_map = linear_sum_assignment(score, maximize=True)
+    return [torch.from_numpy(np.concatenate([inner[k, i, block_map[i]] + block_map[i] * width
+                                             for i in range(blocks)])).long() for k in range(len(mats))]
+
+
 def matched_similarity(similarity: torch.Tensor, perm: torch.Tensor) -> float:
     """`sum_i similarity[i, perm[i]]`: the matching objective of one group."""
     idx = torch.arange(len(perm), device=similarity.device)
@@ -58,6 +81,11 @@ class AssignmentSolver:
         s = similarity.detach().to("cpu", torch.float64)
         self._futures[name] = self._pool.submit(solve_assignment, s, blocks)
 
+    def submit_coupled(self, names: tuple, similarities, blocks: int) -> None:
+        """Groups whose blocks move together (`solve_coupled`); `results()` gives each name its permutation."""
+        mats = [s.detach().to("cpu", torch.float64) for s in similarities]
+        self._futures[("coupled", names)] = self._pool.submit(solve_coupled, mats, blocks)
+
     def results(self) -> dict[Hashable, torch.Tensor]:
         """Wait for every solve; on a terminal, a bar counts them once the wait passes 2 s (n = 8192: minutes)."""
         from concurrent.futures import as_completed
@@ -67,7 +95,13 @@ class AssignmentSolver:
         for _ in tqdm(as_completed(self._futures.values()), total=len(self._futures), desc="hungarian",
                       leave=False, delay=2.0, disable=None):
             pass
-        return {name: f.result() for name, f in self._futures.items()}
+        out = {}
+        for name, f in self._futures.items():
+            if isinstance(name, tuple) and len(name) == 2 and name[0] == "coupled":
+                out.update(zip(name[1], f.result()))
+            else:
+                out[name] = f.result()
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -72,10 +72,13 @@ class Permutations(Mapping[str, torch.Tensor]):
     def random(cls, spec: PermutationSpec, seed: int = 0) -> "Permutations":
         """Uniformly random permutations (tests, and the 'random permutation' baseline)."""
         gen = torch.Generator().manual_seed(seed)
+        block_maps = {n: torch.randperm(spec[c[0]].blocks, generator=gen) for c in spec.couplings for n in c[:1]}
+        block_maps = {n: block_maps[c[0]] for c in spec.couplings for n in c}
 
         def one(g):
-            width = g.size // g.blocks        # within its block, each unit goes anywhere
-            return torch.cat([b * width + torch.randperm(width, generator=gen) for b in range(g.blocks)])
+            width = g.size // g.blocks        # whole blocks move as the coupling's map says; within, anything
+            sigma = block_maps.get(g.name, torch.arange(g.blocks))
+            return torch.cat([sigma[b] * width + torch.randperm(width, generator=gen) for b in range(g.blocks)])
 
         return cls({g.name: one(g) for g in spec.groups}, {"matcher": "random", "settings": {"seed": seed}})
 
@@ -96,10 +99,19 @@ class Permutations(Mapping[str, torch.Tensor]):
                 raise ValueError(f"permutation of group {g.name!r} is not a bijection of 0..{g.size - 1}: "
                                  f"repeated entries {values[counts > 1].tolist()[:5]}, "
                                  f"out-of-range entries {p[(p < 0) | (p >= g.size)].tolist()[:5]}")
+        maps = {}
+        for g in spec.groups:
+            if g.blocks == 1:
+                continue
             width = g.size // g.blocks
-            if g.blocks > 1 and not torch.equal(p // width, torch.arange(g.size) // width):
+            source = self._perms[g.name].view(g.blocks, width) // width
+            coupled = spec.coupling_of(g.name)
+            if not (source == source[:, :1]).all() or (coupled is None and
+                                                        not torch.equal(source[:, 0], torch.arange(g.blocks))):
                 raise ValueError(f"permutation of group {g.name!r} moves units between its {g.blocks} blocks "
                                  "(attention heads), which would change the model's function")
+            if coupled is not None and not torch.equal(maps.setdefault(coupled, source[:, 0]), source[:, 0]):
+                raise ValueError(f"groups {coupled} must move their blocks (heads) alike; {g.name!r} does not")
 
     def is_identity(self) -> bool:
         return all(torch.equal(p, torch.arange(len(p))) for p in self._perms.values())

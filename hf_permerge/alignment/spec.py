@@ -28,8 +28,9 @@ class PermGroup:
     """Axis of those modules' outputs that carries the units: 1 for (N, units) and conv maps (N, C, H, W),
     2 for a transformer's (N, tokens, units). Every other position counts as a sample of its unit."""
     blocks: int = 1
-    """The units form `blocks` equal runs of consecutive units that a permutation may not mix: the heads
-    of an attention layer (each head's units are permuted among themselves, the heads stay in place)."""
+    """The units form `blocks` equal runs of consecutive units (the heads of an attention layer) that a
+    permutation keeps whole: each block's units are permuted among themselves, and whole blocks move only
+    together with the other groups of a `PermutationSpec.couplings` entry (else they stay in place)."""
 
     def __post_init__(self):
         if self.blocks < 1 or self.size % self.blocks:
@@ -40,11 +41,22 @@ class PermGroup:
 @dataclass(frozen=True)
 class PermutationSpec:
     groups: tuple[PermGroup, ...]
+    couplings: tuple[tuple[str, ...], ...] = ()
+    """Sets of blocked groups whose blocks move together (one attention layer: its query/key units and its
+    value/output units; permuting whole heads must move both alike)."""
 
     def __post_init__(self):
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ValueError(f"permutation spec has duplicate group names: {names}")
+        by_name = {g.name: g for g in self.groups}
+        for coupled in self.couplings:
+            unknown = [n for n in coupled if n not in by_name]
+            if unknown or len({by_name[n].blocks for n in coupled}) != 1 or by_name[coupled[0]].blocks < 2:
+                raise ValueError(f"coupling {coupled} must name groups of the spec with the same number (> 1) of blocks")
+
+    def coupling_of(self, name: str) -> tuple[str, ...] | None:
+        return next((c for c in self.couplings if name in c), None)
 
     @property
     def names(self) -> list[str]:

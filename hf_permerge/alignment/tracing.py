@@ -26,8 +26,11 @@ gets a label, and labels are merged with union-find:
   inputs) another;
 - attention heads: a reshape that splits a group's axis into (heads, units per head) pins the heads
   axis and keeps the group on the units; the reshape that merges them back restores it. Such a group
-  gets `PermGroup.blocks` = heads: its permutations move units only within their head (each head
-  its own permutation, heads in place), which every matcher respects (one assignment per head);
+  gets `PermGroup.blocks` = heads: its permutations keep each head's units together (each head its
+  own permutation). An attention op couples its query/key group with its value group
+  (`PermutationSpec.couplings`): whole heads move, alike in both; every matcher respects this
+  (`hungarian.solve_coupled`). If moving heads breaks the invariance check (a per-head bias, say),
+  the couplings are dropped and heads stay in place;
 - anything else that touches a candidate group's axis (a reshape that merges it with spatial
   positions or splits it otherwise, a concatenation along it, an index into it, an op this tracer
   does not know) makes
@@ -221,6 +224,7 @@ class _Analysis:
         self.origins: dict = {}         # element -> list of (node, weight key)
         self.param_axes: dict = {}      # element -> (state-dict key, axis, size)
         self.head_splits: list = []     # (label, heads): a group's axis split into (heads, units per head)
+        self.head_couplings: list = []  # (query/key label, value label) of one attention op: heads move together
         self.graph = ep.graph_module.graph
         self.module_of: dict = {}       # node -> innermost module path
         self.module_calls: dict = {}    # module path -> set of nn_module_stack keys (one per call)
@@ -549,6 +553,7 @@ class _Analysis:
             return self._unknown(node, val)
         self.uf.union(ql[-1], kl[-1])
         self.uf.union(kl[-2], vl[-2])
+        self.head_couplings.append((ql[-1], vl[-1]))
         out = list(ql[:-1]) + [vl[-1]]
         for i in range(len(out) - 2):
             out[i] = self.uf.union(self.uf.union(out[i], kl[i] if i < len(kl) else None), vl[i] if i < len(vl) else None)
@@ -716,6 +721,11 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
     analysis = _Analysis(ep, model)
     analysis.run()
     result = _build(analysis, model, on_unsupported)
+    if check and result.spec.couplings:
+        try:
+            check_permutation_invariance(model, result.spec, example_inputs)
+        except InvarianceError:             # heads that cannot move (e.g. a per-head bias): keep them in place
+            result = dataclasses.replace(result, spec=PermutationSpec(result.spec.groups))
     if check and result.spec.groups:
         try:
             check_permutation_invariance(model, result.spec, example_inputs)
@@ -727,8 +737,9 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
                                  f"{err.groups} cannot be permuted: {reason}. Pass on_unsupported='skip' to leave "
                                  "such groups unpermuted.") from err
             kept = tuple(g for g in result.spec.groups if g.name not in err.groups)
+            couplings = tuple(c for c in result.spec.couplings if not set(c) & set(err.groups))
             result = dataclasses.replace(
-                result, spec=PermutationSpec(kept), skipped={**result.skipped, **{g: reason for g in err.groups}},
+                result, spec=PermutationSpec(kept, couplings), skipped={**result.skipped, **{g: reason for g in err.groups}},
                 unit_axes={g: a for g, a in result.unit_axes.items() if g not in err.groups})
             if kept:
                 check_permutation_invariance(model, result.spec, example_inputs)
@@ -801,7 +812,15 @@ def _build(an: _Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         groups.append(PermGroup(name, size, tuple(axes), activation=act or pre, preactivation=pre,
                                 unit_axis=axis if axis is not None else 1, blocks=blocks))
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
-    spec = PermutationSpec(tuple(groups))
+    name_of = {root: origins[0][1].rsplit(".", 1)[0] for _, root, _, origins in classes}
+    built = {g.name: g for g in groups}
+    couplings = []
+    for qk, v in an.head_couplings:
+        pair = tuple(dict.fromkeys(name_of.get(uf.find(l)) for l in (qk, v)))
+        if len(pair) == 2 and all(n in built and built[n].blocks > 1 for n in pair) and \
+                built[pair[0]].blocks == built[pair[1]].blocks and pair not in couplings:
+            couplings.append(pair)
+    spec = PermutationSpec(tuple(groups), tuple(couplings))
     spec.validate(model.state_dict())
     first_call = {}
     for node in an.graph.nodes:

@@ -13,7 +13,7 @@ from typing import ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from .hungarian import matched_similarity, solve_assignment
+from .hungarian import matched_similarity, solve_assignment, solve_coupled
 from .matchers import Matcher, check_same_architecture, register_matcher
 from .permutations import Permutations
 from .spec import PermutationSpec, permute_tensor
@@ -72,12 +72,19 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     for sweep in range(max_iter):
         order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
         improved = False
+        visited: set[str] = set()
         for group in order:
-            s = similarity(group)
-            new = solve_assignment(s, spec[group].blocks)
-            old_value, new_value = matched_similarity(s, perms[group]), matched_similarity(s, new)
+            unit = spec.coupling_of(group) or (group,)     # an attention layer's groups move their heads together
+            if group in visited:
+                continue
+            visited.update(unit)
+            sims = [similarity(n) for n in unit]
+            new = (solve_coupled(sims, spec[group].blocks) if len(unit) > 1
+                   else [solve_assignment(sims[0], spec[group].blocks)])
+            old_value = sum(matched_similarity(s, perms[n]) for s, n in zip(sims, unit))
+            new_value = sum(matched_similarity(s, p) for s, p in zip(sims, new))
             if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
-                perms[group] = new
+                perms.update(zip(unit, new))
                 improved = True
         if not improved:
             break
