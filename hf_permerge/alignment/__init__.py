@@ -9,7 +9,7 @@ Models without a hand-written `permutation_spec()` get one from their traced gra
 """
 from .activation import ActivationMatcher, ActivationStatistics, activation_statistics
 from .gradient import GradientMatcher, update_directions
-from .hungarian import AssignmentSolver, solve_assignment, solve_assignments
+from .hungarian import AssignmentSolver, solve_assignment, solve_assignments, solve_coupled
 from .matchers import MATCHERS, Matcher, get_matcher, register_matcher
 from .permutations import Permutations
 from .spec import PermGroup, PermutationSpec, apply_permutations, permute_tensor
@@ -17,7 +17,7 @@ from .tracing import TracedSpec, attach_permutation_spec, check_permutation_inva
 from .weight import WeightMatcher, solve_linear_matching
 
 __all__ = ["PermGroup", "PermutationSpec", "apply_permutations", "permute_tensor", "Permutations",
-           "solve_assignment", "solve_assignments", "AssignmentSolver", "Matcher", "MATCHERS", "get_matcher",
+           "solve_assignment", "solve_assignments", "solve_coupled", "AssignmentSolver", "Matcher", "MATCHERS", "get_matcher",
            "register_matcher", "ActivationMatcher", "ActivationStatistics", "activation_statistics",
            "WeightMatcher", "solve_linear_matching", "GradientMatcher", "update_directions",
            "TracedSpec", "trace_permutation_spec", "attach_permutation_spec", "check_permutation_invariance"]

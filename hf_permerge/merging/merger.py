@@ -263,7 +263,8 @@ class PermMerger:
             "merge": self._last_merge,
             "alignment": {k: v for k, v in self.alignment.items()},
             "dataset": self.dataset_name(),
-            **({"traced_spec": {"groups": self.spec.names, "skipped": dict(self.traced.skipped)}}
+            **({"traced_spec": {"groups": self.spec.names, "skipped": dict(self.traced.skipped),
+                                "head_couplings": [list(c) for c in self.spec.couplings]}}
                if self.traced is not None else {}),
         }
 
