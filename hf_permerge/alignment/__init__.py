@@ -17,7 +17,7 @@ from .tracing import TracedSpec, attach_permutation_spec, check_permutation_inva
 from .weight import WeightMatcher, solve_linear_matching
 
 __all__ = ["PermGroup", "PermutationSpec", "apply_permutations", "permute_tensor", "Permutations",
-           "solve_assignment", "solve_assignments", "solve_coupled", "AssignmentSolver", "Matcher", "MATCHERS", "get_matcher",
-           "register_matcher", "ActivationMatcher", "ActivationStatistics", "activation_statistics",
+           "solve_assignment", "solve_assignments", "solve_coupled", "AssignmentSolver", "Matcher", "MATCHERS",
+           "get_matcher", "register_matcher", "ActivationMatcher", "ActivationStatistics", "activation_statistics",
            "WeightMatcher", "solve_linear_matching", "GradientMatcher", "update_directions",
            "TracedSpec", "trace_permutation_spec", "attach_permutation_spec", "check_permutation_invariance"]
