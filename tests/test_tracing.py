@@ -99,6 +99,15 @@ def x28(n: int = 4, seed: int = 0):
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
+def assert_matcher_undoes(model, scrambled, matcher: str = "activation", n: int = 32, batch_size: int = 16):
+    """Matching `scrambled` (a permuted copy of `model`) onto `model` must give back `model`'s weights exactly."""
+    data = TensorSplit(x28(n, 8), torch.zeros(n, dtype=torch.long), "random")
+    kwargs = {"num_examples": n, "batch_size": batch_size} if matcher == "activation" else {}
+    aligned = get_matcher(matcher, **kwargs).match(model, scrambled, data).apply(scrambled)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(aligned.state_dict()[key], value)
+
+
 # -- the traced spec equals the hand-written one ------------------------------------------------------
 @pytest.mark.parametrize("depth,bias", [(1, False), (2, False), (3, True)])
 def test_traced_spec_equals_handwritten_mlp_spec(depth, bias):
@@ -203,13 +212,7 @@ def test_matchers_undo_a_permutation_of_a_vit_that_moves_heads(matcher):
     scramble = Permutations.random(spec, seed=2)
     sigma = {n: scramble[n].view(2, 8)[:, 0] // 8 for c in spec.couplings for n in c}
     assert any(not torch.equal(s, torch.arange(2)) for s in sigma.values())     # some heads do move
-    scrambled = scramble.apply(model)
-    data = TensorSplit(x28(32, 8), torch.zeros(32, dtype=torch.long), "random")
-    kwargs = {"num_examples": 32, "batch_size": 16} if matcher == "activation" else {}
-    perms = get_matcher(matcher, **kwargs).match(model, scrambled, data)
-    aligned = perms.apply(scrambled)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(aligned.state_dict()[key], value)
+    assert_matcher_undoes(model, scramble.apply(model), matcher)
 
 
 class SingleHeadAttention(nn.Module):
@@ -271,12 +274,7 @@ def test_activation_matching_with_traced_spec_undoes_a_permutation():
     model = ResidualBNCNN().eval()     # default norms: no unit is dead on the data, so the matching is unique
     attach_permutation_spec(model, example_inputs=x28())
     spec = model.permutation_spec()
-    scrambled = Permutations.random(spec, seed=5).apply(model)
-    data = TensorSplit(x28(64, 7), torch.zeros(64, dtype=torch.long), "random")
-    perms = get_matcher("activation", num_examples=64, batch_size=64).match(model, scrambled, data)
-    aligned = perms.apply(scrambled)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(aligned.state_dict()[key], value)
+    assert_matcher_undoes(model, Permutations.random(spec, seed=5).apply(model), n=64, batch_size=64)
 
 
 def test_activation_matching_undoes_a_permutation_of_a_vit_on_its_token_axis():
@@ -285,12 +283,7 @@ def test_activation_matching_undoes_a_permutation_of_a_vit_on_its_token_axis():
     attach_permutation_spec(model, on_unsupported="skip")
     spec = model.permutation_spec()
     assert {g.unit_axis for g in spec.groups} == {2}
-    scrambled = Permutations.random(spec, seed=4).apply(model)
-    data = TensorSplit(x28(32, 8), torch.zeros(32, dtype=torch.long), "random")
-    perms = get_matcher("activation", num_examples=32, batch_size=16).match(model, scrambled, data)
-    aligned = perms.apply(scrambled)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(aligned.state_dict()[key], value)
+    assert_matcher_undoes(model, Permutations.random(spec, seed=4).apply(model))
 
 
 def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):

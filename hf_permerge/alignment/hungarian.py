@@ -75,6 +75,7 @@ class AssignmentSolver:
     def __init__(self, max_workers: int | None = None):
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hungarian")
         self._futures: dict[Hashable, Future] = {}
+        self._coupled: dict[tuple, Future] = {}   # names -> one future giving their permutations in order
 
     def submit(self, name: Hashable, similarity: torch.Tensor, blocks: int = 1) -> None:
         # The device->host copy happens here, on the caller's thread, so workers never touch the device.
@@ -84,7 +85,7 @@ class AssignmentSolver:
     def submit_coupled(self, names: tuple, similarities, blocks: int) -> None:
         """Groups whose blocks move together (`solve_coupled`); `results()` gives each name its permutation."""
         mats = [s.detach().to("cpu", torch.float64) for s in similarities]
-        self._futures[("coupled", names)] = self._pool.submit(solve_coupled, mats, blocks)
+        self._coupled[names] = self._pool.submit(solve_coupled, mats, blocks)
 
     def results(self) -> dict[Hashable, torch.Tensor]:
         """Wait for every solve; on a terminal, a bar counts them once the wait passes 2 s (n = 8192: minutes)."""
@@ -92,15 +93,13 @@ class AssignmentSolver:
 
         from tqdm.auto import tqdm
 
-        for _ in tqdm(as_completed(self._futures.values()), total=len(self._futures), desc="hungarian",
-                      leave=False, delay=2.0, disable=None):
+        futures = [*self._futures.values(), *self._coupled.values()]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="hungarian", leave=False, delay=2.0,
+                      disable=None):
             pass
-        out = {}
-        for name, f in self._futures.items():
-            if isinstance(name, tuple) and len(name) == 2 and name[0] == "coupled":
-                out.update(zip(name[1], f.result()))
-            else:
-                out[name] = f.result()
+        out = {name: f.result() for name, f in self._futures.items()}
+        for names, f in self._coupled.items():
+            out.update(zip(names, f.result()))
         return out
 
     def close(self) -> None:

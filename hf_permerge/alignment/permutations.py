@@ -72,8 +72,9 @@ class Permutations(Mapping[str, torch.Tensor]):
     def random(cls, spec: PermutationSpec, seed: int = 0) -> "Permutations":
         """Uniformly random permutations (tests, and the 'random permutation' baseline)."""
         gen = torch.Generator().manual_seed(seed)
-        block_maps = {n: torch.randperm(spec[c[0]].blocks, generator=gen) for c in spec.couplings for n in c[:1]}
-        block_maps = {n: block_maps[c[0]] for c in spec.couplings for n in c}
+        block_maps = {}
+        for coupled in spec.couplings:       # one map of whole blocks per coupling, shared by its groups
+            block_maps.update(dict.fromkeys(coupled, torch.randperm(spec[coupled[0]].blocks, generator=gen)))
 
         def one(g):
             width = g.size // g.blocks        # whole blocks move as the coupling's map says; within, anything

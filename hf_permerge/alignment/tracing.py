@@ -95,6 +95,13 @@ _CREATION = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "zeros
              "empty_like", "rand", "randn", "rand_like", "randn_like", "tensor", "linspace", "eye"}
 
 
+_OP_FAMILIES = ((_CONVS, "op_conv"), (_BATCH_NORMS, "op_batch_norm"), (_LAYER_NORMS, "op_layer_norm"),
+                (_GROUP_NORMS, "op_group_norm"), (_RESHAPES, "op_reshape"), (_POOLS, "op_pool"),
+                (_REDUCTIONS, "op_reduction"), (_CREATION, "op_creation"),
+                (_PASS_THROUGH | _NONLINEAR, "op_pointwise"))
+"""Ops without an `op_<name>` rule of their own, by family -> the rule that handles them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TracedSpec:
     """What tracing found: the spec, and what it could not follow."""
@@ -329,27 +336,10 @@ class _Analysis:
             self.labels[node] = src_labels[idx] if isinstance(src_labels, list) and idx < len(src_labels) else (
                 self.fresh(out_shape) if out_shape is not None else None)
             return
-        handler = getattr(self, f"op_{name}", None)
-        if handler is None:
-            if name in _CONVS:
-                handler = self.op_conv
-            elif name in _BATCH_NORMS:
-                handler = self.op_batch_norm
-            elif name in _LAYER_NORMS:
-                handler = self.op_layer_norm
-            elif name in _GROUP_NORMS:
-                handler = self.op_group_norm
-            elif name in _RESHAPES:
-                handler = self.op_reshape
-            elif name in _POOLS:
-                handler = self.op_pool
-            elif name in _REDUCTIONS:
-                handler = self.op_reduction
-            elif name in _CREATION:
-                handler = self.op_creation
-            elif name in _PASS_THROUGH or name in _NONLINEAR or (
-                    hasattr(node.target, "tags") and torch.Tag.pointwise in node.target.tags):
-                handler = self.op_pointwise
+        handler = getattr(self, f"op_{name}", None) or next(
+            (getattr(self, rule) for names, rule in _OP_FAMILIES if name in names), None)
+        if handler is None and hasattr(node.target, "tags") and torch.Tag.pointwise in node.target.tags:
+            handler = self.op_pointwise
         if handler is None:
             reason = f"{name} ({self.where(node)}) is not a permutation-equivariant op this tracer knows"
             for a in tensor_args:
@@ -527,9 +517,9 @@ class _Analysis:
         """Attention heads: a group's axis split into (heads, units per head), or merged back from them.
 
         The split keeps the group on the units-per-head axis and pins the heads axis; the group's
-        permutations then stay within each head (`PermGroup.blocks` = heads), so every head's units are
-        permuted among themselves and the heads stay where they are. Only that merge (heads pinned,
-        major; a split group's units minor) is undone; any other merge still blocks the group."""
+        permutations then keep each head's units together (`PermGroup.blocks` = heads), and whole heads
+        move only as an attention op's coupling says. Only that merge (heads pinned, major; a split
+        group's units minor) is undone; any other merge still blocks the group."""
         if len(ia) == 1 and len(oa) == 2 and self._is_group(xl[ia[0][0]]):
             (head_axis, heads), (unit_axis, _) = oa
             label = xl[ia[0][0]]
@@ -721,14 +711,16 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
     analysis = _Analysis(ep, model)
     analysis.run()
     result = _build(analysis, model, on_unsupported)
-    if check and result.spec.couplings:
-        try:
-            check_permutation_invariance(model, result.spec, example_inputs)
-        except InvarianceError:             # heads that cannot move (e.g. a per-head bias): keep them in place
-            result = dataclasses.replace(result, spec=PermutationSpec(result.spec.groups))
     if check and result.spec.groups:
         try:
-            check_permutation_invariance(model, result.spec, example_inputs)
+            try:
+                check_permutation_invariance(model, result.spec, example_inputs)
+            except InvarianceError:
+                if not result.spec.couplings:
+                    raise
+                # heads that cannot move (a per-head bias, say): keep them in place and check again
+                result = dataclasses.replace(result, spec=PermutationSpec(result.spec.groups))
+                check_permutation_invariance(model, result.spec, example_inputs)
         except InvarianceError as err:      # a group the rules followed wrongly: refuse it like any other
             reason = ("randomly permuting it changes the model's outputs (an op uses its units in a way the "
                       "tracer's rules do not capture, e.g. attention heads split with the heads as the minor axis)")

@@ -107,7 +107,8 @@ class PermMerger:
 
     def _with_spec(self, model):
         """Our classes declare their spec; any other model (a transformers ViT, a ResNet) gets one traced
-        from its graph once (attention heads and other unfollowable groups left unpermuted) and shared."""
+        from its graph once, on net 0 (`self.spec` still None), and shared by every net loaded after it;
+        groups the tracer cannot follow are left unpermuted."""
         if hasattr(model, "permutation_spec"):
             return model
         from ..alignment.tracing import attach_permutation_spec, trace

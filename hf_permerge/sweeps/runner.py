@@ -128,17 +128,11 @@ def stack_max_params(device) -> int:
 
 
 def _parameter_count(config) -> int:
-    """Parameters of one net of `config`, from its model section (no model is built)."""
-    m = config.model
-    if m.type == "mlp":
-        widths = [784] + [m.width] * m.depth + [10]
-        return sum(a * b + (b if m.bias else 0) for a, b in zip(widths, widths[1:]))
-    channels, total = 1, 0
-    for token in m.layers.split("-"):
-        if token != "avg":
-            total += channels * int(token) * 9 + int(token) * (5 if m.batch_norm else 1)
-            channels = int(token)
-    return total + channels * 10 + 10
+    """Parameters of one net of `config`: the model built on the meta device (no memory, no init)."""
+    from ..training import build_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(config, 0).parameters())
 
 
 def seed_stacks(cells: list[Cell], output_dir: Path, max_params: int = STACK_MAX_PARAMS) -> list[list[Cell]]:
