@@ -172,10 +172,10 @@ class PairTrainer:
         line = f"epoch {epoch + 1}/{tc.epochs} ({time.perf_counter() - t0:.1f} s)"
         logs = {}
         evals = engine.evaluate(test.pixel_values, test.labels) if tc.eval_each_epoch else None
-        for k, slot in enumerate(slots):
+        for k, (slot, loss) in enumerate(zip(slots, mean_loss.tolist())):    # one host sync per epoch
             key = slot.name.replace(" ", "_")
-            line += f" | {slot.name}: train loss {mean_loss[k].item():.4f}"
-            logs[f"{key}/train_loss"] = mean_loss[k].item()
+            line += f" | {slot.name}: train loss {loss:.4f}"
+            logs[f"{key}/train_loss"] = loss
             if evals:
                 line += f" test acc {evals[k][1]:.4f}"
                 logs[f"{key}/test_loss"], logs[f"{key}/test_acc"] = evals[k]
