@@ -8,12 +8,16 @@ model's channel count (grayscale "L" for one channel, the same luminance formula
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import PIL.Image
 from transformers import AutoImageProcessor
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
+
+logger = logging.getLogger(__name__)
 
 # ITU-R 601-2 luma, as PIL's convert("L")
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -92,5 +96,9 @@ def register_image_processor() -> None:
     from .configuration_perm_mlp import PermMLPConfig
 
     for config_class in (PermMLPConfig, PermCNNConfig):
-        AutoImageProcessor.register(config_class, image_processor_classes={"pil": PermImageProcessor},
-                                    exist_ok=True)
+        try:
+            AutoImageProcessor.register(config_class, image_processor_classes={"pil": PermImageProcessor},
+                                        exist_ok=True)
+        except ImportError as err:  # transformers < 5.24 wants torchvision for AutoImageProcessor
+            logger.debug("AutoImageProcessor not registered for %s: %s", config_class.__name__, err)
+            return
