@@ -97,13 +97,12 @@ def bench_train(arch: str, num_nets: int, steps: int, repeats: int, device, full
     def ours(kind: str, **options):
         def prepare():
             engine = make_engine(kind, [build_model(cfg, i) for i in range(num_nets)], cfg.training, device, **options)
-            orders = [epoch_order(1000 + i, 0, len(y), device) for i in range(num_nets)]
+            orders = torch.stack([epoch_order(1000 + i, 0, len(y), device) for i in range(num_nets)])
 
             def run():  # the trainer's hot loop: index slices of the whole data set, no host sync inside
                 loss_sum = torch.zeros(num_nets, device=device)
                 for b in range(steps):
-                    idx = [o[b * 100:(b + 1) * 100] for o in orders]
-                    loss_sum += engine.step([x[j] for j in idx], [y[j] for j in idx])
+                    loss_sum += engine.step(*train.batches(orders[:, b * 100:(b + 1) * 100]))
                 return loss_sum.tolist()
             return run
         return prepare
@@ -111,6 +110,8 @@ def bench_train(arch: str, num_nets: int, steps: int, repeats: int, device, full
     cases = {"reference": reference(), "ours": ours("stacked")}
     if full or num_nets == 2:  # quick mode: the per-net engine (as slow as the reference) on pairs only
         cases["per_net_engine"] = ours("per_net")
+    if device.type == "cuda":    # captured once in the warm-up round (3 eager steps, then the capture)
+        cases["stacked_cuda_graph"] = ours("stacked", cuda_graph=True)
     if full:
         cases["reference_fused_adamw"] = reference(fused=True)
         for fwd in (("vmap", "loop") if arch == "mlp" else ("vmap",) if device.type == "cpu" else ("loop",)):
@@ -136,10 +137,9 @@ def bench_align(depth: int, width: int, train_steps: int, repeats: int, device) 
     train = load_tensors("fashion_mnist", "train", device)
     cfg = run_config({"type": "mlp", "depth": depth, "width": width}, 2)
     engine = make_engine("stacked", [build_model(cfg, i) for i in range(2)], cfg.training, device)
-    orders = [epoch_order(1000 + i, 0, len(train), device) for i in range(2)]
+    orders = torch.stack([epoch_order(1000 + i, 0, len(train), device) for i in range(2)])
     for b in range(train_steps):
-        idx = [o[b * 100:(b + 1) * 100] for o in orders]
-        engine.step([train.pixel_values[j] for j in idx], [train.labels[j] for j in idx])
+        engine.step(*train.batches(orders[:, b * 100:(b + 1) * 100]))
     a, b = engine.export(0).eval(), engine.export(1).eval()
     matcher = ActivationMatcher()
     split = train.subset(matcher.num_examples, matcher.seed)
@@ -170,11 +170,10 @@ def bench_curves(train_steps: int, repeats: int, device) -> dict:
     cfg = run_config({"type": "mlp", "depth": 2, "width": 512}, 2)
     inits = [build_model(cfg, i).to(device).eval() for i in range(2)]
     engine = make_engine("stacked", [build_model(cfg, i) for i in range(2)], cfg.training, device)
-    orders = [epoch_order(1000 + i, 0, len(train), device) for i in range(2)]
+    orders = torch.stack([epoch_order(1000 + i, 0, len(train), device) for i in range(2)])
     for b in range(train_steps):
-        idx = [o[b * 100:(b + 1) * 100] for o in orders]
-        engine.step([train.pixel_values[j] for j in idx], [train.labels[j] for j in idx])
-    finals = [copy.deepcopy(engine.export(i)).eval() for i in range(2)]
+        engine.step(*train.batches(orders[:, b * 100:(b + 1) * 100]))
+    finals = [copy.deepcopy(engine.export(i)).to(device).eval() for i in range(2)]
     perms = ActivationMatcher().match(finals[0], finals[1], train)
     pairs = []
     for m0, m1 in (finals, inits):
@@ -253,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--nets", default="2,12", help="stack sizes to train")
+    p.add_argument("--align", default="2x2048,1x8192", help="MLP pairs (depth x width) to align")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     if args.threads:
@@ -275,9 +275,10 @@ def main(argv=None) -> int:
                     entries.append(bench_train(arch, n, steps, repeats, device, args.full))
                     print(table({"sections": {name: entries[-1:]}}), flush=True)
         elif name == "align":
-            for depth, width in ((2, 2048), (1, 8192)):
-                # quick mode: one repeat of the 1x8192 pair (its Hungarian alone takes minutes on 2 cores)
-                reps = repeats if args.full or width < 8192 or gpu else 1
+            for depth, width in (map(int, m.split("x")) for m in args.align.split(",")):
+                # quick mode: one repeat of the 1x8192 pair (its Hungarian alone takes minutes on 2 cores,
+                # and over 80 s on the GPU machine's CPU)
+                reps = repeats if args.full or width < 8192 else 1
                 entries.append(bench_align(depth, width, 100 if args.full else 20, reps, device))
                 print(table({"sections": {name: entries[-1:]}}), flush=True)
         elif name == "curves":

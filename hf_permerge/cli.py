@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "running the same command again continues a sweep. Writes OUT/results.csv, "
                                    "OUT/summary.csv, OUT/results.json and OUT/<name>.png. Under `accelerate launch "
                                    "-m hf_permerge.cli sweep ...` the processes share the cells (cell i on process "
-                                   "i %% world size).",
+                                   "i mod the number of processes).",
                        epilog=EPILOG)
     p.add_argument("config", help="sweep YAML: sections model, data, training, alignment, evaluation and sweep "
                                   "(see configs/sweeps/)")

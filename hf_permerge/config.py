@@ -78,6 +78,9 @@ class TrainingSection(_Section):
     engine: Literal["auto", "stacked", "per_net"] = "auto"
     """auto: all nets in one stacked engine on one process; per-net under several processes."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    cuda_graphs: bool = False
+    """Stacked engine on CUDA: capture the training step once as a CUDA graph and replay it (small
+    nets are bound by kernel launches); ignored on the CPU. Off until measured on a GPU (BENCHMARKS.md)."""
     log_with: str | None = None
     eval_each_epoch: bool = True
 

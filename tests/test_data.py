@@ -70,3 +70,13 @@ def test_corrupt_idx_file_is_refused(tmp_path):
     (tmp_path / "x.idx").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x10abc")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         read_idx(tmp_path / "x.idx")
+
+
+def test_batches_gathers_each_nets_batch(tiny_fmnist):
+    """The trainer's one-gather batches equal indexing the split once per net."""
+    split = load_tensors("fashion_mnist", "train", "cpu", tiny_fmnist)
+    idx = torch.stack([torch.randperm(len(split), generator=torch.Generator().manual_seed(s))[:7] for s in range(3)])
+    images, labels = split.batches(idx)
+    assert images.shape == (3, 7, *split.pixel_values.shape[1:]) and labels.shape == (3, 7)
+    for i in range(3):
+        assert torch.equal(images[i], split.pixel_values[idx[i]]) and torch.equal(labels[i], split.labels[idx[i]])

@@ -37,8 +37,8 @@ def data(tiny_fmnist):
 def batches(data, num_nets, step, size=50):
     """A different batch for each net, as the trainer gives them (each net its own data order)."""
     g = torch.Generator().manual_seed(step)
-    idx = [torch.randperm(len(data), generator=g)[:size] for _ in range(num_nets)]
-    return [data.pixel_values[i] for i in idx], [data.labels[i] for i in idx]
+    idx = torch.stack([torch.randperm(len(data), generator=g)[:size] for _ in range(num_nets)])
+    return data.batches(idx)
 
 
 @pytest.mark.parametrize("name,forward", CASES)
@@ -47,7 +47,7 @@ def test_stacked_forward_equals_each_nets_own_forward(name, forward, data):
     engine = StackedEngine(models, tc(), CPU, forward=forward)
     xs, _ = batches(data, 3, 0)
     with torch.no_grad():
-        got = engine.logits(torch.stack(xs))
+        got = engine.logits(xs)
         for i, (m, x) in enumerate(zip(models, xs)):
             torch.testing.assert_close(got[i], m(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_stacked_weight_gradients_need_no_layout_copy(data):
     """The bmm forward gives each weight gradient in the weight's own (contiguous) layout."""
     engine = StackedEngine([NETS["mlp"](s) for s in range(2)], tc(), CPU)
     xs, ys = batches(data, 2, 0)
-    engine._losses(engine.logits(torch.stack(xs)), torch.stack(ys)).sum().backward()
+    engine.losses(engine.logits(xs), ys).sum().backward()
     assert all(p.grad.is_contiguous() for p in engine.params.values())
 
 
@@ -132,6 +132,42 @@ def test_bf16_option_trains_close_to_fp32(data):
         l32, l16 = fp32.step(xs, ys), bf16.step(xs, ys)
         assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
         torch.testing.assert_close(l16, l32, rtol=0.05, atol=0.05)
+
+
+def test_cuda_graph_option_is_ignored_off_cuda(data):
+    """On the CPU `cuda_graph` changes nothing: the same fused optimiser, the same steps."""
+    plain = make_engine("stacked", [NETS["mlp"](s) for s in range(2)], tc(), CPU)
+    graphed = make_engine("stacked", [NETS["mlp"](s) for s in range(2)], tc(), CPU, cuda_graph=True)
+    assert not graphed.cuda_graph and graphed.optimizer.defaults["fused"]
+    for step in range(5):
+        xs, ys = batches(data, 2, step)
+        torch.testing.assert_close(graphed.step(xs, ys), plain.step(xs, ys), rtol=0, atol=0)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA; benchmarks/gpu_session.sh runs it on the lent GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name,optimizer", [("mlp", "adamw"), ("mlp", "sgd"), ("mlp_mse", "adamw"), ("cnn", "adamw")])
+def test_cuda_graph_steps_equal_eager_steps(name, optimizer, precision, data):
+    """Warm-up, capture and replays train exactly what eager steps train (the graph replays the same
+    kernels; the capturable optimiser differs from the fused one only in rounding)."""
+    cuda = torch.device("cuda")
+    eager = make_engine("stacked", [NETS[name](s) for s in range(3)], tc(optimizer, precision), cuda)
+    graphed = make_engine("stacked", [NETS[name](s) for s in range(3)], tc(optimizer, precision), cuda,
+                          cuda_graph=True)
+    assert graphed.cuda_graph
+    tol = {"rtol": 1e-4, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-3}
+    for step in range(8):                          # 3 warm-up steps, the capture, 4 replays
+        xs, ys = (t.to(cuda) for t in batches(data, 3, step))
+        torch.testing.assert_close(graphed.step(xs, ys), eager.step(xs, ys), **tol)
+    assert graphed._graph is not None
+    for n in eager.params:
+        torch.testing.assert_close(graphed.params[n], eager.params[n], **tol)
+    with pytest.raises(ValueError, match="batches of shape"):
+        graphed.step(*(t.to(cuda) for t in batches(data, 3, 9, size=20)))
 
 
 def test_match_many_equals_one_match_per_net(data):

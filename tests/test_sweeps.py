@@ -99,12 +99,14 @@ def test_permuted_average_beats_vanilla_average_in_the_smoke_sweep(tmp_path, tin
 
 
 def test_seeds_trained_as_one_stack_give_the_same_results_as_one_pair_at_a_time(tmp_path, tiny_fmnist):
-    """stack_seeds (default): a cell's seeds train together, measured as before, with the same numbers."""
+    """stack_seeds (default): a cell's seeds train together, and are measured at once on threads
+    (measure_workers), with the same numbers as one pair at a time."""
     args = ("sweep.grid.model.width=[32]", "sweep.grid.training.seed=[0,1,2]")
-    stacked = run_sweep(smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args), tmp_path / "stacked", progress=False)
+    stacked = run_sweep(smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args, "sweep.measure_workers=3"),
+                        tmp_path / "stacked", progress=False)
     alone = run_sweep(smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args, "sweep.stack_seeds=false"),
                       tmp_path / "alone", progress=False)
-    assert stacked.ran == alone.ran and len(stacked.ran) == 6        # depths 1, 2 x three seeds
+    assert sorted(stacked.ran) == sorted(alone.ran) and len(stacked.ran) == 6        # depths 1, 2 x three seeds
     for cell in stacked.ran:
         a, b = (json.loads((tmp_path / run / "cells" / cell / "result.json").read_text()) for run in ("stacked", "alone"))
         assert a["timings"]["trained_together"] == 3 and "trained_together" not in b["timings"]
@@ -185,6 +187,7 @@ BASE = {"model": {"type": "mlp", "width": 8}, "training": {"max_steps": 2}}
     ({"experiment": "pair"}, "sweep.name: required"),
     ({"name": "a/b", "experiment": "pair"}, "sweep.name"),
     ({"name": "s", "experiment": "pair", "keep_pairs": "no"}, "sweep.keep_pairs"),
+    ({"name": "s", "experiment": "pair", "measure_workers": 0}, "sweep.measure_workers: give a count >= 1"),
     ({"name": "s", "experiment": "matchers"}, "the `matchers` experiment needs at least one"),
     ({"name": "s", "experiment": "matchers", "matchers": {"g": {"matcher": "gradiant"}}}, "sweep.matchers.g.matcher"),
     ({"name": "s", "experiment": "pair", "x": "model.depth", "grid": {"model.width": [8]}}, "sweep.x"),
@@ -269,3 +272,11 @@ def test_two_processes_share_the_cells_and_give_the_same_table(tmp_path, tiny_fm
                 assert a[key] == b[key], key
             elif key.endswith("_loss"):
                 assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), key
+
+
+def test_measure_workers_auto_is_one_on_the_cpu_and_counts_are_capped_by_the_stack(tiny_fmnist):
+    from hf_permerge.sweeps.runner import measure_workers
+
+    stack = smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, "sweep.grid.training.seed=[0,1,2]").cells[:3]
+    assert measure_workers("auto", stack, "cpu") == 1
+    assert measure_workers(8, stack, "cpu") == 3 and measure_workers(2, stack, "cpu") == 2

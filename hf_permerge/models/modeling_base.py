@@ -71,9 +71,13 @@ class PermPreTrainedModel(PreTrainedModel):
         raise NotImplementedError
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.example_losses(logits, labels).mean()
+
+    def example_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of each example (any leading shape); the trainer averages them per net."""
         if self.config.loss == "mse":
-            return F.mse_loss(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
-        return F.cross_entropy(logits, labels)
+            return F.mse_loss(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype), reduction="none").mean(-1)
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
 
     def _output(self, logits, labels, return_dict):
         loss = self.compute_loss(logits, labels) if labels is not None else None

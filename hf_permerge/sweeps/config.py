@@ -71,6 +71,17 @@ class SweepSection(BaseModel):
     stack_seeds: bool = True
     """Train the cells that differ only in `training.seed` as one stack of nets (the same weights as one
     pair at a time, in fewer, larger steps); stacks are capped at `STACK_MAX_PARAMS` parameters."""
+    measure_workers: int | Literal["auto"] = "auto"
+    """How many cells of a stack are measured at once, on threads: one cell's Hungarian solves (CPU)
+    then overlap the others' device work. "auto": up to 8 on a GPU (within half of its memory),
+    1 on the CPU (its cores are busy already). The numbers do not depend on it."""
+
+    @field_validator("measure_workers")
+    @classmethod
+    def _check_workers(cls, workers):
+        if workers != "auto" and workers < 1:
+            raise ValueError(f"sweep.measure_workers: give a count >= 1 or 'auto', got {workers}")
+        return workers
 
     @field_validator("grid")
     @classmethod

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -154,6 +155,19 @@ def seed_stacks(cells: list[Cell], output_dir: Path, max_params: int = STACK_MAX
     return stacks
 
 
+def measure_workers(setting: int | str, stack: list[Cell], device) -> int:
+    """Cells of `stack` to measure at once ("auto": see `SweepSection.measure_workers`)."""
+    if setting != "auto":
+        return max(1, min(int(setting), len(stack)))
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    # a cell holds about 24 copies of one net at its peak (its nets, their permuted copies, an 11-lambda stack)
+    per_cell = _parameter_count(stack[0].config) * 4 * 24
+    budget = torch.cuda.get_device_properties(device).total_memory // 2
+    return max(1, min(len(stack), 8, budget // max(per_cell, 1)))
+
+
 def train_stack(stack: list[Cell], output_dir: Path, device, progress: bool) -> None:
     """Train a stack's pairs together; on any error leave them to `run_cell` (which resumes or retrains)."""
     from ..training import PairTrainer, train_together
@@ -255,18 +269,35 @@ def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress
     stacks = {cell.id: stack for stack in (seed_stacks(mine, output_dir, stack_max_params(state.device))
                                            if config.sweep.stack_seeds else [])
               for cell in stack}
-    for n, cell in enumerate(mine, start=1):
-        if cell.id in stacks and not (output_dir / "cells" / cell.id / "pair").exists():
-            start = time.perf_counter()
-            train_stack(stacks[cell.id], output_dir, state.device, progress)
-            print(f"{tag}trained {len(stacks[cell.id])} cells together ({time.perf_counter() - start:.1f} s)", flush=True)
+    number = {cell.id: n for n, cell in enumerate(mine, start=1)}
+
+    def measure_one(cell: Cell) -> None:
         start = time.perf_counter()
         status = run_cell(cell, config, output_dir, state.device, progress)
         {"done": result.ran, "skipped": result.skipped}.get(status, []).append(cell.id)
         if status == "failed":
             result.failed[cell.id] = "see error.txt"
         if progress or status != "skipped":
-            print(f"{tag}cell {n}/{len(mine)} {cell.id}: {status} ({time.perf_counter() - start:.1f} s)", flush=True)
+            print(f"{tag}cell {number[cell.id]}/{len(mine)} {cell.id}: {status} ({time.perf_counter() - start:.1f} s)",
+                  flush=True)
+
+    measured = set()
+    for cell in mine:
+        if cell.id in measured:
+            continue
+        stack = stacks.get(cell.id, [cell])
+        if len(stack) > 1 and not (output_dir / "cells" / cell.id / "pair").exists():
+            start = time.perf_counter()
+            train_stack(stack, output_dir, state.device, progress)
+            print(f"{tag}trained {len(stack)} cells together ({time.perf_counter() - start:.1f} s)", flush=True)
+        workers = measure_workers(config.sweep.measure_workers, stack, state.device)
+        if workers == 1:
+            for c in stack:
+                measure_one(c)
+        else:   # one cell's Hungarian solves (CPU, GIL released) overlap the others' device work
+            with ThreadPoolExecutor(workers, thread_name_prefix="measure") as pool:
+                list(pool.map(measure_one, stack))
+        measured.update(c.id for c in stack)
     state.wait_for_everyone()
     if state.is_main_process:
         result.files, result.summary, result.failed = write_outputs(config, output_dir, command)

@@ -137,7 +137,7 @@ class PairTrainer:
         for slot in slots:
             if not (slot.folder / "init").exists():
                 save_model(slot.model, slot.folder / "init")
-        engine = make_engine(tc.engine, [slot.model for slot in slots], tc, acc.device)
+        engine = make_engine(tc.engine, [slot.model for slot in slots], tc, acc.device, cuda_graph=tc.cuda_graphs)
         steps_per_epoch = len(train) // tc.batch_size
         total = self._total_steps = total_steps(tc, len(train))
         step = self._maybe_resume(engine, slots) if self.resume else 0
@@ -149,12 +149,11 @@ class PairTrainer:
             bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
-            orders = [epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots]
+            orders = torch.stack([epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots])
             loss_sum = torch.zeros(len(slots), device=acc.device)
             batches = range(offset, min(steps_per_epoch, offset + total - step))
             for b in batches:
-                idx = [o[b * tc.batch_size:(b + 1) * tc.batch_size] for o in orders]
-                loss_sum += engine.step([train.pixel_values[j] for j in idx], [train.labels[j] for j in idx])
+                loss_sum += engine.step(*train.batches(orders[:, b * tc.batch_size:(b + 1) * tc.batch_size]))
                 step += 1
                 bar.update(1)
                 if step in save_steps:
