@@ -86,14 +86,22 @@ class ActivationStatistics:
 
     def moments(self) -> dict[str, torch.Tensor]:
         """Means, variances, covariance of the unshifted activations (float64)."""
+        m = self._unit_moments()
+        return {**m, "cov": self._covariance(m)}
+
+    def _unit_moments(self) -> dict[str, torch.Tensor]:
+        """The per-unit part of `moments` (vectors), and `dev_*` = mean - shift."""
         n = max(self.count, 1)
         shift_a = self.shift_a.double() if self.shift_a is not None else torch.zeros_like(self.sum_a)
         shift_b = self.shift_b.double() if self.shift_b is not None else torch.zeros_like(self.sum_b)
         dev_a, dev_b = self.sum_a / n, self.sum_b / n          # mean - shift: small by construction
-        var_a = _variance(self.sumsq_a / n, dev_a)
-        var_b = _variance(self.sumsq_b / n, dev_b)
-        cov = self.cross / n - torch.outer(dev_a, dev_b)
-        return {"mean_a": shift_a + dev_a, "mean_b": shift_b + dev_b, "var_a": var_a, "var_b": var_b, "cov": cov}
+        return {"mean_a": shift_a + dev_a, "mean_b": shift_b + dev_b, "dev_a": dev_a, "dev_b": dev_b,
+                "var_a": _variance(self.sumsq_a / n, dev_a), "var_b": _variance(self.sumsq_b / n, dev_b)}
+
+    def _covariance(self, m: dict) -> torch.Tensor:
+        """A new (n, n) covariance; callers turn it into a similarity in place (at n = 8192 each
+        n x n temporary costs about a second)."""
+        return (self.cross / max(self.count, 1)).addr_(m["dev_a"], m["dev_b"], alpha=-1)
 
     def similarity(self, kind: str = "cosine") -> torch.Tensor:
         """(n, n) similarity of unit i of net a and unit j of net b.
@@ -103,18 +111,24 @@ class ActivationStatistics:
         varies (dead ReLU) gets similarity 0 under cosine / correlation instead of NaN.
         """
         check_choice("similarity", kind, SIMILARITIES)
-        m = self.moments()
-        mean_a, mean_b, var_a, var_b, cov = m["mean_a"], m["mean_b"], m["var_a"], m["var_b"], m["cov"]
-        if kind == "cosine":
-            second_a, second_b = var_a + mean_a.square(), var_b + mean_b.square()
-            return _ratio(cov + torch.outer(mean_a, mean_b), torch.outer(second_a.sqrt(), second_b.sqrt()))
+        m = self._unit_moments()
+        mean_a, mean_b, var_a, var_b = m["mean_a"], m["mean_b"], m["var_a"], m["var_b"]
+        s = self._covariance(m)
+        if kind == "cosine":          # E[a b] / sqrt(E[a^2] E[b^2])
+            s.addr_(mean_a, mean_b)
+            return _divide_rows_and_columns(s, (var_a + mean_a.square()).sqrt(), (var_b + mean_b.square()).sqrt())
         if kind == "correlation":
-            return _ratio(cov, torch.outer(var_a.sqrt(), var_b.sqrt()))
-        return -(var_a[:, None] + var_b[None, :] - 2 * cov + (mean_a[:, None] - mean_b[None, :]).square())
+            return _divide_rows_and_columns(s, var_a.sqrt(), var_b.sqrt())
+        # l2: -(var_a + var_b - 2 cov + (mean_a - mean_b)^2)
+        return s.mul_(2).sub_(var_a[:, None]).sub_(var_b[None, :]).sub_((mean_a[:, None] - mean_b[None, :]).square())
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+def _divide_rows_and_columns(s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """s[i, j] / (rows[i] cols[j]) in place, and 0 where rows[i] or cols[j] is 0 (a unit that never fires,
+    or one whose norm is below the smallest normal float, whose reciprocal would overflow)."""
+    tiny = torch.finfo(s.dtype).tiny
+    inverse = lambda v: torch.where(v > tiny, v.reciprocal(), torch.zeros_like(v))  # noqa: E731
+    return s.mul_(inverse(rows)[:, None]).mul_(inverse(cols)[None, :])
 
 
 def _variance(second_moment: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,8 @@ def measure_workers(setting: int | str, stack: list[Cell], device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 1
-    # a cell holds about 24 copies of one net at its peak (its nets, their permuted copies, an 11-lambda stack)
+    # estimated, not measured: a cell holds about 24 copies of one net at its peak (its nets, their
+    # permuted copies, an 11-lambda stack)
     per_cell = _parameter_count(stack[0].config) * 4 * 24
     budget = torch.cuda.get_device_properties(device).total_memory // 2
     return max(1, min(len(stack), 8, budget // max(per_cell, 1)))

@@ -64,6 +64,7 @@ class PerNetEngine:
     name = "per_net"
 
     def __init__(self, models, tc, device):
+        device = torch.device(device)
         self.models = [m.to(device).train() for m in models]
         self.optimizers = [make_optimizer(m.parameters(), tc) for m in self.models]
         self.precision = tc.precision
