@@ -49,15 +49,25 @@ def load() -> list[float]:
 
 
 def interleaved(cases: dict, repeats: int, device, warmup: bool = True) -> dict[str, list[float]]:
-    """Time each case's `prepare()` -> `run()` (only `run` is timed), the cases interleaved per repeat."""
+    """Time each case's `prepare()` -> `run()` (only `run` is timed), the cases interleaved per repeat.
+    A case other than the first (the reference) that raises is reported and dropped, not fatal."""
     times = {name: [] for name in cases}
     for r in range(repeats + int(warmup)):
-        for name, prepare in cases.items():
-            run = prepare()
-            sync(device)
-            start = time.perf_counter()
-            run()
-            sync(device)
+        for k, (name, prepare) in enumerate(cases.items()):
+            if name not in times:
+                continue
+            try:
+                run = prepare()
+                sync(device)
+                start = time.perf_counter()
+                run()
+                sync(device)
+            except Exception as err:
+                if k == 0:
+                    raise
+                print(f"case {name} failed and is left out: {err!r}", flush=True)
+                del times[name]
+                continue
             if r >= int(warmup):
                 times[name].append(time.perf_counter() - start)
     return times
