@@ -18,6 +18,8 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.func import functional_call
 
@@ -222,7 +224,9 @@ class StackedEngine:
         if self._eager_steps < GRAPH_WARMUP_STEPS:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # AdamW(capturable=True) warns when it runs outside a capture: here it must, to warm up
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 losses = self._step(xs, ys).detach()
             current.wait_stream(side)
             self._eager_steps += 1
