@@ -56,6 +56,19 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transforme
       "accelerate", accelerate.__version__, "scipy", scipy.__version__, "pydantic", pydantic.__version__)
 print("fashion-mnist train", tuple(load_tensors("fashion_mnist", "train").pixel_values.shape))
 EOF
+[[ -f "$OUT/gpu.txt" ]] && cat "$OUT/gpu.txt" >> "$OUT/check.txt" && rm "$OUT/gpu.txt"   # at most 8 files come back
+
+tables() {  # tables SWEEP_YAML OUT_DIR: the table of the cells finished so far (a stopped sweep writes none)
+    $PY - "$1" "$2" <<'EOF' 2>&1 | tee -a "$OUT/fig2.log" || true
+import sys
+from pathlib import Path
+from hf_permerge.sweeps import load_sweep_config
+from hf_permerge.sweeps.runner import write_outputs
+files, summary, failed = write_outputs(load_sweep_config(sys.argv[1]), Path(sys.argv[2]))
+print(summary)
+EOF
+    cp "$2/summary.csv" "$2/results.json" "$OUT/" 2>/dev/null || true
+}
 
 step() {  # step NAME SECONDS CMD...: a time-boxed step whose log comes back; a failure does not stop the rest
     local name=$1 limit=$2; shift 2
@@ -69,6 +82,7 @@ if [[ $DRY == 1 ]]; then
     step cuda_tests 300 $PY -m pytest -p no:cacheprovider tests/test_engines.py -k cuda
     step bench 900 $PY benchmarks/run_benchmarks.py --only curves --repeats 1 --out "$OUT"
     step fig2 900 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist_smoke.yaml -o /tmp/gpu_dry_fig2 --overwrite
+    tables configs/sweeps/fig2_fmnist_smoke.yaml /tmp/gpu_dry_fig2
 else
     # The CUDA-graph step against eager steps (skipped on the CPU, so only here).
     step cuda_tests 60 $PY -m pytest -p no:cacheprovider tests/test_engines.py -k cuda
@@ -76,14 +90,14 @@ else
     grep -q " passed" "$OUT/cuda_tests.log" && ! grep -q "failed\|error" "$OUT/cuda_tests.log" && GRAPHS=true
     # (a)-(d) on CUDA, quick mode (600 MLP / 300 CNN steps per net, 2 repeats): ratios against the reference.
     # The 1x8192 alignment is left out: its Hungarian solve alone took over 80 s on that machine's CPU.
-    step bench 180 $PY benchmarks/run_benchmarks.py --repeats 2 --align 2x2048 --out "$OUT"
+    step bench 200 $PY benchmarks/run_benchmarks.py --repeats 2 --align 2x2048 --out "$OUT"
     # The whole Fig. 2 grid (depths 1-3, widths 32..8192, 6 seeds, pairs, curves of trained nets and inits)
-    # against the issue's 5-minute target; stopped at 240 s (the session's device time is 15 minutes in all),
+    # against the issue's 5-minute target; stopped at 220 s (the session's device time is 15 minutes in all),
     # the cells done and their times are in fig2.log.
-    step fig2 240 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2 --overwrite \
+    step fig2 220 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2 --overwrite \
         --set training.cuda_graphs=$GRAPHS
     ls /tmp/fig2/cells 2>/dev/null | wc -l | sed 's/^/fig2 cells started: /'
     find /tmp/fig2/cells -name result.json 2>/dev/null | wc -l | sed 's/^/fig2 cells done: /'
-    cp /tmp/fig2/results.csv /tmp/fig2/summary.csv "$OUT/" 2>/dev/null || true
+    tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2
 fi
 ls -la "$OUT"
