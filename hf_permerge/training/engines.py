@@ -199,7 +199,7 @@ class StackedEngine:
         later one copies its batch into the graph's inputs and replays it. Every call is one real
         step of training; the batch shape must stay the same (the trainer's batches do)."""
         if not self.cuda_graph:
-            return self._step(xs, ys).detach()
+            return self._step(xs, ys)
         if self._graph is None:
             return self._warm_up_or_capture(xs, ys)
         graph, static_x, static_y, static_losses = self._graph
@@ -210,14 +210,17 @@ class StackedEngine:
         graph.replay()
         return static_losses.clone()
 
-    def _step(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    def _step(self, xs: torch.Tensor, ys: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
+        """Forward, backward, optimiser step. In a CUDA graph (zero_grad=False) each replay's backward
+        overwrites the gradients that the capture allocated, so there is nothing to zero."""
         with _autocast(self.device, self.precision, cache=not self.cuda_graph):
             logits = self.logits(xs)
         losses = self.losses(logits.float(), ys)
-        self.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
-        return losses
+        return losses.detach()
 
     def _warm_up_or_capture(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         current = torch.cuda.current_stream(self.device)
@@ -227,7 +230,7 @@ class StackedEngine:
             with torch.cuda.stream(side), warnings.catch_warnings():
                 # AdamW(capturable=True) warns when it runs outside a capture: here it must, to warm up
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
-                losses = self._step(xs, ys).detach()
+                losses = self._step(xs, ys)
             current.wait_stream(side)
             self._eager_steps += 1
             return losses
@@ -235,20 +238,10 @@ class StackedEngine:
         self.optimizer.zero_grad(set_to_none=True)   # backward in the graph then writes fresh gradients
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_losses = self._step_captured(static_x, static_y)
+            static_losses = self._step(static_x, static_y, zero_grad=False)
         self._graph = (graph, static_x, static_y, static_losses)
         graph.replay()                               # capturing records the step without running it
         return static_losses.clone()
-
-    def _step_captured(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """`_step` without `zero_grad`: inside the graph, each replay's backward overwrites the
-        gradients that the capture allocated."""
-        with _autocast(self.device, self.precision, cache=False):
-            logits = self.logits(xs)
-        losses = self.losses(logits.float(), ys)
-        losses.sum().backward()
-        self.optimizer.step()
-        return losses.detach()
 
     @torch.no_grad()
     def export(self, i: int):
