@@ -6,12 +6,13 @@ Convention shared by every matcher: `similarity[i, j]` scores unit i of the refe
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Hashable, Mapping
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from tqdm.auto import tqdm
 
 
 def solve_assignment(similarity: torch.Tensor, blocks: int = 1) -> torch.Tensor:
@@ -89,10 +90,6 @@ class AssignmentSolver:
 
     def results(self) -> dict[Hashable, torch.Tensor]:
         """Wait for every solve; on a terminal, a bar counts them once the wait passes 2 s (n = 8192: minutes)."""
-        from concurrent.futures import as_completed
-
-        from tqdm.auto import tqdm
-
         futures = [*self._futures.values(), *self._coupled.values()]
         for _ in tqdm(as_completed(futures), total=len(futures), desc="hungarian", leave=False, delay=2.0,
                       disable=None):

@@ -13,8 +13,8 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
   convolution), and a plain loop over the nets' slices on the CPU, where grouped convolutions
   were measured slower than separate ones;
 - on CUDA, optionally (`cuda_graph`), the whole step (forward, backward, optimiser) is captured once
-  as a CUDA graph and replayed: small nets are bound by the cost of launching ~50 kernels per step,
-  not by arithmetic (an H200 took 2-3 ms per step of twelve 2x32 or twelve 2x1024 MLPs alike).
+  as a CUDA graph and replayed: small nets are bound by the per-step cost of Python and kernel
+  launches, not by arithmetic (an H200 took 2-3 ms per step of twelve 2x32 or twelve 2x1024 MLPs alike).
 """
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ def make_optimizer(params, tc, capturable: bool = False):
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     kernels = {"foreach": True} if capturable else {"fused": fused}
     if tc.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **kernels,
-                                 **({"capturable": True} if capturable else {}))
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, capturable=capturable, **kernels)
     return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay, **kernels)
 
 

@@ -277,7 +277,7 @@ def train_together(trainers: list[PairTrainer]) -> list[TrainResult]:
         return []
     first = trainers[0]
     reference = _without_seed(first.config)
-    for t in trainers[1:]:
+    for t in trainers:
         if _without_seed(t.config) != reference:
             raise ValueError(f"train_together needs configs that differ only in training.seed; {t.output_dir} differs "
                              f"from {first.output_dir}")
