@@ -4,7 +4,7 @@
 # Prepare here (CPU machine), once per session:
 #   bash benchmarks/gpu_session.sh --prepare        # wheels the GPU image lacks -> .whl/, Fashion-MNIST -> .data/
 # Then one device call (device tool `run`):
-#   carry: [".whl", ".data"]   command: bash benchmarks/gpu_session.sh   timeout_s: 540
+#   carry: [".whl", ".data"]   command: bash benchmarks/gpu_session.sh   timeout_s: 600
 # then give the machine back (device tool `give_back`): 15 device minutes include the start.
 # It checks the GPU, runs the CUDA-only tests (CUDA graphs), the benchmark script on CUDA (quick mode:
 # 1 epoch per net), times the whole Fig. 2 grid as a sweep (with CUDA graphs when their tests passed),
@@ -67,11 +67,16 @@ from hf_permerge.sweeps.runner import write_outputs
 files, summary, failed = write_outputs(load_sweep_config(sys.argv[1]), Path(sys.argv[2]))
 print(summary)
 EOF
-    cp "$2/summary.csv" "$2/results.json" "$OUT/" 2>/dev/null || true
+    cp "$2/results.json" "$OUT/" 2>/dev/null || true   # the summary is in fig2.log (at most 8 files come back)
 }
 
-step() {  # step NAME SECONDS CMD...: a time-boxed step whose log comes back; a failure does not stop the rest
+DEADLINE=$((SECONDS + ${BUDGET:-575}))   # the device call's own limit is 600 s: every step fits before it
+
+step() {  # step NAME SECONDS CMD...: a time-boxed step (cut to the time left) whose log comes back
     local name=$1 limit=$2; shift 2
+    local left=$((DEADLINE - SECONDS - 5))
+    (( left < limit )) && limit=$left
+    if (( limit < 10 )); then echo "SKIPPED $name (no time left)"; return 0; fi
     echo "== $name (limit ${limit}s)"
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 && echo "ok $name $((SECONDS - start)) s" || echo "FAILED $name rc=$? $((SECONDS - start)) s"
@@ -83,21 +88,27 @@ if [[ $DRY == 1 ]]; then
     step bench 900 $PY benchmarks/run_benchmarks.py --only curves --repeats 1 --out "$OUT"
     step fig2 900 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist_smoke.yaml -o /tmp/gpu_dry_fig2 --overwrite
     tables configs/sweeps/fig2_fmnist_smoke.yaml /tmp/gpu_dry_fig2
+    step bench_more 900 $PY benchmarks/run_benchmarks.py --only align --align 1x64 --repeats 1 --out "$OUT"
 else
-    # The CUDA-graph step against eager steps (skipped on the CPU, so only here).
-    step cuda_tests 60 $PY -m pytest -p no:cacheprovider tests/test_engines.py -k cuda
-    GRAPHS=false
-    grep -q " passed" "$OUT/cuda_tests.log" && ! grep -q "failed\|error" "$OUT/cuda_tests.log" && GRAPHS=true
-    # (a)-(d) on CUDA, quick mode (600 MLP / 300 CNN steps per net, 2 repeats): ratios against the reference.
-    # The 1x8192 alignment is left out: its Hungarian solve alone took over 80 s on that machine's CPU.
-    step bench 200 $PY benchmarks/run_benchmarks.py --repeats 2 --align 2x2048 --out "$OUT"
-    # The whole Fig. 2 grid (depths 1-3, widths 32..8192, 6 seeds, pairs, curves of trained nets and inits)
-    # against the 5-minute target; stopped at 220 s (the session's device time is 15 minutes in all),
-    # the cells done and their times are in fig2.log.
-    step fig2 220 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2 --overwrite \
-        --set training.cuda_graphs=$GRAPHS
-    ls /tmp/fig2/cells 2>/dev/null | wc -l | sed 's/^/fig2 cells started: /'
-    find /tmp/fig2/cells -name result.json 2>/dev/null | wc -l | sed 's/^/fig2 cells done: /'
-    tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2
+    if [[ ${PART:-all} == all ]]; then   # PART=more: only the last step (a second call on the warm machine)
+        # The CUDA-graph step against eager steps (skipped on the CPU, so only here).
+        step cuda_tests 60 $PY -m pytest -p no:cacheprovider tests/test_engines.py -k cuda
+        GRAPHS=false
+        grep -q " passed" "$OUT/cuda_tests.log" && ! grep -q "failed\|error" "$OUT/cuda_tests.log" && GRAPHS=true
+        # (a) MLP pair and 12 nets, (b) the 2x2048 alignment, on CUDA, quick mode (600 steps per net, 2 repeats).
+        step bench 110 $PY benchmarks/run_benchmarks.py --only train,align --arch mlp --align 2x2048 --repeats 2 \
+            --out "$OUT"
+        # The whole Fig. 2 grid (depths 1-3, widths 32..8192, 6 seeds, pairs, curves of trained nets and inits)
+        # against the 5-minute target (with CUDA graphs when their tests passed); the cells done and
+        # their times are in fig2.log.
+        step fig2 300 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2 --overwrite \
+            --set training.cuda_graphs=$GRAPHS
+        ls /tmp/fig2/cells 2>/dev/null | wc -l | sed 's/^/fig2 cells started: /'
+        find /tmp/fig2/cells -name result.json 2>/dev/null | wc -l | sed 's/^/fig2 cells done: /'
+        tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2
+    fi
+    # With the time left: the 1x8192 alignment (its plain Hungarian alone: 80 s or more), then 12 CNNs.
+    step bench_more 200 $PY benchmarks/run_benchmarks.py --only align,train --arch cnn --nets 12 --align 1x8192 \
+        --repeats 1 --out "$OUT"
 fi
 ls -la "$OUT"

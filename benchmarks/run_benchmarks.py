@@ -136,7 +136,8 @@ def bench_train(arch: str, num_nets: int, steps: int, repeats: int, device, full
 # -- (b) alignment -----------------------------------------------------------------------------------------
 
 def bench_align(depth: int, width: int, train_steps: int, repeats: int, device) -> dict:
-    """Whole `ActivationMatcher.match` (10k examples) vs the Hungarian solves of its groups, one after another."""
+    """Whole `ActivationMatcher.match` (10k examples) vs the plain Hungarian solves of its groups, one after
+    another (on a GPU the matcher warm-starts them, see `hf_permerge.alignment.hungarian`)."""
     from hf_permerge.alignment.activation import ActivationMatcher, activation_statistics
     from hf_permerge.alignment.hungarian import solve_assignment
     from hf_permerge.data.tensors import load_tensors
@@ -155,8 +156,12 @@ def bench_align(depth: int, width: int, train_steps: int, repeats: int, device) 
     split = train.subset(matcher.num_examples, matcher.seed)
     stats = activation_statistics(a, b, split.pixel_values, a.permutation_spec())
     sims = {g: s.similarity("cosine") for g, s in stats.items()}
-    cases = {"hungarian_alone": lambda: lambda: [solve_assignment(s) for s in sims.values()],
+    # The reference: SciPy's solves of the same matrices without a warm start, one after another.
+    cases = {"hungarian_alone": lambda: lambda: [solve_assignment(s, warm_start="none") for s in sims.values()],
              "align_total": lambda: lambda: matcher.match(a, b, train)}
+    if device.type == "cuda":  # the solves as the matcher runs them there: Sinkhorn potentials on the GPU first
+        cases["warm_started_solves"] = lambda: lambda: [solve_assignment(s, warm_start="sinkhorn")
+                                                        for s in sims.values()]
     times = interleaved(cases, repeats, device, warmup=False)
     out = summarise(times, "hungarian_alone")
     return {"model": f"{depth}x{width}", "train_steps_before_align": train_steps, "num_examples": matcher.num_examples,
@@ -261,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3 quick, 5 full)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", default="mlp,cnn", help="architectures to train (mlp: 2x2048, cnn: 64-64-avg-128-128)")
     p.add_argument("--nets", default="2,12", help="stack sizes to train")
     p.add_argument("--align", default="2x2048,1x8192", help="MLP pairs (depth x width) to align")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -281,6 +287,8 @@ def main(argv=None) -> int:
         entries = results["sections"].setdefault(name, [])
         if name == "train":
             for arch, steps in (("mlp", mlp_steps), ("cnn", cnn_steps)):
+                if arch not in args.arch.split(","):
+                    continue
                 for n in (int(v) for v in args.nets.split(",")):
                     entries.append(bench_train(arch, n, steps, repeats, device, args.full))
                     print(table({"sections": {name: entries[-1:]}}), flush=True)

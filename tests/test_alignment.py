@@ -236,8 +236,58 @@ def test_concurrent_solves_equal_one_by_one():
 
 
 def test_assignment_refuses_nan():
-    with pytest.raises(ValueError, match="NaN"):
-        solve_assignment(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    for warm_start in ("none", "sinkhorn"):
+        with pytest.raises(ValueError, match="NaN"):
+            solve_assignment(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), warm_start=warm_start)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**16), scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_warm_started_assignment_is_still_the_optimum(n, seed, scale):
+    """The Sinkhorn potentials only shift rows and columns: the solve stays exact at any scale."""
+    s = scale * torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    perm = solve_assignment(s, warm_start="sinkhorn")
+    best = max(sum(s[i, j].item() for i, j in enumerate(p)) for p in itertools.permutations(range(n)))
+    assert sum(s[i, j].item() for i, j in enumerate(perm.tolist())) == pytest.approx(best, rel=1e-12, abs=1e-12 * scale)
+
+
+def test_warm_start_potentials_are_feasible_and_tight():
+    """u_i + v_j >= s_ij everywhere (the dual of the assignment), and nearly equal along the optimum."""
+    from hf_permerge.alignment.hungarian import entropic_duals, matched_similarity
+
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(300, 300, generator=gen) + 3 * torch.eye(300)[torch.randperm(300, generator=gen)]
+    u, v = entropic_duals(s)
+    assert float((s - u[:, None] - v[None, :]).max()) <= 1e-5
+    best = matched_similarity(s, solve_assignment(s, warm_start="none"))
+    dual_value = float(u.double().sum() + v.double().sum())
+    assert best <= dual_value + 1e-3                  # weak duality
+    assert dual_value - best < 0.02 * 300 * float(s.max() - s.min())   # within the last temperature per unit
+
+
+def test_warm_start_finds_the_planted_permutation_and_matches_plain_solves():
+    gen = torch.Generator().manual_seed(2)
+    n = 600
+    perm = torch.randperm(n, generator=gen)
+    a = torch.randn(n, 50, generator=gen)
+    s = torch.nn.functional.cosine_similarity(a[:, None], (a[perm] + 0.3 * torch.randn(n, 50, generator=gen))[None],
+                                              dim=-1)
+    found = solve_assignment(s, warm_start="sinkhorn")
+    assert torch.equal(perm[found], torch.arange(n))
+    assert torch.equal(found, solve_assignment(s, warm_start="none"))
+    assert torch.equal(solve_assignments({"g": s}, warm_start="sinkhorn")["g"], found)
+
+
+def test_warm_start_choices():
+    from hf_permerge.alignment.hungarian import entropic_duals, uses_warm_start
+
+    s = torch.zeros(1024, 1024)
+    assert not uses_warm_start(s)                          # 'auto' on the CPU: off
+    assert uses_warm_start(s, warm_start="sinkhorn")
+    assert not uses_warm_start(s, blocks=4, warm_start="sinkhorn")   # blocked groups solve block by block
+    assert entropic_duals(s) is None                       # constant: nothing to estimate
+    with pytest.raises(ValueError, match="warm_start must be one of"):
+        solve_assignment(s, warm_start="fast")
 
 
 # Section 2: streaming statistics -------------------------------------------------------------------
