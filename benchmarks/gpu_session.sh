@@ -6,10 +6,12 @@
 # Then one device call (device tool `run`):
 #   carry: [".whl", ".data"]   command: bash benchmarks/gpu_session.sh   timeout_s: 600
 # then give the machine back (device tool `give_back`): 15 device minutes include the start.
-# It checks the GPU, runs the CUDA-only tests (CUDA graphs), the benchmark script on CUDA (quick mode:
-# 1 epoch per net), times the whole Fig. 2 grid as a sweep (with CUDA graphs when their tests passed),
-# and leaves JSON results and logs under $OUT. About 8.5 minutes; the first session (2026-11-27) held
-# the machine 520 s for the first call. The CPU dry run of the plumbing:
+# It checks the GPU, runs the CUDA-only tests (CUDA graphs against eager steps), the benchmark script on CUDA
+# (quick mode: 600 steps per MLP net), the whole Fig. 2 grid as a sweep (300 s at most), then the 1x8192
+# alignment and the 12-CNN stack with the time left; every step is cut to end before 575 s, and JSON
+# results and logs (8 files at most) come back under $OUT. The second session (2026-11-27) held the
+# machine 547 s for this call. `PART=more` runs only the last step (a second call on a warm machine).
+# The CPU dry run of the plumbing:
 #   OUT=/tmp/gpu_dry bash benchmarks/gpu_session.sh --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
