@@ -282,7 +282,8 @@ def test_warm_start_choices():
     from hf_permerge.alignment.hungarian import entropic_duals, uses_warm_start
 
     s = torch.zeros(1024, 1024)
-    assert not uses_warm_start(s)                          # 'auto' on the CPU: off
+    assert not uses_warm_start(s)                          # 'auto' on the CPU: from 2048 units
+    assert uses_warm_start(torch.zeros(2048, 2048))
     assert uses_warm_start(s, warm_start="sinkhorn")
     assert not uses_warm_start(s, blocks=4, warm_start="sinkhorn")   # blocked groups solve block by block
     assert entropic_duals(s) is None                       # constant: nothing to estimate

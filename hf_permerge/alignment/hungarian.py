@@ -6,11 +6,12 @@ Convention shared by every matcher: `similarity[i, j]` scores unit i of the refe
 
 Warm start. SciPy's solver (shortest augmenting paths, no initialisation) spends its time finding
 dual potentials; n = 8192 took 80 s on one core. Subtracting any row and column constants leaves the
-optimal assignment unchanged, so we first estimate good potentials where the similarity lives (a
-GPU: annealed log-domain Sinkhorn, milliseconds) and hand SciPy the reduced matrix
+optimal assignment unchanged, so we first estimate good potentials where the similarity lives
+(annealed log-domain Sinkhorn: milliseconds on a GPU, seconds on the CPU) and hand SciPy the reduced matrix
 `u_i + v_j - s_ij`: the same problem, solved exactly, with most rows' best column already free.
-Measured on the 2-core CPU (BENCHMARKS.md): n = 2048, 1.1-1.7 s -> 0.05-0.46 s of SciPy; n = 8192,
-80 s -> 5-10 s.
+Measured (BENCHMARKS.md): a 2x2048 pair's solves 1.95 -> 0.44 s and a 1x8192 pair's 58 -> 5 s on an
+H200 machine; on the 2-core CPU, where the potentials cost more, n = 2048 1.1-1.8 -> 0.6-1.0 s and
+n = 8192 72 -> 20 s.
 """
 from __future__ import annotations
 
@@ -23,14 +24,23 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 WARM_STARTS = ("auto", "sinkhorn", "none")
-WARM_START_MIN_UNITS = 512
-"""'auto' warm-starts groups at least this wide whose similarity is on a GPU, where the potentials cost
-milliseconds. On the CPU they cost about as much as they save (n = 8192, 2 cores: 30-75 s of Sinkhorn
-against 70-75 s saved), so 'auto' leaves them off there."""
+WARM_START_MIN_UNITS = {"cuda": 512, "cpu": 2048}
+"""'auto' warm-starts groups at least this wide, by the similarity's device. On a GPU the potentials cost
+milliseconds. On the 2-core CPU they broke even at n = 1024 (0.13 s either way) and pay from 2048
+(1.1-1.8 s -> 0.6-1.0 s; n = 8192: 72 s -> 12 s of potentials + 8 s of SciPy)."""
 SINKHORN_TEMPERATURES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
 """Annealing schedule, in units of the similarity's range (max - min)."""
 SINKHORN_ITERATIONS = 10
 """Sinkhorn iterations per temperature."""
+
+
+def _soft_max_rows(mat: torch.Tensor, shift: torch.Tensor, t: float, buf: torch.Tensor) -> torch.Tensor:
+    """t * log sum_j exp((mat[i, j] - shift[j]) / t) for every row i, in one preallocated n x n buffer."""
+    torch.sub(mat, shift, out=buf).mul_(1.0 / t)
+    top = buf.amax(1, keepdim=True)
+    # exp of far-negative floats takes a slow path on CPUs (10x); below e^-80 nothing adds to the sum
+    buf.sub_(top).clamp_(min=-80.0).exp_()
+    return (buf.sum(1).log_() + top.squeeze(1)) * t
 
 
 @torch.no_grad()
@@ -40,18 +50,20 @@ def entropic_duals(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Log-domain Sinkhorn with unit marginals, annealed over `SINKHORN_TEMPERATURES`, on the similarity's
     device. After each update of v every column of exp((s - u - v) / t) sums to one, so no entry exceeds
     one: the potentials are feasible for the assignment's dual (up to float32 rounding; the exact solve
-    that follows does not depend on it). None when the similarity is constant or not finite."""
+    that follows does not depend on it). None when the similarity is constant or not finite. Memory:
+    three n x n float32 matrices (the similarity, its transpose, one buffer)."""
     s = similarity.detach().float()
     scale = float(s.max() - s.min())
     if not scale > 0 or not np.isfinite(scale):
         return None
+    s_t, buf = s.T.contiguous(), torch.empty_like(s)
     u = torch.zeros(len(s), device=s.device)
     v = torch.zeros(s.shape[1], device=s.device)
     for level in SINKHORN_TEMPERATURES:
         t = level * scale
         for _ in range(SINKHORN_ITERATIONS):
-            u = t * torch.logsumexp((s - v) / t, dim=1)
-            v = t * torch.logsumexp((s - u[:, None]) / t, dim=0)
+            u = _soft_max_rows(s, v, t, buf)
+            v = _soft_max_rows(s_t, u, t, buf)
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         return None
     return u, v
@@ -59,12 +71,13 @@ def entropic_duals(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def uses_warm_start(similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto") -> bool:
     """Whether `solve_assignment` warm-starts this matrix: 'sinkhorn' always (unblocked groups), 'none' never,
-    'auto' for groups at least `WARM_START_MIN_UNITS` wide on a GPU."""
+    'auto' for groups at least `WARM_START_MIN_UNITS` wide on their device."""
     if warm_start not in WARM_STARTS:
         raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
     if warm_start == "none" or blocks != 1 or similarity.ndim != 2:
         return False
-    return warm_start == "sinkhorn" or (similarity.device.type == "cuda" and len(similarity) >= WARM_START_MIN_UNITS)
+    min_units = WARM_START_MIN_UNITS.get(similarity.device.type)
+    return warm_start == "sinkhorn" or (min_units is not None and len(similarity) >= min_units)
 
 
 def to_host(similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto"):
