@@ -278,6 +278,25 @@ def test_warm_start_finds_the_planted_permutation_and_matches_plain_solves():
     assert torch.equal(solve_assignments({"g": s}, warm_start="sinkhorn")["g"], found)
 
 
+def test_matchers_give_the_same_permutations_with_and_without_the_warm_start(data, monkeypatch):
+    """The activation and weight matchers, with every group warm-started ('auto' from 16 units) and with
+    none: the same permutations, on briefly trained nets."""
+    from hf_permerge.alignment import hungarian
+
+    a, b = (briefly_trained(mlp(seed, width=64, depth=3), data, seed=seed) for seed in (0, 1))
+    calls = []
+    duals = hungarian.entropic_duals
+    monkeypatch.setattr(hungarian, "entropic_duals", lambda s: calls.append(len(s)) or duals(s))
+    found = {}
+    for min_units in (16, 10**9):
+        monkeypatch.setattr(hungarian, "WARM_START_MIN_UNITS", {"cpu": min_units, "cuda": min_units})
+        found[min_units] = [get_matcher(name).match(a, b, data) for name in ("activation", "weight")]
+        assert (len(calls) > 0) == (min_units == 16)
+        calls.clear()
+    for warm, plain in zip(found[16], found[10**9]):
+        assert warm == plain
+
+
 def test_warm_start_choices():
     from hf_permerge.alignment.hungarian import entropic_duals, uses_warm_start
 
