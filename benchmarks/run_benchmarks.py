@@ -137,7 +137,7 @@ def bench_train(arch: str, num_nets: int, steps: int, repeats: int, device, full
 
 def bench_align(depth: int, width: int, train_steps: int, repeats: int, device) -> dict:
     """Whole `ActivationMatcher.match` (10k examples) vs the plain Hungarian solves of its groups, one after
-    another (on a GPU the matcher warm-starts them, see `hf_permerge.alignment.hungarian`)."""
+    another (the matcher warm-starts them from 512 units on a GPU, 2048 on the CPU: `alignment.hungarian`)."""
     from hf_permerge.alignment.activation import ActivationMatcher, activation_statistics
     from hf_permerge.alignment.hungarian import solve_assignment
     from hf_permerge.data.tensors import load_tensors
