@@ -77,7 +77,9 @@ class TrainingSection(_Section):
     """Stop after this many steps (smoke runs and tests); None: train all `epochs`."""
     engine: Literal["auto", "stacked", "per_net"] = "auto"
     """auto: all nets in one stacked engine on one process; per-net under several processes."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """Training arithmetic. fp32 (the science default); tf32: fp32 weights, CUDA matmuls on tensor cores
+    (about 2x for wide MLPs on an H200; the CPU computes fp32); bf16: autocast of the forward to bfloat16."""
     cuda_graphs: bool = True
     """Stacked engine on CUDA: capture the training step once as a CUDA graph and replay it (small
     nets are bound by kernel launches: an H200 trained a 2x2048 pair 2.2x faster, 12 such nets as fast

@@ -19,6 +19,7 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -51,6 +52,22 @@ def _autocast(device: torch.device, precision: str, cache: bool = True):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache)
 
 
+@contextlib.contextmanager
+def _tf32_matmuls(precision: str):
+    """'tf32': CUDA float32 matmuls on tensor cores (inputs rounded to 10-bit mantissas, fp32 sums) for
+    the step's forward and backward, PyTorch's own setting restored after (an H200 probe: 12 3x4096 MLPs
+    5.9 instead of 11.6 ms per step). CUDA-only: the CPU computes fp32 either way."""
+    if precision != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @torch.no_grad()
 def eval_loss_acc(forward, x, y, loss_fn, chunk: int):
     """Mean loss and accuracy over a split, in chunks, with one host sync at the end."""
@@ -79,11 +96,12 @@ class PerNetEngine:
         """One optimiser step per net; xs (N, B, ...) and ys (N, B) hold each net's own batch."""
         losses = []
         for model, opt, x, y in zip(self.models, self.optimizers, xs, ys):
-            with _autocast(self.device, self.precision):
-                loss = model(pixel_values=x, labels=y, return_dict=False)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with _tf32_matmuls(self.precision):
+                with _autocast(self.device, self.precision):
+                    loss = model(pixel_values=x, labels=y, return_dict=False)[0]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             losses.append(loss.detach())
         return torch.stack(losses)
 
@@ -216,13 +234,14 @@ class StackedEngine:
     def _step(self, xs: torch.Tensor, ys: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
         """Forward, backward, optimiser step. In a CUDA graph (zero_grad=False) each replay's backward
         overwrites the gradients that the capture allocated, so there is nothing to zero."""
-        with _autocast(self.device, self.precision, cache=not self.cuda_graph):
-            logits = self.logits(xs)
-        losses = self.losses(logits.float(), ys)
-        if zero_grad:
-            self.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        self.optimizer.step()
+        with _tf32_matmuls(self.precision):
+            with _autocast(self.device, self.precision, cache=not self.cuda_graph):
+                logits = self.logits(xs)
+            losses = self.losses(logits.float(), ys)
+            if zero_grad:
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            self.optimizer.step()
         return losses.detach()
 
     def _warm_up_or_capture(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
