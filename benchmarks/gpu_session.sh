@@ -7,9 +7,10 @@
 #   carry: [".whl", ".data"]   command: bash benchmarks/gpu_session.sh   timeout_s: 600
 # then give the machine back (device tool `give_back`): 15 device minutes include the start.
 # It checks the GPU, runs the CUDA-only tests (CUDA graphs against eager steps), the Fig. 2 grid's width-8192
-# stacks as a sweep (430 s at most), then the 2x2048 and 1x8192 alignments with the time left; every step
-# is cut to end before 575 s, and JSON results and logs (8 files at most) come back under $OUT. The second
-# session (2026-11-27) measured the rest (BENCHMARKS.md); its script is in git history (commit 6c32400).
+# stacks as a sweep in fp32 (300 s at most) and with tf32 (200 s), then the 2x2048 and 1x8192 alignments
+# with the time left; every step is cut to end before 575 s, and JSON results and logs (8 files at most)
+# come back under $OUT. The second session (2026-11-27) measured the rest (BENCHMARKS.md); its script is in
+# git history (commit 6c32400).
 # `PART=more` runs only the last step (a second call on a warm machine).
 # The CPU dry run of the plumbing:
 #   OUT=/tmp/gpu_dry bash benchmarks/gpu_session.sh --dry-run
@@ -60,8 +61,8 @@ print("fashion-mnist train", tuple(load_tensors("fashion_mnist", "train").pixel_
 EOF
 [[ -f "$OUT/gpu.txt" ]] && cat "$OUT/gpu.txt" >> "$OUT/check.txt" && rm "$OUT/gpu.txt"   # at most 8 files come back
 
-tables() {  # tables SWEEP_YAML OUT_DIR: the table of the cells finished so far (a stopped sweep writes none)
-    $PY - "$1" "$2" <<'EOF' 2>&1 | tee -a "$OUT/fig2.log" || true
+tables() {  # tables SWEEP_YAML OUT_DIR NAME: the table of the cells finished so far (a stopped sweep writes none)
+    $PY - "$1" "$2" <<'EOF' 2>&1 | tee -a "$OUT/$3.log" || true
 import sys
 from pathlib import Path
 from hf_permerge.sweeps import load_sweep_config
@@ -69,7 +70,7 @@ from hf_permerge.sweeps.runner import write_outputs
 files, summary, failed = write_outputs(load_sweep_config(sys.argv[1]), Path(sys.argv[2]))
 print(summary)
 EOF
-    cp "$2/results.json" "$OUT/" 2>/dev/null || true   # the summary is in fig2.log (at most 8 files come back)
+    cp "$2/results.json" "$OUT/$3_results.json" 2>/dev/null || true   # the summary is in NAME.log (8 files at most)
 }
 
 DEADLINE=$((SECONDS + ${BUDGET:-575}))   # the device call's own limit is 600 s: every step fits before it
@@ -89,7 +90,7 @@ if [[ $DRY == 1 ]]; then
     step cuda_tests 300 $PY -m pytest -p no:cacheprovider tests/test_engines.py -k cuda
     step bench 900 $PY benchmarks/run_benchmarks.py --only curves --repeats 1 --out "$OUT"
     step fig2 900 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist_smoke.yaml -o /tmp/gpu_dry_fig2 --overwrite
-    tables configs/sweeps/fig2_fmnist_smoke.yaml /tmp/gpu_dry_fig2
+    tables configs/sweeps/fig2_fmnist_smoke.yaml /tmp/gpu_dry_fig2 fig2
     step bench_more 900 $PY benchmarks/run_benchmarks.py --only align --align 1x64 --repeats 1 --out "$OUT"
 else
     if [[ ${PART:-all} == all ]]; then   # PART=more: only the last step (a second call on the warm machine)
@@ -98,12 +99,15 @@ else
         GRAPHS=false
         grep -q " passed" "$OUT/cuda_tests.log" && ! grep -q "failed\|error" "$OUT/cuda_tests.log" && GRAPHS=true
         # What the second GPU session (BENCHMARKS.md) left unmeasured: the Fig. 2 grid's width-8192 stacks
-        # (depths 1-3, 6 seeds, 5 epochs, fused captured AdamW); widths 32-4096 took 209 s of training and
-        # 66 s of measuring there. Cells done and their times are in fig2.log.
-        step fig2 430 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2 --overwrite \
+        # (depths 1-3, 6 seeds, 5 epochs, fused captured AdamW), in fp32 (estimated: about 250 s) and then
+        # with tf32 matmuls; widths 32-4096 took 209 s of training and 66 s of measuring there.
+        step fig2 300 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2 --overwrite \
             --set training.cuda_graphs=$GRAPHS --set "sweep.grid.model.width=[8192]"
-        find /tmp/fig2/cells -name result.json 2>/dev/null | wc -l | sed 's/^/fig2 cells done: /'
-        tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2
+        tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2 fig2
+        step fig2_tf32 200 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2_tf32 \
+            --overwrite --set training.cuda_graphs=$GRAPHS --set "sweep.grid.model.width=[8192]" \
+            --set training.precision=tf32
+        tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2_tf32 fig2_tf32
     fi
     # With the time left: the alignments with the in-place Sinkhorn potentials (the plain 1x8192 solve: 60 s).
     step bench_more 200 $PY benchmarks/run_benchmarks.py --only align --align 2x2048,1x8192 --repeats 1 --out "$OUT"
