@@ -10,8 +10,8 @@ optimal assignment unchanged, so we first estimate good potentials where the sim
 (annealed log-domain Sinkhorn: milliseconds on a GPU, seconds on the CPU) and hand SciPy the reduced matrix
 `u_i + v_j - s_ij`: the same problem, solved exactly, with most rows' best column already free.
 Measured (BENCHMARKS.md): a 2x2048 pair's solves 1.95 -> 0.44 s and a 1x8192 pair's 58 -> 5 s on an
-H200 machine; on the 2-core CPU, where the potentials cost more, n = 2048 1.1-1.8 -> 0.6-1.0 s and
-n = 8192 72 -> 20 s.
+H200 machine (10 iterations per temperature); on the 2-core CPU, where the potentials cost more,
+n = 2048 1.1-1.8 -> 0.5-1.1 s and n = 8192 72 -> 16 s.
 """
 from __future__ import annotations
 
@@ -26,12 +26,14 @@ from tqdm.auto import tqdm
 WARM_STARTS = ("auto", "sinkhorn", "none")
 WARM_START_MIN_UNITS = {"cuda": 512, "cpu": 2048}
 """'auto' warm-starts groups at least this wide, by the similarity's device. On a GPU the potentials cost
-milliseconds. On the 2-core CPU they broke even at n = 1024 (0.13 s either way) and pay from 2048
-(1.1-1.8 s -> 0.6-1.0 s; n = 8192: 72 s -> 12 s of potentials + 8 s of SciPy)."""
+milliseconds. On the 2-core CPU they broke even at n = 1024 (0.13 s either way, 10 iterations per
+temperature) and pay from 2048 (1.1-1.8 s -> 0.5-1.1 s; n = 8192: 72 s -> 16 s)."""
 SINKHORN_TEMPERATURES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
 """Annealing schedule, in units of the similarity's range (max - min)."""
-SINKHORN_ITERATIONS = 10
-"""Sinkhorn iterations per temperature."""
+SINKHORN_ITERATIONS = {"cuda": 20, "cpu": 5}
+"""Sinkhorn iterations per temperature, by device (10 elsewhere). More make SciPy's part shorter: on the
+2-core CPU, n = 8192 took 5 + 10 s (potentials + SciPy) with 5, 12 + 9 s with 10 and 23 + 5 s with 20;
+n = 2048: 0.4 + 0.7, 0.7 + 0.6, 1.1 + 0.4 s. On a GPU the potentials cost milliseconds, so it takes 20."""
 
 
 def _soft_max_rows(mat: torch.Tensor, shift: torch.Tensor, t: float, buf: torch.Tensor) -> torch.Tensor:
@@ -47,8 +49,8 @@ def _soft_max_rows(mat: torch.Tensor, shift: torch.Tensor, t: float, buf: torch.
 def entropic_duals(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Potentials (u, v) with u_i + v_j >= similarity[i, j] for all i, j, nearly tight on the best assignment.
 
-    Log-domain Sinkhorn with unit marginals, annealed over `SINKHORN_TEMPERATURES`, on the similarity's
-    device. After each update of v every column of exp((s - u - v) / t) sums to one, so no entry exceeds
+    Log-domain Sinkhorn with unit marginals, annealed over `SINKHORN_TEMPERATURES` (`SINKHORN_ITERATIONS`
+    each), on the similarity's device. After each update of v every column of exp((s - u - v) / t) sums to one, so no entry exceeds
     one: the potentials are feasible for the assignment's dual (up to float32 rounding; the exact solve
     that follows does not depend on it). None when the similarity is constant or not finite. Memory:
     three n x n float32 matrices (the similarity, its transpose, one buffer)."""
@@ -57,11 +59,12 @@ def entropic_duals(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if not scale > 0 or not np.isfinite(scale):
         return None
     s_t, buf = s.T.contiguous(), torch.empty_like(s)
+    iterations = SINKHORN_ITERATIONS.get(s.device.type, 10)
     u = torch.zeros(len(s), device=s.device)
     v = torch.zeros(s.shape[1], device=s.device)
     for level in SINKHORN_TEMPERATURES:
         t = level * scale
-        for _ in range(SINKHORN_ITERATIONS):
+        for _ in range(iterations):
             u = _soft_max_rows(s, v, t, buf)
             v = _soft_max_rows(s_t, u, t, buf)
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
