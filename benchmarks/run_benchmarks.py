@@ -294,8 +294,8 @@ def main(argv=None) -> int:
                     print(table({"sections": {name: entries[-1:]}}), flush=True)
         elif name == "align":
             for depth, width in (map(int, m.split("x")) for m in args.align.split(",")):
-                # quick mode: one repeat of the 1x8192 pair (its Hungarian alone takes minutes on 2 cores,
-                # and over 80 s on the GPU machine's CPU)
+                # quick mode: one repeat of the 1x8192 pair (its plain Hungarian solve alone took 72-76 s
+                # on 2 cores, and 58 s on the H200 machine's CPU)
                 reps = repeats if args.full or width < 8192 else 1
                 entries.append(bench_align(depth, width, 100 if args.full else 20, reps, device))
                 print(table({"sections": {name: entries[-1:]}}), flush=True)

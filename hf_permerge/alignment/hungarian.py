@@ -98,18 +98,16 @@ def solve_on_host(s: torch.Tensor, blocks: int = 1, duals=None) -> torch.Tensor:
     s = s.numpy()
     if not np.isfinite(s).all():
         raise ValueError("similarity matrix has NaN or infinite entries; are the activations or weights finite?")
-    if duals is not None:
-        # min sum (u_i + v_j - s_ij) over assignments = sum u + sum v - max sum s_ij: the same optimum
-        reduced = np.add.outer(duals[0].numpy(), duals[1].numpy())
-        reduced -= s
-        rows, c = linear_sum_assignment(reduced)
-        assert (rows == np.arange(len(rows))).all()
-        return torch.from_numpy(c).long()
-    width = len(s) // blocks
+    if duals is not None:   # min sum (u_i + v_j - s_ij) = sum u + sum v - max sum s_ij: the same optimum
+        cost, maximize = np.add.outer(duals[0].numpy(), duals[1].numpy()), False
+        cost -= s
+    else:
+        cost, maximize = s, True
+    width = len(cost) // blocks
     cols = []
     for b in range(blocks):
         block = slice(b * width, (b + 1) * width)
-        rows, c = linear_sum_assignment(s[block, block], maximize=True)
+        rows, c = linear_sum_assignment(cost[block, block], maximize=maximize)
         assert (rows == np.arange(len(rows))).all()
         cols.append(c + b * width)
     return torch.from_numpy(np.concatenate(cols)).long()
