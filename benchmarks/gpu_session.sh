@@ -7,8 +7,8 @@
 #   carry: [".whl", ".data"]   command: bash benchmarks/gpu_session.sh   timeout_s: 600
 # then give the machine back (device tool `give_back`): 15 device minutes include the start.
 # It checks the GPU, runs the CUDA-only tests (CUDA graphs against eager steps), the Fig. 2 grid's width-8192
-# stacks as a sweep in fp32 (300 s at most) and with tf32 (200 s), then the 2x2048 and 1x8192 alignments
-# with the time left; every step is cut to end before 575 s, and JSON results and logs (8 files at most)
+# stacks as a sweep in fp32 (300 s at most) and with tf32 in training and curves (200 s), then the 2x2048
+# and 1x8192 alignments with the time left; every step is cut to end before 575 s, and JSON results and logs (8 files at most)
 # come back under $OUT. The second session (2026-11-27) measured the rest (BENCHMARKS.md); its script is in
 # git history (commit 6c32400).
 # `PART=more` runs only the last step (a second call on a warm machine).
@@ -106,7 +106,7 @@ else
         tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2 fig2
         step fig2_tf32 200 $PY -m hf_permerge.cli -q sweep configs/sweeps/fig2_fmnist.yaml -o /tmp/fig2_tf32 \
             --overwrite --set training.cuda_graphs=$GRAPHS --set "sweep.grid.model.width=[8192]" \
-            --set training.precision=tf32
+            --set training.precision=tf32 --set evaluation.precision=tf32
         tables configs/sweeps/fig2_fmnist.yaml /tmp/fig2_tf32 fig2_tf32
     fi
     # With the time left: the alignments with the in-place Sinkhorn potentials (the plain 1x8192 solve: 60 s).

@@ -123,6 +123,10 @@ class EvaluationSection(_Section):
     batch_size: int = Field(10000, ge=1)
     repair: Literal["repair", "reset_bn"] | None = None
     """Also evaluate the midpoints with REPAIR or a BatchNorm reset (report.json `repair`); None: not."""
+    precision: Literal["fp32", "tf32"] = "fp32"
+    """Arithmetic of the curves' forward passes. fp32 (the science default); tf32: CUDA matmuls on tensor
+    cores, for sweeps that must be fast (measuring a 3x4096 stack was a third of its time on an H200; the
+    CPU computes fp32 either way). Alignment statistics stay fp32 (see `alignment.products`)."""
 
 
 class RunConfig(_Section):

@@ -167,3 +167,32 @@ def test_reset_bn_makes_batchnorm_outputs_standardised(train_split):
     norm = merged.blocks[0].norm
     torch.testing.assert_close(stats.mean.float(), norm.bias.detach(), atol=1e-4, rtol=0)
     torch.testing.assert_close(stats.std.float(), norm.weight.detach().abs(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_report_forward_passes_run_in_the_evaluation_precision(merger, tiny_fmnist, monkeypatch, precision):
+    """evaluation.precision=tf32 turns TF32 matmuls on for the report's forward passes only (the CPU computes
+    fp32 either way, so the numbers equal fp32's) and restores PyTorch's setting after."""
+    from hf_permerge.config import config_from_dict
+    from hf_permerge.reporting import report as report_module
+
+    seen = []
+    evaluate = report_module.evaluate_combinations
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(report_module, "evaluate_combinations", recording)
+    settings = {"n_way": False, "num_lambdas": 3, "splits": ["test"]}
+    splits = {"test": load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist)}
+    before = torch.backends.cuda.matmul.allow_tf32
+    fp32 = report_module.build_report(
+        merger, config_from_dict({"evaluation": settings}).evaluation, splits, progress=False)
+    seen.clear()
+    report = report_module.build_report(
+        merger, config_from_dict({"evaluation": {**settings, "precision": precision}}).evaluation, splits, progress=False)
+    assert seen and all(flag == (precision == "tf32") for flag in seen)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert report["precision"] == precision and fp32["precision"] == "fp32"
+    assert report["curves"] == fp32["curves"] and report["barrier"] == fp32["barrier"]

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation.barrier import loss_barrier
 from ..evaluation.interpolation import evaluate_combinations, evaluate_model
+from ..precision import tf32_matmuls
 
 logger = logging.getLogger("hf_permerge.reporting")
 
@@ -35,7 +36,15 @@ def checkpoint_step(name: str, total: int) -> int:
 
 
 def build_report(merger, evaluation, splits: dict, progress: bool = True) -> dict:
-    """report.json as a dict. `splits`: {"test": TensorSplit, "train": TensorSplit (the fixed subset)}."""
+    """report.json as a dict. `splits`: {"test": TensorSplit, "train": TensorSplit (the fixed subset)}.
+    Every forward pass runs in `evaluation.precision`."""
+    with tf32_matmuls(getattr(evaluation, "precision", "fp32")):
+        report = _build_report(merger, evaluation, splits, progress)
+    report["precision"] = getattr(evaluation, "precision", "fp32")
+    return report
+
+
+def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
     start = time.perf_counter()
     ev = evaluation
     lambdas = report_lambdas(ev.num_lambdas)

@@ -19,12 +19,12 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
 from torch.func import functional_call
 
+from ..precision import tf32_matmuls
 from .checkpoints import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 FORWARDS = ("auto", "bmm", "vmap", "loop")
@@ -50,22 +50,6 @@ def _autocast(device: torch.device, precision: str, cache: bool = True):
     """bf16 autocast when asked; `cache=False` inside a CUDA graph capture (a cached cast would be
     replayed stale)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache)
-
-
-@contextlib.contextmanager
-def _tf32_matmuls(precision: str):
-    """'tf32': CUDA float32 matmuls on tensor cores (inputs rounded to 10-bit mantissas, fp32 sums) for
-    the step's forward and backward, PyTorch's own setting restored after (an H200 probe: 12 3x4096 MLPs
-    5.9 instead of 11.6 ms per step). CUDA-only: the CPU computes fp32 either way."""
-    if precision != "tf32":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @torch.no_grad()
@@ -96,7 +80,7 @@ class PerNetEngine:
         """One optimiser step per net; xs (N, B, ...) and ys (N, B) hold each net's own batch."""
         losses = []
         for model, opt, x, y in zip(self.models, self.optimizers, xs, ys):
-            with _tf32_matmuls(self.precision):
+            with tf32_matmuls(self.precision):
                 with _autocast(self.device, self.precision):
                     loss = model(pixel_values=x, labels=y, return_dict=False)[0]
                 opt.zero_grad(set_to_none=True)
@@ -234,7 +218,7 @@ class StackedEngine:
     def _step(self, xs: torch.Tensor, ys: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
         """Forward, backward, optimiser step. In a CUDA graph (zero_grad=False) each replay's backward
         overwrites the gradients that the capture allocated, so there is nothing to zero."""
-        with _tf32_matmuls(self.precision):
+        with tf32_matmuls(self.precision):
             with _autocast(self.device, self.precision, cache=not self.cuda_graph):
                 logits = self.logits(xs)
             losses = self.losses(logits.float(), ys)
