@@ -6,11 +6,13 @@
 Trains two nets of a small `transformers` architecture from scratch on Fashion-MNIST (same recipe,
 different seeds for init and data order), saves them as ordinary HF folders, then lets
 `PermMerger.from_pretrained([a, b])` trace their permutation spec (residual streams tied, BatchNorm
-following its channels, ViT attention heads left unpermuted), align them by activation matching and
-merge them at alpha = 0.5: plain, with REPAIR, and (ResNet) with a BatchNorm reset. Writes
+following its channels; in the ViT, MLP hidden units and attention too: per layer the query and key units
+share one permutation and the value units with the output projection's inputs another, each keeping every
+head's units together, and by default whole heads move alike in both), align them by activation matching
+and merge them at alpha = 0.5: plain, with REPAIR, and (ResNet) with a BatchNorm reset. Writes
 `results-<merged folder>.json` and prints the midpoint table; the numbers in REPRODUCING.md ("Beyond the
-paper") come from this script. `--matcher weight` and `--keep-heads` (attention heads stay in place)
-re-use the trained nets and write their own merged folder.
+paper") come from this script. `--matcher weight` and `--keep-heads` (heads stay in place; units are
+permuted within each head only) re-use the trained nets of `--output-dir` and write their own merged folder.
 """
 from __future__ import annotations
 
