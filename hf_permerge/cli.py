@@ -6,7 +6,9 @@ and `evaluate` is never imported on start-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import signal
 import sys
 
 EPILOG = "Docs: README.md. Configs: configs/*.yaml. Every subcommand has --help."
@@ -21,9 +23,29 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_output_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     p.add_argument("--output-dir", "-o", required=True, help="folder to write; refused if it exists and is not empty")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder of ours")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--overwrite", action="store_true", help="replace an existing output folder of ours")
     if resumable:
-        p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+        modes.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+
+
+def _common_flags(defaults: bool) -> argparse.ArgumentParser:
+    """-v / -q, accepted before or after the subcommand (`hf-permerge -q run ...`, `hf-permerge run -q ...`);
+    after it they only override when given (SUPPRESS), so a flag before it is not reset."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = False if defaults else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+    return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hf_permerge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-permerge",
         description="Permutation-aware model merging for Hugging Face models: train seeded pairs, align their "
                     "hidden units, merge trained weights and untrained inits, measure loss barriers, share on the Hub.",
-        epilog=EPILOG)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        epilog=EPILOG, parents=[_common_flags(defaults=True)])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add = functools.partial(sub.add_parser, parents=[_common_flags(defaults=False)])
 
-    p = sub.add_parser("train", help="train N seeded nets (a pair by default) and write a pair folder",
+    p = add("train", help="train N seeded nets (a pair by default) and write a pair folder",
                        description="Train `training.num_nets` nets that differ only in seed (init and data order). "
                                    "Writes OUT/net_i/{init,step-N,final}/ (HF model folders) and OUT/pair.json. "
                                    "Use `accelerate launch examples/train_pair.py` to share the nets among processes.",
@@ -45,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p, resumable=True)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("align", help="find the permutations that align every net of a pair onto net 0",
+    p = add("align", help="find the permutations that align every net of a pair onto net 0",
                        description="Match hidden units of each net to net 0 (activation matching with the Hungarian "
                                    "algorithm by default) and write OUT/net_i.safetensors + OUT/alignment.json.",
                        epilog=EPILOG)
@@ -54,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_matcher_args(p)
     p.set_defaults(func=cmd_align)
 
-    p = sub.add_parser("merge", help="merge a pair: align, then average weights (trained, init or a step)",
+    p = add("merge", help="merge a pair: align, then average weights (trained, init or a step)",
                        description="Writes OUT as an HF model folder (loads with AutoModelForImageClassification after "
                                    "`import hf_permerge`), with the permutations and merge_config.json.",
                        epilog=EPILOG)
@@ -73,21 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_matcher_args(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("evaluate", help="align a pair and write report.json, plots and the merged model",
+    p = add("evaluate", help="align a pair and write report.json, plots and the merged model",
                        description="Aligns the pair (config's `alignment` section, from pair.json unless --config), "
                                    "evaluates interpolation curves (vanilla and permuted, trained and init), barriers, "
                                    "n-way averages, and optionally the plane and schedules. Writes OUT/report.json, "
                                    "OUT/*.png, OUT/permutations/ and OUT/merged/ (model + card).",
                        epilog=EPILOG)
     p.add_argument("pair", help="a pair folder or the Hub repo id of a pair")
-    p.add_argument("--config", help="config whose alignment/evaluation sections to use (default: the pair's own)")
+    p.add_argument("--config", help="config whose alignment and evaluation sections (and data.data_dir) to use; model, "
+                                    "training and data come from the pair's pair.json (default: the pair's own config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set evaluation.plane=true")
+                   help="override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_output_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("run", help="the main job: train a pair, align, evaluate, report (train + evaluate)",
+    p = add("run", help="the main job: train a pair, align, evaluate, report (train + evaluate)",
                        description="Train `training.num_nets` nets, align them, evaluate curves and barriers, and write "
                                    "OUT/pair/, OUT/report.json, OUT/*.png, OUT/permutations/, OUT/merged/.",
                        epilog=EPILOG)
@@ -95,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p, resumable=True)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("push", help="upload a merged-model folder or a pair folder to the Hub in one commit",
+    p = add("push", help="upload a merged-model folder or a pair folder to the Hub in one commit",
                        description="Uploads FOLDER (a merged model written by merge/evaluate/run, or a pair folder) to "
                                    "the model repo REPO_ID in one commit, creating it if needed. The token comes from "
                                    "--token, HF_TOKEN or `hf auth login`, and is never printed.",
@@ -109,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="a Hugging Face token (prefer HF_TOKEN or `hf auth login`)")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("sweep", help="run a grid of runs (a paper figure): one table and one figure; resumable",
+    p = add("sweep", help="run a grid of runs (a paper figure): one table and one figure; resumable",
                        description="Run every cell of a sweep config (a base run config plus a `sweep:` section with "
                                    "name, experiment and grid; see configs/sweeps/). Each cell trains a pair in "
                                    "OUT/cells/<cell>/ and writes its result.json; cells with a result are skipped, so "
@@ -171,7 +194,7 @@ def _merger(args):
 def cmd_align(args) -> int:
     from .io_utils import check_output_dir
 
-    check_output_dir(args.output_dir, args.overwrite)
+    check_output_dir(args.output_dir, args.overwrite, marker="alignment.json")
     merger = _merger(args)
     perms = merger.align(matcher=args.matcher, checkpoint=args.align_checkpoint, **_matcher_settings(args))
     merger.save_permutations(args.output_dir)
@@ -218,8 +241,8 @@ def cmd_evaluate(args) -> int:
     from .config import load_config
     from .reporting.pipeline import evaluate_pair
 
-    config = load_config(args.config, args.overrides) if args.config else None
-    evaluate_pair(args.pair, args.output_dir, config, overrides=None if config else args.overrides,
+    config = load_config(args.config) if args.config else None
+    evaluate_pair(args.pair, args.output_dir, config, overrides=args.overrides,
                   overwrite=args.overwrite, progress=not args.quiet, device=args.device,
                   command=" ".join(["hf-permerge"] + sys.argv[1:]))
     print(f"report: {args.output_dir}/report.json")
@@ -270,8 +293,15 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM (`timeout`, a job scheduler) unwinds like Ctrl-C, so temporary folders are removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
@@ -282,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as err:
         print(f"hf-permerge {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hf-permerge {args.command}: interrupted; nothing half-written was left (outputs are written "
+              "atomically); train and run continue with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

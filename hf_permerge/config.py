@@ -4,10 +4,10 @@ A typo or a wrong type fails early with an error naming the key (mergekit's less
 """
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
-
-import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -140,30 +140,60 @@ class RunConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key `loc` was found: the section names, or the section's fields."""
+    model = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str, overridden: dict[str, str] | None = None) -> str:
+    """One line per problem, naming the key, what was wrong, and (for a value from `--set`) that override."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        item = next((v for k, v in (overridden or {}).items() if k == key or k.startswith(f"{key}.")), None)
+        origin = f" [from --set {item}]" if item else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see configs/ for the known keys)")
+            known = _known_keys(e["loc"])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            where = "the sections are" if len(e["loc"]) == 1 else "its section's keys are"
+            lines.append(f"  {key}: unknown key{origin} ({hint}{where} {', '.join(known)})" if known else
+                         f"  {key}: unknown key{origin} (check the spelling; see configs/ for the known keys)")
         else:
             got = e.get("input")
-            lines.append(f"  {key}: {e['msg']} (got {got!r})")
+            lines.append(f"  {key}: {e['msg']} (got {got!r}){origin}")
     return "\n".join(lines)
 
 
 def set_override(data: dict, keys: list[str], raw: str, item: str) -> None:
     """data[k0][k1]...[kn] = the YAML value of `raw`; `item` names the override in errors."""
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. training.epochs=1")
     try:
         value = parse_yaml(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
     node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {k!r} is not a section")
+    for depth, k in enumerate(keys[:-1]):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            where = ".".join(keys[:depth + 1])
+            raise ConfigError(f"override {item!r}: {where!r} is not a section (it holds {child!r}, from the config "
+                              f"file or an earlier --set); set a key inside it, e.g. {where}.<key>=...")
+        node = child
     node[keys[-1]] = value
+
+
+def override_keys(overrides: list[str] | None) -> dict[str, str]:
+    """{'section.key': the override that set it} for error messages."""
+    return {item.split("=", 1)[0].strip(): item for item in overrides or [] if "=" in item}
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -182,20 +212,28 @@ def read_yaml_file(path: str | Path, what: str, shipped: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; the shipped ones are in {shipped}")
     try:
-        return parse_yaml(path.read_text()) or {}
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+    if data is None:
+        raise ConfigError(f"{what} {path} is empty; start from one of {shipped} (an empty mapping `{{}}` means "
+                          "every default)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping with sections model, data, training, ... "
+                          f"(it holds a {type(data).__name__}); see {shipped}")
+    return data
 
 
-def config_from_dict(data: dict, source: str = "(dict)") -> RunConfig:
+def config_from_dict(data: dict, source: str = "(dict)", overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config mapping; `overrides` (already applied) only name their values in errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"config {source} must be a mapping with sections model, data, training, ...")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, override_keys(overrides))) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     data = read_yaml_file(path, "config file", "configs/")
-    return config_from_dict(apply_overrides(data, overrides), str(path))
+    return config_from_dict(apply_overrides(data, overrides), str(path), overrides)

@@ -32,38 +32,59 @@ def atomic_dir(target: str | os.PathLike):
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_leftover(entry: Path) -> bool:
+    """A temporary file or folder of ours that a killed run (SIGKILL, power loss) may leave behind: hidden,
+    named by `atomic_dir`, `write_json_atomic`, the report's plots or the permutations writer."""
+    name = entry.name
+    return name.startswith(".") and (".tmp" in name or ".old-" in name or name.startswith(".plots-"))
+
+
+def _remove(entry: Path) -> None:
+    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
-                     marker: str | tuple[str, ...] | None = None) -> Path:
+                     marker: str | tuple[str, ...] | None = None, resumable: bool = False) -> Path:
     """Refuse an output folder that exists (unless overwrite/resume) or cannot be written, before any work.
 
-    With `overwrite`, only a folder that holds our own output (a `marker` file) is replaced;
-    a non-empty folder of anything else is never deleted.
+    With `overwrite` or `resume`, only a folder that holds our own output (a `marker` file) is replaced
+    or continued; a non-empty folder of anything else is never deleted nor written into. Temporary
+    files that a killed run of ours left behind (`is_leftover`) do not count: a folder holding only
+    those is cleared. `resumable`: the command has --resume, so the refusal suggests it.
     """
     markers = (marker,) if isinstance(marker, str) else tuple(marker or ())
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} exists and is not a folder; choose another --output-dir")
-    if path.is_dir() and any(path.iterdir()):
-        if resume:
-            return path
-        if not overwrite:
-            raise FileExistsError(
-                f"output folder {path} exists and is not empty; pass --overwrite to replace it"
-                + (" or --resume to continue an interrupted run" if "run_config.json" in markers
-                   or "pair/run_config.json" in markers else "")
-            )
-        if markers and not any((path / m).exists() for m in markers):
+    entries = list(path.iterdir()) if path.is_dir() else []
+    if entries and all(is_leftover(e) for e in entries):
+        for e in entries:
+            _remove(e)
+    elif entries:
+        ours = not markers or any((path / m).exists() for m in markers)
+        if not (overwrite or resume):
+            raise FileExistsError(f"output folder {path} exists and is not empty; pass --overwrite to replace it"
+                                  + (" or --resume to continue an interrupted run" if resumable and ours else "")
+                                  + ("" if ours else ", or choose another --output-dir"))
+        if markers and not ours:
+            action = "continue in it with --resume" if resume else "delete it even with --overwrite"
             raise FileExistsError(
                 f"output folder {path} is not empty and does not look like an hf_permerge output "
-                f"(no {' or '.join(markers)}); refusing to delete it even with --overwrite. Choose another --output-dir"
+                f"(no {' or '.join(markers)}); refusing to {action}. Choose another --output-dir"
             )
+        if resume:
+            return path
     parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise NotADirectoryError(f"output folder {path} cannot be created: {parent} is a file, not a folder")

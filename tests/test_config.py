@@ -50,3 +50,31 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_typos_get_the_nearest_key_and_overrides_are_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {type: mlp}\n")
+    with pytest.raises(ConfigError, match=r"model\.widht: unknown key \[from --set model\.widht=3\] \(did you mean 'width'"):
+        load_config(p, ["model.widht=3"])
+    with pytest.raises(ConfigError, match=r"trainin: unknown key .*did you mean 'training'"):
+        load_config(p, ["trainin.epochs=3"])
+    with pytest.raises(ConfigError, match=r"training\.epochs: .* \[from --set training\.epochs=-1\]"):
+        load_config(p, ["training.epochs=-1"])
+
+
+def test_overrides_that_cannot_apply_name_the_culprit(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {type: mlp}\n")
+    with pytest.raises(ConfigError, match=r"'training' is not a section \(it holds 1"):
+        load_config(p, ["training=1", "training.max_steps=1"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(p, ["=1"])
+
+
+@pytest.mark.parametrize("text,problem", [("- a\n- b\n", "must be a mapping .* holds a list"), ("", "is empty")])
+def test_a_config_file_that_is_not_a_mapping_is_refused_even_with_overrides(tmp_path, text, problem):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_config(p, ["training.max_steps=1"])

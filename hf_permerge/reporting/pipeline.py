@@ -10,10 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, config_from_dict
+from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from ..io_utils import check_output_dir, write_json_atomic
 
 logger = logging.getLogger("hf_permerge.pipeline")
+
+RUN_MARKERS = ("report.json", "pair/run_config.json", "merged/merge_config.json", "permutations/alignment.json")
+"""Files that mark a folder as the output of `run` / `evaluate` (one of them is written first)."""
 
 
 def default_device() -> torch.device:
@@ -42,24 +45,51 @@ def align_merger(merger, config: RunConfig, splits: dict | None = None):
     return merger
 
 
+EVALUATE_KEYS = ("alignment.", "evaluation.", "data.data_dir")
+"""What `evaluate` may change: how a trained pair is aligned and measured, and where its data set lives here."""
+
+
+def check_evaluate_overrides(overrides: list[str] | None) -> None:
+    """model, training and data describe how the pair was made (its pair.json): an override there would make
+    the report's record of it false, so it is an error, before any work."""
+    bad = [o for o in overrides or [] if not o.split("=", 1)[0].strip().startswith(EVALUATE_KEYS)]
+    if bad:
+        raise ConfigError(f"evaluate cannot override {', '.join(repr(b) for b in bad)}: model, training and data "
+                          "come from the pair's pair.json (how its nets were made); only alignment.*, evaluation.* "
+                          "and data.data_dir can be set. To change the nets, train a new pair (hf-permerge run)")
+
+
+def evaluation_config(pair_config: dict | None, config: RunConfig | None, overrides: list[str] | None,
+                      source: str) -> RunConfig:
+    """The pair's own config with the `alignment` and `evaluation` sections (and a `data.data_dir`) of `config`
+    (when given), then
+    `overrides` (alignment, evaluation, data.data_dir). Without a pair.json, `config` describes the nets."""
+    data = json.loads(json.dumps(pair_config)) if pair_config is not None else config.to_dict()
+    if config is not None:
+        given = config.to_dict()
+        data["alignment"], data["evaluation"] = given["alignment"], given["evaluation"]
+        if given["data"]["data_dir"] is not None:
+            data.setdefault("data", {})["data_dir"] = given["data"]["data_dir"]
+    return config_from_dict(apply_overrides(data, overrides), source, overrides)
+
+
 def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrides: list[str] | None = None,
                   overwrite: bool = False, progress: bool = True, device=None, train_s: float | None = None,
                   command: str | None = None) -> dict:
     """Align and evaluate a pair folder; write OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
-    from ..config import apply_overrides
     from ..merging import PermMerger
     from .plots import write_plots
     from .report import build_report, summary_table
 
     device = torch.device(device) if device else default_device()
+    check_evaluate_overrides(overrides)
     merger = PermMerger.from_pretrained(pair_dir, device=device)
-    if config is None:
-        if merger.pair is None:
-            raise ValueError(f"{pair_dir} has no pair.json; pass a config")
-        config = config_from_dict(apply_overrides(json.loads(json.dumps(merger.pair["config"])), overrides),
-                                  f"{pair_dir}/pair.json")
+    if merger.pair is None and config is None:
+        raise ValueError(f"{pair_dir} has no pair.json; pass a config (--config) that describes its nets")
+    config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides,
+                               f"{pair_dir}/pair.json")
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, marker=("report.json", "pair/run_config.json"))
+    check_output_dir(output_dir, overwrite, marker=RUN_MARKERS)
     splits = evaluation_splits(config, device)
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
@@ -86,7 +116,7 @@ def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = F
     from ..training import PairTrainer
 
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, resume, marker=("report.json", "pair/run_config.json"))
+    check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKERS, resumable=True)
     if overwrite and not resume and output_dir.exists():
         shutil.rmtree(output_dir)
     start = time.perf_counter()

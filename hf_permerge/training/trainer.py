@@ -83,7 +83,7 @@ class PairTrainer:
     def _prepare_output(self) -> None:
         """Checks every process makes before anything is written, then the main process prepares the folder."""
         out, acc = self.output_dir, self.accelerator
-        check_output_dir(out, self.overwrite, self.resume, marker="run_config.json")
+        check_output_dir(out, self.overwrite, self.resume, marker="run_config.json", resumable=True)
         saved = out / "run_config.json"
         if self.resume and saved.exists():
             before = json.loads(saved.read_text())

@@ -1,0 +1,97 @@
+"""Output folders: nothing a user made is lost or written into, and a killed run of ours does not block a rerun."""
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_permerge.io_utils import check_output_dir, write_json_atomic
+
+EXE = str(Path(sys.executable).parent / "hf-permerge")
+
+
+def users_folder(tmp_path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    return folder
+
+
+def test_resume_refuses_a_folder_that_is_not_ours(tmp_path):
+    folder = users_folder(tmp_path)
+    with pytest.raises(FileExistsError, match="refusing to continue in it with --resume"):
+        check_output_dir(folder, resume=True, marker="run_config.json", resumable=True)
+    with pytest.raises(FileExistsError, match="refusing to delete it even with --overwrite"):
+        check_output_dir(folder, overwrite=True, marker="run_config.json")
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def test_the_resume_hint_is_given_only_where_resume_exists(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "report.json").write_text("{}")
+    with pytest.raises(FileExistsError) as err:
+        check_output_dir(folder, marker="report.json")
+    assert "--resume" not in str(err.value)
+    with pytest.raises(FileExistsError, match="or --resume"):
+        check_output_dir(folder, marker="report.json", resumable=True)
+
+
+def test_leftovers_of_a_killed_run_do_not_block_a_rerun(tmp_path):
+    folder = tmp_path / "out"
+    (folder / ".plots-abc123").mkdir(parents=True)
+    (folder / ".plots-abc123" / "interpolation.png").write_bytes(b"x")
+    (folder / ".merged.tmp-xyz").mkdir()
+    (folder / ".report.json.tmp-q1").write_text("{")
+    check_output_dir(folder, marker="report.json")
+    assert list(folder.iterdir()) == []
+    (folder / ".plots-def").mkdir()
+    (folder / "notes.txt").write_text("mine")   # a user's file beside them: refused, nothing removed
+    with pytest.raises(FileExistsError):
+        check_output_dir(folder, overwrite=True, marker="report.json")
+    assert {p.name for p in folder.iterdir()} == {".plots-def", "notes.txt"}
+
+
+def test_write_json_atomic_leaves_no_temporary_file_on_failure(tmp_path):
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "r.json", {"x": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_flags_after_the_subcommand_and_exclusive_modes():
+    from hf_permerge.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["run", "c.yaml", "-o", "x", "-q"]).quiet
+    assert p.parse_args(["-q", "run", "c.yaml", "-o", "x"]).quiet
+    assert not p.parse_args(["run", "c.yaml", "-o", "x"]).quiet
+    with pytest.raises(SystemExit):
+        p.parse_args(["run", "c.yaml", "-o", "x", "--overwrite", "--resume"])
+    r = subprocess.run([EXE, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("hf-permerge ")
+
+
+def test_evaluate_refuses_overrides_of_how_the_pair_was_made(tiny_pair, tmp_path):
+    r = subprocess.run([EXE, "-q", "evaluate", str(tiny_pair), "-o", str(tmp_path / "ev"),
+                        "--set", "model.width=64", "--set", "training.epochs=99"], capture_output=True, text=True)
+    assert r.returncode == 2 and "evaluate cannot override 'model.width=64', 'training.epochs=99'" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "ev").exists()
+
+
+def test_sigterm_unwinds_so_temporary_folders_are_removed(tmp_path):
+    """`timeout` sends SIGTERM: the CLI exits through its cleanup (128 + 15), like Ctrl-C."""
+    code = ("import sys, time, tempfile\n"
+            "from hf_permerge.cli import main\n"
+            "import hf_permerge.cli as cli\n"
+            "def slow(args):\n"
+            f"    with tempfile.TemporaryDirectory(dir={str(tmp_path)!r}, prefix='.plots-'):\n"
+            "        print('ready', flush=True)\n"
+            "        time.sleep(60)\n"
+            "cli.cmd_train = slow\n"
+            "sys.exit(main(['train', 'c.yaml', '-o', 'x']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
