@@ -68,6 +68,28 @@ class PermutationSpec:
                 return g
         raise KeyError(f"no permutation group {name!r}; groups are {self.names}")
 
+    def equivalent(self, other: "PermutationSpec") -> bool:
+        """True when both specs permute the same tensors alike: the same groups up to their names and order.
+
+        Groups correspond when they name the same (key, axis) pairs; corresponding groups must have the same
+        size and blocks, and the couplings must correspond. Where matching reads a group's activations
+        (`activation`, `preactivation`, `unit_axis`) is not compared: two specs may hook different modules
+        that carry the same units. Use it to compare a traced spec with a hand-written one (their group
+        names differ); `==` also compares names and hooks.
+        """
+        if not isinstance(other, PermutationSpec) or len(self.groups) != len(other.groups):
+            return False
+        theirs = {frozenset(g.axes): g for g in other.groups}
+        renamed: dict[str, str] = {}
+        for g in self.groups:
+            h = theirs.get(frozenset(g.axes))
+            if h is None or (h.size, h.blocks) != (g.size, g.blocks):
+                return False
+            renamed[g.name] = h.name
+        if len(set(renamed.values())) != len(other.groups):
+            return False
+        return {frozenset(renamed[n] for n in c) for c in self.couplings} == {frozenset(c) for c in other.couplings}
+
     def axes_to_perm(self) -> dict[str, dict[int, str]]:
         """key -> {axis: group}: the inverse map, derived, never written by hand."""
         out: dict[str, dict[int, str]] = {}

@@ -1,8 +1,8 @@
 """Permutation specs derived from a traced graph, for any `nn.Module` / `PreTrainedModel`.
 
     from hf_permerge.alignment.tracing import trace_permutation_spec
-    spec = trace_permutation_spec(model)                       # == model.permutation_spec() for our classes
-    spec = trace_permutation_spec(vit)                         # heads: units permuted within each head
+    spec = trace_permutation_spec(model)     # for our classes: spec.equivalent(model.permutation_spec())
+    spec = trace_permutation_spec(vit)       # heads: units permuted within each head
 
 How. The model is traced with `torch.export` (non-strict), which gives a `torch.fx` graph of aten ops
 in which every parameter and buffer is a placeholder named by its state-dict key and every op carries
@@ -740,7 +740,11 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
 
 def trace_permutation_spec(model: nn.Module, example_inputs=None,
                            on_unsupported: Literal["error", "skip"] = "error", check: bool = True) -> PermutationSpec:
-    """The `PermutationSpec` of any module, derived from its traced graph (see `trace`)."""
+    """The `PermutationSpec` of any module, derived from its traced graph (see `trace`).
+
+    Groups are named after the first module that writes their units (`layers.0`), so a hand-written spec
+    with other names is compared by `spec.equivalent(model.permutation_spec())`, not by `==`.
+    """
     return trace(model, example_inputs, on_unsupported, check).spec
 
 

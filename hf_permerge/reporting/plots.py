@@ -7,9 +7,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 
 COLOURS = {"vanilla": "tab:red", "permuted": "tab:blue", "single": "black"}
 TITLES = {"final": "trained nets", "init": "initialisations (permutation from training)"}
+POINT_LABELS = {"theta_0": "θ₀", "theta_1": "θ₁", "pi_theta_1": "π(θ₁)"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -41,7 +43,7 @@ def plot_curves(report: dict, path: Path) -> Path:
             ax.set_ylabel("accuracy" if metric == "acc" else "loss")
             ax.set_title(f"{TITLES[ck]}: {'accuracy' if metric == 'acc' else 'loss'}")
             ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
+            if (row, col) == (0, 0) or (metric == "acc" and ck == "init"):     # the init panel adds "chance"
                 ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -91,13 +93,20 @@ def plot_plane(report: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(cks), figsize=(5.2 * len(cks), 4.4), squeeze=False)
     for ax, ck in zip(axes[0], cks):
         plane = report["plane"][ck]
-        grid = plane["test"]["acc"]
-        im = ax.imshow(grid, origin="lower", cmap="viridis",
-                       extent=[plane["u"][0], plane["u"][-1], plane["v"][0], plane["v"][-1]], aspect="auto")
+        u, v = plane["u"], plane["v"]
+        # grid[j][i] is the accuracy at (u[i], v[j]): each cell is centred on its grid point
+        im = ax.pcolormesh(u, v, plane["test"]["acc"], shading="nearest", cmap="viridis")
         fig.colorbar(im, ax=ax, label="test accuracy")
-        for label, (u, v) in plane["points"].items():
-            ax.plot(u, v, "w^" if "pi" in label else "wo", ms=7, mec="k")
-            ax.annotate(label, (u, v), textcoords="offset points", xytext=(5, 5), color="w", fontsize=9)
+        for name, (pu, pv) in plane["points"].items():
+            ax.plot(pu, pv, "w^" if "pi" in name else "wo", ms=7, mec="k")
+            # the label points into the plot, so none runs past its edges
+            right, top = pu > (u[0] + u[-1]) / 2, pv > (v[0] + v[-1]) / 2
+            ax.annotate(POINT_LABELS.get(name, name), (pu, pv), textcoords="offset points",
+                        xytext=(-6 if right else 6, -6 if top else 6), ha="right" if right else "left",
+                        va="top" if top else "bottom", color="w", fontsize=10,
+                        path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
+        ax.set_xlabel("u: distance along θ₁ − θ₀")
+        ax.set_ylabel("v: distance towards π(θ₁), orthogonal to u")
         ax.set_title(TITLES[ck])
     return _save(fig, path)
 

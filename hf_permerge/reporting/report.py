@@ -213,19 +213,20 @@ def schedules(merger, test, ev) -> dict:
 
 
 def summary_table(report: dict) -> str:
-    """The printed summary: single net, vanilla average, permuted average, barriers; trained and init."""
-    lines = [f"{'':8} {'single net':>11} {'vanilla avg':>12} {'perm avg':>9} {'barrier van':>12} {'barrier perm':>13}"]
+    """The printed summary: single net, vanilla average, permuted average, barriers; trained and init.
+
+    Row labels are left-aligned, numbers right-aligned under their column titles (each column as wide as
+    its widest entry)."""
+    rows = [["", "single net", "vanilla avg", "perm avg", "barrier van", "barrier perm"]]
     for ck in CHECKPOINTS:
         if ck not in report.get("midpoint", {}):
             continue
-        singles = [e["test"]["acc"] if ck == "final" else e["init"]["test"]["acc"] for e in report["endpoints"][:2]]
-        mid = report["midpoint"][ck]
-        bar = report["barrier"][ck]
-        lines.append(f"{ck + ' acc':8} {sum(singles) / len(singles):11.4f} {mid['vanilla']['test']['acc']:12.4f} "
-                     f"{mid['permuted']['test']['acc']:9.4f} {bar['vanilla']['test']['acc']:12.4f} "
-                     f"{bar['permuted']['test']['acc']:13.4f}")
-        losses = [e["test"]["loss"] if ck == "final" else e["init"]["test"]["loss"] for e in report["endpoints"][:2]]
-        lines.append(f"{ck + ' loss':8} {sum(losses) / len(losses):11.4f} {mid['vanilla']['test']['loss']:12.4f} "
-                     f"{mid['permuted']['test']['loss']:9.4f} {bar['vanilla']['test']['loss']:12.4f} "
-                     f"{bar['permuted']['test']['loss']:13.4f}")
-    return "\n".join(lines)
+        singles = [e["test"] if ck == "final" else e["init"]["test"] for e in report["endpoints"][:2]]
+        mid, bar = report["midpoint"][ck], report["barrier"][ck]
+        for metric in ("acc", "loss"):
+            values = [sum(s[metric] for s in singles) / len(singles), mid["vanilla"]["test"][metric],
+                      mid["permuted"]["test"][metric], bar["vanilla"]["test"][metric], bar["permuted"]["test"][metric]]
+            rows.append([f"{ck} {metric}"] + [f"{v:.4f}" for v in values])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+                     for row in rows)
