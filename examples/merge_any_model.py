@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     merged = merger.merge(0.5, repair=None if best.endswith("none") else best.split("+")[1])
     merged_dir = out / ("merged" if args.matcher == "activation" and not args.keep_heads else
                         f"merged-{args.matcher}{'-keep-heads' if args.keep_heads else ''}")
-    merger.save_pretrained(merged_dir, model=merged, command=f"python examples/merge_any_model.py --arch {args.arch}")
+    merger.save_pretrained(merged_dir, model=merged, command=f"python examples/merge_any_model.py --arch {args.arch}",
+                           overwrite=True)  # a rerun replaces its own merged folder
     results = {
         "arch": args.arch, "width": width, "epochs": args.epochs, "seeds": args.seeds, "matcher": args.matcher,
         "keep_heads": args.keep_heads, "couplings": [list(c) for c in merger.spec.couplings],

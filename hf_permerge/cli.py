@@ -78,17 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("merge", help="merge a pair: align, then average weights (trained, init or a step)",
                        description="Writes OUT as an HF model folder (loads with AutoModelForImageClassification after "
-                                   "`import hf_permerge`), with the permutations and merge_config.json.",
+                                   "`import hf_permerge`), with merge_config.json, a model card and (unless --vanilla) "
+                                   "the permutations.",
                        epilog=EPILOG)
     _add_pair_arg(p)
     _add_output_args(p)
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="weight of the permuted other net: (1-alpha)*theta_0 + alpha*pi(theta_1) (default 0.5)")
     p.add_argument("--checkpoint", default="final",
                    help="which weights to merge: final (default), init (the untrained inits) or step-N")
-    p.add_argument("--all", action="store_true", help="uniform average of all N aligned nets instead of a pair")
-    p.add_argument("--vanilla", action="store_true", help="average without permuting (the baseline)")
-    p.add_argument("--permutations", help="use permutations from `hf-permerge align` instead of aligning again")
+    weights = p.add_mutually_exclusive_group()   # --all weighs every net 1/N: an --alpha would be ignored
+    weights.add_argument("--alpha", type=float, default=None,
+                         help="weight of the permuted other net: (1-alpha)*theta_0 + alpha*pi(theta_1) (default 0.5; "
+                              "not with --all)")
+    weights.add_argument("--all", action="store_true", help="uniform average of all N aligned nets instead of a pair")
+    alignment = p.add_mutually_exclusive_group()  # a vanilla average uses no permutations
+    alignment.add_argument("--vanilla", action="store_true",
+                           help="average without permuting (the baseline); no alignment is run")
+    alignment.add_argument("--permutations",
+                           help="use permutations from `hf-permerge align` instead of aligning again")
     p.add_argument("--repair", choices=["repair", "reset_bn"], default=None,
                    help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
                         "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 training images")
@@ -206,20 +212,44 @@ def cmd_align(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
-    from .io_utils import check_output_dir
+_ALIGNMENT_OPTIONS = ("matcher", "similarity", "preactivation", "products", "num_examples", "align_checkpoint")
 
-    check_output_dir(args.output_dir, args.overwrite, marker="merge_config.json")
+
+def _check_merge_options(args) -> None:
+    """Matching options that this merge would silently ignore are an error: --vanilla aligns nothing, and
+    --permutations replaces the alignment."""
+    if not (args.vanilla or args.permutations):
+        return
+    defaults = build_parser().parse_args(["merge", "PAIR", "-o", "OUT"])
+    given = [f"--{k.replace('_', '-')}" for k in _ALIGNMENT_OPTIONS if getattr(args, k) != getattr(defaults, k)]
+    if given:
+        mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
+                     ("--permutations", "the permutations are loaded, not found"))
+        raise ValueError(f"{', '.join(given)} cannot be used with {mode}: {why}, so the matching options would be "
+                         f"ignored; drop {', '.join(given)} or {mode}")
+
+
+def cmd_merge(args) -> int:
+    import shlex
+
+    from .io_utils import check_output_dir
+    from .merging.merger import MARKER
+
+    _check_merge_options(args)
+    check_output_dir(args.output_dir, args.overwrite, marker=MARKER)
     merger = _merger(args)
+    merger.check_repair(args.repair)
     if args.permutations:
         merger.load_permutations(args.permutations)
-    else:
+    elif not args.vanilla:
         merger.align(matcher=args.matcher, checkpoint=args.align_checkpoint, **_matcher_settings(args))
     if args.all:
         model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
     else:
-        model = merger.merge(args.alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
-    merger.save_pretrained(args.output_dir, model)
+        alpha = 0.5 if args.alpha is None else args.alpha
+        model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
+    merger.save_pretrained(args.output_dir, model, command=shlex.join(["hf-permerge", *sys.argv[1:]]),
+                           overwrite=args.overwrite)
     print(f"merged model: {args.output_dir}")
     return 0
 
@@ -261,13 +291,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import HubError, push_folder_to_hub
+    from .hub import HubError, cli_message, push_folder_to_hub
 
     try:
         info = push_folder_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
                                   revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
     except HubError as err:
-        print(f"hf-permerge push: error: {err}", file=sys.stderr)
+        print(f"hf-permerge push: error: {cli_message(err)}", file=sys.stderr)
         return 2
     print(f"pushed: {getattr(info, 'pr_url', None) or info}")
     return 0

@@ -18,13 +18,15 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 LOGIN_HINT = "set HF_TOKEN to a token with write access, pass token=..., or run `hf auth login`"
+CLI_LOGIN_HINT = "pass --token, set HF_TOKEN to a token with write access, or run `hf auth login`"
+"""LOGIN_HINT in the words of the command line, where `token=...` is `--token` (see `cli_message`)."""
 NETWORK_HINT = ("check your network connection, or set HF_ENDPOINT to a reachable Hub-compatible endpoint "
                 "(the current one is {endpoint})")
 
 
 class HubError(RuntimeError):
-    """A Hub operation failed; `reason` is one of `invalid_folder`, `no_token`, `unauthorized`, `forbidden`,
-    `not_found`, `revision_not_found`, `unreachable`, `offline`, `http`."""
+    """A Hub operation failed; `reason` is one of `invalid_folder`, `invalid_repo_id`, `no_token`, `unauthorized`,
+    `forbidden`, `not_found`, `revision_not_found`, `unreachable`, `offline`, `http`."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
@@ -104,6 +106,24 @@ def _hub_call(action: str, secret: str | None, endpoint: str | None, fn, /, *arg
         raise translated from err
 
 
+def cli_message(err: HubError) -> str:
+    """The error in the words of the command line (`--token` where Python says `token=...`)."""
+    return str(err).replace(LOGIN_HINT, CLI_LOGIN_HINT)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a malformed repo id before any network call (`name` or `namespace/name`)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubError(f"{repo_id!r} is not a valid Hub repo id: use `name` or `namespace/name`, made of letters, "
+                       "digits, '-', '_' and '.' (not starting or ending with '-' or '.', at most 96 characters), "
+                       "e.g. alice/fmnist-merged", "invalid_repo_id") from None
+
+
 # ---- folders -------------------------------------------------------------------------------------------
 
 def folder_kind(folder: str | os.PathLike) -> str:
@@ -164,6 +184,7 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | 
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import get_token
 
+    check_repo_id(repo_id)
     kind = folder_kind(folder)
     paths = files_to_push(folder)
     token = token or get_token()

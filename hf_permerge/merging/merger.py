@@ -13,10 +13,13 @@ from ..alignment import Permutations, get_matcher
 from ..alignment.spec import apply_permutations
 from ..io_utils import atomic_dir, write_json_atomic
 from .repair import DEFAULT_NUM_EXAMPLES as DEFAULT_REPAIR_EXAMPLES
-from .repair import apply_repair, check_repair_mode
+from .repair import apply_repair, check_repair_mode, require_batchnorm
 from .sources import NetSource, load_sources
 
 logger = logging.getLogger("hf_permerge.merging")
+
+MARKER = "merge_config.json"
+"""The file that marks a folder as a merged model of ours: the only kind `save_pretrained` may replace."""
 
 _IGNORED_CONFIG_KEYS = {"seed", "_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
                         "dtype", "torch_dtype"}
@@ -32,6 +35,23 @@ def check_same_architecture(configs: list, names: list[str]) -> None:
                 raise ValueError(f"cannot merge {names[0]} with {name}: different architectures "
                                  f"({key}: {ref.get(key)!r} vs {other.get(key)!r}); only nets of one architecture "
                                  "can be aligned and merged")
+
+
+def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model") -> Path:
+    """The CLI's output rule, for Python callers: a non-empty folder is refused unless `overwrite`, and even
+    then only an earlier output of ours (it has `marker`) is replaced, never a user's folder."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder; save the {what} to a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / marker).is_file():
+            raise FileExistsError(f"{path} is not empty and does not hold a {what} of hf_permerge (no {marker}); "
+                                  f"refusing to replace it, even with overwrite=True: save the {what} to a new or "
+                                  "empty folder")
+        if not overwrite:
+            raise FileExistsError(f"{path} already holds a {what}; pass overwrite=True to replace it, "
+                                  "or save to another folder")
+    return path
 
 
 def average_state_dicts(states: list[dict], weights: list[float]) -> dict:
@@ -163,7 +183,7 @@ class PermMerger:
         else:
             perms += [m.match(ref, other, dataset) for other in others]
         self.permutations = perms
-        self.alignment = {"matcher": matcher, "settings": m.settings() if callable(getattr(m, "settings", None)) else settings,
+        self.alignment = {"matcher": matcher, "settings": dict(m.settings),   # the defaults filled in
                           "checkpoint": checkpoint, "align_s": time.perf_counter() - start}
         return perms
 
@@ -192,6 +212,12 @@ class PermMerger:
         """Net i permuted onto net 0: the same function as net i, its units lined up with net 0's."""
         return self._require_alignment()[i].apply(self.load(i, checkpoint), self.spec)
 
+    def check_repair(self, repair: str | None) -> None:
+        """Refuse a repair mode that cannot apply to these nets, before any alignment or averaging is spent."""
+        check_repair_mode(repair)
+        if repair == "reset_bn":
+            require_batchnorm(self.load(0))
+
     def _model_with(self, state: dict, checkpoint: str):
         import copy
 
@@ -212,7 +238,7 @@ class PermMerger:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if not 1 <= other < self.num_nets:
             raise ValueError(f"other must name a net 1..{self.num_nets - 1}, got {other}")
-        check_repair_mode(repair)
+        self.check_repair(repair)
         states = [self.permuted_state(0, checkpoint), self.permuted_state(other, checkpoint, permute)]
         merged = self._model_with(average_state_dicts(states, [1 - alpha, alpha]), checkpoint)
         if repair is not None:
@@ -229,7 +255,7 @@ class PermMerger:
         k = self.num_nets if k is None else k
         if not 1 <= k <= self.num_nets:
             raise ValueError(f"k must be in 1..{self.num_nets}, got {k}")
-        check_repair_mode(repair)
+        self.check_repair(repair)
         states = [self.permuted_state(i, checkpoint, permute) for i in range(k)]
         merged = self._model_with(average_state_dicts(states, [1.0 / k] * k), checkpoint)
         if repair is not None:
@@ -256,13 +282,19 @@ class PermMerger:
         return data if data is not None else load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
 
     # -- saving ----------------------------------------------------------------------------------
+    def _permuted_merge(self) -> bool:
+        """Whether the merge being saved used the permutations (a vanilla average uses none)."""
+        return (self._last_merge or {}).get("permuted", True)
+
     def merge_settings(self) -> dict:
+        """merge_config.json: what was merged and how. Sources by their portable labels (never local absolute
+        paths: the file is pushed with the model); no alignment for a vanilla average, which used none."""
         return {
             "format": "hf_permerge.merge/1",
-            "sources": [s.hub_id or s.name for s in self.sources],
+            "sources": [s.label for s in self.sources],
             "hub_sources": [s.hub_id for s in self.sources if s.hub_id],
             "merge": self._last_merge,
-            "alignment": {k: v for k, v in self.alignment.items()},
+            "alignment": dict(self.alignment) if self._permuted_merge() else None,
             "dataset": self.dataset_name(),
             **({"traced_spec": {"groups": self.spec.names, "skipped": dict(self.traced.skipped),
                                 "head_couplings": [list(c) for c in self.spec.couplings]}}
@@ -274,49 +306,64 @@ class PermMerger:
         from ..reporting.model_card import render_model_card  # cards are reporting's job; imported only here
 
         last = self._last_merge or {}
-        settings = dict(self.alignment.get("settings") or {})
+        nets = last.get("nets", [0, 1])
+        permuted = self._permuted_merge()
+        matcher = ({"name": self.alignment["matcher"], **(self.alignment.get("settings") or {})}
+                   if permuted and self.alignment.get("matcher") else None)     # unknown for bare permutation files
         return render_model_card({
-            "base_models": [{"name": s.hub_id or s.name, "hub": bool(s.hub_id)} for s in self.sources],
+            "base_models": [{"name": self.sources[i].label, "hub": bool(self.sources[i].hub_id),
+                             "repo": self.sources[i].hub_id} for i in nets],
+            "nets": nets,
             "config": model.config.to_dict(),
             "dataset": self.dataset_name(),
-            "matcher": {"name": self.alignment.get("matcher", "activation"), **settings},
+            "permuted": permuted,
+            "matcher": matcher,
+            "align_checkpoint": self.alignment.get("checkpoint") if permuted else None,
             "checkpoint": last.get("checkpoint", "final"),
-            "alpha": last.get("alpha"),
+            "alpha": last.get("alpha", 0.5),
+            "uniform": last.get("alpha", 0.5) is None,
             "repair": last.get("repair"),
             "traced_spec": ({"groups": len(self.spec.groups), "skipped": sorted(self.traced.skipped)}
-                            if self.traced is not None else None),
+                            if self.traced is not None and permuted else None),
             "report": report,
             "plots": list(plots),
             "command": command,
             "repo_id": repo_id,
         })
 
+    def _merge_again(self):
+        """The last merge redone (alpha 0.5 on the final weights if there was none)."""
+        last = self._last_merge or {"alpha": 0.5, "checkpoint": "final", "nets": [0, 1], "permuted": True}
+        options = {"permute": last["permuted"], "repair": last.get("repair")}
+        if last["alpha"] is None:
+            return self.merge_all(last["checkpoint"], len(last["nets"]), **options)
+        return self.merge(last["alpha"], last["checkpoint"], other=last["nets"][1], **options)
+
     def save_pretrained(self, output_dir, model=None, report: dict | None = None, files=(),
-                        command: str | None = None) -> Path:
+                        command: str | None = None, overwrite: bool = False) -> Path:
         """Write the merged model (HF folder), image processor, permutations, merge settings and model card.
 
-        `model` defaults to `merge()` with the last settings (alpha 0.5 on the final weights).
+        `model` defaults to the last merge redone (alpha 0.5 on the final weights if none). It is described
+        as the last `merge`/`merge_all` made it. The permutations are saved only when the merge used them.
         `report` (report.json) and `files` (e.g. plots) are stored beside it and described in the card.
-        The folder appears whole or not at all.
+        The folder appears whole or not at all; an existing folder is refused (see `check_save_target`).
         """
         from ..training.checkpoints import write_model_files
 
-        perms = self._require_alignment()
+        output_dir = check_save_target(output_dir, overwrite)
         if model is None:
-            last = self._last_merge or {"alpha": 0.5, "checkpoint": "final"}
-            model = (self.merge(last["alpha"], last["checkpoint"], repair=last.get("repair"))
-                     if last.get("alpha") is not None
-                     else self.merge_all(last["checkpoint"], len(last["nets"]), repair=last.get("repair")))
-        output_dir = Path(output_dir)
+            model = self._merge_again()
+        perms = self._require_alignment() if self._permuted_merge() else None
         with atomic_dir(output_dir) as tmp:
             write_model_files(model, tmp)
             processor = self._image_processor(model)
             if processor is not None:
                 processor.save_pretrained(tmp)
-            (tmp / "permutations").mkdir()
-            for i, p in enumerate(perms):
-                p.save(tmp / "permutations" / f"net_{i}.safetensors")
-            write_json_atomic(tmp / "merge_config.json", self.merge_settings())
+            if perms is not None:
+                (tmp / "permutations").mkdir()
+                for i, p in enumerate(perms):
+                    p.save(tmp / "permutations" / f"net_{i}.safetensors")
+            write_json_atomic(tmp / MARKER, self.merge_settings())
             names = []
             for f in map(Path, files):
                 shutil.copy2(f, tmp / f.name)
@@ -342,11 +389,13 @@ class PermMerger:
             return None
 
     def save_permutations(self, output_dir) -> Path:
-        output_dir = Path(output_dir)
+        """Write net_i.safetensors + alignment.json; an earlier alignment folder is replaced, a user's never."""
+        output_dir = check_save_target(output_dir, overwrite=True, marker="alignment.json", what="set of permutations")
         with atomic_dir(output_dir) as tmp:
             for i, p in enumerate(self._require_alignment()):
                 p.save(tmp / f"net_{i}.safetensors")
-            write_json_atomic(tmp / "alignment.json", {**self.merge_settings(), "merge": None})
+            write_json_atomic(tmp / "alignment.json", {**self.merge_settings(), "merge": None,
+                                                      "alignment": dict(self.alignment)})
         return output_dir
 
     def load_permutations(self, folder) -> list[Permutations]:
@@ -358,7 +407,8 @@ class PermMerger:
                 raise FileNotFoundError(f"{folder} lacks net_{i}.safetensors; pass the folder written by "
                                         "`hf-permerge align` (or a merge's permutations/ folder)")
             perms.append(Permutations.load(path))
-        meta = json.loads((folder / "alignment.json").read_text()).get("alignment", {}) if (folder / "alignment.json").is_file() else {}
+        meta_file = folder / "alignment.json"   # absent in a merge's permutations/ folder
+        meta = (json.loads(meta_file.read_text()).get("alignment") or {}) if meta_file.is_file() else {}
         self.set_permutations(perms, **meta)
         return perms
 

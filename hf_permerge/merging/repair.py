@@ -234,7 +234,8 @@ def repair(model: nn.Module, endpoints: Sequence[nn.Module], data, weights: Sequ
         modules = repair_modules(spec)
     if not modules:
         raise ValueError(f"REPAIR: {type(model).__name__} has no group with a pre-activation module to correct "
-                         "(residual groups have none); pass modules=[...] or use repair='reset_bn'")
+                         "(residual groups have none); pass modules=[...] or use repair='reset_bn' "
+                         "(`--repair reset_bn` on the command line)")
     _check_foldable(model, modules)
     x = _pixels(data, model, num_examples, seed)
     modules = _forward_order(model, list(modules), x)
@@ -257,6 +258,15 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def require_batchnorm(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers; none is a user's mistake (reset_bn asked of a model without BatchNorm)."""
+    bns = batchnorm_layers(model)
+    if not bns:
+        raise ValueError(f"reset_bn: {type(model).__name__} has no BatchNorm layers, so there are no statistics to "
+                         "reset; use REPAIR instead (repair='repair' in Python, `--repair repair` on the command line)")
+    return bns
+
+
 @torch.no_grad()
 def reset_bn_statistics(model: nn.Module, data, num_examples: int | None = DEFAULT_NUM_EXAMPLES,
                         batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> nn.Module:
@@ -264,10 +274,7 @@ def reset_bn_statistics(model: nn.Module, data, num_examples: int | None = DEFAU
 
     Only whole batches are used (a last, smaller batch would be weighted like a full one).
     """
-    bns = batchnorm_layers(model)
-    if not bns:
-        raise ValueError(f"reset_bn: {type(model).__name__} has no BatchNorm layers, so there are no statistics to "
-                         "reset; use repair='repair' instead")
+    bns = require_batchnorm(model)
     no_stats = [type(m).__name__ for m in bns if not m.track_running_stats]
     if no_stats:
         raise ValueError("reset_bn: some BatchNorm layers keep no running statistics (track_running_stats=False)")

@@ -10,17 +10,36 @@ CHECKPOINT_HELP = "checkpoints are 'init', 'final' or 'step-N' (see pair.json's 
 
 @dataclass
 class NetSource:
-    """One net: a name (path or repo id, for model cards) and its checkpoint folders by name."""
+    """One net: a name (path or repo id, for messages), its checkpoint folders by name, and a `label` for
+    what is saved or pushed (model cards, merge_config.json): the Hub repo id, or a path without the
+    local folders above it, since a local absolute path means nothing on the Hub."""
 
     name: str
     checkpoints: dict[str, Path]
     hub_id: str | None = None
+    label: str = ""
+
+    def __post_init__(self):
+        self.label = self.label or self.hub_id or portable_path(self.name)
 
     def folder(self, checkpoint: str) -> Path:
         if checkpoint not in self.checkpoints:
             raise ValueError(f"net {self.name} has no checkpoint {checkpoint!r}; it has {sorted(self.checkpoints)} "
                              f"({CHECKPOINT_HELP})")
         return self.checkpoints[checkpoint]
+
+
+def portable_path(path: str | Path) -> str:
+    """A local path as it may be shown elsewhere: a relative path as given; an absolute one (or one that
+    climbs out with `..`) by its last part, with its parent when that part is a checkpoint (`net_1/final`)."""
+    path = Path(path)
+    if not path.is_absolute() and ".." not in path.parts and not str(path).startswith("~"):
+        return path.as_posix()
+    parts = [p for p in path.parts if p not in ("/", "..", "~")] or ["."]
+    last = parts[-1]
+    if len(parts) > 1 and (last in ("init", "final") or last.startswith("step-")):
+        return f"{parts[-2]}/{last}"
+    return last
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -78,8 +97,8 @@ def load_sources(spec) -> tuple[list[NetSource], dict | None]:
             if not net.is_dir():
                 raise FileNotFoundError(f"pair folder {folder} lacks net_{i}/ (pair.json says {pair['num_nets']} nets); "
                                         "was the training interrupted? resume it with --resume")
-            sources.append(NetSource(f"{hub_id or folder}/net_{i}", net_checkpoints(net),
-                                     f"{hub_id}" if hub_id else None))
+            sources.append(NetSource(f"{hub_id or folder}/net_{i}", net_checkpoints(net), hub_id,
+                                     label=f"{hub_id}/net_{i}" if hub_id else f"net_{i}"))
         return sources, pair
     items = list(spec)
     if len(items) < 2:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 from typing import Any
+
+from ..merging.sources import portable_path
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "MODEL_CARD_TEMPLATE.md"
 
@@ -46,14 +49,28 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _base_models(entries) -> list[dict]:
-    """Normalise base-model entries to {"name", "hub"}; a bare string counts as a Hub id when shaped like one."""
+    """Normalise base-model entries to {"name", "hub", "repo"}; a bare string counts as a Hub id when shaped
+    like one. A local name that is an absolute path is cut to its portable part: the card is pushed."""
     out = []
     for entry in entries or []:
-        if isinstance(entry, dict):
-            out.append({"name": str(entry["name"]), "hub": bool(entry.get("hub", _HUB_ID.match(str(entry["name"]))))})
-        else:
-            out.append({"name": str(entry), "hub": bool(_HUB_ID.match(str(entry)))})
+        entry = entry if isinstance(entry, dict) else {"name": entry}
+        name = str(entry["name"])
+        hub = bool(entry.get("hub", _HUB_ID.match(name)))
+        out.append({"name": name if hub else portable_path(name), "hub": hub,
+                    "repo": str(entry.get("repo") or name) if hub else None})
     return out
+
+
+def portable_command(command: str | None) -> str | None:
+    """The command with its absolute paths (a bare argument, or `--option=/path`) cut to their portable
+    part: the card is pushed, and a local folder such as /tmp/me/run/pair means nothing elsewhere."""
+    if not command:
+        return command
+    out = []
+    for arg in shlex.split(command):
+        option, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        out.append(f"{option}{sep}{portable_path(value)}" if value.startswith(("/", "~")) else arg)
+    return shlex.join(out)
 
 
 def _architecture(info: dict) -> str:
@@ -95,20 +112,44 @@ def _curve_rows(curves: dict | None) -> list[dict]:
     return [{**blank, **rows[k]} for k in sorted(rows)]
 
 
-def _merged_metrics(info: dict, report: dict, checkpoint: str, alpha: float) -> dict:
-    """The merged model's measured test {acc, loss}: given, else read off the permuted curve at alpha."""
+def _merged_metrics(info: dict, report: dict, checkpoint: str, alpha: float | None, path: str, n: int) -> dict:
+    """The merged model's measured test {acc, loss}: given, else read off the report where it measured this
+    very merge: the `path` (vanilla or permuted) curve of nets 0 and 1 at alpha, or the n-way average of
+    the first n nets (alpha None)."""
     given = _get(info, "merged", "test")
     if isinstance(given, dict):
         return {"acc": _metric(given, "acc"), "loss": _metric(given, "loss")}
-    curve = _get(report, "curves", checkpoint, "permuted") or {}
+    if alpha is None:
+        if n == 2:
+            alpha = 0.5
+        else:
+            avg = _get(report, "n_way", str(n), checkpoint, path, "test")
+            return {"acc": _metric(avg, "acc"), "loss": _metric(avg, "loss")}
+    if list(info.get("nets") or [0, 1]) != [0, 1]:
+        return {"acc": None, "loss": None}  # the report's curves join nets 0 and 1 only
+    if info.get("repair"):                  # the curves are unrepaired; the report may hold the repaired midpoint
+        repaired = _get(report, "repair", "midpoint", path, "test")
+        if _get(report, "repair", "mode") == info["repair"] and abs(alpha - 0.5) < 1e-9:
+            return {"acc": _metric(repaired, "acc"), "loss": _metric(repaired, "loss")}
+        return {"acc": None, "loss": None}
+    curve = _get(report, "curves", checkpoint, path) or {}
     for i, lam in enumerate(curve.get("lambdas") or []):
         if abs(float(lam) - alpha) < 1e-9:
             return {"acc": _metric({"acc": _get(curve, "test", "acc", i)}, "acc"),
                     "loss": _metric({"loss": _get(curve, "test", "loss", i)}, "loss")}
     if abs(alpha - 0.5) < 1e-9:
-        mid = _get(report, "midpoint", checkpoint, "permuted", "test")
+        mid = _get(report, "midpoint", checkpoint, path, "test")
         return {"acc": _metric(mid, "acc"), "loss": _metric(mid, "loss")}
     return {"acc": None, "loss": None}
+
+
+def _models_phrase(checkpoint: str, n: int) -> str:
+    """What the base models were at the merged checkpoint: the card must not call untrained inits trained."""
+    if checkpoint == "init":
+        return f"{n} untrained initialisations (the `init` checkpoints) of independently seeded models"
+    if checkpoint == "final":
+        return f"{n} independently trained models"
+    return f"{n} independently seeded models at training checkpoint `{checkpoint}`"
 
 
 def render_model_card(info: dict, template_path: str | Path | None = None):
@@ -124,24 +165,33 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     - `architecture` (`"mlp"` | `"cnn"`): default from `config["model_type"]` (`perm_mlp` -> `mlp`).
     - `config` (dict): the merged model's config.json, for architecture details.
     - `dataset` (str): a catalog name (`"fashion_mnist"`, mapped to its Hub id) or a Hub dataset id.
-    - `matcher` (str or dict): `{"name": "activation", <setting>: <value>, ...}`.
-    - `checkpoint` (str, default `"final"`): which checkpoint was merged; `alpha` (float, default 0.5): λ.
+    - `permuted` (bool, default True): the units were aligned before averaging; False: a vanilla average.
+    - `matcher` (str or dict): `{"name": "activation", <setting>: <value>, ...}`; `align_checkpoint` (str):
+      the checkpoint the permutations were found on (both only shown for a permuted merge).
+    - `checkpoint` (str, default `"final"`): which checkpoint was merged (`"init"`: the untrained inits).
+    - `alpha` (float, default 0.5): λ of a two-model merge `(1 - λ) θ_0 + λ θ_1`; `uniform` (bool): instead,
+      the uniform average of all base models (weight 1/N each).
+    - `nets` (list of int): the base models' net indices in the report (default 0, 1, ...), to pick their
+      endpoint rows and measured numbers.
     - `repair` (`"repair"` | `"reset_bn"`): the correction applied after merging (see `hf_permerge.merging.repair`).
     - `traced_spec` (`{"groups": int, "skipped": [module names]}`): the spec was traced, not hand-written.
-    - `command` (str): the command that reproduces the merge.
+    - `command` (str): the command that reproduces the merge (absolute paths in it are cut to their last part).
     - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
     - `merged` (dict): `{"test": {"acc": float, "loss": float}}` measured on the merged model; default: the
-      permuted curve's value at λ = alpha, or `report["midpoint"]` when alpha = 0.5.
+      value the report measured for this merge (its permuted or vanilla curve at λ = alpha, its midpoint,
+      its repaired midpoint, or its n-way average), else none.
     - `license` (str).
     - `report` (dict): report.json as written by the evaluation, of which these parts are read:
-        `endpoints[i].test.{loss,acc}` (and `endpoints[i].name`),
+        `endpoints[i].{net, test.{loss,acc}, <checkpoint>.test.{loss,acc}}`,
         `curves.{final,init}.{vanilla,permuted}.lambdas` with `.test.{loss,acc}` (lists aligned with lambdas),
         `midpoint.{final,init}.{vanilla,permuted}.test.{loss,acc}`,
-        `barrier.{final,init}.{vanilla,permuted}.{test,train}.{loss,acc}`.
+        `barrier.{final,init}.{vanilla,permuted}.{test,train}.{loss,acc}`,
+        `repair.{mode, midpoint.{vanilla,permuted}.test}`, `n_way.<k>.<checkpoint>.{vanilla,permuted}.test`.
 
-    Metadata: `library_name: hf_permerge`, tags (model-merging, permutation-alignment, the architecture,
-    merge), `base_model`, `datasets`, `pipeline_tag: image-classification`, and a `model-index` with the
-    merged model's test accuracy and loss and the barriers of the merged checkpoint (test split).
+    Metadata: `library_name: hf_permerge`, tags (model-merging, permutation-alignment unless vanilla, the
+    architecture, merge), `base_model` (Hub repos, each once), `merged_from` (all base models), `datasets`,
+    `pipeline_tag: image-classification`, and a `model-index` with the merged model's test accuracy and loss
+    and the barriers of the merged checkpoint (test split).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -151,14 +201,17 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         raise ValueError("info['base_models'] must list the merged models (Hub repo ids or local names)")
     arch = _architecture(info)
     checkpoint = str(info.get("checkpoint") or "final")
-    alpha = float(info["alpha"]) if info.get("alpha") is not None else 0.5
+    permuted = bool(info.get("permuted", True))
+    uniform = bool(info.get("uniform"))
+    alpha = None if uniform else float(info.get("alpha") if info.get("alpha") is not None else 0.5)
+    nets = list(info.get("nets") or range(len(base)))
     dataset_name, dataset_id = _dataset(info.get("dataset"))
     repo_id = info.get("repo_id")
     model_name = info.get("model_name") or (repo_id.split("/")[-1] if repo_id else "hf_permerge-merged-model")
     matcher = info.get("matcher") or {}
     if isinstance(matcher, str):
         matcher = {"name": matcher}
-    merged = _merged_metrics(info, report, checkpoint, alpha)
+    merged = _merged_metrics(info, report, checkpoint, alpha, "permuted" if permuted else "vanilla", len(base))
 
     barriers = []
     for ckpt in ("final", "init"):
@@ -187,23 +240,26 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
                     eval_results.append(EvalResult(**task, metric_type=f"{kind}_barrier", metric_value=value,
                                                    metric_name=f"{kind.capitalize()} barrier ({path}, {checkpoint})"))
 
-    hub_bases = [m["name"] for m in base if m["hub"]]
+    hub_bases = list(dict.fromkeys(m["repo"] for m in base if m["hub"]))  # both nets of a Hub pair: one repo
     extra = {"merged_from": [m["name"] for m in base]}
     if hub_bases:
         extra["base_model_relation"] = "merge"
     card_data = ModelCardData(
         library_name="hf_permerge", license=info.get("license"),
-        tags=["model-merging", "permutation-alignment", *([arch] if arch else []), "merge"],
+        tags=["model-merging", *(["permutation-alignment"] if permuted else []), *([arch] if arch else []),
+              "merge"],
         base_model=hub_bases or None, datasets=[dataset_id] if dataset_id else None,
         pipeline_tag="image-classification", metrics=["accuracy", "loss"] if eval_results else None,
         model_name=model_name if eval_results else None, eval_results=eval_results or None, **extra)
 
     endpoints = []
     for i, endpoint in enumerate(report.get("endpoints") or []):
-        test = _get(endpoint, "test")
-        name = _get(endpoint, "name") or (base[i]["name"] if i < len(base) else f"model {i}")
-        endpoints.append({"name": f"endpoint: {name}", "acc": _fmt(_metric(test, "acc")),
-                          "loss": _fmt(_metric(test, "loss"))})
+        net = _get(endpoint, "net", default=i)
+        if net not in nets:
+            continue                        # a net of the pair that is not in this merge
+        test = _get(endpoint if checkpoint == "final" else _get(endpoint, checkpoint), "test")  # at the merged one
+        endpoints.append({"name": f"endpoint: {base[nets.index(net)]['name']}",
+                          "acc": _fmt(_metric(test, "acc")), "loss": _fmt(_metric(test, "loss"))})
     interpolation = [{"checkpoint": ckpt, "rows": rows} for ckpt in ("final", "init")
                      if (rows := _curve_rows(_get(report, "curves", ckpt)))]
     plots = [p if isinstance(p, dict) else {"path": str(p), "caption": Path(str(p)).stem.replace("_", " ")}
@@ -215,8 +271,14 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         architecture_name=ARCHITECTURES.get(arch, arch),
         architecture_details=_architecture_details(arch, info.get("config")),
         base_models=base, dataset_name=dataset_name, dataset_id=dataset_id,
-        matcher_name=matcher.get("name"), matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
-        checkpoint=checkpoint, alpha=f"{alpha:g}", repair=info.get("repair"), traced_spec=info.get("traced_spec"),
+        permuted=permuted, models=_models_phrase(checkpoint, len(base)),
+        matcher_name=matcher.get("name") if permuted else None,
+        matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
+        align_checkpoint=info.get("align_checkpoint") if permuted else None,
+        checkpoint=checkpoint, alpha=f"{alpha:g}" if alpha is not None else None,
+        one_minus_alpha=f"{1 - alpha:g}" if alpha is not None else None, uniform=uniform,
+        repair=info.get("repair"), traced_spec=info.get("traced_spec") if permuted else None,
         merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
         merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "",
-        endpoints=endpoints, barriers=barriers, interpolation=interpolation, plots=plots, command=info.get("command"))
+        endpoints=endpoints, barriers=barriers, interpolation=interpolation, plots=plots,
+        command=portable_command(info.get("command")))

@@ -101,7 +101,8 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".plots-") as tmp:
         plots = [Path(tmp) / name for name in (write_plots(report, Path(tmp)) if config.evaluation.plots else [])]
         merged = merger.merge(0.5, "final")
-        merger.save_pretrained(output_dir / "merged", merged, report=report, files=plots, command=command)
+        merger.save_pretrained(output_dir / "merged", merged, report=report, files=plots, command=command,
+                               overwrite=overwrite)
         for path in plots:
             path.replace(output_dir / path.name)
     write_json_atomic(output_dir / "report.json", report)

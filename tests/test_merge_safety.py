@@ -1,0 +1,154 @@
+"""Merges never destroy what a user made, refuse what they would silently ignore, and say how to fix it."""
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from hf_permerge import cli
+from hf_permerge.merging import PermMerger
+
+
+@pytest.fixture
+def merged(tiny_pair):
+    """A merger holding a merge, aligned by weight matching (no data: fast)."""
+    merger = PermMerger.from_pretrained(tiny_pair)
+    merger.align(matcher="weight")
+    merger.merge(0.5)
+    return merger
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`hf-permerge ARGS` in this process; `main` may install a SIGTERM handler, which is put back."""
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["hf-permerge", *map(str, args)])
+        try:
+            return cli.main([*map(str, args)])
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+
+    return run
+
+
+def no_alignment(*args, **kwargs):
+    raise AssertionError("aligned although the merge does not use the alignment")
+
+
+def test_save_pretrained_never_deletes_a_users_files(merged, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="does not hold a merged model.*new or empty folder"):
+            merged.save_pretrained(folder, overwrite=overwrite)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert (folder / "notes.txt").read_text() == "my notes"
+
+
+def test_save_pretrained_replaces_an_earlier_merge_only_with_overwrite(merged, tmp_path):
+    out = tmp_path / "merged"
+    merged.save_pretrained(out)
+    first = (out / "model.safetensors").read_bytes()
+    merged.merge(0.25)
+    with pytest.raises(FileExistsError, match="already holds a merged model; pass overwrite=True"):
+        merged.save_pretrained(out)
+    assert (out / "model.safetensors").read_bytes() == first
+    merged.save_pretrained(out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]   # no temp or old folder left beside it
+
+
+def test_save_pretrained_writes_into_an_empty_folder(merged, tmp_path):
+    (tmp_path / "empty").mkdir()
+    merged.save_pretrained(tmp_path / "empty")
+    assert (tmp_path / "empty" / "merge_config.json").is_file()
+
+
+def test_save_pretrained_redoes_the_last_merge_as_it_was(merged, tmp_path):
+    """model=None: the last merge (here vanilla, alpha 0.25) is redone, not a permuted alpha-0.5 merge."""
+    expected = merged.merge(0.25, permute=False).state_dict()
+    merged.save_pretrained(tmp_path / "out")
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "out").state_dict()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("args, conflict", [
+    (["--all", "--alpha", "0.3"], "--alpha: not allowed with argument --all"),
+    (["--all", "--vanilla", "--permutations", "perms"], "--permutations: not allowed with argument --vanilla"),
+])
+def test_cli_merge_refuses_options_it_would_ignore(tiny_pair, tmp_path, capsys, args, conflict, run_cli):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("merge", tiny_pair, "-o", tmp_path / "out", *args)
+    assert exit_.value.code == 2 and conflict in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vanilla", "--matcher", "weight"], "--matcher cannot be used with --vanilla"),
+    (["--permutations", "perms", "--num-examples", "500"], "--num-examples cannot be used with --permutations"),
+])
+def test_cli_merge_refuses_matching_options_that_would_be_ignored(tiny_pair, tmp_path, capsys, args, message,
+                                                                  run_cli):
+    assert run_cli("merge", tiny_pair, "-o", tmp_path / "out", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_vanilla_merge_runs_no_alignment(tiny_pair, tmp_path, monkeypatch, run_cli):
+    monkeypatch.setattr(PermMerger, "align", no_alignment)
+    assert run_cli("merge", tiny_pair, "--vanilla", "-o", tmp_path / "out") == 0
+    assert not (tmp_path / "out" / "permutations").exists()
+
+
+def test_cli_reset_bn_on_an_mlp_names_the_cli_option_before_aligning(tiny_pair, tmp_path, capsys, monkeypatch,
+                                                                     run_cli):
+    monkeypatch.setattr(PermMerger, "align", no_alignment)
+    assert run_cli("merge", tiny_pair, "--repair", "reset_bn", "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "no BatchNorm layers" in err and "`--repair repair`" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_reset_bn_on_an_mlp_names_the_python_argument(merged):
+    with pytest.raises(ValueError, match="repair='repair'"):
+        merged.merge(0.5, repair="reset_bn")
+
+
+def test_push_checks_the_repo_id_before_the_network(merged, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from hf_permerge.hub import HubError, push_folder_to_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was called before the repo id was checked")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", no_network)
+    merged.save_pretrained(tmp_path / "merged")
+    with pytest.raises(HubError, match="'bad repo name!!' is not a valid Hub repo id.*namespace/name") as err:
+        push_folder_to_hub(tmp_path / "merged", "bad repo name!!", token="hf_not_used")
+    assert err.value.reason == "invalid_repo_id"
+
+
+def test_cli_push_without_a_token_names_the_token_option(merged, tmp_path, monkeypatch, capsys, run_cli):
+    from huggingface_hub import constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_here"))
+    merged.save_pretrained(tmp_path / "merged")
+    assert run_cli("push", tmp_path / "merged", "alice/x") == 2
+    err = capsys.readouterr().err
+    assert "no Hugging Face token found" in err and "pass --token" in err and "token=..." not in err
+
+
+def test_save_permutations_never_deletes_a_users_files(merged, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match="does not hold a set of permutations"):
+        merged.save_permutations(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
+    merged.save_permutations(tmp_path / "perms")
+    merged.save_permutations(tmp_path / "perms")      # an earlier alignment of ours is replaced, as before
