@@ -169,6 +169,15 @@ def files_to_push(folder: str | os.PathLike) -> list[str]:
 
 # ---- push / pull ---------------------------------------------------------------------------------------
 
+def _card_for_repo(path: Path, repo_id: str) -> str | bytes:
+    """A card saved before its repo was known loads the model from a placeholder path: the pushed copy loads it
+    from `repo_id` (the local file is left as it is)."""
+    from .reporting.model_card import LOCAL_REPO_PLACEHOLDER
+
+    text = path.read_text(encoding="utf-8")
+    return text.replace(LOCAL_REPO_PLACEHOLDER, repo_id).encode("utf-8") if LOCAL_REPO_PLACEHOLDER in text else str(path)
+
+
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
                        revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
                        endpoint: str | None = None):
@@ -198,7 +207,8 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | 
     _hub_call(action, token, endpoint, api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and not _hub_call(action, token, endpoint, api.revision_exists, repo_id, revision):
         _hub_call(action, token, endpoint, api.create_branch, repo_id, branch=revision, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(Path(folder) / p)) for p in paths]
+    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=_card_for_repo(Path(folder) / p, repo_id)
+                                     if p == "README.md" else str(Path(folder) / p)) for p in paths]
     message = commit_message or f"Upload {kind} folder with hf_permerge"
     logger.info("pushing %d files from %s to %s (one commit)", len(operations), folder, repo_id)
     return _hub_call(action, token, endpoint, api.create_commit, repo_id, operations, commit_message=message,

@@ -440,3 +440,16 @@ if __name__ == "__main__":
     scenario, scenario_args = sys.argv[1], json.loads(sys.argv[2])
     outcome = globals()[f"_scenario_{scenario}"](**scenario_args)
     print(RESULT + json.dumps(outcome, default=str), flush=True)
+
+
+def test_a_card_saved_before_its_repo_was_known_loads_from_the_repo_once_pushed(tmp_path):
+    from hf_permerge.hub import _card_for_repo
+    from hf_permerge.reporting.model_card import LOCAL_REPO_PLACEHOLDER, render_model_card
+
+    info = {k: v for k, v in card_info().items() if k != "repo_id"}
+    render_model_card(info).save(tmp_path / "README.md")
+    local = (tmp_path / "README.md").read_text()
+    assert LOCAL_REPO_PLACEHOLDER in local
+    pushed = _card_for_repo(tmp_path / "README.md", "alice/fmnist-merged").decode()
+    assert LOCAL_REPO_PLACEHOLDER not in pushed and 'from_pretrained("alice/fmnist-merged")' in pushed
+    assert (tmp_path / "README.md").read_text() == local

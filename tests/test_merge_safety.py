@@ -152,3 +152,13 @@ def test_save_permutations_never_deletes_a_users_files(merged, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
     merged.save_permutations(tmp_path / "perms")
     merged.save_permutations(tmp_path / "perms")      # an earlier alignment of ours is replaced, as before
+
+
+def test_the_output_folder_of_run_points_to_its_pair(tiny_pair, tmp_path):
+    import shutil
+
+    from hf_permerge import PermMerger
+
+    shutil.copytree(tiny_pair, tmp_path / "run_out" / "pair")
+    with pytest.raises(FileNotFoundError, match=r"output of `hf-permerge run`.*its pair is .*run_out/pair"):
+        PermMerger.from_pretrained(tmp_path / "run_out")

@@ -88,6 +88,9 @@ def load_sources(spec) -> tuple[list[NetSource], dict | None]:
             if _is_model_folder(folder):
                 raise ValueError(f"{spec} is a single model; merging needs at least two: pass a pair folder "
                                  "or a list of >= 2 model folders / repo ids")
+            if (folder / "pair" / "pair.json").is_file():   # the output folder of `hf-permerge run`
+                raise FileNotFoundError(f"{spec} is the output of `hf-permerge run`, not a pair folder; its pair is "
+                                        f"{Path(spec) / 'pair'}")
             raise FileNotFoundError(f"{spec} is not a pair folder (no pair.json); pass a pair folder written by "
                                     "`hf-permerge train`, or a list of model folders / repo ids")
         pair = json.loads(pair_json.read_text())

@@ -61,6 +61,10 @@ def _base_models(entries) -> list[dict]:
     return out
 
 
+LOCAL_REPO_PLACEHOLDER = "path/to/this/folder"
+"""Where a card saved locally loads the model from; `hf_permerge.hub.push_folder_to_hub` puts the repo id there."""
+
+
 def portable_command(command: str | None) -> str | None:
     """The command with its absolute paths (a bare argument, or `--option=/path`) cut to their portable
     part: the card is pushed, and a local folder such as /tmp/me/run/pair means nothing elsewhere."""
@@ -267,7 +271,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
 
     return ModelCard.from_template(
         card_data, template_path=str(template_path or TEMPLATE_PATH),
-        model_name=model_name, repo_id=repo_id or "path/to/this/folder",
+        model_name=model_name, repo_id=repo_id or LOCAL_REPO_PLACEHOLDER,
         architecture_name=ARCHITECTURES.get(arch, arch),
         architecture_details=_architecture_details(arch, info.get("config")),
         base_models=base, dataset_name=dataset_name, dataset_id=dataset_id,

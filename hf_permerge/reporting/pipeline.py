@@ -78,6 +78,8 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
                   command: str | None = None) -> dict:
     """Align and evaluate a pair folder; write OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
     from ..merging import PermMerger
+    from ..merging.sources import portable_path
+    from .model_card import portable_command
     from .plots import write_plots
     from .report import build_report, summary_table
 
@@ -95,8 +97,8 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     report = build_report(merger, config.evaluation, splits, progress=progress)
     report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
     report["config"] = config.to_dict()
-    report["pair"] = str(pair_dir)
-    report["command"] = command
+    report["pair"] = portable_path(pair_dir)       # report.json is pushed with the merged model: no local paths
+    report["command"] = portable_command(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".plots-") as tmp:
         plots = [Path(tmp) / name for name in (write_plots(report, Path(tmp)) if config.evaluation.plots else [])]
