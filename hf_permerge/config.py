@@ -4,6 +4,7 @@ A typo or a wrong type fails early with an error naming the key (mergekit's less
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -237,3 +238,17 @@ def config_from_dict(data: dict, source: str = "(dict)", overrides: list[str] | 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     data = read_yaml_file(path, "config file", "configs/")
     return config_from_dict(apply_overrides(data, overrides), str(path), overrides)
+
+
+def config_differences(saved: dict, current: RunConfig) -> list[str]:
+    """The `section.key`s in which a saved run config differs from `current`, the saved one read with today's
+    schema first (a key added since then takes its default, so an older run can still be resumed)."""
+    try:
+        saved = config_from_dict(copy.deepcopy(saved)).to_dict()
+    except ConfigError:
+        pass
+    now = current.to_dict()
+    keys = sorted({(sec, k) for d in (saved, now) for sec, vals in d.items() if isinstance(vals, dict) for k in vals})
+    return [f"{sec}.{k}" for sec, k in keys
+            if not isinstance(saved.get(sec), dict) or saved[sec].get(k) != now.get(sec, {}).get(k)]
+

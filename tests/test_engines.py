@@ -192,3 +192,29 @@ def test_match_many_equals_one_match_per_net(data):
         alone = matcher.match(ref, other, data)
         assert perms == alone
         assert perms.info["groups"] == alone.info["groups"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_bias", "mlp_mse"])
+def test_cpu_gradients_by_hand_equal_autograds(name, data):
+    """The CPU MLP step's hand-written backward (gradients into kept buffers) gives autograd's gradients."""
+    from hf_permerge.training.engines import bmm_mlp_logits, bmm_mlp_step_grads, mlp_layer_names
+
+    engine = StackedEngine([NETS[name](s) for s in range(3)], tc(), CPU)
+    assert engine.grads_by_hand
+    xs, ys = batches(data, 3, 0)
+    names = mlp_layer_names(engine.template)
+    losses = bmm_mlp_step_grads(engine.params, xs, names, lambda logits: engine.losses(logits, ys))
+    by_hand = {n: p.grad.clone() for n, p in engine.params.items()}
+    params = {n: p.detach().clone().requires_grad_() for n, p in engine.params.items()}
+    expected = engine.losses(bmm_mlp_logits(params, xs, names), ys)
+    expected.sum().backward()
+    torch.testing.assert_close(losses, expected.detach())
+    for n, p in params.items():
+        torch.testing.assert_close(by_hand[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gradients_by_hand_only_where_they_are_written_for():
+    """fp32 MLPs on the CPU; bf16 autocast, other architectures and other devices keep autograd."""
+    assert not StackedEngine([NETS["mlp"](s) for s in range(2)], tc(precision="bf16"), CPU).grads_by_hand
+    assert not StackedEngine([NETS["cnn"](s) for s in range(2)], tc(), CPU).grads_by_hand
+    assert not StackedEngine([NETS["mlp"](s) for s in range(2)], tc(), CPU, forward="loop").grads_by_hand

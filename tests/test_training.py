@@ -95,8 +95,20 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_confi
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_config):
     PairTrainer(tiny_config(training={"epochs": 1}), tmp_path / "p", progress=False).train()
-    with pytest.raises(ValueError, match="differs"):
+    with pytest.raises(ValueError, match="differs from this config in training.epochs;"):
         PairTrainer(tiny_config(training={"epochs": 2}), tmp_path / "p", resume=True, progress=False).train()
+
+
+def test_resume_accepts_a_run_config_saved_before_a_key_was_added(tmp_path, tiny_config):
+    """A key added to the schema later (here evaluation.precision) takes its default when an older run resumes."""
+    import json
+
+    cfg = tiny_config(training={"epochs": 1})
+    PairTrainer(cfg, tmp_path / "p", progress=False).train()
+    saved = json.loads((tmp_path / "p/run_config.json").read_text())
+    del saved["evaluation"]["precision"]
+    (tmp_path / "p/run_config.json").write_text(json.dumps(saved))
+    PairTrainer(cfg, tmp_path / "p", resume=True, progress=False).train()
 
 
 def test_two_processes_give_the_same_weights_as_one(tmp_path, tiny_fmnist):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, config_from_dict
+from ..config import ConfigError, config_differences
 from ..io_utils import check_output_dir, write_json_atomic
 from .config import Cell, SweepConfig
 
@@ -76,14 +76,6 @@ def _measure_settings(config: SweepConfig) -> dict:
     return {"experiment": s.experiment, "matchers": s.matchers, "curves": s.curves}
 
 
-def _as_current(saved: dict) -> dict | None:
-    """A saved run config read with today's schema (a key added since then takes its default); None if invalid."""
-    try:
-        return config_from_dict(saved).to_dict()
-    except ConfigError:
-        return None
-
-
 def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
     """Refuse to mix results of a different config into this sweep, before any work."""
     for cell in config.cells:
@@ -98,13 +90,10 @@ def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
                                   "use another --output-dir, or --overwrite to start the sweep again")
         elif run_config.is_file():
             saved = json.loads(run_config.read_text())
-        if saved is not None and _as_current(saved) != cell.config.to_dict():
-            saved = _as_current(saved) or saved
-            diff = sorted(f"{sec}.{k}" for sec, vals in cell.config.to_dict().items()
-                          for k, v in vals.items() if saved.get(sec, {}).get(k) != v)
+        diff = config_differences(saved, cell.config) if saved is not None else []
+        if diff:
             raise ConfigError(f"cell {cell.id} in {output_dir} was made with a different config (differs in "
-                              f"{', '.join(diff) or 'its sections'}); use another --output-dir, or --overwrite "
-                              "to start the sweep again")
+                              f"{', '.join(diff)}); use another --output-dir, or --overwrite to start the sweep again")
 
 
 def check_data(config: SweepConfig) -> None:

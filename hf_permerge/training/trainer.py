@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import RunConfig, config_differences
 from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
 from .builders import build_model
@@ -86,10 +86,10 @@ class PairTrainer:
         check_output_dir(out, self.overwrite, self.resume, marker="run_config.json", resumable=True)
         saved = out / "run_config.json"
         if self.resume and saved.exists():
-            before = json.loads(saved.read_text())
-            if before != self.config.to_dict():
-                raise ValueError(f"cannot resume in {out}: its run_config.json differs from this config; "
-                                 "use the same config, or another --output-dir")
+            differ = config_differences(json.loads(saved.read_text()), self.config)
+            if differ:
+                raise ValueError(f"cannot resume in {out}: its run_config.json differs from this config in "
+                                 f"{', '.join(differ)}; use the same config, or another --output-dir")
         acc.wait_for_everyone()
         if acc.is_main_process:
             if self.overwrite and not self.resume and out.exists():
