@@ -9,6 +9,9 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
 - the stacked engine's MLP forward is explicit batched matmuls (`torch.bmm`), with activations laid
   out (net, unit, example) so that each weight gradient comes out in the weight's own layout
   (the (net, example, unit) layout made autograd copy every weight gradient once per step);
+- on the CPU, that MLP step computes its gradients by hand into buffers kept from step to step
+  (`bmm_mlp_step_grads`): autograd's fresh weight-sized gradients cost tens of thousands of page faults
+  a step for wide stacks;
 - other architectures run `vmap(functional_call)` on a GPU (convolutions become one grouped
   convolution), and a plain loop over the nets' slices on the CPU, where grouped convolutions
   were measured slower than separate ones;
