@@ -95,3 +95,22 @@ def test_sigterm_unwinds_so_temporary_folders_are_removed(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):
+    """Temporary files and folders start private (0600 / 0700); what they become is readable like any output."""
+    import stat
+
+    import torch
+
+    from hf_permerge.alignment.permutations import Permutations
+    from hf_permerge.io_utils import DIR_MODE, FILE_MODE, atomic_dir
+
+    write_json_atomic(tmp_path / "r.json", {"a": 1})
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "x.txt").write_text("x")
+    Permutations({"hidden.0": torch.arange(4)}).save(tmp_path / "p.safetensors")
+    assert (FILE_MODE, DIR_MODE) != (0o600, 0o700)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == FILE_MODE
+    assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == FILE_MODE
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == DIR_MODE
