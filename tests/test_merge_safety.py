@@ -162,3 +162,12 @@ def test_the_output_folder_of_run_points_to_its_pair(tiny_pair, tmp_path):
     shutil.copytree(tiny_pair, tmp_path / "run_out" / "pair")
     with pytest.raises(FileNotFoundError, match=r"output of `hf-permerge run`.*its pair is .*run_out/pair"):
         PermMerger.from_pretrained(tmp_path / "run_out")
+
+
+def test_two_runs_nets_keep_distinct_portable_labels():
+    """Absolute paths are cut for cards, but never so far that two different models get the same name."""
+    from hf_permerge.merging.sources import distinct_labels
+
+    assert distinct_labels(["/a/run1/net_0/final", "/b/run2/net_0/final"]) == ["run1/net_0/final", "run2/net_0/final"]
+    assert distinct_labels(["/tmp/x/net_0/final", "/tmp/x/net_1/final"]) == ["net_0/final", "net_1/final"]
+    assert distinct_labels(["runs/a", "/abs/model"]) == ["runs/a", "model"]

@@ -29,17 +29,31 @@ class NetSource:
         return self.checkpoints[checkpoint]
 
 
-def portable_path(path: str | Path) -> str:
+def portable_path(path: str | Path, extra: int = 0) -> str:
     """A local path as it may be shown elsewhere: a relative path as given; an absolute one (or one that
-    climbs out with `..`) by its last part, with its parent when that part is a checkpoint (`net_1/final`)."""
+    climbs out with `..`) by its last part, with its parent when that part is a checkpoint (`net_1/final`),
+    and `extra` more parents (to tell two such paths apart)."""
     path = Path(path)
     if not path.is_absolute() and ".." not in path.parts and not str(path).startswith("~"):
         return path.as_posix()
     parts = [p for p in path.parts if p not in ("/", "..", "~")] or ["."]
     last = parts[-1]
-    if len(parts) > 1 and (last in ("init", "final") or last.startswith("step-")):
-        return f"{parts[-2]}/{last}"
-    return last
+    keep = 1 + extra + int(len(parts) > 1 and (last in ("init", "final") or last.startswith("step-")))
+    return "/".join(parts[-keep:])
+
+
+def distinct_labels(names: list[str]) -> list[str]:
+    """`portable_path` of each name, with as many more parent folders as it takes to tell them apart
+    (two runs' `/a/run1/net_0/final` and `/b/run2/net_0/final` become `run1/net_0/final`, `run2/...`)."""
+    extra = [0] * len(names)
+    while True:
+        labels = [portable_path(n, e) for n, e in zip(names, extra)]
+        clashes = [i for i, label in enumerate(labels) if labels.count(label) > 1
+                   and portable_path(names[i], extra[i] + 1) != label]
+        if not clashes:
+            return labels
+        for i in clashes:
+            extra[i] += 1
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -106,8 +120,7 @@ def load_sources(spec) -> tuple[list[NetSource], dict | None]:
     items = list(spec)
     if len(items) < 2:
         raise ValueError(f"merging needs at least two models, got {len(items)}")
-    sources = []
-    for item in items:
-        folder, hub_id = resolve(item)
-        sources.append(NetSource(str(item), net_checkpoints(folder), hub_id))
-    return sources, None
+    resolved = [resolve(item) for item in items]
+    labels = distinct_labels([str(item) for item in items])
+    return [NetSource(str(item), net_checkpoints(folder), hub_id, label=hub_id or label)
+            for item, (folder, hub_id), label in zip(items, resolved, labels)], None
