@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _add_pair_arg(p)
     _add_output_args(p)
-    p.add_argument("--checkpoint", default="final",
-                   help="which weights to merge: final (default), init (the untrained inits) or step-N")
+    p.add_argument("--checkpoint", default=None,
+                   help="which weights to merge: final, init (the untrained inits) or step-N (default: final, or the "
+                        "checkpoint whose folders were passed, e.g. a/net_0/step-50 b/net_0/step-50)")
     weights = p.add_mutually_exclusive_group()   # --all weighs every net 1/N: an --alpha would be ignored
     weights.add_argument("--alpha", type=float, default=None,
                          help="weight of the permuted other net: (1-alpha)*theta_0 + alpha*pi(theta_1) (default 0.5; "
@@ -173,8 +174,9 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--products", default="float32", choices=["float32", "float64"],
                    help="dtype of the activation cross-products (default float32, of mean-shifted activations)")
     g.add_argument("--num-examples", type=int, default=10000, help="training images to match on (default 10000)")
-    g.add_argument("--align-checkpoint", default="final",
-                   help="checkpoint whose activations define the permutation (default final; step-N gives perm@N)")
+    g.add_argument("--align-checkpoint", default=None,
+                   help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
+                        "or the checkpoint whose folders were passed)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -343,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-permerge {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hf-permerge {args.command}: interrupted; nothing half-written was left (outputs are written "
-              "atomically); train and run continue with --resume", file=sys.stderr)
+        again = {"train": "; --resume continues it", "run": "; --resume continues it",
+                 "sweep": "; the same command continues it (finished cells are kept)"}.get(args.command, "")
+        print(f"hf-permerge {args.command}: interrupted; nothing half-written was left{again}", file=sys.stderr)
         return 130
 
 

@@ -171,3 +171,70 @@ def test_two_runs_nets_keep_distinct_portable_labels():
     assert distinct_labels(["/a/run1/net_0/final", "/b/run2/net_0/final"]) == ["run1/net_0/final", "run2/net_0/final"]
     assert distinct_labels(["/tmp/x/net_0/final", "/tmp/x/net_1/final"]) == ["net_0/final", "net_1/final"]
     assert distinct_labels(["runs/a", "/abs/model"]) == ["runs/a", "model"]
+
+
+def test_model_folders_of_another_checkpoint_merge_that_checkpoint(tiny_pair):
+    """`[net_0/step-5, net_1/step-5]` merges step 5, not the nets' final weights beside it."""
+    merger = PermMerger.from_pretrained([tiny_pair / "net_0" / "step-5", tiny_pair / "net_1" / "step-5"])
+    assert merger.default_checkpoint == "step-5"
+    at_step = AutoModelForImageClassification.from_pretrained(tiny_pair / "net_0" / "step-5")
+    for (name, p), q in zip(merger.load(0).state_dict().items(), at_step.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    merger.align(matcher="weight")
+    merger.merge(0.5)
+    assert merger.alignment["checkpoint"] == "step-5" and merger.merge_settings()["merge"]["checkpoint"] == "step-5"
+    with pytest.raises(ValueError, match="different checkpoints"):
+        PermMerger.from_pretrained([tiny_pair / "net_0" / "step-5", tiny_pair / "net_1" / "final"])
+
+
+def test_permutations_of_other_nets_are_refused(tiny_pair, tmp_path):
+    three = PermMerger.from_pretrained(tiny_pair)             # the fixture pair has 3 nets
+    three.align(matcher="weight")
+    three.save_permutations(tmp_path / "perms")
+    two = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_2" / "final"])
+    with pytest.raises(ValueError, match="permutations of 3 nets, and this merge has 2"):
+        two.load_permutations(tmp_path / "perms")
+    again = PermMerger.from_pretrained(tiny_pair)
+    again.load_permutations(tmp_path / "perms")                # the same nets: accepted
+    pair_of_two = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"])
+    pair_of_two.align(matcher="weight")
+    pair_of_two.save_permutations(tmp_path / "perms2")
+    other_two = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_2" / "final"])
+    with pytest.raises(ValueError, match="not of these nets"):
+        other_two.load_permutations(tmp_path / "perms2")
+
+
+def test_save_pretrained_saves_the_model_the_merge_returned(tiny_pair, tiny_fmnist, tmp_path):
+    """A repair on the caller's data cannot be redone from the settings: the returned model itself is saved."""
+    from hf_permerge.data.tensors import load_tensors
+
+    merger = PermMerger.from_pretrained(tiny_pair)
+    merger.align(matcher="weight")
+    test = load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist)
+    returned = merger.merge(0.5, repair="repair", repair_data=test, repair_examples=200)
+    merger.save_pretrained(tmp_path / "m")
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "m")
+    for (name, p), q in zip(returned.state_dict().items(), saved.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    last = merger.merge_settings()["merge"]
+    assert last["repair_examples"] == 200 and last["repair_data"] == "given by the caller"
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.permuted(3), "must name a net 0..2"),
+    (lambda m: m.permuted(-1), "must name a net 0..2"),
+    (lambda m: m.merge(0.5, other=1.5), "other must name a net"),
+    (lambda m: m.merge(0.5, other=0), "net 0 is the reference"),
+    (lambda m: m.merge("0.5"), "alpha must be a number"),
+    (lambda m: m.merge_all(k=2.0), "k must be in"),
+])
+def test_bad_net_indices_and_weights_name_the_valid_range(merged, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(merged)
+
+
+def test_merged_config_names_its_architecture(merged, tmp_path):
+    import json
+
+    merged.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["PermMLPForImageClassification"]

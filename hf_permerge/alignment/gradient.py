@@ -16,6 +16,11 @@ a sum of linear matching terms, solved by `solve_linear_matching` with the pairs
 (-g_a, theta_b) and (-theta_a, g_b): group by group with the Hungarian algorithm, the first
 sweep layer by layer from the input up, then further sweeps until nothing improves.
 
+Not a similarity: matched with a permuted copy of itself, a net need not get that permutation back (the
+objective pairs one net's weights with the other's gradients, and the best such pairing is seldom the
+identity). What holds, and is tested, is that the result does not depend on how the units are labelled:
+relabelling net b's units relabels the permutation found, and the merge is the same.
+
 FOOF (Benzing 2022) replaces the gradient G of a Linear / Conv2d weight by G (E[x x^T] + lambda I)^{-1},
 x the layer's input (for a conv, its unfolded k x k patches, C_in*k*k dims; every position a sample),
 extended by a constant 1 when the layer has a bias so weight and bias are preconditioned together.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import logging
 import shutil
 import time
@@ -80,10 +81,19 @@ class PermMerger:
             raise ValueError("merging needs at least two nets")
         self.sources = sources
         self.pair = pair
+        passed = sorted({s.passed for s in sources})
+        if len(passed) > 1:
+            raise ValueError(f"the models passed are different checkpoints ({', '.join(passed)}) of their nets; pass "
+                             "the same checkpoint of each (or the net folders, and choose one with checkpoint=... / "
+                             "--checkpoint)")
+        self.default_checkpoint = passed[0]
+        """The checkpoint that merging, aligning and loading use unless told otherwise: `final`, or the one
+        whose folders were passed (`[a/net_0/step-50, b/net_0/step-50]` merges step-50)."""
         self.device = torch.device(device) if device else torch.device("cpu")
         self.permutations: list[Permutations] | None = None
         self.alignment: dict = {}
         self._last_merge: dict | None = None
+        self._last_model = None
         self._cache: dict = {}
         self.traced = None
         """The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped)."""
@@ -114,11 +124,13 @@ class PermMerger:
         import hf_permerge  # noqa: F401  (registers our model types)
         return AutoConfig.from_pretrained(self.sources[i].folder(checkpoint))
 
-    def load(self, i: int, checkpoint: str = "final"):
-        """Net i at a checkpoint, as saved (not permuted), on the merger's device, in eval mode."""
+    def load(self, i: int, checkpoint: str | None = None):
+        """Net i at a checkpoint (default: `default_checkpoint`), as saved (not permuted), on the merger's
+        device, in eval mode."""
         from transformers import AutoModelForImageClassification
 
         import hf_permerge  # noqa: F401
+        checkpoint = checkpoint or self.default_checkpoint
         key = (i, checkpoint)
         if key not in self._cache:
             model = AutoModelForImageClassification.from_pretrained(self.sources[i].folder(checkpoint))
@@ -163,7 +175,7 @@ class PermMerger:
         return (self.pair or {}).get("config", {}).get("data", {}).get("data_dir")
 
     # -- aligning --------------------------------------------------------------------------------
-    def align(self, dataset=None, matcher: str = "activation", checkpoint: str = "final", **settings) -> list[Permutations]:
+    def align(self, dataset=None, matcher: str = "activation", checkpoint: str | None = None, **settings) -> list[Permutations]:
         """Align every net onto net 0 at `checkpoint`; returns one `Permutations` per net (net 0: identity).
 
         `dataset` is a `datasets.Dataset` (Hub schema) or a `TensorSplit`; by default the pair's
@@ -171,6 +183,7 @@ class PermMerger:
         """
         from ..data.tensors import load_tensors
 
+        checkpoint = checkpoint or self.default_checkpoint
         if dataset is None and matcher != "weight":
             dataset = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
         m = get_matcher(matcher, **settings)
@@ -202,14 +215,21 @@ class PermMerger:
         return self.permutations
 
     # -- merging ---------------------------------------------------------------------------------
-    def permuted_state(self, i: int, checkpoint: str = "final", permute: bool = True) -> dict:
+    def _check_net(self, i, what: str = "i") -> int:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_nets:
+            raise ValueError(f"{what} must name a net 0..{self.num_nets - 1} (an int), got {i!r}")
+        return i
+
+    def permuted_state(self, i: int, checkpoint: str | None = None, permute: bool = True) -> dict:
+        self._check_net(i)
         state = self.load(i, checkpoint).state_dict()
         if not permute or i == 0:
             return state
         return apply_permutations(self.spec, state, self._require_alignment()[i])
 
-    def permuted(self, i: int, checkpoint: str = "final"):
+    def permuted(self, i: int, checkpoint: str | None = None):
         """Net i permuted onto net 0: the same function as net i, its units lined up with net 0's."""
+        self._check_net(i)
         return self._require_alignment()[i].apply(self.load(i, checkpoint), self.spec)
 
     def check_repair(self, repair: str | None) -> None:
@@ -225,7 +245,7 @@ class PermMerger:
         model.load_state_dict(state)
         return model
 
-    def merge(self, alpha: float = 0.5, checkpoint: str = "final", other: int = 1, permute: bool = True,
+    def merge(self, alpha: float = 0.5, checkpoint: str | None = None, other: int = 1, permute: bool = True,
               repair: str | None = None, repair_data=None, repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES):
         """`(1 - alpha) * theta_0 + alpha * pi(theta_other)` as a new model; `permute=False` gives vanilla averaging.
 
@@ -234,10 +254,11 @@ class PermMerger:
         `repair_data` (default: the pair's training split); see `hf_permerge.merging.repair`. A repaired
         merge is recorded as `merge_settings()["merge"]["repair"]` (absent: no repair).
         """
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if not 1 <= other < self.num_nets:
-            raise ValueError(f"other must name a net 1..{self.num_nets - 1}, got {other}")
+        checkpoint = checkpoint or self.default_checkpoint
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        if self._check_net(other, "other") == 0:
+            raise ValueError(f"other must name a net 1..{self.num_nets - 1} (net 0 is the reference), got 0")
         self.check_repair(repair)
         states = [self.permuted_state(0, checkpoint), self.permuted_state(other, checkpoint, permute)]
         merged = self._model_with(average_state_dicts(states, [1 - alpha, alpha]), checkpoint)
@@ -245,15 +266,16 @@ class PermMerger:
             endpoints = [self._endpoint(i, checkpoint, permute) for i in (0, other)] if repair == "repair" else []
             apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1 - alpha, alpha],
                          num_examples=repair_examples, **self._repair_sites(repair))
-        self._last_merge = {"alpha": float(alpha), "checkpoint": checkpoint, "nets": [0, other], "permuted": permute,
-                            **({"repair": repair} if repair else {})}
+        self._remember(merged, {"alpha": float(alpha), "checkpoint": checkpoint, "nets": [0, other],
+                                "permuted": permute}, repair, repair_data, repair_examples)
         return merged
 
-    def merge_all(self, checkpoint: str = "final", k: int | None = None, permute: bool = True,
+    def merge_all(self, checkpoint: str | None = None, k: int | None = None, permute: bool = True,
                   repair: str | None = None, repair_data=None, repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES):
         """Uniform average of the first k aligned nets (all by default): the paper's Fig. 3 mid. `repair` as in `merge`."""
+        checkpoint = checkpoint or self.default_checkpoint
         k = self.num_nets if k is None else k
-        if not 1 <= k <= self.num_nets:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_nets:
             raise ValueError(f"k must be in 1..{self.num_nets}, got {k}")
         self.check_repair(repair)
         states = [self.permuted_state(i, checkpoint, permute) for i in range(k)]
@@ -262,9 +284,18 @@ class PermMerger:
             endpoints = [self._endpoint(i, checkpoint, permute) for i in range(k)] if repair == "repair" else []
             apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1.0 / k] * k,
                          num_examples=repair_examples, **self._repair_sites(repair))
-        self._last_merge = {"alpha": None, "checkpoint": checkpoint, "nets": list(range(k)), "permuted": permute,
-                            **({"repair": repair} if repair else {})}
+        self._remember(merged, {"alpha": None, "checkpoint": checkpoint, "nets": list(range(k)), "permuted": permute},
+                       repair, repair_data, repair_examples)
         return merged
+
+    def _remember(self, merged, settings: dict, repair, repair_data, repair_examples) -> None:
+        """The last merge's settings (merge_config.json) and the model itself, which `save_pretrained` saves by
+        default: redoing it could not reproduce a repair on data the caller passed."""
+        if repair:
+            settings.update(repair=repair, repair_examples=repair_examples,
+                            repair_data="the pair's training split" if repair_data is None else "given by the caller")
+        self._last_merge = settings
+        self._last_model = merged
 
     def _endpoint(self, i: int, checkpoint: str, permute: bool):
         """Net i as it enters the merge: permuted onto net 0 (or as saved, for vanilla averaging)."""
@@ -319,7 +350,7 @@ class PermMerger:
             "permuted": permuted,
             "matcher": matcher,
             "align_checkpoint": self.alignment.get("checkpoint") if permuted else None,
-            "checkpoint": last.get("checkpoint", "final"),
+            "checkpoint": last.get("checkpoint", self.default_checkpoint),
             "alpha": last.get("alpha", 0.5),
             "uniform": last.get("alpha", 0.5) is None,
             "repair": last.get("repair"),
@@ -331,19 +362,15 @@ class PermMerger:
             "repo_id": repo_id,
         })
 
-    def _merge_again(self):
-        """The last merge redone (alpha 0.5 on the final weights if there was none)."""
-        last = self._last_merge or {"alpha": 0.5, "checkpoint": "final", "nets": [0, 1], "permuted": True}
-        options = {"permute": last["permuted"], "repair": last.get("repair")}
-        if last["alpha"] is None:
-            return self.merge_all(last["checkpoint"], len(last["nets"]), **options)
-        return self.merge(last["alpha"], last["checkpoint"], other=last["nets"][1], **options)
+    def _last_merged_model(self):
+        """The model the last `merge`/`merge_all` returned (alpha 0.5 on the default checkpoint if none yet)."""
+        return self._last_model if self._last_model is not None else self.merge(0.5)
 
     def save_pretrained(self, output_dir, model=None, report: dict | None = None, files=(),
                         command: str | None = None, overwrite: bool = False) -> Path:
         """Write the merged model (HF folder), image processor, permutations, merge settings and model card.
 
-        `model` defaults to the last merge redone (alpha 0.5 on the final weights if none). It is described
+        `model` defaults to the model the last merge returned (alpha 0.5 if none). It is described
         as the last `merge`/`merge_all` made it. The permutations are saved only when the merge used them.
         `report` (report.json) and `files` (e.g. plots) are stored beside it and described in the card.
         The folder appears whole or not at all; an existing folder is refused (see `check_save_target`).
@@ -352,7 +379,7 @@ class PermMerger:
 
         output_dir = check_save_target(output_dir, overwrite)
         if model is None:
-            model = self._merge_again()
+            model = self._last_merged_model()
         perms = self._require_alignment() if self._permuted_merge() else None
         with atomic_dir(output_dir) as tmp:
             write_model_files(model, tmp)
@@ -398,8 +425,24 @@ class PermMerger:
                                                       "alignment": dict(self.alignment)})
         return output_dir
 
-    def load_permutations(self, folder) -> list[Permutations]:
+    def load_permutations(self, folder, check_sources: bool = True) -> list[Permutations]:
+        """Permutations saved by `save_permutations` / `hf-permerge align` (or a merged model's permutations/).
+
+        They must have been found for these nets: the same number of nets, and (`check_sources`) the same
+        sources as recorded beside them; permutations of other nets would merge silently wrong."""
         folder = Path(folder)
+        found = len(list(folder.glob("net_*.safetensors")))
+        if found and found != self.num_nets:
+            raise ValueError(f"{folder} holds permutations of {found} nets, and this merge has {self.num_nets}: they "
+                             "were found for other nets. Align these nets instead (merger.align(), or hf-permerge "
+                             "merge without --permutations)")
+        record = next((json.loads(f.read_text()) for f in (folder / "alignment.json", folder.parent / MARKER)
+                       if f.is_file()), {})
+        ours = [s.label for s in self.sources]
+        if check_sources and record.get("sources") and list(record["sources"]) != ours:
+            raise ValueError(f"{folder} holds the permutations of {record['sources']}, not of these nets {ours}. Align "
+                             "these nets instead; if they are the same nets under other paths, "
+                             "merger.load_permutations(folder, check_sources=False)")
         perms = []
         for i in range(self.num_nets):
             path = folder / f"net_{i}.safetensors"
@@ -407,9 +450,7 @@ class PermMerger:
                 raise FileNotFoundError(f"{folder} lacks net_{i}.safetensors; pass the folder written by "
                                         "`hf-permerge align` (or a merge's permutations/ folder)")
             perms.append(Permutations.load(path))
-        meta_file = folder / "alignment.json"   # absent in a merge's permutations/ folder
-        meta = (json.loads(meta_file.read_text()).get("alignment") or {}) if meta_file.is_file() else {}
-        self.set_permutations(perms, **meta)
+        self.set_permutations(perms, **(record.get("alignment") or {}))
         return perms
 
     def push_to_hub(self, repo_id: str, output_dir=None, **kwargs):

@@ -18,6 +18,8 @@ class NetSource:
     checkpoints: dict[str, Path]
     hub_id: str | None = None
     label: str = ""
+    passed: str = "final"
+    """The checkpoint whose folder the user passed (a net or pair folder: final)."""
 
     def __post_init__(self):
         self.label = self.label or self.hub_id or portable_path(self.name)
@@ -122,5 +124,9 @@ def load_sources(spec) -> tuple[list[NetSource], dict | None]:
         raise ValueError(f"merging needs at least two models, got {len(items)}")
     resolved = [resolve(item) for item in items]
     labels = distinct_labels([str(item) for item in items])
-    return [NetSource(str(item), net_checkpoints(folder), hub_id, label=hub_id or label)
-            for item, (folder, hub_id), label in zip(items, resolved, labels)], None
+    sources = []
+    for item, (folder, hub_id), label in zip(items, resolved, labels):
+        checkpoints = net_checkpoints(folder)
+        passed = next((name for name, path in checkpoints.items() if path == folder), "final")
+        sources.append(NetSource(str(item), checkpoints, hub_id, label=hub_id or label, passed=passed))
+    return sources, None

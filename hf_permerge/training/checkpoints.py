@@ -16,6 +16,7 @@ def write_model_files(model, folder: Path) -> None:
     Not `save_pretrained`: under torch.distributed, transformers writes only on rank 0, but here
     every process owns different nets and must write its own.
     """
+    model.config.architectures = [type(model).__name__]   # what save_pretrained records (Hub widgets read it)
     model.config.save_pretrained(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})

@@ -27,7 +27,8 @@ Args:
 Returns:
     accuracy (`float`): in [0, 1].
 Examples:
-    >>> accuracy = evaluate.load("hf_permerge/metrics/accuracy")
+    >>> from hf_permerge.metrics import load_metric       # evaluate.load(metric_path("accuracy")), from any folder
+    >>> accuracy = load_metric("accuracy")
     >>> accuracy.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2])
     {'accuracy': 0.75}
 """

@@ -38,7 +38,8 @@ Returns:
     barrier (`float`): the barrier, >= 0.
     lambda (`float`): the lambda where it occurs (the smallest one on ties).
 Examples:
-    >>> barrier = evaluate.load("hf_permerge/metrics/loss_barrier")
+    >>> from hf_permerge.metrics import load_metric       # evaluate.load(metric_path("loss_barrier")), from any folder
+    >>> barrier = load_metric("loss_barrier")
     >>> barrier.compute(lambdas=[0.0, 0.5, 1.0], values=[0.25, 1.25, 0.75])
     {'barrier': 0.75, 'lambda': 0.5}
 """
