@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import shlex
 import signal
 import sys
+import threading
 
 EPILOG = "Docs: README.md. Configs: configs/*.yaml. Every subcommand has --help."
 
@@ -232,8 +234,6 @@ def _check_merge_options(args) -> None:
 
 
 def cmd_merge(args) -> int:
-    import shlex
-
     from .io_utils import check_output_dir
     from .merging.merger import MARKER
 
@@ -276,7 +276,7 @@ def cmd_evaluate(args) -> int:
     config = load_config(args.config) if args.config else None
     evaluate_pair(args.pair, args.output_dir, config, overrides=args.overrides,
                   overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                  command=" ".join(["hf-permerge"] + sys.argv[1:]))
+                  command=shlex.join(["hf-permerge", *sys.argv[1:]]))
     print(f"report: {args.output_dir}/report.json")
     return 0
 
@@ -287,7 +287,7 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run(config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-        command=" ".join(["hf-permerge"] + sys.argv[1:]))
+        command=shlex.join(["hf-permerge", *sys.argv[1:]]))
     print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
     return 0
 
@@ -310,7 +310,7 @@ def cmd_sweep(args) -> int:
 
     config = load_sweep_config(args.config, args.overrides)
     result = run_sweep(config, args.output_dir, overwrite=args.overwrite, progress=not args.quiet,
-                       command=" ".join(["hf-permerge"] + sys.argv[1:]))
+                       command=shlex.join(["hf-permerge", *sys.argv[1:]]))
     if not result.is_main_process:
         return 0
     print(result.summary)
@@ -332,8 +332,18 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = threading.current_thread() is threading.main_thread() and previous is signal.SIG_DFL
+    if ours:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -58,11 +59,15 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
         raise
 
 
+LEFTOVER = re.compile(r"\..+\.tmp-[a-z0-9_]{8}|\..+\.old-\d+|\.plots-[a-z0-9_]{8}"
+                      r"|\.permutations-[a-z0-9_]{8}\.safetensors\.tmp")
+"""The exact names of our temporary files and folders: `atomic_dir`, `write_json_atomic`, the report's plots,
+the permutations writer (tempfile's 8 random characters)."""
+
+
 def is_leftover(entry: Path) -> bool:
-    """A temporary file or folder of ours that a killed run (SIGKILL, power loss) may leave behind: hidden,
-    named by `atomic_dir`, `write_json_atomic`, the report's plots or the permutations writer."""
-    name = entry.name
-    return name.startswith(".") and (".tmp" in name or ".old-" in name or name.startswith(".plots-"))
+    """A temporary file or folder of ours that a killed run (SIGKILL, power loss) may leave behind."""
+    return LEFTOVER.fullmatch(entry.name) is not None
 
 
 def _remove(entry: Path) -> None:
@@ -89,9 +94,11 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
     elif entries:
         ours = not markers or any((path / m).exists() for m in markers)
         if not (overwrite or resume):
+            if not ours:
+                raise FileExistsError(f"output folder {path} exists and is not an hf_permerge output (no "
+                                      f"{' or '.join(markers)}); choose another --output-dir")
             raise FileExistsError(f"output folder {path} exists and is not empty; pass --overwrite to replace it"
-                                  + (" or --resume to continue an interrupted run" if resumable and ours else "")
-                                  + ("" if ours else ", or choose another --output-dir"))
+                                  + (" or --resume to continue an interrupted run" if resumable else ""))
         if markers and not ours:
             action = "continue in it with --resume" if resume else "delete it even with --overwrite"
             raise FileExistsError(

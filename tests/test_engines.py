@@ -218,3 +218,11 @@ def test_gradients_by_hand_only_where_they_are_written_for():
     assert not StackedEngine([NETS["mlp"](s) for s in range(2)], tc(precision="bf16"), CPU).grads_by_hand
     assert not StackedEngine([NETS["cnn"](s) for s in range(2)], tc(), CPU).grads_by_hand
     assert not StackedEngine([NETS["mlp"](s) for s in range(2)], tc(), CPU, forward="loop").grads_by_hand
+
+
+def test_cpu_step_survives_a_zero_grad_that_drops_the_buffers(data):
+    engine = StackedEngine([NETS["mlp"](s) for s in range(2)], tc(), CPU)
+    before = {n: p.detach().clone() for n, p in engine.params.items()}
+    engine.optimizer.zero_grad()                # PyTorch's default: set_to_none=True
+    engine.step(*batches(data, 2, 0))
+    assert all(not torch.equal(before[n], p) for n, p in engine.params.items())

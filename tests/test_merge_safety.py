@@ -238,3 +238,25 @@ def test_merged_config_names_its_architecture(merged, tmp_path):
 
     merged.save_pretrained(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["PermMLPForImageClassification"]
+
+
+def test_a_new_alignment_forgets_the_merge_made_with_the_old_one(tiny_pair, tmp_path):
+    merger = PermMerger.from_pretrained(tiny_pair)
+    merger.align(matcher="weight")
+    stale = merger.merge(0.3)
+    merger.align(matcher="weight", max_iter=1)
+    merger.save_pretrained(tmp_path / "m")      # the default merge with the current permutations, not `stale`
+    expected = merger.merge(0.5)
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "m")
+    for (name, p), q in zip(expected.state_dict().items(), saved.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert stale is not expected
+
+
+def test_main_puts_the_sigterm_handler_back(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["merge", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, before)

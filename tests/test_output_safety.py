@@ -40,17 +40,39 @@ def test_the_resume_hint_is_given_only_where_resume_exists(tmp_path):
 
 def test_leftovers_of_a_killed_run_do_not_block_a_rerun(tmp_path):
     folder = tmp_path / "out"
-    (folder / ".plots-abc123").mkdir(parents=True)
-    (folder / ".plots-abc123" / "interpolation.png").write_bytes(b"x")
-    (folder / ".merged.tmp-xyz").mkdir()
-    (folder / ".report.json.tmp-q1").write_text("{")
+    (folder / ".plots-abc123_x").mkdir(parents=True)
+    (folder / ".plots-abc123_x" / "interpolation.png").write_bytes(b"x")
+    (folder / ".merged.tmp-k2j4h5g6").mkdir()
+    (folder / ".report.json.tmp-q1w2e3r4").write_text("{")
+    (folder / ".permutations-a1b2c3d4.safetensors.tmp").write_bytes(b"")
     check_output_dir(folder, marker="report.json")
     assert list(folder.iterdir()) == []
-    (folder / ".plots-def").mkdir()
+    (folder / ".plots-defghijk").mkdir()
     (folder / "notes.txt").write_text("mine")   # a user's file beside them: refused, nothing removed
     with pytest.raises(FileExistsError):
         check_output_dir(folder, overwrite=True, marker="report.json")
-    assert {p.name for p in folder.iterdir()} == {".plots-def", "notes.txt"}
+    assert {p.name for p in folder.iterdir()} == {".plots-defghijk", "notes.txt"}
+
+
+@pytest.mark.parametrize("name", [".env.tmp", ".old-thesis", ".bashrc.old", ".plots-keep", ".tmp", ".x.tmp-short"])
+def test_hidden_files_that_only_look_temporary_are_never_cleared(tmp_path, name):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / name).write_text("mine")
+    with pytest.raises(FileExistsError):
+        check_output_dir(folder, marker="report.json")
+    assert (folder / name).read_text() == "mine"
+
+
+def test_run_overwrite_deletes_only_a_run_folder(tmp_path):
+    """A folder holding a merged model of ours beside a user's files is not a run output: never deleted."""
+    from hf_permerge.reporting.pipeline import RUN_MARKER
+
+    folder = users_folder(tmp_path)
+    (folder / "merged").mkdir()
+    (folder / "merged" / "merge_config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="refusing to delete"):
+        check_output_dir(folder, overwrite=True, marker=RUN_MARKER, resumable=True)
 
 
 def test_write_json_atomic_leaves_no_temporary_file_on_failure(tmp_path):

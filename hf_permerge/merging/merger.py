@@ -195,9 +195,8 @@ class PermMerger:
             perms += m.match_many(ref, others, dataset)
         else:
             perms += [m.match(ref, other, dataset) for other in others]
-        self.permutations = perms
-        self.alignment = {"matcher": matcher, "settings": dict(m.settings),   # the defaults filled in
-                          "checkpoint": checkpoint, "align_s": time.perf_counter() - start}
+        self.set_permutations(perms, matcher=matcher, settings=dict(m.settings),   # the defaults filled in
+                              checkpoint=checkpoint, align_s=time.perf_counter() - start)
         return perms
 
     def set_permutations(self, perms: list[Permutations], **alignment) -> None:
@@ -208,6 +207,7 @@ class PermMerger:
             p.validate(self.spec)
         self.permutations = list(perms)
         self.alignment = dict(alignment)
+        self._last_merge = self._last_model = None    # a merge made with other permutations is not saved as this one
 
     def _require_alignment(self) -> list[Permutations]:
         if self.permutations is None:
@@ -455,11 +455,13 @@ class PermMerger:
 
     def push_to_hub(self, repo_id: str, output_dir=None, **kwargs):
         """Save (if not yet saved) and upload the merged folder in one commit; see `hf_permerge.hub`."""
-        from ..hub import push_folder_to_hub
+        import tempfile
 
-        if output_dir is None:
-            import tempfile
+        from ..hub import check_repo_id, push_folder_to_hub
 
-            output_dir = Path(tempfile.mkdtemp(prefix="hf_permerge_push_")) / "merged"
-            self.save_pretrained(output_dir)
-        return push_folder_to_hub(output_dir, repo_id, **kwargs)
+        check_repo_id(repo_id)
+        if output_dir is not None:
+            return push_folder_to_hub(output_dir, repo_id, **kwargs)
+        with tempfile.TemporaryDirectory(prefix="hf_permerge_push_") as tmp:
+            self.save_pretrained(Path(tmp) / "merged")
+            return push_folder_to_hub(Path(tmp) / "merged", repo_id, **kwargs)

@@ -50,7 +50,8 @@ def distinct_labels(names: list[str]) -> list[str]:
     extra = [0] * len(names)
     while True:
         labels = [portable_path(n, e) for n, e in zip(names, extra)]
-        clashes = [i for i, label in enumerate(labels) if labels.count(label) > 1
+        clashes = [i for i, label in enumerate(labels)      # the same model twice keeps its short label
+                   if any(labels[j] == label and names[j] != names[i] for j in range(len(names)))
                    and portable_path(names[i], extra[i] + 1) != label]
         if not clashes:
             return labels

@@ -70,8 +70,12 @@ def portable_command(command: str | None) -> str | None:
     part: the card is pushed, and a local folder such as /tmp/me/run/pair means nothing elsewhere."""
     if not command:
         return command
+    try:
+        args = shlex.split(command)
+    except ValueError:                       # not shell-quoted (a hand-written command): keep it as it is
+        return command
     out = []
-    for arg in shlex.split(command):
+    for arg in args:
         option, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
         out.append(f"{option}{sep}{portable_path(value)}" if value.startswith(("/", "~")) else arg)
     return shlex.join(out)

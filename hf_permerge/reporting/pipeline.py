@@ -15,8 +15,12 @@ from ..io_utils import check_output_dir, write_json_atomic
 
 logger = logging.getLogger("hf_permerge.pipeline")
 
-RUN_MARKERS = ("report.json", "pair/run_config.json", "merged/merge_config.json", "permutations/alignment.json")
-"""Files that mark a folder as the output of `run` / `evaluate` (one of them is written first)."""
+RUN_MARKER = "pair/run_config.json"
+"""The file that marks a folder as the output of `run` (written first): only such a folder is deleted by
+`run --overwrite`."""
+EVALUATE_MARKERS = ("report.json", "merged/merge_config.json")
+"""What marks an output of `evaluate`, which `--overwrite` writes into (replacing only its own files, never
+deleting the folder)."""
 
 
 def default_device() -> torch.device:
@@ -91,7 +95,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides,
                                f"{pair_dir}/pair.json")
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, marker=RUN_MARKERS)
+    check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))
     splits = evaluation_splits(config, device)
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
@@ -119,7 +123,7 @@ def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = F
     from ..training import PairTrainer
 
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKERS, resumable=True)
+    check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True)
     if overwrite and not resume and output_dir.exists():
         shutil.rmtree(output_dir)
     start = time.perf_counter()

@@ -124,7 +124,7 @@ def _curve(template, states: list, lambdas: list[float], splits: dict, batch_siz
 def repair_report(merger, splits: dict, repair: str, endpoints: list) -> dict:
     """The trained midpoints (vanilla, permuted) after REPAIR or a BatchNorm reset, and their barrier at the
     midpoint: mean of the two endpoints minus the midpoint (accuracy; loss the other way round)."""
-    saved = merger._last_merge           # the report's own merges must not change what save_pretrained saves
+    saved = merger._last_merge, merger._last_model   # the report's merges must not change what save_pretrained saves
     out: dict = {"mode": repair, "midpoint": {}, "barrier_midpoint": {}}
     try:
         for mode in MODES:
@@ -136,7 +136,7 @@ def repair_report(merger, splits: dict, repair: str, endpoints: list) -> dict:
                     "loss": r["loss"] - (endpoints[0][s]["loss"] + endpoints[1][s]["loss"]) / 2}
                 for s, r in res.items()}
     finally:
-        merger._last_merge = saved
+        merger._last_merge, merger._last_model = saved
     return out
 
 

@@ -219,7 +219,8 @@ class StackedEngine:
                              f"{type(self.template).__name__}")
         self.forward = forward
         # the CPU's fp32 MLP steps compute their gradients by hand, into buffers kept from step to step
-        self.grads_by_hand = forward == "bmm" and device.type == "cpu" and self.precision == "fp32" and not compile
+        self.grads_by_hand = (forward == "bmm" and device.type == "cpu" and self.precision in ("fp32", "tf32")
+                              and not compile)   # tf32 is fp32 on the CPU
         if self.grads_by_hand:
             for p in self.params.values():
                 p.grad = torch.zeros_like(p)
@@ -261,6 +262,9 @@ class StackedEngine:
         """Forward, backward, optimiser step. In a CUDA graph (zero_grad=False) each replay's backward
         overwrites the gradients that the capture allocated, so there is nothing to zero."""
         if self.grads_by_hand:
+            for p in self.params.values():
+                if p.grad is None:          # someone called optimizer.zero_grad(): the buffers come back once
+                    p.grad = torch.zeros_like(p)
             losses = bmm_mlp_step_grads(self.params, xs, self._layers, lambda logits: self.losses(logits, ys))
             self.optimizer.step()
             return losses
