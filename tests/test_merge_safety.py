@@ -188,20 +188,25 @@ def test_model_folders_of_another_checkpoint_merge_that_checkpoint(tiny_pair):
 
 
 def test_permutations_of_other_nets_are_refused(tiny_pair, tmp_path):
+    import shutil
+
     three = PermMerger.from_pretrained(tiny_pair)             # the fixture pair has 3 nets
     three.align(matcher="weight")
     three.save_permutations(tmp_path / "perms")
     two = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_2" / "final"])
     with pytest.raises(ValueError, match="permutations of 3 nets, and this merge has 2"):
         two.load_permutations(tmp_path / "perms")
-    again = PermMerger.from_pretrained(tiny_pair)
-    again.load_permutations(tmp_path / "perms")                # the same nets: accepted
-    pair_of_two = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"])
-    pair_of_two.align(matcher="weight")
-    pair_of_two.save_permutations(tmp_path / "perms2")
-    other_two = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_2" / "final"])
-    with pytest.raises(ValueError, match="not of these nets"):
-        other_two.load_permutations(tmp_path / "perms2")
+    # another pair whose folders are named alike (net_0, net_1, net_2) but hold other nets: refused
+    other_pair = tmp_path / "other_pair"
+    shutil.copytree(tiny_pair, other_pair)
+    shutil.rmtree(other_pair / "net_1")
+    shutil.copytree(tiny_pair / "net_2", other_pair / "net_1")
+    with pytest.raises(ValueError, match=r"found for other nets \(other weights in net 1\)"):
+        PermMerger.from_pretrained(other_pair).load_permutations(tmp_path / "perms")
+    # the same nets, passed as net folders instead of the pair: accepted
+    same = PermMerger.from_pretrained([tiny_pair / f"net_{i}" for i in range(3)])
+    same.load_permutations(tmp_path / "perms")
+    assert [p == q for p, q in zip(same.permutations, three.permutations)] == [True] * 3
 
 
 def test_save_pretrained_saves_the_model_the_merge_returned(tiny_pair, tiny_fmnist, tmp_path):

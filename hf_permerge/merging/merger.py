@@ -1,6 +1,7 @@
 """PermMerger: align N nets onto the first, then merge trained weights, inits or any saved step."""
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import logging
@@ -36,6 +37,17 @@ def check_same_architecture(configs: list, names: list[str]) -> None:
                 raise ValueError(f"cannot merge {names[0]} with {name}: different architectures "
                                  f"({key}: {ref.get(key)!r} vs {other.get(key)!r}); only nets of one architecture "
                                  "can be aligned and merged")
+
+
+def net_fingerprint(model) -> str:
+    """A short digest of a net's weights: every tensor's name, shape and a strided sample of its values."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)].to("cpu", torch.float64 if tensor.is_floating_point() else torch.int64)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model") -> Path:
@@ -326,6 +338,8 @@ class PermMerger:
             "hub_sources": [s.hub_id for s in self.sources if s.hub_id],
             "merge": self._last_merge,
             "alignment": dict(self.alignment) if self._permuted_merge() else None,
+            **({"fingerprints": self.fingerprints(self.alignment.get("checkpoint"))}
+               if self.permutations is not None and self._permuted_merge() else {}),
             "dataset": self.dataset_name(),
             **({"traced_spec": {"groups": self.spec.names, "skipped": dict(self.traced.skipped),
                                 "head_couplings": [list(c) for c in self.spec.couplings]}}
@@ -425,11 +439,17 @@ class PermMerger:
                                                       "alignment": dict(self.alignment)})
         return output_dir
 
-    def load_permutations(self, folder, check_sources: bool = True) -> list[Permutations]:
+    def fingerprints(self, checkpoint: str | None = None) -> list[str]:
+        """Each net's `net_fingerprint` at a checkpoint: saved beside permutations, so that they are never
+        applied to other nets."""
+        return [net_fingerprint(self.load(i, checkpoint)) for i in range(self.num_nets)]
+
+    def load_permutations(self, folder, check_nets: bool = True) -> list[Permutations]:
         """Permutations saved by `save_permutations` / `hf-permerge align` (or a merged model's permutations/).
 
-        They must have been found for these nets: the same number of nets, and (`check_sources`) the same
-        sources as recorded beside them; permutations of other nets would merge silently wrong."""
+        They must have been found for these nets: the same number of nets, and (`check_nets`, where the
+        folder records them) the same weights, by `fingerprints`. Permutations of other nets would merge
+        silently wrong."""
         folder = Path(folder)
         found = len(list(folder.glob("net_*.safetensors")))
         if found and found != self.num_nets:
@@ -438,11 +458,14 @@ class PermMerger:
                              "merge without --permutations)")
         record = next((json.loads(f.read_text()) for f in (folder / "alignment.json", folder.parent / MARKER)
                        if f.is_file()), {})
-        ours = [s.label for s in self.sources]
-        if check_sources and record.get("sources") and list(record["sources"]) != ours:
-            raise ValueError(f"{folder} holds the permutations of {record['sources']}, not of these nets {ours}. Align "
-                             "these nets instead; if they are the same nets under other paths, "
-                             "merger.load_permutations(folder, check_sources=False)")
+        saved = record.get("fingerprints")
+        if check_nets and saved:
+            ours = self.fingerprints((record.get("alignment") or {}).get("checkpoint"))
+            if list(saved) != ours:
+                differ = [f"net {i}" for i, (a, b) in enumerate(zip(saved, ours)) if a != b]
+                raise ValueError(f"{folder} holds permutations found for other nets (other weights in {', '.join(differ)}"
+                                 "). Align these nets instead (merger.align(), or hf-permerge merge without "
+                                 "--permutations)")
         perms = []
         for i in range(self.num_nets):
             path = folder / f"net_{i}.safetensors"
