@@ -19,8 +19,9 @@ def main() -> int:
     p.add_argument("--output-dir", required=True, help="pair folder to write; refused if it exists and is not empty")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set training.max_steps=10 (repeatable; values parsed as YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pair folder of ours")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--overwrite", action="store_true", help="replace an existing pair folder of ours")
+    modes.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     args = p.parse_args()
     try:
         config = load_config(args.config, args.overrides)

@@ -240,14 +240,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return config_from_dict(apply_overrides(data, overrides), str(path), overrides)
 
 
-def config_differences(saved: dict, current: RunConfig) -> list[str]:
-    """The `section.key`s in which a saved run config differs from `current`, the saved one read with today's
-    schema first (a key added since then takes its default, so an older run can still be resumed)."""
+def config_differences(saved, current: RunConfig, sections: tuple[str, ...] | None = None) -> list[str]:
+    """The `section.key`s (of `sections`, default all) in which a saved run config differs from `current`, the
+    saved one read with today's schema first (a key added since then takes its default, so an older run can
+    still be resumed)."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"a saved run config must be a mapping, found a {type(saved).__name__}; was the file edited?")
     try:
         saved = config_from_dict(copy.deepcopy(saved)).to_dict()
     except ConfigError:
         pass
     now = current.to_dict()
+    if sections is not None:
+        saved = {k: v for k, v in saved.items() if k in sections}
+        now = {k: v for k, v in now.items() if k in sections}
     keys = sorted({(sec, k) for d in (saved, now) for sec, vals in d.items() if isinstance(vals, dict) for k in vals})
     return [f"{sec}.{k}" for sec, k in keys
             if not isinstance(saved.get(sec), dict) or saved[sec].get(k) != now.get(sec, {}).get(k)]

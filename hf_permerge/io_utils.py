@@ -10,17 +10,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def current_umask() -> int:
+    """The process umask now, read without changing it where Linux shows it (`os.umask` sets it to read it,
+    which for an instant would apply to other threads' new files)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
 
 
-_UMASK = _umask()
-FILE_MODE = 0o666 & ~_UMASK
-"""The mode `open()` gives a new file (0644 under the usual umask 022); temporary files start at 0600."""
-DIR_MODE = 0o777 & ~_UMASK
-"""The mode `mkdir` gives a new folder (0755 under umask 022); temporary folders start at 0700."""
+def file_mode() -> int:
+    """The mode `open()` gives a new file now (0644 under the usual umask 022); temporary files start at 0600."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode `mkdir` gives a new folder now (0755 under umask 022); temporary folders start at 0700."""
+    return 0o777 & ~current_umask()
 
 
 @contextmanager
@@ -30,7 +39,7 @@ def atomic_dir(target: str | os.PathLike):
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tmp.chmod(DIR_MODE)          # mkdtemp's 0700, made the mode of any new folder
+        tmp.chmod(dir_mode())          # mkdtemp's 0700, made the mode of any new folder
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -49,7 +58,7 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        os.fchmod(fd, FILE_MODE)    # mkstemp makes 0600 files; an output should read like any other file
+        os.fchmod(fd, file_mode())    # mkstemp makes 0600 files; an output should read like any other file
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")

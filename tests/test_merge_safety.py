@@ -265,3 +265,9 @@ def test_main_puts_the_sigterm_handler_back(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_numpy_integers_name_nets(merged):
+    import numpy as np
+
+    assert merged.permuted(np.int64(1)) is not None

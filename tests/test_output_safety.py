@@ -126,13 +126,21 @@ def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):
     import torch
 
     from hf_permerge.alignment.permutations import Permutations
-    from hf_permerge.io_utils import DIR_MODE, FILE_MODE, atomic_dir
+    import os
+
+    from hf_permerge.io_utils import atomic_dir, dir_mode, file_mode
 
     write_json_atomic(tmp_path / "r.json", {"a": 1})
     with atomic_dir(tmp_path / "folder") as tmp:
         (tmp / "x.txt").write_text("x")
     Permutations({"hidden.0": torch.arange(4)}).save(tmp_path / "p.safetensors")
-    assert (FILE_MODE, DIR_MODE) != (0o600, 0o700)
-    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == FILE_MODE
-    assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == FILE_MODE
-    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == DIR_MODE
+    assert (file_mode(), dir_mode()) != (0o600, 0o700)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == file_mode()
+    assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == file_mode()
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == dir_mode()
+    before = os.umask(0o077)                     # a private umask is honoured, not the one at import
+    try:
+        write_json_atomic(tmp_path / "private.json", {})
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(before)

@@ -218,3 +218,10 @@ def test_pairs_cut_while_trained_together_resume_one_by_one(tmp_path, tiny_confi
         for i in range(2):
             assert_same(weights(tmp_path / f"full_{c}/net_{i}/final"), weights(tmp_path / f"cut_{c}/net_{i}/final"),
                         atol=1e-5)
+
+
+def test_resume_allows_other_evaluation_settings(tmp_path, tiny_config):
+    """Only model, data and training make the nets; `run --resume` may change how they are measured."""
+    PairTrainer(tiny_config(training={"epochs": 1}), tmp_path / "p", progress=False).train()
+    PairTrainer(tiny_config(training={"epochs": 1}, evaluation={"num_lambdas": 5}), tmp_path / "p", resume=True,
+                progress=False).train()

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io_utils import FILE_MODE
+from ..io_utils import file_mode
 from .spec import PermutationSpec, apply_permutations
 
 METADATA_KEY = "hf_permerge.permutations"
@@ -170,7 +170,7 @@ class Permutations(Mapping[str, torch.Tensor]):
         os.close(fd)
         try:
             save_file(dict(self._perms), tmp, metadata=metadata)
-            os.chmod(tmp, FILE_MODE)   # mkstemp's 0600, made the mode of any new file
+            os.chmod(tmp, file_mode())   # mkstemp's 0600, made the mode of any new file
             os.replace(tmp, path)  # atomic: readers never see a half-written file
         except BaseException:
             if os.path.exists(tmp):

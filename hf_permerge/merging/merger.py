@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import operator
 import logging
 import shutil
 import time
@@ -95,9 +96,9 @@ class PermMerger:
         self.pair = pair
         passed = sorted({s.passed for s in sources})
         if len(passed) > 1:
-            raise ValueError(f"the models passed are different checkpoints ({', '.join(passed)}) of their nets; pass "
-                             "the same checkpoint of each (or the net folders, and choose one with checkpoint=... / "
-                             "--checkpoint)")
+            raise ValueError(f"the models passed are different checkpoints ({', '.join(passed)}) of their nets, and a "
+                             "merge takes one checkpoint of every net: pass the same checkpoint of each (or the net "
+                             "folders, and choose one with checkpoint=... / --checkpoint)")
         self.default_checkpoint = passed[0]
         """The checkpoint that merging, aligning and loading use unless told otherwise: `final`, or the one
         whose folders were passed (`[a/net_0/step-50, b/net_0/step-50]` merges step-50)."""
@@ -228,9 +229,13 @@ class PermMerger:
 
     # -- merging ---------------------------------------------------------------------------------
     def _check_net(self, i, what: str = "i") -> int:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_nets:
+        try:
+            index = operator.index(i) if not isinstance(i, bool) else None
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < self.num_nets:
             raise ValueError(f"{what} must name a net 0..{self.num_nets - 1} (an int), got {i!r}")
-        return i
+        return index
 
     def permuted_state(self, i: int, checkpoint: str | None = None, permute: bool = True) -> dict:
         self._check_net(i)

@@ -86,7 +86,8 @@ class PairTrainer:
         check_output_dir(out, self.overwrite, self.resume, marker="run_config.json", resumable=True)
         saved = out / "run_config.json"
         if self.resume and saved.exists():
-            differ = config_differences(json.loads(saved.read_text()), self.config)
+            # what the nets are made of; alignment and evaluation may change between a run's attempts
+            differ = config_differences(json.loads(saved.read_text()), self.config, ("model", "data", "training"))
             if differ:
                 raise ValueError(f"cannot resume in {out}: its run_config.json differs from this config in "
                                  f"{', '.join(differ)}; use the same config, or another --output-dir")
