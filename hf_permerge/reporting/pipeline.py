@@ -66,8 +66,8 @@ def check_evaluate_overrides(overrides: list[str] | None) -> None:
 def evaluation_config(pair_config: dict | None, config: RunConfig | None, overrides: list[str] | None,
                       source: str) -> RunConfig:
     """The pair's own config with the `alignment` and `evaluation` sections (and a `data.data_dir`) of `config`
-    (when given), then
-    `overrides` (alignment, evaluation, data.data_dir). Without a pair.json, `config` describes the nets."""
+    (when given), then `overrides` (alignment, evaluation, data.data_dir). Without a pair.json, `config`
+    describes the nets."""
     data = json.loads(json.dumps(pair_config)) if pair_config is not None else config.to_dict()
     if config is not None:
         given = config.to_dict()
