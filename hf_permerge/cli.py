@@ -36,7 +36,8 @@ def _common_flags(defaults: bool) -> argparse.ArgumentParser:
     after it they only override when given (SUPPRESS), so a flag before it is not reset."""
     p = argparse.ArgumentParser(add_help=False)
     default = False if defaults else argparse.SUPPRESS
-    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log debug messages; on an error, print its traceback")
     p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
     return p
 
@@ -352,6 +353,10 @@ def _run(args) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as err:
+        if args.verbose:                      # -v: the whole traceback, for a bug report
+            import traceback
+
+            traceback.print_exc()
         print(f"hf-permerge {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -144,3 +144,13 @@ def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):
         assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
     finally:
         os.umask(before)
+
+
+def test_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path, capsys):
+    from hf_permerge.cli import main
+
+    assert main(["merge", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["merge", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err
