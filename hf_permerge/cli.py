@@ -42,6 +42,11 @@ def _common_flags(defaults: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _command_line() -> str:
+    """This command as typed (shell-quoted), for reports and model cards."""
+    return shlex.join(["hf-permerge", *sys.argv[1:]])
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -163,21 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MATCHING_DEFAULTS = {"matcher": "activation", "similarity": "cosine", "preactivation": False, "products": "float32",
+                     "num_examples": 10000, "align_checkpoint": None}
+"""The matching options' defaults: what `merge --vanilla / --permutations` checks were left alone."""
+
+
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids")
 
 
 def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("matching")
-    g.add_argument("--matcher", default="activation", choices=["activation", "weight", "gradient"],
+    g.set_defaults(**MATCHING_DEFAULTS)
+    g.add_argument("--matcher", choices=["activation", "weight", "gradient"],
                    help="activation (paper Sec. 2, default), weight (Git Re-Basin, no data) or gradient (App. B, at init)")
-    g.add_argument("--similarity", default="cosine", choices=["cosine", "correlation", "l2"],
+    g.add_argument("--similarity", choices=["cosine", "correlation", "l2"],
                    help="activation similarity (default cosine, uncentred)")
     g.add_argument("--preactivation", action="store_true", help="match activations before the non-linearity")
-    g.add_argument("--products", default="float32", choices=["float32", "float64"],
+    g.add_argument("--products", choices=["float32", "float64"],
                    help="dtype of the activation cross-products (default float32, of mean-shifted activations)")
-    g.add_argument("--num-examples", type=int, default=10000, help="training images to match on (default 10000)")
-    g.add_argument("--align-checkpoint", default=None,
+    g.add_argument("--num-examples", type=int, help="training images to match on (default 10000)")
+    g.add_argument("--align-checkpoint",
                    help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
                         "or the checkpoint whose folders were passed)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -217,7 +228,6 @@ def cmd_align(args) -> int:
     return 0
 
 
-_ALIGNMENT_OPTIONS = ("matcher", "similarity", "preactivation", "products", "num_examples", "align_checkpoint")
 
 
 def _check_merge_options(args) -> None:
@@ -225,8 +235,7 @@ def _check_merge_options(args) -> None:
     --permutations replaces the alignment."""
     if not (args.vanilla or args.permutations):
         return
-    defaults = build_parser().parse_args(["merge", "PAIR", "-o", "OUT"])
-    given = [f"--{k.replace('_', '-')}" for k in _ALIGNMENT_OPTIONS if getattr(args, k) != getattr(defaults, k)]
+    given = [f"--{k.replace('_', '-')}" for k, v in MATCHING_DEFAULTS.items() if getattr(args, k) != v]
     if given:
         mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
                      ("--permutations", "the permutations are loaded, not found"))
@@ -251,7 +260,7 @@ def cmd_merge(args) -> int:
     else:
         alpha = 0.5 if args.alpha is None else args.alpha
         model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
-    merger.save_pretrained(args.output_dir, model, command=shlex.join(["hf-permerge", *sys.argv[1:]]),
+    merger.save_pretrained(args.output_dir, model, command=_command_line(),
                            overwrite=args.overwrite)
     print(f"merged model: {args.output_dir}")
     return 0
@@ -277,7 +286,7 @@ def cmd_evaluate(args) -> int:
     config = load_config(args.config) if args.config else None
     evaluate_pair(args.pair, args.output_dir, config, overrides=args.overrides,
                   overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                  command=shlex.join(["hf-permerge", *sys.argv[1:]]))
+                  command=_command_line())
     print(f"report: {args.output_dir}/report.json")
     return 0
 
@@ -288,7 +297,7 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run(config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-        command=shlex.join(["hf-permerge", *sys.argv[1:]]))
+        command=_command_line())
     print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
     return 0
 
@@ -311,7 +320,7 @@ def cmd_sweep(args) -> int:
 
     config = load_sweep_config(args.config, args.overrides)
     result = run_sweep(config, args.output_dir, overwrite=args.overwrite, progress=not args.quiet,
-                       command=shlex.join(["hf-permerge", *sys.argv[1:]]))
+                       command=_command_line())
     if not result.is_main_process:
         return 0
     print(result.summary)

@@ -4,7 +4,6 @@ A typo or a wrong type fails early with an error naming the key (mergekit's less
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import re
 from pathlib import Path
@@ -247,7 +246,7 @@ def config_differences(saved, current: RunConfig, sections: tuple[str, ...] | No
     if not isinstance(saved, dict):
         raise ConfigError(f"a saved run config must be a mapping, found a {type(saved).__name__}; was the file edited?")
     try:
-        saved = config_from_dict(copy.deepcopy(saved)).to_dict()
+        saved = config_from_dict(saved).to_dict()
     except ConfigError:
         pass
     now = current.to_dict()
@@ -257,4 +256,3 @@ def config_differences(saved, current: RunConfig, sections: tuple[str, ...] | No
     keys = sorted({(sec, k) for d in (saved, now) for sec, vals in d.items() if isinstance(vals, dict) for k in vals})
     return [f"{sec}.{k}" for sec, k in keys
             if not isinstance(saved.get(sec), dict) or saved[sec].get(k) != now.get(sec, {}).get(k)]
-

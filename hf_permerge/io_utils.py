@@ -80,7 +80,10 @@ def is_leftover(entry: Path) -> bool:
 
 
 def _remove(entry: Path) -> None:
-    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import numbers
 import operator
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -440,8 +440,9 @@ class PermMerger:
         with atomic_dir(output_dir) as tmp:
             for i, p in enumerate(self._require_alignment()):
                 p.save(tmp / f"net_{i}.safetensors")
-            write_json_atomic(tmp / "alignment.json", {**self.merge_settings(), "merge": None,
-                                                      "alignment": dict(self.alignment)})
+            write_json_atomic(tmp / "alignment.json", {
+                **self.merge_settings(), "merge": None, "alignment": dict(self.alignment),
+                "fingerprints": self.fingerprints(self.alignment.get("checkpoint"))})  # also after a vanilla merge
         return output_dir
 
     def fingerprints(self, checkpoint: str | None = None) -> list[str]:

@@ -21,6 +21,8 @@ RUN_MARKER = "pair/run_config.json"
 EVALUATE_MARKERS = ("report.json", "merged/merge_config.json")
 """What marks an output of `evaluate`, which `--overwrite` writes into (replacing only its own files, never
 deleting the folder)."""
+EVALUATE_KEYS = ("alignment.", "evaluation.", "data.data_dir")
+"""What `evaluate` may change: how a trained pair is aligned and measured, and where its data set lives here."""
 
 
 def default_device() -> torch.device:
@@ -47,10 +49,6 @@ def align_merger(merger, config: RunConfig, splits: dict | None = None):
                                            "damping": a.damping} if a.matcher == "gradient" else {}
     merger.align(matcher=a.matcher, checkpoint=a.checkpoint, **settings)
     return merger
-
-
-EVALUATE_KEYS = ("alignment.", "evaluation.", "data.data_dir")
-"""What `evaluate` may change: how a trained pair is aligned and measured, and where its data set lives here."""
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:

@@ -38,9 +38,10 @@ def checkpoint_step(name: str, total: int) -> int:
 def build_report(merger, evaluation, splits: dict, progress: bool = True) -> dict:
     """report.json as a dict. `splits`: {"test": TensorSplit, "train": TensorSplit (the fixed subset)}.
     Every forward pass runs in `evaluation.precision`."""
-    with tf32_matmuls(getattr(evaluation, "precision", "fp32")):
+    precision = getattr(evaluation, "precision", "fp32")
+    with tf32_matmuls(precision):
         report = _build_report(merger, evaluation, splits, progress)
-    report["precision"] = getattr(evaluation, "precision", "fp32")
+    report["precision"] = precision
     return report
 
 

@@ -122,39 +122,38 @@ def mlp_layer_names(template) -> list[str] | None:
     return [f"layers.{i}" for i in range(template.config.depth)] + ["classifier"]
 
 
-def bmm_mlp_logits(params: dict, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """Flatten -> [Linear -> ReLU]* -> Linear as batched matmuls, activations kept (N, units, B)."""
+def bmm_mlp_logits(params: dict, x: torch.Tensor, names: list[str], inputs: list | None = None) -> torch.Tensor:
+    """Flatten -> [Linear -> ReLU]* -> Linear as batched matmuls, activations kept (N, units, B); `inputs`,
+    when given, receives each layer's input (what a hand-written backward needs)."""
     h = x.flatten(2).transpose(1, 2)
     for k, name in enumerate(names):
         w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+        if inputs is not None:
+            inputs.append(h)
         h = torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(-1), w, h)
         if k + 1 < len(names):
-            h = h.relu()
+            h = h.relu() if torch.is_grad_enabled() else h.relu_()   # in place where autograd keeps no graph
     return h.transpose(1, 2)
 
 
 @torch.no_grad()
 def bmm_mlp_step_grads(params: dict, x: torch.Tensor, names: list[str], losses_of) -> torch.Tensor:
-    """`bmm_mlp_logits`'s forward and backward by hand, each gradient written into its parameter's existing
-    `.grad` (no new weight-sized tensor per step); returns the (N,) losses. `losses_of(logits)` gives them
+    """`bmm_mlp_logits`'s forward and backward by hand, each gradient written into its parameter's `.grad`
+    (made on the first step and kept: no new weight-sized tensor per step); returns the (N,) losses. `losses_of(logits)` gives them
     from (N, B, classes) logits, differentiated by autograd (the small part).
 
     Why (2-core CPU, 12 stacked 2x2048 MLPs): autograd allocates every weight gradient afresh, 275 MB a step.
     Blocks that large come from glibc as new pages each time (its mmap threshold stops at 32 MB), so each
     step took 71,000 page faults, and the stacked engine ran at 51 ms per net and step against 34 ms for
     nets trained one by one (whose 16 MB gradients are reused from the heap)."""
-    h = x.flatten(2).transpose(1, 2)
-    inputs = []
-    for k, name in enumerate(names):
-        w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-        inputs.append(h)
-        h = torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(-1), w, h)
-        if k + 1 < len(names):
-            h = h.relu_()
-    logits = h.transpose(1, 2).requires_grad_()
+    inputs: list = []
+    logits = bmm_mlp_logits(params, x, names, inputs).requires_grad_()
     with torch.enable_grad():
         losses = losses_of(logits)
         grad, = torch.autograd.grad(losses.sum(), logits)
+    for p in params.values():
+        if p.grad is None:                          # the first step, or after optimizer.zero_grad(): made once
+            p.grad = torch.empty_like(p)
     g = grad.transpose(1, 2)                        # (N, classes, B)
     for k in reversed(range(len(names))):
         w, b = params[f"{names[k]}.weight"], params.get(f"{names[k]}.bias")
@@ -221,10 +220,7 @@ class StackedEngine:
         # the CPU's fp32 MLP steps compute their gradients by hand, into buffers kept from step to step
         self.grads_by_hand = (forward == "bmm" and device.type == "cpu" and self.precision in ("fp32", "tf32")
                               and not compile)   # tf32 is fp32 on the CPU
-        if self.grads_by_hand:
-            for p in self.params.values():
-                p.grad = torch.zeros_like(p)
-            self._layers = layers
+        self._layers = layers
         self._logits_fn = {"bmm": lambda p, x: bmm_mlp_logits(p, x, layers),
                            "vmap": lambda p, x: vmap_logits(self.template, p, x),
                            "loop": lambda p, x: loop_logits(self.template, p, x)}[forward]
@@ -262,9 +258,6 @@ class StackedEngine:
         """Forward, backward, optimiser step. In a CUDA graph (zero_grad=False) each replay's backward
         overwrites the gradients that the capture allocated, so there is nothing to zero."""
         if self.grads_by_hand:
-            for p in self.params.values():
-                if p.grad is None:          # someone called optimizer.zero_grad(): the buffers come back once
-                    p.grad = torch.zeros_like(p)
             losses = bmm_mlp_step_grads(self.params, xs, self._layers, lambda logits: self.losses(logits, ys))
             self.optimizer.step()
             return losses
