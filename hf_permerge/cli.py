@@ -42,9 +42,18 @@ def _common_flags(defaults: bool) -> argparse.ArgumentParser:
     return p
 
 
-def _command_line() -> str:
-    """This command as typed (shell-quoted), for reports and model cards."""
-    return shlex.join(["hf-permerge", *sys.argv[1:]])
+def _command_line(args) -> str:
+    """This command as typed (shell-quoted), for reports and model cards; a `--token` is left out, since
+    both are saved and pushed."""
+    words, skip = [], False
+    for word in args.argv:
+        if skip:
+            skip = False
+        elif word == "--token":
+            skip = True
+        elif not word.startswith("--token="):
+            words.append(word)
+    return shlex.join(["hf-permerge", *words])
 
 
 def _version() -> str:
@@ -123,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_output_args(p)
+    _add_hub_read_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = add("run", help="the main job: train a pair, align, evaluate, report (train + evaluate)",
@@ -175,6 +185,14 @@ MATCHING_DEFAULTS = {"matcher": "activation", "similarity": "cosine", "preactiva
 
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids")
+    _add_hub_read_args(p)
+
+
+def _add_hub_read_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Hub (for repo ids)")
+    g.add_argument("--revision", help="branch, tag or commit of the repo ids to download (default: main)")
+    g.add_argument("--token", help="a token that can read private repos (default: HF_TOKEN or `hf auth login`); "
+                                   "never saved, left out of the recorded command")
 
 
 def _add_matcher_args(p: argparse.ArgumentParser) -> None:
@@ -210,7 +228,7 @@ def _merger(args):
 
     source = args.pair[0] if len(args.pair) == 1 else args.pair
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return PermMerger.from_pretrained(source, device=device)
+    return PermMerger.from_pretrained(source, device=device, token=args.token, revision=args.revision)
 
 
 def cmd_align(args) -> int:
@@ -260,7 +278,7 @@ def cmd_merge(args) -> int:
     else:
         alpha = 0.5 if args.alpha is None else args.alpha
         model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
-    merger.save_pretrained(args.output_dir, model, command=_command_line(),
+    merger.save_pretrained(args.output_dir, model, command=_command_line(args),
                            overwrite=args.overwrite)
     print(f"merged model: {args.output_dir}")
     return 0
@@ -286,7 +304,7 @@ def cmd_evaluate(args) -> int:
     config = load_config(args.config) if args.config else None
     evaluate_pair(args.pair, args.output_dir, config, overrides=args.overrides,
                   overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                  command=_command_line())
+                  command=_command_line(args), token=args.token, revision=args.revision)
     print(f"report: {args.output_dir}/report.json")
     return 0
 
@@ -297,7 +315,7 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run(config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-        command=_command_line())
+        command=_command_line(args))
     print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
     return 0
 
@@ -320,7 +338,7 @@ def cmd_sweep(args) -> int:
 
     config = load_sweep_config(args.config, args.overrides)
     result = run_sweep(config, args.output_dir, overwrite=args.overwrite, progress=not args.quiet,
-                       command=_command_line())
+                       command=_command_line(args))
     if not result.is_main_process:
         return 0
     print(result.summary)
@@ -341,7 +359,9 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     previous = signal.getsignal(signal.SIGTERM)
     ours = threading.current_thread() is threading.main_thread() and previous is signal.SIG_DFL
     if ours:
@@ -366,7 +386,10 @@ def _run(args) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"hf-permerge {args.command}: error: {err}", file=sys.stderr)
+        from .hub import HubError, cli_message
+
+        print(f"hf-permerge {args.command}: error: {cli_message(err) if isinstance(err, HubError) else err}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = {"train": "; --resume continues it", "run": "; --resume continues it",

@@ -17,9 +17,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-LOGIN_HINT = "set HF_TOKEN to a token with write access, pass token=..., or run `hf auth login`"
-CLI_LOGIN_HINT = "pass --token, set HF_TOKEN to a token with write access, or run `hf auth login`"
-"""LOGIN_HINT in the words of the command line, where `token=...` is `--token` (see `cli_message`)."""
+LOGIN_HINT = "pass token=..., set HF_TOKEN to a token with {access} access, or run `hf auth login`"
+"""How to give a token; `cli_message` puts it in the words of the command line (`--token`)."""
 NETWORK_HINT = ("check your network connection, or set HF_ENDPOINT to a reachable Hub-compatible endpoint "
                 "(the current one is {endpoint})")
 
@@ -62,31 +61,33 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token else text
 
 
-def _translate(err: BaseException, action: str, token: str | None, endpoint: str | None) -> HubError:
-    """Map an exception from `huggingface_hub` to a HubError whose message names the cause and the fix."""
+def _translate(err: BaseException, action: str, token: str | None, endpoint: str | None, access: str) -> HubError:
+    """Map an exception from `huggingface_hub` to a HubError whose message names the cause and the fix;
+    `access` ("read" or "write") is what the token needs."""
     from huggingface_hub import errors
 
     endpoint = _endpoint(endpoint)
+    hint = LOGIN_HINT.format(access=access)
     for e in _chain(err):
         if isinstance(e, errors.OfflineModeIsEnabled):
             return HubError(f"cannot {action}: offline mode is on (HF_HUB_OFFLINE=1) and the files are not in the "
                             "local cache; unset HF_HUB_OFFLINE to reach the Hub", "offline")
         if isinstance(e, errors.LocalTokenNotFoundError):
-            return HubError(f"cannot {action}: no Hugging Face token found; {LOGIN_HINT}", "no_token")
+            return HubError(f"cannot {action}: no Hugging Face token found; {hint}", "no_token")
         if isinstance(e, errors.RevisionNotFoundError):
             return HubError(f"cannot {action}: that revision does not exist in the repo "
                             "(check the branch, tag or commit name)", "revision_not_found")
         if isinstance(e, errors.RepositoryNotFoundError):
             return HubError(f"cannot {action}: repository not found at {endpoint} (check the repo id; if it is "
-                            f"private, make sure your token can read it: {LOGIN_HINT})", "not_found")
+                            f"private, make sure your token can read it: {LOGIN_HINT.format(access='read')})", "not_found")
         if isinstance(e, errors.HfHubHTTPError) and e.response is not None:
             status = e.response.status_code
             if status == 401:
                 return HubError(f"cannot {action}: the Hub rejected the token (401 Unauthorized: invalid or expired "
-                                f"token); {LOGIN_HINT}", "unauthorized")
+                                f"token); {hint}", "unauthorized")
             if status == 403:
                 return HubError(f"cannot {action}: the token lacks permission (403 Forbidden); use a token with "
-                                "write access to that namespace", "forbidden")
+                                f"{access} access to that repo", "forbidden")
             return HubError(_scrub(f"cannot {action}: the Hub answered HTTP {status}: {e}", token), "http")
         if isinstance(e, _transport_errors()):
             return HubError(f"cannot {action}: the Hub endpoint {endpoint} is unreachable "
@@ -95,20 +96,20 @@ def _translate(err: BaseException, action: str, token: str | None, endpoint: str
     return HubError(_scrub(f"cannot {action}: {type(err).__name__}: {err}", token), "http")
 
 
-def _hub_call(action: str, secret: str | None, endpoint: str | None, fn, /, *args, **kwargs):
+def _hub_call(action: str, secret: str | None, endpoint: str | None, fn, /, *args, access: str = "write", **kwargs):
     """Run one `huggingface_hub` call; any failure becomes a HubError naming the cause (never the token)."""
     try:
         return fn(*args, **kwargs)
     except HubError:
         raise
     except Exception as err:
-        translated = _translate(err, action, secret, endpoint)
+        translated = _translate(err, action, secret, endpoint, access)
         raise translated from err
 
 
 def cli_message(err: HubError) -> str:
     """The error in the words of the command line (`--token` where Python says `token=...`)."""
-    return str(err).replace(LOGIN_HINT, CLI_LOGIN_HINT)
+    return str(err).replace("pass token=...", "pass --token")
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -198,7 +199,8 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | 
     paths = files_to_push(folder)
     token = token or get_token()
     if not token:
-        raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT}", "no_token")
+        raise HubError(f"cannot push to {repo_id}: no Hugging Face token found; {LOGIN_HINT.format(access='write')}",
+                       "no_token")
     api = HfApi(token=token, endpoint=endpoint)
     user = _hub_call(f"push to {repo_id}", token, endpoint, api.whoami)["name"]
     if "/" not in repo_id:
@@ -224,12 +226,13 @@ def download_from_hub(repo_id: str, revision: str | None = None, allow_patterns=
     from huggingface_hub import snapshot_download
 
     return _hub_call(f"download {repo_id}", token, endpoint, snapshot_download, repo_id, revision=revision,
-                     allow_patterns=allow_patterns, token=token, cache_dir=cache_dir, endpoint=endpoint)
+                     allow_patterns=allow_patterns, token=token, cache_dir=cache_dir, endpoint=endpoint, access="read")
 
 
 def resolve_local_or_hub(path_or_repo_id: str | os.PathLike, revision: str | None = None,
-                         allow_patterns=None) -> str:
-    """A local directory for `path_or_repo_id`: an existing directory wins, otherwise it is a Hub repo id."""
+                         allow_patterns=None, *, token: str | None = None) -> str:
+    """A local directory for `path_or_repo_id`: an existing directory wins, otherwise it is a Hub repo id
+    (downloaded at `revision`, with `token` if given, else HF_TOKEN or the stored login)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -243,7 +246,7 @@ def resolve_local_or_hub(path_or_repo_id: str | os.PathLike, revision: str | Non
         raise HubError(f"{name!r} is neither a local directory nor a Hub repo id (namespace/name)",
                        "not_found") from None
     try:
-        return download_from_hub(name, revision=revision, allow_patterns=allow_patterns)
+        return download_from_hub(name, revision=revision, allow_patterns=allow_patterns, token=token)
     except HubError as err:
         if err.reason == "not_found":
             raise HubError(f"there is no local directory {name!r}, and {err}", "not_found") from None

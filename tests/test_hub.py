@@ -214,6 +214,18 @@ def test_pair_folder_round_trip(hub, published):
     assert published["merger_checkpoints"] == ["final", "init"]
 
 
+def test_cli_reads_a_private_pair_with_token_and_revision(published):
+    """merge/align/evaluate take --token and --revision for repo ids; the token is never saved."""
+    runs = published["private_cli"]
+    assert runs["no_token"]["rc"] == 2 and not runs["no_token"]["written"]
+    assert "repository not found" in runs["no_token"]["stderr"] and "pass --token" in runs["no_token"]["stderr"]
+    assert runs["bad_revision"]["rc"] == 2 and "revision does not exist" in runs["bad_revision"]["stderr"]
+    assert not runs["bad_revision"]["written"]
+    assert runs["with_token"]["rc"] == 0, runs["with_token"]["stderr"]
+    assert published["private_hub_commits"] == {"alice/private-pair": published["private_commit"]}
+    assert not published["private_token_saved"] and not published["private_card_command"]
+
+
 def test_push_to_a_new_branch_and_as_a_pull_request(hub, published):
     repo = hub.repos["alice/fmnist-pair"]
     pair_files = set(hub.files("alice/fmnist-pair", "main"))
@@ -428,9 +440,33 @@ def _scenario_branch_and_pr(folder: str, repo_id: str) -> dict:
     return {"branch_commit": str(branch), "pr_url": pr.pr_url}
 
 
+def _scenario_private_pair_cli(folder: str, repo_id: str) -> dict:
+    """`hf-permerge merge` of a private pair repo: refused without a token, merged with --token and --revision."""
+    import contextlib
+    import io
+
+    from hf_permerge import cli
+    from hf_permerge.hub import push_folder_to_hub
+
+    commit = push_folder_to_hub(folder, repo_id, private=True).oid
+    del os.environ["HF_TOKEN"]                  # from here on, only --token can read the repo
+    outcome = {}
+    for name, extra in [("no_token", []), ("bad_revision", ["--token", TOKEN, "--revision", "no-such-branch"]),
+                        ("with_token", ["--token", TOKEN, "--revision", commit])]:
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            rc = cli.main(["merge", repo_id, "--vanilla", "-q", "-o", f"merged_{name}", *extra])
+        outcome[name] = {"rc": rc, "stderr": stderr.getvalue(), "written": Path(f"merged_{name}").exists()}
+    config = json.loads(Path("merged_with_token/merge_config.json").read_text())
+    saved = "".join(p.read_text(errors="ignore") for p in Path("merged_with_token").rglob("*") if p.is_file())
+    return {"private_cli": outcome, "private_commit": commit, "private_hub_commits": config.get("hub_commits"),
+            "private_token_saved": TOKEN in saved, "private_card_command": "--token" in saved}
+
+
 def _scenario_publish(merged: str, merged_repo: str, image: str, pair: str, pair_repo: str) -> dict:
     return {**_scenario_round_trip(merged, merged_repo, image), **_scenario_pair_round_trip(pair, pair_repo),
-            **_scenario_branch_and_pr(merged, f"alice/{pair_repo}")}
+            **_scenario_branch_and_pr(merged, f"alice/{pair_repo}"),
+            **_scenario_private_pair_cli(pair, "alice/private-pair")}  # last: it unsets HF_TOKEN
 
 
 if __name__ == "__main__":
@@ -453,3 +489,22 @@ def test_a_card_saved_before_its_repo_was_known_loads_from_the_repo_once_pushed(
     pushed = _card_for_repo(tmp_path / "README.md", "alice/fmnist-merged").decode()
     assert LOCAL_REPO_PLACEHOLDER not in pushed and 'from_pretrained("alice/fmnist-merged")' in pushed
     assert (tmp_path / "README.md").read_text() == local
+
+
+def test_recorded_command_leaves_the_token_out():
+    from types import SimpleNamespace
+
+    from hf_permerge.cli import _command_line
+
+    args = SimpleNamespace(argv=["merge", "alice/pair", "--token", TOKEN, "--token=" + TOKEN, "-o", "my out"])
+    assert _command_line(args) == "hf-permerge merge alice/pair -o 'my out'"
+
+
+def test_a_revision_for_local_folders_only_is_refused(tmp_path):
+    from hf_permerge.merging import PermMerger
+
+    write_pair_folder(tmp_path / "pair")
+    with pytest.raises(ValueError, match="revision='v1' applies to Hub repo ids.*local folder"):
+        PermMerger.from_pretrained(tmp_path / "pair", revision="v1")
+    with pytest.raises(ValueError, match="applies to Hub repo ids.*local folders"):
+        PermMerger.from_pretrained([tmp_path / "pair" / "net_0", tmp_path / "pair" / "net_1"], revision="v1")

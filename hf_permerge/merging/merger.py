@@ -117,13 +117,16 @@ class PermMerger:
         self.spec = self.load(0).permutation_spec()
 
     @classmethod
-    def from_pretrained(cls, pair_or_models, device=None, example_inputs=None) -> "PermMerger":
+    def from_pretrained(cls, pair_or_models, device=None, example_inputs=None, *, token: str | None = None,
+                        revision: str | None = None) -> "PermMerger":
         """A pair folder, the Hub repo id of a pair, or a list of >= 2 model folders / repo ids.
 
+        token, revision: for repo ids (a private repo; a branch, tag or commit); the token defaults to HF_TOKEN
+        or `hf auth login`'s, and is never stored.
         example_inputs: for models without a `permutation_spec()` (any HF image classifier), the inputs to
         trace one with (a pixel tensor); default two test images of the pair's data set (Fashion-MNIST).
         """
-        sources, pair = load_sources(pair_or_models)
+        sources, pair = load_sources(pair_or_models, token=token, revision=revision)
         return cls(sources, pair, device, example_inputs)
 
     # -- loading ---------------------------------------------------------------------------------
@@ -341,6 +344,8 @@ class PermMerger:
             "format": "hf_permerge.merge/1",
             "sources": [s.label for s in self.sources],
             "hub_sources": [s.hub_id for s in self.sources if s.hub_id],
+            **({"hub_commits": {s.hub_id: s.commit for s in self.sources if s.commit}}
+               if any(s.commit for s in self.sources) else {}),
             "merge": self._last_merge,
             "alignment": dict(self.alignment) if self._permuted_merge() else None,
             **({"fingerprints": self.fingerprints(self.alignment.get("checkpoint"))}

@@ -20,6 +20,8 @@ class NetSource:
     label: str = ""
     passed: str = "final"
     """The checkpoint whose folder the user passed (a net or pair folder: final)."""
+    commit: str | None = None
+    """The Hub commit the files were downloaded at (None for a local folder)."""
 
     def __post_init__(self):
         self.label = self.label or self.hub_id or portable_path(self.name)
@@ -84,8 +86,9 @@ def net_checkpoints(folder: Path) -> dict[str, Path]:
     return found
 
 
-def resolve(path_or_id: str | Path) -> tuple[Path, str | None]:
-    """A local folder for a path or Hub repo id; the repo id too when it came from the Hub."""
+def resolve(path_or_id: str | Path, token: str | None = None, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder for a path or Hub repo id; the repo id too when it came from the Hub (downloaded at
+    `revision` with `token`; both apply to repo ids only)."""
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -93,13 +96,23 @@ def resolve(path_or_id: str | Path) -> tuple[Path, str | None]:
         return path, None
     from ..hub import resolve_local_or_hub
 
-    return Path(resolve_local_or_hub(str(path_or_id))), str(path_or_id)
+    return Path(resolve_local_or_hub(str(path_or_id), revision, token=token)), str(path_or_id)
 
 
-def load_sources(spec) -> tuple[list[NetSource], dict | None]:
-    """Sources and pair.json (None for a list of models) from what a user passes to `from_pretrained`."""
+def _commit(folder: Path, hub_id: str | None) -> str | None:
+    """The commit of a Hub snapshot: its cache folder is named by it (snapshots/<40 hex digits>)."""
+    name = folder.name
+    return name if hub_id and len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
+
+
+def load_sources(spec, token: str | None = None, revision: str | None = None) -> tuple[list[NetSource], dict | None]:
+    """Sources and pair.json (None for a list of models) from what a user passes to `from_pretrained`;
+    `token` and `revision` are for Hub repo ids (a revision with local folders only is an error)."""
     if isinstance(spec, (str, Path)):
-        folder, hub_id = resolve(spec)
+        folder, hub_id = resolve(spec, token, revision)
+        if revision is not None and hub_id is None:
+            raise ValueError(f"revision={revision!r} applies to Hub repo ids, but {spec} is a local folder; "
+                             "drop the revision, or pass the repo id")
         pair_json = folder / "pair.json"
         if not pair_json.is_file():
             if _is_model_folder(folder):
@@ -118,16 +131,21 @@ def load_sources(spec) -> tuple[list[NetSource], dict | None]:
                 raise FileNotFoundError(f"pair folder {folder} lacks net_{i}/ (pair.json says {pair['num_nets']} nets); "
                                         "was the training interrupted? resume it with --resume")
             sources.append(NetSource(f"{hub_id or folder}/net_{i}", net_checkpoints(net), hub_id,
-                                     label=f"{hub_id}/net_{i}" if hub_id else f"net_{i}"))
+                                     label=f"{hub_id}/net_{i}" if hub_id else f"net_{i}",
+                                     commit=_commit(folder, hub_id)))
         return sources, pair
     items = list(spec)
     if len(items) < 2:
         raise ValueError(f"merging needs at least two models, got {len(items)}")
-    resolved = [resolve(item) for item in items]
+    resolved = [resolve(item, token, revision) for item in items]
+    if revision is not None and not any(hub_id for _, hub_id in resolved):
+        raise ValueError(f"revision={revision!r} applies to Hub repo ids, but all of {[str(i) for i in items]} "
+                         "are local folders; drop the revision, or pass repo ids")
     labels = distinct_labels([str(item) for item in items])
     sources = []
     for item, (folder, hub_id), label in zip(items, resolved, labels):
         checkpoints = net_checkpoints(folder)
         passed = next((name for name, path in checkpoints.items() if path == folder), "final")
-        sources.append(NetSource(str(item), checkpoints, hub_id, label=hub_id or label, passed=passed))
+        sources.append(NetSource(str(item), checkpoints, hub_id, label=hub_id or label, passed=passed,
+                                 commit=_commit(folder, hub_id)))
     return sources, None

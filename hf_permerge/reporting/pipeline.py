@@ -77,8 +77,9 @@ def evaluation_config(pair_config: dict | None, config: RunConfig | None, overri
 
 def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrides: list[str] | None = None,
                   overwrite: bool = False, progress: bool = True, device=None, train_s: float | None = None,
-                  command: str | None = None) -> dict:
-    """Align and evaluate a pair folder; write OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
+                  command: str | None = None, token: str | None = None, revision: str | None = None) -> dict:
+    """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
+    OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
     from ..merging import PermMerger
     from ..merging.sources import portable_path
     from .model_card import portable_command
@@ -87,19 +88,21 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
 
     device = torch.device(device) if device else default_device()
     check_evaluate_overrides(overrides)
-    merger = PermMerger.from_pretrained(pair_dir, device=device)
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))  # before any download
+    merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
     if merger.pair is None and config is None:
         raise ValueError(f"{pair_dir} has no pair.json; pass a config (--config) that describes its nets")
     config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides,
                                f"{pair_dir}/pair.json")
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))
     splits = evaluation_splits(config, device)
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
     report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
     report["config"] = config.to_dict()
     report["pair"] = portable_path(pair_dir)       # report.json is pushed with the merged model: no local paths
+    if merger.sources[0].commit:
+        report["pair_commit"] = merger.sources[0].commit
     report["command"] = portable_command(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".plots-") as tmp:
