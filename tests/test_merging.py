@@ -124,3 +124,20 @@ def test_cli_align_then_merge(tiny_pair, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "r/merge_config.json").read_text())["merge"]["repair"] == "repair"
     assert "REPAIR" in (tmp_path / "r/README.md").read_text()
+
+
+def test_loading_nets_draws_no_transformers_bars_and_restores_the_setting(tmp_path, capfd):
+    """Our loads hide transformers' "Loading weights" bars (one per net and checkpoint) and leave the
+    user's setting as it was."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_permerge import PermMerger, PermMLPConfig, PermMLPForImageClassification
+    from hf_permerge.training.checkpoints import save_model
+
+    for i in range(2):
+        save_model(PermMLPForImageClassification(PermMLPConfig(depth=1, width=8, seed=i)), tmp_path / f"m{i}")
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    PermMerger.from_pretrained([tmp_path / "m0", tmp_path / "m1"]).load(1)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

@@ -143,13 +143,13 @@ class PermMerger:
     def load(self, i: int, checkpoint: str | None = None):
         """Net i at a checkpoint (default: `default_checkpoint`), as saved (not permuted), on the merger's
         device, in eval mode."""
-        from transformers import AutoModelForImageClassification
-
         import hf_permerge  # noqa: F401
+
+        from ..training.checkpoints import load_model
         checkpoint = checkpoint or self.default_checkpoint
         key = (i, checkpoint)
         if key not in self._cache:
-            model = AutoModelForImageClassification.from_pretrained(self.sources[i].folder(checkpoint))
+            model = load_model(self.sources[i].folder(checkpoint))
             self._cache[key] = self._with_spec(model.to(self.device).eval())
         return self._cache[key]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +21,28 @@ def write_model_files(model, folder: Path) -> None:
     model.config.save_pretrained(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+
+@contextmanager
+def _without_transformers_bars():
+    """transformers draws a "Loading weights" bar per load; ours already say what is being done."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(folder: str | Path):
+    """An HF model folder through `AutoModelForImageClassification` (any registered image classifier)."""
+    from transformers import AutoModelForImageClassification
+
+    with _without_transformers_bars():
+        return AutoModelForImageClassification.from_pretrained(folder)
 
 
 def save_model(model, folder: str | Path) -> None:

@@ -225,14 +225,13 @@ class PairTrainer:
 
     # -- summary ---------------------------------------------------------------------------------------
     def _write_pair_json(self, train, test, train_s, trained_together: int = 1) -> list[dict]:
-        from transformers import AutoModelForImageClassification
-
+        from .checkpoints import load_model
         from .engines import eval_loss_acc
 
         cfg = self.config
         metrics = []
         for i in range(cfg.training.num_nets):
-            model = AutoModelForImageClassification.from_pretrained(self.output_dir / f"net_{i}" / "final")
+            model = load_model(self.output_dir / f"net_{i}" / "final")
             model.to(self.accelerator.device)
             model.eval()
             loss, acc = eval_loss_acc(lambda b: model(pixel_values=b, return_dict=False)[0], test.pixel_values,
