@@ -136,6 +136,18 @@ def test_extending_the_grid_reuses_the_cells_already_measured(tmp_path, tiny_fmn
     assert len(read_csv(tmp_path / "out" / "results.csv")) == 2
 
 
+def test_a_renamed_sweep_replaces_its_figure_and_keeps_other_files(tmp_path, tiny_fmnist):
+    args = ("sweep.grid.model.width=[8]",)
+    run_sweep(smoke("fig3_mid_smoke.yaml", tiny_fmnist, *args), tmp_path / "out", progress=False)
+    old = smoke("fig3_mid_smoke.yaml", tiny_fmnist, *args).sweep.name
+    (tmp_path / "out" / "notes.png").write_bytes(b"a user's file")
+    again = run_sweep(smoke("fig3_mid_smoke.yaml", tiny_fmnist, *args, "sweep.name=renamed"), tmp_path / "out",
+                      progress=False)
+    assert again.ran == [] and (tmp_path / "out" / "renamed.png").is_file()
+    assert not (tmp_path / "out" / f"{old}.png").exists() and (tmp_path / "out" / "notes.png").is_file()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["figures"] == ["renamed.png"]
+
+
 def test_a_changed_config_is_refused_before_any_work(tmp_path, tiny_fmnist):
     run_sweep(smoke("fig3_mid_smoke.yaml", tiny_fmnist, "sweep.grid.model.width=[8]"), tmp_path / "out", progress=False)
     changed = smoke("fig3_mid_smoke.yaml", tiny_fmnist, "sweep.grid.model.width=[8]", "training.lr=0.01")

@@ -218,7 +218,12 @@ def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = N
 
     rows = cell_rows(config, output_dir)
     summary = summarise(config, rows)
+    before = output_dir / "results.json"
+    old_figures = json.loads(before.read_text()).get("figures", []) if before.is_file() else []
     figures = write_figures(config, rows, summary, output_dir) if summary else []
+    for name in set(old_figures) - set(figures):      # a renamed sweep: its old figure would describe nothing
+        if Path(name).name == name and name.endswith(".png"):
+            (output_dir / name).unlink(missing_ok=True)
     write_csv(output_dir / "results.csv", rows)
     write_csv(output_dir / "summary.csv", summary)
     cell_s = [r["cell_s"] for r in rows if "cell_s" in r]
