@@ -116,25 +116,23 @@ class PermutationSpec:
                 seen[key].add(g.name)
 
 
+def _permute_axes(tensor: torch.Tensor, axes: Mapping[int, str], perms: Mapping[str, torch.Tensor],
+                  except_group: str | None = None) -> torch.Tensor:
+    """The single place a tensor is permuted: every axis whose group has a permutation (but `except_group`)."""
+    for axis, group in axes.items():
+        if group != except_group and group in perms:
+            tensor = torch.index_select(tensor, axis, perms[group].to(tensor.device))
+    return tensor
+
+
 def permute_tensor(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor],
                    except_group: str | None = None) -> torch.Tensor:
-    """Apply every group's permutation that acts on `key` (optionally all but one), the single place this happens."""
-    for axis, group in spec.axes_to_perm().get(key, {}).items():
-        if group == except_group or group not in perms:
-            continue
-        tensor = torch.index_select(tensor, axis, perms[group].to(tensor.device))
-    return tensor
+    """Apply every group's permutation that acts on `key` (optionally all but one)."""
+    return _permute_axes(tensor, spec.axes_to_perm().get(key, {}), perms, except_group)
 
 
 def apply_permutations(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
                        perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return a permuted copy of a state dict: unit j of the result is unit perms[g][j] of the input."""
     a2p = spec.axes_to_perm()
-    out = {}
-    for key, t in state_dict.items():
-        if key in a2p:
-            for axis, group in a2p[key].items():
-                if group in perms:
-                    t = torch.index_select(t, axis, perms[group].to(t.device))
-        out[key] = t
-    return out
+    return {key: _permute_axes(t, a2p.get(key, {}), perms) for key, t in state_dict.items()}

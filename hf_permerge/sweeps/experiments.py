@@ -23,7 +23,9 @@ MODE_SHORT = {"vanilla": "vanilla", "permuted": "perm"}
 
 def pair_metrics(report: dict) -> dict[str, float]:
     """Flat numbers of a report: `single_acc`, `vanilla_acc`, `perm_acc`, `barrier_perm_loss`, ... and
-    the same at initialisation with the prefix `init_` (the permutation is the one found by the alignment)."""
+    the same at initialisation with the prefix `init_` (the permutation is the one found by the alignment).
+    `single_*` is the mean over all N nets (the better estimate of one net's number when N > 2; for a pair,
+    its two endpoints, as in the printed summary)."""
     out: dict[str, float] = {}
     ends = report["endpoints"]
     for ck, prefix in CHECKPOINT_PREFIX.items():
