@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MATCHING_DEFAULTS = {"matcher": "activation", "similarity": "cosine", "preactivation": False, "products": "float32",
-                     "num_examples": 10000, "align_checkpoint": None}
-"""The matching options' defaults: what `merge --vanilla / --permutations` checks were left alone."""
+MATCHER_SETTINGS = ("similarity", "preactivation", "products", "num_examples", "preconditioner", "damping")
+"""The matching options that are matcher settings; each defaults to None ("not given": the matcher's default)."""
+MATCHING_OPTIONS = ("matcher", *MATCHER_SETTINGS, "align_checkpoint")
 
 
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
@@ -196,29 +196,37 @@ def _add_hub_read_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_matcher_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("matching")
-    g.set_defaults(**MATCHING_DEFAULTS)
+    g = p.add_argument_group("matching (each option applies to the matchers named in its help)")
     g.add_argument("--matcher", choices=["activation", "weight", "gradient"],
                    help="activation (paper Sec. 2, default), weight (Git Re-Basin, no data) or gradient (App. B, at init)")
     g.add_argument("--similarity", choices=["cosine", "correlation", "l2"],
-                   help="activation similarity (default cosine, uncentred)")
-    g.add_argument("--preactivation", action="store_true", help="match activations before the non-linearity")
+                   help="activation: the similarity (default cosine, uncentred)")
+    g.add_argument("--preactivation", action="store_true", default=None,
+                   help="activation: match activations before the non-linearity")
     g.add_argument("--products", choices=["float32", "float64"],
-                   help="dtype of the activation cross-products (default float32, of mean-shifted activations)")
-    g.add_argument("--num-examples", type=int, help="training images to match on (default 10000)")
+                   help="activation: dtype of the cross-products (default float32, of mean-shifted activations)")
+    g.add_argument("--num-examples", type=int, help="activation, gradient: training images to use (default 10000)")
+    g.add_argument("--preconditioner", choices=["foof", "none"],
+                   help="gradient: FOOF (the paper's App. B, default) or the raw gradient")
+    g.add_argument("--damping", type=float, help="gradient: FOOF damping, relative to the mean eigenvalue (default 1.0)")
     g.add_argument("--align-checkpoint",
                    help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
                         "or the checkpoint whose folders were passed)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
-def _matcher_settings(args) -> dict:
-    if args.matcher == "activation":
-        return {"similarity": args.similarity, "preactivation": args.preactivation, "num_examples": args.num_examples,
-                "products": args.products}
-    if args.matcher == "gradient":
-        return {"num_examples": args.num_examples}
-    return {}
+def _matching(args) -> tuple[str, dict]:
+    """The matcher and the settings given for it; an option that does not apply to it is an error, not ignored."""
+    from .alignment.matchers import matcher_settings
+
+    matcher = args.matcher or "activation"
+    given = {k: getattr(args, k) for k in MATCHER_SETTINGS if getattr(args, k) is not None}
+    settings = matcher_settings(matcher, given)
+    stray = [f"--{k.replace('_', '-')}" for k in given if k not in settings]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} does not apply to --matcher {matcher}; drop it or choose the matcher "
+                         "it belongs to (see --help)")
+    return matcher, settings
 
 
 def _merger(args):
@@ -234,9 +242,10 @@ def _merger(args):
 def cmd_align(args) -> int:
     from .io_utils import check_output_dir
 
+    matcher, settings = _matching(args)
     check_output_dir(args.output_dir, args.overwrite, marker="alignment.json")
     merger = _merger(args)
-    perms = merger.align(matcher=args.matcher, checkpoint=args.align_checkpoint, **_matcher_settings(args))
+    perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **settings)
     merger.save_permutations(args.output_dir)
     for i, p in enumerate(perms[1:], start=1):
         for group, sims in p.info.get("groups", {}).items():
@@ -246,14 +255,12 @@ def cmd_align(args) -> int:
     return 0
 
 
-
-
 def _check_merge_options(args) -> None:
     """Matching options that this merge would silently ignore are an error: --vanilla aligns nothing, and
     --permutations replaces the alignment."""
     if not (args.vanilla or args.permutations):
         return
-    given = [f"--{k.replace('_', '-')}" for k, v in MATCHING_DEFAULTS.items() if getattr(args, k) != v]
+    given = [f"--{k.replace('_', '-')}" for k in MATCHING_OPTIONS if getattr(args, k) is not None]
     if given:
         mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
                      ("--permutations", "the permutations are loaded, not found"))
@@ -266,13 +273,14 @@ def cmd_merge(args) -> int:
     from .merging.merger import MARKER
 
     _check_merge_options(args)
+    matcher, settings = _matching(args)
     check_output_dir(args.output_dir, args.overwrite, marker=MARKER)
     merger = _merger(args)
     merger.check_repair(args.repair)
     if args.permutations:
         merger.load_permutations(args.permutations)
     elif not args.vanilla:
-        merger.align(matcher=args.matcher, checkpoint=args.align_checkpoint, **_matcher_settings(args))
+        merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **settings)
     if args.all:
         model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
     else:

@@ -1,4 +1,5 @@
 """Merges never destroy what a user made, refuse what they would silently ignore, and say how to fix it."""
+import json
 import signal
 
 import pytest
@@ -95,6 +96,25 @@ def test_cli_merge_refuses_matching_options_that_would_be_ignored(tiny_pair, tmp
     assert run_cli("merge", tiny_pair, "-o", tmp_path / "out", *args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "align"])
+def test_cli_refuses_a_matching_option_of_another_matcher_before_loading(tiny_pair, tmp_path, capsys, monkeypatch,
+                                                                         run_cli, command):
+    monkeypatch.setattr(PermMerger, "from_pretrained", no_alignment)
+    args = ["--matcher", "weight", "--similarity", "l2", "--damping", "0.5"]
+    assert run_cli(command, tiny_pair, "-o", tmp_path / "out", *args) == 2
+    assert "--similarity, --damping does not apply to --matcher weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_passes_the_gradient_matchers_settings(tiny_pair, tmp_path, run_cli):
+    args = ["--matcher", "gradient", "--preconditioner", "none", "--damping", "0.5", "--num-examples", "200"]
+    assert run_cli("merge", tiny_pair, "--checkpoint", "init", "--align-checkpoint", "init", "-o", tmp_path / "out",
+                   *args) == 0
+    alignment = json.loads((tmp_path / "out" / "merge_config.json").read_text())["alignment"]
+    assert alignment["matcher"] == "gradient" and alignment["checkpoint"] == "init"
+    assert {"preconditioner": "none", "damping": 0.5, "num_examples": 200}.items() <= alignment["settings"].items()
 
 
 def test_cli_vanilla_merge_runs_no_alignment(tiny_pair, tmp_path, monkeypatch, run_cli):

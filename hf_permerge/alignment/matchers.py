@@ -63,6 +63,15 @@ def get_matcher(name: str, **settings) -> Matcher:
     return cls(**settings)
 
 
+def matcher_settings(name: str, values: Mapping) -> dict:
+    """The entries of `values` (a config section, parsed CLI options) that are settings of matcher `name`;
+    None means "not given", so the matcher's default applies."""
+    from . import activation, gradient, weight  # noqa: F401
+
+    fields = {f.name for f in dataclasses.fields(MATCHERS[name])} if name in MATCHERS else set()
+    return {k: v for k, v in values.items() if k in fields and v is not None}
+
+
 def check_choice(setting: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{setting}={value!r} is not supported; choose one of {list(choices)}")

@@ -40,15 +40,12 @@ def evaluation_splits(config: RunConfig, device) -> dict:
     return splits
 
 
-def align_merger(merger, config: RunConfig, splits: dict | None = None):
-    """Align with the config's `alignment` section, on the training split."""
+def align_merger(merger, config: RunConfig) -> None:
+    """Align with the config's `alignment` section (the chosen matcher's settings), on the training split."""
+    from ..alignment.matchers import matcher_settings
+
     a = config.alignment
-    settings = {"similarity": a.similarity, "preactivation": a.preactivation, "num_examples": a.num_examples,
-                "products": a.products} \
-        if a.matcher == "activation" else {"num_examples": a.num_examples, "preconditioner": a.preconditioner,
-                                           "damping": a.damping} if a.matcher == "gradient" else {}
-    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, **settings)
-    return merger
+    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, **matcher_settings(a.matcher, a.model_dump()))
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:
