@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.reference import reference_cnn, reference_curve, reference_mlp, train_one_net  # noqa: E402
 
 MLP = {"type": "mlp", "depth": 2, "width": 2048}
-CNN = {"type": "cnn", "layers": "64-64-avg-128-128"}
+CNN = {"type": "cnn", "layers": "64-64-avg-128-128", "bias": True}   # as reference_cnn (and the results so far)
 
 
 # -- measuring ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def pair(cls, **config):
 
 
 @pytest.mark.parametrize("cls,config", [(PermMLPForImageClassification, {"depth": 3, "width": 32, "bias": True}),
-                                        (PermCNNForImageClassification, {"layers": "8-avg-16"}),
+                                        (PermCNNForImageClassification, {"layers": "8-avg-16", "bias": True}),
                                         (PermCNNForImageClassification, {"layers": "8-avg-16", "batch_norm": True})])
 def test_repair_sets_preactivation_mean_and_std_to_the_interpolation(cls, config, train_split):
     a, b = pair(cls, **config)

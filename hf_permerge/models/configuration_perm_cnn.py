@@ -30,7 +30,7 @@ class PermCNNConfig(PretrainedConfig):
     model_type = "perm_cnn"
 
     def __init__(self, layers: str = "64-64-avg-128-128", num_channels: int = 1, image_size: int = 28,
-                 num_labels: int = 10, batch_norm: bool = False, bias: bool = True, init: str = "kaiming_normal",
+                 num_labels: int = 10, batch_norm: bool = False, bias: bool = False, init: str = "kaiming_normal",
                  loss: str = "cross_entropy", seed: int = 0, image_mean=(0.2860,), image_std=(0.3530,), **kwargs):
         self.layers = layers
         self.num_channels = int(num_channels)
