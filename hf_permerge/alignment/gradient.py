@@ -164,6 +164,9 @@ class GradientMatcher(Matcher):
     def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:
         spec = check_same_architecture(model_a, model_b)
         split = as_tensor_split(data, model_a).subset(self.num_examples, self.seed)
+        if bool((split.labels < 0).any()):
+            raise ValueError("the gradient matcher needs labels (its objective is the training loss's gradient); "
+                             "pass a dataset with a 'label' column")
         directions = [update_directions(m, split.pixel_values, split.labels, self.preconditioner, self.damping,
                                         self.batch_size) for m in (model_a, model_b)]
         g_a, g_b = directions[0], {k: v.to(model_device(model_a)) for k, v in directions[1].items()}

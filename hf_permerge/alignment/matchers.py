@@ -12,7 +12,7 @@ from typing import ClassVar, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..data.tensors import TensorSplit, dataset_to_arrays, fingerprint_arrays, normalise
+from ..data.tensors import TensorSplit, dataset_to_arrays, fingerprint_arrays, normalise, processed_split
 from .hungarian import matched_similarity
 from .permutations import Permutations
 from .spec import PermutationSpec
@@ -111,31 +111,78 @@ def model_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     return pixel_values.to(device=p.device, dtype=p.dtype)
 
 
-def as_tensor_split(data, model: nn.Module) -> TensorSplit:
-    """A TensorSplit, or a `datasets.Dataset` with the Hub schema ('image', 'label') -> a TensorSplit.
+def input_shape(model: nn.Module) -> tuple | None:
+    """(channels, height, width) from the model's config (None where it does not say: a ResNet takes any size);
+    None when it records no channel count."""
+    cfg = getattr(model, "config", None)
+    if not hasattr(cfg, "num_channels"):
+        return None
+    size = getattr(cfg, "image_size", None)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return (cfg.num_channels, *size)
 
-    A `datasets.Dataset` is normalised with the model's own `image_mean` / `image_std`, the
-    normalisation it was trained with.
+
+def input_shape_text(model: nn.Module) -> str:
+    return "(" + ", ".join("any" if d is None else str(d) for d in input_shape(model)) + ")"
+
+
+def fits(pixel_values: torch.Tensor, model: nn.Module) -> bool:
+    """Whether (N, C, H, W) pixels have the input shape the model's config records."""
+    want = input_shape(model)
+    return want is None or all(w is None or w == h for h, w in zip(pixel_values.shape[1:], want))
+
+
+def _from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
+    """Our models' own normalisation, in one vectorised pass, when the images already have the model's shape;
+    otherwise the model's image processor (resize, channels, normalisation), one batch of images at a time."""
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "image_mean"):
+        try:
+            images, labels = dataset_to_arrays(ds)
+        except ValueError:                        # images of several sizes: the processor resizes them
+            if processor is None:
+                raise
+        else:
+            split = TensorSplit(normalise(images, cfg.image_mean, cfg.image_std), torch.from_numpy(labels),
+                                fingerprint_arrays(images, labels))
+            if processor is None or fits(split.pixel_values, model):
+                return split
+    if processor is None:
+        raise ValueError(f"cannot preprocess a datasets.Dataset for {type(model).__name__}: its config records "
+                         "no normalisation and no image processor was found beside it; save the model's image "
+                         "processor in its folder (processor.save_pretrained), or pass preprocessed pixels as "
+                         "hf_permerge.data.TensorSplit(pixel_values, labels, fingerprint)")
+    try:
+        return processed_split(ds, processor)
+    except (ValueError, TypeError) as err:
+        if "column" in str(err) or "DatasetDict" in str(err):
+            raise
+        raise ValueError(f"the image processor of {type(model).__name__} ({type(processor).__name__}) could not "
+                         f"process the dataset's images: {err}; bring the images to the mode and size the model "
+                         "was trained on") from err
+
+
+def as_tensor_split(data, model: nn.Module, processor=None) -> TensorSplit:
+    """A TensorSplit, or a `datasets.Dataset` ('image', optionally 'label') -> a TensorSplit.
+
+    A `datasets.Dataset` is normalised with the model's own `image_mean` / `image_std` (our models: the
+    normalisation they were trained with) or goes through `processor`, the model's image processor.
     """
     if data is None:
         raise ValueError("this matcher needs data: pass a TensorSplit (hf_permerge.data.load_tensors) "
-                         "or a datasets.Dataset with 'image' and 'label' columns")
+                         "or a datasets.Dataset with an 'image' column")
     if isinstance(data, TensorSplit):
         split = data
     elif hasattr(data, "column_names"):
-        images, labels = dataset_to_arrays(data)
-        cfg = model.config
-        split = TensorSplit(normalise(images, cfg.image_mean, cfg.image_std), torch.from_numpy(labels),
-                            fingerprint_arrays(images, labels))
+        split = _from_dataset(data, model, processor)
     else:
         raise TypeError(f"cannot use {type(data).__name__} as matching data; pass a TensorSplit or a "
                         "datasets.Dataset")
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "image_size"):
-        want = (cfg.num_channels, cfg.image_size, cfg.image_size)
-        if tuple(split.pixel_values.shape[1:]) != want:
-            raise ValueError(f"images of shape {tuple(split.pixel_values.shape[1:])} do not fit the model, "
-                             f"which takes (channels, height, width) = {want}")
+    if not fits(split.pixel_values, model):
+        raise ValueError(f"images of shape {tuple(split.pixel_values.shape[1:])} do not fit the model, which "
+                         f"takes (channels, height, width) = {input_shape_text(model)}; bring the images to that size and number "
+                         "of channels (e.g. ds.map with PIL's Image.resize and Image.convert('L' or 'RGB')), "
+                         "or align on the data the nets were trained on")
     return split
 
 

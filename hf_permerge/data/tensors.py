@@ -51,14 +51,47 @@ def normalise(images: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean) / std
 
 
+NO_LABEL = -1
+"""The label of an example from a dataset without a 'label' column (activation matching and REPAIR need none)."""
+
+
+def check_image_dataset(ds) -> None:
+    """A `datasets.Dataset` with an 'image' column (and optionally 'label'); other shapes get the fix named."""
+    if isinstance(getattr(ds, "column_names", None), dict):      # a DatasetDict
+        raise ValueError(f"got a DatasetDict with splits {sorted(ds.column_names)}; pass one split, e.g. "
+                         f"ds[{next(iter(ds.column_names))!r}]")
+    if "image" not in ds.column_names:
+        guess = next((c for c in ds.column_names if c.lower() in ("img", "images", "pixel_values", "pixels")), None)
+        fix = f"ds = ds.rename_column({guess!r}, 'image')" if guess else "ds = ds.rename_column(<its name>, 'image')"
+        raise ValueError(f"dataset lacks an 'image' column (found {ds.column_names}); rename the images' column: {fix}")
+
+
 def dataset_to_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
-    """A `datasets.Dataset` with the Hub schema -> (uint8 images, int64 labels)."""
-    missing = {"image", "label"} - set(ds.column_names)
-    if missing:
-        raise ValueError(f"dataset lacks column(s) {sorted(missing)}; expected 'image' and 'label' "
-                         f"(found {ds.column_names})")
+    """A `datasets.Dataset` with the Hub schema -> (uint8 images, int64 labels; NO_LABEL without a 'label'
+    column). Images of different sizes are refused with the fix named."""
+    check_image_dataset(ds)
     arr = ds.with_format("numpy")
-    return np.asarray(arr["image"], dtype=np.uint8), np.asarray(arr["label"], dtype=np.int64)
+    try:
+        images = np.asarray(arr["image"], dtype=np.uint8)
+    except ValueError:
+        raise ValueError("the dataset's images differ in size or in channels; bring them to the model's input size "
+                         "and mode first (e.g. ds.map with PIL's Image.resize / Image.convert)") from None
+    labels = (np.asarray(arr["label"], dtype=np.int64) if "label" in ds.column_names
+              else np.full(len(images), NO_LABEL, dtype=np.int64))
+    return images, labels
+
+
+def processed_split(ds, processor, batch_size: int = 256) -> TensorSplit:
+    """A `datasets.Dataset` through a model's image processor (resize, RGB, its normalisation), for models
+    whose config records no normalisation of ours (a transformers ViT, ResNet, ...)."""
+    check_image_dataset(ds)
+    pixels = [processor(images=ds[start:start + batch_size]["image"], return_tensors="pt")["pixel_values"]
+              for start in range(0, len(ds), batch_size)]
+    pixel_values = torch.cat(pixels).float()
+    labels = (torch.as_tensor(ds["label"], dtype=torch.int64) if "label" in ds.column_names
+              else torch.full((len(pixel_values),), NO_LABEL, dtype=torch.int64))
+    fingerprint = hashlib.sha256(pixel_values.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
+    return TensorSplit(pixel_values, labels, fingerprint)
 
 
 def fingerprint_arrays(images: np.ndarray, labels: np.ndarray) -> str:

@@ -178,11 +178,19 @@ class PermMerger:
         return attach_permutation_spec(model, self.spec)
 
     def _example_pixels(self, model) -> torch.Tensor:
-        """Two images of the merge's data set, shaped as the model takes them, to trace a spec with."""
+        """Two images of the merge's data set to trace a spec with; random pixels of the model's input shape
+        (its config's `num_channels` / `image_size`) when those images do not fit it (an RGB or 224-pixel model):
+        tracing needs shapes only."""
         from ..alignment.matchers import model_input
         from ..data.tensors import load_tensors
 
-        return model_input(model, load_tensors(self.dataset_name(), "test", self.device, self.data_dir()).pixel_values[:2])
+        images = load_tensors(self.dataset_name(), "test", self.device, self.data_dir()).pixel_values[:2]
+        channels = getattr(model.config, "num_channels", None) or images.shape[1]
+        size = getattr(model.config, "image_size", None) or images.shape[-1]
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if (channels, *size) != tuple(images.shape[1:]):
+            images = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
+        return model_input(model, images)
 
     def dataset_name(self) -> str:
         return (self.pair or {}).get("config", {}).get("data", {}).get("dataset", "fashion_mnist")
@@ -197,13 +205,14 @@ class PermMerger:
         `dataset` is a `datasets.Dataset` (Hub schema) or a `TensorSplit`; by default the pair's
         training split (the matcher takes its fixed subset of `num_examples`). The weight matcher uses no data.
         """
-        from ..data.tensors import load_tensors
-
         checkpoint = checkpoint or self.default_checkpoint
-        if dataset is None and matcher != "weight":
-            dataset = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
+        given = dataset is not None
+        if not given and matcher != "weight":
+            dataset = self._default_data()
         m = get_matcher(matcher, **settings)
         ref = self.load(0, checkpoint)
+        if given:
+            dataset = self.tensor_split(dataset)
         start = time.perf_counter()
         perms = [Permutations.identity(self.spec)]
         others = [self.load(i, checkpoint) for i in range(1, self.num_nets)]
@@ -212,8 +221,29 @@ class PermMerger:
         else:
             perms += [m.match(ref, other, dataset) for other in others]
         self.set_permutations(perms, matcher=matcher, settings=dict(m.settings),   # the defaults filled in
-                              checkpoint=checkpoint, align_s=time.perf_counter() - start)
+                              checkpoint=checkpoint, align_s=time.perf_counter() - start,
+                              **({"data": "given by the caller"} if given and matcher != "weight" else {}))
         return perms
+
+    def tensor_split(self, data):
+        """Data for aligning or repairing as a `TensorSplit`: a `datasets.Dataset` goes through our
+        normalisation (our models) or, for any other model, the image processor saved beside net 0."""
+        from ..alignment.matchers import as_tensor_split
+        from ..data.tensors import TensorSplit
+
+        if isinstance(data, TensorSplit):
+            return as_tensor_split(data, self.load(0))
+        model = self.load(0)
+        return as_tensor_split(data, model, processor=self._image_processor(model))
+
+    def described_dataset(self) -> str | None:
+        """The data set a card and merge_config.json name: the pair's (its nets were trained on it), else the
+        default data the merge used, and none when the caller gave the data (we cannot name it)."""
+        if self.pair is not None:
+            return self.dataset_name()
+        caller = self.alignment.get("data") == "given by the caller" or \
+            (self._last_merge or {}).get("repair_data") == "given by the caller"
+        return None if caller else self.dataset_name()
 
     def set_permutations(self, perms: list[Permutations], **alignment) -> None:
         """Use permutations found elsewhere (e.g. at another step: the paper's perm@x)."""
@@ -328,9 +358,21 @@ class PermMerger:
         return {}
 
     def _repair_data(self, data):
+        return self.tensor_split(data) if data is not None else self._default_data()
+
+    def _default_data(self):
+        """The pair's training split (Fashion-MNIST for models without a pair.json), if it fits the models."""
+        from ..alignment.matchers import input_shape_text, fits
         from ..data.tensors import load_tensors
 
-        return data if data is not None else load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
+        data = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
+        if not fits(data.pixel_values, self.load(0)):
+            raise ValueError(f"the default data, {self.dataset_name()} training images of shape "
+                             f"{tuple(data.pixel_values.shape[1:])}, do not fit these models, which take "
+                             f"{input_shape_text(self.load(0))}: pass "
+                             "the data they were trained on (merger.align(dataset), merge(..., repair_data=dataset)); "
+                             "on the command line, --matcher weight needs no data")
+        return data
 
     # -- saving ----------------------------------------------------------------------------------
     def _permuted_merge(self) -> bool:
@@ -350,7 +392,7 @@ class PermMerger:
             "alignment": dict(self.alignment) if self._permuted_merge() else None,
             **({"fingerprints": self.fingerprints(self.alignment.get("checkpoint"))}
                if self.permutations is not None and self._permuted_merge() else {}),
-            "dataset": self.dataset_name(),
+            "dataset": self.described_dataset(),
             **({"traced_spec": {"groups": self.spec.names, "skipped": dict(self.traced.skipped),
                                 "head_couplings": [list(c) for c in self.spec.couplings]}}
                if self.traced is not None else {}),
@@ -370,7 +412,7 @@ class PermMerger:
                              "repo": self.sources[i].hub_id} for i in nets],
             "nets": nets,
             "config": model.config.to_dict(),
-            "dataset": self.dataset_name(),
+            "dataset": self.described_dataset(),
             "permuted": permuted,
             "matcher": matcher,
             "align_checkpoint": self.alignment.get("checkpoint") if permuted else None,

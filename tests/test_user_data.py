@@ -1,0 +1,120 @@
+"""Aligning on a user's own `datasets.Dataset`, and models whose inputs are not Fashion-MNIST's.
+
+Our models normalise a Dataset themselves; any other model (a transformers ViT) goes through the image
+processor saved beside it. Data that cannot fit gets an error naming the fix, before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from hf_permerge import cli
+from hf_permerge.alignment.matchers import as_tensor_split
+from hf_permerge.merging import PermMerger
+
+
+def images(n: int, size: int, mode: str, seed: int = 0) -> list[PIL.Image.Image]:
+    rng = np.random.default_rng(seed)
+    grey = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+    return [PIL.Image.fromarray(g).convert(mode) for g in grey]
+
+
+@pytest.fixture(scope="module")
+def rgb_vits(tmp_path_factory):
+    """Two randomly initialised RGB 32x32 ViTs, each saved with its image processor (no pair.json)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    folder = tmp_path_factory.mktemp("vits")
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=16,
+                                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                                    num_labels=10))
+        model.save_pretrained(folder / f"vit_{seed}")
+        ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+            folder / f"vit_{seed}")
+        paths.append(folder / f"vit_{seed}")
+    return paths
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        try:
+            return cli.main([*map(str, args)])
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+
+    return run
+
+
+def test_a_vit_aligns_on_a_dataset_through_its_image_processor(rgb_vits, tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"image": images(48, 40, "RGB"), "label": list(range(10)) * 4 + list(range(8))})
+    merger = PermMerger.from_pretrained(rgb_vits)
+    merger.align(ds, num_examples=32)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(merger.permuted(1)(pixel_values=x).logits, merger.load(1)(pixel_values=x).logits,
+                                   atol=1e-5, rtol=1e-5)
+    merger.merge(0.5)
+    merger.save_pretrained(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert config["dataset"] is None and config["alignment"]["data"] == "given by the caller"
+    assert "Fashion-MNIST" not in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_cli_merges_rgb_vits_by_weights_and_says_why_activations_need_their_data(rgb_vits, tmp_path, capsys,
+                                                                                 run_cli):
+    assert run_cli("merge", *rgb_vits, "--matcher", "weight", "-q", "-o", tmp_path / "by_weights") == 0
+    assert (tmp_path / "by_weights" / "model.safetensors").is_file()
+    assert run_cli("merge", *rgb_vits, "-q", "-o", tmp_path / "by_activations") == 2
+    err = capsys.readouterr().err
+    assert "do not fit these models, which take (3, 32, 32)" in err and "--matcher weight needs no data" in err
+    assert not (tmp_path / "by_activations").exists()
+
+
+def test_our_models_take_rgb_images_without_labels_through_their_processor(tiny_pair):
+    """RGB images whose three channels are equal are the grey images they came from: the same permutations."""
+    from datasets import Dataset
+
+    grey = images(200, 28, "L", seed=3)
+    merger = PermMerger.from_pretrained(tiny_pair)
+    by_grey = merger.align(Dataset.from_dict({"image": grey, "label": [0] * 200}), num_examples=200)
+    by_rgb = merger.align(Dataset.from_dict({"image": [g.convert("RGB").resize((32, 32), PIL.Image.NEAREST)
+                                                      .resize((28, 28), PIL.Image.NEAREST) for g in grey]}),
+                          num_examples=200)
+    for a, b in zip(by_grey, by_rgb):
+        assert all(torch.equal(a[g], b[g]) for g in merger.spec.names)
+
+
+def test_dataset_shapes_a_user_may_pass_get_the_fix_named(tiny_pair):
+    from datasets import Dataset, DatasetDict
+
+    model = PermMerger.from_pretrained(tiny_pair).load(0)
+    grey = images(8, 28, "L")
+    with pytest.raises(ValueError, match=r"lacks an 'image' column.*rename_column\('img', 'image'\)"):
+        as_tensor_split(Dataset.from_dict({"img": grey, "labels": [0] * 8}), model)
+    with pytest.raises(ValueError, match=r"DatasetDict.*ds\['train'\]"):
+        as_tensor_split(DatasetDict(train=Dataset.from_dict({"image": grey})), model)
+    with pytest.raises(ValueError, match="differ in size"):
+        as_tensor_split(Dataset.from_dict({"image": grey[:4] + images(4, 32, "L")}), model)
+    with pytest.raises(ValueError, match=r"\(1, 32, 32\) do not fit the model.*\(1, 28, 28\)"):
+        as_tensor_split(Dataset.from_dict({"image": images(4, 32, "L")}), model)
+
+
+def test_the_gradient_matcher_refuses_a_dataset_without_labels(tiny_pair):
+    from datasets import Dataset
+
+    merger = PermMerger.from_pretrained(tiny_pair)
+    with pytest.raises(ValueError, match="gradient matcher needs labels"):
+        merger.align(Dataset.from_dict({"image": images(16, 28, "L")}), matcher="gradient", checkpoint="init")
