@@ -118,3 +118,46 @@ def test_the_gradient_matcher_refuses_a_dataset_without_labels(tiny_pair):
     merger = PermMerger.from_pretrained(tiny_pair)
     with pytest.raises(ValueError, match="gradient matcher needs labels"):
         merger.align(Dataset.from_dict({"image": images(16, 28, "L")}), matcher="gradient", checkpoint="init")
+
+
+def test_a_mistyped_local_path_is_named_as_such(tmp_path, monkeypatch):
+    from hf_permerge import hub
+    from hf_permerge.hub import HubError
+
+    (tmp_path / "models" / "vit_1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*args, **kwargs):
+        raise HubError("cannot download models/vit_9: the Hub endpoint is unreachable", "unreachable")
+
+    monkeypatch.setattr(hub, "resolve_local_or_hub", no_hub)
+    with pytest.raises(FileNotFoundError, match=r"no folder models/vit_9 \(models holds: vit_1\); nor is it a Hub"):
+        PermMerger.from_pretrained(["models/vit_1", "models/vit_9"])
+    monkeypatch.setattr(hub, "resolve_local_or_hub", lambda *a, **k: pytest.fail("a path that is no repo id"))
+    with pytest.raises(FileNotFoundError, match=r"no folder .*models/x/vit_9 \(.*models holds: vit_1\)$"):
+        PermMerger.from_pretrained([tmp_path / "models" / "vit_1", tmp_path / "models" / "x" / "vit_9"])
+
+
+def test_a_damaged_weights_file_is_named(tmp_path):
+    from hf_permerge import PermMLPConfig, PermMLPForImageClassification
+    from hf_permerge.training.checkpoints import load_model, save_model
+
+    save_model(PermMLPForImageClassification(PermMLPConfig(depth=1, width=8)), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=r"weights in .*/m .*damaged or incomplete; save or download the model again"):
+        load_model(tmp_path / "m")
+
+
+def test_nets_differing_only_in_dropout_merge_and_other_model_types_are_named(tmp_path):
+    from transformers import ResNetConfig, ViTConfig
+
+    from hf_permerge.merging.merger import check_same_architecture
+
+    small = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                 num_attention_heads=2, intermediate_size=32)
+    check_same_architecture([ViTConfig(**small), ViTConfig(**small, hidden_dropout_prob=0.1)], ["a", "b"])
+    with pytest.raises(ValueError, match=r"different model types \('vit' vs 'resnet'\)"):
+        check_same_architecture([ViTConfig(**small), ResNetConfig()], ["a", "b"])
+    with pytest.raises(ValueError, match="different architectures.*hidden_size: 16 vs 32"):
+        check_same_architecture([ViTConfig(**small), ViTConfig(**{**small, "hidden_size": 32})], ["a", "b"])

@@ -25,14 +25,23 @@ MARKER = "merge_config.json"
 """The file that marks a folder as a merged model of ours: the only kind `save_pretrained` may replace."""
 
 _IGNORED_CONFIG_KEYS = {"seed", "_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
-                        "dtype", "torch_dtype"}
+                        "dtype", "torch_dtype", "initializer_range"}
+"""Config fields that say how a net was made or trained, not what its weights mean (dropout rates too)."""
+
+
+def _architecture(cfg) -> dict:
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in _IGNORED_CONFIG_KEYS and "dropout" not in k and "drop_path" not in k and "layerdrop" not in k}
 
 
 def check_same_architecture(configs: list, names: list[str]) -> None:
-    """Refuse nets of different architectures, naming the first differing config field."""
-    ref = {k: v for k, v in configs[0].to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+    """Refuse nets of different architectures, naming the model types, else the first differing config field."""
+    ref = _architecture(configs[0])
     for cfg, name in zip(configs[1:], names[1:]):
-        other = {k: v for k, v in cfg.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+        if cfg.model_type != configs[0].model_type:
+            raise ValueError(f"cannot merge {names[0]} with {name}: different model types ({configs[0].model_type!r} "
+                             f"vs {cfg.model_type!r}); only nets of one architecture can be aligned and merged")
+        other = _architecture(cfg)
         for key in sorted(set(ref) | set(other)):
             if ref.get(key) != other.get(key):
                 raise ValueError(f"cannot merge {names[0]} with {name}: different architectures "

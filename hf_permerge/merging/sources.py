@@ -94,9 +94,25 @@ def resolve(path_or_id: str | Path, token: str | None = None, revision: str | No
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is a file; pass a pair folder, a model folder or a Hub repo id")
         return path, None
-    from ..hub import resolve_local_or_hub
+    text = str(path_or_id)
+    if text.startswith((".", "/", "~")) or len(path.parts) > 2:     # no Hub repo id looks like this
+        raise _missing_folder(path)
+    from ..hub import HubError, resolve_local_or_hub
 
-    return Path(resolve_local_or_hub(str(path_or_id), revision, token=token)), str(path_or_id)
+    try:
+        return Path(resolve_local_or_hub(text, revision, token=token)), text
+    except HubError as err:
+        if Path(path.parts[0]).is_dir():     # `models/vit_9` beside a models/ folder: most likely a typo
+            raise _missing_folder(path, f"; nor is it a Hub repo: {err}") from None
+        raise
+
+
+def _missing_folder(path: Path, hub: str = "") -> FileNotFoundError:
+    """A local path that does not exist, with the folders that do exist where it points."""
+    parent = next((p for p in path.parents if p.is_dir()), Path("."))
+    there = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    listing = ", ".join(there[:8]) + (", ..." if len(there) > 8 else "") if there else "no folders"
+    return FileNotFoundError(f"there is no folder {path} ({parent} holds: {listing}){hub}")
 
 
 def _commit(folder: Path, hub_id: str | None) -> str | None:

@@ -38,11 +38,17 @@ def _without_transformers_bars():
 
 
 def load_model(folder: str | Path):
-    """An HF model folder through `AutoModelForImageClassification` (any registered image classifier)."""
+    """An HF model folder through `AutoModelForImageClassification` (any registered image classifier); a
+    damaged weights file is an OSError naming it, not safetensors' own error."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageClassification
 
-    with _without_transformers_bars():
-        return AutoModelForImageClassification.from_pretrained(folder)
+    try:
+        with _without_transformers_bars():
+            return AutoModelForImageClassification.from_pretrained(folder)
+    except SafetensorError as err:
+        raise OSError(f"cannot read the weights in {folder} ({err}): the safetensors file is damaged or incomplete; "
+                      "save or download the model again") from err
 
 
 def save_model(model, folder: str | Path) -> None:
