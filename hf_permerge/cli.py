@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MATCHER_SETTINGS = ("similarity", "preactivation", "products", "num_examples", "preconditioner", "damping")
+MATCHER_SETTINGS = ("similarity", "preactivation", "products", "num_examples", "preconditioner", "damping",
+                    "max_iter", "bottom_up")
 """The matching options that are matcher settings; each defaults to None ("not given": the matcher's default)."""
 MATCHING_OPTIONS = ("matcher", *MATCHER_SETTINGS, "align_checkpoint")
 
@@ -209,6 +210,10 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preconditioner", choices=["foof", "none"],
                    help="gradient: FOOF (the paper's App. B, default) or the raw gradient")
     g.add_argument("--damping", type=float, help="gradient: FOOF damping, relative to the mean eigenvalue (default 1.0)")
+    g.add_argument("--max-iter", type=int, help="weight: coordinate-descent sweeps at most (default 100, Git Re-Basin)")
+    g.add_argument("--bottom-up", action="store_true", default=None,
+                   help="weight: start from the paper's App. D pass (first layer upward, incoming weights); with "
+                        "--max-iter 0 that pass alone, App. D exactly")
     g.add_argument("--align-checkpoint",
                    help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
                         "or the checkpoint whose folders were passed)")

@@ -108,6 +108,11 @@ class AlignmentSection(_Section):
     preconditioner: Literal["foof", "none"] = "foof"
     damping: float = Field(1.0, gt=0)
     """FOOF damping, relative to the mean eigenvalue of the input second moment (App. B; 1.0 measured best)."""
+    max_iter: int = Field(100, ge=0)
+    """Weight matching: coordinate-descent sweeps at most (Git Re-Basin)."""
+    bottom_up: bool = False
+    """Weight matching: start from App. D's pass, the first layer upward on incoming weights (with
+    max_iter 0: App. D exactly)."""
 
 
 class EvaluationSection(_Section):

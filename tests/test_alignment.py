@@ -403,10 +403,15 @@ def test_self_match_finds_identity_by_activations(name, variant, data):
     assert perms.is_identity()
 
 
+WEIGHT_VARIANTS = [{}, {"bottom_up": True, "max_iter": 0}, {"bottom_up": True}]
+"""Git Re-Basin; the paper's App. D pass alone; App. D's pass refined by coordinate descent."""
+
+
 @pytest.mark.parametrize("name", NETS)
-def test_self_match_finds_identity_by_weights(name):
+@pytest.mark.parametrize("variant", WEIGHT_VARIANTS, ids=["rebasin", "appD", "appD+rebasin"])
+def test_self_match_finds_identity_by_weights(name, variant):
     a = NETS[name]()
-    assert get_matcher("weight").match(a, a).is_identity()
+    assert get_matcher("weight", **variant).match(a, a).is_identity()
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -420,10 +425,16 @@ def test_matching_recovers_a_known_permutation_by_activations(name, variant, dat
 
 
 @pytest.mark.parametrize("name", NETS)
-def test_matching_recovers_a_known_permutation_by_weights(name):
+@pytest.mark.parametrize("variant", WEIGHT_VARIANTS, ids=["rebasin", "appD", "appD+rebasin"])
+def test_matching_recovers_a_known_permutation_by_weights(name, variant):
     a = NETS[name]()
     pi = Permutations.random(a.permutation_spec(), seed=7)
-    assert get_matcher("weight").match(a, pi.apply(a)) == pi.inverse()
+    assert get_matcher("weight", **variant).match(a, pi.apply(a)) == pi.inverse()
+
+
+def test_weight_matcher_refuses_a_setting_that_would_match_nothing():
+    with pytest.raises(ValueError, match="max_iter=0 without bottom_up=True would return the identity"):
+        get_matcher("weight", max_iter=0)
 
 
 # App. B's objective compares a net with a *moved* copy of the other: for b = a it is symmetric in
@@ -460,7 +471,7 @@ def test_matched_nets_are_more_similar_than_unmatched_ones(matcher, name, data, 
 
 def test_registry_names_the_matchers_and_refuses_unknown_ones():
     assert get_matcher("activation").name == "activation"
-    assert get_matcher("weight", max_iter=5).settings == {"max_iter": 5, "seed": 0}
+    assert get_matcher("weight", max_iter=5).settings == {"max_iter": 5, "seed": 0, "bottom_up": False}
     assert get_matcher("gradient").settings["preconditioner"] == "foof"
     with pytest.raises(ValueError, match="unknown matcher 'hungarian'"):
         get_matcher("hungarian")

@@ -94,17 +94,29 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
 @register_matcher
 @dataclasses.dataclass
 class WeightMatcher(Matcher):
-    """Git Re-Basin weight matching: maximise sum_k <theta_a[k], pi(theta_b)[k]>, no data needed.
+    """Weight matching: maximise sum_k <theta_a[k], pi(theta_b)[k]>, no data needed.
 
     Every tensor the spec names counts (weights, biases, BatchNorm affine and running statistics).
+    Git Re-Basin by default: coordinate descent from the identity, at most `max_iter` sweeps.
+    `bottom_up=True` starts instead from the paper's App. D pass (the first layer upward, each layer
+    matched on its incoming weights, given the layers below); with `max_iter=0` that pass is the result,
+    App. D exactly.
     """
 
     name: ClassVar[str] = "weight"
     max_iter: int = 100
     seed: int = 0
+    bottom_up: bool = False
+
+    def __post_init__(self):
+        if self.max_iter < 0:
+            raise ValueError(f"max_iter={self.max_iter} must be >= 0")
+        if self.max_iter == 0 and not self.bottom_up:
+            raise ValueError("max_iter=0 without bottom_up=True would return the identity; use bottom_up=True "
+                             "(App. D's one pass) or max_iter >= 1")
 
     def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:
         spec = check_same_architecture(model_a, model_b)
         perms, similarities = solve_linear_matching(spec, model_a.state_dict(), model_b.state_dict(),
-                                                    self.max_iter, self.seed)
+                                                    self.max_iter, self.seed, bottom_up_first=self.bottom_up)
         return Permutations(perms, self._info(similarities, perms, None))
