@@ -21,7 +21,8 @@ def synthetic_report() -> dict:
     endpoint = {"test": metrics(0.8512, 0.5), "init": {"test": metrics(0.1, 2.3)}}
     u, v = [-10.0, 20.0, 50.0, 80.0, 110.0], [-10.0, 15.0, 40.0, 65.0, 90.0]
     plane = {"u": u, "v": v, "points": {"theta_0": [-10.0, 0.0], "theta_1": [110.0, 0.0], "pi_theta_1": [50.0, 90.0]},
-             "test": {"acc": [[0.1 * (i + j) / 8 + 0.5 for i in range(5)] for j in range(5)]}}
+             "test": {"acc": [[0.1 * (i + j) / 8 + 0.5 for i in range(5)] for j in range(5)]},
+             "train": {"loss": [[0.1 * (i - j) + 1.0 for i in range(5)] for j in range(5)]}}
     both = {"vanilla": metrics(0.6, 1.2), "permuted": metrics(0.8, 0.55)}
     return {
         "endpoints": [endpoint, endpoint, endpoint],
@@ -87,3 +88,14 @@ def test_summary_table_columns_line_up_with_the_header():
     for row in rows:
         assert [m.end() for m in re.finditer(r"-?\d+\.\d+", row)] == title_ends, "\n".join(lines)
     assert "123.4567" in lines[2]        # a wide number widens its column instead of pushing the row right
+
+
+def test_plane_plot_adds_the_training_loss_map_when_the_report_has_it(drawn_figures, tmp_path):
+    report = synthetic_report()
+    plots.plot_plane(report, tmp_path / "plane.png")
+    titles = [ax.get_title() for ax in drawn_figures[0].axes if ax.get_label() != "<colorbar>"]
+    assert len(titles) == 4 and sum("training loss" in t for t in titles) == 2
+    for ck in ("final", "init"):
+        report["plane"][ck].pop("train", None)
+    plots.plot_plane(report, tmp_path / "plane_test_only.png")
+    assert len([ax for ax in drawn_figures[1].axes if ax.get_label() != "<colorbar>"]) == 2

@@ -47,6 +47,7 @@ def test_report_json_has_every_contract_key(report_dir):
     assert {"train_s", "align_s", "evaluate_s"} <= r["timings"].keys()
     plane = r["plane"]["init"]
     assert len(plane["u"]) == 6 and len(plane["test"]["acc"]) == 6 and len(plane["test"]["acc"][0]) == 6
+    assert len(plane["train"]["loss"]) == 6 and len(plane["train"]["loss"][0]) == 6   # Fig. 5's train-loss map
     assert set(plane["points"]) == {"theta_0", "theta_1", "pi_theta_1"}
     sch = r["schedules"]
     assert sch["checkpoints"] == ["init", "step-5", "final"] and sch["steps"] == [0, 5, 20]

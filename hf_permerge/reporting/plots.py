@@ -88,26 +88,31 @@ def plot_schedules(report: dict, path: Path) -> Path:
 
 
 def plot_plane(report: dict, path: Path) -> Path:
-    """Accuracy heat maps on the plane through θ₀, θ₁, π(θ₁), trained and init (Fig. 1)."""
+    """Heat maps on the plane through θ₀, θ₁, π(θ₁), trained and init: test accuracy (Fig. 1) and, when the
+    report evaluated the training subset, training loss (Fig. 5)."""
     cks = [ck for ck in ("final", "init") if ck in report["plane"]]
-    fig, axes = plt.subplots(1, len(cks), figsize=(5.2 * len(cks), 4.4), squeeze=False)
-    for ax, ck in zip(axes[0], cks):
-        plane = report["plane"][ck]
-        u, v = plane["u"], plane["v"]
-        # grid[j][i] is the accuracy at (u[i], v[j]): each cell is centred on its grid point
-        im = ax.pcolormesh(u, v, plane["test"]["acc"], shading="nearest", cmap="viridis")
-        fig.colorbar(im, ax=ax, label="test accuracy")
-        for name, (pu, pv) in plane["points"].items():
-            ax.plot(pu, pv, "w^" if "pi" in name else "wo", ms=7, mec="k")
-            # the label points into the plot, so none runs past its edges
-            right, top = pu > (u[0] + u[-1]) / 2, pv > (v[0] + v[-1]) / 2
-            ax.annotate(POINT_LABELS.get(name, name), (pu, pv), textcoords="offset points",
-                        xytext=(-6 if right else 6, -6 if top else 6), ha="right" if right else "left",
-                        va="top" if top else "bottom", color="w", fontsize=10,
-                        path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
-        ax.set_xlabel("u: distance along θ₁ − θ₀")
-        ax.set_ylabel("v: distance towards π(θ₁), orthogonal to u")
-        ax.set_title(TITLES[ck])
+    panels = [("test", "acc", "test accuracy", "viridis")]
+    if all("train" in report["plane"][ck] for ck in cks):
+        panels.append(("train", "loss", "training loss", "magma_r"))
+    fig, axes = plt.subplots(len(panels), len(cks), figsize=(5.2 * len(cks), 4.4 * len(panels)), squeeze=False)
+    for row, (split, metric, label, cmap) in enumerate(panels):
+        for ax, ck in zip(axes[row], cks):
+            plane = report["plane"][ck]
+            u, v = plane["u"], plane["v"]
+            # grid[j][i] is the value at (u[i], v[j]): each cell is centred on its grid point
+            im = ax.pcolormesh(u, v, plane[split][metric], shading="nearest", cmap=cmap)
+            fig.colorbar(im, ax=ax, label=label)
+            for name, (pu, pv) in plane["points"].items():
+                ax.plot(pu, pv, "w^" if "pi" in name else "wo", ms=7, mec="k")
+                # the label points into the plot, so none runs past its edges
+                right, top = pu > (u[0] + u[-1]) / 2, pv > (v[0] + v[-1]) / 2
+                ax.annotate(POINT_LABELS.get(name, name), (pu, pv), textcoords="offset points",
+                            xytext=(-6 if right else 6, -6 if top else 6), ha="right" if right else "left",
+                            va="top" if top else "bottom", color="w", fontsize=10,
+                            path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
+            ax.set_xlabel("u: distance along θ₁ − θ₀")
+            ax.set_ylabel("v: distance towards π(θ₁), orthogonal to u")
+            ax.set_title(f"{TITLES[ck]}: {label}")
     return _save(fig, path)
 
 

@@ -86,7 +86,7 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
     if ev.n_way and merger.num_nets > 2:
         report["n_way"] = n_way(merger, splits["test"], ev.batch_size)
     if ev.plane:
-        report["plane"] = plane_report(merger, splits["test"], ev)
+        report["plane"] = plane_report(merger, splits, ev)
     if ev.schedules or ev.current_perm:
         report["schedules"] = schedules(merger, splits["test"], ev)
     report["matching"] = {"matcher": merger.alignment.get("matcher"), "settings": merger.alignment.get("settings"),
@@ -157,14 +157,15 @@ def n_way(merger, test, batch_size: int) -> dict:
     return out
 
 
-def plane_report(merger, test, ev) -> dict:
-    """Accuracy/loss on the plane through theta_0, theta_1 and pi(theta_1), trained and init (Fig. 1)."""
+def plane_report(merger, splits: dict, ev) -> dict:
+    """Accuracy/loss on the plane through theta_0, theta_1 and pi(theta_1), trained and init, on every split
+    the report evaluates: test (Fig. 1) and the training subset (Fig. 5's train loss)."""
     from ..evaluation.plane import evaluate_plane
 
     out = {}
     for ck in CHECKPOINTS:
         out[ck] = evaluate_plane(merger.load(0), merger.permuted_state(0, ck), merger.permuted_state(1, ck, permute=False),
-                                 merger.permuted_state(1, ck), {"test": test}, resolution=ev.plane_resolution,
+                                 merger.permuted_state(1, ck), splits, resolution=ev.plane_resolution,
                                  batch_size=ev.batch_size)
     return out
 
