@@ -53,25 +53,33 @@ def atomic_dir(target: str | os.PathLike):
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, data) -> None:
+@contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yields a temporary path beside `path` to write; on success it replaces `path` in one rename, with an
+    ordinary file mode (mkstemp makes 0600 files), so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        os.fchmod(fd, file_mode())    # mkstemp makes 0600 files; an output should read like any other file
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        yield Path(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    with atomic_file(path) as tmp, tmp.open("w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
 LEFTOVER = re.compile(r"\..+\.tmp-[a-z0-9_]{8}|\..+\.old-\d+|\.plots-[a-z0-9_]{8}"
                       r"|\.permutations-[a-z0-9_]{8}\.safetensors\.tmp")
-"""The exact names of our temporary files and folders: `atomic_dir`, `write_json_atomic`, the report's plots,
-the permutations writer (tempfile's 8 random characters)."""
+"""The exact names of our temporary files and folders: `atomic_dir`, `atomic_file`, the report's plots
+(tempfile's 8 random characters), and the permutation files' of versions before `atomic_file`."""
 
 
 def is_leftover(entry: Path) -> bool:

@@ -202,7 +202,7 @@ def test_save_load_round_trip_keeps_permutations_and_metadata(tmp_path, data):
     with safe_open(str(path), framework="pt") as f:  # the header is plain JSON any reader can parse
         header = json.loads(f.metadata()[METADATA_KEY])
     assert header["group_order"] == ["hidden.0", "hidden.1"] and header["matcher"] == "activation"
-    assert not list(tmp_path.glob(".permutations-*"))  # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
 
 def test_load_refuses_files_that_are_not_permutations(tmp_path):

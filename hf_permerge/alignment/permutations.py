@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from typing import Iterator, Mapping
 
 import torch
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io_utils import file_mode
+from ..io_utils import atomic_file
 from .spec import PermutationSpec, apply_permutations
 
 METADATA_KEY = "hf_permerge.permutations"
@@ -165,17 +164,8 @@ class Permutations(Mapping[str, torch.Tensor]):
         path = os.fspath(path)
         header = {**self.info, "format_version": FORMAT_VERSION, "group_order": list(self._perms)}
         metadata = {METADATA_KEY: json.dumps(header, sort_keys=True, default=_json_default)}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".permutations-", suffix=".safetensors.tmp")
-        os.close(fd)
-        try:
-            save_file(dict(self._perms), tmp, metadata=metadata)
-            os.chmod(tmp, file_mode())   # mkstemp's 0600, made the mode of any new file
-            os.replace(tmp, path)  # atomic: readers never see a half-written file
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_file(path) as tmp:
+            save_file(dict(self._perms), str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Permutations":

@@ -61,8 +61,9 @@ def net_fingerprint(model) -> str:
 
 
 def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model") -> Path:
-    """The CLI's output rule, for Python callers: a non-empty folder is refused unless `overwrite`, and even
-    then only an earlier output of ours (it has `marker`) is replaced, never a user's folder."""
+    """`io_utils.check_output_dir`'s rule in a Python caller's words (`overwrite=True`, not `--overwrite`): a
+    non-empty folder is refused unless `overwrite`, and even then only an earlier output of ours (it has
+    `marker`) is replaced, never a user's folder."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder; save the {what} to a new folder")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from statistics import fmean, stdev
 
+from ..io_utils import atomic_file
 from .config import SweepConfig
 
 # the columns the printed summary shows, per experiment (every metric is in the CSV and JSON)
@@ -85,13 +86,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns and k != "curves"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    tmp.replace(path)
 
 
 def summary_text(config: SweepConfig, summary: list[dict]) -> str:
