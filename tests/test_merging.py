@@ -141,3 +141,14 @@ def test_loading_nets_draws_no_transformers_bars_and_restores_the_setting(tmp_pa
     PermMerger.from_pretrained([tmp_path / "m0", tmp_path / "m1"]).load(1)
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_merge_takes_alpha_as_a_zero_dimensional_tensor(tiny_pair):
+    from hf_permerge import PermMerger
+
+    merger = PermMerger.from_pretrained(tiny_pair)
+    merger.align(matcher="weight")
+    by_tensor = merger.merge(torch.tensor(0.25)).state_dict()
+    by_float = merger.merge(0.25).state_dict()
+    assert all(torch.equal(by_tensor[k], v) for k, v in by_float.items())
+    assert merger.merge_settings()["merge"]["alpha"] == 0.25

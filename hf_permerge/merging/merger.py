@@ -315,20 +315,14 @@ class PermMerger:
         merge is recorded as `merge_settings()["merge"]["repair"]` (absent: no repair).
         """
         checkpoint = checkpoint or self.default_checkpoint
+        if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+            alpha = alpha.item()
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
         if self._check_net(other, "other") == 0:
             raise ValueError(f"other must name a net 1..{self.num_nets - 1} (net 0 is the reference), got 0")
-        self.check_repair(repair)
-        states = [self.permuted_state(0, checkpoint), self.permuted_state(other, checkpoint, permute)]
-        merged = self._model_with(average_state_dicts(states, [1 - alpha, alpha]), checkpoint)
-        if repair is not None:
-            endpoints = [self._endpoint(i, checkpoint, permute) for i in (0, other)] if repair == "repair" else []
-            apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1 - alpha, alpha],
-                         num_examples=repair_examples, **self._repair_sites(repair))
-        self._remember(merged, {"alpha": float(alpha), "checkpoint": checkpoint, "nets": [0, other],
-                                "permuted": permute}, repair, repair_data, repair_examples)
-        return merged
+        return self._merge([0, other], [1 - float(alpha), float(alpha)], checkpoint, permute, repair, repair_data,
+                           repair_examples, alpha=float(alpha))
 
     def merge_all(self, checkpoint: str | None = None, k: int | None = None, permute: bool = True,
                   repair: str | None = None, repair_data=None, repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES):
@@ -337,14 +331,21 @@ class PermMerger:
         k = self.num_nets if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_nets:
             raise ValueError(f"k must be in 1..{self.num_nets}, got {k}")
+        return self._merge(list(range(k)), [1.0 / k] * k, checkpoint, permute, repair, repair_data, repair_examples,
+                           alpha=None)
+
+    def _merge(self, nets: list[int], weights: list[float], checkpoint: str, permute: bool, repair, repair_data,
+               repair_examples, alpha: float | None):
+        """The weighted average of `nets` (net 0 as it is, the others permuted onto it unless not `permute`),
+        repaired if asked; remembered as the merge `save_pretrained` saves."""
         self.check_repair(repair)
-        states = [self.permuted_state(i, checkpoint, permute) for i in range(k)]
-        merged = self._model_with(average_state_dicts(states, [1.0 / k] * k), checkpoint)
+        states = [self.permuted_state(i, checkpoint, permute) for i in nets]
+        merged = self._model_with(average_state_dicts(states, weights), checkpoint)
         if repair is not None:
-            endpoints = [self._endpoint(i, checkpoint, permute) for i in range(k)] if repair == "repair" else []
-            apply_repair(repair, merged, endpoints, self._repair_data(repair_data), [1.0 / k] * k,
+            endpoints = [self._endpoint(i, checkpoint, permute) for i in nets] if repair == "repair" else []
+            apply_repair(repair, merged, endpoints, self._repair_data(repair_data), weights,
                          num_examples=repair_examples, **self._repair_sites(repair))
-        self._remember(merged, {"alpha": None, "checkpoint": checkpoint, "nets": list(range(k)), "permuted": permute},
+        self._remember(merged, {"alpha": alpha, "checkpoint": checkpoint, "nets": nets, "permuted": permute},
                        repair, repair_data, repair_examples)
         return merged
 
