@@ -46,6 +46,7 @@ def test_lambdas_may_come_in_any_order():
     ([0.0, 0.5, 1.0], [1.0, float("nan"), 1.0], "loss", "finite"),
     ([0.0, float("inf"), 1.0], [1.0, 2.0, 1.0], "loss", "finite"),
     ([0.0, 0.5, 0.5, 1.0], [1.0, 2.0, 2.0, 1.0], "loss", "repeat"),
+    ([0.0, 1.5, 1.0], [1.0, 2.0, 1.0], "loss", r"must lie in \[0, 1\]"),
     ([[0.0, 1.0]], [[1.0, 1.0]], "loss", "flat"),
     ([0.0, 1.0], [1.0, 1.0], "acc", "choose one of"),
 ])

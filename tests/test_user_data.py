@@ -161,3 +161,11 @@ def test_nets_differing_only_in_dropout_merge_and_other_model_types_are_named(tm
         check_same_architecture([ViTConfig(**small), ResNetConfig()], ["a", "b"])
     with pytest.raises(ValueError, match="different architectures.*hidden_size: 16 vs 32"):
         check_same_architecture([ViTConfig(**small), ViTConfig(**{**small, "hidden_size": 32})], ["a", "b"])
+
+
+def test_a_pair_folder_in_a_list_of_models_is_named(tiny_pair, caplog):
+    with pytest.raises(ValueError, match="is a pair folder, which holds its own nets: pass it alone"):
+        PermMerger.from_pretrained([tiny_pair, tiny_pair / "net_1"])
+    assert "same model" not in caplog.text
+    PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_0" / "final"])
+    assert "are the same model" in caplog.text

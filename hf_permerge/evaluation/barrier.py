@@ -46,6 +46,9 @@ def loss_barrier(lambdas: Sequence[float], values: Sequence[float], kind: str = 
                          f"network): lambdas={lam.tolist()}, values={val.tolist()}")
     order = np.argsort(lam, kind="stable")
     lam, val = lam[order], val[order]
+    if np.any((lam < 0.0) | (lam > 1.0)):
+        raise ValueError(f"lambdas must lie in [0, 1] (eq. 2's barrier is on the segment between the two nets), "
+                         f"got {lam.tolist()}")
     if len(lam) < 2 or lam[0] != 0.0 or lam[-1] != 1.0:
         raise ValueError(f"lambdas must include both endpoints 0 and 1 (eq. 2 compares the curve with the "
                          f"line between them), got {lam.tolist()}")

@@ -489,7 +489,9 @@ class PermMerger:
         try:
             return AutoImageProcessor.from_pretrained(next(iter(self.sources[0].checkpoints.values())))
         except (OSError, ValueError):
-            logger.info("net 0 has no image processor; the merged folder gets none")
+            logger.warning("net 0 (%s) has no image processor, so the merged folder gets none and "
+                           "pipeline('image-classification') cannot load it; save the model's image processor "
+                           "beside it to have one", self.sources[0].name)
             return None
 
     def save_permutations(self, output_dir) -> Path:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_HELP = "checkpoints are 'init', 'final' or 'step-N' (see pair.json's 'checkpoints')"
 
@@ -154,12 +157,20 @@ def load_sources(spec, token: str | None = None, revision: str | None = None) ->
     if len(items) < 2:
         raise ValueError(f"merging needs at least two models, got {len(items)}")
     resolved = [resolve(item, token, revision) for item in items]
+    folders = [folder.resolve() for folder, _ in resolved]
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            logger.warning("%s and %s are the same model: their merge is that model itself", items[folders.index(folder)],
+                           items[i])
     if revision is not None and not any(hub_id for _, hub_id in resolved):
         raise ValueError(f"revision={revision!r} applies to Hub repo ids, but all of {[str(i) for i in items]} "
                          "are local folders; drop the revision, or pass repo ids")
     labels = distinct_labels([str(item) for item in items])
     sources = []
     for item, (folder, hub_id), label in zip(items, resolved, labels):
+        if (folder / "pair.json").is_file():
+            raise ValueError(f"{item} is a pair folder, which holds its own nets: pass it alone, or pass model "
+                             f"folders (e.g. {item}/net_0 {item}/net_1)")
         checkpoints = net_checkpoints(folder)
         passed = next((name for name, path in checkpoints.items() if path == folder), "final")
         sources.append(NetSource(str(item), checkpoints, hub_id, label=hub_id or label, passed=passed,
