@@ -38,7 +38,7 @@ def checkpoint_step(name: str, total: int) -> int:
 def build_report(merger, evaluation, splits: dict, progress: bool = True) -> dict:
     """report.json as a dict. `splits`: {"test": TensorSplit, "train": TensorSplit (the fixed subset)}.
     Every forward pass runs in `evaluation.precision`."""
-    precision = getattr(evaluation, "precision", "fp32")
+    precision = evaluation.precision
     with tf32_matmuls(precision):
         report = _build_report(merger, evaluation, splits, progress)
     report["precision"] = precision
@@ -81,7 +81,7 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
                 "acc": loss_barrier(lambdas, res[s]["acc"], "accuracy").barrier,
                 "loss_lambda": loss_barrier(lambdas, res[s]["loss"], "loss").lam}
             for s in res}
-    if getattr(ev, "repair", None):
+    if ev.repair:
         report["repair"] = repair_report(merger, splits, ev.repair, report["endpoints"])
     if ev.n_way and merger.num_nets > 2:
         report["n_way"] = n_way(merger, splits["test"], ev.batch_size)

@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..config import (AlignmentSection, ConfigError, RunConfig, apply_overrides, config_from_dict, read_yaml_file,
                       set_override)
 
-EXPERIMENTS = ("pair", "n_way", "schedules", "matchers")
 SECTIONS = tuple(RunConfig.model_fields)
 
 

@@ -16,7 +16,7 @@ from hf_permerge.alignment import get_matcher
 from hf_permerge.data import load_tensors
 from hf_permerge.data.tensors import TensorSplit
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 train = load_tensors("fashion_mnist", "train")
 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
 match_idx, held_idx = order[:10000], order[10000:20000]   # the matcher's own subset(10000, seed=0), and the rest
