@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "n-way averages, and optionally the plane and schedules. Writes OUT/report.json, "
                                    "OUT/*.png, OUT/permutations/ and OUT/merged/ (model + card).",
                        epilog=EPILOG)
-    p.add_argument("pair", help="a pair folder or the Hub repo id of a pair")
+    p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids "
+                                           "(then --config names their data)")
     p.add_argument("--config", help="config whose alignment and evaluation sections (and data.data_dir) to use; model, "
-                                    "training and data come from the pair's pair.json (default: the pair's own config)")
+                                    "training and data come from the pair's pair.json (default: the pair's own config); "
+                                    "for model folders, the whole config describes them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -315,7 +317,7 @@ def cmd_evaluate(args) -> int:
     from .reporting.pipeline import evaluate_pair
 
     config = load_config(args.config) if args.config else None
-    evaluate_pair(args.pair, args.output_dir, config, overrides=args.overrides,
+    evaluate_pair(args.pair[0] if len(args.pair) == 1 else args.pair, args.output_dir, config, overrides=args.overrides,
                   overwrite=args.overwrite, progress=not args.quiet, device=args.device,
                   command=_command_line(args), token=args.token, revision=args.revision)
     print(f"report: {args.output_dir}/report.json")

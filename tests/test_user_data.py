@@ -169,3 +169,17 @@ def test_a_pair_folder_in_a_list_of_models_is_named(tiny_pair, caplog):
     assert "same model" not in caplog.text
     PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_0" / "final"])
     assert "are the same model" in caplog.text
+
+
+def test_cli_evaluates_two_model_folders_with_a_config(tiny_pair, tiny_fmnist, tmp_path, capsys, run_cli):
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model: {{type: mlp, depth: 1, width: 32}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
+                      "alignment: {num_examples: 500}\n"
+                      "evaluation: {num_lambdas: 3, splits: [test], n_way: false, plots: false}\n")
+    models = [tiny_pair / "net_0" / "final", tiny_pair / "net_2" / "final"]
+    assert run_cli("evaluate", *models, "-q", "-o", tmp_path / "no_config") == 2
+    assert "no pair.json; pass a config (--config)" in capsys.readouterr().err
+    assert run_cli("evaluate", *models, "--config", config, "-q", "-o", tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["pair"] == ["net_0/final", "net_2/final"]
+    assert report["barrier"]["final"]["permuted"]["test"]["loss"] <= report["barrier"]["final"]["vanilla"]["test"]["loss"]

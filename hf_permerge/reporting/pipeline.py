@@ -94,16 +94,18 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))  # before any download
     merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
+    models = not isinstance(pair_dir, (str, Path))          # a list of model folders / repo ids
     if merger.pair is None and config is None:
-        raise ValueError(f"{pair_dir} has no pair.json; pass a config (--config) that describes its nets")
+        raise ValueError(f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
+                         "(--config) that describes their data and the evaluation")
     config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides,
-                               f"{pair_dir}/pair.json")
+                               "--config" if models else f"{pair_dir}/pair.json")
     splits = evaluation_splits(config, device)
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
     report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
     report["config"] = config.to_dict()
-    report["pair"] = portable_path(pair_dir)       # report.json is pushed with the merged model: no local paths
+    report["pair"] = [s.label for s in merger.sources] if models else portable_path(pair_dir)   # no local paths
     if merger.sources[0].commit:
         report["pair_commit"] = merger.sources[0].commit
     report["command"] = portable_command(command)
