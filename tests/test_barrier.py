@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from hf_permerge import PermMLPConfig, PermMLPForImageClassification
 from hf_permerge.data.tensors import load_tensors

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForImageClassification
 
 from hf_permerge.config import config_from_dict
-from hf_permerge.reporting.pipeline import evaluate_pair, run
+from hf_permerge.reporting.pipeline import evaluate_pair
 
 
 def eval_config(tiny_fmnist, **evaluation):

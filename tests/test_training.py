@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
-from hf_permerge.config import load_config
 from hf_permerge.training import PairTrainer, build_model
 from hf_permerge.training import engines
 

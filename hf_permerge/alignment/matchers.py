@@ -66,7 +66,7 @@ def get_matcher(name: str, **settings) -> Matcher:
 def matcher_settings(name: str, values: Mapping) -> dict:
     """The entries of `values` (a config section, parsed CLI options) that are settings of matcher `name`;
     None means "not given", so the matcher's default applies."""
-    from . import activation, gradient, weight  # noqa: F401
+    from . import activation, gradient, weight  # noqa: F401  (registers the built-in matchers)
 
     fields = {f.name for f in dataclasses.fields(MATCHERS[name])} if name in MATCHERS else set()
     return {k: v for k, v in values.items() if k in fields and v is not None}
