@@ -9,6 +9,7 @@ are the same as with one process.
 import argparse
 import sys
 
+from hf_permerge.allocator import reuse_freed_memory
 from hf_permerge.config import load_config
 from hf_permerge.training import PairTrainer
 
@@ -23,6 +24,7 @@ def main() -> int:
     modes.add_argument("--overwrite", action="store_true", help="replace an existing pair folder of ours")
     modes.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     args = p.parse_args()
+    reuse_freed_memory()   # large CPU tensors from reused memory, not fresh pages (hf_permerge/allocator.py)
     try:
         config = load_config(args.config, args.overrides)
         trainer = PairTrainer(config, args.output_dir, overwrite=args.overwrite, resume=args.resume)

@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .allocator import reuse_freed_memory
+
+    reuse_freed_memory()    # a command's large CPU tensors reuse freed memory (allocator.py: 2x on CNN passes)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
