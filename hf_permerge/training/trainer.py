@@ -106,16 +106,14 @@ class PairTrainer:
     # -- training -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, tc, acc = self.config, self.config.training, self.accelerator
-        # data first: a missing data set must fail before any output is written
-        train = load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir)
-        test = load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir)
+        train, test = self._splits()       # data first: a missing data set must fail before any output is written
         self._prepare_output()
         if tc.log_with:
             acc.init_trackers("hf_permerge", config=cfg.to_dict())
         start = time.perf_counter()
-        nets = [i for i in self.my_nets() if not (self.output_dir / f"net_{i}" / "final").exists()]
+        nets = self._unfinished(self.my_nets())
         if nets:
-            self._train_nets(nets, train, test)
+            self._train_slots(self._slots(nets), train, test)
         acc.wait_for_everyone()
         train_s = time.perf_counter() - start
         metrics = self._write_pair_json(train, test, train_s) if acc.is_main_process else []
@@ -129,8 +127,15 @@ class PairTrainer:
         return [NetSlot(self.output_dir / f"net_{i}", f"net {i}", build_model(cfg, i),
                         derive_seed(cfg.training.seed, i, "data")) for i in nets]
 
-    def _train_nets(self, nets: list[int], train, test) -> None:
-        self._train_slots(self._slots(nets), train, test)
+    def _splits(self):
+        """The whole training and test splits, on the device."""
+        cfg, acc = self.config, self.accelerator
+        return (load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir),
+                load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir))
+
+    def _unfinished(self, nets) -> list[int]:
+        """The nets among `nets` without a final checkpoint yet (a resumed run skips the others)."""
+        return [i for i in nets if not (self.output_dir / f"net_{i}" / "final").exists()]
 
     def _train_slots(self, slots: list[NetSlot], train, test) -> None:
         """Train the slots' nets in one engine (their configs' training sections are this trainer's)."""
@@ -283,15 +288,13 @@ def train_together(trainers: list[PairTrainer]) -> list[TrainResult]:
                              f"from {first.output_dir}")
         if t.accelerator.num_processes > 1:
             raise ValueError("train_together runs in one process; under several processes train pairs one by one")
-    cfg, acc = first.config, first.accelerator
-    train = load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir)
-    test = load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir)
+    train, test = first._splits()
     for t in trainers:
         t._prepare_output()
     start = time.perf_counter()
     slots = []
     for t in trainers:
-        nets = [i for i in range(t.config.training.num_nets) if not (t.output_dir / f"net_{i}" / "final").exists()]
+        nets = t._unfinished(range(t.config.training.num_nets))
         slots += [NetSlot(slot.folder, f"{t.output_dir.name}/{slot.name}", slot.model, slot.data_seed)
                   for slot in t._slots(nets)]
     if slots:
