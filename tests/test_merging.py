@@ -132,7 +132,7 @@ def test_loading_nets_draws_no_transformers_bars_and_restores_the_setting(tmp_pa
     from transformers.utils import logging as hf_logging
 
     from hf_permerge import PermMerger, PermMLPConfig, PermMLPForImageClassification
-    from hf_permerge.training.checkpoints import save_model
+    from hf_permerge.models.folders import save_model
 
     for i in range(2):
         save_model(PermMLPForImageClassification(PermMLPConfig(depth=1, width=8, seed=i)), tmp_path / f"m{i}")

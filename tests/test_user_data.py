@@ -140,7 +140,7 @@ def test_a_mistyped_local_path_is_named_as_such(tmp_path, monkeypatch):
 
 def test_a_damaged_weights_file_is_named(tmp_path):
     from hf_permerge import PermMLPConfig, PermMLPForImageClassification
-    from hf_permerge.training.checkpoints import load_model, save_model
+    from hf_permerge.models.folders import load_model, save_model
 
     save_model(PermMLPForImageClassification(PermMLPConfig(depth=1, width=8)), tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"

@@ -155,7 +155,7 @@ class PermMerger:
         device, in eval mode."""
         import hf_permerge  # noqa: F401
 
-        from ..training.checkpoints import load_model
+        from ..models.folders import load_model
         checkpoint = checkpoint or self.default_checkpoint
         key = (i, checkpoint)
         if key not in self._cache:
@@ -452,7 +452,7 @@ class PermMerger:
         `report` (report.json) and `files` (e.g. plots) are stored beside it and described in the card.
         The folder appears whole or not at all; an existing folder is refused (see `check_save_target`).
         """
-        from ..training.checkpoints import write_model_files
+        from ..models.folders import write_model_files
 
         output_dir = check_save_target(output_dir, overwrite)
         if model is None:
