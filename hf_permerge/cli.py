@@ -34,7 +34,7 @@ def _add_output_args(p: argparse.ArgumentParser, resumable: bool = False) -> Non
 def _common_flags(defaults: bool) -> argparse.ArgumentParser:
     """-v / -q, accepted before or after the subcommand (`hf-permerge -q run ...`, `hf-permerge run -q ...`);
     after it they only override when given (SUPPRESS), so a flag before it is not reset."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     default = False if defaults else argparse.SUPPRESS
     p.add_argument("-v", "--verbose", action="store_true", default=default,
                    help="log debug messages; on an error, print its traceback")
@@ -67,13 +67,14 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,    # no `--tok` for `--token`: the recorded command leaves out exactly `--token`
         prog="hf-permerge",
         description="Permutation-aware model merging for Hugging Face models: train seeded pairs, align their "
                     "hidden units, merge trained weights and untrained inits, measure loss barriers, share on the Hub.",
         epilog=EPILOG, parents=[_common_flags(defaults=True)])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add = functools.partial(sub.add_parser, parents=[_common_flags(defaults=False)])
+    add = functools.partial(sub.add_parser, parents=[_common_flags(defaults=False)], allow_abbrev=False)
 
     p = add("train", help="train N seeded nets (a pair by default) and write a pair folder",
                        description="Train `training.num_nets` nets that differ only in seed (init and data order). "
@@ -212,7 +213,7 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preconditioner", choices=["foof", "none"],
                    help="gradient: FOOF (the paper's App. B, default) or the raw gradient")
     g.add_argument("--damping", type=float, help="gradient: FOOF damping, relative to the mean eigenvalue (default 1.0)")
-    g.add_argument("--max-iter", type=int, help="weight: coordinate-descent sweeps at most (default 100, Git Re-Basin)")
+    g.add_argument("--max-iter", type=int, help="weight, gradient: coordinate-descent sweeps at most (default 100)")
     g.add_argument("--bottom-up", action="store_true", default=None,
                    help="weight: start from the paper's App. D pass (first layer upward, incoming weights); with "
                         "--max-iter 0 that pass alone, App. D exactly")
@@ -404,10 +405,9 @@ def _run(args) -> int:
             import traceback
 
             traceback.print_exc()
-        from .hub import HubError, cli_message
+        from .hub import cli_message
 
-        print(f"hf-permerge {args.command}: error: {cli_message(err) if isinstance(err, HubError) else err}",
-              file=sys.stderr)
+        print(f"hf-permerge {args.command}: error: {cli_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = {"train": "; --resume continues it", "run": "; --resume continues it",

@@ -109,10 +109,17 @@ class AlignmentSection(_Section):
     damping: float = Field(1.0, gt=0)
     """FOOF damping, relative to the mean eigenvalue of the input second moment (App. B; 1.0 measured best)."""
     max_iter: int = Field(100, ge=0)
-    """Weight matching: coordinate-descent sweeps at most (Git Re-Basin)."""
+    """Weight and gradient matching: coordinate-descent sweeps at most (Git Re-Basin's, App. B's)."""
     bottom_up: bool = False
     """Weight matching: start from App. D's pass, the first layer upward on incoming weights (with
     max_iter 0: App. D exactly)."""
+
+    @model_validator(mode="after")
+    def _check_weight_matching(self):
+        if self.matcher == "weight" and self.max_iter == 0 and not self.bottom_up:
+            raise ValueError("alignment.max_iter: 0 with matcher weight and bottom_up false would match nothing "
+                             "(the identity); set alignment.bottom_up: true (App. D's one pass) or max_iter >= 1")
+        return self
 
 
 class EvaluationSection(_Section):

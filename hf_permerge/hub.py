@@ -107,8 +107,9 @@ def _hub_call(action: str, secret: str | None, endpoint: str | None, fn, /, *arg
         raise translated from err
 
 
-def cli_message(err: HubError) -> str:
-    """The error in the words of the command line (`--token` where Python says `token=...`)."""
+def cli_message(err: BaseException) -> str:
+    """An error in the words of the command line (`--token` where Python says `token=...`), also when a Hub
+    error was folded into another (a mistyped local path that is no Hub repo either)."""
     return str(err).replace("pass token=...", "pass --token")
 
 

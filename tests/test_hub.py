@@ -498,6 +498,10 @@ def test_recorded_command_leaves_the_token_out():
 
     args = SimpleNamespace(argv=["merge", "alice/pair", "--token", TOKEN, "--token=" + TOKEN, "-o", "my out"])
     assert _command_line(args) == "hf-permerge merge alice/pair -o 'my out'"
+    from hf_permerge.cli import build_parser
+
+    with pytest.raises(SystemExit):          # an abbreviation would escape the redaction: refused
+        build_parser().parse_args(["merge", "alice/pair", "--tok", TOKEN, "-o", "out"])
 
 
 def test_a_revision_for_local_folders_only_is_refused(tmp_path):

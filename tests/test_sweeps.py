@@ -148,6 +148,19 @@ def test_a_renamed_sweep_replaces_its_figure_and_keeps_other_files(tmp_path, tin
     assert json.loads((tmp_path / "out" / "results.json").read_text())["figures"] == ["renamed.png"]
 
 
+def test_cells_of_an_older_version_with_other_defaults_are_not_mixed_in(tmp_path, tiny_fmnist):
+    """A format-1 cell's CNN with `bias: null` had biases (the default then): it does not count as today's."""
+    config = smoke("fig4_cnn_small_smoke.yaml", tiny_fmnist, "sweep.grid.training.seed=[0]")
+    first = run_sweep(config, tmp_path / "out", progress=False)
+    result = tmp_path / "out" / "cells" / first.ran[0] / "result.json"
+    data = json.loads(result.read_text())
+    assert data["format"] == "hf_permerge.sweep_cell/2"
+    data["format"] = "hf_permerge.sweep_cell/1"
+    result.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"different config \(differs in model.bias\)"):
+        run_sweep(config, tmp_path / "out", progress=False)
+
+
 def test_a_changed_config_is_refused_before_any_work(tmp_path, tiny_fmnist):
     run_sweep(smoke("fig3_mid_smoke.yaml", tiny_fmnist, "sweep.grid.model.width=[8]"), tmp_path / "out", progress=False)
     changed = smoke("fig3_mid_smoke.yaml", tiny_fmnist, "sweep.grid.model.width=[8]", "training.lr=0.01")

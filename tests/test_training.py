@@ -110,6 +110,24 @@ def test_resume_accepts_a_run_config_saved_before_a_key_was_added(tmp_path, tiny
     PairTrainer(cfg, tmp_path / "p", resume=True, progress=False).train()
 
 
+def test_resume_refuses_nets_built_by_an_older_default(tmp_path, tiny_config):
+    """A CNN run saved before CNNs lost their default biases records `model.bias: null`: its saved nets have
+    biases that today's default does not build, so resuming it is refused with the override to use."""
+    import json
+    import shutil
+
+    cnn = {"type": "cnn", "layers": "4-avg-8"}
+    old = tiny_config(model={**cnn, "bias": True}, training={"epochs": 1, "optimizer": "sgd", "lr": 0.01})
+    PairTrainer(old, tmp_path / "p", progress=False).train()
+    saved = json.loads((tmp_path / "p/run_config.json").read_text())
+    saved["model"]["bias"] = None                      # what the older version wrote
+    (tmp_path / "p/run_config.json").write_text(json.dumps(saved))
+    shutil.rmtree(tmp_path / "p/net_1/final")           # as if interrupted
+    today = tiny_config(model=cnn, training={"epochs": 1, "optimizer": "sgd", "lr": 0.01})
+    with pytest.raises(ValueError, match=r"net_0's saved weights do not match.*--set model.bias=true"):
+        PairTrainer(today, tmp_path / "p", resume=True, progress=False).train()
+
+
 def test_two_processes_give_the_same_weights_as_one(tmp_path, tiny_fmnist):
     """`accelerate launch` with 2 CPU processes (gloo) shares out the nets; the weights are identical."""
     cfg = tmp_path / "c.yaml"

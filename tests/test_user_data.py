@@ -81,6 +81,9 @@ def test_cli_merges_rgb_vits_by_weights_and_says_why_activations_need_their_data
     err = capsys.readouterr().err
     assert "do not fit these models, which take (3, 32, 32)" in err and "--matcher weight needs no data" in err
     assert not (tmp_path / "by_activations").exists()
+    assert run_cli("merge", *rgb_vits, "--matcher", "weight", "--repair", "repair", "-q", "-o", tmp_path / "rep") == 2
+    err = capsys.readouterr().err
+    assert "repair_data=dataset" in err and "drop --repair" in err and "--matcher weight needs" not in err
 
 
 def test_our_models_take_rgb_images_without_labels_through_their_processor(tiny_pair):
@@ -172,14 +175,56 @@ def test_a_pair_folder_in_a_list_of_models_is_named(tiny_pair, caplog):
 
 
 def test_cli_evaluates_two_model_folders_with_a_config(tiny_pair, tiny_fmnist, tmp_path, capsys, run_cli):
+    """Models saved alone (no init beside them, no pair.json): the report covers the trained nets, and the
+    alignment reads the config's data, the data the curves are measured on."""
+    import shutil
+
+    from hf_permerge.alignment import Permutations
+    from hf_permerge.data import load_tensors
+
     config = tmp_path / "eval.yaml"
     config.write_text(f"model: {{type: mlp, depth: 1, width: 32}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
                       "alignment: {num_examples: 500}\n"
-                      "evaluation: {num_lambdas: 3, splits: [test], n_way: false, plots: false}\n")
-    models = [tiny_pair / "net_0" / "final", tiny_pair / "net_2" / "final"]
+                      "evaluation: {num_lambdas: 3, splits: [test], n_way: false}\n")
+    models = [tmp_path / "plain_0", tmp_path / "plain_2"]
+    for net, folder in zip((0, 2), models):
+        shutil.copytree(tiny_pair / f"net_{net}" / "final", folder)
     assert run_cli("evaluate", *models, "-q", "-o", tmp_path / "no_config") == 2
     assert "no pair.json; pass a config (--config)" in capsys.readouterr().err
     assert run_cli("evaluate", *models, "--config", config, "-q", "-o", tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["pair"] == ["net_0/final", "net_2/final"]
+    assert report["pair"] == ["plain_0", "plain_2"] and set(report["curves"]) == {"final"}
     assert report["barrier"]["final"]["permuted"]["test"]["loss"] <= report["barrier"]["final"]["vanilla"]["test"]["loss"]
+    used = Permutations.load(tmp_path / "out" / "permutations" / "net_1.safetensors").info["data"]["fingerprint"]
+    assert used == load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist).subset(500, 0).fingerprint
+    assert (tmp_path / "out" / "interpolation.png").is_file()
+    assert json.loads((tmp_path / "out" / "merged" / "merge_config.json").read_text())["dataset"] == "fashion_mnist"
+
+
+def test_a_dataset_is_converted_only_as_far_as_the_matcher_reads_it(tiny_pair):
+    """Aligning on a Dataset converts the matcher's seeded subset alone, and finds what the whole split would."""
+    from datasets import Dataset
+
+    from hf_permerge.alignment.matchers import as_tensor_split
+
+    ds = Dataset.from_dict({"image": images(300, 28, "L", seed=5), "label": [1] * 300})
+    merger = PermMerger.from_pretrained(tiny_pair)
+    by_dataset = merger.align(ds, num_examples=100)
+    by_split = merger.align(as_tensor_split(ds, merger.load(0)), num_examples=100)
+    for a, b in zip(by_dataset, by_split):
+        assert all(torch.equal(a[g], b[g]) for g in merger.spec.names)
+    assert by_dataset[1].info["data"]["num_examples"] == 100
+
+
+def test_weight_matching_reads_no_data_and_names_none(rgb_vits, tmp_path, monkeypatch):
+    """Tracing a ViT (its config gives the input shape) and matching its weights load no data set at all."""
+    from datasets import Dataset
+
+    from hf_permerge.data import tensors
+
+    monkeypatch.setattr(tensors, "load_tensors", lambda *a, **k: pytest.fail("a data set was loaded"))
+    merger = PermMerger.from_pretrained(rgb_vits)
+    merger.align(Dataset.from_dict({"img": images(4, 28, "L")}), matcher="weight")   # not even looked at
+    merger.merge(0.5)
+    merger.save_pretrained(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "merge_config.json").read_text())["dataset"] is None

@@ -121,6 +121,9 @@ class PermMerger:
         self.traced = None
         """The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped)."""
         self.example_inputs = example_inputs
+        self.data: dict | None = None
+        """{"dataset", "data_dir"} to align and repair on by default, when not the pair's own (`use_data`)."""
+        self._default_data_used = False
         configs = [self._config(i, next(iter(s.checkpoints))) for i, s in enumerate(sources)]
         check_same_architecture(configs, [s.name for s in sources])
         self.spec = None
@@ -188,24 +191,33 @@ class PermMerger:
         return attach_permutation_spec(model, self.spec)
 
     def _example_pixels(self, model) -> torch.Tensor:
-        """Two images of the merge's data set to trace a spec with; random pixels of the model's input shape
-        (its config's `num_channels` / `image_size`) when those images do not fit it (an RGB or 224-pixel model):
-        tracing needs shapes only."""
-        from ..alignment.matchers import model_input
+        """Pixels to trace a spec with (tracing needs shapes only): random ones of the input shape the model's
+        config records (`num_channels`, `image_size`), else two images of the merge's data set, with the
+        config's channel count when it gives one (a ResNet takes any size)."""
+        from ..alignment.matchers import input_shape, model_input
         from ..data.tensors import load_tensors
 
-        images = load_tensors(self.dataset_name(), "test", self.device, self.data_dir()).pixel_values[:2]
-        channels = getattr(model.config, "num_channels", None) or images.shape[1]
-        size = getattr(model.config, "image_size", None) or images.shape[-1]
-        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        if (channels, *size) != tuple(images.shape[1:]):
-            images = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
-        return model_input(model, images)
+        shape = input_shape(model)
+        if shape is None or None in shape:
+            images = load_tensors(self.dataset_name(), "test", self.device, self.data_dir()).pixel_values[:2]
+            shape = (images.shape[1] if shape is None else shape[0], *images.shape[2:])
+            if tuple(images.shape[1:]) == shape:
+                return model_input(model, images)
+        return model_input(model, torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)))
+
+    def use_data(self, dataset: str, data_dir=None) -> None:
+        """Align and repair on this data set (a catalog name, e.g. from a config) unless given data: what a
+        pair's pair.json says otherwise, and Fashion-MNIST for models without one."""
+        self.data = {"dataset": dataset, "data_dir": data_dir}
 
     def dataset_name(self) -> str:
+        if self.data is not None:
+            return self.data["dataset"]
         return (self.pair or {}).get("config", {}).get("data", {}).get("dataset", "fashion_mnist")
 
     def data_dir(self):
+        if self.data is not None:
+            return self.data["data_dir"]
         return (self.pair or {}).get("config", {}).get("data", {}).get("data_dir")
 
     # -- aligning --------------------------------------------------------------------------------
@@ -216,13 +228,15 @@ class PermMerger:
         training split (the matcher takes its fixed subset of `num_examples`). The weight matcher uses no data.
         """
         checkpoint = checkpoint or self.default_checkpoint
-        given = dataset is not None
-        if not given and matcher != "weight":
-            dataset = self._default_data()
         m = get_matcher(matcher, **settings)
+        given = dataset is not None and matcher != "weight"     # the weight matcher reads no data
+        if matcher == "weight":
+            dataset = None
+        elif given:
+            dataset = self.tensor_split(dataset, getattr(m, "num_examples", None), getattr(m, "seed", 0))
+        else:
+            dataset = self._default_data("align")
         ref = self.load(0, checkpoint)
-        if given:
-            dataset = self.tensor_split(dataset)
         start = time.perf_counter()
         perms = [Permutations.identity(self.spec)]
         others = [self.load(i, checkpoint) for i in range(1, self.num_nets)]
@@ -232,28 +246,33 @@ class PermMerger:
             perms += [m.match(ref, other, dataset) for other in others]
         self.set_permutations(perms, matcher=matcher, settings=dict(m.settings),   # the defaults filled in
                               checkpoint=checkpoint, align_s=time.perf_counter() - start,
-                              **({"data": "given by the caller"} if given and matcher != "weight" else {}))
+                              **({"data": "given by the caller"} if given else {}))
         return perms
 
-    def tensor_split(self, data):
+    def tensor_split(self, data, num_examples: int | None = None, seed: int = 0):
         """Data for aligning or repairing as a `TensorSplit`: a `datasets.Dataset` goes through our
-        normalisation (our models) or, for any other model, the image processor saved beside net 0."""
+        normalisation (our models) or, for any other model, the image processor saved beside net 0.
+        Only the `num_examples` images the matcher or REPAIR will use are converted: the same seeded
+        subset, in the same order, that `TensorSplit.subset(num_examples, seed)` takes."""
         from ..alignment.matchers import as_tensor_split
         from ..data.tensors import TensorSplit
 
-        if isinstance(data, TensorSplit):
-            return as_tensor_split(data, self.load(0))
         model = self.load(0)
+        if isinstance(data, TensorSplit):
+            return as_tensor_split(data, model)
+        if hasattr(data, "select") and num_examples is not None and num_examples < len(data):
+            data = data.select(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num_examples]
+                               .tolist())
         return as_tensor_split(data, model, processor=self._image_processor(model))
 
     def described_dataset(self) -> str | None:
         """The data set a card and merge_config.json name: the pair's (its nets were trained on it), else the
         default data the merge used, and none when the caller gave the data (we cannot name it)."""
-        if self.pair is not None:
+        if self.pair is not None or self.data is not None:
             return self.dataset_name()
         caller = self.alignment.get("data") == "given by the caller" or \
             (self._last_merge or {}).get("repair_data") == "given by the caller"
-        return None if caller else self.dataset_name()
+        return self.dataset_name() if self._default_data_used and not caller else None
 
     def set_permutations(self, perms: list[Permutations], **alignment) -> None:
         """Use permutations found elsewhere (e.g. at another step: the paper's perm@x)."""
@@ -343,7 +362,7 @@ class PermMerger:
         merged = self._model_with(average_state_dicts(states, weights), checkpoint)
         if repair is not None:
             endpoints = [self._endpoint(i, checkpoint, permute) for i in nets] if repair == "repair" else []
-            apply_repair(repair, merged, endpoints, self._repair_data(repair_data), weights,
+            apply_repair(repair, merged, endpoints, self._repair_data(repair_data, repair_examples), weights,
                          num_examples=repair_examples, **self._repair_sites(repair))
         self._remember(merged, {"alpha": alpha, "checkpoint": checkpoint, "nets": nets, "permuted": permute},
                        repair, repair_data, repair_examples)
@@ -368,21 +387,25 @@ class PermMerger:
             return {"modules": list(self.traced.repair_modules)}
         return {}
 
-    def _repair_data(self, data):
-        return self.tensor_split(data) if data is not None else self._default_data()
+    def _repair_data(self, data, examples: int | None = None):
+        return self.tensor_split(data, examples) if data is not None else self._default_data("repair")
 
-    def _default_data(self):
-        """The pair's training split (Fashion-MNIST for models without a pair.json), if it fits the models."""
-        from ..alignment.matchers import input_shape_text, fits
+    def _default_data(self, purpose: str):
+        """The pair's training split (Fashion-MNIST for models without a pair.json, or the data set of
+        `use_data`), if it fits the models; `purpose` ("align" or "repair") picks the way out named."""
+        from ..alignment.matchers import fits, input_shape_text
         from ..data.tensors import load_tensors
 
         data = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
         if not fits(data.pixel_values, self.load(0)):
+            fix = ("pass the data they were trained on (merger.align(dataset)); on the command line, --matcher "
+                   "weight needs no data" if purpose == "align" else
+                   "pass the data they were trained on (merge(..., repair_data=dataset)); the command line has no "
+                   "way to give REPAIR other data, so drop --repair there")
             raise ValueError(f"the default data, {self.dataset_name()} training images of shape "
                              f"{tuple(data.pixel_values.shape[1:])}, do not fit these models, which take "
-                             f"{input_shape_text(self.load(0))}: pass "
-                             "the data they were trained on (merger.align(dataset), merge(..., repair_data=dataset)); "
-                             "on the command line, --matcher weight needs no data")
+                             f"{input_shape_text(self.load(0))}: {fix}")
+        self._default_data_used = True
         return data
 
     # -- saving ----------------------------------------------------------------------------------

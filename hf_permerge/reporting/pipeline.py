@@ -100,14 +100,16 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
                          "(--config) that describes their data and the evaluation")
     config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides,
                                "--config" if models else f"{pair_dir}/pair.json")
+    merger.use_data(config.data.dataset, config.data.data_dir)     # align (and tell) on the data evaluated on
     splits = evaluation_splits(config, device)
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
     report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
     report["config"] = config.to_dict()
     report["pair"] = [s.label for s in merger.sources] if models else portable_path(pair_dir)   # no local paths
-    if merger.sources[0].commit:
-        report["pair_commit"] = merger.sources[0].commit
+    commits = {s.hub_id: s.commit for s in merger.sources if s.commit}
+    if commits:
+        report["hub_commits"] = commits            # what was read from the Hub, by repo
     report["command"] = portable_command(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".plots-") as tmp:

@@ -51,9 +51,10 @@ def plot_curves(report: dict, path: Path) -> Path:
 def plot_n_way(report: dict, path: Path) -> Path:
     """Test accuracy of the average of k nets, vanilla vs permuted, trained and init (Fig. 3 mid)."""
     ks = sorted(report["n_way"], key=int)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    cks = [ck for ck in ("final", "init") if ck in report["n_way"][ks[0]]]
+    fig, axes = plt.subplots(1, len(cks), figsize=(5 * len(cks), 3.6), squeeze=False)
     width = 0.38
-    for ax, ck in zip(axes, ("final", "init")):
+    for ax, ck in zip(axes[0], cks):
         for j, mode in enumerate(("vanilla", "permuted")):
             vals = [report["n_way"][k][ck][mode]["test"]["acc"] for k in ks]
             ax.bar([i + (j - 0.5) * width for i in range(len(ks))], vals, width, color=COLOURS[mode], label=mode)

@@ -18,6 +18,12 @@ from ..precision import tf32_matmuls
 logger = logging.getLogger("hf_permerge.reporting")
 
 CHECKPOINTS = ("final", "init")
+
+
+def checkpoints_of(merger) -> list[str]:
+    """The report's checkpoints the nets have: final and init for pairs of ours; final alone for models
+    saved without their untrained init (any model from elsewhere)."""
+    return [ck for ck in CHECKPOINTS if all(ck in s.checkpoints for s in merger.sources)]
 MODES = ("vanilla", "permuted")
 
 
@@ -53,7 +59,8 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
     template = merger.load(0)
     report: dict = {"lambdas": lambdas, "endpoints": [], "curves": {}, "midpoint": {}, "barrier": {}}
     curves_s = 0.0
-    steps = [("endpoints", None)] + [(ck, mode) for ck in CHECKPOINTS for mode in MODES]
+    cks = checkpoints_of(merger)
+    steps = [("endpoints", None)] + [(ck, mode) for ck in cks for mode in MODES]
     bar = tqdm(steps, desc="evaluate", disable=not progress, leave=False, mininterval=1.0)
     for what, mode in bar:
         bar.set_postfix_str(f"{what} {mode or ''}")
@@ -62,8 +69,9 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
                 report["endpoints"].append({
                     "net": i, **{s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i), split).items()}, 0)
                                  for s, split in splits.items()},
-                    "init": {s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i, "init"), split).items()}, 0)
-                             for s, split in splits.items()}})
+                    **({"init": {s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i, "init"),
+                                                                                      split).items()}, 0)
+                                 for s, split in splits.items()}} if "init" in cks else {})})
             continue
         ck = what
         curve_start = time.perf_counter()
@@ -84,9 +92,9 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
     if ev.repair:
         report["repair"] = repair_report(merger, splits, ev.repair, report["endpoints"])
     if ev.n_way and merger.num_nets > 2:
-        report["n_way"] = n_way(merger, splits["test"], ev.batch_size)
+        report["n_way"] = n_way(merger, splits["test"], ev.batch_size, cks)
     if ev.plane:
-        report["plane"] = plane_report(merger, splits, ev)
+        report["plane"] = plane_report(merger, splits, ev, cks)
     if ev.schedules or ev.current_perm:
         report["schedules"] = schedules(merger, splits["test"], ev)
     report["matching"] = {"matcher": merger.alignment.get("matcher"), "settings": merger.alignment.get("settings"),
@@ -141,14 +149,14 @@ def repair_report(merger, splits: dict, repair: str, endpoints: list) -> dict:
     return out
 
 
-def n_way(merger, test, batch_size: int) -> dict:
+def n_way(merger, test, batch_size: int, checkpoints=CHECKPOINTS) -> dict:
     """Test accuracy of the uniform average of the first k nets, k = 2..N (Fig. 3 mid), in one batched pass."""
     n = merger.num_nets
     coeffs = torch.zeros(n - 1, n, dtype=torch.float64)
     for row, k in enumerate(range(2, n + 1)):
         coeffs[row, :k] = 1.0 / k
     out: dict = {str(k): {} for k in range(2, n + 1)}
-    for ck in CHECKPOINTS:
+    for ck in checkpoints:
         for mode in MODES:
             states = [merger.permuted_state(i, ck, permute=(mode == "permuted")) for i in range(n)]
             res = evaluate_combinations(merger.load(0), states, coeffs, {"test": test}, batch_size=batch_size)["test"]
@@ -157,13 +165,13 @@ def n_way(merger, test, batch_size: int) -> dict:
     return out
 
 
-def plane_report(merger, splits: dict, ev) -> dict:
+def plane_report(merger, splits: dict, ev, checkpoints=CHECKPOINTS) -> dict:
     """Accuracy/loss on the plane through theta_0, theta_1 and pi(theta_1), trained and init, on every split
     the report evaluates: test (Fig. 1) and the training subset (Fig. 5's train loss)."""
     from ..evaluation.plane import evaluate_plane
 
     out = {}
-    for ck in CHECKPOINTS:
+    for ck in checkpoints:
         out[ck] = evaluate_plane(merger.load(0), merger.permuted_state(0, ck), merger.permuted_state(1, ck, permute=False),
                                  merger.permuted_state(1, ck), splits, resolution=ev.plane_resolution,
                                  batch_size=ev.batch_size)

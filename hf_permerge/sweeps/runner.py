@@ -76,6 +76,26 @@ def _measure_settings(config: SweepConfig) -> dict:
     return {"experiment": s.experiment, "matchers": s.matchers, "curves": s.curves}
 
 
+CELL_FORMAT = "hf_permerge.sweep_cell/2"
+"""/2 (2026-11-27): CNNs without biases by default, training-split curves on their own sample of images."""
+
+
+def _as_measured(result: dict) -> dict | None:
+    """A finished cell's config with the defaults of the version that measured it spelled out, so a cell of
+    an older version is not taken for one of today's: a format-1 CNN with `bias: null` had biases, and its
+    training-split curves used the matchers' own images (an `evaluation.splits` with train then differs)."""
+    saved = result.get("config")
+    if saved is None or result.get("format") != "hf_permerge.sweep_cell/1":
+        return saved
+    saved = json.loads(json.dumps(saved))
+    if saved.get("model", {}).get("type") == "cnn" and saved["model"].get("bias") is None:
+        saved["model"]["bias"] = True
+    if "train" in saved.get("evaluation", {}).get("splits", []):
+        saved["evaluation"]["splits"] = [s if s != "train" else "train (the matchers' sample)"
+                                         for s in saved["evaluation"]["splits"]]
+    return saved
+
+
 def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
     """Refuse to mix results of a different config into this sweep, before any work."""
     for cell in config.cells:
@@ -84,7 +104,7 @@ def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
         saved = None
         if result.is_file():
             data = json.loads(result.read_text())
-            saved = data.get("config")
+            saved = _as_measured(data)
             if data.get("measure") != _measure_settings(config):
                 raise ConfigError(f"{result} was measured with {data.get('measure')}, not {_measure_settings(config)}; "
                                   "use another --output-dir, or --overwrite to start the sweep again")
@@ -195,7 +215,7 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
         logger.warning("cell %s failed; see %s", cell.id, folder / "error.txt")
         return "failed"
     result = {
-        "format": "hf_permerge.sweep_cell/1",
+        "format": CELL_FORMAT,
         "cell": cell.id,
         "values": cell.values,
         "measure": _measure_settings(config),

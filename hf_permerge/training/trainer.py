@@ -91,6 +91,7 @@ class PairTrainer:
             if differ:
                 raise ValueError(f"cannot resume in {out}: its run_config.json differs from this config in "
                                  f"{', '.join(differ)}; use the same config, or another --output-dir")
+            self._check_saved_nets_match()
         acc.wait_for_everyone()
         if acc.is_main_process:
             if self.overwrite and not self.resume and out.exists():
@@ -98,6 +99,28 @@ class PairTrainer:
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(saved, self.config.to_dict())
         acc.wait_for_everyone()
+
+    def _check_saved_nets_match(self) -> None:
+        """The nets saved by the run being resumed have the tensors this config builds: a default that changed
+        between versions (CNN biases, before 2026-11-27) would otherwise crash mid-run or train other nets."""
+        from safetensors import safe_open
+
+        for i in range(self.config.training.num_nets):
+            init = self.output_dir / f"net_{i}" / "init" / "model.safetensors"
+            if not init.is_file():
+                continue
+            with safe_open(str(init), framework="pt") as f:
+                saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            built = {k: tuple(v.shape) for k, v in build_model(self.config, i).state_dict().items()}
+            if saved != built:
+                extra, missing = sorted(set(saved) - set(built)), sorted(set(built) - set(saved))
+                what = (f"saved only: {extra[:3]}" if extra else "") + ("; " if extra and missing else "") + \
+                    (f"built only: {missing[:3]}" if missing else "") or "tensor shapes"
+                hint = " (CNNs had biases by default before 2026-11-27: add --set model.bias=true)" \
+                    if any(k.endswith("bias") for k in extra) else ""
+                raise ValueError(f"cannot resume in {self.output_dir}: net_{i}'s saved weights do not match what this "
+                                 f"config builds ({what}); the run was made with other model settings or another "
+                                 f"version's defaults{hint}")
 
     def my_nets(self) -> list[int]:
         acc = self.accelerator
