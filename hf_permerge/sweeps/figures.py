@@ -220,7 +220,7 @@ def plot_matchers(config: SweepConfig, summary: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
-def write_figures(config: SweepConfig, rows: list[dict], summary: list[dict], output_dir: Path) -> list[str]:
+def write_figures(config: SweepConfig, summary: list[dict], output_dir: Path) -> list[str]:
     name, experiment = config.sweep.name, config.sweep.experiment
     out = Path(output_dir)
     plot = {"pair": plot_pair, "n_way": plot_n_way, "schedules": plot_schedules, "matchers": plot_matchers}[experiment]

@@ -240,7 +240,7 @@ def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = N
     summary = summarise(config, rows)
     before = output_dir / "results.json"
     old_figures = json.loads(before.read_text()).get("figures", []) if before.is_file() else []
-    figures = write_figures(config, rows, summary, output_dir) if summary else []
+    figures = write_figures(config, summary, output_dir) if summary else []
     for name in set(old_figures) - set(figures):      # a renamed sweep: its old figure would describe nothing
         if Path(name).name == name and name.endswith(".png"):
             (output_dir / name).unlink(missing_ok=True)
