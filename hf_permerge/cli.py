@@ -221,6 +221,10 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
                         "or the checkpoint whose folders were passed)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    d = p.add_argument_group("data (activation and gradient matching, --repair)")
+    d.add_argument("--dataset", help="a data set of the catalog to align and repair on: fashion_mnist, mnist or "
+                                     "cifar10 (default: the pair's, or fashion_mnist for model folders)")
+    d.add_argument("--data-dir", help="a folder with that data set's IDX / image files (default: the system's copy)")
 
 
 def _matching(args) -> tuple[str, dict]:
@@ -244,13 +248,25 @@ def _merger(args):
 
     source = args.pair[0] if len(args.pair) == 1 else args.pair
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return PermMerger.from_pretrained(source, device=device, token=args.token, revision=args.revision)
+    merger = PermMerger.from_pretrained(source, device=device, token=args.token, revision=args.revision)
+    if args.dataset is not None or args.data_dir is not None:
+        merger.use_data(args.dataset or merger.dataset_name(), args.data_dir)
+    return merger
+
+
+def _check_data_options(args) -> None:
+    """A data set name that is not in the catalog is an error before anything is loaded."""
+    if args.dataset is not None:
+        from .data.catalog import dataset_info
+
+        dataset_info(args.dataset)
 
 
 def cmd_align(args) -> int:
     from .io_utils import check_output_dir
 
     matcher, settings = _matching(args)
+    _check_data_options(args)
     check_output_dir(args.output_dir, args.overwrite, marker="alignment.json")
     merger = _merger(args)
     perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **settings)
@@ -268,7 +284,8 @@ def _check_merge_options(args) -> None:
     --permutations replaces the alignment."""
     if not (args.vanilla or args.permutations):
         return
-    given = [f"--{k.replace('_', '-')}" for k in MATCHING_OPTIONS if getattr(args, k) is not None]
+    data = () if args.repair else ("dataset", "data_dir")        # REPAIR reads data even then
+    given = [f"--{k.replace('_', '-')}" for k in (*MATCHING_OPTIONS, *data) if getattr(args, k) is not None]
     if given:
         mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
                      ("--permutations", "the permutations are loaded, not found"))
@@ -282,6 +299,7 @@ def cmd_merge(args) -> int:
 
     _check_merge_options(args)
     matcher, settings = _matching(args)
+    _check_data_options(args)
     check_output_dir(args.output_dir, args.overwrite, marker=MARKER)
     merger = _merger(args)
     merger.check_repair(args.repair)

@@ -79,11 +79,12 @@ def test_cli_merges_rgb_vits_by_weights_and_says_why_activations_need_their_data
     assert (tmp_path / "by_weights" / "model.safetensors").is_file()
     assert run_cli("merge", *rgb_vits, "-q", "-o", tmp_path / "by_activations") == 2
     err = capsys.readouterr().err
-    assert "do not fit these models, which take (3, 32, 32)" in err and "--matcher weight needs no data" in err
+    assert "do not fit these models, which take (3, 32, 32)" in err and "--matcher weight, which needs no data" in err
+    assert "--dataset / --data-dir" in err
     assert not (tmp_path / "by_activations").exists()
     assert run_cli("merge", *rgb_vits, "--matcher", "weight", "--repair", "repair", "-q", "-o", tmp_path / "rep") == 2
     err = capsys.readouterr().err
-    assert "repair_data=dataset" in err and "drop --repair" in err and "--matcher weight needs" not in err
+    assert "repair_data=dataset" in err and "drop --repair" in err and "--matcher weight" not in err
 
 
 def test_our_models_take_rgb_images_without_labels_through_their_processor(tiny_pair):
@@ -228,3 +229,18 @@ def test_weight_matching_reads_no_data_and_names_none(rgb_vits, tmp_path, monkey
     merger.merge(0.5)
     merger.save_pretrained(tmp_path / "merged")
     assert json.loads((tmp_path / "merged" / "merge_config.json").read_text())["dataset"] is None
+
+
+def test_cli_aligns_model_folders_on_the_data_set_named(tiny_pair, tiny_fmnist, tmp_path, capsys, run_cli):
+    from hf_permerge.alignment import Permutations
+    from hf_permerge.data import load_tensors
+
+    models = [tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"]
+    assert run_cli("merge", *models, "--dataset", "imagenet", "-q", "-o", tmp_path / "bad") == 2
+    assert "unknown dataset 'imagenet'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert run_cli("merge", *models, "--vanilla", "--data-dir", tiny_fmnist, "-q", "-o", tmp_path / "vanilla") == 2
+    assert "--data-dir cannot be used with --vanilla" in capsys.readouterr().err
+    assert run_cli("align", *models, "--dataset", "fashion_mnist", "--data-dir", tiny_fmnist, "--num-examples", 300,
+                   "-q", "-o", tmp_path / "perms") == 0
+    used = Permutations.load(tmp_path / "perms" / "net_1.safetensors").info["data"]["fingerprint"]
+    assert used == load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist).subset(300, 0).fingerprint

@@ -398,10 +398,10 @@ class PermMerger:
 
         data = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
         if not fits(data.pixel_values, self.load(0)):
-            fix = ("pass the data they were trained on (merger.align(dataset)); on the command line, --matcher "
-                   "weight needs no data" if purpose == "align" else
-                   "pass the data they were trained on (merge(..., repair_data=dataset)); the command line has no "
-                   "way to give REPAIR other data, so drop --repair there")
+            fix = ("pass the data they were trained on (merger.align(dataset)); on the command line, name it with "
+                   "--dataset / --data-dir, or use --matcher weight, which needs no data" if purpose == "align" else
+                   "pass the data they were trained on (merge(..., repair_data=dataset)); on the command line, name "
+                   "it with --dataset / --data-dir, or drop --repair")
             raise ValueError(f"the default data, {self.dataset_name()} training images of shape "
                              f"{tuple(data.pixel_values.shape[1:])}, do not fit these models, which take "
                              f"{input_shape_text(self.load(0))}: {fix}")
