@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reduced CPU runs of REPRODUCING.md: each paper figure's config, shrunk with --set, on real
 # Fashion-MNIST, two CPU processes sharing the cells. Usage: examples/reproduce_cpu.sh [figure ...]
-# (figures: fig2 fig3_left fig3_mid fig3_right fig4 fig4_right fig11 appB; default all). Output: runs/cpu/<figure>/.
+# (figures: fig2 fig3_left fig3_mid fig3_right fig4 fig4_right fig11 appB appF; default all). Output: runs/cpu/<figure>/.
 # Each run is resumable: run the same line again to finish an interrupted sweep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,9 @@ fig4() { run fig4 configs/sweeps/fig4_cnn_small.yaml "${EVAL[@]}" --set model.la
 fig4_right() { run fig4_right configs/sweeps/fig4_right.yaml "${EVAL[@]}" --set model.layers=16-16-avg-32-32 \
     --set training.max_steps=300 --set "training.save_steps=[1,2,5,10,20,50,100,200]" --set evaluation.num_lambdas=3 \
     --set "sweep.grid.training.seed=[0]"; }
+appF() { run appF configs/sweeps/appF_cnn_families.yaml "${EVAL[@]}" \
+    --set "sweep.grid.model.layers=[16-16-avg-32-32,16-avg-32-avg-64]" --set training.max_steps=300 \
+    --set evaluation.num_lambdas=3 --set "sweep.cases={sgd lr 0.01: {training.lr: 0.01}}" --set "sweep.grid.training.seed=[0,1]"; }
 fig11() { run fig11 configs/sweeps/fig11_init_loss.yaml "${EVAL[@]}" --set training.epochs=1 --set model.width=256 \
     --set evaluation.num_lambdas=3 --set "sweep.grid.training.seed=[0]"; }
 appB() { run appB configs/sweeps/appB_matchers.yaml "${EVAL[@]}" --set evaluation.num_lambdas=3 \
@@ -40,6 +43,6 @@ appB() { run appB configs/sweeps/appB_matchers.yaml "${EVAL[@]}" --set evaluatio
     --set sweep.cases.cnn.model.layers=8-8-avg-16-16 --set sweep.cases.cnn.training.max_steps=300 \
     --set "sweep.grid.training.seed=[0]"; }
 
-for figure in "${@:-fig2 fig3_left fig3_mid fig3_right fig4 fig4_right fig11 appB}"; do
+for figure in "${@:-fig2 fig3_left fig3_mid fig3_right fig4 fig4_right fig11 appB appF}"; do
     for f in $figure; do "$f"; done
 done
