@@ -220,7 +220,7 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--align-checkpoint",
                    help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
                         "or the checkpoint whose folders were passed)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d = p.add_argument_group("data (activation and gradient matching, --repair)")
     d.add_argument("--dataset", help="a data set of the catalog to align and repair on: fashion_mnist, mnist or "
                                      "cifar10 (default: the pair's, or fashion_mnist for model folders)")

@@ -100,7 +100,8 @@ class WeightMatcher(Matcher):
     Git Re-Basin by default: coordinate descent from the identity, at most `max_iter` sweeps.
     `bottom_up=True` starts instead from the paper's App. D pass (the first layer upward, each layer
     matched on its incoming weights, given the layers below); with `max_iter=0` that pass is the result,
-    App. D exactly.
+    App. D exactly. "Upward" is the spec's group order: input to output for our models; a traced spec
+    lists its groups in the graph's order.
     """
 
     name: ClassVar[str] = "weight"
