@@ -355,14 +355,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import HubError, cli_message, push_folder_to_hub
+    from .hub import push_folder_to_hub
 
-    try:
-        info = push_folder_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
-                                  revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
-    except HubError as err:
-        print(f"hf-permerge push: error: {cli_message(err)}", file=sys.stderr)
-        return 2
+    info = push_folder_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
+                              revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
     print(f"pushed: {getattr(info, 'pr_url', None) or info}")
     return 0
 

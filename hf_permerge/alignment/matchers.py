@@ -12,7 +12,8 @@ from typing import ClassVar, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..data.tensors import TensorSplit, dataset_to_arrays, fingerprint_arrays, normalise, processed_split
+from ..data.tensors import (TensorSplit, check_image_dataset, dataset_to_arrays, fingerprint_arrays, normalise,
+                            processed_split)
 from .hungarian import matched_similarity
 from .permutations import Permutations
 from .spec import PermutationSpec
@@ -135,6 +136,7 @@ def fits(pixel_values: torch.Tensor, model: nn.Module) -> bool:
 def _from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
     """Our models' own normalisation, in one vectorised pass, when the images already have the model's shape;
     otherwise the model's image processor (resize, channels, normalisation), one batch of images at a time."""
+    check_image_dataset(ds)                       # a schema error names its own fix, whichever path follows
     cfg = getattr(model, "config", None)
     if hasattr(cfg, "image_mean"):
         try:
@@ -155,8 +157,6 @@ def _from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
     try:
         return processed_split(ds, processor)
     except (ValueError, TypeError) as err:
-        if "column" in str(err) or "DatasetDict" in str(err):
-            raise
         raise ValueError(f"the image processor of {type(model).__name__} ({type(processor).__name__}) could not "
                          f"process the dataset's images: {err}; bring the images to the mode and size the model "
                          "was trained on") from err

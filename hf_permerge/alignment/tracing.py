@@ -121,16 +121,16 @@ class TracedSpec:
 # --------------------------------------------------------------------------------------------------
 def example_inputs_for(model: nn.Module, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random pixels shaped by the model's config (`num_channels`, `image_size`), keyed by its main input name."""
-    cfg = getattr(model, "config", None)
-    channels, size = getattr(cfg, "num_channels", None), getattr(cfg, "image_size", None)
-    if channels is None or size is None:
+    from .matchers import input_shape
+
+    shape = input_shape(model)
+    if shape is None or None in shape:
         raise ValueError(f"cannot guess example inputs for {type(model).__name__} (its config has no num_channels / "
                          "image_size); pass example_inputs=<a tensor, a tuple of positional args or a dict of kwargs>")
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else "cpu"
-    x = torch.randn(batch_size, channels, *size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    x = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     return {getattr(model, "main_input_name", "pixel_values"): x}
 
 

@@ -90,8 +90,7 @@ def processed_split(ds, processor, batch_size: int = 256) -> TensorSplit:
     pixel_values = torch.cat(pixels).float()
     labels = (torch.as_tensor(ds["label"], dtype=torch.int64) if "label" in ds.column_names
               else torch.full((len(pixel_values),), NO_LABEL, dtype=torch.int64))
-    fingerprint = hashlib.sha256(pixel_values.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
-    return TensorSplit(pixel_values, labels, fingerprint)
+    return TensorSplit(pixel_values, labels, fingerprint_arrays(pixel_values.numpy(), labels.numpy()))
 
 
 def fingerprint_arrays(images: np.ndarray, labels: np.ndarray) -> str:

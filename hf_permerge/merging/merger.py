@@ -190,20 +190,21 @@ class PermMerger:
             return attach_permutation_spec(model, traced.spec)
         return attach_permutation_spec(model, self.spec)
 
-    def _example_pixels(self, model) -> torch.Tensor:
-        """Pixels to trace a spec with (tracing needs shapes only): random ones of the input shape the model's
-        config records (`num_channels`, `image_size`), else two images of the merge's data set, with the
-        config's channel count when it gives one (a ResNet takes any size)."""
+    def _example_pixels(self, model):
+        """Inputs to trace a spec with (tracing needs shapes only): random pixels of the input shape the model's
+        config records (`example_inputs_for`), else two images of the merge's data set, with the config's
+        channel count when it gives one (a ResNet takes any size)."""
         from ..alignment.matchers import input_shape, model_input
+        from ..alignment.tracing import example_inputs_for
         from ..data.tensors import load_tensors
 
         shape = input_shape(model)
-        if shape is None or None in shape:
-            images = load_tensors(self.dataset_name(), "test", self.device, self.data_dir()).pixel_values[:2]
-            shape = (images.shape[1] if shape is None else shape[0], *images.shape[2:])
-            if tuple(images.shape[1:]) == shape:
-                return model_input(model, images)
-        return model_input(model, torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)))
+        if shape is not None and None not in shape:
+            return example_inputs_for(model)
+        images = load_tensors(self.dataset_name(), "test", self.device, self.data_dir()).pixel_values[:2]
+        if shape is not None and shape[0] != images.shape[1]:
+            images = torch.randn(2, shape[0], *images.shape[2:], generator=torch.Generator().manual_seed(0))
+        return model_input(model, images)
 
     def use_data(self, dataset: str, data_dir=None) -> None:
         """Align and repair on this data set (a catalog name, e.g. from a config) unless given data: what a

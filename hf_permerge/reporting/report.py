@@ -18,13 +18,13 @@ from ..precision import tf32_matmuls
 logger = logging.getLogger("hf_permerge.reporting")
 
 CHECKPOINTS = ("final", "init")
+MODES = ("vanilla", "permuted")
 
 
 def checkpoints_of(merger) -> list[str]:
     """The report's checkpoints the nets have: final and init for pairs of ours; final alone for models
     saved without their untrained init (any model from elsewhere)."""
     return [ck for ck in CHECKPOINTS if all(ck in s.checkpoints for s in merger.sources)]
-MODES = ("vanilla", "permuted")
 
 
 def report_lambdas(n: int) -> list[float]:

@@ -1,5 +1,5 @@
 """Training checkpoints: optimizer state as safetensors (never pickle) beside the model folders
-(`hf_permerge.models.folders`, re-exported here for the trainer)."""
+(`hf_permerge.models.folders`)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io_utils import atomic_dir, write_json_atomic
-from ..models.folders import load_model, save_model, write_model_files  # noqa: F401  (the trainer's imports)
+from ..models.folders import write_model_files
 
 
 def optimizer_state_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

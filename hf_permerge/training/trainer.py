@@ -21,7 +21,8 @@ from ..config import RunConfig, config_differences
 from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
 from .builders import build_model
-from .checkpoints import load_resume_state, save_model, save_resume_state
+from ..models.folders import load_model, save_model
+from .checkpoints import load_resume_state, save_resume_state
 from .engines import make_engine
 from .seeds import derive_seed, epoch_order
 
@@ -253,7 +254,6 @@ class PairTrainer:
 
     # -- summary ---------------------------------------------------------------------------------------
     def _write_pair_json(self, train, test, train_s, trained_together: int = 1) -> list[dict]:
-        from .checkpoints import load_model
         from .engines import eval_loss_acc
 
         cfg = self.config
