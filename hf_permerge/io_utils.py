@@ -7,6 +7,7 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -94,39 +95,59 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How a refusal names the way out: the command line's flags or the Python call's arguments."""
+    overwrite: str
+    resume: str
+    elsewhere: str
+
+
+CLI_WORDING = Wording("--overwrite", "--resume", "choose another --output-dir")
+PYTHON_WORDING = Wording("overwrite=True", "resume=True", "save to a new or empty folder")
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
-                     marker: str | tuple[str, ...] | None = None, resumable: bool = False) -> Path:
+                     marker: str | tuple[str, ...] | None = None, resumable: bool = False,
+                     what: str = "an output", wording: Wording = CLI_WORDING) -> Path:
     """Refuse an output folder that exists (unless overwrite/resume) or cannot be written, before any work.
 
     With `overwrite` or `resume`, only a folder that holds our own output (a `marker` file) is replaced
     or continued; a non-empty folder of anything else is never deleted nor written into. Temporary
     files that a killed run of ours left behind (`is_leftover`) do not count: a folder holding only
-    those is cleared. `resumable`: the command has --resume, so the refusal suggests it.
+    those is cleared. `resumable`: the command has --resume, so the refusal suggests it. `what` names
+    the output ("a merged model") and `wording` the way out (flags for the CLI, arguments in Python).
     """
     markers = (marker,) if isinstance(marker, str) else tuple(marker or ())
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output path {path} exists and is not a folder; choose another --output-dir")
+        raise FileExistsError(f"output path {path} exists and is not a folder; {wording.elsewhere}")
     entries = list(path.iterdir()) if path.is_dir() else []
     if entries and all(is_leftover(e) for e in entries):
         for e in entries:
             _remove(e)
     elif entries:
         ours = not markers or any((path / m).exists() for m in markers)
+        no_marker = f"no {' or '.join(markers)}"
         if not (overwrite or resume):
             if not ours:
-                raise FileExistsError(f"output folder {path} exists and is not an hf_permerge output (no "
-                                      f"{' or '.join(markers)}); choose another --output-dir")
-            raise FileExistsError(f"output folder {path} exists and is not empty; pass --overwrite to replace it"
-                                  + (" or --resume to continue an interrupted run" if resumable else ""))
+                raise FileExistsError(f"output folder {path} exists and does not hold {what} of hf_permerge ({no_marker}); "
+                                      f"{wording.elsewhere}")
+            raise FileExistsError(f"output folder {path} already holds {what}; pass {wording.overwrite} to replace "
+                                  "it" + (f" or {wording.resume} to continue an interrupted run" if resumable else "")
+                                  + f", or {wording.elsewhere}")
         if markers and not ours:
-            action = "continue in it with --resume" if resume else "delete it even with --overwrite"
-            raise FileExistsError(
-                f"output folder {path} is not empty and does not look like an hf_permerge output "
-                f"(no {' or '.join(markers)}); refusing to {action}. Choose another --output-dir"
-            )
+            action = f"continue in it with {wording.resume}" if resume else f"delete it even with {wording.overwrite}"
+            raise FileExistsError(f"output folder {path} is not empty and does not hold {what} of hf_permerge ({no_marker}); "
+                                  f"refusing to {action}. {wording.elsewhere[0].upper()}{wording.elsewhere[1:]}")
         if resume:
             return path
+    parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise NotADirectoryError(f"output folder {path} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output folder {path} cannot be written (no write permission on {parent})")
+    return path
     parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise NotADirectoryError(f"output folder {path} cannot be created: {parent} is a file, not a folder")

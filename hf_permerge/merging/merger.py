@@ -14,7 +14,7 @@ import torch
 
 from ..alignment import Permutations, get_matcher
 from ..alignment.spec import apply_permutations
-from ..io_utils import atomic_dir, write_json_atomic
+from ..io_utils import PYTHON_WORDING, atomic_dir, check_output_dir, write_json_atomic
 from .repair import DEFAULT_NUM_EXAMPLES as DEFAULT_REPAIR_EXAMPLES
 from .repair import apply_repair, check_repair_mode, require_batchnorm
 from .sources import NetSource, load_sources
@@ -61,21 +61,8 @@ def net_fingerprint(model) -> str:
 
 
 def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model") -> Path:
-    """`io_utils.check_output_dir`'s rule in a Python caller's words (`overwrite=True`, not `--overwrite`): a
-    non-empty folder is refused unless `overwrite`, and even then only an earlier output of ours (it has
-    `marker`) is replaced, never a user's folder."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder; save the {what} to a new folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not (path / marker).is_file():
-            raise FileExistsError(f"{path} is not empty and does not hold a {what} of hf_permerge (no {marker}); "
-                                  f"refusing to replace it, even with overwrite=True: save the {what} to a new or "
-                                  "empty folder")
-        if not overwrite:
-            raise FileExistsError(f"{path} already holds a {what}; pass overwrite=True to replace it, "
-                                  "or save to another folder")
-    return path
+    """`io_utils.check_output_dir`'s rule in a Python caller's words (`overwrite=True`, not `--overwrite`)."""
+    return check_output_dir(output_dir, overwrite, marker=marker, what=f"a {what}", wording=PYTHON_WORDING)
 
 
 def average_state_dicts(states: list[dict], weights: list[float]) -> dict:
