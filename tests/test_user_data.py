@@ -73,6 +73,36 @@ def test_a_vit_aligns_on_a_dataset_through_its_image_processor(rgb_vits, tmp_pat
     assert "Fashion-MNIST" not in (tmp_path / "merged" / "README.md").read_text()
 
 
+def test_vits_saved_without_a_processor_take_one_from_the_caller(rgb_vits, tmp_path, caplog):
+    """The merged folder of models saved without a processor loads in `pipeline()` when the caller passes one."""
+    import shutil
+
+    from datasets import Dataset
+    from transformers import ViTImageProcessor, pipeline
+
+    bare = []
+    for path in rgb_vits:
+        shutil.copytree(path, tmp_path / path.name, ignore=shutil.ignore_patterns("preprocessor_config.json"))
+        bare.append(tmp_path / path.name)
+    ds = Dataset.from_dict({"image": images(24, 40, "RGB"), "label": list(range(10)) * 2 + list(range(4))})
+    with pytest.raises(ValueError, match=r"image_processor=\.\.\."):
+        PermMerger.from_pretrained(bare).align(ds, num_examples=16)
+    without = PermMerger.from_pretrained(bare)
+    without.align(matcher="weight")
+    with caplog.at_level("WARNING"):
+        without.save_pretrained(tmp_path / "without")
+    assert "image_processor=AutoImageProcessor" in caplog.text
+    assert not (tmp_path / "without" / "preprocessor_config.json").exists()
+
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    merger = PermMerger.from_pretrained(bare, image_processor=processor)
+    merger.align(ds, num_examples=16)
+    merger.merge(0.5)
+    merger.save_pretrained(tmp_path / "with")
+    predictions = pipeline("image-classification", model=str(tmp_path / "with"))(images(2, 40, "RGB"))
+    assert len(predictions) == 2 and all(len(p) == 5 for p in predictions)
+
+
 def test_cli_merges_rgb_vits_by_weights_and_says_why_activations_need_their_data(rgb_vits, tmp_path, capsys,
                                                                                  run_cli):
     assert run_cli("merge", *rgb_vits, "--matcher", "weight", "-q", "-o", tmp_path / "by_weights") == 0

@@ -151,8 +151,9 @@ def _from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
                 return split
     if processor is None:
         raise ValueError(f"cannot preprocess a datasets.Dataset for {type(model).__name__}: its config records "
-                         "no normalisation and no image processor was found beside it; save the model's image "
-                         "processor in its folder (processor.save_pretrained), or pass preprocessed pixels as "
+                         "no normalisation and no image processor was found beside it; pass the model's image "
+                         "processor (PermMerger.from_pretrained(..., image_processor=...)), save it in the model's "
+                         "folder (processor.save_pretrained), or pass preprocessed pixels as "
                          "hf_permerge.data.TensorSplit(pixel_values, labels, fingerprint)")
     try:
         return processed_split(ds, processor)

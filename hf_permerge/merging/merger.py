@@ -86,7 +86,8 @@ class PermMerger:
         merger.save_pretrained("runs/merged")
     """
 
-    def __init__(self, sources: list[NetSource], pair: dict | None = None, device=None, example_inputs=None):
+    def __init__(self, sources: list[NetSource], pair: dict | None = None, device=None, example_inputs=None,
+                 image_processor=None):
         if len(sources) < 2:
             raise ValueError("merging needs at least two nets")
         self.sources = sources
@@ -108,6 +109,9 @@ class PermMerger:
         self.traced = None
         """The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped)."""
         self.example_inputs = example_inputs
+        self.image_processor = image_processor
+        """For models saved without an image processor: converts a `datasets.Dataset` for them and is saved
+        beside the merged model (our models bring their own)."""
         self.data: dict | None = None
         """{"dataset", "data_dir"} to align and repair on by default, when not the pair's own (`use_data`)."""
         self._default_data_used = False
@@ -118,16 +122,19 @@ class PermMerger:
 
     @classmethod
     def from_pretrained(cls, pair_or_models, device=None, example_inputs=None, *, token: str | None = None,
-                        revision: str | None = None) -> "PermMerger":
+                        revision: str | None = None, image_processor=None) -> "PermMerger":
         """A pair folder, the Hub repo id of a pair, or a list of >= 2 model folders / repo ids.
 
         token, revision: for repo ids (a private repo; a branch, tag or commit); the token defaults to HF_TOKEN
         or `hf auth login`'s, and is never stored.
         example_inputs: for models without a `permutation_spec()` (any HF image classifier), the inputs to
         trace one with (a pixel tensor); default two test images of the pair's data set (Fashion-MNIST).
+        image_processor: for models saved without one (e.g. `AutoImageProcessor.from_pretrained(<base model>)`):
+        it converts your `datasets.Dataset` for them and is saved beside the merged model, so that
+        `pipeline("image-classification")` loads it. Net 0's own is used when this is None.
         """
         sources, pair = load_sources(pair_or_models, token=token, revision=revision)
-        return cls(sources, pair, device, example_inputs)
+        return cls(sources, pair, device, example_inputs, image_processor)
 
     # -- loading ---------------------------------------------------------------------------------
     @property
@@ -490,20 +497,25 @@ class PermMerger:
         return output_dir
 
     def _image_processor(self, model):
-        """Ours for our configs; for other models, the one saved beside net 0 (none if it has none)."""
+        """Ours for our configs; for other models, the one passed to the merger, else the one saved beside
+        net 0 (none if it has none)."""
         from ..models.image_processing_perm import image_processor_for
 
         if hasattr(model.config, "image_mean"):
             return image_processor_for(model.config)
-        from transformers import AutoImageProcessor
+        if self.image_processor is None:
+            from transformers import AutoImageProcessor
 
-        try:
-            return AutoImageProcessor.from_pretrained(next(iter(self.sources[0].checkpoints.values())))
-        except (OSError, ValueError):
-            logger.warning("net 0 (%s) has no image processor, so the merged folder gets none and "
-                           "pipeline('image-classification') cannot load it; save the model's image processor "
-                           "beside it to have one", self.sources[0].name)
-            return None
+            try:
+                self.image_processor = AutoImageProcessor.from_pretrained(
+                    next(iter(self.sources[0].checkpoints.values())))
+            except (OSError, ValueError):
+                logger.warning("net 0 (%s) has no image processor, so the merged folder gets none and "
+                               "pipeline('image-classification') cannot load it; pass the model's image processor: "
+                               "PermMerger.from_pretrained(..., image_processor=AutoImageProcessor.from_pretrained("
+                               "<its base model>))", self.sources[0].name)
+                return None
+        return self.image_processor
 
     def save_permutations(self, output_dir) -> Path:
         """Write net_i.safetensors + alignment.json; an earlier alignment folder is replaced, a user's never."""
