@@ -222,9 +222,12 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
                         "or the checkpoint whose folders were passed)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d = p.add_argument_group("data (activation and gradient matching, --repair)")
-    d.add_argument("--dataset", help="a data set of the catalog to align and repair on: fashion_mnist, mnist or "
-                                     "cifar10 (default: the pair's, or fashion_mnist for model folders)")
-    d.add_argument("--data-dir", help="a folder with that data set's IDX / image files (default: the system's copy)")
+    d.add_argument("--dataset", help="the data to align and repair on: a catalog name (fashion_mnist, mnist, cifar10), "
+                                     "a folder written by Dataset.save_to_disk, a folder of images with one "
+                                     "subfolder per class, or a Hub dataset id (owner/name); default: the pair's "
+                                     "data set, or fashion_mnist for model folders")
+    d.add_argument("--dataset-split", help="the split of a --dataset folder or Hub id to use (default: train)")
+    d.add_argument("--data-dir", help="a folder with a catalog data set's IDX files (default: the system's copy)")
 
 
 def _matching(args) -> tuple[str, dict]:
@@ -241,7 +244,8 @@ def _matching(args) -> tuple[str, dict]:
     return matcher, settings
 
 
-def _merger(args):
+def _merger(args, data: dict | None):
+    """The merger of the models named, aligning and repairing on `data` (`_data`'s answer) when one was named."""
     import torch
 
     from .merging import PermMerger
@@ -249,26 +253,39 @@ def _merger(args):
     source = args.pair[0] if len(args.pair) == 1 else args.pair
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     merger = PermMerger.from_pretrained(source, device=device, token=args.token, revision=args.revision)
-    if args.dataset is not None or args.data_dir is not None:
-        merger.use_data(args.dataset or merger.dataset_name(), args.data_dir)
+    if data is not None:
+        merger.use_data(**{**data, "dataset": data["dataset"] or merger.dataset_name()})
     return merger
 
 
-def _check_data_options(args) -> None:
-    """A data set name that is not in the catalog is an error before anything is loaded."""
-    if args.dataset is not None:
-        from .data.catalog import dataset_info
+def _data(args) -> dict | None:
+    """--dataset / --data-dir as `merger.use_data`'s arguments, checked before anything is loaded or written: a
+    catalog name as it is, anything else read as a `datasets.Dataset` (a saved folder, a folder of images, a Hub
+    id; only a Hub id is named in the card, a local folder's path is not pushed). None when neither was given."""
+    from .data.catalog import DATASETS
 
-        dataset_info(args.dataset)
+    if args.dataset is None or args.dataset in DATASETS:
+        if args.dataset_split is not None:
+            raise ValueError("--dataset-split picks a split of a --dataset folder or Hub id; a catalog data set is "
+                             "read from its training split: drop --dataset-split")
+        given = args.dataset is not None or args.data_dir is not None
+        return {"dataset": args.dataset, "data_dir": args.data_dir} if given else None
+    if args.data_dir is not None:
+        raise ValueError(f"--data-dir names the files of a catalog data set ({', '.join(DATASETS)}); "
+                         f"--dataset {args.dataset} brings its own: drop --data-dir")
+    from .data.loading import load_dataset_source
+
+    data, hub_id = load_dataset_source(args.dataset, args.dataset_split or "train")
+    return {"dataset": data, "name": hub_id}
 
 
 def cmd_align(args) -> int:
     from .io_utils import check_output_dir
 
     matcher, settings = _matching(args)
-    _check_data_options(args)
+    data = _data(args)
     check_output_dir(args.output_dir, args.overwrite, marker="alignment.json")
-    merger = _merger(args)
+    merger = _merger(args, data)
     perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **settings)
     merger.save_permutations(args.output_dir)
     for i, p in enumerate(perms[1:], start=1):
@@ -284,7 +301,7 @@ def _check_merge_options(args) -> None:
     --permutations replaces the alignment."""
     if not (args.vanilla or args.permutations):
         return
-    data = () if args.repair else ("dataset", "data_dir")        # REPAIR reads data even then
+    data = () if args.repair else ("dataset", "dataset_split", "data_dir")      # REPAIR reads data even then
     given = [f"--{k.replace('_', '-')}" for k in (*MATCHING_OPTIONS, *data) if getattr(args, k) is not None]
     if given:
         mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
@@ -299,9 +316,9 @@ def cmd_merge(args) -> int:
 
     _check_merge_options(args)
     matcher, settings = _matching(args)
-    _check_data_options(args)
+    data = _data(args)
     check_output_dir(args.output_dir, args.overwrite, marker=MARKER)
-    merger = _merger(args)
+    merger = _merger(args, data)
     merger.check_repair(args.repair)
     if args.permutations:
         merger.load_permutations(args.permutations)

@@ -267,10 +267,56 @@ def test_cli_aligns_model_folders_on_the_data_set_named(tiny_pair, tiny_fmnist, 
 
     models = [tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"]
     assert run_cli("merge", *models, "--dataset", "imagenet", "-q", "-o", tmp_path / "bad") == 2
-    assert "unknown dataset 'imagenet'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert "'imagenet' is not a data set of the catalog (fashion_mnist, mnist, cifar10), a folder, nor a Hub dataset id" \
+        in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert run_cli("merge", *models, "--vanilla", "--data-dir", tiny_fmnist, "-q", "-o", tmp_path / "vanilla") == 2
     assert "--data-dir cannot be used with --vanilla" in capsys.readouterr().err
     assert run_cli("align", *models, "--dataset", "fashion_mnist", "--data-dir", tiny_fmnist, "--num-examples", 300,
                    "-q", "-o", tmp_path / "perms") == 0
     used = Permutations.load(tmp_path / "perms" / "net_1.safetensors").info["data"]["fingerprint"]
     assert used == load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist).subset(300, 0).fingerprint
+
+
+def test_cli_aligns_and_repairs_on_a_saved_dataset_or_a_folder_of_images(tiny_pair, tiny_fmnist, tmp_path, capsys,
+                                                                         run_cli):
+    """--dataset takes what users keep their data in: a save_to_disk folder (DatasetDict, CIFAR-style column
+    names) or a folder of images; the alignment equals aligning on the same Dataset in Python."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as ImageFeature
+
+    from hf_permerge.alignment import Permutations
+    from hf_permerge.data.idx import read_idx
+
+    pixels = read_idx(tiny_fmnist / "train-images-idx3-ubyte.gz")[:200]
+    labels = read_idx(tiny_fmnist / "train-labels-idx1-ubyte.gz")[:200].astype(int)
+    features = Features({"img": ImageFeature(), "fine_label": ClassLabel(num_classes=10)})
+    ds = Dataset.from_dict({"img": [PIL.Image.fromarray(p) for p in pixels], "fine_label": labels}, features=features)
+    DatasetDict({"train": ds, "test": ds.select(range(20))}).save_to_disk(tmp_path / "saved")
+    models = [tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"]
+
+    assert run_cli("align", *models, "--dataset", tmp_path / "saved", "--num-examples", 150, "-q",
+                   "-o", tmp_path / "perms") == 0
+    merger = PermMerger.from_pretrained(models)
+    expected = merger.align(ds.rename_columns({"img": "image", "fine_label": "label"}), num_examples=150)[1]
+    found = Permutations.load(tmp_path / "perms" / "net_1.safetensors")
+    assert all(torch.equal(found[g], expected[g]) for g in merger.spec.names)
+    assert found.info["data"]["fingerprint"] == expected.info["data"]["fingerprint"]
+
+    assert run_cli("merge", *models, "--dataset", tmp_path / "saved", "--dataset-split", "test", "--repair", "repair",
+                   "--num-examples", 20, "-q", "-o", tmp_path / "merged") == 0
+    config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert config["dataset"] is None and str(tmp_path) not in (tmp_path / "merged" / "README.md").read_text()
+
+    for i, label in enumerate(labels[:30]):
+        (tmp_path / "images" / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(pixels[i]).save(tmp_path / "images" / f"class_{label}" / f"{i}.png")
+    assert run_cli("merge", *models, "--dataset", tmp_path / "images", "--num-examples", 30, "-q",
+                   "-o", tmp_path / "from_images") == 0
+
+    for args, message in ((("--dataset", tmp_path / "saved", "--dataset-split", "validation"),
+                           "has the splits ['test', 'train'], not 'validation'; choose one with --dataset-split"),
+                          (("--dataset", tmp_path / "saved", "--data-dir", tiny_fmnist), "drop --data-dir"),
+                          (("--dataset", "fashion_mnist", "--dataset-split", "test"), "drop --dataset-split"),
+                          (("--dataset", tmp_path / "perms" / "alignment.json"), "is a file")):
+        assert run_cli("merge", *models, *args, "-q", "-o", tmp_path / "refused") == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()

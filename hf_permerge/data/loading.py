@@ -81,3 +81,44 @@ def load_image_dataset(name: str = "fashion_mnist", split: str = "train", data_d
     images, labels = arrays
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(info.class_names))})
     return datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features)
+
+
+def load_dataset_source(source: str, split: str = "train"):
+    """One split of a data set a user names on the command line: (a `datasets.Dataset`, its Hub id or None).
+    `source` is a folder written by `save_to_disk`, a folder of images (`imagefolder`: one subfolder per class),
+    or a Hub dataset id; the images' schema is checked here, before any model is loaded."""
+    import datasets
+
+    from .catalog import DATASETS
+    from .tensors import check_image_dataset
+
+    path = Path(source).expanduser()
+    hub_id = None
+    if path.is_dir():
+        saved = any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        try:
+            ds = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset("imagefolder", data_dir=str(path))
+        except Exception as err:  # the builders raise many types; the message says what was wrong
+            raise ValueError(f"could not read {path} as a data set ({err}); give a folder written by "
+                             "Dataset.save_to_disk, or a folder of images with one subfolder per class") from err
+    elif path.exists():
+        raise ValueError(f"{path} is a file; give a folder written by Dataset.save_to_disk, or a folder of images "
+                         "with one subfolder per class")
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        try:
+            ds, hub_id = datasets.load_dataset(source, split=split), source
+        except Exception as err:  # network and missing-repo errors come in many types
+            raise ValueError(f"could not load the Hub dataset {source!r} (split {split!r}): {err}") from err
+    else:
+        raise ValueError(f"{source!r} is not a data set of the catalog ({', '.join(DATASETS)}), a folder, nor a Hub "
+                         "dataset id (owner/name); check the name or the path")
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{source} has the splits {sorted(ds)}, not {split!r}; choose one with --dataset-split")
+        ds = ds[split]
+    for column, kind in (("image", datasets.Image), ("label", datasets.ClassLabel)):   # e.g. CIFAR-10's "img"
+        candidates = [c for c, f in ds.features.items() if isinstance(f, kind)]
+        if column not in ds.column_names and len(candidates) == 1:
+            ds = ds.rename_column(candidates[0], column)
+    check_image_dataset(ds)
+    return ds, hub_id

@@ -200,12 +200,27 @@ class PermMerger:
             images = torch.randn(2, shape[0], *images.shape[2:], generator=torch.Generator().manual_seed(0))
         return model_input(model, images)
 
-    def use_data(self, dataset: str, data_dir=None) -> None:
-        """Align and repair on this data set (a catalog name, e.g. from a config) unless given data: what a
-        pair's pair.json says otherwise, and Fashion-MNIST for models without one."""
-        self.data = {"dataset": dataset, "data_dir": data_dir}
+    def use_data(self, dataset, data_dir=None, name: str | None = None) -> None:
+        """Align and repair on this data unless given data (by default: the pair's data set, and Fashion-MNIST for
+        models without a pair.json). `dataset` is a catalog name (e.g. from a config), read from `data_dir` if
+        given, or a `datasets.Dataset` (an `image` column; `name`, e.g. its path or Hub id, is what the model card
+        and merge_config.json call it)."""
+        if isinstance(dataset, str):
+            self.data = {"dataset": dataset, "data_dir": data_dir}
+            return
+        from ..data.tensors import check_image_dataset
 
-    def dataset_name(self) -> str:
+        if data_dir is not None:
+            raise ValueError("data_dir names the files of a catalog data set; a datasets.Dataset brings its own "
+                             "images: drop data_dir")
+        check_image_dataset(dataset)
+        self.data = {"dataset": name, "data_dir": None, "given": dataset}
+
+    def _given_default(self):
+        """The `datasets.Dataset` of `use_data`, or None when the default data is a catalog data set."""
+        return (self.data or {}).get("given")
+
+    def dataset_name(self) -> str | None:
         if self.data is not None:
             return self.data["dataset"]
         return (self.pair or {}).get("config", {}).get("data", {}).get("dataset", "fashion_mnist")
@@ -230,7 +245,7 @@ class PermMerger:
         elif given:
             dataset = self.tensor_split(dataset, getattr(m, "num_examples", None), getattr(m, "seed", 0))
         else:
-            dataset = self._default_data("align")
+            dataset = self._default_data("align", getattr(m, "num_examples", None), getattr(m, "seed", 0))
         ref = self.load(0, checkpoint)
         start = time.perf_counter()
         perms = [Permutations.identity(self.spec)]
@@ -383,22 +398,26 @@ class PermMerger:
         return {}
 
     def _repair_data(self, data, examples: int | None = None):
-        return self.tensor_split(data, examples) if data is not None else self._default_data("repair")
+        return self.tensor_split(data, examples) if data is not None else self._default_data("repair", examples)
 
-    def _default_data(self, purpose: str):
-        """The pair's training split (Fashion-MNIST for models without a pair.json, or the data set of
-        `use_data`), if it fits the models; `purpose` ("align" or "repair") picks the way out named."""
+    def _default_data(self, purpose: str, num_examples: int | None = None, seed: int = 0):
+        """The pair's training split (Fashion-MNIST for models without a pair.json), or the data of `use_data`, if
+        it fits the models; `purpose` ("align" or "repair") picks the way out named. A `datasets.Dataset` is
+        converted as far as `num_examples` (seeded subset) goes, as `tensor_split` does."""
         from ..alignment.matchers import fits, input_shape_text
         from ..data.tensors import load_tensors
 
-        data = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
+        if self._given_default() is not None:
+            data = self.tensor_split(self._given_default(), num_examples, seed)
+        else:
+            data = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
         if not fits(data.pixel_values, self.load(0)):
             fix = ("pass the data they were trained on (merger.align(dataset)); on the command line, name it with "
                    "--dataset / --data-dir, or use --matcher weight, which needs no data" if purpose == "align" else
                    "pass the data they were trained on (merge(..., repair_data=dataset)); on the command line, name "
                    "it with --dataset / --data-dir, or drop --repair")
-            raise ValueError(f"the default data, {self.dataset_name()} training images of shape "
-                             f"{tuple(data.pixel_values.shape[1:])}, do not fit these models, which take "
+            raise ValueError(f"the default data, {self.dataset_name() or 'the data set given'} training images of "
+                             f"shape {tuple(data.pixel_values.shape[1:])}, do not fit these models, which take "
                              f"{input_shape_text(self.load(0))}: {fix}")
         self._default_data_used = True
         return data
