@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 MATCHER_SETTINGS = ("similarity", "preactivation", "products", "num_examples", "preconditioner", "damping",
                     "max_iter", "bottom_up")
 """The matching options that are matcher settings; each defaults to None ("not given": the matcher's default)."""
-MATCHING_OPTIONS = ("matcher", *MATCHER_SETTINGS, "align_checkpoint")
+MATCHING_OPTIONS = ("matcher", *MATCHER_SETTINGS, "align_checkpoint", "reference", "max_rounds")
 
 
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
@@ -217,6 +217,10 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bottom-up", action="store_true", default=None,
                    help="weight: start from the paper's App. D pass (first layer upward, incoming weights); with "
                         "--max-iter 0 that pass alone, App. D exactly")
+    g.add_argument("--reference", choices=["net_0", "average"],
+                   help="activation, weight: align the nets onto net 0 (the paper's, default) or onto each other "
+                        "(the objective summed over all pairs; for merging N > 2 nets with --all)")
+    g.add_argument("--max-rounds", type=int, help="--reference average: rounds over the nets at most (default 10)")
     g.add_argument("--align-checkpoint",
                    help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
                         "or the checkpoint whose folders were passed)")
@@ -242,6 +246,16 @@ def _matching(args) -> tuple[str, dict]:
         raise ValueError(f"{', '.join(stray)} does not apply to --matcher {matcher}; drop it or choose the matcher "
                          "it belongs to (see --help)")
     return matcher, settings
+
+
+def _reference(args) -> dict:
+    """--reference / --max-rounds as `merger.align`'s arguments (checked before anything is loaded)."""
+    if args.max_rounds is not None and args.reference != "average":
+        raise ValueError("--max-rounds applies to --reference average; add it or drop --max-rounds")
+    if args.reference == "average" and (args.matcher or "activation") == "gradient":
+        raise ValueError("--reference average is implemented for the activation and weight matchers, not gradient; "
+                         "drop --reference or choose another --matcher")
+    return {"reference": args.reference or "net_0", "max_rounds": 10 if args.max_rounds is None else args.max_rounds}
 
 
 def _merger(args, data: dict | None):
@@ -283,10 +297,11 @@ def cmd_align(args) -> int:
     from .io_utils import check_output_dir
 
     matcher, settings = _matching(args)
+    reference = _reference(args)
     data = _data(args)
     check_output_dir(args.output_dir, args.overwrite, marker="alignment.json")
     merger = _merger(args, data)
-    perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **settings)
+    perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
     merger.save_permutations(args.output_dir)
     for i, p in enumerate(perms[1:], start=1):
         for group, sims in p.info.get("groups", {}).items():
@@ -316,6 +331,7 @@ def cmd_merge(args) -> int:
 
     _check_merge_options(args)
     matcher, settings = _matching(args)
+    reference = _reference(args)
     data = _data(args)
     check_output_dir(args.output_dir, args.overwrite, marker=MARKER)
     merger = _merger(args, data)
@@ -323,7 +339,7 @@ def cmd_merge(args) -> int:
     if args.permutations:
         merger.load_permutations(args.permutations)
     elif not args.vanilla:
-        merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **settings)
+        merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
     if args.all:
         model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
     else:

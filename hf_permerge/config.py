@@ -113,12 +113,20 @@ class AlignmentSection(_Section):
     bottom_up: bool = False
     """Weight matching: start from App. D's pass, the first layer upward on incoming weights (with
     max_iter 0: App. D exactly)."""
+    reference: Literal["net_0", "average"] = "net_0"
+    """What the nets are aligned onto: net 0 (the paper's), or each other (the matcher's objective summed over
+    all pairs of nets; Git Re-Basin's MergeMany for weights): for averaging N > 2 nets (activation, weight)."""
+    max_rounds: int = Field(10, ge=1)
+    """reference average: rounds of coordinate ascent over the nets at most."""
 
     @model_validator(mode="after")
     def _check_weight_matching(self):
         if self.matcher == "weight" and self.max_iter == 0 and not self.bottom_up:
             raise ValueError("alignment.max_iter: 0 with matcher weight and bottom_up false would match nothing "
                              "(the identity); set alignment.bottom_up: true (App. D's one pass) or max_iter >= 1")
+        if self.reference == "average" and self.matcher == "gradient":
+            raise ValueError("alignment.reference: average is implemented for the activation and weight matchers, "
+                             "not gradient; set alignment.reference: net_0")
         return self
 
 

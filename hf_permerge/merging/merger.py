@@ -231,12 +231,25 @@ class PermMerger:
         return (self.pair or {}).get("config", {}).get("data", {}).get("data_dir")
 
     # -- aligning --------------------------------------------------------------------------------
-    def align(self, dataset=None, matcher: str = "activation", checkpoint: str | None = None, **settings) -> list[Permutations]:
+    def align(self, dataset=None, matcher: str = "activation", checkpoint: str | None = None,
+              reference: str = "net_0", max_rounds: int = 10, **settings) -> list[Permutations]:
         """Align every net onto net 0 at `checkpoint`; returns one `Permutations` per net (net 0: identity).
 
         `dataset` is a `datasets.Dataset` (Hub schema) or a `TensorSplit`; by default the pair's
         training split (the matcher takes its fixed subset of `num_examples`). The weight matcher uses no data.
+        reference: "net_0" (the paper's: each net matched to net 0), or "average": starting from that, each net
+        is matched to the average of the others, for rounds until none changes (at most `max_rounds`; Git
+        Re-Basin's MergeMany), which lines the nets up with each other for `merge_all`. Net 0 stays as it is.
         """
+        from ..alignment.average import REFERENCES, align_activations_jointly, align_to_average
+
+        if reference not in REFERENCES:
+            raise ValueError(f"reference={reference!r} is not supported; choose one of {list(REFERENCES)}")
+        if reference == "average" and max_rounds < 1:
+            raise ValueError(f"max_rounds={max_rounds} must be >= 1")
+        if reference == "average" and matcher not in ("activation", "weight"):
+            raise ValueError(f"reference='average' is implemented for the activation and weight matchers, not "
+                             f"{matcher!r}; use reference='net_0'")
         checkpoint = checkpoint or self.default_checkpoint
         m = get_matcher(matcher, **settings)
         given = dataset is not None and matcher != "weight"     # the weight matcher reads no data
@@ -254,8 +267,13 @@ class PermMerger:
             perms += m.match_many(ref, others, dataset)
         else:
             perms += [m.match(ref, other, dataset) for other in others]
+        rounds = {}
+        if reference == "average":
+            joint = align_activations_jointly if matcher == "activation" else align_to_average
+            perms, rounds = joint([ref, *others], m, dataset, perms, max_rounds)
+            rounds = {"reference": reference, "max_rounds": max_rounds, **rounds}
         self.set_permutations(perms, matcher=matcher, settings=dict(m.settings),   # the defaults filled in
-                              checkpoint=checkpoint, align_s=time.perf_counter() - start,
+                              checkpoint=checkpoint, align_s=time.perf_counter() - start, **rounds,
                               **({"data": "given by the caller"} if given else {}))
         return perms
 
@@ -453,7 +471,8 @@ class PermMerger:
         last = self._last_merge or {}
         nets = last.get("nets", [0, 1])
         permuted = self._permuted_merge()
-        matcher = ({"name": self.alignment["matcher"], **(self.alignment.get("settings") or {})}
+        matcher = ({"name": self.alignment["matcher"], **(self.alignment.get("settings") or {}),
+                    **({"reference": "average"} if self.alignment.get("reference") == "average" else {})}
                    if permuted and self.alignment.get("matcher") else None)     # unknown for bare permutation files
         return render_model_card({
             "base_models": [{"name": self.sources[i].label, "hub": bool(self.sources[i].hub_id),

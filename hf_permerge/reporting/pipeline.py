@@ -51,7 +51,8 @@ def align_merger(merger, config: RunConfig) -> None:
     from ..alignment.matchers import matcher_settings
 
     a = config.alignment
-    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, **matcher_settings(a.matcher, a.model_dump()))
+    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds,
+                 **matcher_settings(a.matcher, a.model_dump()))
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:

@@ -1,0 +1,140 @@
+"""Aligning N nets with each other instead of each onto net 0.
+
+Aligning every net onto net 0 (a star) makes each permutation as good as possible for one pair, but the
+uniform average of N nets is built from all pairs: nets 1 and 2 are lined up only through net 0. Both
+functions here maximise the matcher's objective summed over all pairs of nets, by rounds of coordinate
+ascent from the star alignment: one net at a time, the others held fixed, a permutation is taken only if
+it raises the objective, until a round changes nothing.
+
+- Weight matching (`align_to_average`, Git Re-Basin's MergeMany): the weights' inner product is linear, so
+  matching net i to the average of the others is matching it to all of them at once.
+- Activation matching (`align_activations_jointly`): an averaged net's activations are not the average of
+  its sources' activations (and are a poor reference: measured), so the similarity of every pair of nets is
+  computed once and each net's unit-to-slot cost is the sum of its similarities to the other nets' units
+  in each slot.
+
+The result is re-anchored so that net 0 stays as it is, which changes no merge: permuting every net alike
+permutes their average, the same function.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .permutations import Permutations
+
+REFERENCES = ("net_0", "average")
+"""What `PermMerger.align(reference=...)` aligns the nets onto: net 0 (the paper's), or the others' average."""
+
+
+def average_of(models: list[nn.Module]) -> nn.Module:
+    """A copy of models[0] holding the uniform average of the models' floating-point tensors."""
+    states = [m.state_dict() for m in models]
+    out = copy.deepcopy(models[0])
+    out.load_state_dict({k: (sum(s[k] for s in states) / len(states)) if t.is_floating_point() else t
+                         for k, t in states[0].items()})
+    return out
+
+
+def _total(perms: Permutations, key: str) -> float:
+    return sum(group[key] for group in perms.info.get("groups", {}).values())
+
+
+def _gain(found: Permutations) -> float:
+    """How much the matcher's objective (summed over groups) rose from the current permutation to the one found."""
+    return _total(found, "similarity_matched") - _total(found, "similarity_identity")
+
+
+def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Permutations] | None = None,
+                     max_rounds: int = 10, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
+    """One `Permutations` per net lining it up with the average of the other nets; net 0's is the identity.
+
+    `start`: the permutations to begin from (e.g. the star alignment onto net 0; default: identities).
+    A round matches nets 0..N-1 in order, each against the average of the others as permuted so far, and
+    takes a new permutation only when it raises the matcher's objective (summed over groups) by more than
+    `tolerance` (relative); rounds stop when one changes nothing, at most `max_rounds`. Returns (permutations, {"rounds",
+    "converged"}); each permutation's `info` is its last match's (similarities to the others' average).
+    """
+    if len(models) < 2:
+        raise ValueError("aligning onto an average needs at least two nets")
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds={max_rounds} must be >= 1")
+    spec = models[0].permutation_spec()
+    perms = list(start) if start is not None else [Permutations.identity(spec) for _ in models]
+    permuted = [p.apply(m, spec) for p, m in zip(perms, models)]
+    rounds, converged = 0, False
+    with torch.no_grad():
+        while rounds < max_rounds and not converged:
+            rounds += 1
+            converged = True
+            for i in range(len(models)):
+                reference = average_of([permuted[j] for j in range(len(models)) if j != i])
+                found = matcher.match(reference, permuted[i], data)   # on top of the current permutation
+                if _gain(found) > tolerance * max(1.0, abs(_total(found, "similarity_identity"))):
+                    converged = False
+                    perms[i] = found.compose(perms[i])
+                    permuted[i] = perms[i].apply(models[i], spec)
+    anchor = perms[0].inverse()
+    anchored = [Permutations.identity(spec)] + [
+        Permutations(anchor.compose(p), {**p.info, "reference": "average of the other nets"}) for p in perms[1:]]
+    return anchored, {"rounds": rounds, "converged": converged}
+
+
+def align_activations_jointly(models: list[nn.Module], matcher, data, start: list[Permutations],
+                              max_rounds: int = 10, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
+    """Activation matching of N nets with each other: maximise, over the permutations of nets 1..N-1 and every
+    group, the similarity of the units sharing a slot summed over all pairs of nets.
+
+    One pass over the data per pair of nets (N (N-1) / 2 in all), then only assignments; the similarity
+    matrices are kept on the CPU (N (N-1) / 2 x groups x width^2 floats). Settings are `matcher`'s
+    (similarity, preactivation, num_examples, seed, products). Returns like `align_to_average`.
+    """
+    from .activation import activation_statistics
+    from .hungarian import matched_similarity, solve_assignment
+    from .matchers import as_tensor_split, model_device
+
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds={max_rounds} must be >= 1")
+    spec = models[0].permutation_spec()
+    if spec.couplings:
+        raise ValueError("aligning onto the average with activations does not handle attention heads (coupled "
+                         "groups) yet; use reference='net_0', or the weight matcher")
+    split = as_tensor_split(data, models[0]).subset(matcher.num_examples, matcher.seed).to(model_device(models[0]))
+    n = len(models)
+    sims = {}                                   # (i, j, group) -> similarity[unit of i, unit of j]
+    for i in range(n):
+        for j in range(i + 1, n):
+            stats = activation_statistics(models[i], models[j], split.pixel_values, spec, matcher.preactivation,
+                                          matcher.batch_size, matcher.products)
+            for g in spec.names:
+                sims[i, j, g] = stats.pop(g).similarity(matcher.similarity).to("cpu", torch.float32)
+                sims[j, i, g] = sims[i, j, g].T
+    perms = [{g: p[g].clone() for g in spec.names} for p in start]
+
+    def cost(i: int, g: str) -> torch.Tensor:
+        """[slot, unit of net i]: the unit's similarity to the other nets' units in that slot, summed."""
+        return sum(sims[i, j, g][:, perms[j][g]].T.double() for j in range(n) if j != i)
+
+    rounds, converged = 0, False
+    while rounds < max_rounds and not converged:
+        rounds += 1
+        converged = True
+        for i in range(n):
+            for g in spec.names:
+                c = cost(i, g)
+                found = solve_assignment(c, spec[g].blocks)
+                current = matched_similarity(c, perms[i][g])
+                if matched_similarity(c, found) - current > tolerance * max(1.0, abs(current)):
+                    converged = False
+                    perms[i][g] = found
+    anchor = Permutations(perms[0]).inverse()
+    out = [Permutations.identity(spec)]
+    for i in range(1, n):
+        p = anchor.compose(Permutations(perms[i]))
+        groups = {g: {"similarity_identity": matched_similarity(sims[0, i, g], torch.arange(len(p[g]))),
+                      "similarity_matched": matched_similarity(sims[0, i, g], p[g])} for g in spec.names}
+        out.append(Permutations(p, {**start[i].info, "groups": groups,
+                                    "reference": "all other nets (summed pairwise similarity)"}))
+    return out, {"rounds": rounds, "converged": converged}

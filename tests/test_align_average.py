@@ -1,0 +1,113 @@
+"""Aligning N nets with each other (`reference="average"`) instead of each onto net 0.
+
+Invariants: permuted copies of one net are mapped back onto it from any start; every permuted net computes
+the function it computed before; net 0 stays as it is; the activation objective summed over all pairs of
+nets never falls below the star alignment's it starts from.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+
+import pytest
+import torch
+
+from hf_permerge import cli
+from hf_permerge.alignment import ActivationMatcher, Permutations, WeightMatcher, activation_statistics
+from hf_permerge.alignment.average import align_activations_jointly, align_to_average
+from hf_permerge.data import load_tensors
+from hf_permerge.merging import PermMerger
+
+
+@pytest.fixture
+def run_cli():
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        try:
+            return cli.main([*map(str, args)])
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+
+    return run
+
+
+def states_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("joint", ["weight", "activation"])
+def test_permuted_copies_of_one_net_are_mapped_back_onto_it(tiny_pair, tiny_fmnist, joint):
+    merger = PermMerger.from_pretrained(tiny_pair)
+    net = merger.load(0)
+    spec = net.permutation_spec()
+    copies = [Permutations.random(spec, seed).apply(net) for seed in (1, 2, 3)]
+    models = [net, *copies]
+    start = [Permutations.identity(spec) for _ in models]          # not the star alignment: from scratch
+    if joint == "weight":
+        perms, rounds = align_to_average(models, WeightMatcher(), start=start)
+    else:
+        data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)
+        perms, rounds = align_activations_jointly(models, ActivationMatcher(num_examples=500), data, start)
+    assert rounds["converged"] and perms[0].is_identity()
+    for p, copy in zip(perms[1:], copies):
+        assert states_equal(p.apply(copy), net)
+
+
+def total_pairwise_similarity(merger, data) -> float:
+    nets = [merger.permuted(i) if i else merger.load(0) for i in range(merger.num_nets)]
+    total = 0.0
+    for a, b in itertools.combinations(nets, 2):
+        stats = activation_statistics(a, b, data.pixel_values, merger.spec)
+        total += sum(stats[g].similarity("cosine").diagonal().sum().item() for g in merger.spec.names)
+    return total
+
+
+@pytest.mark.parametrize("matcher", ["activation", "weight"])
+def test_aligning_onto_each_other_keeps_every_function_and_net_0(tiny_pair, tiny_fmnist, matcher):
+    data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist).subset(1000, 0)
+    star = PermMerger.from_pretrained(tiny_pair)
+    star.align(matcher=matcher)
+    joint = PermMerger.from_pretrained(tiny_pair)
+    perms = joint.align(matcher=matcher, reference="average", max_rounds=20)
+    assert perms[0].is_identity()
+    assert joint.alignment["reference"] == "average" and joint.alignment["rounds"] >= 1
+    assert isinstance(joint.alignment["converged"], bool)
+    x = load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist).pixel_values[:64]
+    with torch.no_grad():
+        for i in range(1, joint.num_nets):
+            torch.testing.assert_close(joint.permuted(i)(pixel_values=x).logits, joint.load(i)(pixel_values=x).logits,
+                                       atol=1e-5, rtol=1e-5)
+    if matcher == "activation":      # coordinate ascent from the star alignment on this very objective
+        assert total_pairwise_similarity(joint, data) >= total_pairwise_similarity(star, data) - 1e-3
+
+
+def test_reference_average_is_refused_where_it_does_not_apply(tiny_pair, tmp_path, capsys, run_cli):
+    merger = PermMerger.from_pretrained(tiny_pair)
+    with pytest.raises(ValueError, match="reference='middle' is not supported"):
+        merger.align(reference="middle")
+    with pytest.raises(ValueError, match="not 'gradient'; use reference='net_0'"):
+        merger.align(matcher="gradient", reference="average")
+    with pytest.raises(ValueError, match="max_rounds=0 must be >= 1"):
+        merger.align(reference="average", max_rounds=0)
+    assert run_cli("merge", tiny_pair, "--max-rounds", 3, "-q", "-o", tmp_path / "a") == 2
+    assert "--max-rounds applies to --reference average" in capsys.readouterr().err
+    assert run_cli("merge", tiny_pair, "--matcher", "gradient", "--reference", "average", "-q", "-o", tmp_path / "b") == 2
+    assert "implemented for the activation and weight matchers" in capsys.readouterr().err
+    assert run_cli("merge", tiny_pair, "--vanilla", "--reference", "average", "-q", "-o", tmp_path / "c") == 2
+    assert "--reference cannot be used with --vanilla" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abc")
+    from hf_permerge.config import config_from_dict
+
+    with pytest.raises(ValueError, match="reference: average is implemented for the activation and weight"):
+        config_from_dict({"model": {"type": "mlp"}, "alignment": {"matcher": "gradient", "reference": "average"}})
+
+
+def test_cli_merges_all_nets_aligned_onto_each_other(tiny_pair, tmp_path, run_cli):
+    assert run_cli("merge", tiny_pair, "--all", "--reference", "average", "--num-examples", 500, "-q",
+                   "-o", tmp_path / "merged") == 0
+    config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert config["alignment"]["reference"] == "average" and config["merge"]["nets"] == [0, 1, 2]
+    assert "reference=average" in (tmp_path / "merged" / "README.md").read_text()
