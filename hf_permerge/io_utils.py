@@ -148,9 +148,3 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"output folder {path} cannot be written (no write permission on {parent})")
     return path
-    parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise NotADirectoryError(f"output folder {path} cannot be created: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder {path} cannot be written (no write permission on {parent})")
-    return path

@@ -75,3 +75,22 @@ def tiny_pair(tmp_path_factory, tiny_fmnist):
     out = tmp_path_factory.mktemp("pairs") / "tiny_pair"
     PairTrainer(cfg, out, progress=False).train()
     return out
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`hf-permerge ARGS` in this process; `main` may install a SIGTERM handler, which is put back."""
+    import signal
+
+    from hf_permerge import cli
+
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["hf-permerge", *map(str, args)])
+        try:
+            return cli.main([*map(str, args)])
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+
+    return run

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
 
 import pytest
 import torch
 
-from hf_permerge import cli
 from hf_permerge.alignment import ActivationMatcher, Permutations, WeightMatcher, activation_statistics
 from hf_permerge.alignment.average import align_activations_jointly, align_to_average
 from hf_permerge.data import load_tensors
 from hf_permerge.merging import PermMerger
 
-
-@pytest.fixture
-def run_cli():
-    handler = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        try:
-            return cli.main([*map(str, args)])
-        finally:
-            signal.signal(signal.SIGTERM, handler)
-
-    return run
 
 
 def states_equal(a, b) -> bool:

@@ -19,20 +19,6 @@ def merged(tiny_pair):
     return merger
 
 
-@pytest.fixture
-def run_cli(monkeypatch):
-    """`hf-permerge ARGS` in this process; `main` may install a SIGTERM handler, which is put back."""
-    handler = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        monkeypatch.setattr("sys.argv", ["hf-permerge", *map(str, args)])
-        try:
-            return cli.main([*map(str, args)])
-        finally:
-            signal.signal(signal.SIGTERM, handler)
-
-    return run
-
 
 def no_alignment(*args, **kwargs):
     raise AssertionError("aligned although the merge does not use the alignment")

@@ -6,14 +6,12 @@ processor saved beside it. Data that cannot fit gets an error naming the fix, be
 from __future__ import annotations
 
 import json
-import signal
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from hf_permerge import cli
 from hf_permerge.alignment.matchers import as_tensor_split
 from hf_permerge.merging import PermMerger
 
@@ -42,18 +40,6 @@ def rgb_vits(tmp_path_factory):
         paths.append(folder / f"vit_{seed}")
     return paths
 
-
-@pytest.fixture
-def run_cli(monkeypatch):
-    handler = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        try:
-            return cli.main([*map(str, args)])
-        finally:
-            signal.signal(signal.SIGTERM, handler)
-
-    return run
 
 
 def test_a_vit_aligns_on_a_dataset_through_its_image_processor(rgb_vits, tmp_path):
