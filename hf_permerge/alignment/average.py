@@ -38,30 +38,31 @@ def average_of(models: list[nn.Module]) -> nn.Module:
     return out
 
 
-def _total(perms: Permutations, key: str) -> float:
-    return sum(group[key] for group in perms.info.get("groups", {}).values())
-
-
-def _gain(found: Permutations) -> float:
-    """How much the matcher's objective (summed over groups) rose from the current permutation to the one found."""
-    return _total(found, "similarity_matched") - _total(found, "similarity_identity")
+def _inner(a: nn.Module, b: nn.Module, keys) -> float:
+    """Weight matching's objective: the inner product of two nets' tensors that the spec permutes."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sum(torch.sum(sa[k].double() * sb[k].double()).item() for k in keys)
 
 
 def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Permutations] | None = None,
                      max_rounds: int = 10, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
-    """One `Permutations` per net lining it up with the average of the other nets; net 0's is the identity.
+    """Weight matching of N nets with each other (MergeMany): one `Permutations` per net lining it up with the
+    average of the other nets; net 0's is the identity.
 
-    `start`: the permutations to begin from (e.g. the star alignment onto net 0; default: identities).
-    A round matches nets 0..N-1 in order, each against the average of the others as permuted so far, and
-    takes a new permutation only when it raises the matcher's objective (summed over groups) by more than
-    `tolerance` (relative); rounds stop when one changes nothing, at most `max_rounds`. Returns (permutations, {"rounds",
-    "converged"}); each permutation's `info` is its last match's (similarities to the others' average).
+    `matcher`: the weight matcher (its settings) that matches a net to the others' average. `start`: the
+    permutations to begin from (e.g. the star alignment onto net 0; default: identities). A round matches
+    nets 0..N-1 in order, each against the average of the others as permuted so far, and takes the
+    permutation found only when it raises the net's inner product with that average by more than `tolerance`
+    (relative); the inner product being linear, the objective summed over all pairs of nets rises with every
+    change, so rounds end when one changes nothing (at most `max_rounds`). Returns (permutations,
+    {"rounds", "converged"}); each permutation's `info` is its last match's (similarities to the others' average).
     """
     if len(models) < 2:
         raise ValueError("aligning onto an average needs at least two nets")
     if max_rounds < 1:
         raise ValueError(f"max_rounds={max_rounds} must be >= 1")
     spec = models[0].permutation_spec()
+    keys = [k for k in spec.axes_to_perm() if k in models[0].state_dict()]
     perms = list(start) if start is not None else [Permutations.identity(spec) for _ in models]
     permuted = [p.apply(m, spec) for p, m in zip(perms, models)]
     rounds, converged = 0, False
@@ -71,11 +72,13 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
             converged = True
             for i in range(len(models)):
                 reference = average_of([permuted[j] for j in range(len(models)) if j != i])
-                found = matcher.match(reference, permuted[i], data)   # on top of the current permutation
-                if _gain(found) > tolerance * max(1.0, abs(_total(found, "similarity_identity"))):
+                match = matcher.match(reference, permuted[i], data)
+                found = Permutations(match.compose(perms[i]), match.info)
+                candidate = found.apply(models[i], spec)
+                current = _inner(reference, permuted[i], keys)
+                if _inner(reference, candidate, keys) - current > tolerance * max(1.0, abs(current)):
                     converged = False
-                    perms[i] = found.compose(perms[i])
-                    permuted[i] = perms[i].apply(models[i], spec)
+                    perms[i], permuted[i] = found, candidate
     anchor = perms[0].inverse()
     anchored = [Permutations.identity(spec)] + [
         Permutations(anchor.compose(p), {**p.info, "reference": "average of the other nets"}) for p in perms[1:]]
