@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="use permutations from `hf-permerge align` instead of aligning again")
     p.add_argument("--repair", choices=["repair", "reset_bn"], default=None,
                    help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
-                        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 training images")
+                        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)")
     _add_matcher_args(p)
     p.set_defaults(func=cmd_merge)
 
@@ -209,7 +209,7 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
                    help="activation: match activations before the non-linearity")
     g.add_argument("--products", choices=["float32", "float64"],
                    help="activation: dtype of the cross-products (default float32, of mean-shifted activations)")
-    g.add_argument("--num-examples", type=int, help="activation, gradient: training images to use (default 10000)")
+    g.add_argument("--num-examples", type=int, help="activation, gradient: images to use, a seeded subset of the data (default 10000)")
     g.add_argument("--preconditioner", choices=["foof", "none"],
                    help="gradient: FOOF (the paper's App. B, default) or the raw gradient")
     g.add_argument("--damping", type=float, help="gradient: FOOF damping, relative to the mean eigenvalue (default 1.0)")
@@ -278,6 +278,11 @@ def _data(args) -> dict | None:
     id; only a Hub id is named in the card, a local folder's path is not pushed). None when neither was given."""
     from .data.catalog import DATASETS
 
+    given = [f"--{k.replace('_', '-')}" for k in ("dataset", "dataset_split", "data_dir") if getattr(args, k) is not None]
+    if given and args.matcher == "weight" and not getattr(args, "repair", None):
+        raise ValueError(f"--matcher weight reads no data, so {', '.join(given)} would be ignored; drop "
+                         f"{'it' if len(given) == 1 else 'them'}" + (" (or add --repair, which reads them)"
+                                                                     if hasattr(args, "repair") else ""))
     if args.dataset is None or args.dataset in DATASETS:
         if args.dataset_split is not None:
             raise ValueError("--dataset-split picks a split of a --dataset folder or Hub id; a catalog data set is "
@@ -289,7 +294,7 @@ def _data(args) -> dict | None:
                          f"--dataset {args.dataset} brings its own: drop --data-dir")
     from .data.loading import load_dataset_source
 
-    data, hub_id = load_dataset_source(args.dataset, args.dataset_split or "train")
+    data, hub_id = load_dataset_source(args.dataset, args.dataset_split)
     return {"dataset": data, "name": hub_id}
 
 
@@ -298,8 +303,8 @@ def cmd_align(args) -> int:
 
     matcher, settings = _matching(args)
     reference = _reference(args)
+    check_output_dir(args.output_dir, args.overwrite, marker="alignment.json", what="a set of permutations")
     data = _data(args)
-    check_output_dir(args.output_dir, args.overwrite, marker="alignment.json")
     merger = _merger(args, data)
     perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
     merger.save_permutations(args.output_dir)
@@ -332,8 +337,8 @@ def cmd_merge(args) -> int:
     _check_merge_options(args)
     matcher, settings = _matching(args)
     reference = _reference(args)
+    check_output_dir(args.output_dir, args.overwrite, marker=MARKER, what="a merged model")
     data = _data(args)
-    check_output_dir(args.output_dir, args.overwrite, marker=MARKER)
     merger = _merger(args, data)
     merger.check_repair(args.repair)
     if args.permutations:

@@ -148,3 +148,11 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"output folder {path} cannot be written (no write permission on {parent})")
     return path
+
+
+def missing_folder_error(path: Path, hub: str = "") -> FileNotFoundError:
+    """A local path that does not exist, with the folders that do exist where it points."""
+    parent = next((p for p in path.parents if p.is_dir()), Path("."))
+    there = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    listing = ", ".join(there[:8]) + (", ..." if len(there) > 8 else "") if there else "no folders"
+    return FileNotFoundError(f"there is no folder {path} ({parent} holds: {listing}){hub}")

@@ -138,6 +138,12 @@ def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == file_mode()
     assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == file_mode()
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == dir_mode()
+    from hf_permerge.models import PermMLPConfig, PermMLPForImageClassification
+    from hf_permerge.models.folders import write_model_files
+
+    (tmp_path / "model").mkdir()
+    write_model_files(PermMLPForImageClassification(PermMLPConfig(depth=1, width=8)), tmp_path / "model")
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "model").iterdir()} == {file_mode()}  # safetensors: 0600
     before = os.umask(0o077)                     # a private umask is honoured, not the one at import
     try:
         write_json_atomic(tmp_path / "private.json", {})

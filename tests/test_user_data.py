@@ -306,3 +306,68 @@ def test_cli_aligns_and_repairs_on_a_saved_dataset_or_a_folder_of_images(tiny_pa
                           (("--dataset", tmp_path / "perms" / "alignment.json"), "is a file")):
         assert run_cli("merge", *models, *args, "-q", "-o", tmp_path / "refused") == 2
         assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_labels_follow_the_models_classes_by_name_and_out_of_range_labels_are_refused(tiny_pair, tiny_fmnist, caplog):
+    """A folder of images numbers its classes alphabetically; the models number them as they were trained."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from hf_permerge.data.idx import read_idx
+
+    merger = PermMerger.from_pretrained(tiny_pair)
+    model = merger.load(0)
+    ours = [model.config.id2label[i] for i in range(10)]
+    pixels = read_idx(tiny_fmnist / "train-images-idx3-ubyte.gz")[:40]
+    labels = read_idx(tiny_fmnist / "train-labels-idx1-ubyte.gz")[:40].astype(int)
+    folder_names = sorted(n.replace(" / ", "_").replace(" - ", "-") for n in ours)     # how folders spell them
+    to_folder = {i: folder_names.index(ours[i].replace(" / ", "_").replace(" - ", "-")) for i in range(10)}
+    ds = Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels], "label": [to_folder[y] for y in labels]},
+                           features=Features({"image": ImageFeature(), "label": ClassLabel(names=folder_names)}))
+    assert torch.equal(as_tensor_split(ds, model).labels, torch.as_tensor(labels))
+
+    other = ds.cast_column("label", ClassLabel(names=[f"class {i}" for i in range(10)]))
+    with caplog.at_level("WARNING"):
+        assert torch.equal(as_tensor_split(other, model).labels, torch.as_tensor([to_folder[y] for y in labels]))
+    assert "are not the models'" in caplog.text
+    too_many = Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels], "label": [11] * 40})
+    with pytest.raises(ValueError, match="labels go up to 11, but the models have 10 classes"):
+        merger.align(too_many, matcher="gradient", num_examples=40)
+
+
+def test_what_the_card_and_merge_config_say_about_the_data(tiny_pair, tiny_fmnist, tmp_path, capsys, run_cli,
+                                                          monkeypatch):
+    """The card names the data the nets were trained on; alignment and REPAIR data are recorded as what they
+    were; a local path is never written; options that would be ignored are refused."""
+    from datasets import Dataset
+
+    from hf_permerge.data.idx import read_idx
+
+    pixels = read_idx(tiny_fmnist / "train-images-idx3-ubyte.gz")[:100]
+    single = Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels]})
+    single.save_to_disk(tmp_path / "saved")
+
+    assert run_cli("merge", tiny_pair, "--dataset", tmp_path / "saved", "--repair", "repair", "-q",
+                   "-o", tmp_path / "merged") == 0
+    config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert config["dataset"] == "fashion_mnist"                       # what the pair was trained on
+    assert config["alignment"]["data"] == "a datasets.Dataset given to use_data"
+    assert config["merge"]["repair_data"] == "a datasets.Dataset given to use_data"
+    assert str(tmp_path) not in (tmp_path / "merged" / "README.md").read_text() + json.dumps(config)
+
+    merger = PermMerger.from_pretrained(tiny_pair)
+    with pytest.raises(ValueError, match="not a Hub dataset id"):
+        merger.use_data(single, name=str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="unknown dataset 'fashion-mnist'"):
+        merger.use_data("fashion-mnist")
+
+    monkeypatch.chdir(tmp_path)
+    refusals = ((("--dataset", "saved", "--dataset-split", "test"), "holds one split only"),
+                (("--dataset", "saved/nope"), "there is no folder saved/nope"),
+                (("--dataset", "fashion_mnist", "--matcher", "weight"), "--matcher weight reads no data"),
+                (("--dataset", "fasion_mnist"), "is not a data set of the catalog"))
+    for args, message in refusals:
+        assert run_cli("merge", tiny_pair, *args, "-q", "-o", tmp_path / "refused") == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert run_cli("align", tiny_pair, "--num-examples", 100, "-q", "-o", tmp_path / "merged") == 2
+    assert "does not hold a set of permutations of hf_permerge (no alignment.json)" in capsys.readouterr().err

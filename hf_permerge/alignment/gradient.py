@@ -168,7 +168,12 @@ class GradientMatcher(Matcher):
         split = as_tensor_split(data, model_a).subset(self.num_examples, self.seed)
         if bool((split.labels < 0).any()):
             raise ValueError("the gradient matcher needs labels (its objective is the training loss's gradient); "
-                             "pass a dataset with a 'label' column")
+                             "pass a dataset with a 'label' column (a folder of images: one subfolder per class)")
+        num_labels = getattr(getattr(model_a, "config", None), "num_labels", None)
+        if num_labels is not None and bool((split.labels >= num_labels).any()):
+            raise ValueError(f"the data's labels go up to {int(split.labels.max())}, but the models have {num_labels} "
+                             "classes; pass data labelled with the models' classes (label ids 0.."
+                             f"{num_labels - 1}, in the order of config.id2label)")
         directions = [update_directions(m, split.pixel_values, split.labels, self.preconditioner, self.damping,
                                         self.batch_size) for m in (model_a, model_b)]
         g_a, g_b = directions[0], {k: v.to(model_device(model_a)) for k, v in directions[1].items()}

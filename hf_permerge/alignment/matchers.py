@@ -6,6 +6,7 @@ A matcher aligns model_b ONTO model_a: model_a is the reference and stays as it 
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 from typing import ClassVar, Iterator, Mapping
 
@@ -17,6 +18,8 @@ from ..data.tensors import (TensorSplit, check_image_dataset, dataset_to_arrays,
 from .hungarian import matched_similarity
 from .permutations import Permutations
 from .spec import PermutationSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -133,9 +136,41 @@ def fits(pixel_values: torch.Tensor, model: nn.Module) -> bool:
     return want is None or all(w is None or w == h for h, w in zip(pixel_values.shape[1:], want))
 
 
+def _class_key(name: str) -> str:
+    """A class name as folders and configs may both spell it: 'T - shirt / top' and 'T-shirt_top' alike."""
+    return "".join(c for c in str(name).lower() if c.isalnum())
+
+
+def _in_model_label_ids(ds, model: nn.Module, split: TensorSplit) -> TensorSplit:
+    """The data's labels as the model's class ids: a `ClassLabel` whose names are the model's `id2label` names in
+    another order (a folder of images numbers its classes alphabetically) is renumbered by name; other names
+    are left as they are, with a warning."""
+    names = getattr(ds.features.get("label"), "names", None)
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    ours = [id2label[i] for i in sorted(id2label)]
+    if not names or not ours or all(str(n).startswith("LABEL_") for n in ours):
+        return split
+    theirs, by_key = [_class_key(n) for n in names], {_class_key(n): i for i, n in enumerate(ours)}
+    if theirs == [_class_key(n) for n in ours]:
+        return split
+    if set(theirs) != set(by_key) or len(theirs) != len(by_key):
+        logger.warning("the data's classes %s are not the models' %s; their label ids are used as they are",
+                       list(names)[:12], ours[:12])
+        return split
+    mapping = torch.tensor([by_key[k] for k in theirs], device=split.labels.device)
+    labels = torch.where(split.labels >= 0, mapping[split.labels.clamp(min=0)], split.labels)
+    logger.info("the data's classes are the models' in another order; labels renumbered by class name")
+    return TensorSplit(split.pixel_values, labels, split.fingerprint)
+
+
 def _from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
     """Our models' own normalisation, in one vectorised pass, when the images already have the model's shape;
-    otherwise the model's image processor (resize, channels, normalisation), one batch of images at a time."""
+    otherwise the model's image processor (resize, channels, normalisation), one batch of images at a time.
+    Labels are given in the model's class ids (`_in_model_label_ids`)."""
+    return _in_model_label_ids(ds, model, _pixels_from_dataset(ds, model, processor))
+
+
+def _pixels_from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
     check_image_dataset(ds)                       # a schema error names its own fix, whichever path follows
     cfg = getattr(model, "config", None)
     if hasattr(cfg, "image_mean"):
@@ -151,10 +186,10 @@ def _from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
                 return split
     if processor is None:
         raise ValueError(f"cannot preprocess a datasets.Dataset for {type(model).__name__}: its config records "
-                         "no normalisation and no image processor was found beside it; pass the model's image "
-                         "processor (PermMerger.from_pretrained(..., image_processor=...)), save it in the model's "
-                         "folder (processor.save_pretrained), or pass preprocessed pixels as "
-                         "hf_permerge.data.TensorSplit(pixel_values, labels, fingerprint)")
+                         "no normalisation and no image processor was found beside it; save the model's image "
+                         "processor in each model's folder (processor.save_pretrained(folder)); in Python you may "
+                         "instead pass it (PermMerger.from_pretrained(..., image_processor=...)) or pass "
+                         "preprocessed pixels as hf_permerge.data.TensorSplit(pixel_values, labels, fingerprint)")
     try:
         return processed_split(ds, processor)
     except (ValueError, TypeError) as err:

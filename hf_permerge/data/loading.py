@@ -83,12 +83,14 @@ def load_image_dataset(name: str = "fashion_mnist", split: str = "train", data_d
     return datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features)
 
 
-def load_dataset_source(source: str, split: str = "train"):
+def load_dataset_source(source: str, split: str | None = None):
     """One split of a data set a user names on the command line: (a `datasets.Dataset`, its Hub id or None).
     `source` is a folder written by `save_to_disk`, a folder of images (`imagefolder`: one subfolder per class),
-    or a Hub dataset id; the images' schema is checked here, before any model is loaded."""
+    or a Hub dataset id; `split` (default train) picks a split of a DatasetDict or a Hub id, and is an error for
+    a folder that holds one split only. The images' schema is checked here, before any model is loaded."""
     import datasets
 
+    from ..io_utils import missing_folder_error
     from .catalog import DATASETS
     from .tensors import check_image_dataset
 
@@ -104,18 +106,27 @@ def load_dataset_source(source: str, split: str = "train"):
     elif path.exists():
         raise ValueError(f"{path} is a file; give a folder written by Dataset.save_to_disk, or a folder of images "
                          "with one subfolder per class")
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        try:
-            ds, hub_id = datasets.load_dataset(source, split=split), source
-        except Exception as err:  # network and missing-repo errors come in many types
-            raise ValueError(f"could not load the Hub dataset {source!r} (split {split!r}): {err}") from err
+    elif source.startswith((".", "/", "~")) or source.endswith("/") or len(path.parts) != 2:
+        if len(path.parts) == 1 and "/" not in source:
+            raise ValueError(f"{source!r} is not a data set of the catalog ({', '.join(DATASETS)}), a folder, nor a "
+                             "Hub dataset id (owner/name); check the name or the path")
+        raise missing_folder_error(path)
+    elif Path(path.parts[0]).is_dir():       # `data/nope` beside a data/ folder: a mistyped path, not a Hub id
+        raise missing_folder_error(path, f"; if {source} is a Hub dataset id, run where no folder "
+                                         f"{path.parts[0]} is beside you")
     else:
-        raise ValueError(f"{source!r} is not a data set of the catalog ({', '.join(DATASETS)}), a folder, nor a Hub "
-                         "dataset id (owner/name); check the name or the path")
+        try:
+            ds, hub_id = datasets.load_dataset(source, split=split or "train"), source
+        except Exception as err:  # network and missing-repo errors come in many types
+            raise ValueError(f"could not load the Hub dataset {source!r} (split {split or 'train'!r}): {err}. Offline, "
+                             "save it once online (load_dataset(...).save_to_disk(FOLDER)) and pass the folder") from err
     if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"{source} has the splits {sorted(ds)}, not {split!r}; choose one with --dataset-split")
-        ds = ds[split]
+        if (split or "train") not in ds:
+            raise ValueError(f"{source} has the splits {sorted(ds)}, not {split or 'train'!r}; choose one with "
+                             "--dataset-split")
+        ds = ds[split or "train"]
+    elif split is not None and hub_id is None:
+        raise ValueError(f"{source} holds one split only (no splits to choose from); drop --dataset-split")
     for column, kind in (("image", datasets.Image), ("label", datasets.ClassLabel)):   # e.g. CIFAR-10's "img"
         candidates = [c for c, f in ds.features.items() if isinstance(f, kind)]
         if column not in ds.column_names and len(candidates) == 1:

@@ -206,6 +206,9 @@ class PermMerger:
         given, or a `datasets.Dataset` (an `image` column; `name`, e.g. its path or Hub id, is what the model card
         and merge_config.json call it)."""
         if isinstance(dataset, str):
+            from ..data.catalog import dataset_info
+
+            dataset_info(dataset)                         # an unknown name is an error now, not at align
             self.data = {"dataset": dataset, "data_dir": data_dir}
             return
         from ..data.tensors import check_image_dataset
@@ -213,6 +216,10 @@ class PermMerger:
         if data_dir is not None:
             raise ValueError("data_dir names the files of a catalog data set; a datasets.Dataset brings its own "
                              "images: drop data_dir")
+        if name is not None and (not isinstance(name, str) or name.startswith((".", "/", "~")) or
+                                 len(name.split("/")) != 2 or Path(name).exists()):
+            raise ValueError(f"name={name!r} is not a Hub dataset id (owner/name); it is written into the model card and "
+                             "merge_config.json, so a local path is never taken: pass the Hub id, or no name")
         check_image_dataset(dataset)
         self.data = {"dataset": name, "data_dir": None, "given": dataset}
 
@@ -274,7 +281,8 @@ class PermMerger:
             rounds = {"reference": reference, "max_rounds": max_rounds, **rounds}
         self.set_permutations(perms, matcher=matcher, settings=dict(m.settings),   # the defaults filled in
                               checkpoint=checkpoint, align_s=time.perf_counter() - start, **rounds,
-                              **({"data": "given by the caller"} if given else {}))
+                              **({"data": "given by the caller"} if given else
+                                 {"data": self._default_data_label()} if matcher != "weight" and self.data else {}))
         return perms
 
     def tensor_split(self, data, num_examples: int | None = None, seed: int = 0):
@@ -294,13 +302,23 @@ class PermMerger:
         return as_tensor_split(data, model, processor=self._image_processor(model))
 
     def described_dataset(self) -> str | None:
-        """The data set a card and merge_config.json name: the pair's (its nets were trained on it), else the
-        default data the merge used, and none when the caller gave the data (we cannot name it)."""
-        if self.pair is not None or self.data is not None:
-            return self.dataset_name()
+        """The data set a card and merge_config.json name: the pair's (its nets were trained on it, whatever they
+        were aligned on), else the default data the merge used, and none when the caller gave the data
+        unnamed (we cannot name it)."""
+        if self.pair is not None:
+            return self.pair.get("config", {}).get("data", {}).get("dataset", "fashion_mnist")
         caller = self.alignment.get("data") == "given by the caller" or \
             (self._last_merge or {}).get("repair_data") == "given by the caller"
         return self.dataset_name() if self._default_data_used and not caller else None
+
+    def _default_data_label(self) -> str | None:
+        """What alignment.json / merge_config.json say the default data was when `use_data` chose it (None: the
+        pair's training split, as before `use_data` existed)."""
+        if self.data is None:
+            return None
+        if self._given_default() is not None:
+            return self.dataset_name() or "a datasets.Dataset given to use_data"
+        return f"{self.dataset_name()} training split"
 
     def set_permutations(self, perms: list[Permutations], **alignment) -> None:
         """Use permutations found elsewhere (e.g. at another step: the paper's perm@x)."""
@@ -401,7 +419,8 @@ class PermMerger:
         default: redoing it could not reproduce a repair on data the caller passed."""
         if repair:
             settings.update(repair=repair, repair_examples=repair_examples,
-                            repair_data="the pair's training split" if repair_data is None else "given by the caller")
+                            repair_data=(self._default_data_label() or "the pair's training split") if repair_data is None
+                            else "given by the caller")
         self._last_merge = settings
         self._last_model = merged
 

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io_utils import missing_folder_error
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_HELP = "checkpoints are 'init', 'final' or 'step-N' (see pair.json's 'checkpoints')"
@@ -99,23 +101,15 @@ def resolve(path_or_id: str | Path, token: str | None = None, revision: str | No
         return path, None
     text = str(path_or_id)
     if text.startswith((".", "/", "~")) or len(path.parts) > 2:     # no Hub repo id looks like this
-        raise _missing_folder(path)
+        raise missing_folder_error(path)
     from ..hub import HubError, resolve_local_or_hub
 
     try:
         return Path(resolve_local_or_hub(text, revision, token=token)), text
     except HubError as err:
         if Path(path.parts[0]).is_dir():     # `models/vit_9` beside a models/ folder: most likely a typo
-            raise _missing_folder(path, f"; nor is it a Hub repo: {err}") from None
+            raise missing_folder_error(path, f"; nor is it a Hub repo: {err}") from None
         raise
-
-
-def _missing_folder(path: Path, hub: str = "") -> FileNotFoundError:
-    """A local path that does not exist, with the folders that do exist where it points."""
-    parent = next((p for p in path.parents if p.is_dir()), Path("."))
-    there = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
-    listing = ", ".join(there[:8]) + (", ..." if len(there) > 8 else "") if there else "no folders"
-    return FileNotFoundError(f"there is no folder {path} ({parent} holds: {listing}){hub}")
 
 
 def _commit(folder: Path, hub_id: str | None) -> str | None:

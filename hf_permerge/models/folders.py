@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..io_utils import atomic_dir
+from ..io_utils import atomic_dir, atomic_file
 
 
 def write_model_files(model, folder: Path) -> None:
@@ -19,7 +19,8 @@ def write_model_files(model, folder: Path) -> None:
     model.config.architectures = [type(model).__name__]   # what save_pretrained records (Hub widgets read it)
     model.config.save_pretrained(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_file(Path(folder) / "model.safetensors") as tmp:     # safetensors alone writes 0600 files
+        save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 @contextmanager

@@ -90,7 +90,7 @@ def _architecture_details(arch: str, config: dict | None) -> str:
     if not config:
         return ""
     if arch == "mlp" and "depth" in config:
-        return f"{config['depth']} hidden layers of {config.get('width')} units"
+        return f"{config['depth']} hidden layer{'s' if config['depth'] != 1 else ''} of {config.get('width')} units"
     if arch == "cnn" and "layers" in config:
         return f"layers {config['layers']}" + (", batch norm" if config.get("batch_norm") else "")
     return ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io_utils import atomic_dir, write_json_atomic
+from ..io_utils import atomic_dir, atomic_file, write_json_atomic
 from ..models.folders import write_model_files
 
 
@@ -33,7 +33,8 @@ def save_resume_state(folder: Path, model, opt_tensors: dict[str, torch.Tensor],
     """Everything needed to continue a net's training exactly: weights, optimizer, step."""
     with atomic_dir(folder) as tmp:
         write_model_files(model, tmp)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        with atomic_file(tmp / "optimizer.safetensors") as path:
+            save_file(opt_tensors, str(path))
         write_json_atomic(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta})
 
 
