@@ -1,6 +1,7 @@
 """PermMerger: align N nets onto the first, then merge trained weights, inits or any saved step."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ import torch
 
 from ..alignment import Permutations, get_matcher
 from ..alignment.spec import apply_permutations
-from ..io_utils import PYTHON_WORDING, atomic_dir, check_output_dir, write_json_atomic
+from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, write_json_atomic
 from .repair import DEFAULT_NUM_EXAMPLES as DEFAULT_REPAIR_EXAMPLES
 from .repair import apply_repair, check_repair_mode, require_batchnorm
 from .sources import NetSource, load_sources
@@ -60,9 +61,10 @@ def net_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model") -> Path:
+def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model",
+                      wording: Wording = PYTHON_WORDING) -> Path:
     """`io_utils.check_output_dir`'s rule in a Python caller's words (`overwrite=True`, not `--overwrite`)."""
-    return check_output_dir(output_dir, overwrite, marker=marker, what=f"a {what}", wording=PYTHON_WORDING)
+    return check_output_dir(output_dir, overwrite, marker=marker, what=f"a {what}", wording=wording)
 
 
 def average_state_dicts(states: list[dict], weights: list[float]) -> dict:
@@ -576,7 +578,9 @@ class PermMerger:
 
     def save_permutations(self, output_dir) -> Path:
         """Write net_i.safetensors + alignment.json; an earlier alignment folder is replaced, a user's never."""
-        output_dir = check_save_target(output_dir, overwrite=True, marker="alignment.json", what="set of permutations")
+        output_dir = check_save_target(output_dir, overwrite=True, marker="alignment.json", what="set of permutations",
+                                       wording=dataclasses.replace(PYTHON_WORDING, overwrite="save_permutations, which "
+                                                                   "replaces only an earlier set of permutations"))
         with atomic_dir(output_dir) as tmp:
             for i, p in enumerate(self._require_alignment()):
                 p.save(tmp / f"net_{i}.safetensors")
