@@ -220,7 +220,7 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference", choices=["net_0", "average"],
                    help="activation, weight: align the nets onto net 0 (the paper's, default) or onto each other "
                         "(the objective summed over all pairs; for merging N > 2 nets with --all)")
-    g.add_argument("--max-rounds", type=int, help="--reference average: rounds over the nets at most (default 10)")
+    g.add_argument("--max-rounds", type=int, help="--reference average: rounds over the nets at most (default 50)")
     g.add_argument("--align-checkpoint",
                    help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
                         "or the checkpoint whose folders were passed)")
@@ -255,7 +255,7 @@ def _reference(args) -> dict:
     if args.reference == "average" and (args.matcher or "activation") == "gradient":
         raise ValueError("--reference average is implemented for the activation and weight matchers, not gradient; "
                          "drop --reference or choose another --matcher")
-    return {"reference": args.reference or "net_0", "max_rounds": 10 if args.max_rounds is None else args.max_rounds}
+    return {"reference": args.reference or "net_0", "max_rounds": 50 if args.max_rounds is None else args.max_rounds}
 
 
 def _merger(args, data: dict | None):

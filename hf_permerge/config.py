@@ -116,7 +116,7 @@ class AlignmentSection(_Section):
     reference: Literal["net_0", "average"] = "net_0"
     """What the nets are aligned onto: net 0 (the paper's), or each other (the matcher's objective summed over
     all pairs of nets; Git Re-Basin's MergeMany for weights): for averaging N > 2 nets (activation, weight)."""
-    max_rounds: int = Field(10, ge=1)
+    max_rounds: int = Field(50, ge=1)
     """reference average: rounds of coordinate ascent over the nets at most."""
 
     @model_validator(mode="after")

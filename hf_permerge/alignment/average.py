@@ -45,7 +45,7 @@ def _inner(a: nn.Module, b: nn.Module, keys) -> float:
 
 
 def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Permutations] | None = None,
-                     max_rounds: int = 10, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
+                     max_rounds: int = 50, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
     """Weight matching of N nets with each other (MergeMany): one `Permutations` per net lining it up with the
     average of the other nets; net 0's is the identity.
 
@@ -86,7 +86,7 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
 
 
 def align_activations_jointly(models: list[nn.Module], matcher, data, start: list[Permutations],
-                              max_rounds: int = 10, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
+                              max_rounds: int = 50, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
     """Activation matching of N nets with each other: maximise, over the permutations of nets 1..N-1 and every
     group, the similarity of the units sharing a slot summed over all pairs of nets.
 

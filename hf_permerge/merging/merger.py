@@ -241,7 +241,7 @@ class PermMerger:
 
     # -- aligning --------------------------------------------------------------------------------
     def align(self, dataset=None, matcher: str = "activation", checkpoint: str | None = None,
-              reference: str = "net_0", max_rounds: int = 10, **settings) -> list[Permutations]:
+              reference: str = "net_0", max_rounds: int = 50, **settings) -> list[Permutations]:
         """Align every net onto net 0 at `checkpoint`; returns one `Permutations` per net (net 0: identity).
 
         `dataset` is a `datasets.Dataset` (Hub schema) or a `TensorSplit`; by default the pair's
