@@ -66,11 +66,15 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
     perms = list(start) if start is not None else [Permutations.identity(spec) for _ in models]
     permuted = [p.apply(m, spec) for p, m in zip(perms, models)]
     rounds, converged = 0, False
+    changes, changed_at, solved_at = 0, [0] * len(models), [-1] * len(models)
     with torch.no_grad():
         while rounds < max_rounds and not converged:
             rounds += 1
             converged = True
             for i in range(len(models)):
+                if all(changed_at[j] <= solved_at[i] for j in range(len(models)) if j != i):
+                    continue                # the others have not moved since: the same match would be found
+                solved_at[i] = changes
                 reference = average_of([permuted[j] for j in range(len(models)) if j != i])
                 match = matcher.match(reference, permuted[i], data)
                 found = Permutations(match.compose(perms[i]), match.info)
@@ -79,6 +83,8 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
                 if _inner(reference, candidate, keys) - current > tolerance * max(1.0, abs(current)):
                     converged = False
                     perms[i], permuted[i] = found, candidate
+                    changes += 1
+                    changed_at[i] = changes
     anchor = perms[0].inverse()
     anchored = [Permutations.identity(spec)] + [
         Permutations(anchor.compose(p), {**p.info, "reference": "average of the other nets"}) for p in perms[1:]]
@@ -121,17 +127,25 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
         return sum(sims[i, j, g][:, perms[j][g]].T.double() for j in range(n) if j != i)
 
     rounds, converged = 0, False
+    changes = 0
+    changed_at = {(i, g): 0 for i in range(n) for g in spec.names}
+    solved_at = {(i, g): -1 for i in range(n) for g in spec.names}
     while rounds < max_rounds and not converged:
         rounds += 1
         converged = True
         for i in range(n):
             for g in spec.names:
+                if all(changed_at[j, g] <= solved_at[i, g] for j in range(n) if j != i):
+                    continue                # the other nets' units in this group have not moved since
+                solved_at[i, g] = changes
                 c = cost(i, g)
                 found = solve_assignment(c, spec[g].blocks)
                 current = matched_similarity(c, perms[i][g])
                 if matched_similarity(c, found) - current > tolerance * max(1.0, abs(current)):
                     converged = False
                     perms[i][g] = found
+                    changes += 1
+                    changed_at[i, g] = changes
     anchor = Permutations(perms[0]).inverse()
     out = [Permutations.identity(spec)]
     for i in range(1, n):
