@@ -252,6 +252,8 @@ def _reference(args) -> dict:
     """--reference / --max-rounds as `merger.align`'s arguments (checked before anything is loaded)."""
     if args.max_rounds is not None and args.reference != "average":
         raise ValueError("--max-rounds applies to --reference average; add it or drop --max-rounds")
+    if args.max_rounds is not None and args.max_rounds < 1:
+        raise ValueError(f"--max-rounds {args.max_rounds} must be >= 1")
     if args.reference == "average" and (args.matcher or "activation") == "gradient":
         raise ValueError("--reference average is implemented for the activation and weight matchers, not gradient; "
                          "drop --reference or choose another --matcher")

@@ -72,8 +72,9 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
             rounds += 1
             converged = True
             for i in range(len(models)):
-                if all(changed_at[j] <= solved_at[i] for j in range(len(models)) if j != i):
-                    continue                # the others have not moved since: the same match would be found
+                if all(changed_at[j] <= solved_at[i] for j in range(len(models))):
+                    continue                # no net (itself included: a matcher stopped by max_iter may go on
+                                            # from where it stopped) moved since: the same match would be found
                 solved_at[i] = changes
                 reference = average_of([permuted[j] for j in range(len(models)) if j != i])
                 match = matcher.match(reference, permuted[i], data)
@@ -86,8 +87,10 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
                     changes += 1
                     changed_at[i] = changes
     anchor = perms[0].inverse()
-    anchored = [Permutations.identity(spec)] + [
-        Permutations(anchor.compose(p), {**p.info, "reference": "average of the other nets"}) for p in perms[1:]]
+    anchored = [Permutations.identity(spec)]
+    for p in perms[1:]:        # the per-group similarities of the matches were against an average: not kept
+        info = {k: v for k, v in p.info.items() if k != "groups"}
+        anchored.append(Permutations(anchor.compose(p), {**info, "reference": "average of the other nets"}))
     return anchored, {"rounds": rounds, "converged": converged}
 
 

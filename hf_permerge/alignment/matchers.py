@@ -142,9 +142,9 @@ def _class_key(name: str) -> str:
 
 
 def _in_model_label_ids(ds, model: nn.Module, split: TensorSplit) -> TensorSplit:
-    """The data's labels as the model's class ids: a `ClassLabel` whose names are the model's `id2label` names in
-    another order (a folder of images numbers its classes alphabetically) is renumbered by name; other names
-    are left as they are, with a warning."""
+    """The data's labels as the model's class ids: a `ClassLabel` whose names are among the model's `id2label`
+    names, in another order or only some of them (a folder of images numbers its classes alphabetically from 0),
+    is renumbered by name; other names are left as they are, with a warning."""
     names = getattr(ds.features.get("label"), "names", None)
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     ours = [id2label[i] for i in sorted(id2label)]
@@ -153,13 +153,14 @@ def _in_model_label_ids(ds, model: nn.Module, split: TensorSplit) -> TensorSplit
     theirs, by_key = [_class_key(n) for n in names], {_class_key(n): i for i, n in enumerate(ours)}
     if theirs == [_class_key(n) for n in ours]:
         return split
-    if set(theirs) != set(by_key) or len(theirs) != len(by_key):
-        logger.warning("the data's classes %s are not the models' %s; their label ids are used as they are",
+    if not set(theirs) <= set(by_key) or len(set(theirs)) != len(theirs):
+        logger.warning("the data's classes %s are not among the models' %s; their label ids are used as they are",
                        list(names)[:12], ours[:12])
         return split
     mapping = torch.tensor([by_key[k] for k in theirs], device=split.labels.device)
     labels = torch.where(split.labels >= 0, mapping[split.labels.clamp(min=0)], split.labels)
-    logger.info("the data's classes are the models' in another order; labels renumbered by class name")
+    logger.info("the data's classes are among the models' (in another order, or some of them); labels renumbered "
+                "by class name")
     return TensorSplit(split.pixel_values, labels, split.fingerprint)
 
 

@@ -125,7 +125,7 @@ def load_dataset_source(source: str, split: str | None = None):
             raise ValueError(f"{source} has the splits {sorted(ds)}, not {split or 'train'!r}; choose one with "
                              "--dataset-split")
         ds = ds[split or "train"]
-    elif split is not None and hub_id is None:
+    elif split not in (None, "train") and hub_id is None:
         raise ValueError(f"{source} holds one split only (no splits to choose from); drop --dataset-split")
     for column, kind in (("image", datasets.Image), ("label", datasets.ClassLabel)):   # e.g. CIFAR-10's "img"
         candidates = [c for c, f in ds.features.items() if isinstance(f, kind)]

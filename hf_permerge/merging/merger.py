@@ -259,6 +259,9 @@ class PermMerger:
         if reference == "average" and matcher not in ("activation", "weight"):
             raise ValueError(f"reference='average' is implemented for the activation and weight matchers, not "
                              f"{matcher!r}; use reference='net_0'")
+        if reference == "average" and matcher == "activation" and self.spec.couplings:
+            raise ValueError("reference='average' with activations does not handle attention heads (coupled groups) "
+                             "yet; use reference='net_0', or the weight matcher")
         checkpoint = checkpoint or self.default_checkpoint
         m = get_matcher(matcher, **settings)
         given = dataset is not None and matcher != "weight"     # the weight matcher reads no data

@@ -282,6 +282,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         permuted=permuted, models=_models_phrase(checkpoint, len(base)),
         matcher_name=matcher.get("name") if permuted else None,
         matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
+        aligned_jointly=permuted and matcher.get("reference") == "average",
         align_checkpoint=info.get("align_checkpoint") if permuted else None,
         checkpoint=checkpoint, alpha=f"{alpha:g}" if alpha is not None else None,
         one_minus_alpha=f"{1 - alpha:g}" if alpha is not None else None, uniform=uniform,
