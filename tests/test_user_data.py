@@ -367,6 +367,8 @@ def test_what_the_card_and_merge_config_say_about_the_data(tiny_pair, tiny_fmnis
         merger.use_data(single, name=str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="unknown dataset 'fashion-mnist'"):
         merger.use_data("fashion-mnist")
+    with pytest.raises(TypeError, match="a catalog name .* or a datasets.Dataset, got list"):
+        merger.use_data([1, 2])
 
     monkeypatch.chdir(tmp_path)
     refusals = ((("--dataset", "saved", "--dataset-split", "test"), "holds one split only"),

@@ -215,6 +215,9 @@ class PermMerger:
             return
         from ..data.tensors import check_image_dataset
 
+        if not hasattr(dataset, "column_names"):
+            raise TypeError(f"use_data takes a catalog name (e.g. 'fashion_mnist') or a datasets.Dataset, got "
+                            f"{type(dataset).__name__}")
         if data_dir is not None:
             raise ValueError("data_dir names the files of a catalog data set; a datasets.Dataset brings its own "
                              "images: drop data_dir")
