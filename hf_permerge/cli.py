@@ -280,17 +280,16 @@ def _data(args) -> dict | None:
     id; only a Hub id is named in the card, a local folder's path is not pushed). None when neither was given."""
     from .data.catalog import DATASETS
 
-    given = [f"--{k.replace('_', '-')}" for k in ("dataset", "dataset_split", "data_dir") if getattr(args, k) is not None]
-    if given and args.matcher == "weight" and not getattr(args, "repair", None):
-        raise ValueError(f"--matcher weight reads no data, so {', '.join(given)} would be ignored; drop "
-                         f"{'it' if len(given) == 1 else 'them'}" + (" (or add --repair, which reads them)"
-                                                                     if hasattr(args, "repair") else ""))
+    options = [f"--{k.replace('_', '-')}" for k in ("dataset", "dataset_split", "data_dir") if getattr(args, k) is not None]
+    if options and args.matcher == "weight" and not getattr(args, "repair", None):
+        raise ValueError(f"--matcher weight reads no data, so {', '.join(options)} would be ignored; drop "
+                         f"{'it' if len(options) == 1 else 'them'}" + (" (or add --repair, which reads them)"
+                                                                       if hasattr(args, "repair") else ""))
     if args.dataset is None or args.dataset in DATASETS:
         if args.dataset_split is not None:
             raise ValueError("--dataset-split picks a split of a --dataset folder or Hub id; a catalog data set is "
                              "read from its training split: drop --dataset-split")
-        given = args.dataset is not None or args.data_dir is not None
-        return {"dataset": args.dataset, "data_dir": args.data_dir} if given else None
+        return {"dataset": args.dataset, "data_dir": args.data_dir} if options else None
     if args.data_dir is not None:
         raise ValueError(f"--data-dir names the files of a catalog data set ({', '.join(DATASETS)}); "
                          f"--dataset {args.dataset} brings its own: drop --data-dir")

@@ -156,3 +156,9 @@ def missing_folder_error(path: Path, hub: str = "") -> FileNotFoundError:
     there = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
     listing = ", ".join(there[:8]) + (", ..." if len(there) > 8 else "") if there else "no folders"
     return FileNotFoundError(f"there is no folder {path} ({parent} holds: {listing}){hub}")
+
+
+def only_a_local_path(text: str) -> bool:
+    """Whether `text` can only name a local path: no Hub repo id starts with `.`, `/` or `~`, ends with `/`,
+    or has more than one `/`."""
+    return text.startswith((".", "/", "~")) or text.endswith("/") or len(Path(text).parts) > 2

@@ -6,8 +6,8 @@ A matcher aligns model_b ONTO model_a: model_a is the reference and stays as it 
 from __future__ import annotations
 
 import contextlib
-import logging
 import dataclasses
+import logging
 from typing import ClassVar, Iterator, Mapping
 
 import torch

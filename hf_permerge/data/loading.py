@@ -90,7 +90,7 @@ def load_dataset_source(source: str, split: str | None = None):
     a folder that holds one split only. The images' schema is checked here, before any model is loaded."""
     import datasets
 
-    from ..io_utils import missing_folder_error
+    from ..io_utils import missing_folder_error, only_a_local_path
     from .catalog import DATASETS
     from .tensors import check_image_dataset
 
@@ -106,11 +106,11 @@ def load_dataset_source(source: str, split: str | None = None):
     elif path.exists():
         raise ValueError(f"{path} is a file; give a folder written by Dataset.save_to_disk, or a folder of images "
                          "with one subfolder per class")
-    elif source.startswith((".", "/", "~")) or source.endswith("/") or len(path.parts) != 2:
-        if len(path.parts) == 1 and "/" not in source:
-            raise ValueError(f"{source!r} is not a data set of the catalog ({', '.join(DATASETS)}), a folder, nor a "
-                             "Hub dataset id (owner/name); check the name or the path")
+    elif only_a_local_path(source):
         raise missing_folder_error(path)
+    elif len(path.parts) == 1:
+        raise ValueError(f"{source!r} is not a data set of the catalog ({', '.join(DATASETS)}), a folder, nor a "
+                         "Hub dataset id (owner/name); check the name or the path")
     elif Path(path.parts[0]).is_dir():       # `data/nope` beside a data/ folder: a mistyped path, not a Hub id
         raise missing_folder_error(path, f"; if {source} is a Hub dataset id, run where no folder "
                                          f"{path.parts[0]} is beside you")

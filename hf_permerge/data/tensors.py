@@ -11,6 +11,12 @@ from .catalog import dataset_info
 from .loading import load_idx_arrays, load_image_dataset
 
 
+def subset_indices(size: int, n: int, seed: int) -> torch.Tensor:
+    """The indices of a fixed random subset of n of `size` examples: `TensorSplit.subset`'s, and the images
+    `PermMerger.tensor_split` converts from a `datasets.Dataset`, so both take the same examples in the same order."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 @dataclass
 class TensorSplit:
     """A split on the device: `pixel_values` (N, C, H, W) float32 normalised, `labels` (N,) int64."""
@@ -26,7 +32,7 @@ class TensorSplit:
         """A fixed random subset of n examples (all when n is None or >= len)."""
         if n is None or n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].to(self.labels.device)
+        idx = subset_indices(len(self), n, seed).to(self.labels.device)
         return TensorSplit(self.pixel_values[idx], self.labels[idx], f"{self.fingerprint}:subset{n}@{seed}")
 
     def batches(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

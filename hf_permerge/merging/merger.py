@@ -205,8 +205,8 @@ class PermMerger:
     def use_data(self, dataset, data_dir=None, name: str | None = None) -> None:
         """Align and repair on this data unless given data (by default: the pair's data set, and Fashion-MNIST for
         models without a pair.json). `dataset` is a catalog name (e.g. from a config), read from `data_dir` if
-        given, or a `datasets.Dataset` (an `image` column; `name`, e.g. its path or Hub id, is what the model card
-        and merge_config.json call it)."""
+        given, or a `datasets.Dataset` (an `image` column; `name`, its Hub id if it has one, is what the model card
+        and merge_config.json call it; a local path never is)."""
         if isinstance(dataset, str):
             from ..data.catalog import dataset_info
 
@@ -299,14 +299,13 @@ class PermMerger:
         Only the `num_examples` images the matcher or REPAIR will use are converted: the same seeded
         subset, in the same order, that `TensorSplit.subset(num_examples, seed)` takes."""
         from ..alignment.matchers import as_tensor_split
-        from ..data.tensors import TensorSplit
+        from ..data.tensors import TensorSplit, subset_indices
 
         model = self.load(0)
         if isinstance(data, TensorSplit):
             return as_tensor_split(data, model)
         if hasattr(data, "select") and num_examples is not None and num_examples < len(data):
-            data = data.select(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num_examples]
-                               .tolist())
+            data = data.select(subset_indices(len(data), num_examples, seed).tolist())
         return as_tensor_split(data, model, processor=self._image_processor(model))
 
     def described_dataset(self) -> str | None:

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io_utils import missing_folder_error
+from ..io_utils import missing_folder_error, only_a_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def resolve(path_or_id: str | Path, token: str | None = None, revision: str | No
             raise NotADirectoryError(f"{path} is a file; pass a pair folder, a model folder or a Hub repo id")
         return path, None
     text = str(path_or_id)
-    if text.startswith((".", "/", "~")) or len(path.parts) > 2:     # no Hub repo id looks like this
+    if only_a_local_path(text):
         raise missing_folder_error(path)
     from ..hub import HubError, resolve_local_or_hub
 
