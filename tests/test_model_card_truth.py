@@ -151,3 +151,21 @@ def test_cli_merge_card_has_a_reproduce_command(tiny_pair, tmp_path, monkeypatch
     text = (tmp_path / "out" / "README.md").read_text()
     assert "hf-permerge merge tiny_pair --vanilla --alpha 0.25 -o out" in text
     assert str(tmp_path) not in text
+
+
+def test_bare_model_folders_card_does_not_claim_their_training_data(tiny_pair, tiny_fmnist, tmp_path):
+    """Models without a pair.json came from elsewhere: the data the merge used is named as that, not as what the
+    models were trained on, and stays out of the `datasets` metadata (training data on the Hub)."""
+    merger = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"])
+    merger.use_data("fashion_mnist", data_dir=tiny_fmnist)
+    merger.align(num_examples=200)
+    merger.merge(0.5)
+    card, config = saved(merger, tmp_path / "out")
+    assert "merged with data from Fashion-MNIST; the models' own training data is not recorded" in card.text
+    assert not card.data.datasets and config["dataset"] == "fashion_mnist"
+    assert config["alignment"]["data"] == "fashion_mnist training split" and config["alignment"]["examples"] == 200
+
+    pair = PermMerger.from_pretrained(tiny_pair)
+    pair.align(matcher="weight")
+    pair_card, _ = saved(pair, tmp_path / "pair_out")
+    assert "on Fashion-MNIST, made with" in pair_card.text and pair_card.data.datasets == ["zalando-datasets/fashion_mnist"]

@@ -359,10 +359,15 @@ def test_what_the_card_and_merge_config_say_about_the_data(tiny_pair, tiny_fmnis
     config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
     assert config["dataset"] == "fashion_mnist"                       # what the pair was trained on
     assert config["alignment"]["data"] == "a datasets.Dataset given to use_data"
+    assert config["alignment"]["examples"] == 100 and config["alignment"]["settings"]["num_examples"] == 10000
     assert config["merge"]["repair_data"] == "a datasets.Dataset given to use_data"
     assert str(tmp_path) not in (tmp_path / "merged" / "README.md").read_text() + json.dumps(config)
 
     merger = PermMerger.from_pretrained(tiny_pair)
+    merger.use_data(Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels[:30]]}, split="test"),
+                    name="someone/fmnist-copy")        # as load_dataset("someone/fmnist-copy", split="test") gives it
+    merger.align(num_examples=20)
+    assert merger.alignment["data"] == "someone/fmnist-copy test split" and merger.alignment["examples"] == 20
     with pytest.raises(ValueError, match="not a Hub dataset id"):
         merger.use_data(single, name=str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="unknown dataset 'fashion-mnist'"):

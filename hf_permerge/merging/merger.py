@@ -289,6 +289,8 @@ class PermMerger:
             rounds = {"reference": reference, "max_rounds": max_rounds, **rounds}
         self.set_permutations(perms, matcher=matcher, settings=dict(m.settings),   # the defaults filled in
                               checkpoint=checkpoint, align_s=time.perf_counter() - start, **rounds,
+                              **({"examples": min(len(dataset), getattr(m, "num_examples", None) or len(dataset))}
+                                 if dataset is not None else {}),      # the images used: fewer if fewer were given
                               **({"data": "given by the caller"} if given else
                                  {"data": self._default_data_label()} if matcher != "weight" and self.data else {}))
         return perms
@@ -323,8 +325,12 @@ class PermMerger:
         pair's training split, as before `use_data` existed)."""
         if self.data is None:
             return None
-        if self._given_default() is not None:
-            return self.dataset_name() or "a datasets.Dataset given to use_data"
+        given = self._given_default()
+        if given is not None:
+            split = getattr(given, "split", None)        # e.g. load_dataset(id, split="test") remembers "test"
+            if self.dataset_name() is None:
+                return "a datasets.Dataset given to use_data"
+            return f"{self.dataset_name()} {split} split" if split else self.dataset_name()
         return f"{self.dataset_name()} training split"
 
     def set_permutations(self, perms: list[Permutations], **alignment) -> None:
@@ -506,6 +512,7 @@ class PermMerger:
             "nets": nets,
             "config": model.config.to_dict(),
             "dataset": self.described_dataset(),
+            "dataset_trained": self.pair is not None,     # bare folders: the data they were merged with, not trained on
             "permuted": permuted,
             "matcher": matcher,
             "align_checkpoint": self.alignment.get("checkpoint") if permuted else None,

@@ -173,6 +173,9 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     - `architecture` (`"mlp"` | `"cnn"`): default from `config["model_type"]` (`perm_mlp` -> `mlp`).
     - `config` (dict): the merged model's config.json, for architecture details.
     - `dataset` (str): a catalog name (`"fashion_mnist"`, mapped to its Hub id) or a Hub dataset id.
+    - `dataset_trained` (bool, default True): the models were trained on `dataset`. False: it is only the data
+      the merge aligned, repaired or was measured on (models saved without a pair.json); the card says so and
+      leaves it out of the `datasets` metadata, which on the Hub means training data.
     - `permuted` (bool, default True): the units were aligned before averaging; False: a vanilla average.
     - `matcher` (str or dict): `{"name": "activation", <setting>: <value>, ...}`; `align_checkpoint` (str):
       the checkpoint the permutations were found on (both only shown for a permuted merge).
@@ -214,6 +217,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     alpha = None if uniform else float(info.get("alpha") if info.get("alpha") is not None else 0.5)
     nets = list(info.get("nets") or range(len(base)))
     dataset_name, dataset_id = _dataset(info.get("dataset"))
+    dataset_trained = info.get("dataset_trained", True)   # False: the data of the merge, the models' own unknown
     repo_id = info.get("repo_id")
     model_name = info.get("model_name") or (repo_id.split("/")[-1] if repo_id else "hf_permerge-merged-model")
     matcher = info.get("matcher") or {}
@@ -256,7 +260,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         library_name="hf_permerge", license=info.get("license"),
         tags=["model-merging", *(["permutation-alignment"] if permuted else []), *([arch] if arch else []),
               "merge"],
-        base_model=hub_bases or None, datasets=[dataset_id] if dataset_id else None,
+        base_model=hub_bases or None, datasets=[dataset_id] if dataset_id and dataset_trained else None,
         pipeline_tag="image-classification", metrics=["accuracy", "loss"] if eval_results else None,
         model_name=model_name if eval_results else None, eval_results=eval_results or None, **extra)
 
@@ -278,7 +282,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         model_name=model_name, repo_id=repo_id or LOCAL_REPO_PLACEHOLDER,
         architecture_name=ARCHITECTURES.get(arch, arch),
         architecture_details=_architecture_details(arch, info.get("config")),
-        base_models=base, dataset_name=dataset_name, dataset_id=dataset_id,
+        base_models=base, dataset_name=dataset_name, dataset_id=dataset_id, dataset_trained=dataset_trained,
         permuted=permuted, models=_models_phrase(checkpoint, len(base)),
         matcher_name=matcher.get("name") if permuted else None,
         matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
