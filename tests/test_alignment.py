@@ -432,6 +432,28 @@ def test_matching_recovers_a_known_permutation_by_weights(name, variant):
     assert get_matcher("weight", **variant).match(a, pi.apply(a)) == pi.inverse()
 
 
+@pytest.mark.parametrize("name", [*NETS, "mlp_depth1"])
+@pytest.mark.parametrize("bottom_up", [False, True])
+def test_weight_matching_stops_at_a_fixed_point_solving_only_groups_whose_neighbours_moved(name, bottom_up,
+                                                                                           monkeypatch):
+    """A group is re-solved only when a group it shares a tensor with changed; the result is still a fixed point
+    (no group's own assignment improves it), and a one-hidden-layer MLP needs one solve per match, not two."""
+    from hf_permerge.alignment import weight
+
+    a, b = (mlp(seed, depth=1) if name == "mlp_depth1" else NETS[name](seed) for seed in (0, 1))
+    calls = []
+    solve = weight.solve_assignment
+    monkeypatch.setattr(weight, "solve_assignment", lambda s, blocks=1: calls.append(1) or solve(s, blocks))
+    spec = a.permutation_spec()
+    perms, sims = weight.solve_linear_matching(spec, a.state_dict(), b.state_dict(), bottom_up_first=bottom_up)
+    for g in spec.names:
+        best = solve(sims[g])
+        assert float(sims[g][torch.arange(len(best)), best].sum()) <= \
+            float(sims[g][torch.arange(len(best)), perms[g]].sum()) * (1 + 1e-12) + 1e-12
+    if name == "mlp_depth1":
+        assert len(calls) == (2 if bottom_up else 1)
+
+
 def test_weight_matcher_refuses_a_setting_that_would_match_nothing():
     with pytest.raises(ValueError, match="max_iter=0 without bottom_up=True would return the identity"):
         get_matcher("weight", max_iter=0)
