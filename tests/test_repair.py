@@ -87,11 +87,16 @@ def test_repair_at_alpha_zero_leaves_net_0_unchanged(merger, tiny_fmnist):
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_merge_records_the_repair_setting(merger, tmp_path):
-    merger.merge(0.5, repair="repair", repair_examples=500)
+def test_merge_records_the_repair_setting(merger, tmp_path, caplog):
+    """The tiny pair's MLP has no biases: REPAIR could only rescale its layers, and says so (log, record, card)."""
+    with caplog.at_level("WARNING"):
+        merger.merge(0.5, repair="repair", repair_examples=500)
+    assert "1 of 1 corrected layers have no bias (layers.0)" in caplog.text and "model.bias=true" in caplog.text
     assert merger.merge_settings()["merge"]["repair"] == "repair"
     merger.save_pretrained(tmp_path / "merged")
-    assert json.loads((tmp_path / "merged" / "merge_config.json").read_text())["merge"]["repair"] == "repair"
+    config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert config["merge"]["repair"] == "repair" and config["merge"]["repair_scale_only"] == ["layers.0"]
+    assert "1 layer(s) without a bias (layers.0) could only be rescaled" in (tmp_path / "merged" / "README.md").read_text()
     merger.merge_all()
     assert merger.merge_settings()["merge"].get("repair") is None
 

@@ -419,11 +419,13 @@ class PermMerger:
         self.check_repair(repair)
         states = [self.permuted_state(i, checkpoint, permute) for i in nets]
         merged = self._model_with(average_state_dicts(states, weights), checkpoint)
+        scale_only = []
         if repair is not None:
             endpoints = [self._endpoint(i, checkpoint, permute) for i in nets] if repair == "repair" else []
-            apply_repair(repair, merged, endpoints, self._repair_data(repair_data, repair_examples), weights,
-                         num_examples=repair_examples, **self._repair_sites(repair))
-        self._remember(merged, {"alpha": alpha, "checkpoint": checkpoint, "nets": nets, "permuted": permute},
+            scale_only = apply_repair(repair, merged, endpoints, self._repair_data(repair_data, repair_examples),
+                                      weights, num_examples=repair_examples, **self._repair_sites(repair))
+        self._remember(merged, {"alpha": alpha, "checkpoint": checkpoint, "nets": nets, "permuted": permute,
+                                **({"repair_scale_only": scale_only} if scale_only else {})},
                        repair, repair_data, repair_examples)
         return merged
 
@@ -520,6 +522,7 @@ class PermMerger:
             "alpha": last.get("alpha", 0.5),
             "uniform": last.get("alpha", 0.5) is None,
             "repair": last.get("repair"),
+            "repair_scale_only": last.get("repair_scale_only"),
             "traced_spec": ({"groups": len(self.spec.groups), "skipped": sorted(self.traced.skipped)}
                             if self.traced is not None and permuted else None),
             "report": report,

@@ -19,7 +19,10 @@ applied to a merged model in place, from a few thousand training images, in batc
   scale never lowered the test accuracy or raised the loss against no repair; matching the std
   alone (s = a) was up to 0.16 point better or 0.21 worse on deeper nets, and lost 0.03 and 0.11 points
   against no repair on 1-layer ones, where averaging collapses little and the mean, exact for a first
-  layer, was pushed away. For a group tied by
+  layer, was pushed away. Those six chose the form, and it is no guarantee: a held-out 2x128 pair
+  (seed 0, aligned on 5,000 images) lost 0.25 point at alpha 0.5 and 0.67 at 0.3, and a small bias-free
+  CNN (8-avg-16-avg-32, 150 steps) 0.94 at 0.3 (REPRODUCING.md). So it warns, and the card names the
+  layers that were only rescaled; with biases REPAIR reaches its targets. For a group tied by
   residual additions no single module carries its pre-activations (`preactivation` None): it is left
   as is, unless you pass the modules to correct (`modules=`, e.g. a traced spec's `repair_modules`,
   which lists every branch's last affine layer).
@@ -35,6 +38,7 @@ Unit axis: 1 for convolutions and BatchNorm, the last axis for Linear and LayerN
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal, Sequence
 
 import torch
@@ -43,6 +47,8 @@ from torch import nn
 from ..alignment.matchers import as_tensor_split, batch_slices, eval_mode, model_input
 from ..alignment.spec import PermutationSpec
 from ..data.tensors import TensorSplit
+
+logger = logging.getLogger(__name__)
 
 REPAIR_MODES = ("repair", "reset_bn")
 DEFAULT_NUM_EXAMPLES = 5000
@@ -251,6 +257,12 @@ def repair(model: nn.Module, endpoints: Sequence[nn.Module], data, weights: Sequ
         _fold(named[m], scale, shift)
         summary[m] = {"scale_mean": scale.mean().item(), "shift_abs_mean": shift.abs().mean().item(),
                       "shift": has_bias}
+    scale_only = [m for m, s in summary.items() if not s["shift"]]
+    if scale_only:
+        logger.warning("REPAIR: %d of %d corrected layers have no bias (%s), so their units were only rescaled, not "
+                       "re-centred: scale-only REPAIR, which can also cost a little accuracy. Compare with the "
+                       "unrepaired merge, or train with biases (model.bias=true)", len(scale_only), len(summary),
+                       ", ".join(scale_only))
     return summary
 
 
@@ -297,11 +309,12 @@ def reset_bn_statistics(model: nn.Module, data, num_examples: int | None = DEFAU
 
 
 def apply_repair(mode: Literal["repair", "reset_bn"], model: nn.Module, endpoints: Sequence[nn.Module], data,
-                 weights: Sequence[float] | None = None, **settings) -> nn.Module:
-    """Run `repair` or `reset_bn_statistics` on a merged model (in place); returns it."""
+                 weights: Sequence[float] | None = None, **settings) -> list[str]:
+    """Run `repair` or `reset_bn_statistics` on a merged model (in place); returns the modules REPAIR could only
+    rescale (no bias to shift), for the record."""
     check_repair_mode(mode)
     if mode == "reset_bn":
         reset_bn_statistics(model, data, **settings)
-    else:
-        repair(model, endpoints, data, weights, **settings)
-    return model
+        return []
+    summary = repair(model, endpoints, data, weights, **settings)
+    return [m for m, s in summary.items() if not s["shift"]]

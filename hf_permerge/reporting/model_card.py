@@ -185,6 +185,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     - `nets` (list of int): the base models' net indices in the report (default 0, 1, ...), to pick their
       endpoint rows and measured numbers.
     - `repair` (`"repair"` | `"reset_bn"`): the correction applied after merging (see `hf_permerge.merging.repair`).
+    - `repair_scale_only` (list of module names): layers REPAIR could only rescale, having no bias to shift.
     - `traced_spec` (`{"groups": int, "skipped": [module names]}`): the spec was traced, not hand-written.
     - `command` (str): the command that reproduces the merge (absolute paths in it are cut to their last part).
     - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
@@ -290,7 +291,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         align_checkpoint=info.get("align_checkpoint") if permuted else None,
         checkpoint=checkpoint, alpha=f"{alpha:g}" if alpha is not None else None,
         one_minus_alpha=f"{1 - alpha:g}" if alpha is not None else None, uniform=uniform,
-        repair=info.get("repair"), traced_spec=info.get("traced_spec") if permuted else None,
+        repair=info.get("repair"), repair_scale_only=info.get("repair_scale_only") or [], traced_spec=info.get("traced_spec") if permuted else None,
         merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
         merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "",
         endpoints=endpoints, barriers=barriers, interpolation=interpolation, plots=plots,
