@@ -142,3 +142,26 @@ def test_cli_merges_all_nets_aligned_onto_each_other(tiny_pair, tmp_path, run_cl
     assert config["alignment"]["reference"] == "average" and config["merge"]["nets"] == [0, 1, 2]
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "reference=average" in card and "to line up with one another" in card
+
+
+def test_warm_starts_carried_between_rounds_change_no_permutation(tiny_fmnist, monkeypatch):
+    """Each net's solves start from its previous solve's column potentials (kept by the net's own units, which
+    stay put while its slots move): the same permutations as plain solves, for both matchers."""
+    from hf_permerge.alignment import hungarian
+    from hf_permerge.models import PermMLPConfig, PermMLPForImageClassification
+
+    data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)
+    models = [PermMLPForImageClassification(PermMLPConfig(depth=2, width=16, seed=seed)).eval() for seed in range(4)]
+    start = [Permutations.identity(models[0].permutation_spec()) for _ in models]
+    carried = []
+    duals = hungarian.entropic_duals
+    monkeypatch.setattr(hungarian, "entropic_duals", lambda s, start=None: carried.append(start is not None) or
+                        duals(s, start))
+    found = {}
+    for min_units in (8, 10**9):
+        monkeypatch.setattr(hungarian, "WARM_START_MIN_UNITS", {"cpu": min_units, "cuda": min_units})
+        found[min_units] = [align_to_average(models, WeightMatcher(), start=start)[0],
+                            align_activations_jointly(models, ActivationMatcher(num_examples=500), data, start)[0]]
+    assert sum(carried) > 0 and not all(carried)       # first solves from scratch, later ones carried
+    for warm, plain in zip(found[8], found[10**9]):
+        assert warm == plain

@@ -286,7 +286,7 @@ def test_matchers_give_the_same_permutations_with_and_without_the_warm_start(dat
     a, b = (briefly_trained(mlp(seed, width=64, depth=3), data, seed=seed) for seed in (0, 1))
     calls = []
     duals = hungarian.entropic_duals
-    monkeypatch.setattr(hungarian, "entropic_duals", lambda s: calls.append(len(s)) or duals(s))
+    monkeypatch.setattr(hungarian, "entropic_duals", lambda s, start=None: calls.append(len(s)) or duals(s, start))
     found = {}
     for min_units in (16, 10**9):
         monkeypatch.setattr(hungarian, "WARM_START_MIN_UNITS", {"cpu": min_units, "cuda": min_units})
@@ -443,7 +443,7 @@ def test_weight_matching_stops_at_a_fixed_point_solving_only_groups_whose_neighb
     a, b = (mlp(seed, depth=1) if name == "mlp_depth1" else NETS[name](seed) for seed in (0, 1))
     calls = []
     solve = weight.solve_assignment
-    monkeypatch.setattr(weight, "solve_assignment", lambda s, blocks=1: calls.append(1) or solve(s, blocks))
+    monkeypatch.setattr(weight, "solve_assignment", lambda s, blocks=1, **kw: calls.append(1) or solve(s, blocks, **kw))
     spec = a.permutation_spec()
     perms, sims = weight.solve_linear_matching(spec, a.state_dict(), b.state_dict(), bottom_up_first=bottom_up)
     for g in spec.names:

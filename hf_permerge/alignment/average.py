@@ -19,6 +19,7 @@ permutes their average, the same function.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -44,6 +45,22 @@ def _inner(a: nn.Module, b: nn.Module, keys) -> float:
     return sum(torch.sum(sa[k].double() * sb[k].double()).item() for k in keys)
 
 
+def _match(matcher, reference: nn.Module, permuted: nn.Module, data, perm: Permutations, warm: dict) -> Permutations:
+    """`matcher.match(reference, permuted, data)`, warm-started from this net's last solves where the matcher
+    takes potentials (the weight matcher). The match's columns are the permuted net's units, unit k being the
+    net's own unit perm[g][k]; `warm` keeps them by the net's own units, which do not move between rounds."""
+    if "potentials" not in inspect.signature(matcher.match).parameters:
+        return matcher.match(reference, permuted, data)
+    potentials = {g: {"columns": v[perm[g].to(v.device)]} for g, v in warm.items()}
+    match = matcher.match(reference, permuted, data, potentials=potentials)
+    for g, carried in potentials.items():
+        if "columns" in carried:
+            v = torch.empty_like(carried["columns"])
+            v[perm[g].to(v.device)] = carried["columns"]
+            warm[g] = v
+    return match
+
+
 def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Permutations] | None = None,
                      max_rounds: int = 50, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
     """Weight matching of N nets with each other (MergeMany): one `Permutations` per net lining it up with the
@@ -65,6 +82,7 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
     keys = [k for k in spec.axes_to_perm() if k in models[0].state_dict()]
     perms = list(start) if start is not None else [Permutations.identity(spec) for _ in models]
     permuted = [p.apply(m, spec) for p, m in zip(perms, models)]
+    warm = [{} for _ in models]     # net -> group -> its last column potentials, indexed by the net's own units
     rounds, converged = 0, False
     changes, changed_at, solved_at = 0, [0] * len(models), [-1] * len(models)
     with torch.no_grad():
@@ -77,7 +95,7 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
                                             # from where it stopped) moved since: the same match would be found
                 solved_at[i] = changes
                 reference = average_of([permuted[j] for j in range(len(models)) if j != i])
-                match = matcher.match(reference, permuted[i], data)
+                match = _match(matcher, reference, permuted[i], data, perms[i], warm[i])
                 found = Permutations(match.compose(perms[i]), match.info)
                 candidate = found.apply(models[i], spec)
                 current = _inner(reference, permuted[i], keys)
@@ -131,6 +149,7 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
 
     rounds, converged = 0, False
     changes = 0
+    potentials = {(i, g): {} for i in range(n) for g in spec.names}   # columns: net i's units, whatever moves
     changed_at = {(i, g): 0 for i in range(n) for g in spec.names}
     solved_at = {(i, g): -1 for i in range(n) for g in spec.names}
     while rounds < max_rounds and not converged:
@@ -142,7 +161,7 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
                     continue                # the other nets' units in this group have not moved since
                 solved_at[i, g] = changes
                 c = cost(i, g)
-                found = solve_assignment(c, spec[g].blocks)
+                found = solve_assignment(c, spec[g].blocks, previous=potentials[i, g])
                 current = matched_similarity(c, perms[i][g])
                 if matched_similarity(c, found) - current > tolerance * max(1.0, abs(current)):
                     converged = False

@@ -46,7 +46,8 @@ def _soft_max_rows(mat: torch.Tensor, shift: torch.Tensor, t: float, buf: torch.
 
 
 @torch.no_grad()
-def entropic_duals(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def entropic_duals(similarity: torch.Tensor, start: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Potentials (u, v) with u_i + v_j >= similarity[i, j] for all i, j, nearly tight on the best assignment.
 
     Log-domain Sinkhorn with unit marginals, annealed over `SINKHORN_TEMPERATURES` (`SINKHORN_ITERATIONS`
@@ -62,7 +63,10 @@ def entropic_duals(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     iterations = SINKHORN_ITERATIONS.get(s.device.type, 10)
     u = torch.zeros(len(s), device=s.device)
     v = torch.zeros(s.shape[1], device=s.device)
-    for level in SINKHORN_TEMPERATURES:
+    levels = SINKHORN_TEMPERATURES
+    if start is not None and start.shape == v.shape and torch.isfinite(start).all():
+        v, levels = start.to(v), SINKHORN_TEMPERATURES[-1:]
+    for level in levels:
         t = level * scale
         for _ in range(iterations):
             u = _soft_max_rows(s, v, t, buf)
@@ -83,12 +87,16 @@ def uses_warm_start(similarity: torch.Tensor, blocks: int = 1, warm_start: str =
     return warm_start == "sinkhorn" or (min_units is not None and len(similarity) >= min_units)
 
 
-def to_host(similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto"):
+def to_host(similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto", previous: dict | None = None):
     """(float64 CPU similarity, float64 CPU potentials or None): the potentials are computed on the
     similarity's device, on the caller's thread, so solver threads never touch the device."""
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity must be a square matrix, got shape {tuple(similarity.shape)}")
-    duals = entropic_duals(similarity) if uses_warm_start(similarity, blocks, warm_start) else None
+    duals = None
+    if uses_warm_start(similarity, blocks, warm_start):
+        duals = entropic_duals(similarity, None if previous is None else previous.get("columns"))
+        if previous is not None and duals is not None:
+            previous["columns"] = duals[1]
     s = similarity.detach().to("cpu", torch.float64)
     return s, None if duals is None else tuple(d.to("cpu", torch.float64) for d in duals)
 
@@ -113,12 +121,16 @@ def solve_on_host(s: torch.Tensor, blocks: int = 1, duals=None) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(cols)).long()
 
 
-def solve_assignment(similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto") -> torch.Tensor:
+def solve_assignment(similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto",
+                     previous: dict | None = None) -> torch.Tensor:
     """The permutation maximising `sum_i similarity[i, perm[i]]` (exact: float64, CPU, SciPy).
 
     blocks > 1: units stay within their block of `n / blocks` consecutive units (attention heads), so each
-    diagonal block is its own, smaller assignment. warm_start: see the module docstring and `uses_warm_start`."""
-    s, duals = to_host(similarity, blocks, warm_start)
+    diagonal block is its own, smaller assignment. warm_start: see the module docstring and `uses_warm_start`.
+    previous: a dict kept by the caller between solves of one slowly changing matrix whose columns stay the same
+    units (coordinate ascent); the warm start then begins from the last solve's column potentials, at the
+    coldest temperature only. It changes how fast the optimum is found, never which."""
+    s, duals = to_host(similarity, blocks, warm_start, previous)
     return solve_on_host(s, blocks, duals)
 
 

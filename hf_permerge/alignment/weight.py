@@ -23,7 +23,8 @@ TensorDict = Mapping[str, torch.Tensor]
 
 def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[TensorDict],
                           pairs_b: TensorDict | Sequence[TensorDict], max_iter: int = 100, seed: int = 0,
-                          bottom_up_first: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                          bottom_up_first: bool = False, potentials: dict[str, dict] | None = None
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Permutations pi of the b side maximising  sum_p sum_k <pairs_a[p][k], pi(pairs_b[p][k])>.
 
     pairs_a / pairs_b: one state-dict-like mapping each, or equal-length sequences of them paired
@@ -37,6 +38,10 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
 
     Returns (perms, similarities): similarities[g][i, j] is group g's objective for putting unit
     j of b in slot i, with every other group at its final permutation.
+
+    Each group's columns are b's own units in every sweep, so a group solved again warm-starts from its last
+    solve's column potentials (`solve_assignment`'s `previous`). `potentials`: group -> such a dict, given by
+    a caller that matches slowly changing nets again and again (`align_to_average`); updated in place.
     """
     if isinstance(pairs_a, Mapping):
         pairs_a, pairs_b = [pairs_a], [pairs_b]
@@ -70,11 +75,13 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     neighbours = {g.name: {other for key, _ in g.axes for other in axes_to_perm[key].values()} - {g.name}
                   for g in spec.groups}
     changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
+    potentials = {g: {} for g in spec.names} if potentials is None else potentials
     generator = torch.Generator().manual_seed(seed)
     if bottom_up_first:
         solved: set[str] = set()
         for group in spec.names:
-            perms[group] = solve_assignment(similarity(group, solved), spec[group].blocks)
+            perms[group] = solve_assignment(similarity(group, solved), spec[group].blocks,
+                                            previous=potentials.setdefault(group, {}))
             solved.add(group)
     for sweep in range(max_iter):
         order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
@@ -91,7 +98,7 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
                 solved_at[n] = changes
             sims = [similarity(n) for n in unit]
             new = (solve_coupled(sims, spec[group].blocks) if len(unit) > 1
-                   else [solve_assignment(sims[0], spec[group].blocks)])
+                   else [solve_assignment(sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}))])
             old_value = sum(matched_similarity(s, perms[n]) for s, n in zip(sims, unit))
             new_value = sum(matched_similarity(s, p) for s, p in zip(sims, new))
             if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
@@ -129,8 +136,11 @@ class WeightMatcher(Matcher):
             raise ValueError("max_iter=0 without bottom_up=True would return the identity; use bottom_up=True "
                              "(App. D's one pass) or max_iter >= 1")
 
-    def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:
+    def match(self, model_a: nn.Module, model_b: nn.Module, data=None, *,
+              potentials: dict[str, dict] | None = None) -> Permutations:
+        """`potentials`: warm starts kept between matches of slowly changing nets (see `solve_linear_matching`)."""
         spec = check_same_architecture(model_a, model_b)
         perms, similarities = solve_linear_matching(spec, model_a.state_dict(), model_b.state_dict(),
-                                                    self.max_iter, self.seed, bottom_up_first=self.bottom_up)
+                                                    self.max_iter, self.seed, bottom_up_first=self.bottom_up,
+                                                    potentials=potentials)
         return Permutations(perms, self._info(similarities, perms, None))
