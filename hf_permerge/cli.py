@@ -304,7 +304,10 @@ def cmd_align(args) -> int:
 
     matcher, settings = _matching(args)
     reference = _reference(args)
-    check_output_dir(args.output_dir, args.overwrite, marker="alignment.json", what="a set of permutations")
+    from .merging.merger import PERMUTATIONS_CONTENTS
+
+    check_output_dir(args.output_dir, args.overwrite, marker="alignment.json", what="a set of permutations",
+                     contents=PERMUTATIONS_CONTENTS)
     data = _data(args)
     merger = _merger(args, data)
     perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
@@ -333,12 +336,12 @@ def _check_merge_options(args) -> None:
 
 def cmd_merge(args) -> int:
     from .io_utils import check_output_dir
-    from .merging.merger import MARKER
+    from .merging.merger import MARKER, MERGED_CONTENTS
 
     _check_merge_options(args)
     matcher, settings = _matching(args)
     reference = _reference(args)
-    check_output_dir(args.output_dir, args.overwrite, marker=MARKER, what="a merged model")
+    check_output_dir(args.output_dir, args.overwrite, marker=MARKER, what="a merged model", contents=MERGED_CONTENTS)
     data = _data(args)
     merger = _merger(args, data)
     merger.check_repair(args.repair)

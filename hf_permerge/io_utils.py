@@ -7,6 +7,7 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,14 +110,16 @@ PYTHON_WORDING = Wording("overwrite=True", "resume=True", "save to a new or empt
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
                      marker: str | tuple[str, ...] | None = None, resumable: bool = False,
-                     what: str = "an output", wording: Wording = CLI_WORDING) -> Path:
+                     what: str = "an output", wording: Wording = CLI_WORDING, contents: tuple[str, ...] = ()) -> Path:
     """Refuse an output folder that exists (unless overwrite/resume) or cannot be written, before any work.
 
     With `overwrite` or `resume`, only a folder that holds our own output (a `marker` file) is replaced
     or continued; a non-empty folder of anything else is never deleted nor written into. Temporary
     files that a killed run of ours left behind (`is_leftover`) do not count: a folder holding only
-    those is cleared. `resumable`: the command has --resume, so the refusal suggests it. `what` names
-    the output ("a merged model") and `wording` the way out (flags for the CLI, arguments in Python).
+    those is cleared. `contents`: the names (glob patterns) such an output consists of; `overwrite`, which
+    replaces the whole folder, refuses one that also holds anything else (a user's notes, another command's
+    output saved inside it), naming it. `resumable`: the command has --resume, so the refusal suggests it.
+    `what` names the output ("a merged model") and `wording` the way out (flags for the CLI, arguments in Python).
     """
     markers = (marker,) if isinstance(marker, str) else tuple(marker or ())
     path = Path(path)
@@ -142,6 +145,14 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
                                   f"refusing to {action}. {wording.elsewhere[0].upper()}{wording.elsewhere[1:]}")
         if resume:
             return path
+        foreign = sorted(e.name for e in entries if contents and not is_leftover(e)
+                         and not any(fnmatch(e.name, pattern) for pattern in contents))
+        if foreign:
+            listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+            raise FileExistsError(f"output folder {path} holds {what} of hf_permerge, and also {listed}, which it "
+                                  f"does not consist of; {wording.overwrite} would replace the whole folder, so move "
+                                  f"{'that' if len(foreign) == 1 else 'those'} out of it first, or "
+                                  f"{wording.elsewhere}")
     parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise NotADirectoryError(f"output folder {path} cannot be created: {parent} is a file, not a folder")

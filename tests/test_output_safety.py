@@ -160,3 +160,44 @@ def test_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert main(["merge", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "-v"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_our_output_never_a_users_files_kept_inside_it(tiny_pair, tmp_path, capsys, run_cli):
+    """--overwrite replaces a whole folder of ours: one that also holds a user's file (or another command's output
+    saved inside it) is refused, naming it, before any work; without the file it is replaced as before."""
+    from hf_permerge.reporting.pipeline import RUN_CONTENTS, RUN_MARKER
+    from hf_permerge.sweeps.runner import SWEEP_CONTENTS
+    from hf_permerge.training.trainer import PAIR_CONTENTS
+
+    merged, perms = tmp_path / "merged", tmp_path / "perms"
+    assert run_cli("merge", tiny_pair, "-o", merged, "-q") == 0
+    assert run_cli("align", tiny_pair, "-o", perms, "-q") == 0
+    for folder, command in ((merged, "merge"), (perms, "align")):
+        (folder / "analysis.ipynb").write_text("mine")
+        assert run_cli(command, tiny_pair, "-o", folder, "--overwrite", "-q") == 2
+        err = capsys.readouterr().err
+        assert "also analysis.ipynb, which it does not consist of" in err and "move that out of it first" in err
+        assert (folder / "analysis.ipynb").read_text() == "mine"
+        (folder / "analysis.ipynb").unlink()
+        assert run_cli(command, tiny_pair, "-o", folder, "--overwrite", "-q") == 0
+
+    report = tmp_path / "report"                   # evaluate replaces its merged/ at the end: refused up front
+    (report / "merged").mkdir(parents=True)
+    (report / "report.json").write_text("{}")
+    (report / "merged" / "merge_config.json").write_text("{}")
+    (report / "merged" / "notes.md").write_text("mine")
+    assert run_cli("evaluate", tiny_pair, "-o", report, "--overwrite", "-q") == 2
+    assert "also notes.md" in capsys.readouterr().err and (report / "merged" / "notes.md").read_text() == "mine"
+
+    for marker, contents, ours in (("run_config.json", PAIR_CONTENTS, ("net_0", "pair.json")),
+                                   (RUN_MARKER, RUN_CONTENTS, ("pair", "report.json", "interpolation.png")),
+                                   ("sweep.json", SWEEP_CONTENTS, ("cells", "results.csv", "fig2.png"))):
+        folder = tmp_path / marker.replace("/", "_")
+        for name in ours:
+            (folder / name).mkdir(parents=True) if "." not in name else (folder / name).write_text("")
+        (folder / marker).parent.mkdir(parents=True, exist_ok=True)
+        (folder / marker).write_text("{}")
+        check_output_dir(folder, overwrite=True, marker=marker, contents=contents)
+        (folder / "merged_by_me").mkdir()
+        with pytest.raises(FileExistsError, match="and also merged_by_me, which it does not consist of"):
+            check_output_dir(folder, overwrite=True, marker=marker, contents=contents)

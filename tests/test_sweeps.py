@@ -268,7 +268,7 @@ def test_a_folder_that_is_not_a_sweep_is_never_deleted(tmp_path, tiny_fmnist):
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
     config = smoke("fig3_left_smoke.yaml", tiny_fmnist)
-    with pytest.raises(FileExistsError, match="does not hold an output of hf_permerge"):
+    with pytest.raises(FileExistsError, match="does not hold a sweep of hf_permerge"):
         run_sweep(config, mine, progress=False)
     with pytest.raises(FileExistsError, match="refusing to delete"):
         run_sweep(config, mine, overwrite=True, progress=False)

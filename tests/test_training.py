@@ -155,7 +155,7 @@ def test_output_folder_safety(tmp_path, tiny_config):
     mine = tmp_path / "users_stuff"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
-    with pytest.raises(FileExistsError, match="does not hold an output of hf_permerge .* choose another --output-dir"):
+    with pytest.raises(FileExistsError, match="does not hold a pair of hf_permerge .* choose another --output-dir"):
         PairTrainer(cfg, mine, progress=False).train()
     with pytest.raises(FileExistsError, match="refusing to delete"):
         PairTrainer(cfg, mine, overwrite=True, progress=False).train()

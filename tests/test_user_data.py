@@ -200,7 +200,7 @@ def test_cli_evaluates_two_model_folders_with_a_config(tiny_pair, tiny_fmnist, t
     from hf_permerge.data import load_tensors
 
     config = tmp_path / "eval.yaml"
-    config.write_text(f"model: {{type: mlp, depth: 1, width: 32}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
+    config.write_text(f"model: {{type: cnn}}\ndata: {{data_dir: {tiny_fmnist}}}\n"    # a model section of other nets
                       "alignment: {num_examples: 500}\n"
                       "evaluation: {num_lambdas: 3, splits: [test], n_way: false}\n")
     models = [tmp_path / "plain_0", tmp_path / "plain_2"]
@@ -211,6 +211,7 @@ def test_cli_evaluates_two_model_folders_with_a_config(tiny_pair, tiny_fmnist, t
     assert run_cli("evaluate", *models, "--config", config, "-q", "-o", tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["pair"] == ["plain_0", "plain_2"] and set(report["curves"]) == {"final"}
+    assert report["config"]["model"]["width"] == 32 and report["config"]["training"] is None   # the models', not --config's
     assert report["barrier"]["final"]["permuted"]["test"]["loss"] <= report["barrier"]["final"]["vanilla"]["test"]["loss"]
     used = Permutations.load(tmp_path / "out" / "permutations" / "net_1.safetensors").info["data"]["fingerprint"]
     assert used == load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist).subset(500, 0).fingerprint

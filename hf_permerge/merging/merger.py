@@ -23,6 +23,11 @@ from .sources import NetSource, load_sources
 logger = logging.getLogger("hf_permerge.merging")
 
 MARKER = "merge_config.json"
+MERGED_CONTENTS = (MARKER, "README.md", "config.json", "*.safetensors", "model.safetensors.index.json",
+                   "generation_config.json", "preprocessor_config.json", "permutations", "report.json", "*.png")
+"""What `save_pretrained` writes (a transformers model's own files included); --overwrite replaces only this."""
+PERMUTATIONS_CONTENTS = ("alignment.json", "net_*.safetensors")
+"""What `save_permutations` writes."""
 """The file that marks a folder as a merged model of ours: the only kind `save_pretrained` may replace."""
 
 _IGNORED_CONFIG_KEYS = {"seed", "_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
@@ -63,8 +68,10 @@ def net_fingerprint(model) -> str:
 
 def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model",
                       wording: Wording = PYTHON_WORDING) -> Path:
-    """`io_utils.check_output_dir`'s rule in a Python caller's words (`overwrite=True`, not `--overwrite`)."""
-    return check_output_dir(output_dir, overwrite, marker=marker, what=f"a {what}", wording=wording)
+    """`io_utils.check_output_dir`'s rule in a Python caller's words (`overwrite=True`, not `--overwrite`), for a
+    merged model (`marker` MARKER) or a set of permutations (`marker` alignment.json)."""
+    contents = MERGED_CONTENTS if marker == MARKER else PERMUTATIONS_CONTENTS
+    return check_output_dir(output_dir, overwrite, marker=marker, what=f"a {what}", wording=wording, contents=contents)
 
 
 def average_state_dicts(states: list[dict], weights: list[float]) -> dict:

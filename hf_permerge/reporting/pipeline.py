@@ -19,6 +19,8 @@ RUN_MARKER = "pair/run_config.json"
 """The file that marks a folder as the output of `run` (written first): only such a folder is deleted by
 `run --overwrite`."""
 EVALUATE_MARKERS = ("report.json", "merged/merge_config.json")
+RUN_CONTENTS = ("pair", "report.json", "*.png", "merged", "permutations")
+"""What `run` writes: its pair folder and what `evaluate` writes; --overwrite replaces nothing else."""
 """What marks an output of `evaluate`, which `--overwrite` writes into (replacing only its own files, never
 deleting the folder)."""
 EVALUATE_KEYS = ("alignment.", "evaluation.", "data.data_dir")
@@ -85,6 +87,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
     OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
     from ..merging import PermMerger
+    from ..merging.merger import check_save_target
     from ..merging.sources import portable_path
     from .model_card import portable_command
     from .plots import write_plots
@@ -94,6 +97,8 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))  # before any download
+    check_save_target(output_dir / "merged", overwrite)          # replaced at the end: refusals come now
+    check_save_target(output_dir / "permutations", True, "alignment.json", "set of permutations")
     merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
     models = not isinstance(pair_dir, (str, Path))          # a list of model folders / repo ids
     if merger.pair is None and config is None:
@@ -107,6 +112,8 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     report = build_report(merger, config.evaluation, splits, progress=progress)
     report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
     report["config"] = config.to_dict()
+    if merger.pair is None:     # model folders: --config gave the data and evaluation; what they are is their own
+        report["config"].update(model=merger.load(0).config.to_dict(), training=None)   # config.json; training unknown
     report["pair"] = [s.label for s in merger.sources] if models else portable_path(pair_dir)   # no local paths
     commits = {s.hub_id: s.commit for s in merger.sources if s.commit}
     if commits:
@@ -132,7 +139,8 @@ def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = F
     from ..training import PairTrainer
 
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True)
+    check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True, what="a run",
+                     contents=RUN_CONTENTS)
     if overwrite and not resume and output_dir.exists():
         shutil.rmtree(output_dir)
     start = time.perf_counter()

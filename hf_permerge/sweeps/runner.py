@@ -32,6 +32,8 @@ from .config import Cell, SweepConfig
 
 logger = logging.getLogger("hf_permerge.sweeps")
 
+SWEEP_CONTENTS = ("sweep.json", "cells", "results.csv", "results.json", "summary.csv", "*.png")
+"""What a sweep folder consists of; --overwrite replaces nothing else."""
 BARRIER_TIMEOUT = timedelta(days=7)
 """Processes that finish their cells early wait at a barrier for the others; cells can take hours."""
 
@@ -266,7 +268,8 @@ def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress
     state = process_state()
     output_dir = Path(output_dir)
     ours = (output_dir / "sweep.json").is_file()
-    check_output_dir(output_dir, overwrite, resume=ours and not overwrite, marker="sweep.json")
+    check_output_dir(output_dir, overwrite, resume=ours and not overwrite, marker="sweep.json", what="a sweep",
+                     contents=SWEEP_CONTENTS)
     if ours and not overwrite:
         check_finished_cells(config, output_dir)
     check_data(config)

@@ -67,6 +67,10 @@ def total_steps(tc, num_train: int) -> int:
     return min(total, tc.max_steps) if tc.max_steps else total
 
 
+PAIR_CONTENTS = ("run_config.json", "pair.json", "net_*")
+"""What a pair folder consists of; --overwrite replaces nothing else (a merge saved inside it is refused)."""
+
+
 class PairTrainer:
     """Train `training.num_nets` nets and write a pair folder (see README: net_i/{init,step-N,final}, pair.json)."""
 
@@ -84,7 +88,8 @@ class PairTrainer:
     def _prepare_output(self) -> None:
         """Checks every process makes before anything is written, then the main process prepares the folder."""
         out, acc = self.output_dir, self.accelerator
-        check_output_dir(out, self.overwrite, self.resume, marker="run_config.json", resumable=True)
+        check_output_dir(out, self.overwrite, self.resume, marker="run_config.json", resumable=True,
+                         what="a pair", contents=PAIR_CONTENTS)
         saved = out / "run_config.json"
         if self.resume and saved.exists():
             # what the nets are made of; alignment and evaluation may change between a run's attempts
