@@ -425,9 +425,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is: it unwinds like Ctrl-C (temporary folders are removed on the way
+    out, the same message), and the command exits 143 as a terminated process does."""
+
+
 def _exit_on_sigterm(signum, frame) -> None:
-    """SIGTERM (`timeout`, a job scheduler) unwinds like Ctrl-C, so temporary folders are removed on the way out."""
-    raise SystemExit(128 + signum)
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,11 +469,13 @@ def _run(args) -> int:
 
         print(f"hf-permerge {args.command}: error: {cli_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        again = {"train": "; --resume continues it", "run": "; --resume continues it",
+    except KeyboardInterrupt as err:
+        resume = "; --resume continues it from the last epoch end it reached (an unfinished first epoch starts again)"
+        again = {"train": resume, "run": resume,
                  "sweep": "; the same command continues it (finished cells are kept)"}.get(args.command, "")
-        print(f"hf-permerge {args.command}: interrupted; nothing half-written was left{again}", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"hf-permerge {args.command}: {how}; nothing half-written was left{again}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -157,6 +157,19 @@ class RunConfig(_Section):
     alignment: AlignmentSection = Field(default_factory=AlignmentSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
+    @model_validator(mode="after")
+    def _check_schedules(self):
+        """perm@x reads the nets at step x: the init (0), a saved step, or the last one (max_steps). Checked here,
+        so that `run` refuses before training rather than skipping the curve after it."""
+        t = self.training
+        missing = [x for x in self.evaluation.schedules if x != 0 and x not in t.save_steps and x != t.max_steps]
+        if missing:
+            raise ValueError(f"evaluation.schedules asks for perm@{', perm@'.join(map(str, missing))}, but the nets are "
+                             f"not saved at {'that step' if len(missing) == 1 else 'those steps'} (training.save_steps: "
+                             f"{t.save_steps}); add {'it' if len(missing) == 1 else 'them'} to training.save_steps, or "
+                             f"drop {'it' if len(missing) == 1 else 'them'} from evaluation.schedules")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -184,9 +197,17 @@ def _format_errors(err: ValidationError, source: str, overridden: dict[str, str]
             known = _known_keys(e["loc"])
             close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
+            if len(e["loc"]) == 1 and not close:     # a field without its section, or a sweep file
+                owners = [f"{name}.{e['loc'][0]}" for name in known if e["loc"][0] in _known_keys((name, ""))]
+                hint = (f"did you mean {owners[0]!r}? " if owners else
+                        "a sweep config runs with `hf-permerge sweep FILE -o OUT`; " if e["loc"][0] == "sweep" else "")
             where = "the sections are" if len(e["loc"]) == 1 else "its section's keys are"
             lines.append(f"  {key}: unknown key{origin} ({hint}{where} {', '.join(known)})" if known else
                          f"  {key}: unknown key{origin} (check the spelling; see configs/ for the known keys)")
+        elif not e["loc"]:              # a check across sections: its message names the keys; no input dump
+            given = [v for k, v in (overridden or {}).items() if k in e["msg"]]
+            origin = f" [from --set {', '.join(given)}]" if given else ""
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}{origin}")
         else:
             got = e.get("input")
             lines.append(f"  {key}: {e['msg']} (got {got!r}){origin}")

@@ -146,9 +146,10 @@ def folder_kind(folder: str | os.PathLike) -> str:
     if missing == [weights[0]] and (path / weights[1]).is_file():
         missing = []
     if missing:
+        inside = next((f"; the model inside it is {path / sub}" for sub in ("merged",) if (path / sub / "config.json").is_file()), "")
         raise HubError(f"{path} is neither a model folder nor a pair folder: it lacks {', '.join(missing)} (a model "
                        "folder has config.json and model.safetensors, as written by save_pretrained; a pair folder "
-                       "has pair.json)", "invalid_folder")
+                       f"has pair.json){inside}", "invalid_folder")
     try:
         json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

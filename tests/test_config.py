@@ -78,3 +78,27 @@ def test_a_config_file_that_is_not_a_mapping_is_refused_even_with_overrides(tmp_
     p.write_text(text)
     with pytest.raises(ConfigError, match=problem):
         load_config(p, ["training.max_steps=1"])
+
+
+def test_schedules_at_steps_that_are_not_saved_are_refused_before_training(tmp_path):
+    """perm@x needs the nets at step x: 0, a saved step or max_steps; a run used to train first and then skip it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("training: {save_steps: [50], max_steps: 200}\nevaluation: {schedules: [0, 50, 200]}\n")
+    assert load_config(path).evaluation.schedules == [0, 50, 200]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["evaluation.schedules=[0,50,100]"])
+    assert str(err.value).splitlines()[1] == (
+        "  evaluation.schedules asks for perm@100, but the nets are not saved at that step (training.save_steps: "
+        "[50]); add it to training.save_steps, or drop it from evaluation.schedules "
+        "[from --set evaluation.schedules=[0,50,100]]")
+
+
+def test_a_key_without_its_section_and_a_sweep_file_are_pointed_to_the_right_place(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {type: mlp}\n")
+    with pytest.raises(ConfigError, match=r"max_steps: unknown key \[from --set max_steps=5\] \(did you mean "
+                                          r"'training.max_steps'\?"):
+        load_config(path, ["max_steps=5"])
+    path.write_text("sweep: {name: x}\n")
+    with pytest.raises(ConfigError, match=r"sweep: unknown key \(a sweep config runs with `hf-permerge sweep FILE"):
+        load_config(path)

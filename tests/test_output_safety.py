@@ -112,11 +112,13 @@ def test_sigterm_unwinds_so_temporary_folders_are_removed(tmp_path):
             "        time.sleep(60)\n"
             "cli.cmd_train = slow\n"
             "sys.exit(main(['train', 'c.yaml', '-o', 'x']))\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+    assert "hf-permerge train: terminated (SIGTERM); nothing half-written was left; --resume continues it from the " \
+           "last epoch end" in proc.stderr.read()
 
 
 def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):

@@ -204,7 +204,7 @@ BASE = {"model": {"type": "mlp", "width": 8}, "training": {"max_steps": 2}}
 
 
 @pytest.mark.parametrize("sweep, message", [
-    ({"name": "s", "experiment": "pair", "grid": {"model.widht": [8]}}, "unknown config key 'model.widht'"),
+    ({"name": "s", "experiment": "pair", "grid": {"model.widht": [8]}}, "unknown config key 'model.widht' \\(did you mean model.width\\?\\)"),
     ({"name": "s", "experiment": "pair", "grid": {"modle.width": [8]}}, "'modle.width' is not a run-config key"),
     ({"name": "s", "experiment": "pair", "grid": {"model.width": []}}, "sweep.grid.model.width: give at least one"),
     ({"name": "s", "experiment": "pairs"}, "sweep.experiment: Input should be 'pair'"),

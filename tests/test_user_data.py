@@ -359,9 +359,9 @@ def test_what_the_card_and_merge_config_say_about_the_data(tiny_pair, tiny_fmnis
                    "-o", tmp_path / "merged") == 0
     config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
     assert config["dataset"] == "fashion_mnist"                       # what the pair was trained on
-    assert config["alignment"]["data"] == "a datasets.Dataset given to use_data"
+    assert config["alignment"]["data"] == "a data set without a Hub id (a local folder, or an unnamed datasets.Dataset)"
     assert config["alignment"]["examples"] == 100 and config["alignment"]["settings"]["num_examples"] == 10000
-    assert config["merge"]["repair_data"] == "a datasets.Dataset given to use_data"
+    assert config["merge"]["repair_data"] == "a data set without a Hub id (a local folder, or an unnamed datasets.Dataset)"
     assert str(tmp_path) not in (tmp_path / "merged" / "README.md").read_text() + json.dumps(config)
 
     merger = PermMerger.from_pretrained(tiny_pair)

@@ -53,11 +53,11 @@ def load_hub_dataset(name: str, split: str, **kwargs):
     try:
         return datasets.load_dataset(info.hub_id, split=split, **kwargs)
     except Exception as err:  # network errors come in many types
-        hint = ("`apt-get install dataset-fashion-mnist` gives the real data offline; "
+        hint = ("`apt-get install dataset-fashion-mnist` (the real data, offline), "
                 if name == "fashion_mnist" else "")
         raise RuntimeError(
             f"could not load {name!r} ({info.hub_id}) from the Hub: {err}. The Hub is unreachable or the "
-            f"data is not cached: {hint}or set data.data_dir to a folder with the data, or run once online "
+            f"data is not cached; get it with {hint}data.data_dir set to a folder with the data, or one run online "
             "so that `datasets` caches it."
         ) from err
 

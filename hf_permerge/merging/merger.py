@@ -336,7 +336,7 @@ class PermMerger:
         if given is not None:
             split = getattr(given, "split", None)        # e.g. load_dataset(id, split="test") remembers "test"
             if self.dataset_name() is None:
-                return "a datasets.Dataset given to use_data"
+                return "a data set without a Hub id (a local folder, or an unnamed datasets.Dataset)"
             return f"{self.dataset_name()} {split} split" if split else self.dataset_name()
         return f"{self.dataset_name()} training split"
 

@@ -16,6 +16,8 @@ so a grid can be extended and the cells already measured are reused.
 """
 from __future__ import annotations
 
+import difflib
+
 import copy
 import itertools
 import re
@@ -43,7 +45,9 @@ def check_key(key: str, where: str) -> None:
         raise ValueError(f"{where}: {key!r} is not a run-config key; keys look like section.field with a section "
                          f"in {list(known)} (e.g. model.width)")
     if field not in known[section]:
-        raise ValueError(f"{where}: unknown config key {key!r}; the keys of {section} are {known[section]}")
+        close = difflib.get_close_matches(field, known[section], n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+        raise ValueError(f"{where}: unknown config key {key!r}{hint}; the keys of {section} are {known[section]}")
 
 
 class SweepSection(BaseModel):

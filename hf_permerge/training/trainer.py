@@ -175,8 +175,12 @@ class PairTrainer:
         engine = make_engine(tc.engine, [slot.model for slot in slots], tc, acc.device, cuda_graph=tc.cuda_graphs)
         steps_per_epoch = len(train) // tc.batch_size
         total = self._total_steps = total_steps(tc, len(train))
+        self._epochs = -(-total // max(1, steps_per_epoch))   # max_steps may end the run before training.epochs
         step = self._maybe_resume(engine, slots) if self.resume else 0
         save_steps = {s for s in tc.save_steps if s <= total}
+        if len(save_steps) < len(set(tc.save_steps)):
+            logger.warning("training.save_steps %s come after the run's last step (%d): not saved",
+                           sorted(set(tc.save_steps) - save_steps), total)
         bar = tqdm(total=total, initial=step, desc=f"train {len(slots)} nets", disable=not self.progress,
                    dynamic_ncols=True, leave=False, mininterval=1.0)
         t0 = time.perf_counter()
@@ -203,7 +207,7 @@ class PairTrainer:
 
     def _epoch_end(self, engine, slots, epoch, mean_loss, test, t0, step) -> None:
         tc, acc = self.config.training, self.accelerator
-        line = f"epoch {epoch + 1}/{tc.epochs} ({time.perf_counter() - t0:.1f} s)"
+        line = f"epoch {epoch + 1}/{self._epochs} ({time.perf_counter() - t0:.1f} s)"
         logs = {}
         evals = engine.evaluate(test.pixel_values, test.labels) if tc.eval_each_epoch else None
         for k, (slot, loss) in enumerate(zip(slots, mean_loss.tolist())):    # one host sync per epoch
