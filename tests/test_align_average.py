@@ -165,3 +165,19 @@ def test_warm_starts_carried_between_rounds_change_no_permutation(tiny_fmnist, m
     assert sum(carried) > 0 and not all(carried)       # first solves from scratch, later ones carried
     for warm, plain in zip(found[8], found[10**9]):
         assert warm == plain
+
+
+def test_the_star_alignment_found_on_the_way_is_match_manys(tiny_pair, tiny_fmnist):
+    """Without a start the joint activation alignment solves the star from the pairs with net 0 it computes anyway:
+    the same start as `match_many`'s, so the same result, with the same header."""
+    merger = PermMerger.from_pretrained(tiny_pair)
+    models = [merger.load(i) for i in range(merger.num_nets)]
+    data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)
+    matcher = ActivationMatcher(num_examples=500)
+    star = [Permutations.identity(merger.spec), *matcher.match_many(models[0], models[1:], data)]
+    kept, _ = align_activations_jointly(models, matcher, data, None, tolerance=float("inf"))   # no change taken
+    assert kept == star
+    assert [{k: v for k, v in p.info.items() if k not in ("groups", "reference")} for p in kept[1:]] == \
+        [{k: v for k, v in p.info.items() if k != "groups"} for p in star[1:]]
+    given, _ = align_activations_jointly(models, matcher, data, star)
+    assert given == align_activations_jointly(models, matcher, data, None)[0]

@@ -285,14 +285,16 @@ class PermMerger:
         start = time.perf_counter()
         perms = [Permutations.identity(self.spec)]
         others = [self.load(i, checkpoint) for i in range(1, self.num_nets)]
-        if hasattr(m, "match_many"):   # one net's Hungarian solves overlap the next net's statistics
+        rounds = {}
+        if reference == "average" and matcher == "activation":   # it finds the star alignment on its way
+            perms, rounds = align_activations_jointly([ref, *others], m, dataset, None, max_rounds)
+        elif hasattr(m, "match_many"):   # one net's Hungarian solves overlap the next net's statistics
             perms += m.match_many(ref, others, dataset)
         else:
             perms += [m.match(ref, other, dataset) for other in others]
-        rounds = {}
+        if reference == "average" and matcher == "weight":
+            perms, rounds = align_to_average([ref, *others], m, dataset, perms, max_rounds)
         if reference == "average":
-            joint = align_activations_jointly if matcher == "activation" else align_to_average
-            perms, rounds = joint([ref, *others], m, dataset, perms, max_rounds)
             rounds = {"reference": reference, "max_rounds": max_rounds, **rounds}
         self.set_permutations(perms, matcher=matcher, settings=dict(m.settings),   # the defaults filled in
                               checkpoint=checkpoint, align_s=time.perf_counter() - start, **rounds,
