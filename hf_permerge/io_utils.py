@@ -7,8 +7,8 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from fnmatch import fnmatch
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 
