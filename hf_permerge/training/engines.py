@@ -264,7 +264,8 @@ class StackedEngine:
         with tf32_matmuls(self.precision):
             with _autocast(self.device, self.precision, cache=not self.cuda_graph):
                 logits = self.logits(xs)
-            losses = self.losses(logits.float(), ys)
+            # bf16 logits go up to float32 for the loss; float64 nets (a numerics check) stay float64
+            losses = self.losses(logits if logits.dtype == torch.float64 else logits.float(), ys)
             if zero_grad:
                 self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
