@@ -214,9 +214,10 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
                    help="gradient: FOOF (the paper's App. B, default) or the raw gradient")
     g.add_argument("--damping", type=float, help="gradient: FOOF damping, relative to the mean eigenvalue (default 1.0)")
     g.add_argument("--max-iter", type=int, help="weight, gradient: coordinate-descent sweeps at most (default 100)")
-    g.add_argument("--bottom-up", action="store_true", default=None,
-                   help="weight: start from the paper's App. D pass (first layer upward, incoming weights); with "
-                        "--max-iter 0 that pass alone, App. D exactly")
+    g.add_argument("--bottom-up", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight: start the descent from the paper's App. D pass (first layer upward, incoming "
+                        "weights; the default), or with --no-bottom-up from the identity as Git Re-Basin does; "
+                        "with --max-iter 0 the App. D pass alone")
     g.add_argument("--reference", choices=["net_0", "average"],
                    help="activation, weight: align the nets onto net 0 (the paper's, default) or onto each other "
                         "(the objective summed over all pairs; for merging N > 2 nets with --all)")

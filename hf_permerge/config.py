@@ -110,9 +110,9 @@ class AlignmentSection(_Section):
     """FOOF damping, relative to the mean eigenvalue of the input second moment (App. B; 1.0 measured best)."""
     max_iter: int = Field(100, ge=0)
     """Weight and gradient matching: coordinate-descent sweeps at most (Git Re-Basin's, App. B's)."""
-    bottom_up: bool = False
-    """Weight matching: start from App. D's pass, the first layer upward on incoming weights (with
-    max_iter 0: App. D exactly)."""
+    bottom_up: bool = True
+    """Weight matching: start the descent from App. D's pass, the first layer upward on incoming weights (with
+    max_iter 0: App. D exactly); false: from the identity, as Git Re-Basin (a lower objective, measured)."""
     reference: Literal["net_0", "average"] = "net_0"
     """What the nets are aligned onto: net 0 (the paper's), or each other (the matcher's objective summed over
     all pairs of nets; Git Re-Basin's MergeMany for weights): for averaging N > 2 nets (activation, weight)."""

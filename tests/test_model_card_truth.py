@@ -128,7 +128,7 @@ def test_portable_names_drop_the_local_folders():
 
 
 @pytest.mark.parametrize("matcher, expected", [
-    ("weight", {"max_iter": 100, "seed": 0}),
+    ("weight", {"max_iter": 100, "seed": 0, "bottom_up": True}),
     ("activation", {"similarity": "cosine", "preactivation": False, "num_examples": 1000}),
 ])
 def test_merge_config_records_the_matcher_settings_used(merger, tmp_path, tiny_fmnist, matcher, expected):
@@ -169,3 +169,11 @@ def test_bare_model_folders_card_does_not_claim_their_training_data(tiny_pair, t
     pair.align(matcher="weight")
     pair_card, _ = saved(pair, tmp_path / "pair_out")
     assert "on Fashion-MNIST, made with" in pair_card.text and pair_card.data.datasets == ["zalando-datasets/fashion_mnist"]
+
+
+def test_weight_matching_starts_from_app_d_unless_told_otherwise(tiny_pair, tmp_path, run_cli):
+    """The default weight matcher descends from App. D's pass; --no-bottom-up is Git Re-Basin's identity start."""
+    for flag, expected in (((), True), (("--no-bottom-up",), False), (("--bottom-up",), True)):
+        out = tmp_path / f"out{len(flag)}{expected}"
+        assert run_cli("merge", tiny_pair, "--matcher", "weight", *flag, "-q", "-o", out) == 0
+        assert json.loads((out / "merge_config.json").read_text())["alignment"]["settings"]["bottom_up"] is expected

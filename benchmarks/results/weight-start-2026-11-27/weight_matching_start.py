@@ -21,8 +21,9 @@ from hf_permerge.training import PairTrainer
 
 out = Path(sys.argv[1])
 test = load_tensors("fashion_mnist", "test")
-VARIANTS = {"identity start (Git Re-Basin, default)": {}, "App. D pass alone": {"bottom_up": True, "max_iter": 0},
-            "App. D start + descent": {"bottom_up": True}}
+VARIANTS = {"identity start (Git Re-Basin, default)": {"bottom_up": False},   # the default when this ran (log)
+            "App. D pass alone": {"bottom_up": True, "max_iter": 0},
+            "App. D start + descent": {"bottom_up": True}}                      # the default since
 rows = []
 for depth, width in ((2, 128), (2, 512), (3, 512)):
     for seed in (0, 1, 2):
