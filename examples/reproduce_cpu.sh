@@ -38,7 +38,7 @@ appF() { run appF configs/sweeps/appF_cnn_families.yaml "${EVAL[@]}" \
 fig11() { run fig11 configs/sweeps/fig11_init_loss.yaml "${EVAL[@]}" --set training.epochs=1 --set model.width=256 \
     --set evaluation.num_lambdas=3 --set "sweep.grid.training.seed=[0]"; }
 appB() { run appB configs/sweeps/appB_matchers.yaml "${EVAL[@]}" --set evaluation.num_lambdas=3 \
-    --set "sweep.matchers={activation@final: {matcher: activation, checkpoint: final}, gradient-foof@init: {matcher: gradient, checkpoint: init, preconditioner: foof}, gradient-raw@init: {matcher: gradient, checkpoint: init, preconditioner: none}, activation@init: {matcher: activation, checkpoint: init}, weight-appD@final: {matcher: weight, checkpoint: final, bottom_up: true, max_iter: 0}, weight-rebasin@final: {matcher: weight, checkpoint: final}}" \
+    --set "sweep.matchers={activation@final: {matcher: activation, checkpoint: final}, gradient-foof@init: {matcher: gradient, checkpoint: init, preconditioner: foof}, gradient-raw@init: {matcher: gradient, checkpoint: init, preconditioner: none}, activation@init: {matcher: activation, checkpoint: init}, weight-appD@final: {matcher: weight, checkpoint: final, bottom_up: true, max_iter: 0}, weight-rebasin@final: {matcher: weight, checkpoint: final, bottom_up: false}}" \
     --set sweep.cases.mlp.model.width=256 --set sweep.cases.mlp.training.max_steps=600 \
     --set sweep.cases.cnn.model.layers=8-8-avg-16-16 --set sweep.cases.cnn.training.max_steps=300 \
     --set "sweep.grid.training.seed=[0]"; }
