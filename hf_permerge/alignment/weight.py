@@ -71,7 +71,8 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     # A group's objective depends on the other groups it shares a tensor with (not on its own permutation: no
     # tensor carries a group twice). Re-solving it while none of them changed finds the same permutation, which
     # would not be kept (no improvement): skipped. This halves the solves of a one-hidden-layer MLP, whose only
-    # group was solved twice per match.
+    # group was solved twice per match. A bottom-up solve counts once all its neighbours were solved before it
+    # (then it saw every tensor of the group).
     neighbours = {g.name: {other for key, _ in g.axes for other in axes_to_perm[key].values()} - {g.name}
                   for g in spec.groups}
     changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
@@ -82,6 +83,10 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
         for group in spec.names:
             perms[group] = solve_assignment(similarity(group, solved), spec[group].blocks,
                                             previous=potentials.setdefault(group, {}))
+            if neighbours[group] <= solved:
+                solved_at[group] = changes
+            changes += 1
+            changed_at[group] = changes
             solved.add(group)
     for sweep in range(max_iter):
         order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
