@@ -72,7 +72,7 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     # tensor carries a group twice). Re-solving it while none of them changed finds the same permutation, which
     # would not be kept (no improvement): skipped. This halves the solves of a one-hidden-layer MLP, whose only
     # group was solved twice per match. A bottom-up solve counts once all its neighbours were solved before it
-    # (then it saw every tensor of the group).
+    # (then it saw every tensor of the group), unless the group is coupled (that pass keeps heads in place).
     neighbours = {g.name: {other for key, _ in g.axes for other in axes_to_perm[key].values()} - {g.name}
                   for g in spec.groups}
     changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
@@ -83,7 +83,7 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
         for group in spec.names:
             perms[group] = solve_assignment(similarity(group, solved), spec[group].blocks,
                                             previous=potentials.setdefault(group, {}))
-            if neighbours[group] <= solved:
+            if neighbours[group] <= solved and spec.coupling_of(group) is None:   # coupled: heads not yet moved
                 solved_at[group] = changes
             changes += 1
             changed_at[group] = changes
