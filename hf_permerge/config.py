@@ -5,12 +5,15 @@ A typo or a wrong type fails early with an error naming the key (mergekit's less
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
 
 
 class _Loader(yaml.SafeLoader):
@@ -49,6 +52,13 @@ class ModelSection(_Section):
 
     @model_validator(mode="after")
     def _check_layers(self):
+        unused = (["depth", "width"] if self.type == "cnn" else ["layers"] if self.type == "mlp" else [])
+        changed = [k for k in unused if getattr(self, k) != type(self).model_fields[k].default]
+        if changed:            # a warning, not an error: saved pairs list every field of their model section
+            logger.warning("model.%s %s no effect on %s (%s); ignored", " and model.".join(changed),
+                           "have" if len(changed) > 1 else "has", "a CNN" if self.type == "cnn" else "an MLP",
+                           "its layers are model.layers, e.g. 64-64-avg-128-128" if self.type == "cnn" else
+                           "its layers are model.depth x model.width")
         if self.type == "cnn":
             from .models.configuration_perm_cnn import parse_layers
 

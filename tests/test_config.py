@@ -102,3 +102,18 @@ def test_a_key_without_its_section_and_a_sweep_file_are_pointed_to_the_right_pla
     path.write_text("sweep: {name: x}\n")
     with pytest.raises(ConfigError, match=r"sweep: unknown key \(a sweep config runs with `hf-permerge sweep FILE"):
         load_config(path)
+
+
+def test_an_architecture_key_of_the_other_architecture_is_named_as_ignored(tmp_path, caplog):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {type: cnn, layers: 8-avg-16}\n")
+    with caplog.at_level("WARNING"):
+        load_config(path)
+        assert not caplog.text
+        load_config(path, ["model.width=1024"])
+    assert "model.width has no effect on a CNN (its layers are model.layers" in caplog.text
+    caplog.clear()
+    path.write_text("model: {type: mlp, layers: 8-avg-16}\n")
+    with caplog.at_level("WARNING"):
+        load_config(path)
+    assert "model.layers has no effect on an MLP" in caplog.text
