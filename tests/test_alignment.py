@@ -362,6 +362,25 @@ def test_dead_units_get_zero_similarity_not_nan():
 
 
 @pytest.mark.parametrize("name", NETS)
+def test_one_pass_over_many_nets_gives_every_pairs_statistics(name, data):
+    """`pairwise_activation_statistics` runs each batch through every net once; each pair's similarities are
+    those of a pass over that pair alone (up to rounding: its batches are smaller)."""
+    from hf_permerge.alignment.activation import pairwise_activation_statistics
+
+    models = [NETS[name](seed) for seed in range(4)]
+    spec = models[0].permutation_spec()
+    x = data.pixel_values[:60]
+    together = pairwise_activation_statistics(models, x, spec, batch_size=20, products="float64")
+    assert sorted(together) == [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    for (i, j), stats in together.items():
+        alone = activation_statistics(models[i], models[j], x, spec, batch_size=20, products="float64")
+        for g in spec.names:
+            torch.testing.assert_close(stats[g].similarity("correlation"), alone[g].similarity("correlation"),
+                                       rtol=1e-5, atol=1e-6)
+            assert stats[g].count == alone[g].count
+
+
+@pytest.mark.parametrize("name", NETS)
 def test_statistics_do_not_depend_on_the_batch_size(name, data):
     a, b = NETS[name](0), NETS[name](1)
     spec = a.permutation_spec()

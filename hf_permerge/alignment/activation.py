@@ -198,6 +198,54 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: 
     return stats
 
 
+@torch.no_grad()
+def pairwise_activation_statistics(models: list[nn.Module], pixel_values: torch.Tensor, spec: PermutationSpec,
+                                   preactivation: bool = False, batch_size: int = 1000, products: str = "float32"
+                                   ) -> dict[tuple[int, int], dict[str, ActivationStatistics]]:
+    """`activation_statistics` of every pair i < j of `models`, in one pass over `pixel_values`: each batch goes
+    through every net once, not once per pair (N forward passes instead of N (N - 1)).
+
+    Every net's activations of a batch are held at once, so batches are `2 * batch_size // N` images: about the
+    memory of a pass over two nets at `batch_size`. The sums do not depend on the batches (up to rounding)."""
+    names = activation_modules(spec, preactivation)
+    check_choice("products", products, tuple(PRODUCTS))
+    n = len(models)
+    device = model_device(models[0])
+    stats = {(i, j): {g: ActivationStatistics.zeros(spec[g].size, device, PRODUCTS[products]) for g in names}
+             for i in range(n) for j in range(i + 1, n)}
+    held: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hook(i: int, group: str):
+        def store(module, inputs, output):
+            # a copy, safe from in-place ops later (an in-place ReLU on this output)
+            held[i, group] = units_as_columns(output, spec[group].unit_axis).to(PRODUCTS[products], copy=True)
+        return store
+
+    handles = []
+    try:
+        for i, model in enumerate(models):
+            modules = dict(model.named_modules())
+            for g, name in names.items():
+                if name not in modules:
+                    raise ValueError(f"group {g!r} names module {name!r}, which the model does not have")
+                handles.append(modules[name].register_forward_hook(hook(i, g)))
+        with eval_mode(*models):
+            slices = list(batch_slices(len(pixel_values), max(1, 2 * batch_size // n)))
+            for s in tqdm(slices, desc=f"activation statistics, {n} nets", leave=False, mininterval=2.0, delay=2.0,
+                          disable=None):
+                x = pixel_values[s]
+                for model in models:
+                    model(pixel_values=model_input(model, x))
+                for (i, j), pair in stats.items():
+                    for g in names:
+                        pair[g].update(held[i, g], held[j, g])
+                held.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
 @register_matcher
 @dataclasses.dataclass
 class ActivationMatcher(Matcher):

@@ -117,13 +117,13 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
     """Activation matching of N nets with each other: maximise, over the permutations of nets 1..N-1 and every
     group, the similarity of the units sharing a slot summed over all pairs of nets.
 
-    One pass over the data per pair of nets (N (N-1) / 2 in all), then only assignments; the similarity
-    matrices are kept on the CPU (N (N-1) / 2 x groups x width^2 floats). Settings are `matcher`'s
+    One pass over the data for all pairs of nets (`pairwise_activation_statistics`), then only assignments; the
+    similarity matrices are kept on the CPU (N (N-1) / 2 x groups x width^2 floats). Settings are `matcher`'s
     (similarity, preactivation, num_examples, seed, products). `start`: the permutations to begin from; None:
-    the paper's star alignment onto net 0, solved from the pairs with net 0 computed here anyway (the same
-    permutations as `matcher.match_many`, whose passes over the data it saves). Returns like `align_to_average`.
+    the paper's star alignment onto net 0, solved from the pairs with net 0 computed here anyway (what
+    `matcher.match_many` finds, up to the rounding of other batch sizes). Returns like `align_to_average`.
     """
-    from .activation import activation_statistics
+    from .activation import pairwise_activation_statistics
     from .hungarian import AssignmentSolver, matched_similarity, solve_assignment
     from .matchers import as_tensor_split, model_device
 
@@ -137,18 +137,18 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
     n = len(models)
     sims = {}                           # (i, j, group), i < j -> similarity[unit of i, unit of j], CPU float32
     to_net_0 = [{} for _ in range(n)]   # the star's similarities, as `match_many` solves them (until solved)
+    stats = pairwise_activation_statistics(models, split.pixel_values, spec, matcher.preactivation,
+                                           matcher.batch_size, matcher.products)
     with AssignmentSolver() as solver:
-        for i in range(n):
-            for j in range(i + 1, n):
-                stats = activation_statistics(models[i], models[j], split.pixel_values, spec, matcher.preactivation,
-                                              matcher.batch_size, matcher.products)
-                for g in spec.names:
-                    similarity = stats.pop(g).similarity(matcher.similarity)
-                    sims[i, j, g] = similarity.to("cpu", torch.float32)
-                    if i == 0 and start is None:
-                        to_net_0[j][g] = similarity
-                        solver.submit((j, g), similarity, spec[g].blocks)
+        for (i, j), pair in stats.items():
+            for g in spec.names:
+                similarity = pair.pop(g).similarity(matcher.similarity)
+                sims[i, j, g] = similarity.to("cpu", torch.float32)
+                if i == 0 and start is None:
+                    to_net_0[j][g] = similarity
+                    solver.submit((j, g), similarity, spec[g].blocks)
         solved = solver.results()
+    del stats
     if start is None:
         start = [Permutations.identity(spec)]
         for j in range(1, n):
