@@ -203,3 +203,10 @@ def test_overwrite_replaces_only_our_output_never_a_users_files_kept_inside_it(t
         (folder / "merged_by_me").mkdir()
         with pytest.raises(FileExistsError, match="and also merged_by_me, which it does not consist of"):
             check_output_dir(folder, overwrite=True, marker=marker, contents=contents)
+
+
+def test_a_bad_override_of_evaluate_is_named_as_one(tiny_pair, tmp_path, capsys, run_cli):
+    assert run_cli("evaluate", tiny_pair, "-o", tmp_path / "ev", "--set", "evaluation.num_lambda=3", "-q") == 2
+    err = capsys.readouterr().err
+    assert "pair.json with the --set overrides:" in err and "did you mean 'num_lambdas'" in err
+    assert not (tmp_path / "ev").exists()

@@ -104,8 +104,8 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     if merger.pair is None and config is None:
         raise ValueError(f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
                          "(--config) that describes their data and the evaluation")
-    config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides,
-                               "--config" if models else f"{pair_dir}/pair.json")
+    source = ("--config" if models else f"{pair_dir}/pair.json") + (" with the --set overrides" if overrides else "")
+    config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides, source)
     merger.use_data(config.data.dataset, config.data.data_dir)     # align (and tell) on the data evaluated on
     splits = evaluation_splits(config, device)
     align_merger(merger, config)
