@@ -251,6 +251,7 @@ def test_cli_reports_config_errors_without_a_traceback_or_output(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hf_permerge.cli", "sweep", str(SWEEPS / "fig2_fmnist_smoke.yaml"),
                           "-o", str(out), "--set", "sweep.grid.model.widht=[8]"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown config key 'model.widht'" in bad.stderr and "Traceback" not in bad.stderr
+    assert "[from --set sweep.grid.model.widht=[8]]" in bad.stderr
     assert not out.exists()
 
 

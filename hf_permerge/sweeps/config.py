@@ -223,17 +223,21 @@ def _check_cell(sweep: SweepSection, config: RunConfig, cell_id: str, source: st
                           "without an Accelerate tracker); leave it unset")
 
 
-def _format(err: ValidationError, source: str) -> str:
+def _format(err: ValidationError, source: str, overrides: list[tuple[str, str]] = ()) -> str:
+    """One line per problem; one that a `--set sweep.…` override touched names it, as run configs' errors do."""
     lines = [f"invalid sweep config {source}:"]
     for e in err.errors():
         key = ".".join(["sweep", *(str(p) for p in e["loc"])])
+        given = [f"sweep.{path}={raw}" for path, raw in overrides if f"sweep.{path}".startswith(key)]
+        origin = f" [from --set {', '.join(given)}]" if given else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (the sweep keys are {list(SweepSection.model_fields)})")
+            lines.append(f"  {key}: unknown key{origin} (the sweep keys are {list(SweepSection.model_fields)})")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {msg}" if msg.startswith("sweep") else f"  {key}: {msg} (got {e.get('input')!r})")
+            lines.append(f"  {msg}{origin}" if msg.startswith("sweep") else
+                         f"  {key}: {msg} (got {e.get('input')!r}){origin}")
     return "\n".join(lines)
 
 
@@ -285,7 +289,7 @@ def sweep_config_from_dict(data: dict, source: str = "(dict)", overrides: list[s
     try:
         sweep = SweepSection.model_validate(section)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(_format(err, source, sweep_overrides)) from None
     return SweepConfig(sweep, base, expand_cells(sweep, base, source), source)
 
 
