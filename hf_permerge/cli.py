@@ -301,14 +301,12 @@ def _data(args) -> dict | None:
 
 
 def cmd_align(args) -> int:
-    from .io_utils import check_output_dir
+    from .io_utils import CLI_WORDING
+    from .merging.merger import check_save_target
 
     matcher, settings = _matching(args)
     reference = _reference(args)
-    from .merging.merger import PERMUTATIONS_CONTENTS
-
-    check_output_dir(args.output_dir, args.overwrite, marker="alignment.json", what="a set of permutations",
-                     contents=PERMUTATIONS_CONTENTS)
+    check_save_target(args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
     data = _data(args)
     merger = _merger(args, data)
     perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
@@ -336,13 +334,13 @@ def _check_merge_options(args) -> None:
 
 
 def cmd_merge(args) -> int:
-    from .io_utils import check_output_dir
-    from .merging.merger import MARKER, MERGED_CONTENTS
+    from .io_utils import CLI_WORDING
+    from .merging.merger import check_save_target
 
     _check_merge_options(args)
     matcher, settings = _matching(args)
     reference = _reference(args)
-    check_output_dir(args.output_dir, args.overwrite, marker=MARKER, what="a merged model", contents=MERGED_CONTENTS)
+    check_save_target(args.output_dir, args.overwrite, wording=CLI_WORDING)
     data = _data(args)
     merger = _merger(args, data)
     merger.check_repair(args.repair)

@@ -52,7 +52,7 @@ class ModelSection(_Section):
 
     @model_validator(mode="after")
     def _check_layers(self):
-        unused = (["depth", "width"] if self.type == "cnn" else ["layers"] if self.type == "mlp" else [])
+        unused = ["depth", "width"] if self.type == "cnn" else ["layers"]
         changed = [k for k in unused if getattr(self, k) != type(self).model_fields[k].default]
         if changed:            # a warning, not an error: saved pairs list every field of their model section
             logger.warning("model.%s %s no effect on %s (%s); ignored", " and model.".join(changed),
@@ -174,10 +174,11 @@ class RunConfig(_Section):
         t = self.training
         missing = [x for x in self.evaluation.schedules if x != 0 and x not in t.save_steps and x != t.max_steps]
         if missing:
+            one = len(missing) == 1
             raise ValueError(f"evaluation.schedules asks for perm@{', perm@'.join(map(str, missing))}, but the nets are "
-                             f"not saved at {'that step' if len(missing) == 1 else 'those steps'} (training.save_steps: "
-                             f"{t.save_steps}); add {'it' if len(missing) == 1 else 'them'} to training.save_steps, or "
-                             f"drop {'it' if len(missing) == 1 else 'them'} from evaluation.schedules")
+                             f"not saved at {'that step' if one else 'those steps'} (training.save_steps: "
+                             f"{t.save_steps}); add {'it' if one else 'them'} to training.save_steps, or "
+                             f"drop {'it' if one else 'them'} from evaluation.schedules")
         return self
 
     def to_dict(self) -> dict[str, Any]:

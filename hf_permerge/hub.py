@@ -146,7 +146,8 @@ def folder_kind(folder: str | os.PathLike) -> str:
     if missing == [weights[0]] and (path / weights[1]).is_file():
         missing = []
     if missing:
-        inside = next((f"; the model inside it is {path / sub}" for sub in ("merged",) if (path / sub / "config.json").is_file()), "")
+        merged = path / "merged"          # a report or run folder: its merged model is what is pushed
+        inside = f"; the model inside it is {merged}" if (merged / "config.json").is_file() else ""
         raise HubError(f"{path} is neither a model folder nor a pair folder: it lacks {', '.join(missing)} (a model "
                        "folder has config.json and model.safetensors, as written by save_pretrained; a pair folder "
                        f"has pair.json){inside}", "invalid_folder")

@@ -151,6 +151,19 @@ def activation_modules(spec: PermutationSpec, preactivation: bool) -> dict[str, 
     return out
 
 
+def _register_hooks(model: nn.Module, names: dict[str, str], make_hook) -> list:
+    """A forward hook `make_hook(group)` on the module carrying each group's activations; the handles."""
+    modules = dict(model.named_modules())
+    handles = []
+    for g, name in names.items():
+        if name not in modules:
+            for h in handles:
+                h.remove()
+            raise ValueError(f"group {g!r} names module {name!r}, which the model does not have")
+        handles.append(modules[name].register_forward_hook(make_hook(g)))
+    return handles
+
+
 @torch.no_grad()
 def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: torch.Tensor,
                           spec: PermutationSpec, preactivation: bool = False, batch_size: int = 1000,
@@ -176,14 +189,10 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: 
             stats[group].update(held.pop(group), units_as_columns(output, spec[group].unit_axis))
         return hook
 
-    modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
     handles = []
     try:
-        for g, name in names.items():
-            if name not in modules_a:
-                raise ValueError(f"group {g!r} names module {name!r}, which the model does not have")
-            handles.append(modules_a[name].register_forward_hook(hook_a(g)))
-            handles.append(modules_b[name].register_forward_hook(hook_b(g)))
+        handles += _register_hooks(model_a, names, hook_a)
+        handles += _register_hooks(model_b, names, hook_b)
         with eval_mode(model_a, model_b):
             slices = list(batch_slices(len(pixel_values), batch_size))
             # a bar only on a terminal (disable=None), for the long ones: wide nets on the CPU take minutes
@@ -224,11 +233,7 @@ def pairwise_activation_statistics(models: list[nn.Module], pixel_values: torch.
     handles = []
     try:
         for i, model in enumerate(models):
-            modules = dict(model.named_modules())
-            for g, name in names.items():
-                if name not in modules:
-                    raise ValueError(f"group {g!r} names module {name!r}, which the model does not have")
-                handles.append(modules[name].register_forward_hook(hook(i, g)))
+            handles += _register_hooks(model, names, lambda g, i=i: hook(i, g))
         with eval_mode(*models):
             slices = list(batch_slices(len(pixel_values), max(1, 2 * batch_size // n)))
             for s in tqdm(slices, desc=f"activation statistics, {n} nets", leave=False, mininterval=2.0, delay=2.0,

@@ -19,7 +19,6 @@ permutes their average, the same function.
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
 from torch import nn
@@ -46,11 +45,9 @@ def _inner(a: nn.Module, b: nn.Module, keys) -> float:
 
 
 def _match(matcher, reference: nn.Module, permuted: nn.Module, data, perm: Permutations, warm: dict) -> Permutations:
-    """`matcher.match(reference, permuted, data)`, warm-started from this net's last solves where the matcher
-    takes potentials (the weight matcher). The match's columns are the permuted net's units, unit k being the
-    net's own unit perm[g][k]; `warm` keeps them by the net's own units, which do not move between rounds."""
-    if "potentials" not in inspect.signature(matcher.match).parameters:
-        return matcher.match(reference, permuted, data)
+    """`matcher.match(reference, permuted, data)` (the weight matcher), warm-started from this net's last solves.
+    The match's columns are the permuted net's units, unit k being the net's own unit perm[g][k]; `warm` keeps the
+    potentials by the net's own units, which do not move between rounds."""
     potentials = {g: {"columns": v[perm[g].to(v.device)]} for g, v in warm.items()}
     match = matcher.match(reference, permuted, data, potentials=potentials)
     for g, carried in potentials.items():

@@ -15,7 +15,7 @@ import torch
 
 from ..alignment import Permutations, get_matcher
 from ..alignment.spec import apply_permutations
-from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, write_json_atomic
+from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, only_a_local_path, write_json_atomic
 from .repair import DEFAULT_NUM_EXAMPLES as DEFAULT_REPAIR_EXAMPLES
 from .repair import apply_repair, check_repair_mode, require_batchnorm
 from .sources import NetSource, load_sources
@@ -23,12 +23,17 @@ from .sources import NetSource, load_sources
 logger = logging.getLogger("hf_permerge.merging")
 
 MARKER = "merge_config.json"
-MERGED_CONTENTS = (MARKER, "README.md", "config.json", "*.safetensors", "model.safetensors.index.json",
-                   "generation_config.json", "preprocessor_config.json", "permutations", "report.json", "*.png")
-"""What `save_pretrained` writes (a transformers model's own files included); --overwrite replaces only this."""
-PERMUTATIONS_CONTENTS = ("alignment.json", "net_*.safetensors")
-"""What `save_permutations` writes."""
 """The file that marks a folder as a merged model of ours: the only kind `save_pretrained` may replace."""
+PERMUTATIONS_MARKER = "alignment.json"
+"""The file that marks a folder as a set of permutations of ours (`save_permutations`, `hf-permerge align`)."""
+SAVE_TARGETS = {
+    "merged model": (MARKER, (MARKER, "README.md", "config.json", "*.safetensors", "model.safetensors.index.json",
+                              "generation_config.json", "preprocessor_config.json", "permutations", "report.json",
+                              "*.png")),
+    "set of permutations": (PERMUTATIONS_MARKER, (PERMUTATIONS_MARKER, "net_*.safetensors")),
+}
+"""What each output of the merger is marked by, and consists of (a transformers model's own files included):
+--overwrite replaces only a folder of that kind, and refuses one holding anything else."""
 
 _IGNORED_CONFIG_KEYS = {"seed", "_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
                         "dtype", "torch_dtype", "initializer_range"}
@@ -66,11 +71,11 @@ def net_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_save_target(output_dir, overwrite: bool = False, marker: str = MARKER, what: str = "merged model",
+def check_save_target(output_dir, overwrite: bool = False, what: str = "merged model",
                       wording: Wording = PYTHON_WORDING) -> Path:
-    """`io_utils.check_output_dir`'s rule in a Python caller's words (`overwrite=True`, not `--overwrite`), for a
-    merged model (`marker` MARKER) or a set of permutations (`marker` alignment.json)."""
-    contents = MERGED_CONTENTS if marker == MARKER else PERMUTATIONS_CONTENTS
+    """`io_utils.check_output_dir`'s rule for one of `SAVE_TARGETS` ("merged model", "set of permutations"), in a
+    Python caller's words by default (`overwrite=True`; the CLI passes its own, `--overwrite`)."""
+    marker, contents = SAVE_TARGETS[what]
     return check_output_dir(output_dir, overwrite, marker=marker, what=f"a {what}", wording=wording, contents=contents)
 
 
@@ -228,8 +233,8 @@ class PermMerger:
         if data_dir is not None:
             raise ValueError("data_dir names the files of a catalog data set; a datasets.Dataset brings its own "
                              "images: drop data_dir")
-        if name is not None and (not isinstance(name, str) or name.startswith((".", "/", "~")) or
-                                 len(name.split("/")) != 2 or Path(name).exists()):
+        if name is not None and (not isinstance(name, str) or only_a_local_path(name) or len(Path(name).parts) != 2
+                                 or Path(name).exists()):
             raise ValueError(f"name={name!r} is not a Hub dataset id (owner/name); it is written into the model card and "
                              "merge_config.json, so a local path is never taken: pass the Hub id, or no name")
         check_image_dataset(dataset)
@@ -602,13 +607,13 @@ class PermMerger:
 
     def save_permutations(self, output_dir) -> Path:
         """Write net_i.safetensors + alignment.json; an earlier alignment folder is replaced, a user's never."""
-        output_dir = check_save_target(output_dir, overwrite=True, marker="alignment.json", what="set of permutations",
+        output_dir = check_save_target(output_dir, overwrite=True, what="set of permutations",
                                        wording=dataclasses.replace(PYTHON_WORDING, overwrite="save_permutations, which "
                                                                    "replaces only an earlier set of permutations"))
         with atomic_dir(output_dir) as tmp:
             for i, p in enumerate(self._require_alignment()):
                 p.save(tmp / f"net_{i}.safetensors")
-            write_json_atomic(tmp / "alignment.json", {
+            write_json_atomic(tmp / PERMUTATIONS_MARKER, {
                 **self.merge_settings(), "merge": None, "alignment": dict(self.alignment),
                 "fingerprints": self.fingerprints(self.alignment.get("checkpoint"))})  # also after a vanilla merge
         return output_dir
@@ -630,7 +635,7 @@ class PermMerger:
             raise ValueError(f"{folder} holds permutations of {found} nets, and this merge has {self.num_nets}: they "
                              "were found for other nets. Align these nets instead (merger.align(), or hf-permerge "
                              "merge without --permutations)")
-        record = next((json.loads(f.read_text()) for f in (folder / "alignment.json", folder.parent / MARKER)
+        record = next((json.loads(f.read_text()) for f in (folder / PERMUTATIONS_MARKER, folder.parent / MARKER)
                        if f.is_file()), {})
         saved = record.get("fingerprints")
         if check_nets and saved:

@@ -98,7 +98,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))  # before any download
     check_save_target(output_dir / "merged", overwrite)          # replaced at the end: refusals come now
-    check_save_target(output_dir / "permutations", True, "alignment.json", "set of permutations")
+    check_save_target(output_dir / "permutations", True, "set of permutations")
     merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
     models = not isinstance(pair_dir, (str, Path))          # a list of model folders / repo ids
     if merger.pair is None and config is None:

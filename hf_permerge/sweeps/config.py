@@ -16,9 +16,8 @@ so a grid can be extended and the cells already measured are reused.
 """
 from __future__ import annotations
 
-import difflib
-
 import copy
+import difflib
 import itertools
 import re
 from dataclasses import dataclass
