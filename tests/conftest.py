@@ -15,6 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+def pytest_assertrepr_compare(op, left, right):
+    """`assert a == b` on two `Permutations` prints which groups and slots differ."""
+    from hf_permerge.alignment import Permutations
+
+    if op == "==" and isinstance(left, Permutations) and isinstance(right, Permutations):
+        return [f"{left!r} == {right!r}", *left.difference(right)]
+    return None
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write an IDX file (uint8 payload), gzipped: the format the Debian package ships."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)

@@ -156,9 +156,11 @@ def test_reset_bn_recomputes_running_statistics_exactly(train_split):
                                       eps=block.norm.eps)
                 h = block.pool(block.act(normed))
     for i, block in enumerate(model.blocks):
-        # float32 sums over 200 x 28 x 28 positions: agreement to float32 rounding, not bit for bit
+        # float32 sums over 200 x 28 x 28 positions, in whatever order the CPU's kernel takes (the portable one,
+        # ATEN_CPU_CAPABILITY=default on one thread, was 3.5e-4 off): float32 rounding, not bit for bit. A wrong
+        # rule (momentum 0.1 from the stale statistics, or the last batch alone) is off by far more.
         for running, batches in ((block.norm.running_mean, means[i]), (block.norm.running_var, variances[i])):
-            torch.testing.assert_close(running.double(), torch.stack(batches).mean(0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(running.double(), torch.stack(batches).mean(0), atol=2e-3, rtol=2e-3)
         assert block.norm.momentum == 0.1 and not block.norm.training
 
 

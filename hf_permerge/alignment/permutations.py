@@ -8,6 +8,7 @@ with model_a.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 from typing import Iterator, Mapping
@@ -52,16 +53,39 @@ class Permutations(Mapping[str, torch.Tensor]):
         return len(self._perms)
 
     def __eq__(self, other) -> bool:
-        """Equal when the same groups carry the same permutations (`info` is not compared)."""
-        if not isinstance(other, Mapping) or set(self) != set(other):
-            return False
-        return all(torch.equal(self[g], torch.as_tensor(other[g]).cpu().long()) for g in self)
+        """A plain bool: the same groups carrying the same permutations (`info` is not compared). Anything that
+        is not a map of groups to permutations, or differs in groups or sizes, is simply unequal."""
+        return isinstance(other, Mapping) and not self.difference(other, limit=1)
 
     __hash__ = None
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{g}: {len(p)}" for g, p in self._perms.items())
-        return f"Permutations({{{sizes}}}, matcher={self.info.get('matcher')!r})"
+        shown = [f"{g}: {len(p)}" for g, p in itertools.islice(self._perms.items(), 6)]
+        more = f", ... {len(self._perms) - 6} more" if len(self._perms) > 6 else ""
+        return f"Permutations({{{', '.join(shown)}{more}}}, matcher={self.info.get('matcher')!r})"
+
+    def difference(self, other: Mapping, limit: int = 10) -> list[str]:
+        """Readable lines saying how `other` differs from these permutations (empty when equal), at most
+        `limit`: groups on one side only, sizes, and the first slots holding other units."""
+        lines = [f"group {g!r} only on the left" for g in self._perms if g not in other]
+        lines += [f"group {g!r} only on the right" for g in other if g not in self._perms]
+        for g, p in self._perms.items():
+            if len(lines) >= limit or g not in other:
+                continue
+            try:
+                q = torch.as_tensor(other[g]).detach().cpu().long().reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as e:
+                lines.append(f"group {g!r}: the right side is not a permutation ({e})")
+                continue
+            if len(q) != len(p):
+                lines.append(f"group {g!r}: {len(p)} units vs {len(q)}")
+                continue
+            slots = (p != q).nonzero().flatten().tolist()
+            if slots:
+                first = ", ".join(f"slot {j}: {int(p[j])} vs {int(q[j])}" for j in slots[:5])
+                lines.append(f"group {g!r}: {len(slots)} of {len(p)} slots differ ({first}"
+                             f"{', ...' if len(slots) > 5 else ''})")
+        return lines[:limit]
 
     # Construction and checks --------------------------------------------------------------------
     @classmethod
