@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,14 @@ class TrainingSection(_Section):
     log_with: str | None = None
     eval_each_epoch: bool = True
 
+    @field_validator("epochs")
+    @classmethod
+    def _check_epochs(cls, epochs: int) -> int:
+        if epochs < 1:
+            raise ValueError(f"{epochs} epochs would train nothing; set 1 or more (and training.max_steps for a "
+                             "shorter run)")
+        return epochs
+
     @model_validator(mode="after")
     def _check_steps(self):
         bad = [s for s in self.save_steps if s <= 0]
@@ -113,7 +121,7 @@ class AlignmentSection(_Section):
     products: Literal["float32", "float64"] = "float32"
     """Activation matching: dtype of the n x n products of shifted activations (float64: exact, 2x slower on CPUs)."""
     num_examples: int = Field(10000, ge=1)
-    checkpoint: str = "final"
+    checkpoint: str = Field("final", pattern=r"^(final|init|step-[1-9][0-9]*)$")
     """Checkpoint whose activations/weights define the permutation (final, init, step-N)."""
     preconditioner: Literal["foof", "none"] = "foof"
     damping: float = Field(1.0, gt=0)
@@ -142,7 +150,7 @@ class AlignmentSection(_Section):
 
 class EvaluationSection(_Section):
     num_lambdas: int = Field(11, ge=2)
-    splits: list[Literal["test", "train"]] = Field(default_factory=lambda: ["test", "train"])
+    splits: list[Literal["test", "train"]] = Field(default_factory=lambda: ["test", "train"], min_length=1)
     train_subset: int = Field(10000, ge=1)
     n_way: bool = True
     plane: bool = False
@@ -179,6 +187,15 @@ class RunConfig(_Section):
                              f"not saved at {'that step' if one else 'those steps'} (training.save_steps: "
                              f"{t.save_steps}); add {'it' if one else 'them'} to training.save_steps, or "
                              f"drop {'it' if one else 'them'} from evaluation.schedules")
+        return self
+
+    @model_validator(mode="after")
+    def _check_alignment_checkpoint(self):
+        """Aligning at step N needs the nets saved at step N: refused before training, not after it."""
+        t, name = self.training, self.alignment.checkpoint
+        if name.startswith("step-") and int(name[5:]) not in t.save_steps:
+            raise ValueError(f"alignment.checkpoint {name} is not saved (training.save_steps: {t.save_steps}); add "
+                             f"{name[5:]} to training.save_steps, or align at final or init")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -210,3 +210,31 @@ def test_a_bad_override_of_evaluate_is_named_as_one(tiny_pair, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "pair.json with the --set overrides:" in err and "did you mean 'num_lambdas'" in err
     assert not (tmp_path / "ev").exists()
+
+
+MEANINGLESS = [
+    ("train", ["training.epochs=0"], "training.epochs"),
+    ("run", ["training.epochs=0"], "training.epochs"),
+    ("run", ["training.num_nets=1"], "training.num_nets 1"),
+    ("train", ["training.batch_size=5000"], "training.batch_size 5000 is larger than the 1000 training images"),
+    ("train", ["training.save_steps=[5,500]"], "training.save_steps [500] lie beyond the run's last step (20"),
+    ("run", ["alignment.checkpoint=step-7"], "alignment.checkpoint step-7 is not saved"),
+    ("run", ["alignment.checkpoint=last"], "alignment.checkpoint"),
+    ("run", ["evaluation.splits=[]"], "evaluation.splits"),
+]
+
+
+@pytest.mark.parametrize("command, overrides, message", MEANINGLESS, ids=[" ".join(c[1]) for c in MEANINGLESS])
+def test_a_job_that_would_be_meaningless_is_refused_before_any_work(command, overrides, message, tiny_fmnist,
+                                                                     tmp_path, capsys, run_cli, monkeypatch):
+    from hf_permerge.training import trainer
+
+    monkeypatch.setattr(trainer.PairTrainer, "_train_slots", lambda *a: pytest.fail("trained before refusing"))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {{type: mlp, depth: 1, width: 8}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
+                      "training: {epochs: 2, batch_size: 100, save_steps: [5]}\n")
+    sets = [x for o in overrides for x in ("--set", o)]
+    assert run_cli(command, config, "-o", tmp_path / "out", *sets, "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) <= 2, err
+    assert not (tmp_path / "out").exists()

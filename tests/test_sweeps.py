@@ -219,6 +219,8 @@ BASE = {"model": {"type": "mlp", "width": 8}, "training": {"max_steps": 2}}
     ({"name": "s", "experiment": "pair", "grid": {"training.lr": [0.1]}, "cases": {"c": {"training.lr": 0.2}}},
      "set both in the grid and in a case"),
     ({"name": "s", "experiment": "n_way"}, "training.num_nets >= 3"),
+    ({"name": "s", "experiment": "pair", "grid": {"training.num_nets": [1]}}, "needs at least 2; set training.num_nets"),
+    ({"name": "s", "experiment": "pair", "grid": {"training.epochs": [0]}}, "0 epochs would train nothing"),
     ({"name": "s", "experiment": "schedules"}, "needs evaluation.schedules"),
     ({"name": "s", "experiment": "pair", "grid": {"model.width": [8, 0]}},
      r"cell width=0\):\n  model.width: Input should be greater than or equal to 1"),

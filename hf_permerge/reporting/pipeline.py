@@ -138,6 +138,9 @@ def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = F
     """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/."""
     from ..training import PairTrainer
 
+    if config.training.num_nets < 2:
+        raise ValueError(f"training.num_nets {config.training.num_nets}: a run aligns and merges nets, which needs "
+                         "at least 2; set training.num_nets to 2 or more (or use `hf-permerge train` for one net)")
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True, what="a run",
                      contents=RUN_CONTENTS)

@@ -211,6 +211,9 @@ def expand_cells(sweep: SweepSection, base: dict, source: str) -> list[Cell]:
 
 def _check_cell(sweep: SweepSection, config: RunConfig, cell_id: str, source: str) -> None:
     where = f"invalid sweep config {source} (cell {cell_id})"
+    if config.training.num_nets < 2:
+        raise ConfigError(f"{where}: every experiment aligns and merges nets, which needs at least 2; set "
+                          f"training.num_nets >= 2 (got {config.training.num_nets})")
     if sweep.experiment == "n_way" and config.training.num_nets < 3:
         raise ConfigError(f"{where}: the n_way experiment averages k = 2..N nets; set training.num_nets >= 3 "
                           f"(got {config.training.num_nets})")

@@ -67,6 +67,18 @@ def total_steps(tc, num_train: int) -> int:
     return min(total, tc.max_steps) if tc.max_steps else total
 
 
+def check_steps(tc, num_train: int) -> None:
+    """Refuse, before any output, a run that would take no step or save a checkpoint it never reaches."""
+    if num_train // tc.batch_size == 0:
+        raise ValueError(f"training.batch_size {tc.batch_size} is larger than the {num_train} training images: no "
+                         f"step would run; set training.batch_size to {num_train} or less")
+    total = total_steps(tc, num_train)
+    late = [s for s in tc.save_steps if s > total]
+    if late:
+        raise ValueError(f"training.save_steps {late} lie beyond the run's last step ({total}: "
+                         f"{num_train // tc.batch_size} steps per epoch); drop them or train longer")
+
+
 PAIR_CONTENTS = ("run_config.json", "pair.json", "net_*")
 """What a pair folder consists of; --overwrite replaces nothing else (a merge saved inside it is refused)."""
 
@@ -136,6 +148,7 @@ class PairTrainer:
     def train(self) -> TrainResult:
         cfg, tc, acc = self.config, self.config.training, self.accelerator
         train, test = self._splits()       # data first: a missing data set must fail before any output is written
+        check_steps(tc, len(train))
         self._prepare_output()
         if tc.log_with:
             acc.init_trackers("hf_permerge", config=cfg.to_dict())
