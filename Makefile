@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo demo-report test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ data:
 
 demo: setup data
 	$(BIN)/hf-permerge run configs/fmnist_mlp_2x512.yaml --output-dir $(OUT) --overwrite
+
+demo-report: setup data
+	$(BIN)/python benchmarks/demo_report.py
 
 test: setup data
 	$(BIN)/python -m pytest tests
