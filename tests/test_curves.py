@@ -82,17 +82,25 @@ def test_curve_endpoints_equal_evaluate_model_of_each_net(test_split):
     assert_close({k: curve[k][-1] for k in METRICS}, evaluate_model(b, test_split), len(test_split))
 
 
-def test_vmap_failure_falls_back_to_a_loop_with_the_same_numbers(small_split, monkeypatch):
+def test_vmap_the_loop_over_sets_and_the_fallback_give_the_same_numbers(small_split, monkeypatch):
+    """Conv nets on the CPU loop over the parameter sets (grouped convolutions are slow there); vmap, where it
+    is taken, and the fallback when vmap cannot run the model, give the same numbers."""
+    from hf_permerge.evaluation import interpolation
+
     a, b = make_pair("cnn")
-    expected = evaluate_curve(a, a, b, [0.0, 0.5, 1.0], {"test": small_split})["test"]
+    assert not interpolation._vmap_pays(a, {"test": small_split})
+    looped = evaluate_curve(a, a, b, [0.0, 0.5, 1.0], {"test": small_split})["test"]
+    monkeypatch.setattr(interpolation, "_vmap_pays", lambda model, splits: True)
+    vmapped = evaluate_curve(a, a, b, [0.0, 0.5, 1.0], {"test": small_split})["test"]
 
     def broken_vmap(*args, **kwargs):
         raise RuntimeError("no batching rule")
     monkeypatch.setattr(torch, "vmap", broken_vmap)
     with pytest.warns(UserWarning, match="one by one"):
-        got = evaluate_curve(a, a, b, [0.0, 0.5, 1.0], {"test": small_split})["test"]
+        fallback = evaluate_curve(a, a, b, [0.0, 0.5, 1.0], {"test": small_split})["test"]
     for k in METRICS:
-        assert got[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-6)
+        assert vmapped[k] == pytest.approx(looped[k], rel=1e-5, abs=1e-6)
+        assert fallback[k] == pytest.approx(looped[k], rel=1e-5, abs=1e-6)
 
 
 def test_tempered_nll_is_at_most_nll_and_is_the_grid_minimum():

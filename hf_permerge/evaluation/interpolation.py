@@ -8,8 +8,9 @@ as in the paper. Resetting or repairing BN statistics (REPAIR) is a separate, la
 Speed: the P parameter sets of a curve (or of a plane grid) are stacked along a leading axis and
 run with `torch.vmap` over `torch.func.functional_call`, so one data chunk passes through all P
 networks as batched matmuls / grouped convolutions; data are index slices of tensors already on the
-device, never a Python loop per sample. If vmap cannot run a model, we fall back to a loop over the
-parameter sets (with a warning) and give the same numbers, only slower. Our MLP takes a faster
+device, never a Python loop per sample. Conv nets on the CPU loop over the parameter sets instead (grouped
+convolutions are slow there); if vmap cannot run a model, we fall back to that loop too (with a warning):
+the same numbers either way. Our MLP takes a faster
 path (`_mlp_logits`): its first layer runs once per endpoint instead of once per lambda.
 
 Reported per network, over the whole split:
@@ -189,6 +190,14 @@ def _vmap_logits(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor, 
     return torch.stack([forward({k: v[p] for k, v in stacked.items()}, x) for p in range(n_sets)])
 
 
+def _vmap_pays(model: nn.Module, splits: Mapping[str, TensorSplit]) -> bool:
+    """vmap turns a convolution over P parameter sets into one grouped convolution: on the CPU that ran an
+    11-point curve of a 32-32-avg-64-64 CNN 4x slower than one plain convolution per set (BENCHMARKS.md), so
+    conv nets on the CPU loop over the sets; everything else, and every GPU, takes vmap."""
+    on_cpu = all(split.pixel_values.device.type == "cpu" for split in splits.values())
+    return not (on_cpu and any(isinstance(m, nn.Conv2d) for m in model.modules()))
+
+
 def _mlp_first_layer(bases: Sequence[StateDict]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The K bases' first-layer weights (K*H, D) and biases stacked, made once per pass."""
     weight = torch.cat([b["layers.0.weight"] for b in bases])
@@ -237,7 +246,7 @@ def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: 
     if coeffs.ndim != 2 or coeffs.shape[1] != len(bases) or not torch.isfinite(coeffs).all():
         raise ValueError(f"coeffs must be finite with shape (P, {len(bases)}), got {tuple(coeffs.shape)}")
     fast_mlp = type(model) is PermMLPForImageClassification
-    use_vmap = True
+    use_vmap = _vmap_pays(model, splits)
     results = {name: {} for name in splits}
     with _eval_mode(model):
         for name, split in splits.items():

@@ -8,6 +8,9 @@ and which numbers to keep. All numbers are on the test split unless a key says `
 - `n_way` (Fig. 3 mid): the pair numbers plus the average of the first k nets, k = 2..N.
 - `schedules` (Fig. 3 right, 4 right): the pair numbers plus the midpoint accuracy at every saved
   step under perm@x (permutation found at step x) and the current permutation.
+- every experiment but `matchers` also keeps `random_acc` / `init_random_acc`: the midpoint of net 0 and net 1
+  after a uniformly random permutation of net 1 (seeded by the cell's seed), the baseline that shows what
+  matching buys over any permutation.
 - `matchers` (App. B): for each labelled alignment (e.g. activation matching after training, the
   gradient/FOOF matcher at init), the pair numbers under that alignment, keyed `<label>:<metric>`.
 """
@@ -76,6 +79,25 @@ def schedule_metrics(report: dict) -> dict[str, float]:
     return out
 
 
+def random_permutation_metrics(merger, split, seed: int) -> dict[str, float]:
+    """`random_acc`, `init_random_acc` (and `_loss`): the midpoint of net 0 and net 1 permuted by a uniformly random
+    permutation, trained and at init, on `split`."""
+    import copy
+
+    from ..alignment import Permutations
+    from ..evaluation.interpolation import evaluate_model, interpolate_state_dicts
+
+    shuffle = Permutations.random(merger.spec, seed=seed)
+    out = {}
+    for ck, prefix in CHECKPOINT_PREFIX.items():
+        a, b = merger.load(0, ck), merger.load(1, ck)
+        mid = copy.deepcopy(a)
+        mid.load_state_dict(interpolate_state_dicts(a.state_dict(), shuffle.apply(b).state_dict(), 0.5))
+        result = evaluate_model(mid, split)
+        out[f"{prefix}random_acc"], out[f"{prefix}random_loss"] = result["acc"], result["loss"]
+    return out
+
+
 def _evaluation(config: RunConfig, n_way: bool = False, schedules: bool = False):
     """The cell's evaluation settings with only the parts this experiment reads switched on."""
     ev = config.evaluation
@@ -108,6 +130,8 @@ def measure(experiment: str, config: RunConfig, pair_dir, device, matchers: dict
     report = build_report(merger, _evaluation(config, n_way=experiment == "n_way", schedules=experiment == "schedules"),
                           splits, progress=progress)
     metrics = pair_metrics(report) | n_way_metrics(report) | schedule_metrics(report)
+    if "test" in splits:
+        metrics |= random_permutation_metrics(merger, splits["test"], config.training.seed)
     out = {"metrics": metrics, "timings": {"align_s": report["timings"]["align_s"],
                                            "evaluate_s": report["timings"]["evaluate_s"]}}
     if curves:

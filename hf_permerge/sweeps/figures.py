@@ -1,4 +1,4 @@
-"""One figure per experiment, from the summary (mean ± 2 sem over seeds), in the paper's colours.
+"""One figure per experiment, from the summary (mean ± Student-t 95% interval over seeds), in the paper's colours.
 
 - pair (Fig. 2, 4, 10, 11): test accuracy and loss against the sweep's x key, one column per value of
   the other keys: single net (black), vanilla average (red), permuted average (blue); and the same
@@ -57,11 +57,11 @@ def _positions(values: list) -> tuple[list[float], bool]:
 
 
 def _band(ax, xs, rows, metric, colour, label, categorical, **kw):
-    pts = [(x, r[metric], r.get(f"{metric}_sem")) for x, r in zip(xs, rows) if r.get(metric) is not None]
+    pts = [(x, r[metric], r.get(f"{metric}_ci")) for x, r in zip(xs, rows) if r.get(metric) is not None]
     if not pts:
         return
     x, y, s = zip(*pts)
-    err = [2 * e if e is not None and math.isfinite(e) else 0.0 for e in s]
+    err = [e if e is not None and math.isfinite(e) else 0.0 for e in s]
     if categorical or len(x) == 1:
         ax.errorbar(x, y, yerr=err, fmt="o", color=colour, label=label, capsize=3, ms=4, **kw)
     else:
@@ -111,7 +111,7 @@ def plot_pair(config: SweepConfig, summary: list[dict], path: Path) -> str:
                 ax.set_xlabel(_label(x_key) if x_key else "")
     axes[0][0].legend(fontsize=7)
     axes[-1][0].legend(fontsize=7)
-    fig.suptitle(f"{config.sweep.name}: mean ± 2 sem over seeds", fontsize=10)
+    fig.suptitle(f"{config.sweep.name}: mean ± Student-t 95% interval over seeds", fontsize=10)
     return _save(fig, path)
 
 
@@ -151,8 +151,8 @@ def plot_n_way(config: SweepConfig, summary: list[dict], path: Path) -> str:
                 ks = sorted(int(m[4:].split("_", 1)[0]) for m in row if m.startswith("nway") and m.endswith(f"_{prefix}perm_acc"))
                 colour = cmap(j / max(1, len(rows) - 1) * 0.9)
                 label = f"{_label(x_key)}={row[x_key]}" if x_key else None
-                fake = [{"v": row[f"{prefix}single_acc"], "v_sem": row.get(f"{prefix}single_acc_sem")}] + \
-                       [{"v": row[f"nway{k}_{prefix}perm_acc"], "v_sem": row.get(f"nway{k}_{prefix}perm_acc_sem")} for k in ks]
+                fake = [{"v": row[f"{prefix}single_acc"], "v_ci": row.get(f"{prefix}single_acc_ci")}] + \
+                       [{"v": row[f"nway{k}_{prefix}perm_acc"], "v_ci": row.get(f"nway{k}_{prefix}perm_acc_ci")} for k in ks]
                 _band(ax, [1] + ks, fake, "v", colour, label, False)
                 ax.plot(ks, [row[f"nway{k}_{prefix}vanilla_acc"] for k in ks], ":", color=colour, lw=1)
             if prefix == "init_":
@@ -175,7 +175,7 @@ def plot_schedules(config: SweepConfig, summary: list[dict], path: Path) -> str:
         row, ax = rows[0], axes[0][col]
         series: dict[str, dict[int, str]] = {}
         for m in row:
-            if m.startswith("sched_") and not m.endswith("_sem"):
+            if m.startswith("sched_") and not m.endswith("_ci"):
                 name, step = m[len("sched_"):].rsplit("_t", 1)
                 series.setdefault(name, {})[int(step)] = m
         perms = sorted((s for s in series if s.startswith("perm@")), key=lambda s: int(s[5:]))
@@ -183,7 +183,7 @@ def plot_schedules(config: SweepConfig, summary: list[dict], path: Path) -> str:
             steps = sorted(series[name])
             colour = {"current": COLOURS["permuted"], "vanilla": COLOURS["vanilla"]}.get(
                 name, cmap(0.4 + 0.6 * j / max(1, len(perms))))
-            pts = [{"v": row[series[name][t]], "v_sem": row.get(f"{series[name][t]}_sem")} for t in steps]
+            pts = [{"v": row[series[name][t]], "v_ci": row.get(f"{series[name][t]}_ci")} for t in steps]
             _band(ax, steps, pts, "v", colour, "current perm" if name == "current" else name, False,
                   ls="--" if name == "current" else "-")
         ax.axhline(CHANCE, color="grey", ls=":", lw=1)
@@ -208,7 +208,7 @@ def plot_matchers(config: SweepConfig, summary: list[dict], path: Path) -> str:
         for r, prefix in enumerate(("init_", "")):
             ax = axes[r][col]
             for j, (short, name) in enumerate(SERIES):
-                pts = [{"v": row.get(f"{lab}:{prefix}{short}_acc"), "v_sem": row.get(f"{lab}:{prefix}{short}_acc_sem")}
+                pts = [{"v": row.get(f"{lab}:{prefix}{short}_acc"), "v_ci": row.get(f"{lab}:{prefix}{short}_acc_ci")}
                        for lab in labels]
                 _band(ax, [x + (j - 1) * 0.08 for x in xs], pts, "v", SERIES_COLOURS[short], name, True)
             if prefix == "init_":

@@ -234,7 +234,7 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
 
 
 def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = None) -> tuple[list[str], str, dict]:
-    """results.csv (a row per cell), summary.csv (mean and sem over seeds), results.json and the figure(s)."""
+    """results.csv (a row per cell), summary.csv (mean and Student-t 95% half-width over seeds), results.json and the figure(s)."""
     from .figures import write_figures
     from .tables import cell_rows, summarise, summary_text, write_csv
 

@@ -1,20 +1,21 @@
-"""The sweep's results table: one row per cell, and the mean and standard error over seeds per group."""
+"""The sweep's results table: one row per cell, and per group the mean over seeds with its Student-t 95% interval."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 from pathlib import Path
-from statistics import fmean, stdev
+from statistics import fmean
 
+from ..evaluation.statistics import t_interval
 from ..io_utils import atomic_file
 from .config import SweepConfig
 
 # the columns the printed summary shows, per experiment (every metric is in the CSV and JSON)
 HEADLINE = {
-    "pair": ["single_acc", "vanilla_acc", "perm_acc", "barrier_perm_acc", "barrier_perm_loss", "init_single_acc",
-             "init_vanilla_acc", "init_perm_acc"],
-    "n_way": ["single_acc", "init_single_acc", "init_perm_acc"],
+    "pair": ["single_acc", "vanilla_acc", "random_acc", "perm_acc", "barrier_perm_acc", "barrier_perm_loss",
+             "init_single_acc", "init_vanilla_acc", "init_random_acc", "init_perm_acc"],
+    "n_way": ["single_acc", "init_single_acc", "init_random_acc", "init_perm_acc"],
     "schedules": [],
     "matchers": [],
 }
@@ -49,7 +50,8 @@ def _is_number(v) -> bool:
 
 
 def summarise(config: SweepConfig, rows: list[dict]) -> list[dict]:
-    """Finished cells grouped by every value but the seed: n, and per metric the mean and `<metric>_sem`."""
+    """Finished cells grouped by every value but the seed: n, and per metric the mean and `<metric>_ci`, the
+    half-width of its Student-t 95% interval (n - 1 degrees of freedom; None for one seed)."""
     sweep = config.sweep
     keys = [k for k in (["case"] if sweep.cases else []) + list(sweep.grid) if k != sweep.seed_key]
     groups: dict[tuple, list[dict]] = {}
@@ -65,8 +67,7 @@ def summarise(config: SweepConfig, rows: list[dict]) -> list[dict]:
             values = [r.get(m) for r in members if _is_number(r.get(m))]
             if not values:
                 continue
-            out[m] = fmean(values)
-            out[f"{m}_sem"] = stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+            out[m], out[f"{m}_ci"] = t_interval(values)
         curves = [r["curves"] for r in members if "curves" in r]
         if curves:
             out["curves"] = _mean_curves(curves)
@@ -94,17 +95,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def summary_text(config: SweepConfig, summary: list[dict]) -> str:
-    """A fixed-width table of the experiment's headline numbers: mean (± 2 sem where there are repeats)."""
+    """A fixed-width table of the experiment's headline numbers: mean ± the t 95% half-width (with n seeds)."""
     sweep = config.sweep
     keys = [k for k in (["case"] if sweep.cases else []) + list(sweep.grid) if k != sweep.seed_key]
     metrics = HEADLINE[sweep.experiment]
     if sweep.experiment == "n_way" and summary:
-        ks = sorted({int(m[4:].split("_", 1)[0]) for m in summary[0] if m.startswith("nway") and not m.endswith("_sem")})
+        ks = sorted({int(m[4:].split("_", 1)[0]) for m in summary[0] if m.startswith("nway") and not m.endswith("_ci")})
         metrics = metrics + [f"nway{k}_init_perm_acc" for k in ks]
     elif sweep.experiment == "matchers" and summary:
         metrics = [f"{label}:init_perm_acc" for label in sweep.matchers]
     elif sweep.experiment == "schedules" and summary:
-        last = max(int(m.rsplit("_t", 1)[1]) for m in summary[0] if m.startswith("sched_") and not m.endswith("_sem"))
+        last = max(int(m.rsplit("_t", 1)[1]) for m in summary[0] if m.startswith("sched_") and not m.endswith("_ci"))
         metrics = ["single_acc", "init_perm_acc"] + [m for m in summary[0]
                                                      if m.startswith("sched_") and m.endswith(f"_t{last}")]
     header = [k.rsplit(".", 1)[-1] for k in keys] + ["n"] + metrics
@@ -112,8 +113,8 @@ def summary_text(config: SweepConfig, summary: list[dict]) -> str:
     for row in summary:
         cells = [str(row[k]) for k in keys] + [str(row["n"])]
         for m in metrics:
-            v, s = row.get(m), row.get(f"{m}_sem")
-            cells.append("-" if v is None else f"{v:.4f}" + (f"±{2 * s:.4f}" if s else ""))
+            v, s = row.get(m), row.get(f"{m}_ci")
+            cells.append("-" if v is None else f"{v:.4f}" + (f"±{s:.4f}" if s else ""))
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
