@@ -87,7 +87,8 @@ class TrainingSection(_Section):
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many steps (smoke runs and tests); None: train all `epochs`."""
     engine: Literal["auto", "stacked", "per_net"] = "auto"
-    """auto: all nets in one stacked engine on one process; per-net under several processes."""
+    """auto: all nets in one stacked engine on one process, except conv nets on the CPU and BatchNorm nets (one
+    module per net); per-net under several processes."""
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     """Training arithmetic. fp32 (the science default); tf32: fp32 weights, CUDA matmuls on tensor cores
     (about 2x for wide MLPs on an H200; the CPU computes fp32); bf16: autocast of the forward to bfloat16."""

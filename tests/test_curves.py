@@ -189,6 +189,15 @@ def test_plane_grid_matches_evaluating_each_grid_network(small_split):
         assert_close({k: plane["test"][k][j][i] for k in METRICS}, single, len(small_split))
 
 
+def test_plane_anchors_are_the_three_nets_own_accuracies(small_split):
+    """The map's three anchors (theta_0, theta_1, pi(theta_1)) are evaluated exactly: each equals the net itself."""
+    t0, t1 = make_pair("mlp")
+    t2 = PermMLPForImageClassification(PermMLPConfig(depth=2, width=32, seed=2))
+    plane = evaluate_plane(t0, t0, t1, t2, {"test": small_split}, resolution=3, margin=0.1)
+    for name, net in zip(("theta_0", "theta_1", "pi_theta_1"), (t0, t1, t2)):
+        assert_close(plane["at_points"][name]["test"], evaluate_model(net, small_split), len(small_split))
+
+
 def test_plane_of_collinear_nets_raises(small_split):
     t0, t1 = make_pair("mlp")
     with pytest.raises(ValueError, match="identity"):

@@ -187,7 +187,10 @@ def _vmap_logits(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor, 
     if use_vmap:
         return torch.vmap(forward, in_dims=(0, None))(stacked, x)
     n_sets = next(iter(stacked.values())).shape[0]
-    return torch.stack([forward({k: v[p] for k, v in stacked.items()}, x) for p in range(n_sets)])
+    layout = torch.channels_last if x.ndim == 4 and x.device.type == "cpu" else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)       # conv weights and images alike: oneDNN's fastest layout
+    return torch.stack([forward({k: v[p].contiguous(memory_format=layout) if v.ndim == 5 else v[p]
+                                 for k, v in stacked.items()}, x) for p in range(n_sets)])
 
 
 def _vmap_pays(model: nn.Module, splits: Mapping[str, TensorSplit]) -> bool:

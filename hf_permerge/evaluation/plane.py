@@ -59,11 +59,11 @@ def evaluate_plane(model: nn.Module, theta_0, theta_1, theta_1_permuted, splits:
     """Metrics on a resolution x resolution grid covering the three nets plus `margin` of each side's span.
 
     Returns {"u": [...], "v": [...], "points": {"theta_0" | "theta_1" | "pi_theta_1": (u, v)},
-    <split>: {metric: grid}, ...} where grid[j][i] is the metric at (u[i], v[j]) (rows are v, as
+    "at_points": {point: {split: {metric: value}}} (the three nets themselves), <split>: {metric: grid}, ...} where grid[j][i] is the metric at (u[i], v[j]) (rows are v, as
     `imshow(origin="lower")` draws them) and the metrics are those of `evaluate_curve`. Cost:
     resolution**2 networks per split, so pass a test subset or a coarse grid for quick looks.
     """
-    clash = {"u", "v", "points"} & set(splits)
+    clash = {"u", "v", "points", "at_points"} & set(splits)
     if clash:
         raise ValueError(f"split names {sorted(clash)} clash with the plane's own keys; rename the split")
     if resolution < 2:
@@ -80,8 +80,13 @@ def evaluate_plane(model: nn.Module, theta_0, theta_1, theta_1_permuted, splits:
     u, v = axis(min(us), max(us)), axis(min(vs), max(vs))
     vv, uu = torch.meshgrid(v, u, indexing="ij")                        # rows: v, columns: u
     coeffs = plane_coefficients(torch.stack([uu.reshape(-1), vv.reshape(-1)], dim=1), points)
-    flat = evaluate_combinations(model, [theta_0, theta_1, theta_1_permuted], coeffs, splits,
+    # the three nets themselves ride along as the last three sets: the map's anchors, exactly
+    flat = evaluate_combinations(model, [theta_0, theta_1, theta_1_permuted],
+                                 torch.cat([coeffs, torch.eye(3, dtype=coeffs.dtype)]), splits,
                                  batch_size=batch_size, sets_per_pass=sets_per_pass)
+    cells = resolution * resolution
     grids = {name: {k: [vals[r * resolution:(r + 1) * resolution] for r in range(resolution)]
                     for k, vals in metrics.items()} for name, metrics in flat.items()}
-    return {"u": u.tolist(), "v": v.tolist(), "points": points, **grids}
+    at_points = {name: {split: {k: vals[cells + i] for k, vals in metrics.items()} for split, metrics in flat.items()}
+                 for i, name in enumerate(POINT_NAMES)}
+    return {"u": u.tolist(), "v": v.tolist(), "points": points, "at_points": at_points, **grids}

@@ -13,8 +13,8 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
   (`bmm_mlp_step_grads`): autograd's fresh weight-sized gradients cost tens of thousands of page faults
   a step for wide stacks;
 - other architectures run `vmap(functional_call)` on a GPU (convolutions become one grouped
-  convolution), and a plain loop over the nets' slices on the CPU, where grouped convolutions
-  were measured slower than separate ones;
+  convolution); on the CPU, where grouped convolutions were measured slower than separate ones, conv
+  nets train one module per net (`PerNetEngine`), in channels-last layout;
 - on CUDA (`cuda_graph`, the trainer's default there), the whole step (forward, backward, optimiser)
   is captured once as a CUDA graph and replayed: small nets are bound by the per-step cost of Python
   and kernel launches, not by arithmetic (an H200 took 2-3 ms per step of twelve 2x32 or twelve
@@ -67,14 +67,29 @@ def eval_loss_acc(forward, x, y, loss_fn, chunk: int):
     return (loss_sum / len(y)).item(), correct.item() / len(y)
 
 
+def prefers_channels_last(model, device) -> bool:
+    """Conv nets on the CPU: oneDNN's convolutions in channels-last layout (weights and inputs) ran a
+    32-32-avg-64-64 training step 1.3x and its forward 1.2x faster than in the default layout (BENCHMARKS.md)."""
+    return torch.device(device).type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Images in the layout the engine's convolutions run fastest in (a no-op unless `channels_last`)."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
 class PerNetEngine:
-    """One ordinary module and optimiser per net: works for every architecture (BatchNorm included)."""
+    """One ordinary module and optimiser per net: works for every architecture (BatchNorm included).
+    Conv nets on the CPU train in channels-last layout (`prefers_channels_last`): the same arithmetic, in
+    another order (float rounding differs)."""
 
     name = "per_net"
 
     def __init__(self, models, tc, device):
         device = torch.device(device)
-        self.models = [m.to(device).train() for m in models]
+        self.channels_last = prefers_channels_last(models[0], device)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.models = [m.to(device, memory_format=layout).train() for m in models]
         self.optimizers = [make_optimizer(m.parameters(), tc) for m in self.models]
         self.precision = tc.precision
         self.device = device
@@ -83,6 +98,7 @@ class PerNetEngine:
         """One optimiser step per net; xs (N, B, ...) and ys (N, B) hold each net's own batch."""
         losses = []
         for model, opt, x, y in zip(self.models, self.optimizers, xs, ys):
+            x = as_layout(x, self.channels_last)
             with tf32_matmuls(self.precision):
                 with _autocast(self.device, self.precision):
                     loss = model(pixel_values=x, labels=y, return_dict=False)[0]
@@ -105,8 +121,8 @@ class PerNetEngine:
         out = []
         for m in self.models:
             m.eval()
-            out.append(eval_loss_acc(lambda b: m(pixel_values=b, return_dict=False)[0], x, y,
-                                         m.compute_loss, chunk))
+            out.append(eval_loss_acc(lambda b: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
+                                     x, y, m.compute_loss, chunk))
             m.train()
         return out
 
@@ -339,8 +355,9 @@ class StackedEngine:
 
 def make_engine(kind: str, models, tc, device, **options):
     """`options` go to the stacked engine (`forward`, `compile`, `cuda_graph`); the per-net engine takes none."""
-    if kind == "auto":
-        kind = "per_net" if any(True for m in models for _ in m.buffers()) else "stacked"
+    if kind == "auto":    # BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
+        per_net = any(True for m in models for _ in m.buffers()) or prefers_channels_last(models[0], device)
+        kind = "per_net" if per_net else "stacked"
     if kind == "per_net":
         return PerNetEngine(models, tc, device)
     return StackedEngine(models, tc, device, **options)
