@@ -6,7 +6,9 @@ and `evaluate` is never imported on start-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import logging
 import shlex
 import signal
@@ -276,6 +278,58 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data-dir", help="a folder with a catalog data set's IDX files (default: the system's copy)")
 
 
+@contextlib.contextmanager
+def _job(args, check, keep=None, into: bool = False):
+    """Run a command's job on its --output-dir: locked for the whole job (one writer per folder), checked under
+    the lock (so two writers cannot both find it free), written beside an existing output that --overwrite
+    replaces and swapped in at the end, and on any failure leaving nothing it made (`io_utils.output_job`).
+    Yields (the folder to write, whether the library should overwrite there). Under several processes
+    (`accelerate launch`), which share the folder, the library's own checks and overwrite apply instead."""
+    from pathlib import Path
+
+    from .io_utils import folder_lock, output_job
+
+    target = Path(args.output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield target, args.overwrite
+        return
+    with folder_lock(target):
+        check()
+        replace = args.overwrite and not getattr(args, "resume", False) and target.is_dir() and any(target.iterdir())
+        with output_job(target, replace, into, keep) as out:
+            yield out, args.overwrite and not replace
+
+
+def _resumable_pair(pair) -> bool:
+    """Whether a pair folder holds what `--resume` continues from: an epoch's resume point, or finished nets."""
+    return any(pair.glob("net_*/resume-step-*")) or any(pair.glob("net_*/final"))
+
+
+def _keep_pair(args):
+    """What a failed `train` keeps: everything when resuming, the resume state of a new pair when it has one."""
+    def keep(folder):
+        if args.resume or _resumable_pair(folder):
+            return f"kept its resume state in {folder}: --resume continues it"
+        return None
+    return keep
+
+
+def _keep_run(args):
+    """What a failed `run` keeps: its pair's resume state (the rest is made again by --resume), if any."""
+    def keep(folder):
+        if args.resume:
+            return f"kept what was done in {folder}: --resume continues it"
+        if not (_resumable_pair(folder / "pair") or (folder / "pair" / "pair.json").exists()):
+            return None
+        from .io_utils import _remove
+
+        for entry in folder.iterdir():
+            if entry.name != "pair":
+                _remove(entry)
+        return f"kept the pair's resume state in {folder / 'pair'}: --resume continues the run"
+    return keep
+
+
 def _matching(args) -> tuple[str, dict]:
     """The matcher and the settings given for it; an option that does not apply to it is an error, not ignored."""
     from .alignment.matchers import matcher_settings
@@ -353,11 +407,13 @@ def cmd_align(args) -> int:
 
     matcher, settings = _matching(args)
     reference = _reference(args)
-    check_save_target(args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
+    check = functools.partial(check_save_target, args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
+    check()                           # before any data is read, and again under the job's lock
     data = _data(args)
-    merger = _merger(args, data)
-    perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
-    merger.save_permutations(args.output_dir)
+    with _job(args, check) as (out, _):
+        merger = _merger(args, data)
+        perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
+        merger.save_permutations(out)
     for i, p in enumerate(perms[1:], start=1):
         for group, sims in p.info.get("groups", {}).items():
             print(f"net {i} {group}: similarity identity {sims['similarity_identity']:.2f} -> "
@@ -387,57 +443,72 @@ def cmd_merge(args) -> int:
     _check_merge_options(args)
     matcher, settings = _matching(args)
     reference = _reference(args)
-    check_save_target(args.output_dir, args.overwrite, wording=CLI_WORDING)
+    check = functools.partial(check_save_target, args.output_dir, args.overwrite, wording=CLI_WORDING)
+    check()                           # before any data is read, and again under the job's lock
     data = _data(args)
-    merger = _merger(args, data)
-    merger.check_repair(args.repair)
-    if args.permutations:
-        merger.load_permutations(args.permutations)
-    elif not args.vanilla:
-        merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
-    if args.all:
-        model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
-    else:
-        alpha = 0.5 if args.alpha is None else args.alpha
-        model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
-    merger.save_pretrained(args.output_dir, model, command=_command_line(args),
-                           overwrite=args.overwrite)
+    with _job(args, check) as (out, overwrite):
+        merger = _merger(args, data)
+        merger.check_repair(args.repair)
+        if args.permutations:
+            merger.load_permutations(args.permutations)
+        elif not args.vanilla:
+            merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
+        if args.all:
+            model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
+        else:
+            alpha = 0.5 if args.alpha is None else args.alpha
+            model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
+        merger.save_pretrained(out, model, command=_command_line(args), overwrite=overwrite)
     print(f"merged model: {args.output_dir}")
     return 0
 
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .io_utils import check_output_dir
     from .training import PairTrainer
+    from .training.trainer import PAIR_CONTENTS
 
     config = load_config(args.config, args.overrides)
-    result = PairTrainer(config, args.output_dir, overwrite=args.overwrite, resume=args.resume,
-                         progress=not args.quiet).train()
+    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker="run_config.json",
+                              resumable=True, what="a pair", contents=PAIR_CONTENTS)
+    with _job(args, check, keep=_keep_pair(args)) as (out, overwrite):
+        result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
     for m in result.metrics:
         print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
-    print(f"pair folder: {result.output_dir} ({result.train_s:.1f} s)")
+    print(f"pair folder: {args.output_dir} ({result.train_s:.1f} s)")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .config import load_config
-    from .reporting.pipeline import evaluate_pair
+    from .reporting.pipeline import check_evaluate_output, check_evaluate_overrides, evaluate_pair
 
     config = load_config(args.config) if args.config else None
-    evaluate_pair(args.pair[0] if len(args.pair) == 1 else args.pair, args.output_dir, config, overrides=args.overrides,
-                  overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                  command=_command_line(args), token=args.token, revision=args.revision)
+    check_evaluate_overrides(args.overrides)
+    check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
+    with _job(args, check, into=True) as (out, overwrite):     # into: a run folder keeps its pair
+        evaluate_pair(args.pair[0] if len(args.pair) == 1 else args.pair, out, config, overrides=args.overrides,
+                      overwrite=overwrite, progress=not args.quiet, device=args.device,
+                      command=_command_line(args), token=args.token, revision=args.revision)
     print(f"report: {args.output_dir}/report.json")
     return 0
 
 
 def cmd_run(args) -> int:
+    from pathlib import Path
+
     from .config import load_config
-    from .reporting.pipeline import run
+    from .io_utils import check_output_dir
+    from .merging.sources import portable_path
+    from .reporting.pipeline import RUN_CONTENTS, RUN_MARKER, run
 
     config = load_config(args.config, args.overrides)
-    run(config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-        command=_command_line(args))
+    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker=RUN_MARKER,
+                              resumable=True, what="a run", contents=RUN_CONTENTS)
+    with _job(args, check, keep=_keep_run(args)) as (out, overwrite):
+        run(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet,
+            command=_command_line(args), pair_label=portable_path(Path(args.output_dir) / "pair"))
     print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
     return 0
 
@@ -452,11 +523,25 @@ def cmd_push(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from .io_utils import check_output_dir
     from .sweeps import load_sweep_config, run_sweep
+    from .sweeps.runner import SWEEP_CONTENTS
 
     config = load_sweep_config(args.config, args.overrides)
-    result = run_sweep(config, args.output_dir, overwrite=args.overwrite, progress=not args.quiet,
-                       command=_command_line(args))
+    target = Path(args.output_dir)
+    continued = (target / "sweep.json").is_file() and not args.overwrite
+    check = functools.partial(check_output_dir, target, args.overwrite, resume=continued, marker="sweep.json",
+                              what="a sweep", contents=SWEEP_CONTENTS)
+
+    def keep(folder):
+        if continued or any(folder.glob("cells/*/result.json")):
+            return f"kept the finished cells in {folder}: the same command continues the sweep"
+        return None
+
+    with _job(args, check, keep=keep) as (out, overwrite):
+        result = run_sweep(config, out, overwrite=overwrite, progress=not args.quiet, command=_command_line(args))
     if not result.is_main_process:
         return 0
     print(result.summary)
@@ -506,21 +591,28 @@ def _run(args) -> int:
     hf_logging.set_verbosity_error()
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:
         if args.verbose:                      # -v: the whole traceback, for a bug report
             import traceback
 
             traceback.print_exc()
         from .hub import cli_message
+        from .io_utils import OUTCOME
 
-        print(f"hf-permerge {args.command}: error: {cli_message(err)}", file=sys.stderr)
+        outcome = getattr(err, OUTCOME, "")
+        print(f"hf-permerge {args.command}: error: {cli_message(err)}" + (f" ({outcome})" if outcome else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        resume = "; --resume continues it from the last epoch end it reached (an unfinished first epoch starts again)"
+        from .io_utils import OUTCOME
+
+        resume = "; --resume continues it from the last epoch end it reached"
         again = {"train": resume, "run": resume,
                  "sweep": "; the same command continues it (finished cells are kept)"}.get(args.command, "")
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"hf-permerge {args.command}: {how}; nothing half-written was left{again}", file=sys.stderr)
+        outcome = getattr(err, OUTCOME, None)        # set by the job: what became of the output folder
+        print(f"hf-permerge {args.command}: {how}; " + (outcome or f"nothing half-written was left{again}"),
+              file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
 
 
