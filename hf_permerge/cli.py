@@ -6,7 +6,9 @@ and `evaluate` is never imported on start-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import logging
 import shlex
 import signal
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which weights to merge: final, init (the untrained inits) or step-N (default: final, or the "
                         "checkpoint whose folders were passed, e.g. a/net_0/step-50 b/net_0/step-50)")
     weights = p.add_mutually_exclusive_group()   # --all weighs every net 1/N: an --alpha would be ignored
-    weights.add_argument("--alpha", type=float, default=None,
+    weights.add_argument("--alpha", type=_finite_float, default=None,
                          help="weight of the permuted other net: (1-alpha)*theta_0 + alpha*pi(theta_1) (default 0.5; "
                               "not with --all)")
     weights.add_argument("--all", action="store_true", help="uniform average of all N aligned nets instead of a pair")
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="average without permuting (the baseline); no alignment is run")
     alignment.add_argument("--permutations",
                            help="use permutations from `hf-permerge align` instead of aligning again")
-    p.add_argument("--repair", choices=["repair", "reset_bn"], default=None,
+    p.add_argument("--repair", type=_validated_by("evaluation", "repair"), metavar="{repair,reset_bn}", default=None,
                    help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
                         "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)")
     _add_matcher_args(p)
@@ -181,10 +183,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MATCHER_SETTINGS = ("similarity", "preactivation", "products", "num_examples", "preconditioner", "damping",
-                    "max_iter", "bottom_up")
-"""The matching options that are matcher settings; each defaults to None ("not given": the matcher's default)."""
-MATCHING_OPTIONS = ("matcher", *MATCHER_SETTINGS, "align_checkpoint", "reference", "max_rounds")
+ALIGNMENT_FLAGS = {"align_checkpoint": "checkpoint"}
+"""The matching flags whose names differ from their `alignment` field's (the others are the field's name)."""
+
+
+def _alignment_flag_fields() -> dict[str, str]:
+    """{argparse dest: alignment field} of every matching flag: each field of the config's `alignment` section."""
+    from .config import AlignmentSection
+
+    renamed = {field: dest for dest, field in ALIGNMENT_FLAGS.items()}
+    return {renamed.get(name, name): name for name in AlignmentSection.model_fields}
+
+
+def _validated_by(section: str, field: str):
+    """An argparse `type` for the flag that mirrors config field `section.field`: the value is read as YAML (as
+    `--set` reads it) and validated by that field's pydantic model, so a flag refuses exactly what the config
+    refuses, in the same words."""
+    def parse(raw: str):
+        from pydantic import ValidationError
+
+        from .config import RunConfig, parse_yaml
+
+        model = RunConfig.model_fields[section].annotation
+        try:
+            value = parse_yaml(raw)
+            model.__pydantic_validator__.validate_assignment(model.model_construct(), field, value)
+        except ValidationError as err:
+            e = err.errors()[0]
+            raise argparse.ArgumentTypeError(f"{e['msg'].removeprefix('Value error, ')} (got {raw!r}; the config's "
+                                             f"{section}.{field} refuses it too)") from None
+        except Exception as err:                  # YAML that does not parse
+            raise argparse.ArgumentTypeError(f"cannot read {raw!r}: {err}") from None
+        return value
+    parse.__name__ = f"{section}.{field}"       # argparse names the type in some messages
+    return parse
+
+
+def _finite_float(raw: str) -> float:
+    value = float(raw)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {raw!r})")
+    return value
+
+
+def _flag_help(name: str, info) -> str:
+    """A matching flag's help: the matchers it applies to, then its field's description."""
+    from .matching import MATCHER_SETTINGS, setting_owners
+
+    if name == "matcher":
+        return "; ".join(f"{m}: {model.__doc__.strip().rstrip('.')}" for m, model in MATCHER_SETTINGS.items()) + \
+            f" (default {info.default})"
+    owners = setting_owners().get(name)
+    text = (info.description or "").strip()
+    return f"{', '.join(owners)}: {text}" if owners else text
 
 
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
@@ -200,31 +251,23 @@ def _add_hub_read_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_matcher_args(p: argparse.ArgumentParser) -> None:
+    """One flag per field of the config's `alignment` section (each matcher's settings come from its model in
+    `hf_permerge.matching`), validated by that field; each defaults to None ("not given")."""
+    from typing import Literal, get_args, get_origin
+
+    from .config import AlignmentSection
+
     g = p.add_argument_group("matching (each option applies to the matchers named in its help)")
-    g.add_argument("--matcher", choices=["activation", "weight", "gradient"],
-                   help="activation (paper Sec. 2, default), weight (Git Re-Basin, no data) or gradient (App. B, at init)")
-    g.add_argument("--similarity", choices=["cosine", "correlation", "l2"],
-                   help="activation: the similarity (default cosine, uncentred)")
-    g.add_argument("--preactivation", action="store_true", default=None,
-                   help="activation: match activations before the non-linearity")
-    g.add_argument("--products", choices=["float32", "float64"],
-                   help="activation: dtype of the cross-products (default float32, of mean-shifted activations)")
-    g.add_argument("--num-examples", type=int, help="activation, gradient: images to use, a seeded subset of the data (default 10000)")
-    g.add_argument("--preconditioner", choices=["foof", "none"],
-                   help="gradient: FOOF (the paper's App. B, default) or the raw gradient")
-    g.add_argument("--damping", type=float, help="gradient: FOOF damping, relative to the mean eigenvalue (default 1.0)")
-    g.add_argument("--max-iter", type=int, help="weight, gradient: coordinate-descent sweeps at most (default 100)")
-    g.add_argument("--bottom-up", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight: start the descent from the paper's App. D pass (first layer upward, incoming "
-                        "weights; the default), or with --no-bottom-up from the identity as Git Re-Basin does; "
-                        "with --max-iter 0 the App. D pass alone")
-    g.add_argument("--reference", choices=["net_0", "average"],
-                   help="activation, weight: align the nets onto net 0 (the paper's, default) or onto each other "
-                        "(the objective summed over all pairs; for merging N > 2 nets with --all)")
-    g.add_argument("--max-rounds", type=int, help="--reference average: rounds over the nets at most (default 50)")
-    g.add_argument("--align-checkpoint",
-                   help="checkpoint whose activations define the permutation (step-N gives perm@N; default: final, "
-                        "or the checkpoint whose folders were passed)")
+    for dest, name in _alignment_flag_fields().items():
+        info = AlignmentSection.model_fields[name]
+        flag = f"--{dest.replace('_', '-')}"
+        if info.annotation is bool:
+            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=_flag_help(name, info))
+        else:
+            choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+            g.add_argument(flag, dest=dest, type=_validated_by("alignment", name), default=None,
+                           metavar="{" + ",".join(choices) + "}" if choices else None, help=_flag_help(name, info))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d = p.add_argument_group("data (activation and gradient matching, --repair)")
     d.add_argument("--dataset", help="the data to align and repair on: a catalog name (fashion_mnist, mnist, cifar10), "
@@ -235,17 +278,77 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data-dir", help="a folder with a catalog data set's IDX files (default: the system's copy)")
 
 
+@contextlib.contextmanager
+def _job(args, check, keep=None, into: bool = False):
+    """Run a command's job on its --output-dir: locked for the whole job (one writer per folder), checked under
+    the lock (so two writers cannot both find it free), written beside an existing output that --overwrite
+    replaces and swapped in at the end, and on any failure leaving nothing it made (`io_utils.output_job`).
+    Yields (the folder to write, whether the library should overwrite there). Under several processes
+    (`accelerate launch`), which share the folder, the library's own checks and overwrite apply instead."""
+    from pathlib import Path
+
+    from .io_utils import folder_lock, output_job
+
+    target = Path(args.output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield target, args.overwrite
+        return
+    with folder_lock(target):
+        check()
+        replace = args.overwrite and not getattr(args, "resume", False) and target.is_dir() and any(target.iterdir())
+        with output_job(target, replace, into, keep) as out:
+            yield out, args.overwrite and not replace
+
+
+def _resumable_pair(pair) -> bool:
+    """Whether a pair folder holds what `--resume` continues from: an epoch's resume point, or finished nets."""
+    return any(pair.glob("net_*/resume-step-*")) or any(pair.glob("net_*/final"))
+
+
+def _keep_pair(args):
+    """What a failed `train` keeps: everything when resuming, the resume state of a new pair when it has one."""
+    def keep(folder):
+        if args.resume or _resumable_pair(folder):
+            return f"kept its resume state in {folder}: --resume continues it"
+        return None
+    return keep
+
+
+def _keep_run(args):
+    """What a failed `run` keeps: its pair's resume state (the rest is made again by --resume), if any."""
+    def keep(folder):
+        if args.resume:
+            return f"kept what was done in {folder}: --resume continues it"
+        if not (_resumable_pair(folder / "pair") or (folder / "pair" / "pair.json").exists()):
+            return None
+        from .io_utils import _remove
+
+        for entry in folder.iterdir():
+            if entry.name != "pair":
+                _remove(entry)
+        return f"kept the pair's resume state in {folder / 'pair'}: --resume continues the run"
+    return keep
+
+
 def _matching(args) -> tuple[str, dict]:
     """The matcher and the settings given for it; an option that does not apply to it is an error, not ignored."""
     from .alignment.matchers import matcher_settings
 
+    from pydantic import ValidationError
+
+    from .matching import MATCHER_SETTINGS, all_settings_fields
+
     matcher = args.matcher or "activation"
-    given = {k: getattr(args, k) for k in MATCHER_SETTINGS if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in all_settings_fields() if getattr(args, k) is not None}
     settings = matcher_settings(matcher, given)
     stray = [f"--{k.replace('_', '-')}" for k in given if k not in settings]
     if stray:
         raise ValueError(f"{', '.join(stray)} does not apply to --matcher {matcher}; drop it or choose the matcher "
                          "it belongs to (see --help)")
+    try:
+        MATCHER_SETTINGS[matcher].model_validate(settings)     # settings that only fail together
+    except ValidationError as err:
+        raise ValueError(f"--matcher {matcher}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     return matcher, settings
 
 
@@ -253,8 +356,6 @@ def _reference(args) -> dict:
     """--reference / --max-rounds as `merger.align`'s arguments (checked before anything is loaded)."""
     if args.max_rounds is not None and args.reference != "average":
         raise ValueError("--max-rounds applies to --reference average; add it or drop --max-rounds")
-    if args.max_rounds is not None and args.max_rounds < 1:
-        raise ValueError(f"--max-rounds {args.max_rounds} must be >= 1")
     if args.reference == "average" and (args.matcher or "activation") == "gradient":
         raise ValueError("--reference average is implemented for the activation and weight matchers, not gradient; "
                          "drop --reference or choose another --matcher")
@@ -306,11 +407,13 @@ def cmd_align(args) -> int:
 
     matcher, settings = _matching(args)
     reference = _reference(args)
-    check_save_target(args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
+    check = functools.partial(check_save_target, args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
+    check()                           # before any data is read, and again under the job's lock
     data = _data(args)
-    merger = _merger(args, data)
-    perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
-    merger.save_permutations(args.output_dir)
+    with _job(args, check) as (out, _):
+        merger = _merger(args, data)
+        perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
+        merger.save_permutations(out)
     for i, p in enumerate(perms[1:], start=1):
         for group, sims in p.info.get("groups", {}).items():
             print(f"net {i} {group}: similarity identity {sims['similarity_identity']:.2f} -> "
@@ -325,7 +428,7 @@ def _check_merge_options(args) -> None:
     if not (args.vanilla or args.permutations):
         return
     data = () if args.repair else ("dataset", "dataset_split", "data_dir")      # REPAIR reads data even then
-    given = [f"--{k.replace('_', '-')}" for k in (*MATCHING_OPTIONS, *data) if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in (*_alignment_flag_fields(), *data) if getattr(args, k) is not None]
     if given:
         mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
                      ("--permutations", "the permutations are loaded, not found"))
@@ -340,57 +443,72 @@ def cmd_merge(args) -> int:
     _check_merge_options(args)
     matcher, settings = _matching(args)
     reference = _reference(args)
-    check_save_target(args.output_dir, args.overwrite, wording=CLI_WORDING)
+    check = functools.partial(check_save_target, args.output_dir, args.overwrite, wording=CLI_WORDING)
+    check()                           # before any data is read, and again under the job's lock
     data = _data(args)
-    merger = _merger(args, data)
-    merger.check_repair(args.repair)
-    if args.permutations:
-        merger.load_permutations(args.permutations)
-    elif not args.vanilla:
-        merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
-    if args.all:
-        model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
-    else:
-        alpha = 0.5 if args.alpha is None else args.alpha
-        model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
-    merger.save_pretrained(args.output_dir, model, command=_command_line(args),
-                           overwrite=args.overwrite)
+    with _job(args, check) as (out, overwrite):
+        merger = _merger(args, data)
+        merger.check_repair(args.repair)
+        if args.permutations:
+            merger.load_permutations(args.permutations)
+        elif not args.vanilla:
+            merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
+        if args.all:
+            model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
+        else:
+            alpha = 0.5 if args.alpha is None else args.alpha
+            model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
+        merger.save_pretrained(out, model, command=_command_line(args), overwrite=overwrite)
     print(f"merged model: {args.output_dir}")
     return 0
 
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .io_utils import check_output_dir
     from .training import PairTrainer
+    from .training.trainer import PAIR_CONTENTS
 
     config = load_config(args.config, args.overrides)
-    result = PairTrainer(config, args.output_dir, overwrite=args.overwrite, resume=args.resume,
-                         progress=not args.quiet).train()
+    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker="run_config.json",
+                              resumable=True, what="a pair", contents=PAIR_CONTENTS)
+    with _job(args, check, keep=_keep_pair(args)) as (out, overwrite):
+        result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
     for m in result.metrics:
         print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
-    print(f"pair folder: {result.output_dir} ({result.train_s:.1f} s)")
+    print(f"pair folder: {args.output_dir} ({result.train_s:.1f} s)")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .config import load_config
-    from .reporting.pipeline import evaluate_pair
+    from .reporting.pipeline import check_evaluate_output, check_evaluate_overrides, evaluate_pair
 
     config = load_config(args.config) if args.config else None
-    evaluate_pair(args.pair[0] if len(args.pair) == 1 else args.pair, args.output_dir, config, overrides=args.overrides,
-                  overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                  command=_command_line(args), token=args.token, revision=args.revision)
+    check_evaluate_overrides(args.overrides)
+    check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
+    with _job(args, check, into=True) as (out, overwrite):     # into: a run folder keeps its pair
+        evaluate_pair(args.pair[0] if len(args.pair) == 1 else args.pair, out, config, overrides=args.overrides,
+                      overwrite=overwrite, progress=not args.quiet, device=args.device,
+                      command=_command_line(args), token=args.token, revision=args.revision)
     print(f"report: {args.output_dir}/report.json")
     return 0
 
 
 def cmd_run(args) -> int:
+    from pathlib import Path
+
     from .config import load_config
-    from .reporting.pipeline import run
+    from .io_utils import check_output_dir
+    from .merging.sources import portable_path
+    from .reporting.pipeline import RUN_CONTENTS, RUN_MARKER, run
 
     config = load_config(args.config, args.overrides)
-    run(config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-        command=_command_line(args))
+    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker=RUN_MARKER,
+                              resumable=True, what="a run", contents=RUN_CONTENTS)
+    with _job(args, check, keep=_keep_run(args)) as (out, overwrite):
+        run(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet,
+            command=_command_line(args), pair_label=portable_path(Path(args.output_dir) / "pair"))
     print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
     return 0
 
@@ -405,11 +523,25 @@ def cmd_push(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from .io_utils import check_output_dir
     from .sweeps import load_sweep_config, run_sweep
+    from .sweeps.runner import SWEEP_CONTENTS
 
     config = load_sweep_config(args.config, args.overrides)
-    result = run_sweep(config, args.output_dir, overwrite=args.overwrite, progress=not args.quiet,
-                       command=_command_line(args))
+    target = Path(args.output_dir)
+    continued = (target / "sweep.json").is_file() and not args.overwrite
+    check = functools.partial(check_output_dir, target, args.overwrite, resume=continued, marker="sweep.json",
+                              what="a sweep", contents=SWEEP_CONTENTS)
+
+    def keep(folder):
+        if continued or any(folder.glob("cells/*/result.json")):
+            return f"kept the finished cells in {folder}: the same command continues the sweep"
+        return None
+
+    with _job(args, check, keep=keep) as (out, overwrite):
+        result = run_sweep(config, out, overwrite=overwrite, progress=not args.quiet, command=_command_line(args))
     if not result.is_main_process:
         return 0
     print(result.summary)
@@ -459,21 +591,28 @@ def _run(args) -> int:
     hf_logging.set_verbosity_error()
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:
         if args.verbose:                      # -v: the whole traceback, for a bug report
             import traceback
 
             traceback.print_exc()
         from .hub import cli_message
+        from .io_utils import OUTCOME
 
-        print(f"hf-permerge {args.command}: error: {cli_message(err)}", file=sys.stderr)
+        outcome = getattr(err, OUTCOME, "")
+        print(f"hf-permerge {args.command}: error: {cli_message(err)}" + (f" ({outcome})" if outcome else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        resume = "; --resume continues it from the last epoch end it reached (an unfinished first epoch starts again)"
+        from .io_utils import OUTCOME
+
+        resume = "; --resume continues it from the last epoch end it reached"
         again = {"train": resume, "run": resume,
                  "sweep": "; the same command continues it (finished cells are kept)"}.get(args.command, "")
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"hf-permerge {args.command}: {how}; nothing half-written was left{again}", file=sys.stderr)
+        outcome = getattr(err, OUTCOME, None)        # set by the job: what became of the output folder
+        print(f"hf-permerge {args.command}: {how}; " + (outcome or f"nothing half-written was left{again}"),
+              file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from .matching import MATCHER_NAMES, MATCHER_SETTINGS, all_settings_fields
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,   # finite or refused
+                              use_attribute_docstrings=True)       # a field's docstring is its help
 
 
 class ModelSection(_Section):
@@ -115,23 +118,11 @@ class TrainingSection(_Section):
         return self
 
 
-class AlignmentSection(_Section):
-    matcher: Literal["activation", "weight", "gradient"] = "activation"
-    similarity: Literal["cosine", "correlation", "l2"] = "cosine"
-    preactivation: bool = False
-    products: Literal["float32", "float64"] = "float32"
-    """Activation matching: dtype of the n x n products of shifted activations (float64: exact, 2x slower on CPUs)."""
-    num_examples: int = Field(10000, ge=1)
+class _AlignmentBase(_Section):
+    """What every matcher shares; each matcher's own settings are added from its model (`hf_permerge.matching`)."""
+    matcher: Literal[MATCHER_NAMES] = "activation"
     checkpoint: str = Field("final", pattern=r"^(final|init|step-[1-9][0-9]*)$")
     """Checkpoint whose activations/weights define the permutation (final, init, step-N)."""
-    preconditioner: Literal["foof", "none"] = "foof"
-    damping: float = Field(1.0, gt=0)
-    """FOOF damping, relative to the mean eigenvalue of the input second moment (App. B; 1.0 measured best)."""
-    max_iter: int = Field(100, ge=0)
-    """Weight and gradient matching: coordinate-descent sweeps at most (Git Re-Basin's, App. B's)."""
-    bottom_up: bool = True
-    """Weight matching: start the descent from App. D's pass, the first layer upward on incoming weights (with
-    max_iter 0: App. D exactly); false: from the identity, as Git Re-Basin (a lower objective, measured)."""
     reference: Literal["net_0", "average"] = "net_0"
     """What the nets are aligned onto: net 0 (the paper's), or each other (the matcher's objective summed over
     all pairs of nets; Git Re-Basin's MergeMany for weights): for averaging N > 2 nets (activation, weight)."""
@@ -139,14 +130,25 @@ class AlignmentSection(_Section):
     """reference average: rounds of coordinate ascent over the nets at most."""
 
     @model_validator(mode="after")
-    def _check_weight_matching(self):
-        if self.matcher == "weight" and self.max_iter == 0 and not self.bottom_up:
-            raise ValueError("alignment.max_iter: 0 with matcher weight and bottom_up false would match nothing "
-                             "(the identity); set alignment.bottom_up: true (App. D's one pass) or max_iter >= 1")
+    def _check_matcher_settings(self):
+        """The chosen matcher's settings, checked together by its own model (e.g. weight's max_iter 0 needs
+        bottom_up)."""
+        settings = MATCHER_SETTINGS[self.matcher]
+        try:
+            settings.model_validate({k: getattr(self, k) for k in settings.model_fields})
+        except ValidationError as err:
+            msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"alignment (matcher {self.matcher}): {msg}") from None
         if self.reference == "average" and self.matcher == "gradient":
             raise ValueError("alignment.reference: average is implemented for the activation and weight matchers, "
                              "not gradient; set alignment.reference: net_0")
         return self
+
+
+AlignmentSection = create_model(
+    "AlignmentSection", __base__=_AlignmentBase, __doc__="The `alignment` section: the shared fields and every "
+    "matcher's settings (each declared once, by its matcher's model in `hf_permerge.matching`).",
+    **{name: (info.annotation, info) for name, info in all_settings_fields().items()})
 
 
 class EvaluationSection(_Section):

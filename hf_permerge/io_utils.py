@@ -173,3 +173,99 @@ def only_a_local_path(text: str) -> bool:
     """Whether `text` can only name a local path: no Hub repo id starts with `.`, `/` or `~`, ends with `/`,
     or has more than one `/`."""
     return text.startswith((".", "/", "~")) or text.endswith("/") or len(Path(text).parts) > 2
+
+
+@contextmanager
+def folder_lock(target: str | os.PathLike):
+    """One writer per output folder: an exclusive `flock` on `.NAME.lock` beside `target` for the whole job, the
+    file holding the writer's PID. A second writer is refused at once, naming that PID. The kernel drops the lock
+    of a killed process, so a stale file is simply taken over (its PID rewritten). Plain `fcntl` rather than
+    `filelock`, whose contenders truncate the file and so would erase the holder's PID."""
+    import fcntl
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(f"output folder {target} is being written by another hf-permerge process (PID "
+                                  f"{holder}); wait for it to finish, or choose another --output-dir") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:                       # not a file its previous holder removed as we opened it
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield path
+    finally:
+        Path(path).unlink(missing_ok=True)     # while still held: a waiting writer then takes a new file
+        os.close(fd)
+
+
+OUTCOME = "hf_permerge_outcome"
+"""The attribute an exception leaving `output_job` carries: what became of the output folder, for the message."""
+
+
+@contextmanager
+def output_job(target: str | os.PathLike, replace: bool = False, into: bool = False, keep=None):
+    """Run a job that writes the folder `target`, so that a failure (any exception, Ctrl-C, SIGTERM) leaves
+    nothing it made and loses nothing that was there. Yields the folder to write.
+
+    replace: `target` holds an output that the job replaces (--overwrite): the job writes into a new folder beside
+    it, swapped in when it succeeds (`into`: entry by entry, for an output that shares its folder, as `evaluate`'s
+    in a run folder); on failure the old output is exactly as it was. Otherwise the job writes into `target`
+    itself (so an interrupted training can be resumed there); on failure what it made is removed, unless
+    `keep(target)` says (a message) that what is there is worth keeping, such as a training's resume state.
+    The exception leaving carries what became of the folder (`OUTCOME`)."""
+    target = Path(target)
+    if replace and target.is_dir():
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        stage.chmod(dir_mode())
+        try:
+            yield stage
+        except BaseException as err:
+            shutil.rmtree(stage, ignore_errors=True)
+            setattr(err, OUTCOME, f"{target} is as it was (the new output was not swapped in)")
+            raise
+        _swap_in(stage, target, into)
+        return
+    existed = target.exists()
+    before = {e.name for e in target.iterdir()} if target.is_dir() else set()
+    try:
+        yield target
+    except BaseException as err:
+        kept = keep(target) if keep is not None and target.is_dir() else None
+        if kept:
+            setattr(err, OUTCOME, kept)
+        else:
+            made = [e for e in target.iterdir() if e.name not in before] if target.is_dir() else []
+            if not existed:
+                shutil.rmtree(target, ignore_errors=True)
+            for entry in made if existed else ():
+                _remove(entry)
+            setattr(err, OUTCOME, f"nothing it made was left in {target}" if made or not existed else "")
+        raise
+
+
+def _swap_in(stage: Path, target: Path, into: bool) -> None:
+    """Put the finished `stage` in place of `target`: the whole folder, or (`into`) each of its entries."""
+    pairs = [(e, target / e.name) for e in stage.iterdir()] if into else [(stage, target)]
+    for new, old in pairs:
+        if old.exists() or old.is_symlink():
+            aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+            os.replace(old, aside)
+            os.replace(new, old)
+            _remove(aside)
+        else:
+            os.replace(new, old)
+    if into:
+        shutil.rmtree(stage, ignore_errors=True)

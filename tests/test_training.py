@@ -92,6 +92,38 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_confi
             assert_same(weights(tmp_path / f"full/net_{i}/{ck}"), weights(tmp_path / f"cut/net_{i}/{ck}"))
 
 
+def test_resume_of_a_batchnorm_cnn_restores_every_buffer_bit_for_bit(tmp_path, tiny_config, monkeypatch):
+    """The resume state holds every tensor of the state (BatchNorm's running statistics and counters too) and
+    the generators' states: a CNN killed mid-epoch and resumed ends exactly where an uninterrupted run does."""
+    cfg = tiny_config(model={"type": "cnn", "layers": "4-avg-8", "batch_norm": True},
+                      training={"epochs": 3, "optimizer": "sgd", "lr": 0.01})
+    PairTrainer(cfg, tmp_path / "full", progress=False).train()
+
+    calls = {"n": 0}
+    real_step = engines.PerNetEngine.step
+
+    def crashing_step(self, xs, ys):
+        calls["n"] += 1
+        if calls["n"] == 17:  # mid-way through epoch 2
+            raise KeyboardInterrupt
+        return real_step(self, xs, ys)
+
+    monkeypatch.setattr(engines.PerNetEngine, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        PairTrainer(cfg, tmp_path / "cut", progress=False).train()
+    monkeypatch.setattr(engines.PerNetEngine, "step", real_step)
+    assert (tmp_path / "cut/net_0/resume-step-10/rng_state.safetensors").is_file()
+    torch.manual_seed(12345)                # whatever the generators did since, the resume state puts them back
+    PairTrainer(cfg, tmp_path / "cut", resume=True, progress=False).train()
+    for i in range(2):
+        for ck in ("step-5", "final"):
+            full, cut = weights(tmp_path / f"full/net_{i}/{ck}"), weights(tmp_path / f"cut/net_{i}/{ck}")
+            assert any("running_mean" in k for k in full) and any("num_batches_tracked" in k for k in full)
+            assert full.keys() == cut.keys()
+            for k in full:
+                assert torch.equal(full[k], cut[k]), (i, ck, k)
+
+
 def test_resume_refuses_a_different_config(tmp_path, tiny_config):
     PairTrainer(tiny_config(training={"epochs": 1}), tmp_path / "p", progress=False).train()
     with pytest.raises(ValueError, match="differs from this config in training.epochs;"):

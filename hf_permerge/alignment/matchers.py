@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.tensors import (TensorSplit, check_image_dataset, dataset_to_arrays, fingerprint_arrays, normalise,
                             processed_split)
+from ..matching import MATCHER_SETTINGS, settings_for
 from .hungarian import matched_similarity
 from .permutations import Permutations
 from .spec import PermutationSpec
@@ -49,6 +50,13 @@ MATCHERS: dict[str, type[Matcher]] = {}
 
 
 def register_matcher(cls: type[Matcher]) -> type[Matcher]:
+    """Register a matcher class under its name; a built-in one is named in `hf_permerge.matching`'s registry,
+    whose settings model its fields must cover."""
+    declared = MATCHER_SETTINGS.get(cls.name)
+    if declared is not None:
+        missing = set(declared.model_fields) - {f.name for f in dataclasses.fields(cls)}
+        if missing:
+            raise TypeError(f"matcher {cls.name!r} lacks the settings its model declares: {sorted(missing)}")
     MATCHERS[cls.name] = cls
     return cls
 
@@ -68,12 +76,9 @@ def get_matcher(name: str, **settings) -> Matcher:
 
 
 def matcher_settings(name: str, values: Mapping) -> dict:
-    """The entries of `values` (a config section, parsed CLI options) that are settings of matcher `name`;
-    None means "not given", so the matcher's default applies."""
-    from . import activation, gradient, weight  # noqa: F401  (registers the built-in matchers)
-
-    fields = {f.name for f in dataclasses.fields(MATCHERS[name])} if name in MATCHERS else set()
-    return {k: v for k, v in values.items() if k in fields and v is not None}
+    """The entries of `values` (a config section, parsed CLI options) that are settings of matcher `name` (its
+    model in `hf_permerge.matching`); None means "not given", so the matcher's default applies."""
+    return settings_for(name, values)
 
 
 def check_choice(setting: str, value, choices) -> None:

@@ -81,13 +81,25 @@ def evaluation_config(pair_config: dict | None, config: RunConfig | None, overri
     return config_from_dict(apply_overrides(data, overrides), source, overrides)
 
 
+def check_evaluate_output(output_dir, overwrite: bool = False) -> None:
+    """`evaluate`'s refusals of its output folder, before any download: one that holds something else than an
+    evaluation or a run, or (without overwrite) an evaluation already."""
+    from ..merging.merger import check_save_target
+
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))
+    check_save_target(output_dir / "merged", overwrite)          # replaced at the end: refusals come now
+    check_save_target(output_dir / "permutations", True, "set of permutations")
+
+
 def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrides: list[str] | None = None,
                   overwrite: bool = False, progress: bool = True, device=None, train_s: float | None = None,
-                  command: str | None = None, token: str | None = None, revision: str | None = None) -> dict:
+                  command: str | None = None, token: str | None = None, revision: str | None = None,
+                  pair_label: str | None = None) -> dict:
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
-    OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
+    OUT/report.json, OUT/*.png and OUT/merged/ (with its card). `pair_label`: how the report names the pair
+    (default: its portable path; a job written beside its final place names the final one)."""
     from ..merging import PermMerger
-    from ..merging.merger import check_save_target
     from ..merging.sources import portable_path
     from .model_card import portable_command
     from .plots import write_plots
@@ -96,9 +108,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     device = torch.device(device) if device else default_device()
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))  # before any download
-    check_save_target(output_dir / "merged", overwrite)          # replaced at the end: refusals come now
-    check_save_target(output_dir / "permutations", True, "set of permutations")
+    check_evaluate_output(output_dir, overwrite)        # before any download
     merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
     models = not isinstance(pair_dir, (str, Path))          # a list of model folders / repo ids
     if merger.pair is None and config is None:
@@ -114,7 +124,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     report["config"] = config.to_dict()
     if merger.pair is None:     # model folders: --config gave the data and evaluation; what they are is their own
         report["config"].update(model=merger.load(0).config.to_dict(), training=None)   # config.json; training unknown
-    report["pair"] = [s.label for s in merger.sources] if models else portable_path(pair_dir)   # no local paths
+    report["pair"] = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
     commits = {s.hub_id: s.commit for s in merger.sources if s.commit}
     if commits:
         report["hub_commits"] = commits            # what was read from the Hub, by repo
@@ -134,8 +144,9 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
 
 
 def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False, progress: bool = True,
-        command: str | None = None) -> dict:
-    """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/."""
+        command: str | None = None, pair_label: str | None = None) -> dict:
+    """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/ (`pair_label`: see
+    `evaluate_pair`)."""
     from ..training import PairTrainer
 
     if config.training.num_nets < 2:
@@ -151,4 +162,4 @@ def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = F
                 overwrite=overwrite).train()
     train_s = time.perf_counter() - start
     return evaluate_pair(output_dir / "pair", output_dir, config, overwrite=True, progress=progress,
-                         train_s=train_s, command=command)
+                         train_s=train_s, command=command, pair_label=pair_label)

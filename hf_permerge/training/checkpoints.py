@@ -30,12 +30,35 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
 
 
 def save_resume_state(folder: Path, model, opt_tensors: dict[str, torch.Tensor], opt_meta: dict, step: int) -> None:
-    """Everything needed to continue a net's training exactly: weights, optimizer, step."""
+    """Everything needed to continue a net's training exactly: its whole state (parameters and buffers, such as
+    BatchNorm's running statistics and counters), optimizer, step, and the random number generators' states."""
     with atomic_dir(folder) as tmp:
         write_model_files(model, tmp)
         with atomic_file(tmp / "optimizer.safetensors") as path:
             save_file(opt_tensors, str(path))
+        with atomic_file(tmp / "rng_state.safetensors") as path:
+            save_file(_rng_state(), str(path))
         write_json_atomic(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta})
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """torch's generators (CPU and each CUDA device) as tensors."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def load_rng_state(folder: Path) -> None:
+    """Put back the generators' states a resume point saved (a point saved before they were kept has none)."""
+    path = folder / "rng_state.safetensors"
+    if not path.is_file():
+        return
+    state = load_file(str(path))
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[f"cuda.{i}"] for i in range(len(state) - 1) if f"cuda.{i}" in state]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def load_resume_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict, int]:

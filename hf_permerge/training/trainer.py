@@ -22,7 +22,7 @@ from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
 from .builders import build_model
 from ..models.folders import load_model, save_model
-from .checkpoints import load_resume_state, save_resume_state
+from .checkpoints import load_resume_state, load_rng_state, save_resume_state
 from .engines import make_engine
 from .seeds import derive_seed, epoch_order
 
@@ -263,14 +263,15 @@ class PairTrainer:
             tensors, meta, _ = load_resume_state(folder)
             weights = load_file(str(folder / "model.safetensors"))
             model = engine.export(k)
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(weights[n])
+            with torch.no_grad():       # every tensor of the state: parameters and buffers (BatchNorm statistics)
+                for n, t in model.state_dict().items():
+                    t.copy_(weights[n])
             if hasattr(engine, "params"):
                 with torch.no_grad():
                     for n in engine.params:
                         engine.params[n][k].copy_(weights[n])
             engine.load_optimizer_state(k, tensors, meta)
+        load_rng_state(slots[0].folder / f"resume-step-{step}")
         logger.info("resumed %s from step %d", [slot.name for slot in slots], step)
         return step
 
