@@ -4,8 +4,7 @@ Importing the package registers our model classes with `AutoConfig`,
 `AutoModelForImageClassification` and `AutoImageProcessor` (no `trust_remote_code`).
 """
 from .metrics import load_metric
-from .models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
-                     PermMLPForImageClassification)
+from .models import PermCNNConfig, PermCNNForImageClassification, PermMLPConfig, PermMLPForImageClassification
 
 __version__ = "0.1.0"
 

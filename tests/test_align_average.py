@@ -18,7 +18,6 @@ from hf_permerge.data import load_tensors
 from hf_permerge.merging import PermMerger
 
 
-
 def states_equal(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -82,7 +81,6 @@ def test_the_result_is_a_fixed_point_no_single_net_can_improve(tiny_fmnist):
     its own fixed point, the case where a net must be matched again after its own change."""
     from hf_permerge.alignment.average import _inner, average_of
     from hf_permerge.alignment.hungarian import matched_similarity, solve_assignment
-
     from hf_permerge.models import PermMLPConfig, PermMLPForImageClassification
 
     data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)

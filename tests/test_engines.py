@@ -6,8 +6,12 @@ import torch
 
 from hf_permerge.alignment.activation import ActivationMatcher
 from hf_permerge.data.tensors import load_tensors
-from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
-                                PermMLPForImageClassification)
+from hf_permerge.models import (
+    PermCNNConfig,
+    PermCNNForImageClassification,
+    PermMLPConfig,
+    PermMLPForImageClassification,
+)
 from hf_permerge.training.engines import StackedEngine, make_engine, make_optimizer
 
 CPU = torch.device("cpu")

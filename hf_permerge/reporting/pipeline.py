@@ -10,8 +10,16 @@ from pathlib import Path
 
 import torch
 
+from ..alignment.matchers import matcher_settings
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
+from ..merging import PermMerger
+from ..merging.model_card import portable_command
+from ..merging.saving import check_save_target
+from ..merging.sources import portable_path
+from ..training import PairTrainer
+from .report import build_report, summary_table
 
 logger = logging.getLogger("hf_permerge.pipeline")
 
@@ -39,8 +47,6 @@ other batches than it matches on)."""
 
 def evaluation_splits(config: RunConfig, device) -> dict:
     """The test split and the fixed training subset the report evaluates on (whole, on the device)."""
-    from ..data.tensors import load_tensors
-
     splits = {}
     for name in config.evaluation.splits:
         split = load_tensors(config.data.dataset, name, device, config.data.data_dir)
@@ -50,8 +56,6 @@ def evaluation_splits(config: RunConfig, device) -> dict:
 
 def align_merger(merger, config: RunConfig) -> None:
     """Align with the config's `alignment` section (the chosen matcher's settings), on the training split."""
-    from ..alignment.matchers import matcher_settings
-
     a = config.alignment
     merger.align(matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds,
                  **matcher_settings(a.matcher, a.model_dump()))
@@ -86,12 +90,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
                   command: str | None = None, token: str | None = None, revision: str | None = None) -> dict:
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
     OUT/report.json, OUT/*.png and OUT/merged/ (with its card)."""
-    from ..merging import PermMerger
-    from ..merging.merger import check_save_target
-    from ..merging.sources import portable_path
-    from .model_card import portable_command
-    from .plots import write_plots
-    from .report import build_report, summary_table
+    from .plots import write_plots  # keep lazy: matplotlib costs ~1 s at import, paid only when plotting
 
     device = torch.device(device) if device else default_device()
     check_evaluate_overrides(overrides)
@@ -136,8 +135,6 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
 def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False, progress: bool = True,
         command: str | None = None) -> dict:
     """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/."""
-    from ..training import PairTrainer
-
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True, what="a run",
                      contents=RUN_CONTENTS)
