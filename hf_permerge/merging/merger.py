@@ -67,8 +67,10 @@ class PermMerger:
     spec = property(lambda self: self._nets.spec)
     traced = property(lambda self: self._nets.traced,
                       doc="The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped).")
-    example_inputs = property(lambda self: self._nets.example_inputs)
+    example_inputs = property(lambda self: self._nets.example_inputs,
+                              lambda self, value: setattr(self._nets, "example_inputs", value))
     image_processor = property(lambda self: self._nets.image_processor,
+                               lambda self, value: setattr(self._nets, "image_processor", value),
                                doc="For models saved without an image processor: converts a `datasets.Dataset` for "
                                    "them and is saved beside the merged model (our models bring their own).")
     default_checkpoint = property(
