@@ -7,17 +7,17 @@ import operator
 import torch
 from torch import nn
 
-from .export import _strip
+from .export import model_path
 from .layer_rules import LayerRules
-from .ops import _OP_FAMILIES, _PIN, _op_name, _shape, _UnionFind
+from .ops import OP_FAMILIES, PIN, UnionFind, op_name, shape_of
 from .shape_rules import ShapeRules
 
 
-class _Analysis(LayerRules, ShapeRules):
+class Analysis(LayerRules, ShapeRules):
     def __init__(self, ep, model: nn.Module):
         self.ep = ep
-        self.uf = _UnionFind()
-        self.uf.find(_PIN)
+        self.uf = UnionFind()
+        self.uf.find(PIN)
         self.labels: dict = {}          # node -> tuple of labels per axis | list of those (tuple outputs) | None
         self.blocks: list = []          # (element, reason)
         self.origins: dict = {}         # element -> list of (node, weight key)
@@ -34,10 +34,10 @@ class _Analysis(LayerRules, ShapeRules):
         for spec in sig.input_specs:
             name = getattr(spec.arg, "name", None)
             if spec.kind.name in ("PARAMETER", "BUFFER") and spec.target is not None:
-                key = _strip(spec.target)
+                key = model_path(spec.target)
                 self.placeholder_key[name] = key if key in state_keys else ("a non-persistent buffer", key)
             elif spec.kind.name in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
-                self.placeholder_key[name] = ("a constant", _strip(str(spec.target)))
+                self.placeholder_key[name] = ("a constant", model_path(str(spec.target)))
         self.user_outputs = [spec.kind.name == "USER_OUTPUT" for spec in sig.output_specs]
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ class _Analysis(LayerRules, ShapeRules):
 
     def pin_all(self, labels) -> None:
         for label in self._flat(labels):
-            self.uf.union(_PIN, label)
+            self.uf.union(PIN, label)
 
     def block_all(self, labels, reason) -> None:
         for label in self._flat(labels):
@@ -68,7 +68,7 @@ class _Analysis(LayerRules, ShapeRules):
         return [lab for lab in labels if lab is not None]
 
     def fresh(self, shape) -> tuple:
-        return tuple(None if s == 1 else _PIN for s in shape)
+        return tuple(None if s == 1 else PIN for s in shape)
 
     # -- the pass ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -76,11 +76,11 @@ class _Analysis(LayerRules, ShapeRules):
             stack = node.meta.get("nn_module_stack") or {}
             if stack:
                 key, (path, _) = list(stack.items())[-1]
-                self.module_of[node] = _strip(path)
+                self.module_of[node] = model_path(path)
                 if node.op == "call_function" and node.target is not operator.getitem:
                     for k, (p, _) in stack.items():
-                        self.module_nodes.setdefault(_strip(p), []).append(node)
-                        self.module_calls.setdefault(_strip(p), set()).add(k)
+                        self.module_nodes.setdefault(model_path(p), []).append(node)
+                        self.module_calls.setdefault(model_path(p), set()).add(k)
             if node.op == "placeholder":
                 self.placeholder(node)
             elif node.op == "call_function":
@@ -91,10 +91,10 @@ class _Analysis(LayerRules, ShapeRules):
                     if is_user:
                         self.pin_all(self.lab(out))
             elif node.op == "get_attr":
-                self.labels[node] = self.fresh(_shape(node.meta.get("val")) or ())
+                self.labels[node] = self.fresh(shape_of(node.meta.get("val")) or ())
 
     def placeholder(self, node) -> None:
-        shape = _shape(node.meta.get("val"))
+        shape = shape_of(node.meta.get("val"))
         if shape is None:
             return
         key = self.placeholder_key.get(node.name)
@@ -118,9 +118,9 @@ class _Analysis(LayerRules, ShapeRules):
         self.labels[node] = tuple(labels)
 
     def call(self, node) -> None:
-        name = _op_name(node)
+        name = op_name(node)
         val = node.meta.get("val")
-        out_shape = _shape(val)
+        out_shape = shape_of(val)
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(self.labels.get(a), tuple)]
         if node.target is operator.getitem:
             src, idx = node.args
@@ -129,7 +129,7 @@ class _Analysis(LayerRules, ShapeRules):
                 self.fresh(out_shape) if out_shape is not None else None)
             return
         handler = getattr(self, f"op_{name}", None) or next(
-            (getattr(self, rule) for names, rule in _OP_FAMILIES if name in names), None)
+            (getattr(self, rule) for names, rule in OP_FAMILIES if name in names), None)
         if handler is None and hasattr(node.target, "tags") and torch.Tag.pointwise in node.target.tags:
             handler = self.op_pointwise
         if handler is None:
@@ -142,7 +142,7 @@ class _Analysis(LayerRules, ShapeRules):
 
     def _fresh_like(self, val):
         if isinstance(val, torch.Tensor):
-            return self.fresh(_shape(val))
+            return self.fresh(shape_of(val))
         if isinstance(val, (tuple, list)):
             return [self._fresh_like(v) for v in val]
         return None
@@ -155,7 +155,7 @@ class _Analysis(LayerRules, ShapeRules):
             self.origins.setdefault(label, []).append((node, key))
 
     def _unknown(self, node, val):
-        reason = f"{_op_name(node)} ({self.where(node)}) is used in a way this tracer cannot follow"
+        reason = f"{op_name(node)} ({self.where(node)}) is used in a way this tracer cannot follow"
         for a in node.args:
             if isinstance(a, torch.fx.Node):
                 self.block_all(self.lab(a), reason)

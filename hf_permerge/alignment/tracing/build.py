@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ..spec import PermGroup, PermutationSpec
-from .analysis import _Analysis
-from .export import _callable
+from .analysis import Analysis
+from .export import traceable_call
 from .invariance import InvarianceError, check_permutation_invariance
-from .ops import _BATCH_NORMS, _GROUP_NORMS, _LAYER_NORMS, _NONLINEAR, _PIN, _op_name
+from .ops import BATCH_NORMS, GROUP_NORMS, LAYER_NORMS, NONLINEAR, PIN, op_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
     """
     if on_unsupported not in ("error", "skip"):
         raise ValueError(f"on_unsupported={on_unsupported!r}; choose 'error' or 'skip'")
-    call, inputs = _callable(model, example_inputs)
+    call, inputs = traceable_call(model, example_inputs)
     was_training = model.training
     model.eval()     # BatchNorm as used for inference (no running-stat updates), dropout off
     try:
@@ -50,7 +50,7 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
         raise ValueError(f"cannot trace {type(model).__name__} with torch.export: {type(err).__name__}: {err}") from err
     finally:
         model.train(was_training)
-    analysis = _Analysis(ep, model)
+    analysis = Analysis(ep, model)
     analysis.run()
     result = _build(analysis, model, on_unsupported)
     if check and result.spec.groups:
@@ -90,9 +90,9 @@ def trace_permutation_spec(model: nn.Module, example_inputs=None,
     return trace(model, example_inputs, on_unsupported, check).spec
 
 
-def _build(an: _Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
+def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     uf = an.uf
-    pinned = uf.find(_PIN)
+    pinned = uf.find(PIN)
     members: dict = {}
     for element in list(uf.parent):
         members.setdefault(uf.find(element), []).append(element)
@@ -176,7 +176,7 @@ def _aliases(state: dict) -> dict[str, list[str]]:
     return {k: keys for keys in by_ptr.values() for k in keys}
 
 
-def _single_op_module(an: _Analysis, node) -> str | None:
+def _single_op_module(an: Analysis, node) -> str | None:
     """The module whose whole forward is this one op (and is called once): its output is the node's output."""
     path = an.module_of.get(node)
     if not path or len(an.module_calls.get(path, ())) != 1:
@@ -186,7 +186,7 @@ def _single_op_module(an: _Analysis, node) -> str | None:
     return path
 
 
-def _unit_axis(an: _Analysis, node, root) -> int | None:
+def _unit_axis(an: Analysis, node, root) -> int | None:
     labels = an.labels.get(node)
     labels = labels[0] if isinstance(labels, list) else labels
     for i, label in enumerate(labels or ()):
@@ -206,7 +206,7 @@ def _users(node) -> list:
     return out
 
 
-def _chain_end(an: _Analysis, origin_node):
+def _chain_end(an: Analysis, origin_node):
     """Follow a producing layer through norms that only it feeds: the per-unit affine output REPAIR corrects."""
     cur = origin_node
     while True:
@@ -214,15 +214,15 @@ def _chain_end(an: _Analysis, origin_node):
         if len(users) != 1:
             return cur
         user, via = users[0]
-        name = _op_name(user) if user.op == "call_function" else ""
-        if (name in _BATCH_NORMS or name in _LAYER_NORMS or name in _GROUP_NORMS) and user.args[0] is via \
+        name = op_name(user) if user.op == "call_function" else ""
+        if (name in BATCH_NORMS or name in LAYER_NORMS or name in GROUP_NORMS) and user.args[0] is via \
                 and _single_op_module(an, user):
             cur = user
         else:
             return cur
 
 
-def _modules(an: _Analysis, root, origins):
+def _modules(an: Analysis, root, origins):
     """(preactivation, activation, their unit axes, REPAIR sites) of one group."""
     sites, pre, act, axis_pre, axis_act = [], None, None, None, None
     ends = []
@@ -236,7 +236,7 @@ def _modules(an: _Analysis, root, origins):
         end, pre = ends[0]
         axis_pre = _unit_axis(an, end, root)
         users = _users(end)
-        if len(users) == 1 and _op_name(users[0][0]) in _NONLINEAR and _single_op_module(an, users[0][0]):
+        if len(users) == 1 and op_name(users[0][0]) in NONLINEAR and _single_op_module(an, users[0][0]):
             act = _single_op_module(an, users[0][0])
             axis_act = _unit_axis(an, users[0][0], root)
         return pre, act, axis_pre, axis_act, sites
@@ -247,10 +247,10 @@ def _modules(an: _Analysis, root, origins):
         axis = _unit_axis(an, node, root)
         if axis is None:
             continue
-        name = _op_name(node)
-        if name in _NONLINEAR:
+        name = op_name(node)
+        if name in NONLINEAR:
             nonlinear.append((node, axis))
-        elif name in _BATCH_NORMS or name in _LAYER_NORMS or name in _GROUP_NORMS:
+        elif name in BATCH_NORMS or name in LAYER_NORMS or name in GROUP_NORMS:
             norms.append((node, axis))
     if nonlinear or norms:
         node, axis_act = (nonlinear or norms)[-1]

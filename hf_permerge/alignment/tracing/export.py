@@ -58,13 +58,13 @@ class _Call(nn.Module):
         return tuple(_tensors(self.model(*inputs[:self.num_args], **kwargs)))
 
 
-def _callable(model: nn.Module, example_inputs) -> tuple[_Call, tuple]:
+def traceable_call(model: nn.Module, example_inputs) -> tuple[_Call, tuple]:
     args, kwargs = _as_call(model, example_inputs)
     tensor_kw = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     static = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     return _Call(model, len(args), tuple(tensor_kw), static), (*args, *tensor_kw.values())
 
 
-def _strip(path: str) -> str:
+def model_path(path: str) -> str:
     """Paths inside the `_Call` wrapper start with 'model.'; the model's own names do not."""
     return path[len("model."):] if path.startswith("model.") else "" if path == "model" else path

@@ -7,7 +7,7 @@ from torch.func import functional_call
 
 from ..permutations import Permutations
 from ..spec import PermutationSpec, apply_permutations
-from .export import _callable
+from .export import traceable_call
 
 
 class InvarianceError(AssertionError):
@@ -23,7 +23,7 @@ def check_permutation_invariance(model: nn.Module, spec: PermutationSpec, exampl
                                  rtol: float = 1e-4) -> None:
     """Raise AssertionError unless randomly permuting every group leaves the model's outputs unchanged
     (eval mode, on `example_inputs`); on failure, the message names the groups that break it."""
-    call, inputs = _callable(model, example_inputs)
+    call, inputs = traceable_call(model, example_inputs)
     state = dict(model.state_dict())
     was_training = model.training
     model.eval()

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from .ops import _PIN, _op_name, _shape
+from .ops import PIN, op_name, shape_of
 
 
 class LayerRules:
-    """`op_<name>` rules of `_Analysis` for layers (a mixin: the state is the analysis')."""
+    """`op_<name>` rules of `Analysis` for layers (a mixin: the state is the analysis')."""
 
     def op_linear(self, node, val):
         x, w = node.args[0], node.args[1]
@@ -19,10 +19,10 @@ class LayerRules:
         if isinstance(b, torch.fx.Node) and self.lab(b):
             self.uf.union(wl[0], self.lab(b)[0])
         self._origin(wl[0], node, w)
-        self.labels[node] = tuple(xl[:-1]) + (wl[0],) if xl else self.fresh(_shape(val))
+        self.labels[node] = tuple(xl[:-1]) + (wl[0],) if xl else self.fresh(shape_of(val))
 
     def op_conv(self, node, val):
-        name = _op_name(node)
+        name = op_name(node)
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
         xl, wl = self.lab(x), self.lab(w)
@@ -41,8 +41,8 @@ class LayerRules:
         out_label = wl[out_axis]
         if groups == 1:
             self.uf.union(wl[in_axis], xl[1])
-        elif not transposed and w.meta["val"].shape[1] == 1 and _shape(x.meta["val"])[1] == groups \
-                and _shape(val)[1] == groups:
+        elif not transposed and w.meta["val"].shape[1] == 1 and shape_of(x.meta["val"])[1] == groups \
+                and shape_of(val)[1] == groups:
             out_label = self.uf.union(out_label, xl[1])          # depthwise: each channel on its own
         else:
             self.block(xl[1], f"{name} with {groups} groups ({where}) mixes channels within groups")
@@ -50,7 +50,7 @@ class LayerRules:
         if isinstance(b, torch.fx.Node) and self.lab(b):
             self.uf.union(out_label, self.lab(b)[0])
         self._origin(out_label, node, w)
-        out = self.fresh(_shape(val))
+        out = self.fresh(shape_of(val))
         self.labels[node] = (xl[0], out_label) + out[2:]
 
     def op_batch_norm(self, node, val):
@@ -62,7 +62,7 @@ class LayerRules:
             if isinstance(p, torch.fx.Node) and self.lab(p):
                 self.uf.union(xl[1], self.lab(p)[0])
         if isinstance(val, (tuple, list)):
-            self.labels[node] = [tuple(xl)] + [(xl[1],) if _shape(v) and len(_shape(v)) == 1 else self._fresh_like(v)
+            self.labels[node] = [tuple(xl)] + [(xl[1],) if shape_of(v) and len(shape_of(v)) == 1 else self._fresh_like(v)
                                                for v in val[1:]]
         else:
             self.labels[node] = tuple(xl)
@@ -81,14 +81,14 @@ class LayerRules:
         self.labels[node] = [out] + [self._fresh_like(v) for v in val[1:]] if isinstance(val, (tuple, list)) else out
 
     def op_group_norm(self, node, val):
-        name = _op_name(node)
+        name = op_name(node)
         x = node.args[0]
         xl = self.lab(x)
         if name == "group_norm":
             groups, params = int(node.args[1]), node.args[2:4]
         else:                                   # native_group_norm(input, weight, bias, N, C, HxW, group, eps)
             groups, params = int(node.args[6]), node.args[1:3]
-        channels = _shape(x.meta["val"])[1]
+        channels = shape_of(x.meta["val"])[1]
         if groups not in (1, channels):
             self.block(xl[1], f"{name} with {groups} groups of {channels} channels ({self.where(node)}) "
                               "normalises channels in fixed groups")
@@ -103,12 +103,12 @@ class LayerRules:
         if not isinstance(val, torch.Tensor):
             if isinstance(val, (tuple, list)) and val and isinstance(val[0], torch.Tensor):  # native_dropout
                 x = node.args[0]
-                self.labels[node] = [tuple(self.lab(x))] + [tuple(self.lab(x)) if _shape(v) == _shape(val[0])
+                self.labels[node] = [tuple(self.lab(x))] + [tuple(self.lab(x)) if shape_of(v) == shape_of(val[0])
                                                             else self._fresh_like(v) for v in val[1:]]
                 return
             self.labels[node] = None
             return
-        shape = _shape(val)
+        shape = shape_of(val)
         out = [None] * len(shape)
         for a in list(node.args) + list(node.kwargs.values()):
             if not isinstance(a, torch.fx.Node):
@@ -120,4 +120,4 @@ class LayerRules:
             for i, label in enumerate(al):
                 if label is not None and i + offset >= 0:
                     out[i + offset] = self.uf.union(out[i + offset], label)
-        self.labels[node] = tuple(label if label is not None or s == 1 else _PIN for label, s in zip(out, shape))
+        self.labels[node] = tuple(label if label is not None or s == 1 else PIN for label, s in zip(out, shape))

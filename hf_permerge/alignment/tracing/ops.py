@@ -3,41 +3,41 @@ from __future__ import annotations
 
 import torch
 
-_PIN = ("pin",)
+PIN = ("pin",)
 
-_NONLINEAR = {"relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "elu",
+NONLINEAR = {"relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "elu",
               "elu_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "mish",
               "mish_", "softplus", "selu", "celu", "relu6", "hardsigmoid", "prelu", "_prelu_kernel", "glu"}
-_PASS_THROUGH = {"dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "contiguous",
+PASS_THROUGH = {"dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "contiguous",
                  "detach", "detach_", "alias", "_to_copy", "to", "type_as", "lift_fresh_copy", "clone",
                  "softmax", "_softmax", "log_softmax", "_log_softmax", "_assert_tensor_metadata"}
-_BATCH_NORMS = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+BATCH_NORMS = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
                 "native_batch_norm", "_batch_norm_with_update", "_batch_norm_no_update", "cudnn_batch_norm"}
-_LAYER_NORMS = {"layer_norm", "native_layer_norm"}
-_GROUP_NORMS = {"group_norm", "native_group_norm"}
-_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+LAYER_NORMS = {"layer_norm", "native_layer_norm"}
+GROUP_NORMS = {"group_norm", "native_group_norm"}
+CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
           "conv_transpose3d"}
-_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
+RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
              "unsqueeze_", "view_as", "reshape_as"}
-_POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
           "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
           "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
           "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest2d", "upsample_bilinear2d",
           "upsample_nearest1d", "upsample_nearest3d", "lp_pool2d"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "prod", "logsumexp", "norm",
+REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "prod", "logsumexp", "norm",
                "linalg_vector_norm", "var_mean", "std_mean"}
-_CREATION = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "zeros_like", "ones_like", "full_like",
+CREATION = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "zeros_like", "ones_like", "full_like",
              "empty_like", "rand", "randn", "rand_like", "randn_like", "tensor", "linspace", "eye"}
 
 
-_OP_FAMILIES = ((_CONVS, "op_conv"), (_BATCH_NORMS, "op_batch_norm"), (_LAYER_NORMS, "op_layer_norm"),
-                (_GROUP_NORMS, "op_group_norm"), (_RESHAPES, "op_reshape"), (_POOLS, "op_pool"),
-                (_REDUCTIONS, "op_reduction"), (_CREATION, "op_creation"),
-                (_PASS_THROUGH | _NONLINEAR, "op_pointwise"))
+OP_FAMILIES = ((CONVS, "op_conv"), (BATCH_NORMS, "op_batch_norm"), (LAYER_NORMS, "op_layer_norm"),
+                (GROUP_NORMS, "op_group_norm"), (RESHAPES, "op_reshape"), (POOLS, "op_pool"),
+                (REDUCTIONS, "op_reduction"), (CREATION, "op_creation"),
+                (PASS_THROUGH | NONLINEAR, "op_pointwise"))
 """Ops without an `op_<name>` rule of their own, by family -> the rule that handles them."""
 
 
-class _UnionFind:
+class UnionFind:
     def __init__(self):
         self.parent: dict = {}
 
@@ -59,7 +59,7 @@ class _UnionFind:
         return ra
 
 
-def _op_name(node) -> str:
+def op_name(node) -> str:
     target = node.target
     packet = getattr(target, "overloadpacket", None)
     if packet is not None:
@@ -67,5 +67,5 @@ def _op_name(node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _shape(value) -> tuple[int, ...] | None:
+def shape_of(value) -> tuple[int, ...] | None:
     return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None

@@ -1,16 +1,16 @@
 """Op rules for shapes: reshapes (attention heads), products, transposes, concatenation, indexing, pooling."""
 from __future__ import annotations
 
-from .ops import _PIN, _op_name, _shape
+from .ops import PIN, op_name, shape_of
 
 
 class ShapeRules:
-    """`op_<name>` rules of `_Analysis` for shapes and contractions (a mixin: the state is the analysis')."""
+    """`op_<name>` rules of `Analysis` for shapes and contractions (a mixin: the state is the analysis')."""
 
     def op_reshape(self, node, val):
         x = node.args[0]
         xl = self.lab(x)
-        in_shape, out_shape = _shape(x.meta["val"]), _shape(val)
+        in_shape, out_shape = shape_of(x.meta["val"]), shape_of(val)
         src = [(i, s) for i, s in enumerate(in_shape) if s != 1]
         dst = [(j, s) for j, s in enumerate(out_shape) if s != 1]
         out = [None] * len(out_shape)
@@ -36,13 +36,13 @@ class ShapeRules:
                 what = (f"splits an axis of size {size} into {sizes_out} (as attention heads do)" if len(ia) == 1 else
                         f"merges an axis of size {size} with others into one (sizes {sizes_in} -> {sizes_out}; as a "
                         "flatten of conv channels with spatial positions before a Linear does)")
-                self.block(xl[axis], f"{_op_name(node)} ({self.where(node)}) {what}")
+                self.block(xl[axis], f"{op_name(node)} ({self.where(node)}) {what}")
             for axis, _ in oa:
-                out[axis] = _PIN
+                out[axis] = PIN
         self.labels[node] = tuple(out)
 
     def _is_group(self, label) -> bool:
-        return label is not None and self.uf.find(label) != self.uf.find(_PIN)
+        return label is not None and self.uf.find(label) != self.uf.find(PIN)
 
     def _heads(self, xl, ia, oa, out) -> bool:
         """Attention heads: a group's axis split into (heads, units per head), or merged back from them.
@@ -55,7 +55,7 @@ class ShapeRules:
             (head_axis, heads), (unit_axis, _) = oa
             label = xl[ia[0][0]]
             self.head_splits.append((label, heads))
-            out[head_axis], out[unit_axis] = _PIN, label
+            out[head_axis], out[unit_axis] = PIN, label
             return True
         if len(ia) == 2 and len(oa) == 1:
             (head_axis, heads), (unit_axis, _) = ia
@@ -86,14 +86,14 @@ class ShapeRules:
         if not isinstance(al, tuple) or not isinstance(bl, tuple) or len(al) < 2 or len(bl) < 2:
             return self._unknown(node, val)
         self.uf.union(al[-1], bl[-2])
-        shape = _shape(val)
+        shape = shape_of(val)
         out = [None] * len(shape)
         for batch in (al[:-2], bl[:-2]):
             offset = len(shape) - 2 - len(batch)
             for i, label in enumerate(batch):
                 out[offset + i] = self.uf.union(out[offset + i], label)
         out[-2], out[-1] = al[-2], bl[-1]
-        self.labels[node] = tuple(label if label is not None or s == 1 else _PIN for label, s in zip(out, shape))
+        self.labels[node] = tuple(label if label is not None or s == 1 else PIN for label, s in zip(out, shape))
 
     op_mm = op_bmm = op_matmul
 
@@ -114,12 +114,12 @@ class ShapeRules:
 
     def op_expand(self, node, val):
         xl = self.lab(node.args[0])
-        shape = _shape(val)
+        shape = shape_of(val)
         offset = len(shape) - len(xl)
         out = list(self.fresh(shape[:offset]))
         for i, label in enumerate(xl):
             s = shape[offset + i]
-            out.append(label if label is not None else (None if s == 1 else _PIN))
+            out.append(label if label is not None else (None if s == 1 else PIN))
         self.labels[node] = tuple(out)
 
     def op_expand_as(self, node, val):
@@ -128,7 +128,7 @@ class ShapeRules:
     def op_cat(self, node, val):
         tensors = node.args[0]
         dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
-        shape = _shape(val)
+        shape = shape_of(val)
         dim %= len(shape)
         out = [None] * len(shape)
         for t in tensors:
@@ -138,19 +138,19 @@ class ShapeRules:
                     self.block(label, f"cat ({self.where(node)}) concatenates along a group's axis")
                 else:
                     out[i] = self.uf.union(out[i], label)
-        out[dim] = None if shape[dim] == 1 else _PIN
-        self.labels[node] = tuple(label if label is not None or s == 1 else _PIN for label, s in zip(out, shape))
+        out[dim] = None if shape[dim] == 1 else PIN
+        self.labels[node] = tuple(label if label is not None or s == 1 else PIN for label, s in zip(out, shape))
 
     def op_stack(self, node, val):
         tensors = node.args[0]
         dim = int(node.args[1]) if len(node.args) > 1 else 0
-        shape = _shape(val)
+        shape = shape_of(val)
         dim %= len(shape)
         rest = [None] * (len(shape) - 1)
         for t in tensors:
             for i, label in enumerate(self.lab(t)):
                 rest[i] = self.uf.union(rest[i], label)
-        out = rest[:dim] + [None if shape[dim] == 1 else _PIN] + rest[dim:]
+        out = rest[:dim] + [None if shape[dim] == 1 else PIN] + rest[dim:]
         self.labels[node] = tuple(out)
 
     def op_select(self, node, val):
@@ -164,18 +164,18 @@ class ShapeRules:
         x = node.args[0]
         xl = list(self.lab(x))
         dim = int(node.args[1]) % len(xl) if len(node.args) > 1 else 0
-        if _shape(x.meta["val"])[dim] != _shape(val)[dim]:
+        if shape_of(x.meta["val"])[dim] != shape_of(val)[dim]:
             self.block(xl[dim], f"slice ({self.where(node)}) takes part of a group's units")
-            xl[dim] = None if _shape(val)[dim] == 1 else _PIN
+            xl[dim] = None if shape_of(val)[dim] == 1 else PIN
         self.labels[node] = tuple(xl)
 
     def op_pool(self, node, val):
         xl = self.lab(node.args[0])
         where = self.where(node)
         for label in xl[2:]:
-            self.block(label, f"{_op_name(node)} ({where}) pools over a group's axis")
+            self.block(label, f"{op_name(node)} ({where}) pools over a group's axis")
         outs = val if isinstance(val, (tuple, list)) else [val]
-        labels = [tuple(xl[:2]) + self.fresh(_shape(v))[2:] for v in outs]
+        labels = [tuple(xl[:2]) + self.fresh(shape_of(v))[2:] for v in outs]
         self.labels[node] = labels if isinstance(val, (tuple, list)) else labels[0]
 
     def op_reduction(self, node, val):
@@ -191,12 +191,12 @@ class ShapeRules:
             return self._unknown(node, val)
         dims = {d % ndim for d in dims}
         for d in dims:
-            self.block(xl[d], f"{_op_name(node)} ({self.where(node)}) reduces over a group's axis")
+            self.block(xl[d], f"{op_name(node)} ({self.where(node)}) reduces over a group's axis")
         kept = [label if i not in dims else None for i, label in enumerate(xl)]
         outs = val if isinstance(val, (tuple, list)) else [val]
         labels = []
         for v in outs:
-            shape = _shape(v)
+            shape = shape_of(v)
             if shape is None:
                 labels.append(None)
             elif len(shape) == ndim:
