@@ -1,15 +1,16 @@
 """CNN on the CPU (issue: the CNN path is affordable on 2 cores): our training step, curve evaluation and
 activation statistics, each against a plain PyTorch loop on the same nets and data, in the same run.
 
-    python benchmarks/cnn_cpu.py [--layers 32-32-avg-64-64] [--steps 60] [--json OUT]
+    python benchmarks/cnn_cpu.py [--layers 32-32-avg-64-64] [--steps 60] [--eval-images 10000] [--threads 1 2]
 
-Reports seconds per net-epoch of training (600 steps of 100 images, SGD + momentum) and per 11-point curve
-on the 10,000 test images, with the ratio plain / ours (> 1: ours is faster). Variants: thread count,
-channels_last, evaluation batch size.
+Reports seconds per net-epoch of training (600 steps of 100 images, SGD + momentum), per 11-point curve on
+`--eval-images` test images and per activation matching on 10,000 training images, with the ratio
+plain / ours (> 1: ours is faster). Variants: thread count, channels_last, evaluation batch size.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -103,11 +104,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="32-32-avg-64-64")
     parser.add_argument("--steps", type=int, default=60, help="training steps timed (an epoch is 600)")
+    parser.add_argument("--eval-images", type=int, default=10000, help="test images per curve point")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     config = config_from_dict({"model": {"type": "cnn", "layers": args.layers},
                                "training": {"optimizer": "sgd", "lr": 0.01, "num_nets": 2}})
-    train, test = load_tensors("fashion_mnist", "train"), load_tensors("fashion_mnist", "test")
+    train = load_tensors("fashion_mnist", "train")
+    test = load_tensors("fashion_mnist", "test").subset(args.eval_images, seed=0)
     x, y = train.pixel_values[: args.steps * 100], train.labels[: args.steps * 100]
     rows = []
 
@@ -119,7 +123,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     per_epoch = STEPS_PER_EPOCH / args.steps
-    for threads in (1, 2):
+    for threads in args.threads:
         torch.set_num_threads(threads)
         model = build_model(config, 0)
         plain = timed(train_plain(plain_cnn(model), x, y, args.steps))
@@ -135,11 +139,12 @@ def main() -> None:
         sd_a, sd_b = a.state_dict(), b.state_dict()
         reference = timed(curve_plain(plain_cnn(a), plain_cnn(a).state_dict(), plain_cnn(b).state_dict(), test,
                                       1000))
-        row("curve, plain loop (inference_mode, batch 1000), 11 points x 10k", threads, reference)
+        n = len(test)
+        row(f"curve, plain loop (inference_mode, batch 1000), 11 points x {n}", threads, reference)
         for batch in (500, 1000, 2500):
-            ours = timed(lambda: evaluate_curve(a, sd_a, sd_b, splits={"test": test}, batch_size=batch))
-            row(f"curve, ours (batch {batch}), 11 points x 10k", threads, ours, reference)
-        stats = timed(lambda: get_matcher("activation", num_examples=10000).match(a, b, train))
+            ours = timed(functools.partial(evaluate_curve, a, sd_a, sd_b, splits={"test": test}, batch_size=batch))
+            row(f"curve, ours (batch {batch}), 11 points x {n}", threads, ours, reference)
+        stats = timed(functools.partial(get_matcher("activation", num_examples=10000).match, a, b, train))
         row("activation matching, 10k images", threads, stats)
     if args.json:
         with open(args.json, "w") as f:

@@ -230,7 +230,7 @@ def bench_run(config_path: Path) -> dict:
 def machine(device: torch.device) -> dict:
     cpu = platform.processor()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     info = {"host": socket.gethostname(), "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -245,10 +245,10 @@ def table(results: dict) -> str:
     lines = [f"{'benchmark':<44} {'case':<24} {'median s':>10} {'ratio':>7}"]
     for section, entries in results["sections"].items():
         for e in entries:
-            label = {"train": lambda: f"train {e['arch']} x{e['num_nets']} ({e['steps_per_net']} steps/net)",
-                     "align": lambda: f"align {e['model']}",
-                     "curves": lambda: f"curves {e['model']} ({e['curves']} x {e['lambdas']} pts)",
-                     "run": lambda: f"run {e['config']}"}[section]()
+            label = {"train": lambda e=e: f"train {e['arch']} x{e['num_nets']} ({e['steps_per_net']} steps/net)",
+                     "align": lambda e=e: f"align {e['model']}",
+                     "curves": lambda e=e: f"curves {e['model']} ({e['curves']} x {e['lambdas']} pts)",
+                     "run": lambda e=e: f"run {e['config']}"}[section]()
             if section == "run":
                 lines.append(f"{label:<44} {'wall':<24} {e['wall_s']:>10.1f} {'':>7}")
                 continue

@@ -1,13 +1,11 @@
 """Host-memory reuse for CPU work: one process-wide glibc setting, applied by our command line only.
 
-A CNN's activations or an MLP's gradients are tens of MB per step. glibc serves blocks that large with
-fresh pages from the kernel (mmap) and returns them on free, so every step pays one page fault per 4 KiB
-page: on this project's 2-core CPU machine a 10,000-image pass of a 16-16-avg-32-32 CNN took 735,000
-faults and 3.9-4.0 s on one thread, against 0 faults and 1.7 s when freed blocks are kept and reused
-(2.3 against 1.1 s on two threads; benchmarks/results/cpu_allocator_2026-11-27.log). Results are unchanged. A library must not change its host process unasked, so `import hf_permerge`
-leaves malloc alone; `hf-permerge`, `examples/sweep.py` and `examples/train_pair.py` call
-`reuse_freed_memory()`. Opt out with HF_PERMERGE_MALLOC=default; glibc's own MALLOC_MMAP_THRESHOLD_ /
-MALLOC_TRIM_THRESHOLD_ variables, when set, win.
+A CNN's activations or an MLP's gradients are tens of MB per step; glibc serves blocks that large with fresh
+pages and returns them on free, so every step pays a page fault per 4 KiB page. Keeping freed blocks for reuse
+removes those faults (BENCHMARKS.md, "Host memory"); results are unchanged. A library must not change its host
+process unasked, so `import hf_permerge` leaves malloc alone; `hf-permerge`, `examples/sweep.py` and
+`examples/train_pair.py` call `reuse_freed_memory()`. Opt out with HF_PERMERGE_MALLOC=default; glibc's own
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables, when set, win.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -332,10 +332,9 @@ def _keep_run(args):
 
 def _matching(args) -> tuple[str, dict]:
     """The matcher and the settings given for it; an option that does not apply to it is an error, not ignored."""
-    from .alignment.matchers import matcher_settings
-
     from pydantic import ValidationError
 
+    from .alignment.matchers import matcher_settings
     from .matching import MATCHER_SETTINGS, all_settings_fields
 
     matcher = args.matcher or "activation"

@@ -15,10 +15,16 @@ import logging
 import os
 from pathlib import Path
 
+from huggingface_hub import CommitOperationAdd, HfApi, constants, errors, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import get_token, validate_repo_id
+
 logger = logging.getLogger(__name__)
 
 LOGIN_HINT = "pass token=..., set HF_TOKEN to a token with {access} access, or run `hf auth login`"
 """How to give a token; `cli_message` puts it in the words of the command line (`--token`)."""
+LOCAL_REPO_PLACEHOLDER = "path/to/this/folder"
+"""Where a model card saved locally loads the model from; `push_folder_to_hub` puts the repo id there."""
 NETWORK_HINT = ("check your network connection, or set HF_ENDPOINT to a reachable Hub-compatible endpoint "
                 "(the current one is {endpoint})")
 
@@ -33,8 +39,6 @@ class HubError(RuntimeError):
 
 
 def _endpoint(endpoint: str | None) -> str:
-    from huggingface_hub import constants
-
     return (endpoint or constants.ENDPOINT).rstrip("/")
 
 
@@ -64,8 +68,6 @@ def _scrub(text: str, token: str | None) -> str:
 def _translate(err: BaseException, action: str, token: str | None, endpoint: str | None, access: str) -> HubError:
     """Map an exception from `huggingface_hub` to a HubError whose message names the cause and the fix;
     `access` ("read" or "write") is what the token needs."""
-    from huggingface_hub import errors
-
     endpoint = _endpoint(endpoint)
     hint = LOGIN_HINT.format(access=access)
     for e in _chain(err):
@@ -115,9 +117,6 @@ def cli_message(err: BaseException) -> str:
 
 def check_repo_id(repo_id: str) -> None:
     """Refuse a malformed repo id before any network call (`name` or `namespace/name`)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
@@ -176,8 +175,6 @@ def files_to_push(folder: str | os.PathLike) -> list[str]:
 def _card_for_repo(path: Path, repo_id: str) -> str | bytes:
     """A card saved before its repo was known loads the model from a placeholder path: the pushed copy loads it
     from `repo_id` (the local file is left as it is)."""
-    from .reporting.model_card import LOCAL_REPO_PLACEHOLDER
-
     text = path.read_text(encoding="utf-8")
     return text.replace(LOCAL_REPO_PLACEHOLDER, repo_id).encode("utf-8") if LOCAL_REPO_PLACEHOLDER in text else str(path)
 
@@ -194,9 +191,6 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | 
     `endpoint` defaults to `HF_ENDPOINT` (read when `huggingface_hub` is imported), else huggingface.co.
     Raises `HubError` naming the cause (bad folder, no/bad token, unreachable endpoint, ...).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.utils import get_token
-
     check_repo_id(repo_id)
     kind = folder_kind(folder)
     paths = files_to_push(folder)
@@ -226,8 +220,6 @@ def download_from_hub(repo_id: str, revision: str | None = None, allow_patterns=
 
     Raises `HubError` naming the cause (repo or revision not found, bad token, unreachable, offline).
     """
-    from huggingface_hub import snapshot_download
-
     return _hub_call(f"download {repo_id}", token, endpoint, snapshot_download, repo_id, revision=revision,
                      allow_patterns=allow_patterns, token=token, cache_dir=cache_dir, endpoint=endpoint, access="read")
 
@@ -236,9 +228,6 @@ def resolve_local_or_hub(path_or_repo_id: str | os.PathLike, revision: str | Non
                          allow_patterns=None, *, token: str | None = None) -> str:
     """A local directory for `path_or_repo_id`: an existing directory wins, otherwise it is a Hub repo id
     (downloaded at `revision`, with `token` if given, else HF_TOKEN or the stored login)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return str(path)

@@ -6,22 +6,22 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+_UMASK_LOCK = threading.Lock()
+
 
 def current_umask() -> int:
-    """The process umask now, read without changing it where Linux shows it (`os.umask` sets it to read it,
-    which for an instant would apply to other threads' new files)."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)
+    """The process umask now. `os.umask` reads it only by setting it: for that instant it is the most private
+    one (077), so a file another thread makes meanwhile is at worst private, never more open than asked."""
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)
         os.umask(umask)
-        return umask
+    return umask
 
 
 def file_mode() -> int:

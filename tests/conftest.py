@@ -44,7 +44,7 @@ def tiny_fmnist(tmp_path_factory, real_fmnist) -> Path:
     from hf_permerge.data.idx import read_idx
 
     out = tmp_path_factory.mktemp("tiny_fmnist")
-    for split, prefix, n in (("train", "train", 1000), ("test", "t10k", 500)):
+    for prefix, n in (("train", 1000), ("t10k", 500)):
         write_idx(out / f"{prefix}-images-idx3-ubyte.gz", read_idx(real_fmnist / f"{prefix}-images-idx3-ubyte.gz")[:n])
         write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", read_idx(real_fmnist / f"{prefix}-labels-idx1-ubyte.gz")[:n])
     return out

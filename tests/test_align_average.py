@@ -11,13 +11,12 @@ import json
 
 import pytest
 import torch
+from objectives import activation_objective, assert_equally_good, summed_objective
 
 from hf_permerge.alignment import ActivationMatcher, Permutations, WeightMatcher, activation_statistics
 from hf_permerge.alignment.average import align_activations_jointly, align_to_average
 from hf_permerge.data import load_tensors
 from hf_permerge.merging import PermMerger
-from objectives import activation_objective, assert_equally_good, summed_objective
-
 
 
 def states_equal(a, b) -> bool:
@@ -83,7 +82,6 @@ def test_the_result_is_a_fixed_point_no_single_net_can_improve(tiny_fmnist):
     its own fixed point, the case where a net must be matched again after its own change."""
     from hf_permerge.alignment.average import _inner, average_of
     from hf_permerge.alignment.hungarian import matched_similarity, solve_assignment
-
     from hf_permerge.models import PermMLPConfig, PermMLPForImageClassification
 
     data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)

@@ -9,16 +9,27 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from objectives import assert_equally_good, objective
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_permerge.alignment import (ActivationStatistics, Permutations, activation_statistics, get_matcher,
-                                   solve_assignment, solve_assignments)
+from hf_permerge.alignment import (
+    ActivationStatistics,
+    Permutations,
+    activation_statistics,
+    get_matcher,
+    solve_assignment,
+    solve_assignments,
+)
 from hf_permerge.alignment.permutations import METADATA_KEY
 from hf_permerge.data.tensors import TensorSplit, load_tensors, normalise
-from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
-                                PermMLPForImageClassification)
-from objectives import assert_equally_good, objective
+from hf_permerge.merging.inputs import as_tensor_split
+from hf_permerge.models import (
+    PermCNNConfig,
+    PermCNNForImageClassification,
+    PermMLPConfig,
+    PermMLPForImageClassification,
+)
 
 ACTIVATION_VARIANTS = [dict(similarity=s, preactivation=p)
                        for s, p in itertools.product(("cosine", "correlation", "l2"), (False, True))]
@@ -598,9 +609,16 @@ def test_a_datasets_dataset_matches_like_its_tensors():
     ds = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()})
     a, b = mlp(0), mlp(1)
     split = TensorSplit(normalise(images, a.config.image_mean, a.config.image_std), torch.from_numpy(labels), "x")
-    from_ds = get_matcher("activation").match(a, b, ds)
+    from_ds = get_matcher("activation").match(a, b, as_tensor_split(ds, a))     # converted once, at the edge
     assert from_ds == get_matcher("activation").match(a, b, split)
     assert from_ds.info["data"]["num_examples"] == 64
+
+
+def test_matchers_take_tensors_and_name_the_conversion_of_a_dataset():
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"image": [np.zeros((28, 28), dtype=np.uint8)] * 4})
+    with pytest.raises(TypeError, match="as_tensor_split"):
+        get_matcher("activation").match(mlp(0), mlp(1), ds)
 
 
 # Permutations as a value -------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 def test_reuse_applies_on_glibc_and_honours_the_opt_outs():
     # the module alone, by its path: a fresh interpreter without torch (the package's import) is quick
-    code = ("import importlib.util as u; s = u.spec_from_file_location('a', %r); m = u.module_from_spec(s); "
-            "s.loader.exec_module(m); print(m.reuse_freed_memory())" % allocator.__file__)
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('a', {allocator.__file__!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.reuse_freed_memory())")
     clean = {k: v for k, v in os.environ.items()
              if k not in ("HF_PERMERGE_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
 

@@ -7,9 +7,18 @@ import torch.nn.functional as F
 
 from hf_permerge import PermCNNConfig, PermCNNForImageClassification, PermMLPConfig, PermMLPForImageClassification
 from hf_permerge.data.tensors import load_tensors
-from hf_permerge.evaluation import (combine_state_dicts, default_lambdas, evaluate_combinations, evaluate_curve,
-                                    evaluate_model, evaluate_plane, interpolate_state_dicts, plane_coefficients,
-                                    plane_coordinates, tempered_nll)
+from hf_permerge.evaluation import (
+    combine_state_dicts,
+    default_lambdas,
+    evaluate_combinations,
+    evaluate_curve,
+    evaluate_model,
+    evaluate_plane,
+    interpolate_state_dicts,
+    plane_coefficients,
+    plane_coordinates,
+    tempered_nll,
+)
 
 METRICS = ("loss", "acc", "nll", "nll_tempered")
 

@@ -3,13 +3,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from objectives import activation_objective, assert_equally_good
 
 from hf_permerge.alignment.activation import ActivationMatcher
 from hf_permerge.data.tensors import load_tensors
-from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
-                                PermMLPForImageClassification)
+from hf_permerge.models import (
+    PermCNNConfig,
+    PermCNNForImageClassification,
+    PermMLPConfig,
+    PermMLPForImageClassification,
+)
 from hf_permerge.training.engines import StackedEngine, make_engine, make_optimizer
-from objectives import activation_objective, assert_equally_good
 
 CPU = torch.device("cpu")
 

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fake_hub import FakeHub
 
 TOKEN = "hf_FakeTokenForTests_7f3a9c2e51"
@@ -96,8 +95,8 @@ def write_merged_folder(folder: Path) -> None:
 
     from hf_permerge import PermMLPConfig, PermMLPForImageClassification
     from hf_permerge.data import DATASETS
+    from hf_permerge.merging.model_card import render_model_card
     from hf_permerge.models.image_processing_perm import image_processor_for
-    from hf_permerge.reporting.model_card import render_model_card
 
     config = PermMLPConfig(depth=1, width=16, seed=3, id2label=dict(enumerate(DATASETS["fashion_mnist"].class_names)))
     model = PermMLPForImageClassification(config)
@@ -349,7 +348,7 @@ def test_folder_is_validated_before_anything_is_sent(tmp_path):
 def test_model_card_metadata_and_body():
     from huggingface_hub import ModelCard
 
-    from hf_permerge.reporting.model_card import render_model_card
+    from hf_permerge.merging.model_card import render_model_card
 
     card = ModelCard(str(render_model_card(card_info())))  # parses back from text
     assert card.data.base_model == ["alice/fmnist-mlp-seed0"]
@@ -372,7 +371,7 @@ def test_model_card_metadata_and_body():
 def test_model_card_tolerates_a_sparse_info():
     from huggingface_hub import ModelCard
 
-    from hf_permerge.reporting.model_card import render_model_card
+    from hf_permerge.merging.model_card import render_model_card
 
     card = ModelCard(str(render_model_card({"base_models": [{"name": "net_0/final", "hub": False}, "bob/net-b"],
                                             "report": {"curves": {"init": {"permuted": {"lambdas": [0, 1]}}}}})))
@@ -384,7 +383,7 @@ def test_model_card_tolerates_a_sparse_info():
 
 
 def test_packaged_template_is_the_root_template():
-    from hf_permerge.reporting.model_card import TEMPLATE_PATH
+    from hf_permerge.merging.model_card import TEMPLATE_PATH
 
     root = Path(__file__).resolve().parent.parent / "MODEL_CARD_TEMPLATE.md"
     assert TEMPLATE_PATH.read_text() == root.read_text(), \
@@ -480,7 +479,7 @@ if __name__ == "__main__":
 
 def test_a_card_saved_before_its_repo_was_known_loads_from_the_repo_once_pushed(tmp_path):
     from hf_permerge.hub import _card_for_repo
-    from hf_permerge.reporting.model_card import LOCAL_REPO_PLACEHOLDER, render_model_card
+    from hf_permerge.merging.model_card import LOCAL_REPO_PLACEHOLDER, render_model_card
 
     info = {k: v for k, v in card_info().items() if k != "repo_id"}
     render_model_card(info).save(tmp_path / "README.md")

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from hf_permerge import cli
 from hf_permerge.data import load_tensors
 from hf_permerge.merging import PermMerger
-from hf_permerge.reporting.model_card import render_model_card
+from hf_permerge.merging.model_card import render_model_card
 
 
 @pytest.fixture
@@ -117,8 +117,8 @@ def test_hub_pair_nets_link_to_their_repo_once():
 
 
 def test_portable_names_drop_the_local_folders():
+    from hf_permerge.merging.model_card import portable_command
     from hf_permerge.merging.sources import portable_path
-    from hf_permerge.reporting.model_card import portable_command
 
     assert portable_path("/tmp/audit/demo/pair/net_0") == "net_0"
     assert portable_path("/tmp/audit/demo/pair/net_1/final") == "net_1/final"

@@ -1,12 +1,16 @@
 """The model classes: seeded init, HF round trips, specs that fit, losses."""
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 import hf_permerge
-from hf_permerge.models import PermCNNConfig, PermCNNForImageClassification, PermMLPConfig, PermMLPForImageClassification
+from hf_permerge.models import (
+    PermCNNConfig,
+    PermCNNForImageClassification,
+    PermMLPConfig,
+    PermMLPForImageClassification,
+)
 from hf_permerge.models.configuration_perm_cnn import parse_layers
-
-import pytest
 
 
 def same_weights(a, b):

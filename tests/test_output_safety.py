@@ -123,13 +123,12 @@ def test_sigterm_unwinds_so_temporary_folders_are_removed(tmp_path):
 
 def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):
     """Temporary files and folders start private (0600 / 0700); what they become is readable like any output."""
+    import os
     import stat
 
     import torch
 
     from hf_permerge.alignment.permutations import Permutations
-    import os
-
     from hf_permerge.io_utils import atomic_dir, dir_mode, file_mode
 
     write_json_atomic(tmp_path / "r.json", {"a": 1})

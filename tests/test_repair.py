@@ -11,8 +11,12 @@ import torch.nn.functional as F
 from hf_permerge.data import load_tensors
 from hf_permerge.merging import PermMerger
 from hf_permerge.merging.repair import repair, reset_bn_statistics, unit_statistics
-from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
-                                PermMLPForImageClassification)
+from hf_permerge.models import (
+    PermCNNConfig,
+    PermCNNForImageClassification,
+    PermMLPConfig,
+    PermMLPForImageClassification,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,12 @@ import pytest
 
 import hf_permerge  # noqa: F401
 from hf_permerge.alignment import PermGroup, PermutationSpec, trace_permutation_spec
-from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
-                                PermMLPForImageClassification)
+from hf_permerge.models import (
+    PermCNNConfig,
+    PermCNNForImageClassification,
+    PermMLPConfig,
+    PermMLPForImageClassification,
+)
 
 
 def attention_spec(names=("qk", "vo"), order=(0, 1)) -> PermutationSpec:

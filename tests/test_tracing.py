@@ -8,11 +8,19 @@ from torch import nn
 
 import hf_permerge  # noqa: F401
 from hf_permerge.alignment import Permutations, get_matcher
-from hf_permerge.alignment.tracing import (attach_permutation_spec, check_permutation_invariance, trace,
-                                           trace_permutation_spec)
+from hf_permerge.alignment.tracing import (
+    attach_permutation_spec,
+    check_permutation_invariance,
+    trace,
+    trace_permutation_spec,
+)
 from hf_permerge.data.tensors import TensorSplit
-from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
-                                PermMLPForImageClassification)
+from hf_permerge.models import (
+    PermCNNConfig,
+    PermCNNForImageClassification,
+    PermMLPConfig,
+    PermMLPForImageClassification,
+)
 
 
 class ResidualBlock(nn.Module):

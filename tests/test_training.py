@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
-from hf_permerge.training import PairTrainer, build_model
-from hf_permerge.training import engines
+from hf_permerge.training import PairTrainer, build_model, engines
 
 ROOT = Path(__file__).parents[1]
 

@@ -12,8 +12,8 @@ import PIL.Image
 import pytest
 import torch
 
-from hf_permerge.alignment.matchers import as_tensor_split
 from hf_permerge.merging import PermMerger
+from hf_permerge.merging.inputs import as_tensor_split
 
 
 def images(n: int, size: int, mode: str, seed: int = 0) -> list[PIL.Image.Image]:
@@ -141,8 +141,8 @@ def test_the_gradient_matcher_refuses_a_dataset_without_labels(tiny_pair):
 
 
 def test_a_mistyped_local_path_is_named_as_such(tmp_path, monkeypatch):
-    from hf_permerge import hub
     from hf_permerge.hub import HubError
+    from hf_permerge.merging import sources  # where the merger asks the Hub
 
     (tmp_path / "models" / "vit_1").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -150,10 +150,10 @@ def test_a_mistyped_local_path_is_named_as_such(tmp_path, monkeypatch):
     def no_hub(*args, **kwargs):
         raise HubError("cannot download models/vit_9: the Hub endpoint is unreachable", "unreachable")
 
-    monkeypatch.setattr(hub, "resolve_local_or_hub", no_hub)
+    monkeypatch.setattr(sources, "resolve_local_or_hub", no_hub)
     with pytest.raises(FileNotFoundError, match=r"no folder models/vit_9 \(models holds: vit_1\); nor is it a Hub"):
         PermMerger.from_pretrained(["models/vit_1", "models/vit_9"])
-    monkeypatch.setattr(hub, "resolve_local_or_hub", lambda *a, **k: pytest.fail("a path that is no repo id"))
+    monkeypatch.setattr(sources, "resolve_local_or_hub", lambda *a, **k: pytest.fail("a path that is no repo id"))
     with pytest.raises(FileNotFoundError, match=r"no folder .*models/x/vit_9 \(.*models holds: vit_1\)$"):
         PermMerger.from_pretrained([tmp_path / "models" / "vit_1", tmp_path / "models" / "x" / "vit_9"])
 
@@ -223,7 +223,7 @@ def test_a_dataset_is_converted_only_as_far_as_the_matcher_reads_it(tiny_pair):
     """Aligning on a Dataset converts the matcher's seeded subset alone, and finds what the whole split would."""
     from datasets import Dataset
 
-    from hf_permerge.alignment.matchers import as_tensor_split
+    from hf_permerge.merging.inputs import as_tensor_split
 
     ds = Dataset.from_dict({"image": images(300, 28, "L", seed=5), "label": [1] * 300})
     merger = PermMerger.from_pretrained(tiny_pair)
@@ -238,9 +238,10 @@ def test_weight_matching_reads_no_data_and_names_none(rgb_vits, tmp_path, monkey
     """Tracing a ViT (its config gives the input shape) and matching its weights load no data set at all."""
     from datasets import Dataset
 
-    from hf_permerge.data import tensors
+    from hf_permerge.merging import merge_data, nets
 
-    monkeypatch.setattr(tensors, "load_tensors", lambda *a, **k: pytest.fail("a data set was loaded"))
+    for module in (merge_data, nets):                 # where the merger loads a data set: tracing, default data
+        monkeypatch.setattr(module, "load_tensors", lambda *a, **k: pytest.fail("a data set was loaded"))
     merger = PermMerger.from_pretrained(rgb_vits)
     merger.align(Dataset.from_dict({"img": images(4, 28, "L")}), matcher="weight")   # not even looked at
     merger.merge(0.5)

@@ -8,9 +8,10 @@ Models without a hand-written `permutation_spec()` get one from their traced gra
 `attach_permutation_spec(vit, on_unsupported="skip")` (see `tracing`).
 """
 from .activation import ActivationMatcher, ActivationStatistics, activation_statistics
+from .base import Matcher
 from .gradient import GradientMatcher, update_directions
 from .hungarian import AssignmentSolver, solve_assignment, solve_assignments, solve_coupled
-from .matchers import MATCHERS, Matcher, get_matcher, register_matcher
+from .matchers import MATCHERS, get_matcher, register_matcher
 from .permutations import Permutations
 from .spec import PermGroup, PermutationSpec, apply_permutations, permute_tensor
 from .tracing import TracedSpec, attach_permutation_spec, check_permutation_invariance, trace_permutation_spec

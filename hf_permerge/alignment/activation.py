@@ -16,9 +16,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .base import (
+    Matcher,
+    batch_slices,
+    check_choice,
+    check_matching_data,
+    check_same_architecture,
+    eval_mode,
+    model_device,
+    model_input,
+)
 from .hungarian import AssignmentSolver
-from .matchers import (Matcher, as_tensor_split, batch_slices, check_choice, check_same_architecture, eval_mode,
-                       model_device, model_input, register_matcher)
 from .permutations import Permutations
 from .spec import PermutationSpec
 
@@ -62,7 +70,7 @@ class ActivationStatistics:
     product_dtype: torch.dtype = torch.float32
 
     @classmethod
-    def zeros(cls, n: int, device=None, product_dtype: torch.dtype = torch.float32) -> "ActivationStatistics":
+    def zeros(cls, n: int, device=None, product_dtype: torch.dtype = torch.float32) -> ActivationStatistics:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         return cls(0, z(n), z(n), z(n), z(n), z(n, n), product_dtype=product_dtype)
 
@@ -251,7 +259,6 @@ def pairwise_activation_statistics(models: list[nn.Module], pixel_values: torch.
     return stats
 
 
-@register_matcher
 @dataclasses.dataclass
 class ActivationMatcher(Matcher):
     """Match units by the similarity of their activations on `num_examples` examples of `data`.
@@ -285,7 +292,8 @@ class ActivationMatcher(Matcher):
         ready, and the caller goes on: the next group's similarity, then the next net's pass
         over the data, run while the earlier nets' assignments are being solved.
         """
-        split = as_tensor_split(data, model_a).subset(self.num_examples, self.seed).to(model_device(model_a))
+        check_matching_data(data, model_a)
+        split = data.subset(self.num_examples, self.seed).to(model_device(model_a))
         similarities = []
         with AssignmentSolver() as solver:
             for k, model_b in enumerate(others):

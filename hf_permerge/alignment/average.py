@@ -23,6 +23,9 @@ import copy
 import torch
 from torch import nn
 
+from .activation import pairwise_activation_statistics
+from .base import check_matching_data, model_device
+from .hungarian import AssignmentSolver, matched_similarity, solve_assignment
 from .permutations import Permutations
 
 REFERENCES = ("net_0", "average")
@@ -120,17 +123,14 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
     the paper's star alignment onto net 0, solved from the pairs with net 0 computed here anyway (what
     `matcher.match_many` finds, up to the rounding of other batch sizes). Returns like `align_to_average`.
     """
-    from .activation import pairwise_activation_statistics
-    from .hungarian import AssignmentSolver, matched_similarity, solve_assignment
-    from .matchers import as_tensor_split, model_device
-
     if max_rounds < 1:
         raise ValueError(f"max_rounds={max_rounds} must be >= 1")
     spec = models[0].permutation_spec()
     if spec.couplings:
         raise ValueError("aligning onto the average with activations does not handle attention heads (coupled "
                          "groups) yet; use reference='net_0', or the weight matcher")
-    split = as_tensor_split(data, models[0]).subset(matcher.num_examples, matcher.seed).to(model_device(models[0]))
+    check_matching_data(data, models[0])
+    split = data.subset(matcher.num_examples, matcher.seed).to(model_device(models[0]))
     n = len(models)
     sims = {}                           # (i, j, group), i < j -> similarity[unit of i, unit of j], CPU float32
     to_net_0 = [{} for _ in range(n)]   # the star's similarities, as `match_many` solves them (until solved)

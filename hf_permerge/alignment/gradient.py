@@ -36,8 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .matchers import (Matcher, as_tensor_split, batch_slices, check_choice, check_same_architecture, eval_mode,
-                       model_device, model_input, register_matcher)
+from .base import (
+    Matcher,
+    batch_slices,
+    check_choice,
+    check_matching_data,
+    check_same_architecture,
+    eval_mode,
+    model_device,
+    model_input,
+)
 from .permutations import Permutations
 from .weight import solve_linear_matching
 
@@ -134,18 +142,14 @@ def update_directions(model: nn.Module, pixel_values: torch.Tensor, labels: torc
     return grads
 
 
-@register_matcher
 @dataclasses.dataclass
 class GradientMatcher(Matcher):
     """App. B: permutations from the (FOOF-preconditioned) first-order loss change, no training needed.
 
     preconditioner: "foof" (the paper's) or "none" (the raw gradient). damping: relative to
-    the mean eigenvalue of E[x x^T]. The paper gives no value; on untrained 2x512 MLPs on
-    Fashion-MNIST (5 seed pairs, 10k matching images) the permuted average of the two inits
-    reached 0.24-0.53 test accuracy with damping 1e-3, 0.49-0.68 with 0.1, 0.72-0.75 with 1 (the default),
-    0.68-0.72 with 10 and 0.40-0.48 with the raw gradient (vanilla average 0.05-0.24). Chosen again
-    without the test set (benchmarks/results/foof-damping-2026-11-27/: seeds 10-15, scored on 10k training
-    images apart from the matching ones): 0.32 / 0.61 / 0.73 / 0.70 mean for 1e-3 / 0.1 / 1 / 10.
+    the mean eigenvalue of E[x x^T]. The paper gives no value; 1 is the best of 1e-3 / 0.1 / 1 / 10 on
+    untrained Fashion-MNIST MLP pairs, chosen on training images apart from the matching ones
+    (benchmarks/results/foof-damping-2026-11-27/).
     Gradients are of the mean loss over `num_examples` examples of `data` (a subset fixed by
     `seed`, which also orders the later sweeps).
     """
@@ -165,7 +169,8 @@ class GradientMatcher(Matcher):
 
     def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:
         spec = check_same_architecture(model_a, model_b)
-        split = as_tensor_split(data, model_a).subset(self.num_examples, self.seed)
+        check_matching_data(data, model_a)
+        split = data.subset(self.num_examples, self.seed)
         if bool((split.labels < 0).any()):
             raise ValueError("the gradient matcher needs labels (its objective is the training loss's gradient); "
                              "pass a dataset with a 'label' column (a folder of images: one subfolder per class)")

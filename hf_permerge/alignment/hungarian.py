@@ -4,19 +4,15 @@ Convention shared by every matcher: `similarity[i, j]` scores unit i of the refe
 (model_a) against unit j of the other net (model_b). The returned `perm` puts unit
 `perm[i]` of model_b in slot i, the spec's index_select convention.
 
-Warm start. SciPy's solver (shortest augmenting paths, no initialisation) spends its time finding
-dual potentials; n = 8192 took 80 s on one core. Subtracting any row and column constants leaves the
-optimal assignment unchanged, so we first estimate good potentials where the similarity lives
-(annealed log-domain Sinkhorn: milliseconds on a GPU, seconds on the CPU) and hand SciPy the reduced matrix
-`u_i + v_j - s_ij`: the same problem, solved exactly, with most rows' best column already free.
-Measured (BENCHMARKS.md): a 2x2048 pair's solves 1.95 -> 0.44 s and a 1x8192 pair's 58 -> 5 s on an
-H200 machine (10 iterations per temperature); on the 2-core CPU, where the potentials cost more,
-n = 2048 1.1-1.8 -> 0.5-1.1 s and n = 8192 72 -> 16 s.
+Warm start: SciPy's solver spends most of its time finding dual potentials. Subtracting row and column
+constants leaves the optimal assignment unchanged, so good potentials are first estimated where the
+similarity lives (annealed log-domain Sinkhorn) and SciPy solves the reduced matrix `u_i + v_j - s_ij`
+exactly: the same assignment, found faster (BENCHMARKS.md, "Alignment").
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from typing import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -25,9 +21,8 @@ from tqdm.auto import tqdm
 
 WARM_STARTS = ("auto", "sinkhorn", "none")
 WARM_START_MIN_UNITS = {"cuda": 512, "cpu": 2048}
-"""'auto' warm-starts groups at least this wide, by the similarity's device. On a GPU the potentials cost
-milliseconds. On the 2-core CPU they broke even at n = 1024 (0.13 s either way, 10 iterations per
-temperature) and pay from 2048 (1.1-1.8 s -> 0.5-1.1 s; n = 8192: 72 s -> 16 s)."""
+"""'auto' warm-starts groups at least this wide, by the similarity's device: the width from which the
+potentials cost less than they save (milliseconds on a GPU; on a CPU they break even near 1024 units)."""
 SINKHORN_TEMPERATURES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
 """Annealing schedule, in units of the similarity's range (max - min)."""
 SINKHORN_ITERATIONS = {"cuda": 20, "cpu": 5}
@@ -203,7 +198,7 @@ class AssignmentSolver:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "AssignmentSolver":
+    def __enter__(self) -> AssignmentSolver:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,7 @@ import copy
 import itertools
 import json
 import os
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -89,11 +89,11 @@ class Permutations(Mapping[str, torch.Tensor]):
 
     # Construction and checks --------------------------------------------------------------------
     @classmethod
-    def identity(cls, spec: PermutationSpec) -> "Permutations":
+    def identity(cls, spec: PermutationSpec) -> Permutations:
         return cls({g.name: torch.arange(g.size) for g in spec.groups}, {"matcher": "identity"})
 
     @classmethod
-    def random(cls, spec: PermutationSpec, seed: int = 0) -> "Permutations":
+    def random(cls, spec: PermutationSpec, seed: int = 0) -> Permutations:
         """Uniformly random permutations (tests, and the 'random permutation' baseline)."""
         gen = torch.Generator().manual_seed(seed)
         block_maps = {}
@@ -142,11 +142,11 @@ class Permutations(Mapping[str, torch.Tensor]):
         return all(torch.equal(p, torch.arange(len(p))) for p in self._perms.values())
 
     # Algebra ------------------------------------------------------------------------------------
-    def inverse(self) -> "Permutations":
+    def inverse(self) -> Permutations:
         """The permutations that undo these: `p.inverse().apply(p.apply(x)) == x`."""
         return Permutations({g: torch.argsort(p) for g, p in self._perms.items()}, {"derived": "inverse"})
 
-    def compose(self, other: "Permutations") -> "Permutations":
+    def compose(self, other: Permutations) -> Permutations:
         """`self` after `other`, like f∘g: `p.compose(q).apply(x) == p.apply(q.apply(x))`.
 
         With unit j of `q.apply(x)` being unit q[j] of x, unit j of `p.apply(q.apply(x))` is
@@ -192,7 +192,7 @@ class Permutations(Mapping[str, torch.Tensor]):
             save_file(dict(self._perms), str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Permutations":
+    def load(cls, path: str | os.PathLike) -> Permutations:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no permutations file at {path!r}")

@@ -5,8 +5,8 @@ spec, never per architecture (Git Re-Basin's idea, with a validator on top).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -68,7 +68,7 @@ class PermutationSpec:
                 return g
         raise KeyError(f"no permutation group {name!r}; groups are {self.names}")
 
-    def equivalent(self, other: "PermutationSpec") -> bool:
+    def equivalent(self, other: PermutationSpec) -> bool:
         """True when both specs permute the same tensors alike: the same groups up to their names and order.
 
         Groups correspond when they name the same (key, axis) pairs; corresponding groups must have the same

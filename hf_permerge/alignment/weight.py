@@ -8,13 +8,14 @@ matcher (App. B) reuses it with other pairs.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from .base import Matcher, check_same_architecture
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
-from .matchers import Matcher, check_same_architecture, register_matcher
 from .permutations import Permutations
 from .spec import PermutationSpec, permute_tensor
 
@@ -88,7 +89,7 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
             changes += 1
             changed_at[group] = changes
             solved.add(group)
-    for sweep in range(max_iter):
+    for _sweep in range(max_iter):
         order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
         improved = False
         visited: set[str] = set()
@@ -116,7 +117,6 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     return perms, {g: similarity(g) for g in spec.names}
 
 
-@register_matcher
 @dataclasses.dataclass
 class WeightMatcher(Matcher):
     """Weight matching: maximise sum_k <theta_a[k], pi(theta_b)[k]>, no data needed.

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import FASHION_MNIST_DIR, dataset_info
+from ..io_utils import missing_folder_error, only_a_local_path
+from .catalog import DATASETS, FASHION_MNIST_DIR, dataset_info
 from .idx import find_idx_pair, read_idx
 
 SPLITS = ("train", "test")
@@ -47,7 +48,7 @@ def load_idx_arrays(name: str, split: str, data_dir=None) -> tuple[np.ndarray, n
 
 def load_hub_dataset(name: str, split: str, **kwargs):
     """`datasets.load_dataset` with an error that says how to get the data when offline."""
-    import datasets
+    import datasets  # keep lazy: +1.2 s at import, paid only where a datasets.Dataset is made or read
 
     info = dataset_info(name)
     try:
@@ -68,7 +69,7 @@ def load_image_dataset(name: str = "fashion_mnist", split: str = "train", data_d
     Fashion-MNIST comes from local IDX files (the Debian package, or `data_dir`) when present,
     otherwise from the Hub; MNIST and CIFAR-10 come from the Hub (or IDX files in `data_dir`).
     """
-    import datasets
+    import datasets  # keep lazy: +1.2 s at import, paid only where a datasets.Dataset is made or read
 
     info = dataset_info(name)
     _check_split(split)
@@ -83,16 +84,23 @@ def load_image_dataset(name: str = "fashion_mnist", split: str = "train", data_d
     return datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features)
 
 
+def check_image_dataset(ds) -> None:
+    """A `datasets.Dataset` with an 'image' column (and optionally 'label'); other shapes get the fix named."""
+    if isinstance(getattr(ds, "column_names", None), dict):      # a DatasetDict
+        raise ValueError(f"got a DatasetDict with splits {sorted(ds.column_names)}; pass one split, e.g. "
+                         f"ds[{next(iter(ds.column_names))!r}]")
+    if "image" not in ds.column_names:
+        guess = next((c for c in ds.column_names if c.lower() in ("img", "images", "pixel_values", "pixels")), None)
+        fix = f"ds = ds.rename_column({guess!r}, 'image')" if guess else "ds = ds.rename_column(<its name>, 'image')"
+        raise ValueError(f"dataset lacks an 'image' column (found {ds.column_names}); rename the images' column: {fix}")
+
+
 def load_dataset_source(source: str, split: str | None = None):
     """One split of a data set a user names on the command line: (a `datasets.Dataset`, its Hub id or None).
     `source` is a folder written by `save_to_disk`, a folder of images (`imagefolder`: one subfolder per class),
     or a Hub dataset id; `split` (default train) picks a split of a DatasetDict or a Hub id, and is an error for
     a folder that holds one split only. The images' schema is checked here, before any model is loaded."""
-    import datasets
-
-    from ..io_utils import missing_folder_error, only_a_local_path
-    from .catalog import DATASETS
-    from .tensors import check_image_dataset
+    import datasets  # keep lazy: +1.2 s at import, paid only where a datasets.Dataset is made or read
 
     path = Path(source).expanduser()
     hub_id = None

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .catalog import dataset_info
-from .loading import load_idx_arrays, load_image_dataset
+from .loading import check_image_dataset, load_idx_arrays, load_image_dataset
 
 
 def subset_indices(size: int, n: int, seed: int) -> torch.Tensor:
@@ -28,7 +28,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, n: int | None, seed: int = 0) -> "TensorSplit":
+    def subset(self, n: int | None, seed: int = 0) -> TensorSplit:
         """A fixed random subset of n examples (all when n is None or >= len)."""
         if n is None or n >= len(self):
             return self
@@ -42,7 +42,7 @@ class TensorSplit:
         return (self.pixel_values.index_select(0, flat).view(*idx.shape, *self.pixel_values.shape[1:]),
                 self.labels.index_select(0, flat).view(idx.shape))
 
-    def to(self, device) -> "TensorSplit":
+    def to(self, device) -> TensorSplit:
         return TensorSplit(self.pixel_values.to(device), self.labels.to(device), self.fingerprint)
 
 
@@ -59,17 +59,6 @@ def normalise(images: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
 
 NO_LABEL = -1
 """The label of an example from a dataset without a 'label' column (activation matching and REPAIR need none)."""
-
-
-def check_image_dataset(ds) -> None:
-    """A `datasets.Dataset` with an 'image' column (and optionally 'label'); other shapes get the fix named."""
-    if isinstance(getattr(ds, "column_names", None), dict):      # a DatasetDict
-        raise ValueError(f"got a DatasetDict with splits {sorted(ds.column_names)}; pass one split, e.g. "
-                         f"ds[{next(iter(ds.column_names))!r}]")
-    if "image" not in ds.column_names:
-        guess = next((c for c in ds.column_names if c.lower() in ("img", "images", "pixel_values", "pixels")), None)
-        fix = f"ds = ds.rename_column({guess!r}, 'image')" if guess else "ds = ds.rename_column(<its name>, 'image')"
-        raise ValueError(f"dataset lacks an 'image' column (found {ds.column_names}); rename the images' column: {fix}")
 
 
 def dataset_to_arrays(ds) -> tuple[np.ndarray, np.ndarray]:

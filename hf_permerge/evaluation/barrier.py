@@ -12,7 +12,8 @@ straight line between the endpoint accuracies. Both are >= 0, since the endpoint
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

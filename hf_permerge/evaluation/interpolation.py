@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data.tensors import TensorSplit
+from ..models import PermMLPForImageClassification
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -239,8 +240,6 @@ def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: 
     {split: {metric: [P values]}} with the metrics of `metrics_from_logits`. Memory is bounded by
     sets_per_pass x batch_size x the widest activation, plus sets_per_pass parameter copies.
     """
-    from ..models import PermMLPForImageClassification
-
     bases = [_as_state_dict(b) for b in bases]
     reference = dict(model.state_dict())
     for i, b in enumerate(bases):
@@ -276,7 +275,7 @@ def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: 
                             continue
                         except (RuntimeError, NotImplementedError, ValueError) as err:
                             warnings.warn(f"torch.vmap could not run {type(model).__name__} ({err}); "
-                                          "evaluating the parameter sets one by one instead (same numbers, slower)")
+                                          "evaluating the parameter sets one by one instead (same numbers, slower)", stacklevel=2)
                             use_vmap = False
                     chunks.append(_vmap_logits(model, stacked, fixed, x, use_vmap=False))
                 metrics = metrics_from_logits(model, torch.cat(chunks, dim=1), split.labels)

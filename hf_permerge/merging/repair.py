@@ -1,52 +1,35 @@
 """REPAIR and BatchNorm reset: undo the variance collapse of averaged networks.
 
-Averaging two aligned nets shrinks the spread of each hidden unit's pre-activations (the units being
-averaged are correlated, not identical), and the shrinkage compounds with depth. Two remedies, both
-applied to a merged model in place, from a few thousand training images, in batched passes:
+Averaging aligned nets shrinks the spread of each hidden unit's pre-activations, more with depth. Both
+remedies change a merged model in place, from a few thousand training images:
 
-- `repair` (Jordan et al. 2022, "REPAIR: REnormalizing Permuted Activations for Interpolation
-  Repair"): for every permutation group's pre-activation module (a Linear / Conv, or the norm right
-  after it), measure each unit's mean and standard deviation in the endpoints (net 0 and pi(net k),
-  whose units are lined up) and in the merged net, and fold the affine map that takes the merged
-  statistics to the interpolation `sum_k w_k mean_k`, `sum_k w_k std_k` into that module's weight and
-  bias. Layers are repaired in forward order, each measured after the layers before it are repaired,
-  so after repair every corrected unit has the target mean and std on the data it was fitted on.
-  A layer without a bias (our MLP's default, as in the authors' code) cannot take the shift: it gets
-  the scale closest to the full correction on the data (scale-only REPAIR: `s` minimising
-  E[(s z - (a z + b))^2] over the unit's pre-activations z, i.e. s = a + b E[z] / E[z^2]). Adding a
-  bias instead would change the merged model's architecture away from its parents'. Measured on six
-  1-epoch Fashion-MNIST MLP pairs (depth 1-3, width 128/512, permuted midpoints; REPRODUCING.md): this
-  scale never lowered the test accuracy or raised the loss against no repair; matching the std
-  alone (s = a) was up to 0.16 point better or 0.21 worse on deeper nets, and lost 0.03 and 0.11 points
-  against no repair on 1-layer ones, where averaging collapses little and the mean, exact for a first
-  layer, was pushed away. Those six chose the form, and it is no guarantee: a held-out 2x128 pair
-  (seed 0, aligned on 5,000 images) lost 0.25 point at alpha 0.5 and 0.67 at 0.3, and a small bias-free
-  CNN (8-avg-16-avg-32, 150 steps) 0.94 at 0.3 (REPRODUCING.md). So it warns, and the card names the
-  layers that were only rescaled; with biases REPAIR reaches its targets. For a group tied by
-  residual additions no single module carries its pre-activations (`preactivation` None): it is left
-  as is, unless you pass the modules to correct (`modules=`, e.g. a traced spec's `repair_modules`,
-  which lists every branch's last affine layer).
-- `reset_bn`: recompute every BatchNorm's running mean and variance on training data: forward
-  passes in train mode for the BatchNorm layers only (dropout stays off), no gradients, with
-  `momentum=None`, so the running statistics are the plain average over equal-size batches of each
-  batch's mean and (unbiased) variance. Interpolated running statistics are not the statistics of the
-  interpolated net; this is the standard fix (Jordan et al.; Git Re-Basin).
+- `repair` (Jordan et al. 2022): for each group's pre-activation module, fold into its weight and bias the
+  affine map that takes the merged net's per-unit mean and std to the interpolation of the endpoints',
+  layer by layer in forward order. A layer without a bias gets only the scale closest to that map
+  (s = a + b E[z] / E[z^2]): adding a bias would change the architecture. That can cost accuracy, so it
+  warns, and the card names the layers only rescaled (REPRODUCING.md). Groups tied by residual additions
+  have no single pre-activation module: they are corrected only through `modules=` (a traced spec's
+  `repair_modules`).
+- `reset_bn`: recompute every BatchNorm's running statistics on training data (train-mode passes of the
+  BatchNorm layers only, `momentum=None`): interpolated statistics are not those of the interpolated net.
 
-Unit axis: 1 for convolutions and BatchNorm, the last axis for Linear and LayerNorm (a ViT's
-(N, tokens, units)); every position counts as a sample of its unit, as BatchNorm counts them.
+Unit axis: 1 for convolutions and BatchNorm, the last for Linear and LayerNorm; every position counts as
+a sample of its unit.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ..alignment.matchers import as_tensor_split, batch_slices, eval_mode, model_input
+from ..alignment.base import batch_slices, eval_mode, model_input
 from ..alignment.spec import PermutationSpec
 from ..data.tensors import TensorSplit
+from .inputs import as_tensor_split
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +65,7 @@ class UnitStatistics:
     """Sum over samples of squared deviations from the mean."""
 
     @classmethod
-    def zeros(cls, n: int, device=None) -> "UnitStatistics":
+    def zeros(cls, n: int, device=None) -> UnitStatistics:
         return cls(0, torch.zeros(n, dtype=torch.float64, device=device),
                    torch.zeros(n, dtype=torch.float64, device=device))
 

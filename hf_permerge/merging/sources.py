@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hub import HubError, resolve_local_or_hub
 from ..io_utils import missing_folder_error, only_a_local_path
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,6 @@ def resolve(path_or_id: str | Path, token: str | None = None, revision: str | No
     text = str(path_or_id)
     if only_a_local_path(text):
         raise missing_folder_error(path)
-    from ..hub import HubError, resolve_local_or_hub
 
     try:
         return Path(resolve_local_or_hub(text, revision, token=token)), text

@@ -24,7 +24,7 @@ def load_metric(name: str, **kwargs):
     A local path never touches the Hub, so this works with HF_HUB_OFFLINE=1; `evaluate` copies the
     module into HF_MODULES_CACHE (under HF_HOME), which must be writable.
     """
-    import evaluate
+    import evaluate  # keep lazy: ~5 s at import (it pulls datasets); `import hf_permerge` must stay light
 
     return evaluate.load(metric_path(name), **kwargs)
 

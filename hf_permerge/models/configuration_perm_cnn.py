@@ -1,9 +1,7 @@
 """Config of the paper's plain CNN (App. F.2): 3x3 convs, 2x2 average pools, global pool, linear read-out."""
 from __future__ import annotations
 
-from transformers import PretrainedConfig
-
-from .configuration_perm_mlp import check_common
+from .configuration_perm_mlp import PermImageConfig, check_common
 
 
 def parse_layers(layers: str) -> list[int | str]:
@@ -26,24 +24,18 @@ def parse_layers(layers: str) -> list[int | str]:
     return out
 
 
-class PermCNNConfig(PretrainedConfig):
+class PermCNNConfig(PermImageConfig):
+    """The paper's plain CNN, `layers` in its notation ("64-64-avg-128-128"), BatchNorm after each conv if asked."""
+
     model_type = "perm_cnn"
 
-    def __init__(self, layers: str = "64-64-avg-128-128", num_channels: int = 1, image_size: int = 28,
-                 num_labels: int = 10, batch_norm: bool = False, bias: bool = False, init: str = "kaiming_normal",
-                 loss: str = "cross_entropy", seed: int = 0, image_mean=(0.2860,), image_std=(0.3530,), **kwargs):
-        self.layers = layers
-        self.num_channels = int(num_channels)
-        self.image_size = int(image_size)
-        self.batch_norm = bool(batch_norm)
-        self.bias = bool(bias)
-        self.init = init
-        self.loss = loss
-        self.seed = int(seed)
-        self.image_mean = [float(m) for m in image_mean]
-        self.image_std = [float(s) for s in image_std]
-        super().__init__(num_labels=num_labels, **kwargs)
-        parse_layers(layers)
+    layers: str = "64-64-avg-128-128"
+    batch_norm: bool = False
+
+    def __post_init__(self, **kwargs):
+        self.batch_norm = bool(self.batch_norm)
+        super().__post_init__(**kwargs)
+        parse_layers(self.layers)
         check_common(self)
 
     @property

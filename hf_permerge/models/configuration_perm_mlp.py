@@ -1,7 +1,7 @@
 """Config of the paper's fully connected network (App. F.1)."""
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
 INITS = ("kaiming_normal", "xavier", "orthogonal")
 LOSSES = ("cross_entropy", "mse")
@@ -20,7 +20,29 @@ def check_common(config) -> None:
         )
 
 
-class PermMLPConfig(PretrainedConfig):
+class PermImageConfig(PreTrainedConfig):
+    """The fields our model configs share: the images they take, how they are initialised and trained (10 labels
+    unless told otherwise). Values are stored as these types (a YAML 1 for a mean is a float)."""
+
+    num_channels: int = 1
+    image_size: int = 28
+    bias: bool = False
+    init: str = "kaiming_normal"
+    loss: str = "cross_entropy"
+    seed: int = 0
+    image_mean: list[float] | tuple[float, ...] = (0.2860,)
+    image_std: list[float] | tuple[float, ...] = (0.3530,)
+
+    def __post_init__(self, **kwargs):
+        kwargs.setdefault("num_labels", 10)
+        self.num_channels, self.image_size, self.seed = int(self.num_channels), int(self.image_size), int(self.seed)
+        self.bias = bool(self.bias)
+        self.image_mean = [float(m) for m in self.image_mean]
+        self.image_std = [float(s) for s in self.image_std]
+        super().__post_init__(**kwargs)
+
+
+class PermMLPConfig(PermImageConfig):
     """`depth` hidden ReLU layers of `width` units, then a linear read-out.
 
     `seed` fixes the initialisation bit-identically; `image_mean` / `image_std` record the
@@ -29,20 +51,12 @@ class PermMLPConfig(PretrainedConfig):
 
     model_type = "perm_mlp"
 
-    def __init__(self, depth: int = 2, width: int = 512, num_channels: int = 1, image_size: int = 28,
-                 num_labels: int = 10, bias: bool = False, init: str = "kaiming_normal",
-                 loss: str = "cross_entropy", seed: int = 0, image_mean=(0.2860,), image_std=(0.3530,), **kwargs):
-        self.depth = int(depth)
-        self.width = int(width)
-        self.num_channels = int(num_channels)
-        self.image_size = int(image_size)
-        self.bias = bool(bias)
-        self.init = init
-        self.loss = loss
-        self.seed = int(seed)
-        self.image_mean = [float(m) for m in image_mean]
-        self.image_std = [float(s) for s in image_std]
-        super().__init__(num_labels=num_labels, **kwargs)
+    depth: int = 2
+    width: int = 512
+
+    def __post_init__(self, **kwargs):
+        self.depth, self.width = int(self.depth), int(self.width)
+        super().__post_init__(**kwargs)
         if self.depth < 1 or self.width < 1:
             raise ValueError(f"depth and width must be >= 1, got depth={self.depth}, width={self.width}")
         check_common(self)

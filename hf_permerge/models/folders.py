@@ -5,7 +5,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+from transformers import AutoModelForImageClassification
+from transformers.utils import logging as hf_logging
 
 from ..io_utils import atomic_dir, atomic_file
 
@@ -26,8 +29,6 @@ def write_model_files(model, folder: Path) -> None:
 @contextmanager
 def _without_transformers_bars():
     """transformers draws a "Loading weights" bar per load; ours already say what is being done."""
-    from transformers.utils import logging as hf_logging
-
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -40,9 +41,6 @@ def _without_transformers_bars():
 def load_model(folder: str | Path):
     """An HF model folder through `AutoModelForImageClassification` (any registered image classifier); a
     damaged weights file is an OSError naming it, not safetensors' own error."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForImageClassification
-
     try:
         with _without_transformers_bars():
             return AutoModelForImageClassification.from_pretrained(folder)

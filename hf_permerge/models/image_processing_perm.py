@@ -17,6 +17,9 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
+from .configuration_perm_cnn import PermCNNConfig
+from .configuration_perm_mlp import PermMLPConfig
+
 logger = logging.getLogger(__name__)
 
 # ITU-R 601-2 luma, as PIL's convert("L")
@@ -92,9 +95,6 @@ def image_processor_for(config) -> PermImageProcessor:
 
 def register_image_processor() -> None:
     """Make `AutoImageProcessor` (and so `pipeline`) pick PermImageProcessor for our model configs."""
-    from .configuration_perm_cnn import PermCNNConfig
-    from .configuration_perm_mlp import PermMLPConfig
-
     for config_class in (PermMLPConfig, PermCNNConfig):
         try:
             AutoImageProcessor.register(config_class, image_processor_classes={"pil": PermImageProcessor},

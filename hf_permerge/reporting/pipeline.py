@@ -10,8 +10,16 @@ from pathlib import Path
 
 import torch
 
+from ..alignment.matchers import matcher_settings
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
+from ..merging import PermMerger
+from ..merging.model_card import portable_command
+from ..merging.saving import check_save_target
+from ..merging.sources import portable_path
+from ..training import PairTrainer
+from .report import build_report, summary_table
 
 logger = logging.getLogger("hf_permerge.pipeline")
 
@@ -39,8 +47,6 @@ other batches than it matches on)."""
 
 def evaluation_splits(config: RunConfig, device) -> dict:
     """The test split and the fixed training subset the report evaluates on (whole, on the device)."""
-    from ..data.tensors import load_tensors
-
     splits = {}
     for name in config.evaluation.splits:
         split = load_tensors(config.data.dataset, name, device, config.data.data_dir)
@@ -50,8 +56,6 @@ def evaluation_splits(config: RunConfig, device) -> dict:
 
 def align_merger(merger, config: RunConfig) -> None:
     """Align with the config's `alignment` section (the chosen matcher's settings), on the training split."""
-    from ..alignment.matchers import matcher_settings
-
     a = config.alignment
     merger.align(matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds,
                  **matcher_settings(a.matcher, a.model_dump()))
@@ -84,8 +88,6 @@ def evaluation_config(pair_config: dict | None, config: RunConfig | None, overri
 def check_evaluate_output(output_dir, overwrite: bool = False) -> None:
     """`evaluate`'s refusals of its output folder, before any download: one that holds something else than an
     evaluation or a run, or (without overwrite) an evaluation already."""
-    from ..merging.merger import check_save_target
-
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))
     check_save_target(output_dir / "merged", overwrite)          # replaced at the end: refusals come now
@@ -99,11 +101,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
     OUT/report.json, OUT/*.png and OUT/merged/ (with its card). `pair_label`: how the report names the pair
     (default: its portable path; a job written beside its final place names the final one)."""
-    from ..merging import PermMerger
-    from ..merging.sources import portable_path
-    from .model_card import portable_command
-    from .plots import write_plots
-    from .report import build_report, summary_table
+    from .plots import write_plots  # keep lazy: matplotlib costs ~1 s at import, paid only when plotting
 
     device = torch.device(device) if device else default_device()
     check_evaluate_overrides(overrides)
@@ -147,8 +145,6 @@ def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = F
         command: str | None = None, pair_label: str | None = None) -> dict:
     """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/ (`pair_label`: see
     `evaluate_pair`)."""
-    from ..training import PairTrainer
-
     if config.training.num_nets < 2:
         raise ValueError(f"training.num_nets {config.training.num_nets}: a run aligns and merges nets, which needs "
                          "at least 2; set training.num_nets to 2 or more (or use `hf-permerge train` for one net)")

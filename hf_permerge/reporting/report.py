@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation.barrier import loss_barrier
 from ..evaluation.interpolation import evaluate_combinations, evaluate_model
+from ..evaluation.plane import evaluate_plane
 from ..precision import tf32_matmuls
 
 logger = logging.getLogger("hf_permerge.reporting")
@@ -168,8 +169,6 @@ def n_way(merger, test, batch_size: int, checkpoints=CHECKPOINTS) -> dict:
 def plane_report(merger, splits: dict, ev, checkpoints=CHECKPOINTS) -> dict:
     """Accuracy/loss on the plane through theta_0, theta_1 and pi(theta_1), trained and init, on every split
     the report evaluates: test (Fig. 1) and the training subset (Fig. 5's train loss)."""
-    from ..evaluation.plane import evaluate_plane
-
     out = {}
     for ck in checkpoints:
         out[ck] = evaluate_plane(merger.load(0), merger.permuted_state(0, ck), merger.permuted_state(1, ck, permute=False),

@@ -26,8 +26,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import (AlignmentSection, ConfigError, RunConfig, apply_overrides, config_from_dict, read_yaml_file,
-                      set_override)
+from ..config import (
+    AlignmentSection,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    read_yaml_file,
+    set_override,
+)
 
 SECTIONS = tuple(RunConfig.model_fields)
 

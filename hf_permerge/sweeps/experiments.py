@@ -19,6 +19,9 @@ from __future__ import annotations
 from statistics import fmean
 
 from ..config import AlignmentSection, RunConfig
+from ..merging import PermMerger
+from ..reporting.pipeline import align_merger, evaluation_splits
+from ..reporting.report import build_report
 
 CHECKPOINT_PREFIX = {"final": "", "init": "init_"}
 MODE_SHORT = {"vanilla": "vanilla", "permuted": "perm"}
@@ -109,10 +112,6 @@ def _evaluation(config: RunConfig, n_way: bool = False, schedules: bool = False)
 def measure(experiment: str, config: RunConfig, pair_dir, device, matchers: dict | None = None,
             curves: bool = False, progress: bool = False) -> dict:
     """The cell result (without its bookkeeping): {"metrics": {...}, optional "curves", "timings"}."""
-    from ..merging import PermMerger
-    from ..reporting.pipeline import align_merger, evaluation_splits
-    from ..reporting.report import build_report
-
     merger = PermMerger.from_pretrained(pair_dir, device=device)
     splits = evaluation_splits(config, device)
     if experiment == "matchers":

@@ -25,10 +25,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from ..config import ConfigError, config_differences
+from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
+from ..training import PairTrainer, build_model, train_together
+from ..training.trainer import _without_seed
+from . import experiments
 from .config import Cell, SweepConfig
+from .tables import cell_rows, summarise, summary_text, write_csv
 
 logger = logging.getLogger("hf_permerge.sweeps")
 
@@ -66,8 +72,6 @@ class SweepResult:
 
 def process_state():
     """Accelerate's view of the processes (one, or those of `accelerate launch`); gloo on CPU."""
-    from accelerate import PartialState
-
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     kwargs = {"timeout": BARRIER_TIMEOUT} if several else {}
     return PartialState(cpu=several and not torch.cuda.is_available(), **kwargs)
@@ -120,8 +124,6 @@ def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
 
 def check_data(config: SweepConfig) -> None:
     """Every data set the cells use must load (on the CPU, cached for the cells) before anything is written."""
-    from ..data.tensors import load_tensors
-
     for dataset, data_dir in sorted({(c.config.data.dataset, c.config.data.data_dir) for c in config.cells}, key=str):
         for split in ("train", "test"):
             load_tensors(dataset, split, "cpu", data_dir)
@@ -141,8 +143,6 @@ def stack_max_params(device) -> int:
 
 def _parameter_count(config) -> int:
     """Parameters of one net of `config`: the model built on the meta device (no memory, no init)."""
-    from ..training import build_model
-
     with torch.device("meta"):
         return sum(p.numel() for p in build_model(config, 0).parameters())
 
@@ -150,8 +150,6 @@ def _parameter_count(config) -> int:
 def seed_stacks(cells: list[Cell], output_dir: Path, max_params: int = STACK_MAX_PARAMS) -> list[list[Cell]]:
     """Groups of untrained cells (no result, no pair folder yet) that differ only in `training.seed`,
     each group's nets within `max_params`; single cells are left to `run_cell`."""
-    from ..training.trainer import _without_seed
-
     groups: dict[str, list[Cell]] = {}
     for cell in cells:
         folder = output_dir / "cells" / cell.id
@@ -182,8 +180,6 @@ def measure_workers(setting: int | str, stack: list[Cell], device) -> int:
 
 def train_stack(stack: list[Cell], output_dir: Path, device, progress: bool) -> None:
     """Train a stack's pairs together; on any error leave them to `run_cell` (which resumes or retrains)."""
-    from ..training import PairTrainer, train_together
-
     try:
         train_together([PairTrainer(cell.config, output_dir / "cells" / cell.id / "pair", resume=True,
                                     accelerator=OneProcess(device), progress=progress) for cell in stack])
@@ -194,9 +190,6 @@ def train_stack(stack: list[Cell], output_dir: Path, device, progress: bool) -> 
 
 def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress: bool = False) -> str:
     """Train and measure one cell; returns "done", "skipped" (a result exists) or "failed" (error.txt written)."""
-    from ..training import PairTrainer
-    from .experiments import measure
-
     folder = output_dir / "cells" / cell.id
     if (folder / "result.json").is_file():
         return "skipped"
@@ -210,7 +203,7 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
         else:
             train_timings = {"train_s": PairTrainer(cell.config, pair_dir, resume=True, accelerator=OneProcess(device),
                                                     progress=progress).train().train_s}
-        measured = measure(config.sweep.experiment, cell.config, pair_dir, device, matchers=config.sweep.matchers,
+        measured = experiments.measure(config.sweep.experiment, cell.config, pair_dir, device, matchers=config.sweep.matchers,
                            curves=config.sweep.curves, progress=progress)
     except Exception:  # one cell's failure (a diverged net, a full disk) must not stop the other cells
         (folder / "error.txt").write_text(traceback.format_exc())
@@ -234,9 +227,9 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
 
 
 def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = None) -> tuple[list[str], str, dict]:
-    """results.csv (a row per cell), summary.csv (mean and Student-t 95% half-width over seeds), results.json and the figure(s)."""
-    from .figures import write_figures
-    from .tables import cell_rows, summarise, summary_text, write_csv
+    """results.csv (a row per cell), summary.csv (mean and Student-t 95% half-width over seeds), results.json and
+    the figure(s)."""
+    from .figures import write_figures  # keep lazy: matplotlib costs ~1 s at import, paid only when plotting
 
     rows = cell_rows(config, output_dir)
     summary = summarise(config, rows)

@@ -121,7 +121,7 @@ class PerNetEngine:
         out = []
         for m in self.models:
             m.eval()
-            out.append(eval_loss_acc(lambda b: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
+            out.append(eval_loss_acc(lambda b, m=m: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
                                      x, y, m.compute_loss, chunk))
             m.train()
         return out
@@ -350,7 +350,7 @@ class StackedEngine:
             logits = self.logits(xx.expand(n, *xx.shape)).float()
             loss_sum += self.losses(logits, yy.expand(n, *yy.shape)) * len(yy)
             correct += (logits.argmax(-1) == yy).sum(-1)
-        return [(l, c / len(y)) for l, c in zip((loss_sum / len(y)).tolist(), correct.tolist())]
+        return [(loss, c / len(y)) for loss, c in zip((loss_sum / len(y)).tolist(), correct.tolist())]
 
 
 def make_engine(kind: str, models, tc, device, **options):

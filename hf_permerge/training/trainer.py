@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, config_differences
 from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
-from .builders import build_model
 from ..models.folders import load_model, save_model
+from .builders import build_model
 from .checkpoints import load_resume_state, load_rng_state, save_resume_state
 from .engines import make_engine
 from .seeds import derive_seed, epoch_order
@@ -285,7 +285,7 @@ class PairTrainer:
             model = load_model(self.output_dir / f"net_{i}" / "final")
             model.to(self.accelerator.device)
             model.eval()
-            loss, acc = eval_loss_acc(lambda b: model(pixel_values=b, return_dict=False)[0], test.pixel_values,
+            loss, acc = eval_loss_acc(lambda b, model=model: model(pixel_values=b, return_dict=False)[0], test.pixel_values,
                                           test.labels, model.compute_loss, 10000)
             metrics.append({"net": i, "test": {"loss": loss, "acc": acc}})
         steps_per_epoch = len(train) // cfg.training.batch_size

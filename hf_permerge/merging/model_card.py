@@ -11,7 +11,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..merging.sources import portable_path
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..data.catalog import DATASETS
+from ..hub import LOCAL_REPO_PLACEHOLDER
+from .sources import portable_path
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "MODEL_CARD_TEMPLATE.md"
 
@@ -61,10 +65,6 @@ def _base_models(entries) -> list[dict]:
     return out
 
 
-LOCAL_REPO_PLACEHOLDER = "path/to/this/folder"
-"""Where a card saved locally loads the model from; `hf_permerge.hub.push_folder_to_hub` puts the repo id there."""
-
-
 def portable_command(command: str | None) -> str | None:
     """The command with its absolute paths (a bare argument, or `--option=/path`) cut to their portable
     part: the card is pushed, and a local folder such as /tmp/me/run/pair means nothing elsewhere."""
@@ -100,8 +100,6 @@ def _dataset(name: str | None) -> tuple[str | None, str | None]:
     """(display name, Hub id) of a data set named in our catalog, or taken as a Hub id as is."""
     if not name:
         return None, None
-    from ..data.catalog import DATASETS
-
     if name in DATASETS:
         return DATASET_NAMES.get(name, name), DATASETS[name].hub_id
     return name, name
@@ -205,8 +203,6 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     `pipeline_tag: image-classification`, and a `model-index` with the merged model's test accuracy and loss
     and the barriers of the merged checkpoint (test split).
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     report = info.get("report") or {}
     base = _base_models(info.get("base_models"))
     if not base:

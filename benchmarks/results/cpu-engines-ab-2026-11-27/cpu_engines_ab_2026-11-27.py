@@ -1,10 +1,10 @@
 """CPU A/B of the engines on 12 2x2048 MLPs in one process, alternated: ms per net and step (BENCHMARKS.md).
 
-    .venv/bin/python benchmarks/results/cpu_engines_ab_2026-11-27.py
+    .venv/bin/python benchmarks/results/cpu-engines-ab-2026-11-27/cpu_engines_ab_2026-11-27.py
 """
 import sys, time, torch
 from pathlib import Path
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks")); sys.path.insert(0, str(ROOT))
 from run_benchmarks import run_config, reference_mlp, train_one_net
 from hf_permerge.data.tensors import load_tensors

@@ -1,7 +1,7 @@
 """Why the CPU's stacked MLP step computes its gradients by hand: page faults per step (BENCHMARKS.md).
 
 Twelve 2x2048 MLPs, 20 timed steps after 3 warm-up steps, one mode per process:
-    for m in autograd by_hand per_net; do .venv/bin/python benchmarks/results/cpu_page_faults_2026-11-27.py $m; done
+    for m in autograd by_hand per_net; do .venv/bin/python benchmarks/results/cpu-page-faults-2026-11-27/cpu_page_faults_2026-11-27.py $m; done
 """
 import resource
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from hf_permerge.config import config_from_dict  # noqa: E402
 from hf_permerge.data.tensors import load_tensors  # noqa: E402
 from hf_permerge.training import build_model  # noqa: E402

@@ -1,6 +1,6 @@
 """CNN evaluation on the CPU with glibc's default malloc and with freed blocks kept for reuse (hf_permerge/allocator.py).
 
-Usage: [T=threads] .venv/bin/python benchmarks/results/cpu_allocator_2026-11-27.py plain|mmap|trim|tuned
+Usage: [T=threads] .venv/bin/python benchmarks/results/cpu-allocator-2026-11-27/cpu_allocator_2026-11-27.py plain|mmap|trim|tuned
 """
 import ctypes, os, sys, time, resource
 import torch

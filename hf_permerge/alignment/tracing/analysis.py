@@ -1,0 +1,162 @@
+"""The label analysis: every axis of every graph value gets a label; labels are merged with union-find
+by the op rules (`layer_rules`, `shape_rules`); what the rules cannot follow is blocked, with the reason."""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+from .export import model_path
+from .layer_rules import LayerRules
+from .ops import OP_FAMILIES, PIN, UnionFind, op_name, shape_of
+from .shape_rules import ShapeRules
+
+
+class Analysis(LayerRules, ShapeRules):
+    def __init__(self, ep, model: nn.Module):
+        self.ep = ep
+        self.uf = UnionFind()
+        self.uf.find(PIN)
+        self.labels: dict = {}          # node -> tuple of labels per axis | list of those (tuple outputs) | None
+        self.blocks: list = []          # (element, reason)
+        self.origins: dict = {}         # element -> list of (node, weight key)
+        self.param_axes: dict = {}      # element -> (state-dict key, axis, size)
+        self.head_splits: list = []     # (label, heads): a group's axis split into (heads, units per head)
+        self.head_couplings: list = []  # (query/key label, value label) of one attention op: heads move together
+        self.graph = ep.graph_module.graph
+        self.module_of: dict = {}       # node -> innermost module path
+        self.module_calls: dict = {}    # module path -> set of nn_module_stack keys (one per call)
+        self.module_nodes: dict = {}    # module path -> compute nodes inside it (any depth)
+        state_keys = set(model.state_dict(keep_vars=True))
+        self.placeholder_key: dict = {}   # placeholder name -> state-dict key | (kind, name) | absent (user input)
+        sig = ep.graph_signature
+        for spec in sig.input_specs:
+            name = getattr(spec.arg, "name", None)
+            if spec.kind.name in ("PARAMETER", "BUFFER") and spec.target is not None:
+                key = model_path(spec.target)
+                self.placeholder_key[name] = key if key in state_keys else ("a non-persistent buffer", key)
+            elif spec.kind.name in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
+                self.placeholder_key[name] = ("a constant", model_path(str(spec.target)))
+        self.user_outputs = [spec.kind.name == "USER_OUTPUT" for spec in sig.output_specs]
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def where(self, node) -> str:
+        module = self.module_of.get(node)
+        return f"node {node.name!r} ({node.target}) in module {module or '<root>'!r}"
+
+    def block(self, label, reason: str) -> None:
+        if label is not None:
+            self.blocks.append((label, reason))
+
+    def lab(self, x):
+        return self.labels.get(x) if isinstance(x, torch.fx.Node) else None
+
+    def pin_all(self, labels) -> None:
+        for label in self._flat(labels):
+            self.uf.union(PIN, label)
+
+    def block_all(self, labels, reason) -> None:
+        for label in self._flat(labels):
+            self.block(label, reason)
+
+    def _flat(self, labels):
+        if labels is None:
+            return []
+        if isinstance(labels, list):
+            return [lab for part in labels for lab in self._flat(part)]
+        return [lab for lab in labels if lab is not None]
+
+    def fresh(self, shape) -> tuple:
+        return tuple(None if s == 1 else PIN for s in shape)
+
+    # -- the pass ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.graph.nodes:
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                key, (path, _) = list(stack.items())[-1]
+                self.module_of[node] = model_path(path)
+                if node.op == "call_function" and node.target is not operator.getitem:
+                    for k, (p, _) in stack.items():
+                        self.module_nodes.setdefault(model_path(p), []).append(node)
+                        self.module_calls.setdefault(model_path(p), set()).add(k)
+            if node.op == "placeholder":
+                self.placeholder(node)
+            elif node.op == "call_function":
+                self.call(node)
+            elif node.op == "output":
+                outs = node.args[0]
+                for out, is_user in zip(outs, self.user_outputs):
+                    if is_user:
+                        self.pin_all(self.lab(out))
+            elif node.op == "get_attr":
+                self.labels[node] = self.fresh(shape_of(node.meta.get("val")) or ())
+
+    def placeholder(self, node) -> None:
+        shape = shape_of(node.meta.get("val"))
+        if shape is None:
+            return
+        key = self.placeholder_key.get(node.name)
+        if key is None:                       # a user input: never permuted
+            self.labels[node] = self.fresh(shape)
+            return
+        labels = []
+        for axis, size in enumerate(shape):
+            if size == 1:
+                labels.append(None)
+            elif isinstance(key, str):
+                element = ("param", key, axis)
+                self.param_axes[element] = (key, axis, size)
+                self.uf.find(element)
+                labels.append(element)
+            else:                             # a constant or a non-persistent buffer: not in the state dict
+                element = ("fixed", node.name, axis)
+                self.block(element, f"tensor {key[1]!r} is tied to it but is not in the state dict "
+                                    f"({key[0]}), so it cannot be permuted")
+                labels.append(element)
+        self.labels[node] = tuple(labels)
+
+    def call(self, node) -> None:
+        name = op_name(node)
+        val = node.meta.get("val")
+        out_shape = shape_of(val)
+        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(self.labels.get(a), tuple)]
+        if node.target is operator.getitem:
+            src, idx = node.args
+            src_labels = self.lab(src)
+            self.labels[node] = src_labels[idx] if isinstance(src_labels, list) and idx < len(src_labels) else (
+                self.fresh(out_shape) if out_shape is not None else None)
+            return
+        handler = getattr(self, f"op_{name}", None) or next(
+            (getattr(self, rule) for names, rule in OP_FAMILIES if name in names), None)
+        if handler is None and hasattr(node.target, "tags") and torch.Tag.pointwise in node.target.tags:
+            handler = self.op_pointwise
+        if handler is None:
+            reason = f"{name} ({self.where(node)}) is not a permutation-equivariant op this tracer knows"
+            for a in tensor_args:
+                self.block_all(self.lab(a), reason)
+            self.labels[node] = self._fresh_like(val)
+            return
+        handler(node, val)
+
+    def _fresh_like(self, val):
+        if isinstance(val, torch.Tensor):
+            return self.fresh(shape_of(val))
+        if isinstance(val, (tuple, list)):
+            return [self._fresh_like(v) for v in val]
+        return None
+
+    def _origin(self, label, node, w):
+        if label is None:
+            return
+        key = self.placeholder_key.get(w.name) if w.op == "placeholder" else None
+        if isinstance(key, str):
+            self.origins.setdefault(label, []).append((node, key))
+
+    def _unknown(self, node, val):
+        reason = f"{op_name(node)} ({self.where(node)}) is used in a way this tracer cannot follow"
+        for a in node.args:
+            if isinstance(a, torch.fx.Node):
+                self.block_all(self.lab(a), reason)
+        self.labels[node] = self._fresh_like(val)

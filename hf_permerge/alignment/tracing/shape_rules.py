@@ -1,0 +1,209 @@
+"""Op rules for shapes: reshapes (attention heads), products, transposes, concatenation, indexing, pooling."""
+from __future__ import annotations
+
+from .ops import PIN, op_name, shape_of
+
+
+class ShapeRules:
+    """`op_<name>` rules of `Analysis` for shapes and contractions (a mixin: the state is the analysis')."""
+
+    def op_reshape(self, node, val):
+        x = node.args[0]
+        xl = self.lab(x)
+        in_shape, out_shape = shape_of(x.meta["val"]), shape_of(val)
+        src = [(i, s) for i, s in enumerate(in_shape) if s != 1]
+        dst = [(j, s) for j, s in enumerate(out_shape) if s != 1]
+        out = [None] * len(out_shape)
+        i = j = 0
+        while i < len(src) and j < len(dst):
+            ia, oa = [src[i]], [dst[j]]
+            pi, po = src[i][1], dst[j][1]
+            i, j = i + 1, j + 1
+            while pi != po:
+                if pi < po and i < len(src):
+                    ia.append(src[i]); pi *= src[i][1]; i += 1   # noqa: E702
+                elif j < len(dst):
+                    oa.append(dst[j]); po *= dst[j][1]; j += 1   # noqa: E702
+                else:
+                    break
+            if len(ia) == 1 and len(oa) == 1:
+                out[oa[0][0]] = xl[ia[0][0]]
+                continue
+            if self._heads(xl, ia, oa, out):
+                continue
+            sizes_in, sizes_out = [s for _, s in ia], [s for _, s in oa]
+            for axis, size in ia:
+                what = (f"splits an axis of size {size} into {sizes_out} (as attention heads do)" if len(ia) == 1 else
+                        f"merges an axis of size {size} with others into one (sizes {sizes_in} -> {sizes_out}; as a "
+                        "flatten of conv channels with spatial positions before a Linear does)")
+                self.block(xl[axis], f"{op_name(node)} ({self.where(node)}) {what}")
+            for axis, _ in oa:
+                out[axis] = PIN
+        self.labels[node] = tuple(out)
+
+    def _is_group(self, label) -> bool:
+        return label is not None and self.uf.find(label) != self.uf.find(PIN)
+
+    def _heads(self, xl, ia, oa, out) -> bool:
+        """Attention heads: a group's axis split into (heads, units per head), or merged back from them.
+
+        The split keeps the group on the units-per-head axis and pins the heads axis; the group's
+        permutations then keep each head's units together (`PermGroup.blocks` = heads), and whole heads
+        move only as an attention op's coupling says. Only that merge (heads pinned, major; a split
+        group's units minor) is undone; any other merge still blocks the group."""
+        if len(ia) == 1 and len(oa) == 2 and self._is_group(xl[ia[0][0]]):
+            (head_axis, heads), (unit_axis, _) = oa
+            label = xl[ia[0][0]]
+            self.head_splits.append((label, heads))
+            out[head_axis], out[unit_axis] = PIN, label
+            return True
+        if len(ia) == 2 and len(oa) == 1:
+            (head_axis, heads), (unit_axis, _) = ia
+            label = xl[unit_axis]
+            split = any(h == heads and self.uf.find(lab) == self.uf.find(label) for lab, h in self.head_splits)
+            if split and self._is_group(label) and not self._is_group(xl[head_axis]):
+                out[oa[0][0]] = label
+                return True
+        return False
+
+    def op_scaled_dot_product_attention(self, node, val):
+        """softmax(q k^T / sqrt(d)) v over (..., heads, tokens, units): q's and k's units are contracted
+        (one group), v's units pass to the output; the leading axes broadcast."""
+        ql, kl, vl = (self.lab(a) for a in node.args[:3])
+        if not all(isinstance(lab, tuple) and len(lab) >= 2 for lab in (ql, kl, vl)):
+            return self._unknown(node, val)
+        self.uf.union(ql[-1], kl[-1])
+        self.uf.union(kl[-2], vl[-2])
+        self.head_couplings.append((ql[-1], vl[-1]))
+        out = list(ql[:-1]) + [vl[-1]]
+        for i in range(len(out) - 2):
+            out[i] = self.uf.union(self.uf.union(out[i], kl[i] if i < len(kl) else None), vl[i] if i < len(vl) else None)
+        self.labels[node] = tuple(out)
+
+    def op_matmul(self, node, val):
+        """a @ b: the contracted axes (a's last, b's second to last) are one group; batch axes broadcast."""
+        al, bl = self.lab(node.args[0]), self.lab(node.args[1])
+        if not isinstance(al, tuple) or not isinstance(bl, tuple) or len(al) < 2 or len(bl) < 2:
+            return self._unknown(node, val)
+        self.uf.union(al[-1], bl[-2])
+        shape = shape_of(val)
+        out = [None] * len(shape)
+        for batch in (al[:-2], bl[:-2]):
+            offset = len(shape) - 2 - len(batch)
+            for i, label in enumerate(batch):
+                out[offset + i] = self.uf.union(out[offset + i], label)
+        out[-2], out[-1] = al[-2], bl[-1]
+        self.labels[node] = tuple(label if label is not None or s == 1 else PIN for label, s in zip(out, shape))
+
+    op_mm = op_bmm = op_matmul
+
+    def op_transpose(self, node, val):
+        xl = list(self.lab(node.args[0]))
+        d0, d1 = (int(d) % len(xl) for d in node.args[1:3])
+        xl[d0], xl[d1] = xl[d1], xl[d0]
+        self.labels[node] = tuple(xl)
+
+    op_swapaxes = op_transpose
+
+    def op_t(self, node, val):
+        self.labels[node] = tuple(reversed(self.lab(node.args[0])))
+
+    def op_permute(self, node, val):
+        xl = self.lab(node.args[0])
+        self.labels[node] = tuple(xl[int(d) % len(xl)] for d in node.args[1])
+
+    def op_expand(self, node, val):
+        xl = self.lab(node.args[0])
+        shape = shape_of(val)
+        offset = len(shape) - len(xl)
+        out = list(self.fresh(shape[:offset]))
+        for i, label in enumerate(xl):
+            s = shape[offset + i]
+            out.append(label if label is not None else (None if s == 1 else PIN))
+        self.labels[node] = tuple(out)
+
+    def op_expand_as(self, node, val):
+        self.op_expand(node, val)
+
+    def op_cat(self, node, val):
+        tensors = node.args[0]
+        dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
+        shape = shape_of(val)
+        dim %= len(shape)
+        out = [None] * len(shape)
+        for t in tensors:
+            tl = self.lab(t)
+            for i, label in enumerate(tl):
+                if i == dim:
+                    self.block(label, f"cat ({self.where(node)}) concatenates along a group's axis")
+                else:
+                    out[i] = self.uf.union(out[i], label)
+        out[dim] = None if shape[dim] == 1 else PIN
+        self.labels[node] = tuple(label if label is not None or s == 1 else PIN for label, s in zip(out, shape))
+
+    def op_stack(self, node, val):
+        tensors = node.args[0]
+        dim = int(node.args[1]) if len(node.args) > 1 else 0
+        shape = shape_of(val)
+        dim %= len(shape)
+        rest = [None] * (len(shape) - 1)
+        for t in tensors:
+            for i, label in enumerate(self.lab(t)):
+                rest[i] = self.uf.union(rest[i], label)
+        out = rest[:dim] + [None if shape[dim] == 1 else PIN] + rest[dim:]
+        self.labels[node] = tuple(out)
+
+    def op_select(self, node, val):
+        xl = list(self.lab(node.args[0]))
+        dim = int(node.args[1]) % len(xl)
+        self.block(xl[dim], f"select ({self.where(node)}) picks one unit of a group")
+        del xl[dim]
+        self.labels[node] = tuple(xl)
+
+    def op_slice(self, node, val):
+        x = node.args[0]
+        xl = list(self.lab(x))
+        dim = int(node.args[1]) % len(xl) if len(node.args) > 1 else 0
+        if shape_of(x.meta["val"])[dim] != shape_of(val)[dim]:
+            self.block(xl[dim], f"slice ({self.where(node)}) takes part of a group's units")
+            xl[dim] = None if shape_of(val)[dim] == 1 else PIN
+        self.labels[node] = tuple(xl)
+
+    def op_pool(self, node, val):
+        xl = self.lab(node.args[0])
+        where = self.where(node)
+        for label in xl[2:]:
+            self.block(label, f"{op_name(node)} ({where}) pools over a group's axis")
+        outs = val if isinstance(val, (tuple, list)) else [val]
+        labels = [tuple(xl[:2]) + self.fresh(shape_of(v))[2:] for v in outs]
+        self.labels[node] = labels if isinstance(val, (tuple, list)) else labels[0]
+
+    def op_reduction(self, node, val):
+        x = node.args[0]
+        xl = self.lab(x)
+        ndim = len(xl)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            dims = list(range(ndim))
+        elif isinstance(dims, int):
+            dims = [dims]
+        if not all(isinstance(d, int) for d in dims):
+            return self._unknown(node, val)
+        dims = {d % ndim for d in dims}
+        for d in dims:
+            self.block(xl[d], f"{op_name(node)} ({self.where(node)}) reduces over a group's axis")
+        kept = [label if i not in dims else None for i, label in enumerate(xl)]
+        outs = val if isinstance(val, (tuple, list)) else [val]
+        labels = []
+        for v in outs:
+            shape = shape_of(v)
+            if shape is None:
+                labels.append(None)
+            elif len(shape) == ndim:
+                labels.append(tuple(kept))
+            else:
+                labels.append(tuple(label for i, label in enumerate(kept) if i not in dims))
+        self.labels[node] = labels if isinstance(val, (tuple, list)) else labels[0]
+
+    def op_creation(self, node, val):
+        self.labels[node] = self._fresh_like(val)
