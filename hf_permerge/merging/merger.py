@@ -244,6 +244,14 @@ class PermMerger:
         """The `datasets.Dataset` of `use_data`, or None when the default data is a catalog data set."""
         return (self.data or {}).get("given")
 
+    def recorded_normalisation(self) -> tuple | None:
+        """The (mean, std) net 0's config records (what our nets were trained with), for the catalog data set;
+        None for models that record none (the catalog's normalisation then)."""
+        from ..data.tensors import recorded_normalisation
+
+        name = self.dataset_name()
+        return recorded_normalisation(self.load(0), name) if isinstance(name, str) else None
+
     def dataset_name(self) -> str | None:
         if self.data is not None:
             return self.data["dataset"]
@@ -476,7 +484,8 @@ class PermMerger:
         if self._given_default() is not None:
             data = self.tensor_split(self._given_default(), num_examples, seed)
         else:
-            data = load_tensors(self.dataset_name(), "train", self.device, self.data_dir())
+            data = load_tensors(self.dataset_name(), "train", self.device, self.data_dir(),
+                                self.recorded_normalisation())
         if not fits(data.pixel_values, self.load(0)):
             fix = ("pass the data they were trained on (merger.align(dataset)); on the command line, name it with "
                    "--dataset / --data-dir, or use --matcher weight, which needs no data" if purpose == "align" else

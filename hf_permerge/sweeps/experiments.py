@@ -92,7 +92,7 @@ def measure(experiment: str, config: RunConfig, pair_dir, device, matchers: dict
     from ..reporting.report import build_report
 
     merger = PermMerger.from_pretrained(pair_dir, device=device)
-    splits = evaluation_splits(config, device)
+    splits = evaluation_splits(config, device, merger.recorded_normalisation())
     if experiment == "matchers":
         metrics, timings = {}, {}
         for label, settings in (matchers or {}).items():

@@ -23,10 +23,9 @@ import torch
 
 from hf_permerge.alignment import get_matcher
 from hf_permerge.config import load_config
-from hf_permerge.data import catalog
-from hf_permerge.data import tensors as data_tensors
 from hf_permerge.data.tensors import TensorSplit, normalise
 from hf_permerge.evaluation.interpolation import evaluate_curve
+from hf_permerge.training import PairTrainer
 from hf_permerge.models import (PermCNNConfig, PermCNNForImageClassification, PermMLPConfig,
                                 PermMLPForImageClassification)
 
@@ -111,8 +110,6 @@ def ref_nets(a, seed, norm, splits):
 
 def our_nets(a, seed, norm, workdir: Path):
     """Our pair of a seed, trained by PairTrainer on `norm`'s inputs: (net 0 = reference, net 1 = moving)."""
-    from hf_permerge.training import PairTrainer
-
     cfg_file = "configs/fmnist_mlp_2x512.yaml" if a.arch == "mlp" else "configs/paper_cnn.yaml"
     sets = [f"training.seed={seed}", f"training.epochs={a.epochs}", "training.save_steps=[]",
             "training.optimizer=adamw", f"training.lr={a.lr}", "training.weight_decay=0.01",
@@ -120,16 +117,9 @@ def our_nets(a, seed, norm, workdir: Path):
     sets += ([f"model.depth={a.depth}", f"model.width={a.width}"] if a.arch == "mlp" else [f"model.layers={a.cnn_arch}"])
     if a.init_override:
         sets.append(f"model.init={a.init_override}")
-    config = load_config(cfg_file, sets)
-    mean, std = NORMS[norm]
-    info = catalog.DATASETS["fashion_mnist"]
-    catalog.DATASETS["fashion_mnist"] = catalog.DatasetInfo(**{**info.__dict__, "image_mean": (mean,), "image_std": (std,)})
-    data_tensors._CACHE.clear()
-    try:
-        PairTrainer(config, workdir, overwrite=True, progress=False).train()
-    finally:
-        catalog.DATASETS["fashion_mnist"] = info
-        data_tensors._CACHE.clear()
+    sets.append(f"data.normalisation={'mnist' if norm == 'repo' else 'dataset'}")
+    PairTrainer(load_config(cfg_file, sets), workdir, overwrite=True, progress=False).train()
+    mean = NORMS[norm][0]
     out = []
     for i in range(2):
         nets = {}
