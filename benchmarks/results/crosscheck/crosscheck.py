@@ -173,8 +173,15 @@ def main():
     ap.add_argument("--init-override", default=None, help="our nets: model.init")
     ap.add_argument("--cache", default="runs/crosscheck")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--check-training", type=int, default=0, metavar="STEPS",
+                    help="only compare the reference's training with our engines on STEPS batches")
     a = ap.parse_args()
     torch.set_num_threads(2)
+    if a.check_training:
+        res = check_training(a.check_training)
+        print(json.dumps(res))
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        return
 
     rows = []
     out_path = Path(a.out)
@@ -218,6 +225,36 @@ def main():
                               f"permuted {row['permuted']:.4f} | init vanilla {row['vanilla_init']:.4f} "
                               f"permuted {row['permuted_init']:.4f}  ({train_s:.0f}s train)", flush=True)
                 out_path.write_text(json.dumps({"args": vars(a), "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+def check_training(steps: int = 100, norm: str = "repo", seed: int = 0) -> dict:
+    """Same init, same batches: the reference's `train` and each of our engines on the first `steps` batches
+    of its data order; the largest weight difference between them (0 up to float rounding: same training)."""
+    from hf_permerge.config import TrainingSection
+    from hf_permerge.training.engines import make_engine
+
+    class A:
+        arch, depth, width = "mlp", 2, 512
+    splits = splits_for(norm)
+    x, y = splits["train"].pixel_values[:steps * 100], splits["train"].labels[:steps * 100]
+    spec = ref_spec(A)
+    g = torch.Generator().manual_seed(10_000 * seed)
+    init = ref.init_weights(spec, g, "cpu")
+    state = g.get_state()
+    trained = ref.train(spec, init, {"train": (x.flatten(1), y)}, 1, 100, 1e-3, g, "cpu")
+    order = torch.randperm(len(x), generator=torch.Generator().set_state(state))
+    tc = TrainingSection(optimizer="adamw", lr=1e-3, weight_decay=1e-2)
+    out = {}
+    for kind in ("per_net", "stacked"):
+        engine = make_engine(kind, [ws_to_model(A, init, norm).train()], tc, "cpu")
+        for s in range(0, len(x), 100):
+            idx = order[s:s + 100]
+            engine.step(x[idx][None], y[idx][None])
+        ours = model_to_ws(engine.export(0))
+        out[kind] = max((a - b).abs().max().item() for a, b in zip(ours, trained))
+        out[kind + "_rel"] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, trained))
+    out["moved"] = max((a - b).abs().max().item() for a, b in zip(init, trained))
+    return out
 
 
 if __name__ == "__main__":
