@@ -247,10 +247,13 @@ class PermMerger:
     def recorded_normalisation(self) -> tuple | None:
         """The (mean, std) net 0's config records (what our nets were trained with), for the catalog data set;
         None for models that record none (the catalog's normalisation then)."""
+        from ..data.catalog import DATASETS
         from ..data.tensors import recorded_normalisation
 
         name = self.dataset_name()
-        return recorded_normalisation(self.load(0), name) if isinstance(name, str) else None
+        if name not in DATASETS or self._given_default() is not None:
+            return None
+        return recorded_normalisation(self.load(0), name)
 
     def dataset_name(self) -> str | None:
         if self.data is not None:
