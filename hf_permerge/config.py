@@ -75,6 +75,22 @@ class ModelSection(_Section):
 class DataSection(_Section):
     dataset: Literal["fashion_mnist", "mnist", "cifar10"] = "fashion_mnist"
     data_dir: str | None = None
+    normalisation: Literal["dataset", "mnist"] = "dataset"
+    """Input normalisation: dataset, the data set's own statistics (Fashion-MNIST: 0.2860, 0.3530); mnist,
+    MNIST's (0.1307, 0.3081), as the authors' code normalises Fashion-MNIST. Models record theirs."""
+
+    @model_validator(mode="after")
+    def _check_normalisation(self):
+        from .data.catalog import normalisation_constants
+
+        normalisation_constants(self.dataset, self.normalisation)
+        return self
+
+    def mean_std(self) -> tuple:
+        """(mean, std) per channel the inputs are normalised with."""
+        from .data.catalog import normalisation_constants
+
+        return normalisation_constants(self.dataset, self.normalisation)
 
 
 class TrainingSection(_Section):

@@ -34,7 +34,26 @@ DATASETS = {
 }
 
 
+NORMALISATIONS = ("dataset", "mnist")
+"""dataset: each data set's own training-set statistics; mnist: MNIST's (0.1307, 0.3081) for any 1-channel
+data set, as the authors' code normalises Fashion-MNIST (the midpoints it gives differ: benchmarks/results/crosscheck)."""
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name]
+
+
+def normalisation_constants(name: str, normalisation: str = "dataset") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that data set `name` is normalised with under `normalisation` (NORMALISATIONS)."""
+    info = dataset_info(name)
+    if normalisation == "dataset":
+        return info.image_mean, info.image_std
+    if normalisation != "mnist":
+        raise ValueError(f"normalisation={normalisation!r} is not supported; choose one of {list(NORMALISATIONS)}")
+    if info.num_channels != 1:
+        raise ValueError(f"normalisation 'mnist' is for 1-channel images and {name} has {info.num_channels} "
+                         "channels; set data.normalisation=dataset")
+    mnist = DATASETS["mnist"]
+    return mnist.image_mean, mnist.image_std

@@ -98,18 +98,31 @@ def fingerprint_arrays(images: np.ndarray, labels: np.ndarray) -> str:
 _CACHE: dict = {}
 
 
-def load_tensors(name: str = "fashion_mnist", split: str = "train", device="cpu", data_dir=None) -> TensorSplit:
-    """Normalised tensors of a split on `device`; local IDX files are read without `datasets` at all."""
-    key = (name, split, str(data_dir))
+def load_tensors(name: str = "fashion_mnist", split: str = "train", device="cpu", data_dir=None,
+                 mean_std: tuple | None = None) -> TensorSplit:
+    """Normalised tensors of a split on `device`; local IDX files are read without `datasets` at all.
+    mean_std: the (mean, std) per channel to normalise with (`normalisation_constants`); None: the catalog's."""
+    info = dataset_info(name)
+    mean, std = (info.image_mean, info.image_std) if mean_std is None else (tuple(mean_std[0]), tuple(mean_std[1]))
+    key = (name, split, str(data_dir), mean, std)
     if key not in _CACHE:
-        info = dataset_info(name)
         arrays = load_idx_arrays(name, split, data_dir)
         if arrays is None:
             arrays = dataset_to_arrays(load_image_dataset(name, split, data_dir))
         images, labels = arrays
-        _CACHE[key] = TensorSplit(normalise(images, info.image_mean, info.image_std), torch.from_numpy(labels),
+        _CACHE[key] = TensorSplit(normalise(images, mean, std), torch.from_numpy(labels),
                                   fingerprint_arrays(images, labels))
     return _CACHE[key].to(device)
+
+
+def recorded_normalisation(model, name: str) -> tuple | None:
+    """(image_mean, image_std) a model's config records (ours: what it was trained with), when it has one value
+    per channel of data set `name`; None otherwise (the catalog's then)."""
+    cfg = getattr(model, "config", None)
+    mean, std = getattr(cfg, "image_mean", None), getattr(cfg, "image_std", None)
+    if mean is None or std is None or len(mean) != dataset_info(name).num_channels or len(std) != len(mean):
+        return None
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def tensors_from_dataset(ds, name: str = "fashion_mnist", device="cpu") -> TensorSplit:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..alignment.base import fits, input_shape_text
-from ..data.catalog import dataset_info
+from ..data.catalog import DATASETS, dataset_info
 from ..data.loading import check_image_dataset
-from ..data.tensors import TensorSplit, load_tensors, subset_indices
+from ..data.tensors import TensorSplit, load_tensors, recorded_normalisation, subset_indices
 from ..io_utils import only_a_local_path
 from .inputs import as_tensor_split
 from .nets import Nets
@@ -66,13 +66,22 @@ class MergeData:
             data = data.select(subset_indices(len(data), num_examples, seed).tolist())
         return as_tensor_split(data, model, processor=nets.image_processor_of(model))
 
+    def recorded_normalisation(self, nets: Nets) -> tuple | None:
+        """The (mean, std) net 0's config records (what our nets were trained with), for the catalog data set;
+        None for models that record none (the catalog's normalisation then), or when the caller gave the data."""
+        name = self.dataset_name()
+        if name not in DATASETS or self.given() is not None:
+            return None
+        return recorded_normalisation(nets.load(0), name)
+
     def default(self, nets: Nets, purpose: str, num_examples: int | None = None, seed: int = 0) -> TensorSplit:
         """The default data, if it fits the models; `purpose` ("align" or "repair") picks the way out named. A
         `datasets.Dataset` is converted as far as `num_examples` (seeded subset) goes, as `tensor_split` does."""
         if self.given() is not None:
             data = self.tensor_split(nets, self.given(), num_examples, seed)
         else:
-            data = load_tensors(self.dataset_name(), "train", nets.device, self.data_dir())
+            data = load_tensors(self.dataset_name(), "train", nets.device, self.data_dir(),
+                                self.recorded_normalisation(nets))
         if not fits(data.pixel_values, nets.load(0)):
             fix = ("pass the data they were trained on (merger.align(dataset)); on the command line, name it with "
                    "--dataset / --data-dir, or use --matcher weight, which needs no data" if purpose == "align" else

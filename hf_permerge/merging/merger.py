@@ -105,6 +105,11 @@ class PermMerger:
         and merge_config.json call it; a local path never is)."""
         self._data.use(dataset, data_dir, name)
 
+    def recorded_normalisation(self) -> tuple | None:
+        """The (mean, std) net 0's config records (what our nets were trained with), for the catalog data set;
+        None for models that record none (the catalog's normalisation then)."""
+        return self._data.recorded_normalisation(self._nets)
+
     def dataset_name(self) -> str | None:
         return self._data.dataset_name()
 

@@ -45,11 +45,12 @@ barrier is not measured on the very sample the permutation was fitted to (the au
 other batches than it matches on)."""
 
 
-def evaluation_splits(config: RunConfig, device) -> dict:
-    """The test split and the fixed training subset the report evaluates on (whole, on the device)."""
+def evaluation_splits(config: RunConfig, device, mean_std: tuple | None = None) -> dict:
+    """The test split and the fixed training subset the report evaluates on (whole, on the device), normalised
+    as `mean_std` (the models' recorded normalisation) or else as `config.data` says."""
     splits = {}
     for name in config.evaluation.splits:
-        split = load_tensors(config.data.dataset, name, device, config.data.data_dir)
+        split = load_tensors(config.data.dataset, name, device, config.data.data_dir, mean_std or config.data.mean_std())
         splits[name] = split.subset(config.evaluation.train_subset, seed=TRAIN_SUBSET_SEED) if name == "train" else split
     return splits
 
@@ -115,7 +116,7 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     source = ("--config" if models else f"{pair_dir}/pair.json") + (" with the --set overrides" if overrides else "")
     config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides, source)
     merger.use_data(config.data.dataset, config.data.data_dir)     # align (and tell) on the data evaluated on
-    splits = evaluation_splits(config, device)
+    splits = evaluation_splits(config, device, merger.recorded_normalisation())
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
     report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")

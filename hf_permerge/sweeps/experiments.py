@@ -113,7 +113,7 @@ def measure(experiment: str, config: RunConfig, pair_dir, device, matchers: dict
             curves: bool = False, progress: bool = False) -> dict:
     """The cell result (without its bookkeeping): {"metrics": {...}, optional "curves", "timings"}."""
     merger = PermMerger.from_pretrained(pair_dir, device=device)
-    splits = evaluation_splits(config, device)
+    splits = evaluation_splits(config, device, merger.recorded_normalisation())
     if experiment == "matchers":
         metrics, timings = {}, {}
         for label, settings in (matchers or {}).items():

@@ -15,7 +15,7 @@ def model_config_for(config: RunConfig, net_index: int = 0):
         num_channels=info.num_channels, image_size=info.image_size, num_labels=len(info.class_names),
         id2label={i: n for i, n in enumerate(info.class_names)}, label2id={n: i for i, n in enumerate(info.class_names)},
         init=m.init, loss=m.loss, seed=derive_seed(config.training.seed, net_index, "init"),
-        image_mean=info.image_mean, image_std=info.image_std,
+        image_mean=config.data.mean_std()[0], image_std=config.data.mean_std()[1],
     )
     if m.bias is not None:
         common["bias"] = m.bias

@@ -172,8 +172,8 @@ class PairTrainer:
     def _splits(self):
         """The whole training and test splits, on the device."""
         cfg, acc = self.config, self.accelerator
-        return (load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir),
-                load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir))
+        return (load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir, cfg.data.mean_std()),
+                load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir, cfg.data.mean_std()))
 
     def _unfinished(self, nets) -> list[int]:
         """The nets among `nets` without a final checkpoint yet (a resumed run skips the others)."""
