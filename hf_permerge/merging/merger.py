@@ -16,6 +16,7 @@ import torch
 from ..alignment import Permutations, get_matcher
 from ..alignment.spec import apply_permutations
 from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, only_a_local_path, write_json_atomic
+from ..records import AlignmentRecord, read_record
 from .repair import DEFAULT_NUM_EXAMPLES as DEFAULT_REPAIR_EXAMPLES
 from .repair import apply_repair, check_repair_mode, require_batchnorm
 from .sources import NetSource, load_sources
@@ -635,8 +636,8 @@ class PermMerger:
             raise ValueError(f"{folder} holds permutations of {found} nets, and this merge has {self.num_nets}: they "
                              "were found for other nets. Align these nets instead (merger.align(), or hf-permerge "
                              "merge without --permutations)")
-        record = next((json.loads(f.read_text()) for f in (folder / PERMUTATIONS_MARKER, folder.parent / MARKER)
-                       if f.is_file()), {})
+        record = next((read_record(f, AlignmentRecord, "pass the folder written by `hf-permerge align`")
+                       for f in (folder / PERMUTATIONS_MARKER, folder.parent / MARKER) if f.is_file()), {})
         saved = record.get("fingerprints")
         if check_nets and saved:
             ours = self.fingerprints((record.get("alignment") or {}).get("checkpoint"))
