@@ -1,7 +1,9 @@
 """The `hf-permerge` command line: config files plus `--set section.key=value` overrides.
 
-Heavy imports (torch, transformers, evaluate) happen inside the subcommands, so `--help` stays quick
-and `evaluate` is never imported on start-up.
+Heavy imports (torch, transformers, datasets, evaluate) happen inside the subcommands, so `--help`, `--version`
+and argument errors answer at once. The matching flags are derived from the config's pydantic models and
+validated by them. A command that writes a folder runs as a job (`_job`): one writer per folder, and a failure
+leaves nothing it made and loses nothing that was there.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_output_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     p.add_argument("--output-dir", "-o", required=True, help="folder to write; refused if it exists and is not empty")
     modes = p.add_mutually_exclusive_group()
-    modes.add_argument("--overwrite", action="store_true", help="replace an existing output folder of ours")
+    modes.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder of ours when the new job succeeds (it is written "
+                            "beside the old one and swapped in; a failure leaves the old one as it was)")
     if resumable:
         modes.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
 
@@ -67,6 +71,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """--version, read from the installed package's metadata only when asked (a scan of site-packages that
+    would otherwise slow every start)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the program's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,    # no `--tok` for `--token`: the recorded command leaves out exactly `--token`
@@ -74,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Permutation-aware model merging for Hugging Face models: train seeded pairs, align their "
                     "hidden units, merge trained weights and untrained inits, measure loss barriers, share on the Hub.",
         epilog=EPILOG, parents=[_common_flags(defaults=True)])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add = functools.partial(sub.add_parser, parents=[_common_flags(defaults=False)], allow_abbrev=False)
 
@@ -178,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "sweep.grid.model.width=[32,64]); repeatable, values parsed as YAML")
     p.add_argument("--output-dir", "-o", required=True,
                    help="sweep folder; an existing sweep folder is continued (finished cells are skipped)")
-    p.add_argument("--overwrite", action="store_true", help="start the sweep again: delete an existing sweep folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the sweep again: replace an existing sweep folder when the new sweep has run")
     p.set_defaults(func=cmd_sweep)
     return parser
 
@@ -293,8 +311,9 @@ def _job(args, check, keep=None, into: bool = False):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         yield target, args.overwrite
         return
+    check()                         # a refusal before anything is made (the lock file, missing parents)
     with folder_lock(target):
-        check()
+        check()                     # again under the lock: two writers cannot both find the folder free
         replace = args.overwrite and not getattr(args, "resume", False) and target.is_dir() and any(target.iterdir())
         with output_job(target, replace, into, keep) as out:
             yield out, args.overwrite and not replace

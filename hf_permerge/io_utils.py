@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -73,9 +74,27 @@ def atomic_file(path: str | os.PathLike):
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """Strict JSON (no bare NaN or Infinity, which other readers refuse): a non-finite number is an error naming
+    its key, and nothing is written."""
+    bad = first_non_finite(data)
+    if bad is not None:
+        raise ValueError(f"not writing {path}: {bad} is not a finite number (NaN or inf); the weights or data it "
+                         "was measured on hold non-finite values")
     with atomic_file(path) as tmp, tmp.open("w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
+        json.dump(data, f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
+
+
+def first_non_finite(data, where: str = "") -> str | None:
+    """The key path (`nets[1].test.loss`) of the first NaN or inf number in a JSON-able value, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{where or 'the value'} ({data})"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = first_non_finite(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
 
 
 LEFTOVER = re.compile(r"\..+\.tmp-[a-z0-9_]{8}|\..+\.old-\d+|\.plots-[a-z0-9_]{8}"
@@ -184,6 +203,7 @@ def folder_lock(target: str | os.PathLike):
     import fcntl
 
     target = Path(target)
+    created = [p for p in target.parents if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
     while True:
@@ -209,6 +229,11 @@ def folder_lock(target: str | os.PathLike):
     finally:
         Path(path).unlink(missing_ok=True)     # while still held: a waiting writer then takes a new file
         os.close(fd)
+        for folder in created if not target.exists() else ():    # the parents made for a job that left nothing
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 OUTCOME = "hf_permerge_outcome"
@@ -248,11 +273,12 @@ def output_job(target: str | os.PathLike, replace: bool = False, into: bool = Fa
             setattr(err, OUTCOME, kept)
         else:
             made = [e for e in target.iterdir() if e.name not in before] if target.is_dir() else []
-            if not existed:
-                shutil.rmtree(target, ignore_errors=True)
+            created = not existed and (target.exists() or target.is_symlink())
+            if created:
+                _remove(target)
             for entry in made if existed else ():
                 _remove(entry)
-            setattr(err, OUTCOME, f"nothing it made was left in {target}" if made or not existed else "")
+            setattr(err, OUTCOME, f"nothing it made was left in {target}" if made or created else "")
         raise
 
 

@@ -186,7 +186,7 @@ def test_a_failed_align_merge_or_evaluate_leaves_no_output_folder(command, tiny_
     out = tmp_path / "new" / command
     assert run_cli(command, tiny_pair, "-o", out, "-q") == 2
     assert "cannot allocate" in capsys.readouterr().err
-    assert not out.exists() and beside(out) == []
+    assert not (tmp_path / "new").exists()          # nor the parent folder made for it
 
 
 # -- 5: one writer per folder ------------------------------------------------------------------------------------
@@ -230,3 +230,130 @@ def test_two_writers_started_at_once_leave_one_consistent_pair_and_one_refusal(t
     assert pair["config"]["training"]["seed"] == 0 and pair["config"] == json.loads(
         (out / "run_config.json").read_text())
     assert beside(out) == []
+
+
+# -- 1: finite or refused -----------------------------------------------------------------------------------------
+
+def test_training_that_diverges_stops_with_one_line_naming_net_step_and_fix(tmp_path, config_file, run_cli, capsys):
+    out = tmp_path / "c"
+    assert run_cli("train", config_file(lr=1e30), "-o", out, "-q") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training loss became non-finite" in err and "at step " in err
+    assert "lower the learning rate" in err and "--set training.lr=1e+29" in err
+    assert not out.exists()                        # no resume point yet: nothing is left
+
+
+def test_training_that_diverges_after_an_epoch_keeps_its_last_finite_resume_point(tmp_path, config_file, monkeypatch,
+                                                                                  run_cli, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_permerge.training import trainer
+
+    make = trainer.make_engine
+
+    def diverging(*args, **kwargs):
+        engine, calls = make(*args, **kwargs), [0]
+        original = engine.step
+
+        def step(*a):
+            calls[0] += 1
+            loss = original(*a)
+            return loss * float("nan") if calls[0] >= 13 else loss
+        engine.step = step
+        return engine
+    monkeypatch.setattr(trainer, "make_engine", diverging)
+    out = tmp_path / "c"
+    assert run_cli("train", config_file(), "-o", out, "-q") == 2
+    err = capsys.readouterr().err
+    assert "at step 13" in err and "kept its resume state" in err
+    assert sorted(p.name for p in (out / "net_0").iterdir()) == ["init", "resume-step-10", "step-5"]
+    state = load_file(str(out / "net_0" / "resume-step-10" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_merge_refuses_to_save_a_model_with_a_nan_weight(tiny_pair, tmp_path, run_cli, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_pair, pair)
+    path = pair / "net_1" / "final" / "model.safetensors"
+    state = load_file(str(path))
+    name = next(k for k in state if k.endswith("weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+    out = tmp_path / "m"
+    assert run_cli("merge", pair, "--vanilla", "-o", out, "-q") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hold NaN or inf" in err and name in err
+    assert not out.exists() and beside(out) == []
+
+
+def test_json_written_is_strict_and_a_non_finite_number_is_named(tmp_path):
+    from hf_permerge.io_utils import write_json_atomic
+
+    with pytest.raises(ValueError, match=r"nets\[1\]\.test\.loss \(nan\) is not a finite number"):
+        write_json_atomic(tmp_path / "pair.json", {"nets": [{"test": {"loss": 1.0}}, {"test": {"loss": float("nan")}}]})
+    assert list(tmp_path.iterdir()) == []
+    write_json_atomic(tmp_path / "ok.json", {"a": [1.5, None]})
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": [1.5, None]}
+
+
+# -- every file the tool reads is validated ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["{bad json", "[1, 2]", '{"num_nets": "two", "config": {}}',
+                                    '{"num_nets": 0, "config": {}}', '{"num_nets": NaN, "config": {}}'])
+def test_a_malformed_pair_json_is_refused_naming_the_file(damage, tiny_pair, tmp_path, run_cli, capsys):
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_pair, pair)
+    (pair / "pair.json").write_text(damage)
+    assert run_cli("merge", pair, "--vanilla", "-o", tmp_path / "m", "-q") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{pair / 'pair.json'}" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_malformed_alignment_merge_config_and_trainer_state_files_are_refused_naming_them(
+        tiny_pair, tmp_path, config_file, monkeypatch, run_cli, capsys):
+    perms = tmp_path / "perms"
+    assert run_cli("align", tiny_pair, "-o", perms, "--matcher", "weight", "-q") == 0
+    (perms / "alignment.json").write_text('{"fingerprints": "abc"}')
+    assert run_cli("merge", tiny_pair, "--permutations", perms, "-o", tmp_path / "m", "-q") == 2
+    err = capsys.readouterr().err
+    assert f"{perms / 'alignment.json'} is malformed: fingerprints" in err and err.count("\n") == 1
+
+    merged = tmp_path / "merged"
+    assert run_cli("merge", tiny_pair, "--matcher", "weight", "-o", merged, "-q") == 0
+    (merged / "merge_config.json").write_text("{")
+    assert run_cli("merge", tiny_pair, "--permutations", merged / "permutations", "-o", tmp_path / "m2", "-q") == 2
+    assert f"{merged / 'merge_config.json'} is not valid JSON" in capsys.readouterr().err
+
+    fail_at_step(monkeypatch, 15)
+    out = tmp_path / "c"
+    assert run_cli("train", config_file(), "-o", out, "-q") == 2
+    monkeypatch.undo()
+    state = out / "net_0" / "resume-step-10" / "trainer_state.json"
+    state.write_text('{"step": -3, "optimizer": {}}')
+    capsys.readouterr()
+    assert run_cli("train", config_file(), "-o", out, "--resume", "-q") == 2
+    err = capsys.readouterr().err
+    assert f"{state} is malformed: step" in err and err.count("\n") == 1
+
+
+def test_sigterm_during_train_overwrite_keeps_the_old_pair(tiny_pair, tmp_path, config_file):
+    """SIGTERM unwinds like any failure: the new pair being written beside the old one goes, the old one stays."""
+    import signal
+
+    pair = tmp_path / "c"
+    shutil.copytree(tiny_pair, pair)
+    before = snapshot(pair)
+    proc = subprocess.Popen([sys.executable, "-m", "hf_permerge.cli", "train", str(config_file(epochs=200)), "-o",
+                             str(pair), "--overwrite", "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".c.tmp-*/net_1/init")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert f"terminated (SIGTERM); {pair} is as it was" in proc.stderr.read()
+    assert snapshot(pair) == before and beside(pair) == []

@@ -18,12 +18,14 @@ Reported per network, over the whole split:
   `compute_loss`, so the curve shows the quantity the nets were trained on;
 - `acc`: top-1 accuracy;
 - `nll`: mean cross-entropy at temperature 1 (equals `loss` for cross-entropy models);
-- `nll_tempered`, `temperature`: min over T > 0 of the mean cross-entropy of logits / T, and that T.
+- `nll_tempered`, `temperature`: min over T > 0 of the mean cross-entropy of logits / T, and that T
+  (None where it is infinite: a net no better than uniform guessing; reports are strict JSON).
   Averaged networks are often badly calibrated (logits shrink), which inflates the NLL although the
   predictions are good; the optimally tempered NLL removes that effect, as the authors' code reports.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -165,7 +167,8 @@ def metrics_from_logits(model: nn.Module, logits: torch.Tensor, labels: torch.Te
     acc = (logits.argmax(-1) == labels).float().mean(-1)
     nll_t, temperature = tempered_nll(logits, labels)
     return {"loss": loss.tolist(), "acc": acc.tolist(), "nll": nll.tolist(),
-            "nll_tempered": nll_t.tolist(), "temperature": temperature.tolist()}
+            "nll_tempered": nll_t.tolist(),
+            "temperature": [t if math.isfinite(t) else None for t in temperature.tolist()]}
 
 
 def evaluate_model(model: nn.Module, split: TensorSplit, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, float]:

@@ -12,6 +12,7 @@ from ..alignment import Permutations
 from ..hub import check_repo_id, push_folder_to_hub
 from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, write_json_atomic
 from ..models.folders import write_model_files
+from ..records import AlignmentRecord, read_record
 from .model_card import render_model_card
 
 MARKER = "merge_config.json"
@@ -148,8 +149,8 @@ def read_permutations(folder, num_nets: int, fingerprints=None) -> tuple[list[Pe
         raise ValueError(f"{folder} holds permutations of {found} nets, and this merge has {num_nets}: they "
                          "were found for other nets. Align these nets instead (merger.align(), or hf-permerge "
                          "merge without --permutations)")
-    record = next((json.loads(f.read_text()) for f in (folder / PERMUTATIONS_MARKER, folder.parent / MARKER)
-                   if f.is_file()), {})
+    record = next((read_record(f, AlignmentRecord, "pass the folder written by `hf-permerge align`")
+                   for f in (folder / PERMUTATIONS_MARKER, folder.parent / MARKER) if f.is_file()), {})
     saved = record.get("fingerprints")
     if fingerprints is not None and saved:
         ours = fingerprints((record.get("alignment") or {}).get("checkpoint"))

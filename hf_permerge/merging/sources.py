@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..hub import HubError, resolve_local_or_hub
 from ..io_utils import missing_folder_error, only_a_local_path
+from ..records import PairRecord, read_record
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def load_sources(spec, token: str | None = None, revision: str | None = None) ->
                                         f"{Path(spec) / 'pair'}")
             raise FileNotFoundError(f"{spec} is not a pair folder (no pair.json); pass a pair folder written by "
                                     "`hf-permerge train`, or a list of model folders / repo ids")
-        pair = json.loads(pair_json.read_text())
+        pair = read_record(pair_json, PairRecord, "re-create the pair folder (hf-permerge train)")
         sources = []
         for i in range(int(pair["num_nets"])):
             net = folder / f"net_{i}"

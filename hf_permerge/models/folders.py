@@ -13,6 +13,17 @@ from transformers.utils import logging as hf_logging
 from ..io_utils import atomic_dir, atomic_file
 
 
+def check_finite(state: dict) -> None:
+    """Refuse to save weights holding NaN or inf: a model that computes nothing must not look like a result."""
+    import torch
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"not saving the model: its weights {listed} hold NaN or inf, so the nets it was made from "
+                         "hold them too (a net whose training diverged: train it again with a lower training.lr)")
+
+
 def write_model_files(model, folder: Path) -> None:
     """config.json + model.safetensors, exactly what `from_pretrained` reads.
 
@@ -22,6 +33,7 @@ def write_model_files(model, folder: Path) -> None:
     model.config.architectures = [type(model).__name__]   # what save_pretrained records (Hub widgets read it)
     model.config.save_pretrained(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    check_finite(state)
     with atomic_file(Path(folder) / "model.safetensors") as tmp:     # safetensors alone writes 0600 files
         save_file(state, str(tmp), metadata={"format": "pt"})
 

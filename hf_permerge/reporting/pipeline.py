@@ -110,11 +110,11 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     check_evaluate_output(output_dir, overwrite)        # before any download
     merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
     models = not isinstance(pair_dir, (str, Path))          # a list of model folders / repo ids
-    if merger.pair is None and config is None:
+    if (merger.pair or {}).get("config") is None and config is None:
         raise ValueError(f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
                          "(--config) that describes their data and the evaluation")
     source = ("--config" if models else f"{pair_dir}/pair.json") + (" with the --set overrides" if overrides else "")
-    config = evaluation_config(merger.pair["config"] if merger.pair else None, config, overrides, source)
+    config = evaluation_config((merger.pair or {}).get("config"), config, overrides, source)
     merger.use_data(config.data.dataset, config.data.data_dir)     # align (and tell) on the data evaluated on
     splits = evaluation_splits(config, device, merger.recorded_normalisation())
     align_merger(merger, config)

@@ -33,6 +33,7 @@ from ..io_utils import check_output_dir, write_json_atomic
 from ..training import PairTrainer, build_model, train_together
 from ..training.trainer import _without_seed
 from . import experiments
+from ..records import PairRecord, read_json, read_record
 from .config import Cell, SweepConfig
 from .tables import cell_rows, summarise, summary_text, write_csv
 
@@ -109,13 +110,13 @@ def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
         result, run_config = folder / "result.json", folder / "pair" / "run_config.json"
         saved = None
         if result.is_file():
-            data = json.loads(result.read_text())
+            data = read_json(result, "delete that cell's folder to measure it again")
             saved = _as_measured(data)
             if data.get("measure") != _measure_settings(config):
                 raise ConfigError(f"{result} was measured with {data.get('measure')}, not {_measure_settings(config)}; "
                                   "use another --output-dir, or --overwrite to start the sweep again")
         elif run_config.is_file():
-            saved = json.loads(run_config.read_text())
+            saved = read_json(run_config, "delete that cell's folder to train it again")
         diff = config_differences(saved, cell.config) if saved is not None else []
         if diff:
             raise ConfigError(f"cell {cell.id} in {output_dir} was made with a different config (differs in "
@@ -199,7 +200,7 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
     start = time.perf_counter()
     try:
         if (pair_dir / "pair.json").is_file():   # trained in a stack, or on a run that stopped while measuring
-            train_timings = json.loads((pair_dir / "pair.json").read_text())["timings"]
+            train_timings = read_record(pair_dir / "pair.json", PairRecord).get("timings", {})
         else:
             train_timings = {"train_s": PairTrainer(cell.config, pair_dir, resume=True, accelerator=OneProcess(device),
                                                     progress=progress).train().train_s}
@@ -234,7 +235,7 @@ def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = N
     rows = cell_rows(config, output_dir)
     summary = summarise(config, rows)
     before = output_dir / "results.json"
-    old_figures = json.loads(before.read_text()).get("figures", []) if before.is_file() else []
+    old_figures = read_json(before, "delete it (it is written again)").get("figures", []) if before.is_file() else []
     figures = write_figures(config, summary, output_dir) if summary else []
     for name in set(old_figures) - set(figures):      # a renamed sweep: its old figure would describe nothing
         if Path(name).name == name and name.endswith(".png"):

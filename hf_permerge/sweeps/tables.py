@@ -9,6 +9,7 @@ from statistics import fmean
 
 from ..evaluation.statistics import t_interval
 from ..io_utils import atomic_file
+from ..records import read_json
 from .config import SweepConfig
 
 # the columns the printed summary shows, per experiment (every metric is in the CSV and JSON)
@@ -29,7 +30,7 @@ def cell_rows(config: SweepConfig, output_dir) -> list[dict]:
         row = {"cell": cell.id, **cell.values}
         result = folder / "result.json"
         if result.is_file():
-            data = json.loads(result.read_text())
+            data = read_json(result, "delete that cell's folder to measure it again")
             row["status"] = "done"
             row.update(data["metrics"])
             row.update({k: v for k, v in data.get("timings", {}).items() if k in ("train_s", "cell_s")})

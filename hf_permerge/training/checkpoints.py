@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io_utils import atomic_dir, atomic_file, write_json_atomic
+from ..records import TrainerStateRecord, read_record
 from ..models.folders import write_model_files
 
 
@@ -62,5 +63,6 @@ def load_rng_state(folder: Path) -> None:
 
 
 def load_resume_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
-    meta = json.loads((folder / "trainer_state.json").read_text())
+    meta = read_record(folder / "trainer_state.json", TrainerStateRecord,
+                       "delete that resume point (the one before it, if any, is used) or train again with --overwrite")
     return load_file(str(folder / "optimizer.safetensors")), meta["optimizer"], int(meta["step"])

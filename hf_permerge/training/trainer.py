@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, config_differences
 from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
+from ..records import read_json
 from ..models.folders import load_model, save_model
 from .builders import build_model
 from .checkpoints import load_resume_state, load_rng_state, save_resume_state
@@ -27,6 +28,10 @@ from .engines import make_engine
 from .seeds import derive_seed, epoch_order
 
 logger = logging.getLogger("hf_permerge.training")
+
+
+class TrainingDiverged(RuntimeError):
+    """A net's training loss became NaN or inf; nothing of it after the last finite resume point is saved."""
 
 
 @dataclass
@@ -105,7 +110,8 @@ class PairTrainer:
         saved = out / "run_config.json"
         if self.resume and saved.exists():
             # what the nets are made of; alignment and evaluation may change between a run's attempts
-            differ = config_differences(json.loads(saved.read_text()), self.config, ("model", "data", "training"))
+            differ = config_differences(read_json(saved, "use another --output-dir"), self.config,
+                                        ("model", "data", "training"))
             if differ:
                 raise ValueError(f"cannot resume in {out}: its run_config.json differs from this config in "
                                  f"{', '.join(differ)}; use the same config, or another --output-dir")
@@ -199,24 +205,40 @@ class PairTrainer:
         t0 = time.perf_counter()
         if step < total:
             bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")
-        while step < total:
+        first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)   # per net: the first step with
+        while step < total:                                                           # a non-finite loss, or 0
             epoch, offset = divmod(step, steps_per_epoch)
             orders = torch.stack([epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots])
             loss_sum = torch.zeros(len(slots), device=acc.device)
             batches = range(offset, min(steps_per_epoch, offset + total - step))
             for b in batches:
-                loss_sum += engine.step(*train.batches(orders[:, b * tc.batch_size:(b + 1) * tc.batch_size]))
+                loss = engine.step(*train.batches(orders[:, b * tc.batch_size:(b + 1) * tc.batch_size]))
+                loss_sum += loss
                 step += 1
+                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step, first_bad)  # no host sync
                 bar.update(1)
                 if step in save_steps:
+                    self._check_finite(first_bad, slots)
                     for k, slot in enumerate(slots):
                         save_model(engine.export(k), slot.folder / f"step-{step}")
+            self._check_finite(first_bad, slots)
             self._epoch_end(engine, slots, epoch, loss_sum / max(1, len(batches)), test, t0, step)
         bar.close()
         for k, slot in enumerate(slots):
             save_model(engine.export(k), slot.folder / "final")
             for old in slot.folder.glob("resume-step-*"):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _check_finite(self, first_bad: torch.Tensor, slots) -> None:
+        """Stop at a non-finite loss, before anything of the diverged nets is saved (checked where the loop
+        syncs anyway: at an epoch's end and a saved step). The last resume point stays, as after SIGTERM."""
+        bad = [(slot.name, s) for slot, s in zip(slots, first_bad.tolist()) if s]
+        if bad:
+            name, step = min(bad, key=lambda b: b[1])
+            lr = self.config.training.lr
+            raise TrainingDiverged(f"{name}'s training loss became non-finite (NaN or inf) at step {step}: the "
+                                   f"training diverged; lower the learning rate (training.lr is {lr:g}; try "
+                                   f"--set training.lr={lr / 10:g}) and train again with --overwrite")
 
     def _epoch_end(self, engine, slots, epoch, mean_loss, test, t0, step) -> None:
         tc, acc = self.config.training, self.accelerator
