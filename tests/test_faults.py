@@ -273,7 +273,6 @@ def test_training_that_diverges_after_an_epoch_keeps_its_last_finite_resume_poin
 
 
 def test_merge_refuses_to_save_a_model_with_a_nan_weight(tiny_pair, tmp_path, run_cli, capsys):
-    import torch
     from safetensors.torch import load_file, save_file
 
     pair = tmp_path / "pair"

@@ -3,7 +3,6 @@ folders of permutations (`alignment.json` + net_i.safetensors) that `hf-permerge
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import tempfile
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Where the nets of a merge come from: a pair folder, a Hub repo of a pair, or model folders / repo ids."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path

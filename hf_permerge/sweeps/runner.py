@@ -30,10 +30,10 @@ from accelerate import PartialState
 from ..config import ConfigError, config_differences
 from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
+from ..records import PairRecord, read_json, read_record
 from ..training import PairTrainer, build_model, train_together
 from ..training.trainer import _without_seed
 from . import experiments
-from ..records import PairRecord, read_json, read_record
 from .config import Cell, SweepConfig
 from .tables import cell_rows, summarise, summary_text, write_csv
 

@@ -2,15 +2,14 @@
 (`hf_permerge.models.folders`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..io_utils import atomic_dir, atomic_file, write_json_atomic
-from ..records import TrainerStateRecord, read_record
 from ..models.folders import write_model_files
+from ..records import TrainerStateRecord, read_record
 
 
 def optimizer_state_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -6,7 +6,6 @@ processes gives the same weights.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,8 +19,8 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, config_differences
 from ..data.tensors import load_tensors
 from ..io_utils import check_output_dir, write_json_atomic
-from ..records import read_json
 from ..models.folders import load_model, save_model
+from ..records import read_json
 from .builders import build_model
 from .checkpoints import load_resume_state, load_rng_state, save_resume_state
 from .engines import make_engine
