@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -222,8 +224,12 @@ def test_two_writers_started_at_once_leave_one_consistent_pair_and_one_refusal(t
     deadline = time.time() + 300
     while not (out / "net_1" / "init").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    second = subprocess.run([*exe, "train", str(config_file(seed=99, max_steps=5)), "-o", str(out), "--overwrite",
-                             "-q"], capture_output=True, text=True, timeout=300)
+    os.kill(first.pid, signal.SIGSTOP)       # the first holds its lock, mid-run, however fast this machine is
+    try:
+        second = subprocess.run([*exe, "train", str(config_file(seed=99, max_steps=5)), "-o", str(out),
+                                 "--overwrite", "-q"], capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
     assert second.returncode == 2 and f"(PID {first.pid})" in second.stderr
     pair = json.loads((out / "pair.json").read_text())

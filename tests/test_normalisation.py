@@ -41,7 +41,7 @@ def test_pair_trained_aligned_and_evaluated_on_mnist_normalised_inputs(tmp_path,
     default = load_tensors("fashion_mnist", "train", "cpu", tiny_fmnist)
     assert torch.allclose(mnist.pixel_values * 0.3081 + 0.1307, default.pixel_values * 0.3530 + 0.2860, atol=1e-6)
     # matching and evaluation use the inputs the nets were trained on
-    assert torch.equal(merger._default_data("align").pixel_values, mnist.pixel_values)
+    assert torch.equal(merger._data.default(merger._nets, "align").pixel_values, mnist.pixel_values)
     splits = evaluation_splits(cfg, "cpu", merger.recorded_normalisation())
     assert torch.equal(splits["test"].pixel_values,
                        load_tensors("fashion_mnist", "test", "cpu", tiny_fmnist, MNIST).pixel_values)

@@ -115,7 +115,14 @@ class PerNetEngine:
         return optimizer_state_to_tensors(self.optimizers[i].state_dict())
 
     def load_optimizer_state(self, i: int, tensors, meta) -> None:
-        self.optimizers[i].load_state_dict(optimizer_state_from_tensors(tensors, meta))
+        """Net i's optimiser state, each tensor laid out as its parameter is: a fused step walks a parameter and
+        its momenta element by element in memory, so a channels-last weight needs channels-last momenta."""
+        optimizer = self.optimizers[i]
+        optimizer.load_state_dict(optimizer_state_from_tensors(tensors, meta))
+        for p, state in optimizer.state.items():
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p).copy_(v)
 
     def evaluate(self, x, y, chunk=10000):
         out = []
