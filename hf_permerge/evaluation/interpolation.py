@@ -41,6 +41,9 @@ from ..models import PermMLPForImageClassification
 StateDict = Mapping[str, torch.Tensor]
 
 DEFAULT_BATCH_SIZE = 1000   # examples per forward pass; memory ~ sets x batch_size x widest layer
+CPU_CONV_BATCH = 128
+"""Images per pass for conv nets on the CPU: their activations then stay in cache (a 32-32-avg-64-64 curve: 2.3x
+faster at 64-250 images per pass than at 1000-10000; BENCHMARKS.md)."""
 DEFAULT_SETS_PER_PASS = 16  # parameter sets stacked per pass (a whole 11-point curve fits in one)
 
 
@@ -252,6 +255,8 @@ def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: 
         raise ValueError(f"coeffs must be finite with shape (P, {len(bases)}), got {tuple(coeffs.shape)}")
     fast_mlp = type(model) is PermMLPForImageClassification
     use_vmap = _vmap_pays(model, splits)
+    if not use_vmap and not fast_mlp:
+        batch_size = min(batch_size, CPU_CONV_BATCH)
     results = {name: {} for name in splits}
     with _eval_mode(model):
         for name, split in splits.items():
