@@ -493,10 +493,10 @@ def test_a_card_saved_before_its_repo_was_known_loads_from_the_repo_once_pushed(
 def test_recorded_command_leaves_the_token_out():
     from types import SimpleNamespace
 
-    from hf_permerge.cli import _command_line
+    from hf_permerge.cli import command_line
 
     args = SimpleNamespace(argv=["merge", "alice/pair", "--token", TOKEN, "--token=" + TOKEN, "-o", "my out"])
-    assert _command_line(args) == "hf-permerge merge alice/pair -o 'my out'"
+    assert command_line(args) == "hf-permerge merge alice/pair -o 'my out'"
     from hf_permerge.cli import build_parser
 
     with pytest.raises(SystemExit):          # an abbreviation would escape the redaction: refused

@@ -110,7 +110,7 @@ def test_sigterm_unwinds_so_temporary_folders_are_removed(tmp_path):
             f"    with tempfile.TemporaryDirectory(dir={str(tmp_path)!r}, prefix='.plots-'):\n"
             "        print('ready', flush=True)\n"
             "        time.sleep(60)\n"
-            "cli.cmd_train = slow\n"
+            "cli.commands.COMMANDS['train'] = slow\n"
             "sys.exit(main(['train', 'c.yaml', '-o', 'x']))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"

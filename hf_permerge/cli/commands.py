@@ -1,0 +1,155 @@
+"""The subcommands: each reads its arguments (`options`), runs its job on its output folder (`jobs`) and prints
+one line per result. Heavy imports happen here, inside the command that needs them."""
+from __future__ import annotations
+
+import functools
+import sys
+
+from .jobs import job, keep_pair, keep_run
+from .options import check_merge_options, command_line, data_source, matching, merger_for, reference_args
+
+
+def cmd_align(args) -> int:
+    from ..io_utils import CLI_WORDING
+    from ..merging.merger import check_save_target
+
+    matcher, settings = matching(args)
+    reference = reference_args(args)
+    check = functools.partial(check_save_target, args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
+    check()                           # before any data is read, and again under the job's lock
+    data = data_source(args)
+    with job(args, check) as (out, _):
+        merger = merger_for(args, data)
+        perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
+        merger.save_permutations(out)
+    for i, p in enumerate(perms[1:], start=1):
+        for group, sims in p.info.get("groups", {}).items():
+            print(f"net {i} {group}: similarity identity {sims['similarity_identity']:.2f} -> "
+                  f"matched {sims['similarity_matched']:.2f}")
+    print(f"permutations: {args.output_dir} ({merger.alignment['align_s']:.1f} s)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from ..io_utils import CLI_WORDING
+    from ..merging.merger import check_save_target
+
+    check_merge_options(args)
+    matcher, settings = matching(args)
+    reference = reference_args(args)
+    check = functools.partial(check_save_target, args.output_dir, args.overwrite, wording=CLI_WORDING)
+    check()                           # before any data is read, and again under the job's lock
+    data = data_source(args)
+    with job(args, check) as (out, overwrite):
+        merger = merger_for(args, data)
+        merger.check_repair(args.repair)
+        if args.permutations:
+            merger.load_permutations(args.permutations)
+        elif not args.vanilla:
+            merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
+        if args.all:
+            model = merger.merge_all(args.checkpoint, permute=not args.vanilla, repair=args.repair)
+        else:
+            alpha = 0.5 if args.alpha is None else args.alpha
+            model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
+        merger.save_pretrained(out, model, command=command_line(args), overwrite=overwrite)
+    print(f"merged model: {args.output_dir}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..config import load_config
+    from ..io_utils import check_output_dir
+    from ..training import PairTrainer
+    from ..training.trainer import PAIR_CONTENTS
+
+    config = load_config(args.config, args.overrides)
+    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker="run_config.json",
+                              resumable=True, what="a pair", contents=PAIR_CONTENTS)
+    with job(args, check, keep=keep_pair(args)) as (out, overwrite):
+        result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
+    for m in result.metrics:
+        print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
+    print(f"pair folder: {args.output_dir} ({result.train_s:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..config import load_config
+    from ..reporting.pipeline import check_evaluate_output, check_evaluate_overrides, evaluate_pair
+
+    config = load_config(args.config) if args.config else None
+    check_evaluate_overrides(args.overrides)
+    check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
+    with job(args, check, into=True) as (out, overwrite):     # into: a run folder keeps its pair
+        evaluate_pair(args.pair[0] if len(args.pair) == 1 else args.pair, out, config, overrides=args.overrides,
+                      overwrite=overwrite, progress=not args.quiet, device=args.device,
+                      command=command_line(args), token=args.token, revision=args.revision)
+    print(f"report: {args.output_dir}/report.json")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pathlib import Path
+
+    from ..config import load_config
+    from ..io_utils import check_output_dir
+    from ..merging.sources import portable_path
+    from ..reporting.pipeline import RUN_CONTENTS, RUN_MARKER, run
+
+    config = load_config(args.config, args.overrides)
+    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker=RUN_MARKER,
+                              resumable=True, what="a run", contents=RUN_CONTENTS)
+    with job(args, check, keep=keep_run(args)) as (out, overwrite):
+        run(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet,
+            command=command_line(args), pair_label=portable_path(Path(args.output_dir) / "pair"))
+    print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from ..hub import push_folder_to_hub
+
+    info = push_folder_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
+                              revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
+    print(f"pushed: {getattr(info, 'pr_url', None) or info}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from ..io_utils import check_output_dir
+    from ..sweeps import load_sweep_config, run_sweep
+    from ..sweeps.runner import SWEEP_CONTENTS
+
+    config = load_sweep_config(args.config, args.overrides)
+    target = Path(args.output_dir)
+    continued = (target / "sweep.json").is_file() and not args.overwrite
+    check = functools.partial(check_output_dir, target, args.overwrite, resume=continued, marker="sweep.json",
+                              what="a sweep", contents=SWEEP_CONTENTS)
+
+    def keep(folder):
+        if continued or any(folder.glob("cells/*/result.json")):
+            return f"kept the finished cells in {folder}: the same command continues the sweep"
+        return None
+
+    with job(args, check, keep=keep) as (out, overwrite):
+        result = run_sweep(config, out, overwrite=overwrite, progress=not args.quiet, command=command_line(args))
+    if not result.is_main_process:
+        return 0
+    print(result.summary)
+    print(f"{len(config.cells)} cells ({len(result.ran)} run here, {len(result.skipped)} already done); "
+          f"wrote {', '.join(f'{args.output_dir}/{f}' for f in result.files)}")
+    if result.failed:
+        print(f"hf-permerge sweep: {len(result.failed)} cell(s) failed (run the command again to retry them):",
+              file=sys.stderr)
+        for cell, error in result.failed.items():
+            print(f"  {cell}: {error} (see {args.output_dir}/cells/{cell}/error.txt)", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "align": cmd_align, "merge": cmd_merge, "evaluate": cmd_evaluate, "run": cmd_run,
+            "push": cmd_push, "sweep": cmd_sweep}
+"""The function of each subcommand of `parser.build_parser`."""

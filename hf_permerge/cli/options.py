@@ -1,0 +1,105 @@
+"""Reading a command's arguments into what the library takes: the matcher and its settings, the reference, the
+data, the merger, and the command line as recorded in reports and cards. Each refusal comes before any work."""
+from __future__ import annotations
+
+import shlex
+
+from .parser import alignment_flag_fields
+
+
+def command_line(args) -> str:
+    """This command as typed (shell-quoted), for reports and model cards; a `--token` is left out, since
+    both are saved and pushed."""
+    words, skip = [], False
+    for word in args.argv:
+        if skip:
+            skip = False
+        elif word == "--token":
+            skip = True
+        elif not word.startswith("--token="):
+            words.append(word)
+    return shlex.join(["hf-permerge", *words])
+
+
+def matching(args) -> tuple[str, dict]:
+    """The matcher and the settings given for it; an option that does not apply to it is an error, not ignored."""
+    from pydantic import ValidationError
+
+    from ..alignment.matchers import matcher_settings
+    from ..matching import MATCHER_SETTINGS, all_settings_fields
+
+    matcher = args.matcher or "activation"
+    given = {k: getattr(args, k) for k in all_settings_fields() if getattr(args, k) is not None}
+    settings = matcher_settings(matcher, given)
+    stray = [f"--{k.replace('_', '-')}" for k in given if k not in settings]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} does not apply to --matcher {matcher}; drop it or choose the matcher "
+                         "it belongs to (see --help)")
+    try:
+        MATCHER_SETTINGS[matcher].model_validate(settings)     # settings that only fail together
+    except ValidationError as err:
+        raise ValueError(f"--matcher {matcher}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return matcher, settings
+
+
+def reference_args(args) -> dict:
+    """--reference / --max-rounds as `merger.align`'s arguments (checked before anything is loaded)."""
+    if args.max_rounds is not None and args.reference != "average":
+        raise ValueError("--max-rounds applies to --reference average; add it or drop --max-rounds")
+    if args.reference == "average" and (args.matcher or "activation") == "gradient":
+        raise ValueError("--reference average is implemented for the activation and weight matchers, not gradient; "
+                         "drop --reference or choose another --matcher")
+    return {"reference": args.reference or "net_0", "max_rounds": 50 if args.max_rounds is None else args.max_rounds}
+
+
+def merger_for(args, data: dict | None):
+    """The merger of the models named, aligning and repairing on `data` (`data_source`'s answer) when one was named."""
+    import torch
+
+    from ..merging import PermMerger
+
+    source = args.pair[0] if len(args.pair) == 1 else args.pair
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    merger = PermMerger.from_pretrained(source, device=device, token=args.token, revision=args.revision)
+    if data is not None:
+        merger.use_data(**{**data, "dataset": data["dataset"] or merger.dataset_name()})
+    return merger
+
+
+def data_source(args) -> dict | None:
+    """--dataset / --data-dir as `merger.use_data`'s arguments, checked before anything is loaded or written: a
+    catalog name as it is, anything else read as a `datasets.Dataset` (a saved folder, a folder of images, a Hub
+    id; only a Hub id is named in the card, a local folder's path is not pushed). None when neither was given."""
+    from ..data.catalog import DATASETS
+
+    options = [f"--{k.replace('_', '-')}" for k in ("dataset", "dataset_split", "data_dir") if getattr(args, k) is not None]
+    if options and args.matcher == "weight" and not getattr(args, "repair", None):
+        raise ValueError(f"--matcher weight reads no data, so {', '.join(options)} would be ignored; drop "
+                         f"{'it' if len(options) == 1 else 'them'}" + (" (or add --repair, which reads them)"
+                                                                       if hasattr(args, "repair") else ""))
+    if args.dataset is None or args.dataset in DATASETS:
+        if args.dataset_split is not None:
+            raise ValueError("--dataset-split picks a split of a --dataset folder or Hub id; a catalog data set is "
+                             "read from its training split: drop --dataset-split")
+        return {"dataset": args.dataset, "data_dir": args.data_dir} if options else None
+    if args.data_dir is not None:
+        raise ValueError(f"--data-dir names the files of a catalog data set ({', '.join(DATASETS)}); "
+                         f"--dataset {args.dataset} brings its own: drop --data-dir")
+    from ..data.loading import load_dataset_source
+
+    data, hub_id = load_dataset_source(args.dataset, args.dataset_split)
+    return {"dataset": data, "name": hub_id}
+
+
+def check_merge_options(args) -> None:
+    """Matching options that this merge would silently ignore are an error: --vanilla aligns nothing, and
+    --permutations replaces the alignment."""
+    if not (args.vanilla or args.permutations):
+        return
+    data = () if args.repair else ("dataset", "dataset_split", "data_dir")      # REPAIR reads data even then
+    given = [f"--{k.replace('_', '-')}" for k in (*alignment_flag_fields(), *data) if getattr(args, k) is not None]
+    if given:
+        mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
+                     ("--permutations", "the permutations are loaded, not found"))
+        raise ValueError(f"{', '.join(given)} cannot be used with {mode}: {why}, so the matching options would be "
+                         f"ignored; drop {', '.join(given)} or {mode}")
