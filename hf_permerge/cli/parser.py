@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 
-EPILOG = "Docs: README.md. Configs: configs/*.yaml. Every subcommand has --help."
+EPILOG = "Docs: README.md, docs/GUIDE.md. Configs: configs/*.yaml. Every subcommand has --help."
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """The evaluation of a pair: endpoints, interpolation curves, barriers, n-way averages, plane, schedules.
 
 One function, `build_report`, turns a merger (aligned) and the `evaluation` config section into
-the report.json dict (keys documented in README, "report.json"). All curves are evaluated batched.
+the report.json dict (keys documented in docs/GUIDE.md, "Outputs"). All curves are evaluated batched.
 """
 from __future__ import annotations
 

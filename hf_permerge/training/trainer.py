@@ -88,7 +88,7 @@ PAIR_CONTENTS = ("run_config.json", "pair.json", "net_*")
 
 
 class PairTrainer:
-    """Train `training.num_nets` nets and write a pair folder (see README: net_i/{init,step-N,final}, pair.json)."""
+    """Train `training.num_nets` nets and write a pair folder (see docs/GUIDE.md: net_i/{init,step-N,final}, pair.json)."""
 
     def __init__(self, config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False,
                  accelerator=None, progress: bool = True):
