@@ -2,7 +2,8 @@
 # The reduced CPU runs of REPRODUCING.md: each paper figure's config, shrunk with --set, on real
 # Fashion-MNIST, two CPU processes sharing the cells. Usage: examples/reproduce_cpu.sh [figure ...]
 # (figures: fig2 fig3_left fig3_mid fig3_right fig4 fig4_right fig11 appB appF; default all). Output: runs/cpu/<figure>/.
-# Each run is resumable: run the same line again to finish an interrupted sweep.
+# Each run is resumable: run the same line again to finish an interrupted sweep. SEEDS=[0,1,2] replaces each
+# figure's seeds (e.g. SEEDS=[0,1,2] OUT=runs/cpu3 examples/reproduce_cpu.sh fig11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -14,7 +15,7 @@ run() {  # run NAME CONFIG ARGS...: time one sweep, keep its log
     local name=$1 config=$2; shift 2
     mkdir -p "$OUT"
     /usr/bin/time -f "$name: %e s wall, %U s user, %S s sys" -o "$OUT/$name.time" \
-        "${LAUNCH[@]}" "$config" -o "$OUT/$name" "$@" 2>&1 | grep -v "^\s*$" | tee "$OUT/$name.log" | tail -n 25
+        "${LAUNCH[@]}" "$config" -o "$OUT/$name" "$@" ${SEEDS:+--set "sweep.grid.training.seed=$SEEDS"} 2>&1 | grep -v "^\s*$" | tee "$OUT/$name.log" | tail -n 25
     cat "$OUT/$name.time"
 }
 

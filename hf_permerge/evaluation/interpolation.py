@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from ..data.tensors import TensorSplit
 from ..models import PermMLPForImageClassification
+from ..models.modeling_perm_mlp import mlp_forward, mlp_layer_names
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -216,7 +217,8 @@ def _mlp_first_layer(bases: Sequence[StateDict]) -> tuple[torch.Tensor, torch.Te
 
 
 def _mlp_logits(first_layer: tuple, coeffs: torch.Tensor, stacked: dict, depth: int, x: torch.Tensor) -> torch.Tensor:
-    """PermMLP fast path, same numbers as `_vmap_logits` up to float rounding.
+    """PermMLP fast path: the model's forward (`mlp_forward`) over P parameter sets, same numbers as `_vmap_logits`
+    up to float rounding.
 
     The first layer is linear in its weights and sees the same x in every set, so it runs once per
     basis (K = 2 for a curve, 3 for the plane) and its outputs are mixed, instead of running once
@@ -225,16 +227,17 @@ def _mlp_logits(first_layer: tuple, coeffs: torch.Tensor, stacked: dict, depth: 
     later layer one batched GEMM W_p @ h_p with the bias fused (baddbmm).
     """
     (n_sets, n_bases), batch = coeffs.shape, x.shape[0]
-    weight, bias = first_layer
-    first = weight @ x.flatten(1).T if bias is None else torch.addmm(bias, weight, x.flatten(1).T)   # (K*H, B)
-    h = (coeffs.to(first) @ first.view(n_bases, -1)).view(n_sets, -1, batch).relu_()           # (P, H, B)
-    names = [f"layers.{i}" for i in range(1, depth)] + ["classifier"]
-    for i, name in enumerate(names):
+
+    def linear(name, h):
+        if name == "layers.0":                                                   # h: the images (B, D)
+            weight, bias = first_layer
+            first = weight @ h.T if bias is None else torch.addmm(bias, weight, h.T)                 # (K*H, B)
+            return (coeffs.to(first) @ first.view(n_bases, -1)).view(n_sets, -1, batch)           # (P, H, B)
         weight, bias = stacked[f"{name}.weight"], stacked.get(f"{name}.bias")
-        h = torch.bmm(weight, h) if bias is None else torch.baddbmm(bias[:, :, None], weight, h)
-        if i + 1 < len(names):
-            h = h.relu_()
-    return h.transpose(1, 2)                                                                    # (P, B, C)
+        return torch.bmm(weight, h) if bias is None else torch.baddbmm(bias[:, :, None], weight, h)
+
+    logits = mlp_forward(linear, lambda i, h: h.relu_(), mlp_layer_names(depth), x.flatten(1))
+    return logits.transpose(1, 2)                                                               # (P, B, C)
 
 
 def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: torch.Tensor,

@@ -9,6 +9,23 @@ from .configuration_perm_mlp import PermMLPConfig
 from .modeling_base import PermPreTrainedModel
 
 
+def mlp_layer_names(depth: int) -> list[str]:
+    """The linear layers of a PermMLP of `depth` hidden layers, in forward order."""
+    return [f"layers.{i}" for i in range(depth)] + ["classifier"]
+
+
+def mlp_forward(linear, relu, names: list[str], h):
+    """The PermMLP forward, written once: `linear(name, h)` for each layer in `names` order, with `relu(i, h)`
+    after every layer but the classifier. The model passes its own modules (so hooks on them see every
+    activation); the stacked training engine and the interpolation curves pass batched matmuls over many nets'
+    parameters. The float64 engine tests check that all of them compute the model's function."""
+    for i, name in enumerate(names):
+        h = linear(name, h)
+        if i + 1 < len(names):
+            h = relu(i, h)
+    return h
+
+
 class PermMLPForImageClassification(PermPreTrainedModel):
     """Flatten -> [Linear -> ReLU] x depth -> Linear. Takes `pixel_values` (N, C, H, W)."""
 
@@ -24,10 +41,9 @@ class PermMLPForImageClassification(PermPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, return_dict=None, **kwargs):
-        h = pixel_values.flatten(1)
-        for layer, act in zip(self.layers, self.activations):
-            h = act(layer(h))
-        return self._output(self.classifier(h), labels, return_dict)
+        logits = mlp_forward(lambda name, h: self.get_submodule(name)(h), lambda i, h: self.activations[i](h),
+                             mlp_layer_names(self.config.depth), pixel_values.flatten(1))
+        return self._output(logits, labels, return_dict)
 
     def permutation_spec(self) -> PermutationSpec:
         groups = []

@@ -27,6 +27,8 @@ import warnings
 import torch
 from torch.func import functional_call
 
+from ..models import PermMLPForImageClassification, modeling_perm_mlp
+from ..models.modeling_perm_mlp import mlp_forward
 from ..precision import tf32_matmuls
 from .checkpoints import optimizer_state_from_tensors, optimizer_state_to_tensors
 
@@ -138,25 +140,23 @@ class PerNetEngine:
 
 def mlp_layer_names(template) -> list[str] | None:
     """The linear layers of a PermMLP in order, or None when `template` is not one."""
-    from ..models import PermMLPForImageClassification
-
     if type(template) is not PermMLPForImageClassification:
         return None
-    return [f"layers.{i}" for i in range(template.config.depth)] + ["classifier"]
+    return modeling_perm_mlp.mlp_layer_names(template.config.depth)
 
 
 def bmm_mlp_logits(params: dict, x: torch.Tensor, names: list[str], inputs: list | None = None) -> torch.Tensor:
-    """Flatten -> [Linear -> ReLU]* -> Linear as batched matmuls, activations kept (N, units, B); `inputs`,
-    when given, receives each layer's input (what a hand-written backward needs)."""
-    h = x.flatten(2).transpose(1, 2)
-    for k, name in enumerate(names):
+    """The model's forward (`mlp_forward`) with each layer a batched matmul over the N nets, activations kept
+    (N, units, B); `inputs`, when given, receives each layer's input (what a hand-written backward needs)."""
+    def linear(name, h):
         w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
         if inputs is not None:
             inputs.append(h)
-        h = torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(-1), w, h)
-        if k + 1 < len(names):
-            h = h.relu() if torch.is_grad_enabled() else h.relu_()   # in place where autograd keeps no graph
-    return h.transpose(1, 2)
+        return torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(-1), w, h)
+
+    in_place = not torch.is_grad_enabled()          # in place where autograd keeps no graph
+    h = x.flatten(2).transpose(1, 2)
+    return mlp_forward(linear, lambda i, h: h.relu_() if in_place else h.relu(), names, h).transpose(1, 2)
 
 
 @torch.no_grad()
