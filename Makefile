@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/demo
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo demo-report test bench clean
+.PHONY: setup data demo demo-report test lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo-report: setup data
 
 test: setup data
 	$(BIN)/python -m pytest tests
+
+lint: setup
+	bash .ci/lint
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: setup data
 	$(BIN)/python benchmarks/run_benchmarks.py

@@ -5,6 +5,7 @@
 Prints the median and the fastest wall time, and the median CPU time (user + system) a run takes: on a busy
 machine the wall time waits for a core, the CPU time does not; on an idle one they are close.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ def main() -> None:
         times.append(time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-    print(f"hf-permerge --help: median {statistics.median(times):.3f} s, fastest {min(times):.3f} s wall; median "
-          f"{statistics.median(cpu):.3f} s CPU; {runs} runs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"hf-permerge --help: median {statistics.median(times):.3f} s, fastest {min(times):.3f} s wall; median "
+        f"{statistics.median(cpu):.3f} s CPU; {runs} runs, load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Reports seconds per net-epoch of training (600 steps of 100 images, SGD + moment
 `--eval-images` test images and per activation matching on 10,000 training images, with the ratio
 plain / ours (> 1: ours is faster). Variants: thread count, channels_last, evaluation batch size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,17 @@ def plain_cnn(model) -> nn.Module:
     """The same CNN written as plain PyTorch layers, holding `model`'s weights."""
     layers, blocks = [], list(model.blocks)
     for block in blocks:
-        layers += [nn.Conv2d(block.conv.in_channels, block.conv.out_channels, 3, padding=1,
-                             bias=block.conv.bias is not None), nn.ReLU()]
+        layers += [
+            nn.Conv2d(block.conv.in_channels, block.conv.out_channels, 3, padding=1, bias=block.conv.bias is not None),
+            nn.ReLU(),
+        ]
         if isinstance(block.pool, nn.AvgPool2d):
             layers.append(nn.AvgPool2d(2))
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(model.classifier.in_features, 10,
-                                                                 bias=model.classifier.bias is not None)]
+    layers += [
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(model.classifier.in_features, 10, bias=model.classifier.bias is not None),
+    ]
     plain = nn.Sequential(*layers)
     ours = [p for p in model.parameters()]
     with torch.no_grad():
@@ -50,7 +56,7 @@ def plain_cnn(model) -> nn.Module:
 
 
 def timed(fn, repeat: int = 1) -> float:
-    fn()                                   # warm-up (allocations, kernel choice)
+    fn()  # warm-up (allocations, kernel choice)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
@@ -64,11 +70,12 @@ def train_plain(model, x, y, steps, channels_last=False):
 
     def run():
         for s in range(steps):
-            xb = x[s * 100:(s + 1) * 100].contiguous(memory_format=fmt)
-            loss = F.cross_entropy(model(xb), y[s * 100:(s + 1) * 100])
+            xb = x[s * 100 : (s + 1) * 100].contiguous(memory_format=fmt)
+            loss = F.cross_entropy(model(xb), y[s * 100 : (s + 1) * 100])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
     return run
 
 
@@ -78,9 +85,10 @@ def train_ours(config, x, y, steps, nets=1):
 
     def run():
         for s in range(steps):
-            xb = torch.stack([x[s * 100:(s + 1) * 100]] * nets)
-            yb = torch.stack([y[s * 100:(s + 1) * 100]] * nets)
+            xb = torch.stack([x[s * 100 : (s + 1) * 100]] * nets)
+            yb = torch.stack([y[s * 100 : (s + 1) * 100]] * nets)
             engine.step(xb, yb)
+
     return run
 
 
@@ -93,10 +101,14 @@ def curve_plain(model, sd_a, sd_b, split, batch_size, mode=torch.inference_mode)
             with mode():
                 hits = 0
                 for s in range(0, len(split), batch_size):
-                    hits += (model(split.pixel_values[s:s + batch_size]).argmax(-1)
-                             == split.labels[s:s + batch_size]).sum().item()
+                    hits += (
+                        (model(split.pixel_values[s : s + batch_size]).argmax(-1) == split.labels[s : s + batch_size])
+                        .sum()
+                        .item()
+                    )
             correct.append(hits / len(split))
         return correct
+
     return run
 
 
@@ -108,8 +120,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    config = config_from_dict({"model": {"type": "cnn", "layers": args.layers},
-                               "training": {"optimizer": "sgd", "lr": 0.01, "num_nets": 2}})
+    config = config_from_dict(
+        {"model": {"type": "cnn", "layers": args.layers}, "training": {"optimizer": "sgd", "lr": 0.01, "num_nets": 2}}
+    )
     train = load_tensors("fashion_mnist", "train")
     test = load_tensors("fashion_mnist", "test").subset(args.eval_images, seed=0)
     x, y = train.pixel_values[: args.steps * 100], train.labels[: args.steps * 100]
@@ -137,8 +150,7 @@ def main() -> None:
 
         a, b = build_model(config, 0).eval(), build_model(config, 1).eval()
         sd_a, sd_b = a.state_dict(), b.state_dict()
-        reference = timed(curve_plain(plain_cnn(a), plain_cnn(a).state_dict(), plain_cnn(b).state_dict(), test,
-                                      1000))
+        reference = timed(curve_plain(plain_cnn(a), plain_cnn(a).state_dict(), plain_cnn(b).state_dict(), test, 1000))
         n = len(test)
         row(f"curve, plain loop (inference_mode, batch 1000), 11 points x {n}", threads, reference)
         for batch in (500, 1000, 2500):
@@ -148,8 +160,16 @@ def main() -> None:
         row("activation matching, 10k images", threads, stats)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"layers": args.layers, "machine": f"{os.cpu_count()} cores, {platform.processor()}",
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "layers": args.layers,
+                    "machine": f"{os.cpu_count()} cores, {platform.processor()}",
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ reference"; the nets are trained one after the other, as one would without a sta
 
 Curves: one merged state dict per lambda, one plain forward pass per lambda.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,17 @@ def reference_cnn(layers: str, c_in: int = 1, num_labels: int = 10) -> nn.Sequen
     return nn.Sequential(*mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_labels))
 
 
-def train_one_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int,
-                  batch_size: int = 100, lr: float = 1e-3, weight_decay: float = 1e-2, fused: bool = False
-                  ) -> torch.Tensor:
+def train_one_net(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    seed: int,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    fused: bool = False,
+) -> torch.Tensor:
     """`steps` AdamW steps on batches of `batch_size`; returns the summed loss (a device tensor: no syncs).
 
     `fused=False` is PyTorch's default AdamW; `fused=True` only to show how much of our speed-up it explains.
@@ -49,7 +58,7 @@ def train_one_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
         b = step % per_epoch
         if b == 0:
             order = torch.randperm(len(y), generator=g).to(x.device)
-        idx = order[b * batch_size:(b + 1) * batch_size]
+        idx = order[b * batch_size : (b + 1) * batch_size]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -58,8 +67,9 @@ def train_one_net(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
     return loss_sum
 
 
-def train_reference(make_model, num_nets: int, x: torch.Tensor, y: torch.Tensor, steps: int,
-                    seed: int = 0) -> list[nn.Module]:
+def train_reference(
+    make_model, num_nets: int, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int = 0
+) -> list[nn.Module]:
     """Train `num_nets` fresh nets one after the other; each has its own seed for init and data order."""
     models = []
     for i in range(num_nets):
@@ -71,8 +81,9 @@ def train_reference(make_model, num_nets: int, x: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def reference_curve(model: nn.Module, sd_a: dict, sd_b: dict, lambdas, x: torch.Tensor, y: torch.Tensor,
-                    batch_size: int = 1000) -> tuple[list[float], list[float]]:
+def reference_curve(
+    model: nn.Module, sd_a: dict, sd_b: dict, lambdas, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+) -> tuple[list[float], list[float]]:
     """(losses, accuracies) along (1 - lam) * sd_a + lam * sd_b, one lambda at a time."""
     losses, accs = [], []
     model.eval()
@@ -81,9 +92,9 @@ def reference_curve(model: nn.Module, sd_a: dict, sd_b: dict, lambdas, x: torch.
         loss = torch.zeros((), device=x.device)
         correct = torch.zeros((), device=x.device)
         for s in range(0, len(y), batch_size):
-            logits = model(pixel_values=x[s:s + batch_size], return_dict=False)[0]
-            loss += F.cross_entropy(logits, y[s:s + batch_size], reduction="sum")
-            correct += (logits.argmax(-1) == y[s:s + batch_size]).sum()
+            logits = model(pixel_values=x[s : s + batch_size], return_dict=False)[0]
+            loss += F.cross_entropy(logits, y[s : s + batch_size], reduction="sum")
+            correct += (logits.argmax(-1) == y[s : s + batch_size]).sum()
         losses.append(loss / len(y))
         accs.append(correct / len(y))
     return [float(v) for v in losses], [float(v) for v in accs]

@@ -10,6 +10,7 @@ alone, no interval). So the page's numbers are regenerated from the files, never
     python benchmarks/reproducing_tables.py DIR --plot docs/figures/x.png [--curves y.png]   # re-render, t band
     python benchmarks/reproducing_tables.py --update REPRODUCING.md   # every table of the page, in place
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def groups(rows: list[dict], seed_key: str, by=None) -> tuple[list[str], list[tu
     """The grouping keys (`by`, else every value column of a sweep but the seed) and the finished cells per
     group, in file order."""
     first = list(rows[0])
-    keys = by or [k for k in first[1:first.index("status")] if k != seed_key]
+    keys = by or [k for k in first[1 : first.index("status")] if k != seed_key]
     out: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("status", "done") == "done":
@@ -72,7 +73,7 @@ LABELS = {"single": "single net", "vanilla": "vanilla avg", "perm": "perm avg", 
 
 def label(metric: str) -> str:
     """A short column name: init_perm_acc -> `init: perm avg acc`, nway8_init_perm_acc -> `k=8 init: perm avg acc`."""
-    if ":" in metric:   # App. B: <matcher>:<metric>
+    if ":" in metric:  # App. B: <matcher>:<metric>
         matcher, metric = metric.split(":", 1)
         return f"{matcher}: {label(metric)}"
     prefix = ""
@@ -92,12 +93,23 @@ def table(header: list[str], lines: list[list[str]]) -> str:
 
 def metric_table(rows, seed_key, metrics, digits, transpose=False, by=None) -> str:
     keys, grouped = groups(rows, seed_key, by)
-    if transpose:   # one row per metric, one column per group
-        header = ["metric"] + [", ".join(str(v) for v in values) + f" (n = {len(members)})" for values, members in grouped]
-        return table(header, [[label(m)] + [fmt([r.get(m) for r in members], digits, len(members))
-                                            for _, members in grouped] for m in metrics])
-    lines = [[str(v) for v in values] + [str(len(members))] + [fmt([r.get(m) for r in members], digits, len(members))
-                                                               for m in metrics] for values, members in grouped]
+    if transpose:  # one row per metric, one column per group
+        header = ["metric"] + [
+            ", ".join(str(v) for v in values) + f" (n = {len(members)})" for values, members in grouped
+        ]
+        return table(
+            header,
+            [
+                [label(m)] + [fmt([r.get(m) for r in members], digits, len(members)) for _, members in grouped]
+                for m in metrics
+            ],
+        )
+    lines = [
+        [str(v) for v in values]
+        + [str(len(members))]
+        + [fmt([r.get(m) for r in members], digits, len(members)) for m in metrics]
+        for values, members in grouped
+    ]
     return table([k.rsplit(".", 1)[-1] for k in keys] + ["n"] + [label(m) for m in metrics], lines)
 
 
@@ -109,14 +121,20 @@ def schedule_tables(rows, seed_key, digits) -> str:
         series: dict[str, dict[int, str]] = {}
         for m in members[0]:
             if m.startswith("sched_"):
-                name, step = m[len("sched_"):].rsplit("_t", 1)
+                name, step = m[len("sched_") :].rsplit("_t", 1)
                 series.setdefault(name, {})[int(step)] = m
         steps = sorted({t for s in series.values() for t in s})
         title = ", ".join([f"{k}={v}" for k, v in zip(keys, values)] + [f"n = {len(members)}"])
-        out.append(f"{title}\n\n" + table(
-            ["permutation"] + [f"t = {t}" for t in steps],
-            [[name] + [fmt([r.get(series[name][t]) for r in members], digits, len(members)) for t in steps]
-             for name in series]))
+        out.append(
+            f"{title}\n\n"
+            + table(
+                ["permutation"] + [f"t = {t}" for t in steps],
+                [
+                    [name] + [fmt([r.get(series[name][t]) for r in members], digits, len(members)) for t in steps]
+                    for name in series
+                ],
+            )
+        )
     return "\n\n".join(out)
 
 
@@ -135,13 +153,17 @@ def plot(results: Path, path: Path, curves_path: Path | None) -> None:
     config = SimpleNamespace(sweep=SweepSection(**data["sweep"]))
     summary = summarise(config, data["cells"])
     if path:
-        draw = {"pair": figures.plot_pair, "n_way": figures.plot_n_way, "schedules": figures.plot_schedules,
-                "matchers": figures.plot_matchers}[config.sweep.experiment]
+        draw = {
+            "pair": figures.plot_pair,
+            "n_way": figures.plot_n_way,
+            "schedules": figures.plot_schedules,
+            "matchers": figures.plot_matchers,
+        }[config.sweep.experiment]
         draw(config, summary, path)
     if curves_path:
         figures.plot_curves(config, summary, curves_path)
     for written in (path, curves_path):
-        if written:   # 256 colours: the same picture in a third of the bytes
+        if written:  # 256 colours: the same picture in a third of the bytes
             Image.open(written).convert("RGB").quantize(256).save(written, optimize=True)
 
 
@@ -157,8 +179,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--digits", type=int, default=3)
     p.add_argument("--plot", type=Path, help="also re-render the sweep's figure here (t 95%% band)")
     p.add_argument("--curves", type=Path, help="and its interpolation curves (sweeps with curves: true)")
-    p.add_argument("--update", type=Path, metavar="PAGE",
-                   help="regenerate every table of PAGE that follows a line `Table: `python benchmarks/reproducing_tables.py ARGS``")
+    p.add_argument(
+        "--update",
+        type=Path,
+        metavar="PAGE",
+        help="regenerate every table of PAGE that follows a line `Table: `python benchmarks/reproducing_tables.py ARGS``",
+    )
     return p
 
 
@@ -178,7 +204,7 @@ def render(args: argparse.Namespace) -> str:
 
 
 TABLE_LINE = re.compile(r"Table: `python benchmarks/reproducing_tables.py (.+)`")
-OLD_TABLE = re.compile(r"^\s*$|^\||^(.*, )?n = \d+$")   # blank, a table row, a schedule table's title
+OLD_TABLE = re.compile(r"^\s*$|^\||^(.*, )?n = \d+$")  # blank, a table row, a schedule table's title
 
 
 def update(page: Path) -> None:

@@ -11,6 +11,7 @@ Sections: train (pair and 12 nets; 2x2048 MLP and 64-64-avg-128-128 CNN), align 
 1x8192 pairs vs their Hungarian solves alone), curves (all 11-point curves of a 2x512 pair), run
 (the README's main job). Prints a table and writes benchmarks/results/<machine>-<date>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.reference import reference_cnn, reference_curve, reference_mlp, train_one_net  # noqa: E402
 
 MLP = {"type": "mlp", "depth": 2, "width": 2048}
-CNN = {"type": "cnn", "layers": "64-64-avg-128-128", "bias": True}   # as reference_cnn (and the results so far)
+CNN = {"type": "cnn", "layers": "64-64-avg-128-128", "bias": True}  # as reference_cnn (and the results so far)
 
 
 # -- measuring ---------------------------------------------------------------------------------------------
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -75,11 +77,14 @@ def interleaved(cases: dict, repeats: int, device, warmup: bool = True) -> dict[
 
 def summarise(times: dict[str, list[float]], reference: str) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {k: {"median_s": med[k], "all_s": [round(t, 4) for t in v],
-                "ratio_vs_reference": med[reference] / med[k]} for k, v in times.items()}
+    return {
+        k: {"median_s": med[k], "all_s": [round(t, 4) for t in v], "ratio_vs_reference": med[reference] / med[k]}
+        for k, v in times.items()
+    }
 
 
 # -- (a) training ------------------------------------------------------------------------------------------
+
 
 def run_config(model: dict, num_nets: int, **training):
     from hf_permerge.config import config_from_dict
@@ -102,6 +107,7 @@ def bench_train(arch: str, num_nets: int, steps: int, repeats: int, device, full
         def prepare():
             models = [make_ref().to(device) for _ in range(num_nets)]
             return lambda: [float(train_one_net(m, x, y, steps, seed=i, fused=fused)) for i, m in enumerate(models)]
+
         return prepare
 
     def ours(kind: str, **options):
@@ -112,28 +118,37 @@ def bench_train(arch: str, num_nets: int, steps: int, repeats: int, device, full
             def run():  # the trainer's hot loop: index slices of the whole data set, no host sync inside
                 loss_sum = torch.zeros(num_nets, device=device)
                 for b in range(steps):
-                    loss_sum += engine.step(*train.batches(orders[:, b * 100:(b + 1) * 100]))
+                    loss_sum += engine.step(*train.batches(orders[:, b * 100 : (b + 1) * 100]))
                 return loss_sum.tolist()
+
             return run
+
         return prepare
 
     cases = {"reference": reference(), "ours": ours("stacked")}
     if full or num_nets == 2:  # quick mode: the per-net engine (as slow as the reference) on pairs only
         cases["per_net_engine"] = ours("per_net")
-    if device.type == "cuda":    # captured once in the warm-up round (3 eager steps, then the capture)
+    if device.type == "cuda":  # captured once in the warm-up round (3 eager steps, then the capture)
         cases["stacked_cuda_graph"] = ours("stacked", cuda_graph=True)
     if full:
         cases["reference_fused_adamw"] = reference(fused=True)
-        for fwd in (("vmap", "loop") if arch == "mlp" else ("vmap",) if device.type == "cpu" else ("loop",)):
+        for fwd in ("vmap", "loop") if arch == "mlp" else ("vmap",) if device.type == "cpu" else ("loop",):
             cases[f"stacked_{fwd}"] = ours("stacked", forward=fwd)
         if arch == "mlp" and num_nets == 2:  # compiled once in the warm-up round, not timed
             cases["stacked_compiled"] = ours("stacked", compile=True)
     times = interleaved(cases, repeats, device)
-    return {"arch": arch, "num_nets": num_nets, "steps_per_net": steps, "batch_size": 100,
-            "results": summarise(times, "reference"), "load": load()}
+    return {
+        "arch": arch,
+        "num_nets": num_nets,
+        "steps_per_net": steps,
+        "batch_size": 100,
+        "results": summarise(times, "reference"),
+        "load": load(),
+    }
 
 
 # -- (b) alignment -----------------------------------------------------------------------------------------
+
 
 def bench_align(depth: int, width: int, train_steps: int, repeats: int, device) -> dict:
     """Whole `ActivationMatcher.match` (10k examples) vs the plain Hungarian solves of its groups, one after
@@ -150,26 +165,34 @@ def bench_align(depth: int, width: int, train_steps: int, repeats: int, device) 
     engine = make_engine("stacked", [build_model(cfg, i) for i in range(2)], cfg.training, device)
     orders = torch.stack([epoch_order(1000 + i, 0, len(train), device) for i in range(2)])
     for b in range(train_steps):
-        engine.step(*train.batches(orders[:, b * 100:(b + 1) * 100]))
+        engine.step(*train.batches(orders[:, b * 100 : (b + 1) * 100]))
     a, b = engine.export(0).eval(), engine.export(1).eval()
     matcher = ActivationMatcher()
     split = train.subset(matcher.num_examples, matcher.seed)
     stats = activation_statistics(a, b, split.pixel_values, a.permutation_spec())
     sims = {g: s.similarity("cosine") for g, s in stats.items()}
     # The reference: SciPy's solves of the same matrices without a warm start, one after another.
-    cases = {"hungarian_alone": lambda: lambda: [solve_assignment(s, warm_start="none") for s in sims.values()],
-             "align_total": lambda: lambda: matcher.match(a, b, train)}
+    cases = {
+        "hungarian_alone": lambda: lambda: [solve_assignment(s, warm_start="none") for s in sims.values()],
+        "align_total": lambda: lambda: matcher.match(a, b, train),
+    }
     # the same solves with Sinkhorn potentials first, computed on the device (as the matcher does from
     # 512 units on a GPU and 2048 on the CPU)
     cases["warm_started_solves"] = lambda: lambda: [solve_assignment(s, warm_start="sinkhorn") for s in sims.values()]
     times = interleaved(cases, repeats, device, warmup=False)
     out = summarise(times, "hungarian_alone")
-    return {"model": f"{depth}x{width}", "train_steps_before_align": train_steps, "num_examples": matcher.num_examples,
-            "results": out, "align_over_hungarian": out["align_total"]["median_s"] / out["hungarian_alone"]["median_s"],
-            "load": load()}
+    return {
+        "model": f"{depth}x{width}",
+        "train_steps_before_align": train_steps,
+        "num_examples": matcher.num_examples,
+        "results": out,
+        "align_over_hungarian": out["align_total"]["median_s"] / out["hungarian_alone"]["median_s"],
+        "load": load(),
+    }
 
 
 # -- (c) curves --------------------------------------------------------------------------------------------
+
 
 def bench_curves(train_steps: int, repeats: int, device) -> dict:
     """All four 11-point curves (final/init x vanilla/permuted) of a 2x512 pair on test 10k + train 10k."""
@@ -187,7 +210,7 @@ def bench_curves(train_steps: int, repeats: int, device) -> dict:
     engine = make_engine("stacked", [build_model(cfg, i) for i in range(2)], cfg.training, device)
     orders = torch.stack([epoch_order(1000 + i, 0, len(train), device) for i in range(2)])
     for b in range(train_steps):
-        engine.step(*train.batches(orders[:, b * 100:(b + 1) * 100]))
+        engine.step(*train.batches(orders[:, b * 100 : (b + 1) * 100]))
     finals = [copy.deepcopy(engine.export(i)).to(device).eval() for i in range(2)]
     perms = ActivationMatcher().match(finals[0], finals[1], train)
     pairs = []
@@ -201,16 +224,25 @@ def bench_curves(train_steps: int, repeats: int, device) -> dict:
         return lambda: [evaluate_curve(template, a, b, lambdas, splits) for a, b in pairs]
 
     def reference():
-        return lambda: [reference_curve(template, a, b, lambdas, s.pixel_values, s.labels)
-                        for a, b in pairs for s in splits.values()]
+        return lambda: [
+            reference_curve(template, a, b, lambdas, s.pixel_values, s.labels)
+            for a, b in pairs
+            for s in splits.values()
+        ]
 
     times = interleaved({"reference": reference, "ours": ours}, repeats, device)
-    return {"model": "2x512", "curves": len(pairs), "lambdas": len(lambdas),
-            "splits": {k: len(v) for k, v in splits.items()}, "results": summarise(times, "reference"),
-            "load": load()}
+    return {
+        "model": "2x512",
+        "curves": len(pairs),
+        "lambdas": len(lambdas),
+        "splits": {k: len(v) for k, v in splits.items()},
+        "results": summarise(times, "reference"),
+        "load": load(),
+    }
 
 
 # -- (d) the README's main job -----------------------------------------------------------------------------
+
 
 def bench_run(config_path: Path) -> dict:
     from hf_permerge.config import load_config
@@ -221,11 +253,17 @@ def bench_run(config_path: Path) -> dict:
         start = time.perf_counter()
         report = run(config, Path(tmp) / "demo", progress=False)
         wall = time.perf_counter() - start
-    return {"config": str(config_path.relative_to(ROOT)), "wall_s": wall, "timings": report.get("timings"),
-            "barrier_perm_test_acc": report["barrier"]["final"]["permuted"]["test"]["acc"], "load": load()}
+    return {
+        "config": str(config_path.relative_to(ROOT)),
+        "wall_s": wall,
+        "timings": report.get("timings"),
+        "barrier_perm_test_acc": report["barrier"]["final"]["permuted"]["test"]["acc"],
+        "load": load(),
+    }
 
 
 # -- driver ------------------------------------------------------------------------------------------------
+
 
 def machine(device: torch.device) -> dict:
     cpu = platform.processor()
@@ -233,9 +271,15 @@ def machine(device: torch.device) -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"host": socket.gethostname(), "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": str(device),
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}}
+    info = {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ},
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -245,10 +289,12 @@ def table(results: dict) -> str:
     lines = [f"{'benchmark':<44} {'case':<24} {'median s':>10} {'ratio':>7}"]
     for section, entries in results["sections"].items():
         for e in entries:
-            label = {"train": lambda e=e: f"train {e['arch']} x{e['num_nets']} ({e['steps_per_net']} steps/net)",
-                     "align": lambda e=e: f"align {e['model']}",
-                     "curves": lambda e=e: f"curves {e['model']} ({e['curves']} x {e['lambdas']} pts)",
-                     "run": lambda e=e: f"run {e['config']}"}[section]()
+            label = {
+                "train": lambda e=e: f"train {e['arch']} x{e['num_nets']} ({e['steps_per_net']} steps/net)",
+                "align": lambda e=e: f"align {e['model']}",
+                "curves": lambda e=e: f"curves {e['model']} ({e['curves']} x {e['lambdas']} pts)",
+                "run": lambda e=e: f"run {e['config']}",
+            }[section]()
             if section == "run":
                 lines.append(f"{label:<44} {'wall':<24} {e['wall_s']:>10.1f} {'':>7}")
                 continue
@@ -278,10 +324,17 @@ def main(argv=None) -> int:
     sections = args.only.split(",")
     gpu = device.type == "cuda"
     # CPU step counts are far below the issue's 5 epochs (3000 steps): ratios are what count.
-    mlp_steps, cnn_steps = (3000, 3000) if gpu and args.full else (600, 300) if gpu else \
-        (60, 8) if args.full else (20, 3)
-    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
-               "mode": "full" if args.full else "quick", "repeats": repeats, "load_start": load(), "sections": {}}
+    mlp_steps, cnn_steps = (
+        (3000, 3000) if gpu and args.full else (600, 300) if gpu else (60, 8) if args.full else (20, 3)
+    )
+    results = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "mode": "full" if args.full else "quick",
+        "repeats": repeats,
+        "load_start": load(),
+        "sections": {},
+    }
     print(f"{results['machine']} load {results['load_start']}", flush=True)
     for name in sections:
         entries = results["sections"].setdefault(name, [])

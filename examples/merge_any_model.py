@@ -14,6 +14,7 @@ and merge them at alpha = 0.5: plain, with REPAIR, and (ResNet) with a BatchNorm
 paper") come from this script. `--matcher weight` and `--keep-heads` (heads stay in place; units are
 permuted within each head only) re-use the trained nets of `--output-dir` and write their own merged folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,29 @@ def build(arch: str, seed: int, width: int):
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    if arch == "resnet":   # conv-BN-ReLU stem, two stages of residual basic blocks with BatchNorm, global pool
-        config = ResNetConfig(num_channels=1, embedding_size=width, hidden_sizes=[width, 2 * width], depths=[2, 2],
-                              layer_type="basic", downsample_in_first_stage=False, num_labels=10)
+    if arch == "resnet":  # conv-BN-ReLU stem, two stages of residual basic blocks with BatchNorm, global pool
+        config = ResNetConfig(
+            num_channels=1,
+            embedding_size=width,
+            hidden_sizes=[width, 2 * width],
+            depths=[2, 2],
+            layer_type="basic",
+            downsample_in_first_stage=False,
+            num_labels=10,
+        )
         return ResNetForImageClassification(config)
-    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=width, num_hidden_layers=4,
-                       num_attention_heads=4, intermediate_size=4 * width, num_labels=10,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ViTConfig(
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        hidden_size=width,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=4 * width,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return ViTForImageClassification(config)
 
 
@@ -54,7 +71,7 @@ def train(model, data, seed: int, epochs: int, batch_size: int, lr: float, progr
     for epoch in range(epochs):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1000 * seed + epoch))
         for step in range(steps):
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             logits = model(pixel_values=data.pixel_values[idx]).logits
             loss = F.cross_entropy(logits, data.labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -75,8 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
     p.add_argument("--matcher", default="activation", choices=["activation", "weight"])
-    p.add_argument("--keep-heads", action="store_true",
-                   help="keep attention heads in place (permute units within each head only)")
+    p.add_argument(
+        "--keep-heads", action="store_true", help="keep attention heads in place (permute units within each head only)"
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     width = args.width or (16 if args.arch == "resnet" else 64)
@@ -92,8 +110,9 @@ def main(argv=None) -> int:
     for i, seed in enumerate(args.seeds):
         folder = out / f"net_{i}"
         if not (folder / "model.safetensors").is_file():
-            model = train(build(args.arch, seed, width), train_data, seed, args.epochs, args.batch_size, args.lr,
-                          not args.quiet)
+            model = train(
+                build(args.arch, seed, width), train_data, seed, args.epochs, args.batch_size, args.lr, not args.quiet
+            )
             model.save_pretrained(folder)
         folders.append(folder)
     timings["train_s"] = time.perf_counter() - start
@@ -101,16 +120,16 @@ def main(argv=None) -> int:
     from hf_permerge import PermMerger
 
     start = time.perf_counter()
-    merger = PermMerger.from_pretrained(folders)     # no permutation_spec(): traced from the graph
+    merger = PermMerger.from_pretrained(folders)  # no permutation_spec(): traced from the graph
     timings["trace_s"] = time.perf_counter() - start
-    if args.keep_heads:                              # the same groups, without the couplings that move whole heads
+    if args.keep_heads:  # the same groups, without the couplings that move whole heads
         from hf_permerge.alignment import PermutationSpec, attach_permutation_spec
 
         merger.spec = PermutationSpec(merger.spec.groups)
         for i in range(2):
             attach_permutation_spec(merger.load(i), merger.spec)
     start = time.perf_counter()
-    merger.align(matcher=args.matcher)               # activation matching: 10,000 training images
+    merger.align(matcher=args.matcher)  # activation matching: 10,000 training images
     timings["align_s"] = time.perf_counter() - start
 
     ends = [evaluate_model(merger.load(i), test) for i in range(2)]
@@ -121,25 +140,42 @@ def main(argv=None) -> int:
         for repair in (None, "repair", *(["reset_bn"] if has_bn else [])):
             r = evaluate_model(merger.merge(0.5, permute=permute, repair=repair), test)
             rows[f"{'permuted' if permute else 'vanilla'}+{repair or 'none'}"] = {
-                "acc": r["acc"], "loss": r["loss"], "barrier_midpoint_acc": mean_end["acc"] - r["acc"],
-                "barrier_midpoint_loss": r["loss"] - mean_end["loss"]}
+                "acc": r["acc"],
+                "loss": r["loss"],
+                "barrier_midpoint_acc": mean_end["acc"] - r["acc"],
+                "barrier_midpoint_loss": r["loss"] - mean_end["loss"],
+            }
     best = max((k for k in rows if k.startswith("permuted")), key=lambda k: rows[k]["acc"])
     merged = merger.merge(0.5, repair=None if best.endswith("none") else best.split("+")[1])
-    merged_dir = out / ("merged" if args.matcher == "activation" and not args.keep_heads else
-                        f"merged-{args.matcher}{'-keep-heads' if args.keep_heads else ''}")
-    merger.save_pretrained(merged_dir, model=merged, command=f"python examples/merge_any_model.py --arch {args.arch}",
-                           overwrite=True)  # a rerun replaces its own merged folder
+    merged_dir = out / (
+        "merged"
+        if args.matcher == "activation" and not args.keep_heads
+        else f"merged-{args.matcher}{'-keep-heads' if args.keep_heads else ''}"
+    )
+    merger.save_pretrained(
+        merged_dir, model=merged, command=f"python examples/merge_any_model.py --arch {args.arch}", overwrite=True
+    )  # a rerun replaces its own merged folder
     results = {
-        "arch": args.arch, "width": width, "epochs": args.epochs, "seeds": args.seeds, "matcher": args.matcher,
-        "keep_heads": args.keep_heads, "couplings": [list(c) for c in merger.spec.couplings],
-        "groups": {g.name: g.size for g in merger.spec.groups}, "skipped": merger.traced.skipped,
+        "arch": args.arch,
+        "width": width,
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "matcher": args.matcher,
+        "keep_heads": args.keep_heads,
+        "couplings": [list(c) for c in merger.spec.couplings],
+        "groups": {g.name: g.size for g in merger.spec.groups},
+        "skipped": merger.traced.skipped,
         "repair_modules": list(merger.traced.repair_modules),
-        "endpoints": [{"acc": e["acc"], "loss": e["loss"]} for e in ends], "midpoints": rows,
-        "timings": timings, "merged_saved_with": best,
+        "endpoints": [{"acc": e["acc"], "loss": e["loss"]} for e in ends],
+        "midpoints": rows,
+        "timings": timings,
+        "merged_saved_with": best,
     }
     write_json_atomic(out / f"results-{merged_dir.name}.json", results)
-    print(f"{args.arch}: {len(merger.spec.groups)} permutation groups traced, {len(merger.traced.skipped)} left "
-          f"unpermuted; endpoints test acc {ends[0]['acc']:.4f} / {ends[1]['acc']:.4f}")
+    print(
+        f"{args.arch}: {len(merger.spec.groups)} permutation groups traced, {len(merger.traced.skipped)} left "
+        f"unpermuted; endpoints test acc {ends[0]['acc']:.4f} / {ends[1]['acc']:.4f}"
+    )
     print(f"{'midpoint (alpha 0.5)':24s} {'test acc':>9s} {'barrier':>8s}")
     for name, r in rows.items():
         print(f"{name:24s} {r['acc']:9.4f} {r['barrier_midpoint_acc']:+8.4f}")

@@ -6,6 +6,7 @@
 The same as `hf-permerge sweep ...` (or `accelerate launch -m hf_permerge.cli sweep ...`): cell i runs on
 process i % world size, finished cells are skipped, and the main process writes the table and figure.
 """
+
 import sys
 
 from hf_permerge.cli import main

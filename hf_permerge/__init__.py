@@ -5,6 +5,7 @@ Importing the package registers our model classes with `AutoConfig`,
 transformers is already imported, otherwise the moment it is. So `import hf_permerge` itself stays light
 (torch and transformers load only when used), which keeps the command line instant.
 """
+
 import importlib
 import importlib.abc
 import importlib.util
@@ -14,8 +15,13 @@ from .metrics import load_metric
 
 __version__ = "0.1.0"
 
-_LAZY = {"PermMLPConfig": "models", "PermCNNConfig": "models", "PermMLPForImageClassification": "models",
-         "PermCNNForImageClassification": "models", "PermMerger": "merging"}
+_LAZY = {
+    "PermMLPConfig": "models",
+    "PermCNNConfig": "models",
+    "PermMLPForImageClassification": "models",
+    "PermCNNForImageClassification": "models",
+    "PermMerger": "merging",
+}
 
 
 def __getattr__(name):
@@ -52,5 +58,11 @@ if "transformers" in sys.modules:
 elif not any(isinstance(f, _RegisterWithTransformers) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterWithTransformers())
 
-__all__ = ["PermMLPConfig", "PermCNNConfig", "PermMLPForImageClassification", "PermCNNForImageClassification",
-           "PermMerger", "load_metric"]
+__all__ = [
+    "PermMLPConfig",
+    "PermCNNConfig",
+    "PermMLPForImageClassification",
+    "PermCNNForImageClassification",
+    "PermMerger",
+    "load_metric",
+]

@@ -7,6 +7,7 @@ process unasked, so `import hf_permerge` leaves malloc alone; `hf-permerge`, `ex
 `examples/train_pair.py` call `reuse_freed_memory()`. Opt out with HF_PERMERGE_MALLOC=default; glibc's own
 MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables, when set, win.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -16,7 +17,7 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 LIMIT = 1 << 30
 """Blocks up to 1 GiB come from the reused heap, and up to 1 GiB of freed memory stays mapped for reuse."""
 
@@ -30,7 +31,7 @@ def reuse_freed_memory(limit: int = LIMIT) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         applied = libc.mallopt(_M_MMAP_THRESHOLD, limit) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, limit) == 1
-    except (OSError, AttributeError):      # not glibc (musl, macOS): nothing to tune
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
     logger.debug("malloc: large freed blocks kept for reuse (up to %d bytes): %s", limit, applied)
     return applied

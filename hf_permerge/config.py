@@ -2,6 +2,7 @@
 
 A typo or a wrong type fails early with an error naming the key (mergekit's lesson).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -24,8 +25,11 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(text: str):
@@ -37,8 +41,12 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,   # finite or refused
-                              use_attribute_docstrings=True)       # a field's docstring is its help
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,  # finite or refused
+        use_attribute_docstrings=True,
+    )  # a field's docstring is its help
 
 
 class ModelSection(_Section):
@@ -57,11 +65,16 @@ class ModelSection(_Section):
     def _check_layers(self):
         unused = ["depth", "width"] if self.type == "cnn" else ["layers"]
         changed = [k for k in unused if getattr(self, k) != type(self).model_fields[k].default]
-        if changed:            # a warning, not an error: saved pairs list every field of their model section
-            logger.warning("model.%s %s no effect on %s (%s); ignored", " and model.".join(changed),
-                           "have" if len(changed) > 1 else "has", "a CNN" if self.type == "cnn" else "an MLP",
-                           "its layers are model.layers, e.g. 64-64-avg-128-128" if self.type == "cnn" else
-                           "its layers are model.depth x model.width")
+        if changed:  # a warning, not an error: saved pairs list every field of their model section
+            logger.warning(
+                "model.%s %s no effect on %s (%s); ignored",
+                " and model.".join(changed),
+                "have" if len(changed) > 1 else "has",
+                "a CNN" if self.type == "cnn" else "an MLP",
+                "its layers are model.layers, e.g. 64-64-avg-128-128"
+                if self.type == "cnn"
+                else "its layers are model.depth x model.width",
+            )
         if self.type == "cnn":
             from .models.configuration_perm_cnn import parse_layers
 
@@ -122,20 +135,24 @@ class TrainingSection(_Section):
     @classmethod
     def _check_epochs(cls, epochs: int) -> int:
         if epochs < 1:
-            raise ValueError(f"{epochs} epochs would train nothing; set 1 or more (and training.max_steps for a "
-                             "shorter run)")
+            raise ValueError(
+                f"{epochs} epochs would train nothing; set 1 or more (and training.max_steps for a shorter run)"
+            )
         return epochs
 
     @model_validator(mode="after")
     def _check_steps(self):
         bad = [s for s in self.save_steps if s <= 0]
         if bad:
-            raise ValueError(f"training.save_steps must be positive step counts (step 0, the init, is always saved); got {bad}")
+            raise ValueError(
+                f"training.save_steps must be positive step counts (step 0, the init, is always saved); got {bad}"
+            )
         return self
 
 
 class _AlignmentBase(_Section):
     """What every matcher shares; each matcher's own settings are added from its model (`hf_permerge.matching`)."""
+
     matcher: Literal[MATCHER_NAMES] = "activation"
     checkpoint: str = Field("final", pattern=r"^(final|init|step-[1-9][0-9]*)$")
     """Checkpoint whose activations/weights define the permutation (final, init, step-N)."""
@@ -156,15 +173,20 @@ class _AlignmentBase(_Section):
             msg = err.errors()[0]["msg"].removeprefix("Value error, ")
             raise ValueError(f"alignment (matcher {self.matcher}): {msg}") from None
         if self.reference == "average" and self.matcher == "gradient":
-            raise ValueError("alignment.reference: average is implemented for the activation and weight matchers, "
-                             "not gradient; set alignment.reference: net_0")
+            raise ValueError(
+                "alignment.reference: average is implemented for the activation and weight matchers, "
+                "not gradient; set alignment.reference: net_0"
+            )
         return self
 
 
 AlignmentSection = create_model(
-    "AlignmentSection", __base__=_AlignmentBase, __doc__="The `alignment` section: the shared fields and every "
+    "AlignmentSection",
+    __base__=_AlignmentBase,
+    __doc__="The `alignment` section: the shared fields and every "
     "matcher's settings (each declared once, by its matcher's model in `hf_permerge.matching`).",
-    **{name: (info.annotation, info) for name, info in all_settings_fields().items()})
+    **{name: (info.annotation, info) for name, info in all_settings_fields().items()},
+)
 
 
 class EvaluationSection(_Section):
@@ -202,10 +224,12 @@ class RunConfig(_Section):
         missing = [x for x in self.evaluation.schedules if x != 0 and x not in t.save_steps and x != t.max_steps]
         if missing:
             one = len(missing) == 1
-            raise ValueError(f"evaluation.schedules asks for perm@{', perm@'.join(map(str, missing))}, but the nets are "
-                             f"not saved at {'that step' if one else 'those steps'} (training.save_steps: "
-                             f"{t.save_steps}); add {'it' if one else 'them'} to training.save_steps, or "
-                             f"drop {'it' if one else 'them'} from evaluation.schedules")
+            raise ValueError(
+                f"evaluation.schedules asks for perm@{', perm@'.join(map(str, missing))}, but the nets are "
+                f"not saved at {'that step' if one else 'those steps'} (training.save_steps: "
+                f"{t.save_steps}); add {'it' if one else 'them'} to training.save_steps, or "
+                f"drop {'it' if one else 'them'} from evaluation.schedules"
+            )
         return self
 
     @model_validator(mode="after")
@@ -213,8 +237,10 @@ class RunConfig(_Section):
         """Aligning at step N needs the nets saved at step N: refused before training, not after it."""
         t, name = self.training, self.alignment.checkpoint
         if name.startswith("step-") and int(name[5:]) not in t.save_steps:
-            raise ValueError(f"alignment.checkpoint {name} is not saved (training.save_steps: {t.save_steps}); add "
-                             f"{name[5:]} to training.save_steps, or align at final or init")
+            raise ValueError(
+                f"alignment.checkpoint {name} is not saved (training.save_steps: {t.save_steps}); add "
+                f"{name[5:]} to training.save_steps, or align at final or init"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,14 +270,22 @@ def _format_errors(err: ValidationError, source: str, overridden: dict[str, str]
             known = _known_keys(e["loc"])
             close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            if len(e["loc"]) == 1 and not close:     # a field without its section, or a sweep file
+            if len(e["loc"]) == 1 and not close:  # a field without its section, or a sweep file
                 owners = [f"{name}.{e['loc'][0]}" for name in known if e["loc"][0] in _known_keys((name, ""))]
-                hint = (f"did you mean {owners[0]!r}? " if owners else
-                        "a sweep config runs with `hf-permerge sweep FILE -o OUT`; " if e["loc"][0] == "sweep" else "")
+                hint = (
+                    f"did you mean {owners[0]!r}? "
+                    if owners
+                    else "a sweep config runs with `hf-permerge sweep FILE -o OUT`; "
+                    if e["loc"][0] == "sweep"
+                    else ""
+                )
             where = "the sections are" if len(e["loc"]) == 1 else "its section's keys are"
-            lines.append(f"  {key}: unknown key{origin} ({hint}{where} {', '.join(known)})" if known else
-                         f"  {key}: unknown key{origin} (check the spelling; see configs/ for the known keys)")
-        elif not e["loc"]:              # a check across sections: its message names the keys; no input dump
+            lines.append(
+                f"  {key}: unknown key{origin} ({hint}{where} {', '.join(known)})"
+                if known
+                else f"  {key}: unknown key{origin} (check the spelling; see configs/ for the known keys)"
+            )
+        elif not e["loc"]:  # a check across sections: its message names the keys; no input dump
             given = [v for k, v in (overridden or {}).items() if k in e["msg"]]
             origin = f" [from --set {', '.join(given)}]" if given else ""
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}{origin}")
@@ -273,9 +307,11 @@ def set_override(data: dict, keys: list[str], raw: str, item: str) -> None:
     for depth, k in enumerate(keys[:-1]):
         child = node.setdefault(k, {})
         if not isinstance(child, dict):
-            where = ".".join(keys[:depth + 1])
-            raise ConfigError(f"override {item!r}: {where!r} is not a section (it holds {child!r}, from the config "
-                              f"file or an earlier --set); set a key inside it, e.g. {where}.<key>=...")
+            where = ".".join(keys[: depth + 1])
+            raise ConfigError(
+                f"override {item!r}: {where!r} is not a section (it holds {child!r}, from the config "
+                f"file or an earlier --set); set a key inside it, e.g. {where}.<key>=..."
+            )
         node = child
     node[keys[-1]] = value
 
@@ -305,11 +341,14 @@ def read_yaml_file(path: str | Path, what: str, shipped: str) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
     if data is None:
-        raise ConfigError(f"{what} {path} is empty; start from one of {shipped} (an empty mapping `{{}}` means "
-                          "every default)")
+        raise ConfigError(
+            f"{what} {path} is empty; start from one of {shipped} (an empty mapping `{{}}` means every default)"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} must be a mapping with sections model, data, training, ... "
-                          f"(it holds a {type(data).__name__}); see {shipped}")
+        raise ConfigError(
+            f"{what} {path} must be a mapping with sections model, data, training, ... "
+            f"(it holds a {type(data).__name__}); see {shipped}"
+        )
     return data
 
 
@@ -343,5 +382,8 @@ def config_differences(saved, current: RunConfig, sections: tuple[str, ...] | No
         saved = {k: v for k, v in saved.items() if k in sections}
         now = {k: v for k, v in now.items() if k in sections}
     keys = sorted({(sec, k) for d in (saved, now) for sec, vals in d.items() if isinstance(vals, dict) for k in vals})
-    return [f"{sec}.{k}" for sec, k in keys
-            if not isinstance(saved.get(sec), dict) or saved[sec].get(k) != now.get(sec, {}).get(k)]
+    return [
+        f"{sec}.{k}"
+        for sec, k in keys
+        if not isinstance(saved.get(sec), dict) or saved[sec].get(k) != now.get(sec, {}).get(k)
+    ]

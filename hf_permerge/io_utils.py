@@ -1,4 +1,5 @@
 """Atomic writes: an output appears whole or not at all, and nothing a user made is lost."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ def atomic_dir(target: str | os.PathLike):
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tmp.chmod(dir_mode())          # mkdtemp's 0700, made the mode of any new folder
+        tmp.chmod(dir_mode())  # mkdtemp's 0700, made the mode of any new folder
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -78,8 +79,10 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     its key, and nothing is written."""
     bad = first_non_finite(data)
     if bad is not None:
-        raise ValueError(f"not writing {path}: {bad} is not a finite number (NaN or inf); the weights or data it "
-                         "was measured on hold non-finite values")
+        raise ValueError(
+            f"not writing {path}: {bad} is not a finite number (NaN or inf); the weights or data it "
+            "was measured on hold non-finite values"
+        )
     with atomic_file(path) as tmp, tmp.open("w") as f:
         json.dump(data, f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
@@ -97,8 +100,10 @@ def first_non_finite(data, where: str = "") -> str | None:
     return None
 
 
-LEFTOVER = re.compile(r"\..+\.tmp-[a-z0-9_]{8}|\..+\.old-\d+|\.plots-[a-z0-9_]{8}"
-                      r"|\.permutations-[a-z0-9_]{8}\.safetensors\.tmp")
+LEFTOVER = re.compile(
+    r"\..+\.tmp-[a-z0-9_]{8}|\..+\.old-\d+|\.plots-[a-z0-9_]{8}"
+    r"|\.permutations-[a-z0-9_]{8}\.safetensors\.tmp"
+)
 """The exact names of our temporary files and folders: `atomic_dir`, `atomic_file`, the report's plots
 (tempfile's 8 random characters), and the permutation files' of versions before `atomic_file`."""
 
@@ -118,6 +123,7 @@ def _remove(entry: Path) -> None:
 @dataclass(frozen=True)
 class Wording:
     """How a refusal names the way out: the command line's flags or the Python call's arguments."""
+
     overwrite: str
     resume: str
     elsewhere: str
@@ -127,9 +133,16 @@ CLI_WORDING = Wording("--overwrite", "--resume", "choose another --output-dir")
 PYTHON_WORDING = Wording("overwrite=True", "resume=True", "save to a new or empty folder")
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
-                     marker: str | tuple[str, ...] | None = None, resumable: bool = False,
-                     what: str = "an output", wording: Wording = CLI_WORDING, contents: tuple[str, ...] = ()) -> Path:
+def check_output_dir(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    resume: bool = False,
+    marker: str | tuple[str, ...] | None = None,
+    resumable: bool = False,
+    what: str = "an output",
+    wording: Wording = CLI_WORDING,
+    contents: tuple[str, ...] = (),
+) -> Path:
     """Refuse an output folder that exists (unless overwrite/resume) or cannot be written, before any work.
 
     With `overwrite` or `resume`, only a folder that holds our own output (a `marker` file) is replaced
@@ -153,25 +166,37 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
         no_marker = f"no {' or '.join(markers)}"
         if not (overwrite or resume):
             if not ours:
-                raise FileExistsError(f"output folder {path} exists and does not hold {what} of hf_permerge ({no_marker}); "
-                                      f"{wording.elsewhere}")
-            raise FileExistsError(f"output folder {path} already holds {what}; pass {wording.overwrite} to replace "
-                                  "it" + (f" or {wording.resume} to continue an interrupted run" if resumable else "")
-                                  + f", or {wording.elsewhere}")
+                raise FileExistsError(
+                    f"output folder {path} exists and does not hold {what} of hf_permerge ({no_marker}); "
+                    f"{wording.elsewhere}"
+                )
+            raise FileExistsError(
+                f"output folder {path} already holds {what}; pass {wording.overwrite} to replace "
+                "it"
+                + (f" or {wording.resume} to continue an interrupted run" if resumable else "")
+                + f", or {wording.elsewhere}"
+            )
         if markers and not ours:
             action = f"continue in it with {wording.resume}" if resume else f"delete it even with {wording.overwrite}"
-            raise FileExistsError(f"output folder {path} is not empty and does not hold {what} of hf_permerge ({no_marker}); "
-                                  f"refusing to {action}. {wording.elsewhere[0].upper()}{wording.elsewhere[1:]}")
+            raise FileExistsError(
+                f"output folder {path} is not empty and does not hold {what} of hf_permerge ({no_marker}); "
+                f"refusing to {action}. {wording.elsewhere[0].upper()}{wording.elsewhere[1:]}"
+            )
         if resume:
             return path
-        foreign = sorted(e.name for e in entries if contents and not is_leftover(e)
-                         and not any(fnmatch(e.name, pattern) for pattern in contents))
+        foreign = sorted(
+            e.name
+            for e in entries
+            if contents and not is_leftover(e) and not any(fnmatch(e.name, pattern) for pattern in contents)
+        )
         if foreign:
             listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
-            raise FileExistsError(f"output folder {path} holds {what} of hf_permerge, and also {listed}, which it "
-                                  f"does not consist of; {wording.overwrite} would replace the whole folder, so move "
-                                  f"{'that' if len(foreign) == 1 else 'those'} out of it first, or "
-                                  f"{wording.elsewhere}")
+            raise FileExistsError(
+                f"output folder {path} holds {what} of hf_permerge, and also {listed}, which it "
+                f"does not consist of; {wording.overwrite} would replace the whole folder, so move "
+                f"{'that' if len(foreign) == 1 else 'those'} out of it first, or "
+                f"{wording.elsewhere}"
+            )
     parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise NotADirectoryError(f"output folder {path} cannot be created: {parent} is a file, not a folder")
@@ -213,13 +238,15 @@ def folder_lock(target: str | os.PathLike):
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise FileExistsError(f"output folder {target} is being written by another hf-permerge process (PID "
-                                  f"{holder}); wait for it to finish, or choose another --output-dir") from None
+            raise FileExistsError(
+                f"output folder {target} is being written by another hf-permerge process (PID "
+                f"{holder}); wait for it to finish, or choose another --output-dir"
+            ) from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
-        if same:                       # not a file its previous holder removed as we opened it
+        if same:  # not a file its previous holder removed as we opened it
             break
         os.close(fd)
     os.ftruncate(fd, 0)
@@ -227,9 +254,9 @@ def folder_lock(target: str | os.PathLike):
     try:
         yield path
     finally:
-        Path(path).unlink(missing_ok=True)     # while still held: a waiting writer then takes a new file
+        Path(path).unlink(missing_ok=True)  # while still held: a waiting writer then takes a new file
         os.close(fd)
-        for folder in created if not target.exists() else ():    # the parents made for a job that left nothing
+        for folder in created if not target.exists() else ():  # the parents made for a job that left nothing
             try:
                 folder.rmdir()
             except OSError:

@@ -3,6 +3,7 @@
 The run config's `alignment` section, its validation and the CLI's matching flags are all derived from these
 models, so a setting is declared once. Torch-free, so that the command line can build its flags instantly.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -12,47 +13,67 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class MatcherSettings(BaseModel):
     """Base class: the fields are a matcher's settings (constructor kwargs), each with its default and help."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ActivationSettings(MatcherSettings):
     """Activation matching (the paper's Sec. 2): match the units whose activations agree on data."""
+
     similarity: Literal["cosine", "correlation", "l2"] = Field(
-        "cosine", description="the similarity (default cosine, uncentred)")
+        "cosine", description="the similarity (default cosine, uncentred)"
+    )
     preactivation: bool = Field(False, description="match activations before the non-linearity")
     products: Literal["float32", "float64"] = Field(
-        "float32", description="dtype of the n x n products of mean-shifted activations (default float32; "
-                               "float64: exact, 2x slower on CPUs)")
+        "float32",
+        description="dtype of the n x n products of mean-shifted activations (default float32; "
+        "float64: exact, 2x slower on CPUs)",
+    )
     num_examples: int = Field(10000, ge=1, description="images to use, a seeded subset of the data (default 10000)")
 
 
 class WeightSettings(MatcherSettings):
     """Weight matching (Git Re-Basin): no data, coordinate descent on the weights."""
+
     max_iter: int = Field(100, ge=0, description="coordinate-descent sweeps at most (default 100)")
-    bottom_up: bool = Field(True, description="start the descent from the paper's App. D pass (first layer upward, "
-                                              "incoming weights; the default), or (false) from the identity as Git "
-                                              "Re-Basin does; with max_iter 0 the App. D pass alone")
+    bottom_up: bool = Field(
+        True,
+        description="start the descent from the paper's App. D pass (first layer upward, "
+        "incoming weights; the default), or (false) from the identity as Git "
+        "Re-Basin does; with max_iter 0 the App. D pass alone",
+    )
 
     @model_validator(mode="after")
     def _check_start(self):
         if self.max_iter == 0 and not self.bottom_up:
-            raise ValueError("max_iter 0 with bottom_up false would match nothing (the identity); set bottom_up "
-                             "true (App. D's one pass) or max_iter >= 1")
+            raise ValueError(
+                "max_iter 0 with bottom_up false would match nothing (the identity); set bottom_up "
+                "true (App. D's one pass) or max_iter >= 1"
+            )
         return self
 
 
 class GradientSettings(MatcherSettings):
     """Gradient matching at initialisation (the paper's App. B)."""
+
     preconditioner: Literal["foof", "none"] = Field(
-        "foof", description="FOOF (the paper's App. B, default) or the raw gradient")
-    damping: float = Field(1.0, gt=0, description="FOOF damping, relative to the mean eigenvalue of the input "
-                                                  "second moment (default 1.0, measured best)")
+        "foof", description="FOOF (the paper's App. B, default) or the raw gradient"
+    )
+    damping: float = Field(
+        1.0,
+        gt=0,
+        description="FOOF damping, relative to the mean eigenvalue of the input "
+        "second moment (default 1.0, measured best)",
+    )
     num_examples: int = Field(10000, ge=1, description="images to use, a seeded subset of the data (default 10000)")
     max_iter: int = Field(100, ge=0, description="coordinate-descent sweeps at most (default 100)")
 
 
 MATCHER_SETTINGS: dict[str, type[MatcherSettings]] = {
-    "activation": ActivationSettings, "weight": WeightSettings, "gradient": GradientSettings}
+    "activation": ActivationSettings,
+    "weight": WeightSettings,
+    "gradient": GradientSettings,
+}
 """The registry of matcher names: the one place that knows them (the matcher classes register under these)."""
 MATCHER_NAMES = tuple(MATCHER_SETTINGS)
 
@@ -72,8 +93,11 @@ def all_settings_fields() -> dict:
     fields: dict = {}
     for model in MATCHER_SETTINGS.values():
         for name, info in model.model_fields.items():
-            if name in fields and (fields[name].annotation, fields[name].default, fields[name].metadata) != \
-                    (info.annotation, info.default, info.metadata):
+            if name in fields and (fields[name].annotation, fields[name].default, fields[name].metadata) != (
+                info.annotation,
+                info.default,
+                info.metadata,
+            ):
                 raise TypeError(f"matcher setting {name!r} is declared differently by two matchers")
             fields.setdefault(name, info)
     return fields

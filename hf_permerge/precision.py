@@ -4,6 +4,7 @@ fp32 is the default for the science. "tf32" runs CUDA float32 matmuls on tensor 
 10-bit mantissas, float32 sums), about twice as fast for wide nets. It is CUDA-only: the CPU computes
 float32 either way.
 """
+
 from __future__ import annotations
 
 import contextlib

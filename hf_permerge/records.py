@@ -4,6 +4,7 @@ the fields it relies on, and one reader that refuses a malformed file naming it 
 A user's folder may hold a file edited by hand, truncated or from another tool; reading one must end in a clear
 one-line error, never a traceback. Unknown fields are allowed (a newer version may add some).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ class _Record(BaseModel):
 
 class PairRecord(_Record):
     """pair.json: how a pair's nets were made."""
+
     num_nets: int = Field(ge=1)
     config: dict | None = None
     """The run config the nets were made with (a pair made by other tools may lack it; evaluate then needs one)."""
@@ -28,12 +30,14 @@ class PairRecord(_Record):
 class AlignmentRecord(_Record):
     """alignment.json (beside `hf-permerge align`'s permutations) and merge_config.json (a merged model's): which
     nets the permutations belong to, and how they were found."""
+
     fingerprints: list[str] | None = None
     alignment: dict | None = None
 
 
 class TrainerStateRecord(_Record):
     """trainer_state.json of a resume point."""
+
     step: int = Field(ge=0)
     optimizer: dict
 
@@ -50,7 +54,9 @@ def read_json(path: str | Path, fix: str = "") -> dict:
     try:
         data = json.loads(path.read_text(), parse_constant=refuse)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}){how}") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}){how}"
+        ) from None
     except (UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}){how}") from None
     if not isinstance(data, dict):

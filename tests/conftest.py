@@ -1,4 +1,5 @@
 """Shared fixtures: small real Fashion-MNIST folders in IDX format, tiny run configs."""
+
 from __future__ import annotations
 
 import gzip
@@ -74,13 +75,15 @@ def tiny_pair(tmp_path_factory, tiny_fmnist):
     from hf_permerge.config import config_from_dict
     from hf_permerge.training import PairTrainer
 
-    cfg = config_from_dict({
-        "model": {"type": "mlp", "depth": 1, "width": 32},
-        "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
-        "training": {"num_nets": 3, "seed": 0, "epochs": 2, "save_steps": [5]},
-        "alignment": {"num_examples": 1000},
-        "evaluation": {"train_subset": 1000},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {"type": "mlp", "depth": 1, "width": 32},
+            "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
+            "training": {"num_nets": 3, "seed": 0, "epochs": 2, "save_steps": [5]},
+            "alignment": {"num_examples": 1000},
+            "evaluation": {"train_subset": 1000},
+        }
+    )
     out = tmp_path_factory.mktemp("pairs") / "tiny_pair"
     PairTrainer(cfg, out, progress=False).train()
     return out

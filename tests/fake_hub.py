@@ -17,6 +17,7 @@ Errors carry the headers the client maps to its exception types (`X-Error-Code: 
 `RevisionNotFound`, `EntryNotFound`; `X-Error-Message` on a bad token). Everything lives in memory.
 Run it by hand with `python tests/fake_hub.py --port 8000 --token hf_xxx:alice`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -64,8 +65,9 @@ class Repo:
 class HubError(Exception):
     """An error response: status, message and the `X-Error-Code` the client maps to an exception."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
-                 body: dict | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, headers: dict | None = None, body: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.headers, self.body = headers or {}, body or {}
@@ -78,8 +80,7 @@ class FakeHub:
     as on huggingface.co. `orgs` maps a user to the organisations it may write to.
     """
 
-    def __init__(self, tokens: dict[str, str] | None = None, orgs: dict[str, list[str]] | None = None,
-                 port: int = 0):
+    def __init__(self, tokens: dict[str, str] | None = None, orgs: dict[str, list[str]] | None = None, port: int = 0):
         self.tokens = dict(tokens or {})
         self.orgs = dict(orgs or {})
         self.repos: dict[str, Repo] = {}
@@ -167,10 +168,16 @@ class FakeHub:
             if seg[:2] == ["api", "whoami-v2"] and method == "GET":
                 if user is None:
                     raise HubError(401, "Invalid username or password.")
-                return _json({"type": "user", "id": hashlib.md5(user.encode()).hexdigest()[:24], "name": user,
-                              "fullname": user, "orgs": [{"name": o} for o in self.orgs.get(user, [])],
-                              "auth": {"type": "access_token",
-                                       "accessToken": {"displayName": "test", "role": "write"}}})
+                return _json(
+                    {
+                        "type": "user",
+                        "id": hashlib.md5(user.encode()).hexdigest()[:24],
+                        "name": user,
+                        "fullname": user,
+                        "orgs": [{"name": o} for o in self.orgs.get(user, [])],
+                        "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+                    }
+                )
             if seg[:3] == ["api", "repos", "create"] and method == "POST":
                 return self._create_repo(user, json.loads(body or b"{}"))
             if seg[:2] == ["api", "validate-yaml"] and method == "POST":
@@ -192,8 +199,9 @@ class FakeHub:
                     return self._create_branch(repo_id, user, unquote(rest[1]), json.loads(body or b"{}"))
             if len(seg) >= 5 and seg[2] == "resolve" and seg[0] not in ("api", "datasets", "spaces"):
                 repo_id = f"{unquote(seg[0])}/{unquote(seg[1])}"
-                return self._resolve(repo_id, user, unquote(seg[3]), unquote("/".join(seg[4:])),
-                                     method, headers.get("Range"))
+                return self._resolve(
+                    repo_id, user, unquote(seg[3]), unquote("/".join(seg[4:])), method, headers.get("Range")
+                )
         self.unrouted.append((method, raw_path))
         raise HubError(404, f"fake hub: no route for {method} {raw_path}")
 
@@ -213,8 +221,7 @@ class FakeHub:
         url = f"{self.url}/{repo_id}"
         if repo_id in self.repos:
             raise HubError(409, "You already created this model repo", body={"url": url})
-        repo = Repo(repo_id, private=payload.get("visibility", "public") != "public"
-                    or bool(payload.get("private")))
+        repo = Repo(repo_id, private=payload.get("visibility", "public") != "public" or bool(payload.get("private")))
         first = self._new_commit(repo, {".gitattributes": GITATTRIBUTES}, None, "initial commit")
         repo.refs["main"] = first.sha
         self.repos[repo_id] = repo
@@ -239,14 +246,27 @@ class FakeHub:
         commit = repo.resolve(revision)
         if commit is None:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        return _json({
-            "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-            "author": repo_id.split("/")[0], "sha": commit.sha, "private": repo.private, "disabled": False,
-            "gated": False, "tags": [], "downloads": 0, "likes": 0,
-            "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z",
-            "siblings": [{"rfilename": p, "size": len(c), "blobId": git_blob_sha1(c)}
-                         for p, c in sorted(commit.files.items())],
-        })
+        return _json(
+            {
+                "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit.sha,
+                "private": repo.private,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "lastModified": "2024-01-01T00:00:00.000Z",
+                "createdAt": "2024-01-01T00:00:00.000Z",
+                "siblings": [
+                    {"rfilename": p, "size": len(c), "blobId": git_blob_sha1(c)}
+                    for p, c in sorted(commit.files.items())
+                ],
+            }
+        )
 
     def _tree(self, repo_id, user, revision, path, query):
         repo = self._readable(repo_id, user)
@@ -259,16 +279,22 @@ class FakeHub:
         for file_path, content in commit.files.items():
             if not file_path.startswith(prefix):
                 continue
-            parts = file_path[len(prefix):].split("/")
+            parts = file_path[len(prefix) :].split("/")
             for depth in range(1, len(parts)):  # the folders on the way
                 if depth > 1 and not recursive:
                     break
                 folder = prefix + "/".join(parts[:depth])
-                entries.setdefault(folder, {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
-                                            "size": 0, "path": folder})
+                entries.setdefault(
+                    folder,
+                    {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(), "size": 0, "path": folder},
+                )
             if recursive or len(parts) == 1:
-                entries[file_path] = {"type": "file", "oid": git_blob_sha1(content), "size": len(content),
-                                      "path": file_path}
+                entries[file_path] = {
+                    "type": "file",
+                    "oid": git_blob_sha1(content),
+                    "size": len(content),
+                    "path": file_path,
+                }
         if prefix and not entries:
             raise HubError(404, f"{path} does not exist at {revision}", "EntryNotFound")
         return _json([entries[k] for k in sorted(entries)])
@@ -277,11 +303,20 @@ class FakeHub:
         repo = self._writable(repo_id, user)
         commit = repo.resolve(revision)
         files = commit.files if commit is not None else {}
-        return _json({"files": [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-             "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}
-            for f in payload.get("files", [])],
-            "commitOid": commit.sha if commit is not None else None})
+        return _json(
+            {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None,
+                    }
+                    for f in payload.get("files", [])
+                ],
+                "commitOid": commit.sha if commit is not None else None,
+            }
+        )
 
     def _commit(self, repo_id, user, revision, body, query):
         repo = self._writable(repo_id, user)
@@ -321,8 +356,14 @@ class FakeHub:
             if branch is None:
                 raise HubError(400, f"cannot commit on {revision!r}: not a branch")
             repo.refs[branch] = commit.sha
-        return _json({"success": True, "commitOid": commit.sha, "pullRequestUrl": pr_url,
-                      "commitUrl": f"{self.url}/{repo_id}/commit/{commit.sha}"})
+        return _json(
+            {
+                "success": True,
+                "commitOid": commit.sha,
+                "pullRequestUrl": pr_url,
+                "commitUrl": f"{self.url}/{repo_id}/commit/{commit.sha}",
+            }
+        )
 
     def _create_branch(self, repo_id, user, branch, payload):
         repo = self._writable(repo_id, user)
@@ -340,18 +381,23 @@ class FakeHub:
         if commit is None:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         if path not in commit.files:
-            raise HubError(404, f"{path} does not exist at {revision}", "EntryNotFound",
-                           headers={"X-Repo-Commit": commit.sha})
+            raise HubError(
+                404, f"{path} does not exist at {revision}", "EntryNotFound", headers={"X-Repo-Commit": commit.sha}
+            )
         content = commit.files[path]
-        headers = {"ETag": f'"{git_blob_sha1(content)}"', "X-Repo-Commit": commit.sha,
-                   "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        headers = {
+            "ETag": f'"{git_blob_sha1(content)}"',
+            "X-Repo-Commit": commit.sha,
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
         status = 200
         if range_header and range_header.startswith("bytes=") and method == "GET":
             start_s, _, end_s = range_header[6:].partition("-")
             start = int(start_s or 0)
             end = int(end_s) if end_s else len(content) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
-            content, status = content[start:end + 1], 206
+            content, status = content[start : end + 1], 206
         return status, headers, content
 
 
@@ -426,8 +472,13 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--token", action="append", default=[], metavar="TOKEN:USER",
-                        help="a valid token and its user; repeat for several")
+    parser.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="TOKEN:USER",
+        help="a valid token and its user; repeat for several",
+    )
     args = parser.parse_args()
     tokens = dict(t.split(":", 1) for t in args.token)
     with FakeHub(tokens=tokens, port=args.port) as served:

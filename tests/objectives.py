@@ -6,6 +6,7 @@ which one a solver returns depends on its start, the order of its columns and th
 tolerance; permutations are compared only where the optimum is unique by construction (a net matched with
 a permuted copy of itself).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,8 +43,10 @@ def summed_objective(matcher: str, models, perms: list[Permutations], data=None,
     """The N-net objective: `objective` of every pair of permuted nets, summed (what the joint alignments raise)."""
     permuted = [p.apply(m) for m, p in zip(models, perms)]
     identity = Permutations.identity(models[0].permutation_spec())
-    return sum(objective(matcher, permuted[i], permuted[j], identity, data, **settings)
-               for i, j in itertools.combinations(range(len(models)), 2))
+    return sum(
+        objective(matcher, permuted[i], permuted[j], identity, data, **settings)
+        for i, j in itertools.combinations(range(len(models)), 2)
+    )
 
 
 def assert_equally_good(found: float, expected: float, rel: float = 1e-6) -> None:

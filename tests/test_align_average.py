@@ -4,6 +4,7 @@ Invariants: permuted copies of one net are mapped back onto it from the identity
 the function it computed before; net 0 stays as it is; the activation objective summed over all pairs of
 nets never falls below the star alignment's it starts from.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,7 +32,7 @@ def test_permuted_copies_of_one_net_are_mapped_back_onto_it(tiny_pair, tiny_fmni
     spec = net.permutation_spec()
     copies = [Permutations.random(spec, seed).apply(net) for seed in (1, 2, 3)]
     models = [net, *copies]
-    start = [Permutations.identity(spec) for _ in models]          # not the star alignment: from scratch
+    start = [Permutations.identity(spec) for _ in models]  # not the star alignment: from scratch
     if joint == "weight":
         perms, rounds = align_to_average(models, WeightMatcher(), start=start)
     else:
@@ -70,8 +71,9 @@ def test_aligning_onto_each_other_keeps_every_function_and_net_0(tiny_pair, tiny
     x = load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist).pixel_values[:64]
     with torch.no_grad():
         for i in range(1, joint.num_nets):
-            torch.testing.assert_close(joint.permuted(i)(pixel_values=x).logits, joint.load(i)(pixel_values=x).logits,
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                joint.permuted(i)(pixel_values=x).logits, joint.load(i)(pixel_values=x).logits, atol=1e-5, rtol=1e-5
+            )
     # coordinate ascent from the star alignment on this very objective (activations: on the matcher's 1000 images)
     assert total_pairwise_objective(joint, matcher, data) >= total_pairwise_objective(star, matcher, data) - 1e-3
 
@@ -86,7 +88,7 @@ def test_the_result_is_a_fixed_point_no_single_net_can_improve(tiny_fmnist):
 
     data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)
     models = [PermMLPForImageClassification(PermMLPConfig(depth=3, width=16, seed=seed)).eval() for seed in range(4)]
-    spec = models[0].permutation_spec()       # three coupled layers: one weight-matching sweep is not exact
+    spec = models[0].permutation_spec()  # three coupled layers: one weight-matching sweep is not exact
     start = [Permutations.identity(spec) for _ in models]
     keys = list(spec.axes_to_perm())
 
@@ -97,18 +99,27 @@ def test_the_result_is_a_fixed_point_no_single_net_can_improve(tiny_fmnist):
     for i, model in enumerate(aligned):
         reference = average_of([a for j, a in enumerate(aligned) if j != i])
         again = matcher.match(reference, model).apply(model)
-        assert _inner(reference, again, keys) <= _inner(reference, model, keys) + 1e-6 * abs(_inner(reference, model, keys))
+        assert _inner(reference, again, keys) <= _inner(reference, model, keys) + 1e-6 * abs(
+            _inner(reference, model, keys)
+        )
 
     perms, rounds = align_activations_jointly(models, ActivationMatcher(num_examples=500), data, start, max_rounds=100)
     assert rounds["converged"]
     aligned = [p.apply(m) for p, m in zip(perms, models)]
     x = data.subset(500, 0).pixel_values
-    sims = {(i, j): activation_statistics(a, b, x, spec) for i, a in enumerate(aligned) for j, b in enumerate(aligned)
-            if i < j}
+    sims = {
+        (i, j): activation_statistics(a, b, x, spec)
+        for i, a in enumerate(aligned)
+        for j, b in enumerate(aligned)
+        if i < j
+    }
     for i in range(len(aligned)):
         for g in spec.names:
-            cost = sum((sims[i, j][g].similarity("cosine") if i < j else sims[j, i][g].similarity("cosine").T).T.double()
-                       for j in range(len(aligned)) if j != i)
+            cost = sum(
+                (sims[i, j][g].similarity("cosine") if i < j else sims[j, i][g].similarity("cosine").T).T.double()
+                for j in range(len(aligned))
+                if j != i
+            )
             identity = matched_similarity(cost, torch.arange(len(cost)))
             assert matched_similarity(cost, solve_assignment(cost)) <= identity + 1e-6 * abs(identity)
 
@@ -123,7 +134,9 @@ def test_reference_average_is_refused_where_it_does_not_apply(tiny_pair, tmp_pat
         merger.align(reference="average", max_rounds=0)
     assert run_cli("merge", tiny_pair, "--max-rounds", 3, "-q", "-o", tmp_path / "a") == 2
     assert "--max-rounds applies to --reference average" in capsys.readouterr().err
-    assert run_cli("merge", tiny_pair, "--matcher", "gradient", "--reference", "average", "-q", "-o", tmp_path / "b") == 2
+    assert (
+        run_cli("merge", tiny_pair, "--matcher", "gradient", "--reference", "average", "-q", "-o", tmp_path / "b") == 2
+    )
     assert "implemented for the activation and weight matchers" in capsys.readouterr().err
     assert run_cli("merge", tiny_pair, "--vanilla", "--reference", "average", "-q", "-o", tmp_path / "c") == 2
     assert "--reference cannot be used with --vanilla" in capsys.readouterr().err
@@ -135,8 +148,21 @@ def test_reference_average_is_refused_where_it_does_not_apply(tiny_pair, tmp_pat
 
 
 def test_cli_merges_all_nets_aligned_onto_each_other(tiny_pair, tmp_path, run_cli):
-    assert run_cli("merge", tiny_pair, "--all", "--reference", "average", "--num-examples", 500, "-q",
-                   "-o", tmp_path / "merged") == 0
+    assert (
+        run_cli(
+            "merge",
+            tiny_pair,
+            "--all",
+            "--reference",
+            "average",
+            "--num-examples",
+            500,
+            "-q",
+            "-o",
+            tmp_path / "merged",
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
     assert config["alignment"]["reference"] == "average" and config["merge"]["nets"] == [0, 1, 2]
     card = (tmp_path / "merged" / "README.md").read_text()
@@ -155,18 +181,23 @@ def test_warm_starts_carried_between_rounds_reach_the_same_optimum(tiny_fmnist, 
     start = [Permutations.identity(models[0].permutation_spec()) for _ in models]
     carried = []
     duals = hungarian.entropic_duals
-    monkeypatch.setattr(hungarian, "entropic_duals", lambda s, start=None: carried.append(start is not None) or
-                        duals(s, start))
+    monkeypatch.setattr(
+        hungarian, "entropic_duals", lambda s, start=None: carried.append(start is not None) or duals(s, start)
+    )
     found = {}
     for min_units in (8, 10**9):
         monkeypatch.setattr(hungarian, "WARM_START_MIN_UNITS", {"cpu": min_units, "cuda": min_units})
-        found[min_units] = [align_to_average(models, WeightMatcher(), start=start)[0],
-                            align_activations_jointly(models, ActivationMatcher(num_examples=500), data, start)[0]]
-    assert sum(carried) > 0 and not all(carried)       # first solves from scratch, later ones carried
+        found[min_units] = [
+            align_to_average(models, WeightMatcher(), start=start)[0],
+            align_activations_jointly(models, ActivationMatcher(num_examples=500), data, start)[0],
+        ]
+    assert sum(carried) > 0 and not all(carried)  # first solves from scratch, later ones carried
     for name, warm, plain in zip(("weight", "activation"), found[8], found[10**9]):
         settings = {"num_examples": 500} if name == "activation" else {}
-        assert_equally_good(summed_objective(name, models, warm, data, **settings),
-                            summed_objective(name, models, plain, data, **settings))
+        assert_equally_good(
+            summed_objective(name, models, warm, data, **settings),
+            summed_objective(name, models, plain, data, **settings),
+        )
 
 
 def test_the_star_alignment_found_on_the_way_is_match_manys(tiny_pair, tiny_fmnist):
@@ -178,14 +209,19 @@ def test_the_star_alignment_found_on_the_way_is_match_manys(tiny_pair, tiny_fmni
     data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)
     matcher = ActivationMatcher(num_examples=500)
     star = [Permutations.identity(merger.spec), *matcher.match_many(models[0], models[1:], data)]
-    kept, _ = align_activations_jointly(models, matcher, data, None, tolerance=float("inf"))   # no change taken
+    kept, _ = align_activations_jointly(models, matcher, data, None, tolerance=float("inf"))  # no change taken
     for i in range(1, len(models)):
-        assert_equally_good(activation_objective(models[0], models[i], kept[i], data, num_examples=500),
-                            activation_objective(models[0], models[i], star[i], data, num_examples=500))
-    assert [{k: v for k, v in p.info.items() if k not in ("groups", "reference")} for p in kept[1:]] == \
-        [{k: v for k, v in p.info.items() if k != "groups"} for p in star[1:]]
+        assert_equally_good(
+            activation_objective(models[0], models[i], kept[i], data, num_examples=500),
+            activation_objective(models[0], models[i], star[i], data, num_examples=500),
+        )
+    assert [{k: v for k, v in p.info.items() if k not in ("groups", "reference")} for p in kept[1:]] == [
+        {k: v for k, v in p.info.items() if k != "groups"} for p in star[1:]
+    ]
     given, _ = align_activations_jointly(models, matcher, data, star)
-    assert_equally_good(summed_objective("activation", models, given, data, num_examples=500),
-                        summed_objective("activation", models, align_activations_jointly(models, matcher, data,
-                                                                                         None)[0],
-                                         data, num_examples=500))
+    assert_equally_good(
+        summed_objective("activation", models, given, data, num_examples=500),
+        summed_objective(
+            "activation", models, align_activations_jointly(models, matcher, data, None)[0], data, num_examples=500
+        ),
+    )

@@ -1,4 +1,5 @@
 """Alignment: permutations leave the function unchanged (App. E), and the matchers find them (Section 2, App. B)."""
+
 from __future__ import annotations
 
 import itertools
@@ -31,24 +32,31 @@ from hf_permerge.models import (
     PermMLPForImageClassification,
 )
 
-ACTIVATION_VARIANTS = [dict(similarity=s, preactivation=p)
-                       for s, p in itertools.product(("cosine", "correlation", "l2"), (False, True))]
+ACTIVATION_VARIANTS = [
+    dict(similarity=s, preactivation=p) for s, p in itertools.product(("cosine", "correlation", "l2"), (False, True))
+]
 
 
 # Nets and data -------------------------------------------------------------------------------------
 
+
 def mlp(seed=0, depth=2, width=32, bias=True, image_size=28):
-    return PermMLPForImageClassification(PermMLPConfig(depth=depth, width=width, bias=bias, seed=seed,
-                                                       image_size=image_size)).eval()
+    return PermMLPForImageClassification(
+        PermMLPConfig(depth=depth, width=width, bias=bias, seed=seed, image_size=image_size)
+    ).eval()
 
 
 def cnn(seed=0, layers="8-8-avg-16", batch_norm=False, bias=True, image_size=28):
-    return PermCNNForImageClassification(PermCNNConfig(layers=layers, batch_norm=batch_norm, bias=bias, seed=seed,
-                                                       image_size=image_size)).eval()
+    return PermCNNForImageClassification(
+        PermCNNConfig(layers=layers, batch_norm=batch_norm, bias=bias, seed=seed, image_size=image_size)
+    ).eval()
 
 
-NETS = {"mlp": lambda seed=0: mlp(seed), "cnn": lambda seed=0: cnn(seed),
-        "cnn_bn": lambda seed=0: randomise_norm(cnn(seed, batch_norm=True), seed)}
+NETS = {
+    "mlp": lambda seed=0: mlp(seed),
+    "cnn": lambda seed=0: cnn(seed),
+    "cnn_bn": lambda seed=0: randomise_norm(cnn(seed, batch_norm=True), seed),
+}
 
 
 @torch.no_grad()
@@ -101,6 +109,7 @@ def trained_pair(data):
         if name not in cache:
             cache[name] = tuple(briefly_trained(NETS[name](seed), data, seed=seed) for seed in (0, 1))
         return cache[name]
+
     return get
 
 
@@ -112,10 +121,18 @@ def logits(model, x):
 # App. E: permuting hidden units leaves the function unchanged ----------------------------------------
 
 architectures = st.one_of(
-    st.builds(lambda depth, width, bias: mlp(depth=depth, width=width, bias=bias, image_size=8),
-              st.integers(1, 3), st.integers(1, 16), st.booleans()),
-    st.builds(lambda layers, bn, bias: cnn(layers=layers, batch_norm=bn, bias=bias, image_size=8),
-              st.sampled_from(["4", "3-5", "4-avg-6", "2-3-avg-4-4", "4-avg-4-avg-8"]), st.booleans(), st.booleans()),
+    st.builds(
+        lambda depth, width, bias: mlp(depth=depth, width=width, bias=bias, image_size=8),
+        st.integers(1, 3),
+        st.integers(1, 16),
+        st.booleans(),
+    ),
+    st.builds(
+        lambda layers, bn, bias: cnn(layers=layers, batch_norm=bn, bias=bias, image_size=8),
+        st.sampled_from(["4", "3-5", "4-avg-6", "2-3-avg-4-4", "4-avg-4-avg-8"]),
+        st.booleans(),
+        st.booleans(),
+    ),
 )
 
 
@@ -158,6 +175,7 @@ def test_apply_leaves_its_input_unchanged_and_works_on_state_dicts():
 
 # The algebra ---------------------------------------------------------------------------------------
 
+
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 def test_inverse_and_compose(sizes, seed):
@@ -196,8 +214,9 @@ def test_validate_rejects_a_non_bijection_with_a_clear_message():
     with pytest.raises(ValueError, match=r"missing groups \['hidden.1'\]"):
         Permutations({"hidden.0": torch.arange(4)}).validate(spec)
     with pytest.raises(ValueError, match=r"unknown groups \['conv.0'\]"):
-        Permutations({"hidden.0": torch.arange(4), "hidden.1": torch.arange(4), "conv.0": torch.arange(4)}
-                     ).validate(spec)
+        Permutations({"hidden.0": torch.arange(4), "hidden.1": torch.arange(4), "conv.0": torch.arange(4)}).validate(
+            spec
+        )
 
 
 def test_save_load_round_trip_keeps_permutations_and_metadata(tmp_path, data):
@@ -229,6 +248,7 @@ def test_load_refuses_files_that_are_not_permutations(tmp_path):
 
 
 # The Hungarian step --------------------------------------------------------------------------------
+
 
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 5), seed=st.integers(0, 2**16))
@@ -273,8 +293,8 @@ def test_warm_start_potentials_are_feasible_and_tight():
     assert float((s - u[:, None] - v[None, :]).max()) <= 1e-5
     best = matched_similarity(s, solve_assignment(s, warm_start="none"))
     dual_value = float(u.double().sum() + v.double().sum())
-    assert best <= dual_value + 1e-3                  # weak duality
-    assert dual_value - best < 0.02 * 300 * float(s.max() - s.min())   # within the last temperature per unit
+    assert best <= dual_value + 1e-3  # weak duality
+    assert dual_value - best < 0.02 * 300 * float(s.max() - s.min())  # within the last temperature per unit
 
 
 def test_warm_start_finds_the_planted_permutation_and_matches_plain_solves():
@@ -282,8 +302,9 @@ def test_warm_start_finds_the_planted_permutation_and_matches_plain_solves():
     n = 600
     perm = torch.randperm(n, generator=gen)
     a = torch.randn(n, 50, generator=gen)
-    s = torch.nn.functional.cosine_similarity(a[:, None], (a[perm] + 0.3 * torch.randn(n, 50, generator=gen))[None],
-                                              dim=-1)
+    s = torch.nn.functional.cosine_similarity(
+        a[:, None], (a[perm] + 0.3 * torch.randn(n, 50, generator=gen))[None], dim=-1
+    )
     found = solve_assignment(s, warm_start="sinkhorn")
     assert torch.equal(perm[found], torch.arange(n))
     assert torch.equal(found, solve_assignment(s, warm_start="none"))
@@ -345,7 +366,7 @@ def test_tied_units_give_equally_good_matchings_whatever_the_labels_or_the_solve
     found = get_matcher(name, **settings).match(a, b, data)
     best = objective(name, a, b, found, data, **settings)
     for u, v in ((2, 3), (4, 5), *([dead] if dead else [])):
-        tied = swapped(found, "hidden.0", u, v)           # the same objective, another permutation
+        tied = swapped(found, "hidden.0", u, v)  # the same objective, another permutation
         assert tied != found
         assert_equally_good(objective(name, a, b, tied, data, **settings), best)
     monkeypatch.setattr(hungarian, "WARM_START_MIN_UNITS", {"cpu": 4, "cuda": 4})
@@ -359,23 +380,24 @@ def test_warm_start_choices():
     from hf_permerge.alignment.hungarian import entropic_duals, uses_warm_start
 
     s = torch.zeros(1024, 1024)
-    assert not uses_warm_start(s)                          # 'auto' on the CPU: from 2048 units
+    assert not uses_warm_start(s)  # 'auto' on the CPU: from 2048 units
     assert uses_warm_start(torch.zeros(2048, 2048))
     assert uses_warm_start(s, warm_start="sinkhorn")
-    assert not uses_warm_start(s, blocks=4, warm_start="sinkhorn")   # blocked groups solve block by block
-    assert entropic_duals(s) is None                       # constant: nothing to estimate
+    assert not uses_warm_start(s, blocks=4, warm_start="sinkhorn")  # blocked groups solve block by block
+    assert entropic_duals(s) is None  # constant: nothing to estimate
     with pytest.raises(ValueError, match="warm_start must be one of"):
         solve_assignment(s, warm_start="fast")
 
 
 # Section 2: streaming statistics -------------------------------------------------------------------
 
+
 def full_matrix_similarity(a, b, kind):
     """The d x n reference computation the streaming statistics must reproduce."""
     if kind == "cosine":
         return torch.nn.functional.normalize(a, dim=0).T @ torch.nn.functional.normalize(b, dim=0)
     if kind == "correlation":
-        return torch.corrcoef(torch.cat([a, b], 1).T)[: a.shape[1], a.shape[1]:]
+        return torch.corrcoef(torch.cat([a, b], 1).T)[: a.shape[1], a.shape[1] :]
     return -torch.cdist(a.T, b.T).square() / a.shape[0]
 
 
@@ -388,7 +410,7 @@ def test_streaming_statistics_equal_the_full_matrix_computation(kind):
     for batch in (300, 64, 7):
         stats = ActivationStatistics.zeros(12, product_dtype=torch.float64)
         for s in range(0, 300, batch):
-            stats.update(a[s:s + batch], b[s:s + batch])
+            stats.update(a[s : s + batch], b[s : s + batch])
         torch.testing.assert_close(stats.similarity(kind), expected, rtol=1e-9, atol=1e-9)
 
 
@@ -398,10 +420,10 @@ def test_float32_products_of_shifted_activations_keep_the_centred_similarities(k
     gen = torch.Generator().manual_seed(1)
     a = 50 + 0.5 * torch.randn(4000, 16, generator=gen, dtype=torch.float64)
     b = a[:, torch.randperm(16, generator=gen)] + 0.3 * torch.randn(4000, 16, generator=gen, dtype=torch.float64) - 20
-    expected = full_matrix_similarity(a.float().double(), b.float().double(), kind)   # what the net would give
-    stats = ActivationStatistics.zeros(16)                                               # float32 products
+    expected = full_matrix_similarity(a.float().double(), b.float().double(), kind)  # what the net would give
+    stats = ActivationStatistics.zeros(16)  # float32 products
     for s in range(0, 4000, 1000):
-        stats.update(a[s:s + 1000].float(), b[s:s + 1000].float())
+        stats.update(a[s : s + 1000].float(), b[s : s + 1000].float())
     assert stats.cross.dtype == torch.float64
     scale = expected.abs().max()
     torch.testing.assert_close(stats.similarity(kind), expected, rtol=0, atol=2e-5 * float(scale))
@@ -433,8 +455,9 @@ def test_one_pass_over_many_nets_gives_every_pairs_statistics(name, data):
     for (i, j), stats in together.items():
         alone = activation_statistics(models[i], models[j], x, spec, batch_size=20, products="float64")
         for g in spec.names:
-            torch.testing.assert_close(stats[g].similarity("correlation"), alone[g].similarity("correlation"),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                stats[g].similarity("correlation"), alone[g].similarity("correlation"), rtol=1e-5, atol=1e-6
+            )
             assert stats[g].count == alone[g].count
 
 
@@ -462,8 +485,12 @@ def test_statistics_see_every_spatial_position_as_a_sample_of_its_channel(data):
         act_a = a.blocks[0].conv(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
         act_b = b.blocks[0].conv(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
     assert stats["conv.0"].count == 20 * 28 * 28
-    torch.testing.assert_close(stats["conv.0"].similarity("correlation"),
-                               full_matrix_similarity(act_a, act_b, "correlation"), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        stats["conv.0"].similarity("correlation"),
+        full_matrix_similarity(act_a, act_b, "correlation"),
+        rtol=1e-6,
+        atol=1e-8,
+    )
     assert stats["conv.1"].count == 20 * 14 * 14
     post = activation_statistics(a, b, x, a.permutation_spec(), preactivation=False, batch_size=8)
     assert post["conv.0"].count == 20 * 14 * 14  # the block output, after its 2x2 average pool
@@ -471,6 +498,7 @@ def test_statistics_see_every_spatial_position_as_a_sample_of_its_channel(data):
 
 
 # Section 2 / App. B: the matchers find the right permutations -------------------------------------
+
 
 @pytest.mark.parametrize("name", NETS)
 @pytest.mark.parametrize("variant", ACTIVATION_VARIANTS, ids=lambda v: f"{v['similarity']}-pre{v['preactivation']}")
@@ -512,8 +540,9 @@ def test_matching_recovers_a_known_permutation_by_weights(name, variant):
 
 @pytest.mark.parametrize("name", [*NETS, "mlp_depth1"])
 @pytest.mark.parametrize("bottom_up", [False, True])
-def test_weight_matching_stops_at_a_fixed_point_solving_only_groups_whose_neighbours_moved(name, bottom_up,
-                                                                                           monkeypatch):
+def test_weight_matching_stops_at_a_fixed_point_solving_only_groups_whose_neighbours_moved(
+    name, bottom_up, monkeypatch
+):
     """A group is re-solved only when a group it shares a tensor with changed; the result is still a fixed point
     (no group's own assignment improves it), and a one-hidden-layer MLP needs one solve per match, not two, also
     when the bottom-up pass starts it."""
@@ -527,9 +556,11 @@ def test_weight_matching_stops_at_a_fixed_point_solving_only_groups_whose_neighb
     perms, sims = weight.solve_linear_matching(spec, a.state_dict(), b.state_dict(), bottom_up_first=bottom_up)
     for g in spec.names:
         best = solve(sims[g])
-        assert float(sims[g][torch.arange(len(best)), best].sum()) <= \
-            float(sims[g][torch.arange(len(best)), perms[g]].sum()) * (1 + 1e-12) + 1e-12
-    if name == "mlp_depth1":                # the bottom-up pass saw every tensor of the only group
+        assert (
+            float(sims[g][torch.arange(len(best)), best].sum())
+            <= float(sims[g][torch.arange(len(best)), perms[g]].sum()) * (1 + 1e-12) + 1e-12
+        )
+    if name == "mlp_depth1":  # the bottom-up pass saw every tensor of the only group
         assert len(calls) == 1
 
 
@@ -564,11 +595,13 @@ def test_matched_nets_are_more_similar_than_unmatched_ones(matcher, name, data, 
     assert set(groups) == set(a.permutation_spec().names)
     for g in groups.values():
         assert g["similarity_matched"] >= g["similarity_identity"]
-    assert sum(g["similarity_matched"] for g in groups.values()) > sum(g["similarity_identity"]
-                                                                      for g in groups.values())
+    assert sum(g["similarity_matched"] for g in groups.values()) > sum(
+        g["similarity_identity"] for g in groups.values()
+    )
 
 
 # Interface -----------------------------------------------------------------------------------------
+
 
 def test_registry_names_the_matchers_and_refuses_unknown_ones():
     assert get_matcher("activation").name == "activation"
@@ -609,7 +642,7 @@ def test_a_datasets_dataset_matches_like_its_tensors():
     ds = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()})
     a, b = mlp(0), mlp(1)
     split = TensorSplit(normalise(images, a.config.image_mean, a.config.image_std), torch.from_numpy(labels), "x")
-    from_ds = get_matcher("activation").match(a, b, as_tensor_split(ds, a))     # converted once, at the edge
+    from_ds = get_matcher("activation").match(a, b, as_tensor_split(ds, a))  # converted once, at the edge
     assert from_ds == get_matcher("activation").match(a, b, split)
     assert from_ds.info["data"]["num_examples"] == 64
 
@@ -623,12 +656,21 @@ def test_matchers_take_tensors_and_name_the_conversion_of_a_dataset():
 
 # Permutations as a value -------------------------------------------------------------------------------
 
+
 def test_permutations_compare_as_plain_bools_whatever_the_other_side():
     p = Permutations({"a": torch.arange(4), "b": torch.tensor([1, 0, 2])})
     same = Permutations({"a": torch.arange(4), "b": torch.tensor([1, 0, 2])}, {"matcher": "weight"})
-    cases = [same, Permutations({"a": torch.arange(4)}), Permutations({"a": torch.arange(5), "b": torch.arange(3)}),
-             Permutations({"a": torch.arange(4), "b": torch.arange(3)}), {"a": [0, 1, 2, 3], "b": [1, 0, 2]},
-             {"a": "not a tensor", "b": None}, None, 3, "a"]
+    cases = [
+        same,
+        Permutations({"a": torch.arange(4)}),
+        Permutations({"a": torch.arange(5), "b": torch.arange(3)}),
+        Permutations({"a": torch.arange(4), "b": torch.arange(3)}),
+        {"a": [0, 1, 2, 3], "b": [1, 0, 2]},
+        {"a": "not a tensor", "b": None},
+        None,
+        3,
+        "a",
+    ]
     results = [p == other for other in cases]
     assert all(type(r) is bool for r in results)
     assert results == [True, False, False, False, True, False, False, False, False]

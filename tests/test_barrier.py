@@ -1,4 +1,5 @@
 """The barrier of eq. (2): known values, the accuracy sign flip, input errors, and the offline metric modules."""
+
 import json
 import os
 import subprocess
@@ -31,24 +32,27 @@ def test_accuracy_barrier_flips_the_sign():
     lams, accs = [0.0, 0.5, 1.0], [0.9, 0.5, 0.8]
     assert loss_barrier(lams, accs, kind="accuracy").barrier == pytest.approx(0.35)
     assert loss_barrier(lams, accs, kind="accuracy").lam == 0.5
-    assert loss_barrier(lams, accs, kind="loss").barrier == 0.0   # a dip is no loss barrier
+    assert loss_barrier(lams, accs, kind="loss").barrier == 0.0  # a dip is no loss barrier
 
 
 def test_lambdas_may_come_in_any_order():
     assert loss_barrier([1.0, 0.5, 0.0], [0.0, 1.0, 0.0]) == loss_barrier([0.0, 0.5, 1.0], [0.0, 1.0, 0.0])
 
 
-@pytest.mark.parametrize("lambdas, values, kind, message", [
-    ([0.0, 0.5], [1.0, 2.0], "loss", "endpoints 0 and 1"),
-    ([0.1, 0.5, 1.0], [1.0, 2.0, 1.0], "loss", "endpoints 0 and 1"),
-    ([0.0, 0.5, 1.0], [1.0, 2.0], "loss", "same length"),
-    ([0.0, 0.5, 1.0], [1.0, float("nan"), 1.0], "loss", "finite"),
-    ([0.0, float("inf"), 1.0], [1.0, 2.0, 1.0], "loss", "finite"),
-    ([0.0, 0.5, 0.5, 1.0], [1.0, 2.0, 2.0, 1.0], "loss", "repeat"),
-    ([0.0, 1.5, 1.0], [1.0, 2.0, 1.0], "loss", r"must lie in \[0, 1\]"),
-    ([[0.0, 1.0]], [[1.0, 1.0]], "loss", "flat"),
-    ([0.0, 1.0], [1.0, 1.0], "acc", "choose one of"),
-])
+@pytest.mark.parametrize(
+    "lambdas, values, kind, message",
+    [
+        ([0.0, 0.5], [1.0, 2.0], "loss", "endpoints 0 and 1"),
+        ([0.1, 0.5, 1.0], [1.0, 2.0, 1.0], "loss", "endpoints 0 and 1"),
+        ([0.0, 0.5, 1.0], [1.0, 2.0], "loss", "same length"),
+        ([0.0, 0.5, 1.0], [1.0, float("nan"), 1.0], "loss", "finite"),
+        ([0.0, float("inf"), 1.0], [1.0, 2.0, 1.0], "loss", "finite"),
+        ([0.0, 0.5, 0.5, 1.0], [1.0, 2.0, 2.0, 1.0], "loss", "repeat"),
+        ([0.0, 1.5, 1.0], [1.0, 2.0, 1.0], "loss", r"must lie in \[0, 1\]"),
+        ([[0.0, 1.0]], [[1.0, 1.0]], "loss", "flat"),
+        ([0.0, 1.0], [1.0, 1.0], "acc", "choose one of"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(lambdas, values, kind, message):
     with pytest.raises(ValueError, match=message):
         loss_barrier(lambdas, values, kind=kind)
@@ -69,7 +73,8 @@ def test_barrier_of_a_measured_curve_is_its_midpoint_excess():
     curve = evaluate_curve(a, a, b, [0.0, 0.5, 1.0], {"test": test})["test"]
     chord = (curve["nll_tempered"][0] + curve["nll_tempered"][2]) / 2
     assert loss_barrier([0.0, 0.5, 1.0], curve["nll_tempered"]).barrier == pytest.approx(
-        max(0.0, curve["nll_tempered"][1] - chord), abs=1e-6)
+        max(0.0, curve["nll_tempered"][1] - chord), abs=1e-6
+    )
 
 
 OFFLINE_SCRIPT = r"""
@@ -101,12 +106,18 @@ print("RESULT" + json.dumps(out))
 
 def test_metric_module_loads_offline(tmp_path):
     """evaluate.load on the shipped paths with the Hub switched off and a fresh, writable HF_HOME."""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_EVALUATE_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+    }
     for var in ("HF_MODULES_CACHE", "HF_METRICS_CACHE", "HF_EVALUATE_CACHE", "HF_DATASETS_CACHE"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     barrier, lam = out["fn"]
@@ -118,4 +129,4 @@ def test_metric_module_loads_offline(tmp_path):
     assert out["features"] == ["lambdas", "values"] and out["acc_features"] == ["predictions", "references"]
     assert "Random initialisations performing above chance" in out["citation"]
     assert "eq. 2" in out["description"]
-    assert (tmp_path / "hf_home" / "modules").is_dir()   # evaluate used the fresh HF_HOME, not ~/.cache
+    assert (tmp_path / "hf_home" / "modules").is_dir()  # evaluate used the fresh HF_HOME, not ~/.cache

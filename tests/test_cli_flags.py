@@ -1,4 +1,5 @@
 """The command line: its flags follow the config's rules, and it answers --help without the heavy imports."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,26 @@ import pytest
 from hf_permerge import cli
 from hf_permerge.config import ConfigError, config_from_dict, parse_yaml
 
-VALUES = ["0", "-1", "2", "1.5", ".inf", "-.inf", ".nan", "abc", "[1]", "null", "true", "cosine", "float64",
-          "average", "foof", "weight", "reset_bn", "final"]
+VALUES = [
+    "0",
+    "-1",
+    "2",
+    "1.5",
+    ".inf",
+    "-.inf",
+    ".nan",
+    "abc",
+    "[1]",
+    "null",
+    "true",
+    "cosine",
+    "float64",
+    "average",
+    "foof",
+    "weight",
+    "reset_bn",
+    "final",
+]
 """Candidate flag values: for each flag that mirrors a config field, some of these are refused by the field."""
 
 
@@ -73,18 +92,22 @@ def test_non_finite_numbers_are_refused_by_config_and_flags(capsys):
 def test_help_version_and_argument_errors_import_nothing_heavy():
     """`hf-permerge --help`, `--version` and an argument error answer before torch, transformers, datasets or
     evaluate are imported (they cost seconds); the heavy imports come when a command runs."""
-    code = ("import sys\nimport hf_permerge.cli as cli\n"
-            "for argv in (['--help'], ['--version'], ['merge', '--help'], ['merge', 'p', '-o', 'o', '--damping', '0'],"
-            " ['train'], ['run', 'c', '-o', 'o', '--resume', '--overwrite']):\n"
-            "    try:\n        cli.build_parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'evaluate', 'accelerate') if m in sys.modules]\n"
-            "print('HEAVY', heavy)\n")
+    code = (
+        "import sys\nimport hf_permerge.cli as cli\n"
+        "for argv in (['--help'], ['--version'], ['merge', '--help'], ['merge', 'p', '-o', 'o', '--damping', '0'],"
+        " ['train'], ['run', 'c', '-o', 'o', '--resume', '--overwrite']):\n"
+        "    try:\n        cli.build_parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'evaluate', 'accelerate') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "HEAVY []" in out
 
 
 def test_import_hf_permerge_still_registers_the_models_with_transformers():
-    code = ("import hf_permerge\nfrom transformers import AutoConfig\n"
-            "print(type(AutoConfig.for_model('perm_mlp')).__name__, type(AutoConfig.for_model('perm_cnn')).__name__)")
+    code = (
+        "import hf_permerge\nfrom transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('perm_mlp')).__name__, type(AutoConfig.for_model('perm_cnn')).__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["PermMLPConfig", "PermCNNConfig"], out.stderr[-2000:]

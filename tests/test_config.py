@@ -1,4 +1,5 @@
 """Config validation: a typo or a wrong type is an error naming the key, before anything runs."""
+
 import pytest
 
 from hf_permerge.config import ConfigError, config_from_dict, load_config
@@ -21,15 +22,18 @@ def test_defaults_are_the_papers():
     assert c.evaluation.num_lambdas == 11
 
 
-@pytest.mark.parametrize("data,key", [
-    ({"training": {"epochz": 1}}, "training.epochz: unknown key"),
-    ({"training": {"epochs": "five"}}, "training.epochs"),
-    ({"training": {"lr": -1.0}}, "training.lr"),
-    ({"model": {"type": "transformer"}}, "model.type"),
-    ({"model": {"type": "cnn", "layers": "64-avg-x"}}, "'x'"),
-    ({"bogus": {}}, "bogus: unknown key"),
-    ({"training": {"save_steps": [0]}}, "save_steps"),
-])
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"training": {"epochz": 1}}, "training.epochz: unknown key"),
+        ({"training": {"epochs": "five"}}, "training.epochs"),
+        ({"training": {"lr": -1.0}}, "training.lr"),
+        ({"model": {"type": "transformer"}}, "model.type"),
+        ({"model": {"type": "cnn", "layers": "64-avg-x"}}, "'x'"),
+        ({"bogus": {}}, "bogus: unknown key"),
+        ({"training": {"save_steps": [0]}}, "save_steps"),
+    ],
+)
 def test_bad_values_name_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
         config_from_dict(data)
@@ -39,7 +43,13 @@ def test_overrides_parse_yaml_values(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: {type: mlp, width: 64}\n")
     c = load_config(p, ["training.epochs=1", "training.lr=3e-4", "training.save_steps=[1,2]", "model.depth=3"])
-    assert (c.training.epochs, c.training.lr, c.training.save_steps, c.model.depth, c.model.width) == (1, 3e-4, [1, 2], 3, 64)
+    assert (c.training.epochs, c.training.lr, c.training.save_steps, c.model.depth, c.model.width) == (
+        1,
+        3e-4,
+        [1, 2],
+        3,
+        64,
+    )
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(p, ["training.epochs"])
 
@@ -55,7 +65,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_typos_get_the_nearest_key_and_overrides_are_named(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: {type: mlp}\n")
-    with pytest.raises(ConfigError, match=r"model\.widht: unknown key \[from --set model\.widht=3\] \(did you mean 'width'"):
+    with pytest.raises(
+        ConfigError, match=r"model\.widht: unknown key \[from --set model\.widht=3\] \(did you mean 'width'"
+    ):
         load_config(p, ["model.widht=3"])
     with pytest.raises(ConfigError, match=r"trainin: unknown key .*did you mean 'training'"):
         load_config(p, ["trainin.epochs=3"])
@@ -90,14 +102,18 @@ def test_schedules_at_steps_that_are_not_saved_are_refused_before_training(tmp_p
     assert str(err.value).splitlines()[1] == (
         "  evaluation.schedules asks for perm@100, but the nets are not saved at that step (training.save_steps: "
         "[50]); add it to training.save_steps, or drop it from evaluation.schedules "
-        "[from --set evaluation.schedules=[0,50,100]]")
+        "[from --set evaluation.schedules=[0,50,100]]"
+    )
 
 
 def test_a_key_without_its_section_and_a_sweep_file_are_pointed_to_the_right_place(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {type: mlp}\n")
-    with pytest.raises(ConfigError, match=r"max_steps: unknown key \[from --set max_steps=5\] \(did you mean "
-                                          r"'training.max_steps'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"max_steps: unknown key \[from --set max_steps=5\] \(did you mean "
+        r"'training.max_steps'\?",
+    ):
         load_config(path, ["max_steps=5"])
     path.write_text("sweep: {name: x}\n")
     with pytest.raises(ConfigError, match=r"sweep: unknown key \(a sweep config runs with `hf-permerge sweep FILE"):

@@ -1,4 +1,5 @@
 """Interpolation curves and the plane: the batched pass gives the numbers of evaluating each network alone."""
+
 import warnings
 
 import pytest
@@ -55,15 +56,17 @@ def make_pair(kind):
         cls = MLPThroughVmap if kind == "mlp_vmap" else PermMLPForImageClassification
         return [cls(PermMLPConfig(seed=s, **cfg)) for s in (0, 1)]
     cfg = PermCNNConfig(layers="8-avg-16", batch_norm=kind == "cnn_bn")
-    return [randomise_bn_stats(PermCNNForImageClassification(PermCNNConfig(**{**cfg.to_dict(), "seed": s})), s)
-            for s in (0, 1)]
+    return [
+        randomise_bn_stats(PermCNNForImageClassification(PermCNNConfig(**{**cfg.to_dict(), "seed": s})), s)
+        for s in (0, 1)
+    ]
 
 
 def assert_close(batched: dict, single: dict, n_examples: int):
     assert batched["loss"] == pytest.approx(single["loss"], rel=1e-4, abs=1e-5)
     assert batched["nll"] == pytest.approx(single["nll"], rel=1e-4, abs=1e-5)
     assert batched["nll_tempered"] == pytest.approx(single["nll_tempered"], rel=1e-4, abs=1e-5)
-    assert abs(batched["acc"] - single["acc"]) <= 1.0 / n_examples + 1e-9   # at most one rounding-flipped argmax
+    assert abs(batched["acc"] - single["acc"]) <= 1.0 / n_examples + 1e-9  # at most one rounding-flipped argmax
 
 
 @pytest.mark.parametrize("kind", ["mlp", "mlp_bias", "mlp_mse", "mlp_vmap", "cnn", "cnn_bn"])
@@ -79,7 +82,7 @@ def test_batched_curve_equals_per_lambda_loop(kind, test_split, small_split):
     for i, lam in enumerate(lams):
         probe.load_state_dict(interpolate_state_dicts(a.state_dict(), b.state_dict(), lam))
         assert_close({k: curve[k][i] for k in METRICS}, evaluate_model(probe, split), len(split))
-    if kind == "mlp_mse":   # `loss` is the model's own objective, `nll` the cross-entropy
+    if kind == "mlp_mse":  # `loss` is the model's own objective, `nll` the cross-entropy
         assert curve["loss"][0] != pytest.approx(curve["nll"][0], rel=1e-2)
 
 
@@ -104,6 +107,7 @@ def test_vmap_the_loop_over_sets_and_the_fallback_give_the_same_numbers(small_sp
 
     def broken_vmap(*args, **kwargs):
         raise RuntimeError("no batching rule")
+
     monkeypatch.setattr(torch, "vmap", broken_vmap)
     with pytest.warns(UserWarning, match="one by one"):
         fallback = evaluate_curve(a, a, b, [0.0, 0.5, 1.0], {"test": small_split})["test"]
@@ -116,7 +120,7 @@ def test_tempered_nll_is_at_most_nll_and_is_the_grid_minimum():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (3000,), generator=g)
     logits = torch.randn(4, 3000, 10, generator=g) * torch.tensor([0.2, 1.0, 4.0, 12.0])[:, None, None]
-    logits[:, torch.arange(3000), labels] += torch.tensor([0.0, 1.0, 3.0, 8.0])[:, None]   # from poor to overconfident
+    logits[:, torch.arange(3000), labels] += torch.tensor([0.0, 1.0, 3.0, 8.0])[:, None]  # from poor to overconfident
     nll_t, temperature = tempered_nll(logits, labels)
     temps = torch.logspace(-2, 3, 501, dtype=torch.float64)
     for p in range(4):
@@ -130,7 +134,7 @@ def test_tempered_nll_is_at_most_nll_and_is_the_grid_minimum():
 
 def test_tempered_nll_of_a_useless_net_is_log_of_the_class_count():
     labels = torch.arange(10).repeat(50)
-    logits = -5.0 * F.one_hot(labels, 10).float()[None]         # confidently wrong everywhere
+    logits = -5.0 * F.one_hot(labels, 10).float()[None]  # confidently wrong everywhere
     nll_t, temperature = tempered_nll(logits, labels)
     assert nll_t[0] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-3)
     assert temperature[0] == float("inf")
@@ -144,7 +148,9 @@ def test_interpolate_state_dicts_endpoints_and_midpoint():
     mid = interpolate_state_dicts(sa, sb, 0.5)
     w = "blocks.0.conv.weight"
     assert torch.allclose(mid[w], (sa[w] + sb[w]) / 2)
-    assert torch.allclose(mid["blocks.0.norm.running_var"], (sa["blocks.0.norm.running_var"] + sb["blocks.0.norm.running_var"]) / 2)
+    assert torch.allclose(
+        mid["blocks.0.norm.running_var"], (sa["blocks.0.norm.running_var"] + sb["blocks.0.norm.running_var"]) / 2
+    )
     assert mid["blocks.0.norm.num_batches_tracked"].dtype == torch.int64
     assert torch.allclose(interpolate_state_dicts(sa, sb, 1.0)[w], sb[w])
 
@@ -171,7 +177,9 @@ def test_plane_basis_is_orthonormal_and_reproduces_the_three_nets():
     bases = [t.state_dict() for t in (t0, t1, t2)]
     points = plane_coordinates(*bases)
     assert points["theta_0"] == (0.0, 0.0) and points["theta_1"][1] == 0.0 and points["pi_theta_1"][1] > 0
-    uv = torch.tensor([points["theta_1"], points["pi_theta_1"], (0.0, 0.0), (1.0, 0.0), (0.0, 1.0)], dtype=torch.float64)
+    uv = torch.tensor(
+        [points["theta_1"], points["pi_theta_1"], (0.0, 0.0), (1.0, 0.0), (0.0, 1.0)], dtype=torch.float64
+    )
     combos = combine_state_dicts(bases, plane_coefficients(uv, points))
     flat = torch.cat([v.reshape(len(uv), -1) for v in combos.values()], dim=1).double()
     for row, sd in zip(flat[:3], (bases[1], bases[2], bases[0])):
@@ -192,8 +200,9 @@ def test_plane_grid_matches_evaluating_each_grid_network(small_split):
     probe = PermMLPForImageClassification(PermMLPConfig(depth=2, width=32))
     for j, i in ((0, 0), (1, 2), (2, 1)):
         coeffs = plane_coefficients(torch.tensor([[plane["u"][i], plane["v"][j]]]), plane["points"])
-        probe.load_state_dict({k: v[0] for k, v in combine_state_dicts(
-            [t.state_dict() for t in (t0, t1, t2)], coeffs).items()})
+        probe.load_state_dict(
+            {k: v[0] for k, v in combine_state_dicts([t.state_dict() for t in (t0, t1, t2)], coeffs).items()}
+        )
         single = evaluate_model(probe, small_split)
         assert_close({k: plane["test"][k][j][i] for k in METRICS}, single, len(small_split))
 

@@ -1,4 +1,5 @@
 """Data: the Hub schema, the fast tensor path equals the datasets path, clear errors."""
+
 import datasets
 import numpy as np
 import pytest
@@ -35,7 +36,9 @@ def test_hub_path_with_local_data_of_the_same_schema(monkeypatch, tiny_fmnist):
     """MNIST/CIFAR-10 go through datasets.load_dataset; here it returns local data of the Hub's schema."""
     images = read_idx(tiny_fmnist / "t10k-images-idx3-ubyte.gz")[:20]
     rgb = np.repeat(images[..., None], 3, axis=-1)
-    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(dataset_info("cifar10").class_names))})
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=list(dataset_info("cifar10").class_names))}
+    )
     fake = datasets.Dataset.from_dict({"img": list(rgb), "label": [0] * 20}, features=features)
     calls = []
 

@@ -1,4 +1,5 @@
 """The documents' numbers come from committed reports: the README's demo block is the demo report, rendered."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +20,10 @@ def test_readme_demo_numbers_are_the_committed_demo_report():
     demo = load_script("demo_report")
     report = json.loads(demo.REPORT.read_text())
     text = demo.README.read_text()
-    block = text[text.index(demo.BEGIN):text.index(demo.END) + len(demo.END)]
-    assert block == demo.render(report), "README's demo block is stale: run `make demo-report` (or " \
-                                         "`python benchmarks/demo_report.py --readme-only`)"
+    block = text[text.index(demo.BEGIN) : text.index(demo.END) + len(demo.END)]
+    assert block == demo.render(report), (
+        "README's demo block is stale: run `make demo-report` (or `python benchmarks/demo_report.py --readme-only`)"
+    )
 
 
 def test_the_demo_report_covers_seeds_and_cpu_settings():

@@ -1,4 +1,5 @@
 """The fast paths compute what the plain ones compute: stacked forwards, fused optimisers, overlapped solves."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +20,13 @@ CPU = torch.device("cpu")
 
 
 def tc(optimizer="adamw", precision="fp32"):
-    return SimpleNamespace(optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.05, weight_decay=1e-2,
-                           momentum=0.9, precision=precision)
+    return SimpleNamespace(
+        optimizer=optimizer,
+        lr=1e-3 if optimizer == "adamw" else 0.05,
+        weight_decay=1e-2,
+        momentum=0.9,
+        precision=precision,
+    )
 
 
 NETS = {
@@ -29,8 +35,12 @@ NETS = {
     "mlp_mse": lambda s: PermMLPForImageClassification(PermMLPConfig(depth=1, width=16, loss="mse", seed=s)),
     "cnn": lambda s: PermCNNForImageClassification(PermCNNConfig(layers="4-avg-8", seed=s)),
 }
-FORWARDS = {"mlp": ("bmm", "vmap", "loop"), "mlp_bias": ("bmm", "vmap", "loop"), "mlp_mse": ("bmm", "loop"),
-            "cnn": ("vmap", "loop")}
+FORWARDS = {
+    "mlp": ("bmm", "vmap", "loop"),
+    "mlp_bias": ("bmm", "vmap", "loop"),
+    "mlp_mse": ("bmm", "loop"),
+    "cnn": ("vmap", "loop"),
+}
 CASES = [(name, fwd) for name, fwds in FORWARDS.items() for fwd in fwds]
 
 
@@ -101,8 +111,11 @@ def test_fused_optimiser_follows_the_textbook_update(optimizer):
     opt = make_optimizer([ours], tc(optimizer))
     assert opt.defaults["fused"]
     cfg = tc(optimizer)
-    ref = torch.optim.AdamW([plain], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False) if optimizer == "adamw" \
+    ref = (
+        torch.optim.AdamW([plain], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+        if optimizer == "adamw"
         else torch.optim.SGD([plain], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False)
+    )
     for step in range(20):
         g = torch.randn(37, 11, generator=torch.Generator().manual_seed(step))
         ours.grad, plain.grad = g.clone(), g.clone()
@@ -161,8 +174,9 @@ def test_cuda_graph_option_is_ignored_off_cuda(data):
         torch.testing.assert_close(graphed.step(xs, ys), plain.step(xs, ys), rtol=0, atol=0)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs CUDA; benchmarks/gpu_session.sh runs it on the lent GPU")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA; benchmarks/gpu_session.sh runs it on the lent GPU"
+)
 
 
 @needs_cuda
@@ -173,12 +187,14 @@ def test_cuda_graph_steps_equal_eager_steps(name, optimizer, precision, data):
     kernels: the step counts of AdamW's bias correction live on the device and advance in each replay)."""
     cuda = torch.device("cuda")
     eager = make_engine("stacked", [NETS[name](s) for s in range(3)], tc(optimizer, precision), cuda)
-    graphed = make_engine("stacked", [NETS[name](s) for s in range(3)], tc(optimizer, precision), cuda,
-                          cuda_graph=True)
+    graphed = make_engine("stacked", [NETS[name](s) for s in range(3)], tc(optimizer, precision), cuda, cuda_graph=True)
     assert graphed.cuda_graph
-    tol = {"fp32": {"rtol": 1e-4, "atol": 1e-5}, "tf32": {"rtol": 1e-3, "atol": 1e-4},
-           "bf16": {"rtol": 2e-2, "atol": 2e-3}}[precision]
-    for step in range(10):                         # 3 warm-up steps, the capture, 6 replays
+    tol = {
+        "fp32": {"rtol": 1e-4, "atol": 1e-5},
+        "tf32": {"rtol": 1e-3, "atol": 1e-4},
+        "bf16": {"rtol": 2e-2, "atol": 2e-3},
+    }[precision]
+    for step in range(10):  # 3 warm-up steps, the capture, 6 replays
         xs, ys = (t.to(cuda) for t in batches(data, 3, step))
         torch.testing.assert_close(graphed.step(xs, ys), eager.step(xs, ys), **tol)
     assert graphed._graph is not None
@@ -198,8 +214,10 @@ def test_match_many_equals_one_match_per_net(data):
         alone = matcher.match(ref, other, data)
         for g, values in alone.info["groups"].items():
             assert perms.info["groups"][g] == pytest.approx(values, rel=1e-6)
-        assert_equally_good(activation_objective(ref, other, perms, data, num_examples=300),
-                            activation_objective(ref, other, alone, data, num_examples=300))
+        assert_equally_good(
+            activation_objective(ref, other, perms, data, num_examples=300),
+            activation_objective(ref, other, alone, data, num_examples=300),
+        )
 
 
 @pytest.mark.parametrize("name", ["mlp", "mlp_bias", "mlp_mse"])
@@ -231,7 +249,7 @@ def test_gradients_by_hand_only_where_they_are_written_for():
 def test_cpu_step_survives_a_zero_grad_that_drops_the_buffers(data):
     engine = StackedEngine([NETS["mlp"](s) for s in range(2)], tc(), CPU)
     before = {n: p.detach().clone() for n, p in engine.params.items()}
-    engine.optimizer.zero_grad()                # PyTorch's default: set_to_none=True
+    engine.optimizer.zero_grad()  # PyTorch's default: set_to_none=True
     engine.step(*batches(data, 2, 0))
     assert all(not torch.equal(before[n], p) for n, p in engine.params.items())
 
@@ -248,14 +266,20 @@ def test_in_float64_both_engines_are_a_plain_pytorch_loop_to_rounding(name, forw
     import torch.nn.functional as F
 
     inits = [NETS[name](s).double() for s in range(2)]
-    engines = [make_engine("stacked", [copy.deepcopy(m) for m in inits], tc(optimizer), CPU, forward=forward),
-               make_engine("per_net", [copy.deepcopy(m) for m in inits], tc(optimizer), CPU)]
+    engines = [
+        make_engine("stacked", [copy.deepcopy(m) for m in inits], tc(optimizer), CPU, forward=forward),
+        make_engine("per_net", [copy.deepcopy(m) for m in inits], tc(optimizer), CPU),
+    ]
     loops = [copy.deepcopy(m).train() for m in inits]
     settings = tc(optimizer)
-    optimisers = [torch.optim.AdamW(m.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-                  if optimizer == "adamw" else
-                  torch.optim.SGD(m.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                  weight_decay=settings.weight_decay) for m in loops]
+    optimisers = [
+        torch.optim.AdamW(m.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        if optimizer == "adamw"
+        else torch.optim.SGD(
+            m.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
+        for m in loops
+    ]
     for step in range(30):
         xs, ys = batches(data, 2, step)
         xs = xs.double()
@@ -263,8 +287,11 @@ def test_in_float64_both_engines_are_a_plain_pytorch_loop_to_rounding(name, forw
             engine.step(xs, ys)
         for model, opt, x, y in zip(loops, optimisers, xs, ys):
             logits = model(pixel_values=x).logits
-            loss = (F.mse_loss(logits, F.one_hot(y, 10).double()) if model.config.loss == "mse"
-                    else F.cross_entropy(logits, y))
+            loss = (
+                F.mse_loss(logits, F.one_hot(y, 10).double())
+                if model.config.loss == "mse"
+                else F.cross_entropy(logits, y)
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -1,4 +1,5 @@
 """Faults: a failed job loses nothing a user had and leaves nothing it made; one writer per output folder."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,11 @@ import yaml
 
 def snapshot(folder: Path) -> dict:
     """Every file under `folder` with its bytes' hash: 'exactly as it was' is equality of two snapshots."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def beside(folder: Path) -> list[str]:
@@ -30,13 +34,19 @@ def beside(folder: Path) -> list[str]:
 def config_file(tmp_path, tiny_fmnist):
     def write(**training):
         path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
-        path.write_text(yaml.safe_dump({
-            "model": {"type": "mlp", "depth": 1, "width": 32},
-            "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
-            "training": {"num_nets": 2, "seed": 0, "epochs": 2, "save_steps": [5], **training},
-            "alignment": {"num_examples": 500}, "evaluation": {"train_subset": 500, "num_lambdas": 3,
-                                                               "n_way": False, "plots": False}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"type": "mlp", "depth": 1, "width": 32},
+                    "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
+                    "training": {"num_nets": 2, "seed": 0, "epochs": 2, "save_steps": [5], **training},
+                    "alignment": {"num_examples": 500},
+                    "evaluation": {"train_subset": 500, "num_lambdas": 3, "n_way": False, "plots": False},
+                }
+            )
+        )
         return path
+
     return write
 
 
@@ -55,8 +65,10 @@ def fail_at_step(monkeypatch, step: int):
             if calls[0] == step:
                 raise MemoryError("cannot allocate 1.2 GiB")
             return original(*a)
+
         engine.step = step_or_fail
         return engine
+
     monkeypatch.setattr(trainer, "make_engine", failing)
 
 
@@ -68,8 +80,10 @@ def fake_run_folder(tiny_pair, folder: Path) -> Path:
 
 # -- 0: --overwrite replaces on success only ------------------------------------------------------------------
 
-def test_train_overwrite_that_fails_mid_run_keeps_the_old_pair(tiny_pair, tmp_path, config_file, monkeypatch,
-                                                                 run_cli, capsys):
+
+def test_train_overwrite_that_fails_mid_run_keeps_the_old_pair(
+    tiny_pair, tmp_path, config_file, monkeypatch, run_cli, capsys
+):
     pair = tmp_path / "c"
     shutil.copytree(tiny_pair, pair)
     before = snapshot(pair)
@@ -92,8 +106,9 @@ def test_run_overwrite_that_cannot_run_keeps_the_old_run(tiny_pair, tmp_path, co
 
 
 @pytest.mark.parametrize("command", ["align", "merge", "evaluate"])
-def test_align_merge_evaluate_overwrite_that_fails_keeps_the_old_output(command, tiny_pair, tmp_path, monkeypatch,
-                                                                        run_cli, capsys):
+def test_align_merge_evaluate_overwrite_that_fails_keeps_the_old_output(
+    command, tiny_pair, tmp_path, monkeypatch, run_cli, capsys
+):
     from hf_permerge.merging import PermMerger
 
     out = tmp_path / command
@@ -101,7 +116,7 @@ def test_align_merge_evaluate_overwrite_that_fails_keeps_the_old_output(command,
         fake_run_folder(tiny_pair, out)
         (out / "merged").mkdir()
         (out / "merged" / "merge_config.json").write_text("{}")
-        pair = out / "pair"                          # evaluate a run's own pair again, into the run folder
+        pair = out / "pair"  # evaluate a run's own pair again, into the run folder
     else:
         assert run_cli(command, tiny_pair, "-o", out, "-q", "--num-examples", 200) == 0
         pair = tiny_pair
@@ -109,6 +124,7 @@ def test_align_merge_evaluate_overwrite_that_fails_keeps_the_old_output(command,
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("cannot allocate 3.0 GiB")
+
     monkeypatch.setattr(PermMerger, "align", out_of_memory)
     assert run_cli(command, pair, "-o", out, "--overwrite", "-q") == 2
     err = capsys.readouterr().err
@@ -121,12 +137,29 @@ def test_evaluate_overwrite_into_a_run_folder_replaces_its_outputs_and_keeps_its
     pair_before = snapshot(out / "pair")
     (out / "merged").mkdir()
     (out / "merged" / "merge_config.json").write_text("{}")
-    assert run_cli("evaluate", out / "pair", "-o", out, "--overwrite", "-q", "--set", "evaluation.num_lambdas=3",
-                   "--set", "evaluation.n_way=false", "--set", "alignment.num_examples=200",
-                   "--set", "evaluation.plots=false") == 0
+    assert (
+        run_cli(
+            "evaluate",
+            out / "pair",
+            "-o",
+            out,
+            "--overwrite",
+            "-q",
+            "--set",
+            "evaluation.num_lambdas=3",
+            "--set",
+            "evaluation.n_way=false",
+            "--set",
+            "alignment.num_examples=200",
+            "--set",
+            "evaluation.plots=false",
+        )
+        == 0
+    )
     assert snapshot(out / "pair") == pair_before
-    assert json.loads((out / "report.json").read_text())["pair"] == str(out / "pair").lstrip("/").split("/")[-1] \
-        or "made" not in json.loads((out / "report.json").read_text())
+    assert json.loads((out / "report.json").read_text())["pair"] == str(out / "pair").lstrip("/").split("/")[
+        -1
+    ] or "made" not in json.loads((out / "report.json").read_text())
     assert (out / "merged" / "model.safetensors").is_file() and beside(out) == []
 
 
@@ -144,6 +177,7 @@ def test_sweep_overwrite_that_fails_keeps_the_old_sweep(tmp_path, monkeypatch, r
     def crash(config, output_dir, **kwargs):
         (Path(output_dir) / "sweep.json").write_text("{}")
         raise MemoryError("cannot allocate")
+
     monkeypatch.setattr(sweeps, "run_sweep", crash)
     assert run_cli("sweep", config, "-o", sweep, "--overwrite", "-q") == 2
     assert "is as it was" in capsys.readouterr().err
@@ -152,8 +186,8 @@ def test_sweep_overwrite_that_fails_keeps_the_old_sweep(tmp_path, monkeypatch, r
 
 # -- 3: a failed run leaves nothing it made ---------------------------------------------------------------------
 
-def test_a_train_that_fails_before_any_resume_point_leaves_nothing(tmp_path, config_file, monkeypatch, run_cli,
-                                                                   capsys):
+
+def test_a_train_that_fails_before_any_resume_point_leaves_nothing(tmp_path, config_file, monkeypatch, run_cli, capsys):
     out = tmp_path / "c"
     fail_at_step(monkeypatch, 3)
     assert run_cli("train", config_file(), "-o", out, "-q") == 2
@@ -161,13 +195,14 @@ def test_a_train_that_fails_before_any_resume_point_leaves_nothing(tmp_path, con
     assert "cannot allocate" in err and "nothing it made was left" in err
     assert not out.exists() and beside(out) == []
     monkeypatch.undo()
-    assert run_cli("train", config_file(), "-o", out, "-q") == 0       # the rerun is not refused
+    assert run_cli("train", config_file(), "-o", out, "-q") == 0  # the rerun is not refused
 
 
-def test_a_train_that_fails_after_an_epoch_keeps_only_its_resume_state(tmp_path, config_file, monkeypatch, run_cli,
-                                                                       capsys):
+def test_a_train_that_fails_after_an_epoch_keeps_only_its_resume_state(
+    tmp_path, config_file, monkeypatch, run_cli, capsys
+):
     out = tmp_path / "c"
-    fail_at_step(monkeypatch, 15)                          # 10 steps per epoch: the epoch-1 resume point exists
+    fail_at_step(monkeypatch, 15)  # 10 steps per epoch: the epoch-1 resume point exists
     assert run_cli("train", config_file(), "-o", out, "-q") == 2
     err = capsys.readouterr().err
     assert "kept its resume state" in err and "--resume continues it" in err
@@ -178,28 +213,38 @@ def test_a_train_that_fails_after_an_epoch_keeps_only_its_resume_state(tmp_path,
 
 
 @pytest.mark.parametrize("command", ["align", "merge", "evaluate"])
-def test_a_failed_align_merge_or_evaluate_leaves_no_output_folder(command, tiny_pair, tmp_path, monkeypatch,
-                                                                   run_cli, capsys):
+def test_a_failed_align_merge_or_evaluate_leaves_no_output_folder(
+    command, tiny_pair, tmp_path, monkeypatch, run_cli, capsys
+):
     from hf_permerge.merging import PermMerger
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("cannot allocate")
+
     monkeypatch.setattr(PermMerger, "align", out_of_memory)
     out = tmp_path / "new" / command
     assert run_cli(command, tiny_pair, "-o", out, "-q") == 2
     assert "cannot allocate" in capsys.readouterr().err
-    assert not (tmp_path / "new").exists()          # nor the parent folder made for it
+    assert not (tmp_path / "new").exists()  # nor the parent folder made for it
 
 
 # -- 5: one writer per folder ------------------------------------------------------------------------------------
 
+
 def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(
-        tmp_path, config_file, run_cli, capsys):
+    tmp_path, config_file, run_cli, capsys
+):
     out = tmp_path / "c"
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time\nfrom hf_permerge.io_utils import folder_lock\n"
-                               f"with folder_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom hf_permerge.io_utils import folder_lock\n"
+            f"with folder_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert run_cli("train", config_file(), "-o", out, "-q") == 2
@@ -207,7 +252,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_
         assert f"being written by another hf-permerge process (PID {holder.pid})" in err and err.count("\n") == 1
         assert not out.exists()
     finally:
-        holder.kill()                                      # SIGKILL: its lock file stays behind, stale
+        holder.kill()  # SIGKILL: its lock file stays behind, stale
         holder.wait()
     assert (tmp_path / ".c.lock").exists()
     assert run_cli("train", config_file(), "-o", out, "-q") == 0
@@ -219,26 +264,33 @@ def test_two_writers_started_at_once_leave_one_consistent_pair_and_one_refusal(t
     seed. The second is refused (naming the first's PID) and the pair is the first's, whole."""
     out = tmp_path / "c"
     exe = [sys.executable, "-m", "hf_permerge.cli"]
-    first = subprocess.Popen([*exe, "train", str(config_file(epochs=200)), "-o", str(out), "-q"],
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*exe, "train", str(config_file(epochs=200)), "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while not (out / "net_1" / "init").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(first.pid, signal.SIGSTOP)       # the first holds its lock, mid-run, however fast this machine is
+    os.kill(first.pid, signal.SIGSTOP)  # the first holds its lock, mid-run, however fast this machine is
     try:
-        second = subprocess.run([*exe, "train", str(config_file(seed=99, max_steps=5)), "-o", str(out),
-                                 "--overwrite", "-q"], capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [*exe, "train", str(config_file(seed=99, max_steps=5)), "-o", str(out), "--overwrite", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
     assert second.returncode == 2 and f"(PID {first.pid})" in second.stderr
     pair = json.loads((out / "pair.json").read_text())
     assert pair["config"]["training"]["seed"] == 0 and pair["config"] == json.loads(
-        (out / "run_config.json").read_text())
+        (out / "run_config.json").read_text()
+    )
     assert beside(out) == []
 
 
 # -- 1: finite or refused -----------------------------------------------------------------------------------------
+
 
 def test_training_that_diverges_stops_with_one_line_naming_net_step_and_fix(tmp_path, config_file, run_cli, capsys):
     out = tmp_path / "c"
@@ -246,11 +298,12 @@ def test_training_that_diverges_stops_with_one_line_naming_net_step_and_fix(tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training loss became non-finite" in err and "at step " in err
     assert "lower the learning rate" in err and "--set training.lr=1e+29" in err
-    assert not out.exists()                        # no resume point yet: nothing is left
+    assert not out.exists()  # no resume point yet: nothing is left
 
 
-def test_training_that_diverges_after_an_epoch_keeps_its_last_finite_resume_point(tmp_path, config_file, monkeypatch,
-                                                                                  run_cli, capsys):
+def test_training_that_diverges_after_an_epoch_keeps_its_last_finite_resume_point(
+    tmp_path, config_file, monkeypatch, run_cli, capsys
+):
     import torch
     from safetensors.torch import load_file
 
@@ -266,8 +319,10 @@ def test_training_that_diverges_after_an_epoch_keeps_its_last_finite_resume_poin
             calls[0] += 1
             loss = original(*a)
             return loss * float("nan") if calls[0] >= 13 else loss
+
         engine.step = step
         return engine
+
     monkeypatch.setattr(trainer, "make_engine", diverging)
     out = tmp_path / "c"
     assert run_cli("train", config_file(), "-o", out, "-q") == 2
@@ -307,8 +362,17 @@ def test_json_written_is_strict_and_a_non_finite_number_is_named(tmp_path):
 
 # -- every file the tool reads is validated ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage", ["{bad json", "[1, 2]", '{"num_nets": "two", "config": {}}',
-                                    '{"num_nets": 0, "config": {}}', '{"num_nets": NaN, "config": {}}'])
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "{bad json",
+        "[1, 2]",
+        '{"num_nets": "two", "config": {}}',
+        '{"num_nets": 0, "config": {}}',
+        '{"num_nets": NaN, "config": {}}',
+    ],
+)
 def test_a_malformed_pair_json_is_refused_naming_the_file(damage, tiny_pair, tmp_path, run_cli, capsys):
     pair = tmp_path / "pair"
     shutil.copytree(tiny_pair, pair)
@@ -320,7 +384,8 @@ def test_a_malformed_pair_json_is_refused_naming_the_file(damage, tiny_pair, tmp
 
 
 def test_malformed_alignment_merge_config_and_trainer_state_files_are_refused_naming_them(
-        tiny_pair, tmp_path, config_file, monkeypatch, run_cli, capsys):
+    tiny_pair, tmp_path, config_file, monkeypatch, run_cli, capsys
+):
     perms = tmp_path / "perms"
     assert run_cli("align", tiny_pair, "-o", perms, "--matcher", "weight", "-q") == 0
     (perms / "alignment.json").write_text('{"fingerprints": "abc"}')
@@ -353,8 +418,21 @@ def test_sigterm_during_train_overwrite_keeps_the_old_pair(tiny_pair, tmp_path, 
     pair = tmp_path / "c"
     shutil.copytree(tiny_pair, pair)
     before = snapshot(pair)
-    proc = subprocess.Popen([sys.executable, "-m", "hf_permerge.cli", "train", str(config_file(epochs=200)), "-o",
-                             str(pair), "--overwrite", "-q"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hf_permerge.cli",
+            "train",
+            str(config_file(epochs=200)),
+            "-o",
+            str(pair),
+            "--overwrite",
+            "-q",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not list(tmp_path.glob(".c.tmp-*/net_1/init")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -7,6 +7,7 @@ HF_TOKEN set by `run_client`, which also checks that the token never shows in it
 logging on) nor in its HF_HOME. The error paths run in this process, pointing our functions at the
 endpoint explicitly (`endpoint=`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +30,7 @@ RESULT = "RESULT: "
 
 # ---- helpers (pytest side) ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hub():
     with FakeHub(tokens={TOKEN: USER}) as served:
@@ -37,26 +39,47 @@ def hub():
 
 def run_client(scenario: str, args: dict, tmp_path: Path, endpoint: str) -> dict:
     """Run a scenario in a fresh interpreter pointed at `endpoint`; returns its result dict."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN=TOKEN, HF_DEBUG="1",
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run([sys.executable, __file__, scenario, json.dumps(args)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    }
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_TOKEN=TOKEN,
+        HF_DEBUG="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, scenario, json.dumps(args)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     for secret in (TOKEN, BAD_TOKEN):
         assert secret not in output, "a token was printed or logged"
-    assert not any(secret in p.read_text(errors="ignore")
-                   for p in (tmp_path / "hf_home").rglob("*") if p.is_file() and p.stat().st_size < 1_000_000
-                   for secret in (TOKEN, BAD_TOKEN)), "a token was written to disk"
+    assert not any(
+        secret in p.read_text(errors="ignore")
+        for p in (tmp_path / "hf_home").rglob("*")
+        if p.is_file() and p.stat().st_size < 1_000_000
+        for secret in (TOKEN, BAD_TOKEN)
+    ), "a token was written to disk"
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    return json.loads(lines[-1][len(RESULT):])
+    return json.loads(lines[-1][len(RESULT) :])
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def closed_port_endpoint() -> str:
@@ -70,22 +93,40 @@ def fake_report() -> dict:
     lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
     return {
         "endpoints": [{"test": {"loss": 0.35, "acc": 0.88}}, {"test": {"loss": 0.36, "acc": 0.875}}],
-        "curves": {"final": {
-            "vanilla": {"lambdas": lambdas, "test": {"loss": [0.35, 0.9, 1.6, 0.9, 0.36],
-                                                     "acc": [0.88, 0.7, 0.41, 0.7, 0.875]}},
-            "permuted": {"lambdas": lambdas, "test": {"loss": [0.35, 0.4, 0.45, 0.4, 0.36],
-                                                      "acc": [0.88, 0.86, 0.8525, 0.86, 0.875]}}}},
-        "barrier": {"final": {"vanilla": {"test": {"loss": 1.2450, "acc": 0.4675}},
-                              "permuted": {"test": {"loss": 0.0950, "acc": 0.0250}}}},
+        "curves": {
+            "final": {
+                "vanilla": {
+                    "lambdas": lambdas,
+                    "test": {"loss": [0.35, 0.9, 1.6, 0.9, 0.36], "acc": [0.88, 0.7, 0.41, 0.7, 0.875]},
+                },
+                "permuted": {
+                    "lambdas": lambdas,
+                    "test": {"loss": [0.35, 0.4, 0.45, 0.4, 0.36], "acc": [0.88, 0.86, 0.8525, 0.86, 0.875]},
+                },
+            }
+        },
+        "barrier": {
+            "final": {
+                "vanilla": {"test": {"loss": 1.2450, "acc": 0.4675}},
+                "permuted": {"test": {"loss": 0.0950, "acc": 0.0250}},
+            }
+        },
     }
 
 
 def card_info() -> dict:
-    return {"base_models": ["alice/fmnist-mlp-seed0", {"name": "runs/pair/net_1/final", "hub": False}],
-            "repo_id": "alice/fmnist-merged", "dataset": "fashion_mnist", "architecture": "mlp",
-            "matcher": {"name": "activation", "similarity": "cosine"}, "checkpoint": "final", "alpha": 0.5,
-            "command": "hf-permerge merge runs/pair --output-dir runs/merged", "plots": ["plots/interpolation.png"],
-            "report": fake_report()}
+    return {
+        "base_models": ["alice/fmnist-mlp-seed0", {"name": "runs/pair/net_1/final", "hub": False}],
+        "repo_id": "alice/fmnist-merged",
+        "dataset": "fashion_mnist",
+        "architecture": "mlp",
+        "matcher": {"name": "activation", "similarity": "cosine"},
+        "checkpoint": "final",
+        "alpha": 0.5,
+        "command": "hf-permerge merge runs/pair --output-dir runs/merged",
+        "plots": ["plots/interpolation.png"],
+        "report": fake_report(),
+    }
 
 
 def write_merged_folder(folder: Path) -> None:
@@ -102,8 +143,10 @@ def write_merged_folder(folder: Path) -> None:
     model = PermMLPForImageClassification(config)
     model.save_pretrained(folder)
     image_processor_for(config).save_pretrained(folder)
-    save_file({"hidden.0": torch.randperm(16, generator=torch.Generator().manual_seed(0))},
-              folder / "permutations.safetensors")
+    save_file(
+        {"hidden.0": torch.randperm(16, generator=torch.Generator().manual_seed(0))},
+        folder / "permutations.safetensors",
+    )
     (folder / "report.json").write_text(json.dumps(fake_report()))
     (folder / "plots").mkdir()
     (folder / "plots" / "interpolation.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
@@ -117,7 +160,8 @@ def write_pair_folder(folder: Path) -> None:
     for net in (0, 1):
         for checkpoint in ("init", "final"):
             PermMLPForImageClassification(PermMLPConfig(depth=1, width=8, seed=net)).save_pretrained(
-                folder / f"net_{net}" / checkpoint)
+                folder / f"net_{net}" / checkpoint
+            )
     (folder / "pair.json").write_text(json.dumps({"num_nets": 2, "seeds": [0, 1], "dataset": "fashion_mnist"}))
     (folder / ".cache").mkdir()  # hidden entries (e.g. huggingface_hub's local-dir metadata) stay local
     (folder / ".cache" / "junk").write_text("x")
@@ -140,13 +184,23 @@ def published(hub, tmp_path_factory):
     write_merged_folder(tmp / "merged")
     write_pair_folder(tmp / "pair")
     before = {name: tree_digest(tmp / name) for name in ("merged", "pair")}
-    result = run_client("publish", {"merged": str(tmp / "merged"), "merged_repo": "alice/fmnist-merged",
-                                    "image": str(tmp / "fmnist_test_0.png"),
-                                    "pair": str(tmp / "pair"), "pair_repo": "fmnist-pair"}, tmp, hub.url)
+    result = run_client(
+        "publish",
+        {
+            "merged": str(tmp / "merged"),
+            "merged_repo": "alice/fmnist-merged",
+            "image": str(tmp / "fmnist_test_0.png"),
+            "pair": str(tmp / "pair"),
+            "pair_repo": "fmnist-pair",
+        },
+        tmp,
+        hub.url,
+    )
     return {"tmp": tmp, "before": before, **result}
 
 
 # ---- tests -------------------------------------------------------------------------------------------
+
 
 def test_push_leaves_the_local_folders_untouched(published):
     for name, digest in published["before"].items():
@@ -159,8 +213,9 @@ def test_merged_model_is_pushed_in_one_commit(hub, published):
     assert published["commit_url"].startswith(f"{hub.url}/alice/fmnist-merged/commit/")
     main = repo.commits[repo.refs["main"]]
     assert repo.commits[main.parent].parent is None  # the repo's initial commit, then ours
-    assert {k: hashlib.sha256(v).hexdigest() for k, v in hub.files("alice/fmnist-merged").items()
-            if k != ".gitattributes"} == published["before"]["merged"]
+    assert {
+        k: hashlib.sha256(v).hexdigest() for k, v in hub.files("alice/fmnist-merged").items() if k != ".gitattributes"
+    } == published["before"]["merged"]
     assert not any(TOKEN.encode() in content for content in hub.files("alice/fmnist-merged").values())
     assert hub.unrouted == []  # the client called nothing this endpoint lacks
 
@@ -197,8 +252,12 @@ def test_card_parses_back_with_base_models_and_numbers(published):
     assert {"model-merging", "permutation-alignment", "mlp", "merge"} <= set(meta["tags"])
     assert meta["datasets"] == ["zalando-datasets/fashion_mnist"]
     assert {(m["type"], m["value"]) for m in published["eval_results"]} >= {
-        ("accuracy", 0.8525), ("loss", 0.45), ("loss_barrier", 0.095), ("accuracy_barrier", 0.025),
-        ("loss_barrier", 1.245)}
+        ("accuracy", 0.8525),
+        ("loss", 0.45),
+        ("loss_barrier", 0.095),
+        ("accuracy_barrier", 0.025),
+        ("loss_barrier", 1.245),
+    }
 
 
 def test_pair_folder_round_trip(hub, published):
@@ -341,8 +400,16 @@ def test_folder_is_validated_before_anything_is_sent(tmp_path):
     (folder / ".hidden").write_text("")
     assert folder_kind(folder) == "model"
     assert files_to_push(folder) == sorted(
-        ["README.md", "config.json", "model.safetensors", "permutations.safetensors", "plots/interpolation.png",
-         "preprocessor_config.json", "report.json"])
+        [
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "permutations.safetensors",
+            "plots/interpolation.png",
+            "preprocessor_config.json",
+            "report.json",
+        ]
+    )
 
 
 def test_model_card_metadata_and_body():
@@ -357,8 +424,9 @@ def test_model_card_metadata_and_body():
     assert results[("accuracy", "Test accuracy")] == 0.8525
     assert results[("loss_barrier", "Loss barrier (permuted, final)")] == 0.095
     assert results[("accuracy_barrier", "Accuracy barrier (vanilla, final)")] == 0.4675
-    assert all(r.dataset_type == "zalando-datasets/fashion_mnist" and r.dataset_split == "test"
-               for r in card.data.eval_results)
+    assert all(
+        r.dataset_type == "zalando-datasets/fashion_mnist" and r.dataset_split == "test" for r in card.data.eval_results
+    )
     text = card.text
     assert "| 0.5 | 0.4100 | 1.6000 | 0.8525 | 0.4500 |" in text  # λ, vanilla acc/loss, permuted acc/loss
     assert "![interpolation](plots/interpolation.png)" in text
@@ -373,8 +441,16 @@ def test_model_card_tolerates_a_sparse_info():
 
     from hf_permerge.merging.model_card import render_model_card
 
-    card = ModelCard(str(render_model_card({"base_models": [{"name": "net_0/final", "hub": False}, "bob/net-b"],
-                                            "report": {"curves": {"init": {"permuted": {"lambdas": [0, 1]}}}}})))
+    card = ModelCard(
+        str(
+            render_model_card(
+                {
+                    "base_models": [{"name": "net_0/final", "hub": False}, "bob/net-b"],
+                    "report": {"curves": {"init": {"permuted": {"lambdas": [0, 1]}}}},
+                }
+            )
+        )
+    )
     assert card.data.base_model == ["bob/net-b"]
     assert card.data.eval_results is None
     assert "## Interpolation (init weights)" in card.text and "## Loss barrier" not in card.text
@@ -386,11 +462,13 @@ def test_packaged_template_is_the_root_template():
     from hf_permerge.merging.model_card import TEMPLATE_PATH
 
     root = Path(__file__).resolve().parent.parent / "MODEL_CARD_TEMPLATE.md"
-    assert TEMPLATE_PATH.read_text() == root.read_text(), \
+    assert TEMPLATE_PATH.read_text() == root.read_text(), (
         "copy MODEL_CARD_TEMPLATE.md to hf_permerge/templates/ (the packaged copy must stay identical)"
+    )
 
 
 # ---- client scenarios (run in a fresh interpreter by run_client) ---------------------------------------
+
 
 def _scenario_round_trip(folder: str, repo_id: str, image: str) -> dict:
     import PIL.Image
@@ -404,14 +482,19 @@ def _scenario_round_trip(folder: str, repo_id: str, image: str) -> dict:
     remote = AutoModelForImageClassification.from_pretrained(repo_id)
     local = AutoModelForImageClassification.from_pretrained(folder)
     identical = remote.state_dict().keys() == local.state_dict().keys() and all(
-        torch.equal(v, local.state_dict()[k]) for k, v in remote.state_dict().items())
+        torch.equal(v, local.state_dict()[k]) for k, v in remote.state_dict().items()
+    )
     classifier = pipeline("image-classification", model=repo_id, device="cpu")
     card = ModelCard.load(repo_id)
-    return {"commit_url": str(commit), "model_class": type(remote).__name__, "weights_identical": identical,
-            "processor_class": type(AutoImageProcessor.from_pretrained(repo_id)).__name__,
-            "predictions": classifier(PIL.Image.open(image), top_k=3),
-            "card": card.data.to_dict(),
-            "eval_results": [{"type": r.metric_type, "value": r.metric_value} for r in card.data.eval_results]}
+    return {
+        "commit_url": str(commit),
+        "model_class": type(remote).__name__,
+        "weights_identical": identical,
+        "processor_class": type(AutoImageProcessor.from_pretrained(repo_id)).__name__,
+        "predictions": classifier(PIL.Image.open(image), top_k=3),
+        "card": card.data.to_dict(),
+        "eval_results": [{"type": r.metric_type, "value": r.metric_value} for r in card.data.eval_results],
+    }
 
 
 def _scenario_pair_round_trip(folder: str, repo_id: str) -> dict:
@@ -424,11 +507,15 @@ def _scenario_pair_round_trip(folder: str, repo_id: str) -> dict:
     from hf_permerge.merging import PermMerger
 
     merger = PermMerger.from_pretrained(full_id)  # a pair straight from its Hub repo id
-    return {"snapshot": snapshot, "resolved_repo": resolve_local_or_hub(full_id),
-            "merger_nets": merger.num_nets, "merger_sources": [s.hub_id for s in merger.sources],
-            "merger_checkpoints": sorted(merger.sources[1].checkpoints),
-            "resolved_local": resolve_local_or_hub(folder),
-            "net_0_only": [p.relative_to(partial).as_posix() for p in partial.rglob("*") if p.is_file()]}
+    return {
+        "snapshot": snapshot,
+        "resolved_repo": resolve_local_or_hub(full_id),
+        "merger_nets": merger.num_nets,
+        "merger_sources": [s.hub_id for s in merger.sources],
+        "merger_checkpoints": sorted(merger.sources[1].checkpoints),
+        "resolved_local": resolve_local_or_hub(folder),
+        "net_0_only": [p.relative_to(partial).as_posix() for p in partial.rglob("*") if p.is_file()],
+    }
 
 
 def _scenario_branch_and_pr(folder: str, repo_id: str) -> dict:
@@ -448,24 +535,35 @@ def _scenario_private_pair_cli(folder: str, repo_id: str) -> dict:
     from hf_permerge.hub import push_folder_to_hub
 
     commit = push_folder_to_hub(folder, repo_id, private=True).oid
-    del os.environ["HF_TOKEN"]                  # from here on, only --token can read the repo
+    del os.environ["HF_TOKEN"]  # from here on, only --token can read the repo
     outcome = {}
-    for name, extra in [("no_token", []), ("bad_revision", ["--token", TOKEN, "--revision", "no-such-branch"]),
-                        ("with_token", ["--token", TOKEN, "--revision", commit])]:
+    for name, extra in [
+        ("no_token", []),
+        ("bad_revision", ["--token", TOKEN, "--revision", "no-such-branch"]),
+        ("with_token", ["--token", TOKEN, "--revision", commit]),
+    ]:
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             rc = cli.main(["merge", repo_id, "--vanilla", "-q", "-o", f"merged_{name}", *extra])
         outcome[name] = {"rc": rc, "stderr": stderr.getvalue(), "written": Path(f"merged_{name}").exists()}
     config = json.loads(Path("merged_with_token/merge_config.json").read_text())
     saved = "".join(p.read_text(errors="ignore") for p in Path("merged_with_token").rglob("*") if p.is_file())
-    return {"private_cli": outcome, "private_commit": commit, "private_hub_commits": config.get("hub_commits"),
-            "private_token_saved": TOKEN in saved, "private_card_command": "--token" in saved}
+    return {
+        "private_cli": outcome,
+        "private_commit": commit,
+        "private_hub_commits": config.get("hub_commits"),
+        "private_token_saved": TOKEN in saved,
+        "private_card_command": "--token" in saved,
+    }
 
 
 def _scenario_publish(merged: str, merged_repo: str, image: str, pair: str, pair_repo: str) -> dict:
-    return {**_scenario_round_trip(merged, merged_repo, image), **_scenario_pair_round_trip(pair, pair_repo),
-            **_scenario_branch_and_pr(merged, f"alice/{pair_repo}"),
-            **_scenario_private_pair_cli(pair, "alice/private-pair")}  # last: it unsets HF_TOKEN
+    return {
+        **_scenario_round_trip(merged, merged_repo, image),
+        **_scenario_pair_round_trip(pair, pair_repo),
+        **_scenario_branch_and_pr(merged, f"alice/{pair_repo}"),
+        **_scenario_private_pair_cli(pair, "alice/private-pair"),
+    }  # last: it unsets HF_TOKEN
 
 
 if __name__ == "__main__":
@@ -499,7 +597,7 @@ def test_recorded_command_leaves_the_token_out():
     assert command_line(args) == "hf-permerge merge alice/pair -o 'my out'"
     from hf_permerge.cli import build_parser
 
-    with pytest.raises(SystemExit):          # an abbreviation would escape the redaction: refused
+    with pytest.raises(SystemExit):  # an abbreviation would escape the redaction: refused
         build_parser().parse_args(["merge", "alice/pair", "--tok", TOKEN, "-o", "out"])
 
 

@@ -1,4 +1,5 @@
 """PermImageProcessor: ecosystem clients feed our models exactly what the data path feeds them."""
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -40,17 +41,20 @@ def test_rgb_and_numpy_inputs_become_the_models_grayscale(fmnist_test_images):
     processor = image_processor_for(PermMLPConfig())
     image = fmnist_test_images[0]
     want = processor(PIL.Image.fromarray(image), return_tensors="pt")["pixel_values"]
-    variants = [PIL.Image.fromarray(image).convert("RGB"),  # what pipeline() hands over
-                PIL.Image.fromarray(image).convert("RGBA"),
-                image,  # (H, W) uint8
-                np.repeat(image[:, :, None], 3, axis=2)]  # (H, W, 3) uint8
+    variants = [
+        PIL.Image.fromarray(image).convert("RGB"),  # what pipeline() hands over
+        PIL.Image.fromarray(image).convert("RGBA"),
+        image,  # (H, W) uint8
+        np.repeat(image[:, :, None], 3, axis=2),
+    ]  # (H, W, 3) uint8
     for variant in variants:
         torch.testing.assert_close(processor(variant, return_tensors="pt")["pixel_values"], want, atol=1e-6, rtol=0)
 
 
 def test_three_channel_model_gets_rgb_at_its_size():
-    config = PermCNNConfig(layers="8-avg-8", num_channels=3, image_size=32, image_mean=(0.5, 0.4, 0.3),
-                           image_std=(0.2, 0.25, 0.3))
+    config = PermCNNConfig(
+        layers="8-avg-8", num_channels=3, image_size=32, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3)
+    )
     processor = image_processor_for(config)
     gray = PIL.Image.fromarray(np.full((28, 28), 128, dtype=np.uint8))
     out = processor(gray, return_tensors="pt")["pixel_values"]
@@ -60,8 +64,9 @@ def test_three_channel_model_gets_rgb_at_its_size():
 
 
 def test_saved_processor_loads_back_through_the_auto_class(tmp_path):
-    config = PermCNNConfig(layers="8", num_channels=3, image_size=32, image_mean=(0.5, 0.4, 0.3),
-                           image_std=(0.2, 0.25, 0.3))
+    config = PermCNNConfig(
+        layers="8", num_channels=3, image_size=32, image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3)
+    )
     PermCNNForImageClassification(config).save_pretrained(tmp_path)
     image_processor_for(config).save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path)

@@ -1,4 +1,5 @@
 """Merges never destroy what a user made, refuse what they would silently ignore, and say how to fix it."""
+
 import json
 import signal
 
@@ -17,7 +18,6 @@ def merged(tiny_pair):
     merger.align(matcher="weight")
     merger.merge(0.5)
     return merger
-
 
 
 def no_alignment(*args, **kwargs):
@@ -45,7 +45,7 @@ def test_save_pretrained_replaces_an_earlier_merge_only_with_overwrite(merged, t
     assert (out / "model.safetensors").read_bytes() == first
     merged.save_pretrained(out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() != first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]   # no temp or old folder left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp or old folder left beside it
 
 
 def test_save_pretrained_writes_into_an_empty_folder(merged, tmp_path):
@@ -62,10 +62,13 @@ def test_save_pretrained_redoes_the_last_merge_as_it_was(merged, tmp_path):
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("args, conflict", [
-    (["--all", "--alpha", "0.3"], "--alpha: not allowed with argument --all"),
-    (["--all", "--vanilla", "--permutations", "perms"], "--permutations: not allowed with argument --vanilla"),
-])
+@pytest.mark.parametrize(
+    "args, conflict",
+    [
+        (["--all", "--alpha", "0.3"], "--alpha: not allowed with argument --all"),
+        (["--all", "--vanilla", "--permutations", "perms"], "--permutations: not allowed with argument --vanilla"),
+    ],
+)
 def test_cli_merge_refuses_options_it_would_ignore(tiny_pair, tmp_path, capsys, args, conflict, run_cli):
     with pytest.raises(SystemExit) as exit_:
         run_cli("merge", tiny_pair, "-o", tmp_path / "out", *args)
@@ -73,20 +76,23 @@ def test_cli_merge_refuses_options_it_would_ignore(tiny_pair, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--vanilla", "--matcher", "weight"], "--matcher cannot be used with --vanilla"),
-    (["--permutations", "perms", "--num-examples", "500"], "--num-examples cannot be used with --permutations"),
-])
-def test_cli_merge_refuses_matching_options_that_would_be_ignored(tiny_pair, tmp_path, capsys, args, message,
-                                                                  run_cli):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--vanilla", "--matcher", "weight"], "--matcher cannot be used with --vanilla"),
+        (["--permutations", "perms", "--num-examples", "500"], "--num-examples cannot be used with --permutations"),
+    ],
+)
+def test_cli_merge_refuses_matching_options_that_would_be_ignored(tiny_pair, tmp_path, capsys, args, message, run_cli):
     assert run_cli("merge", tiny_pair, "-o", tmp_path / "out", *args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["merge", "align"])
-def test_cli_refuses_a_matching_option_of_another_matcher_before_loading(tiny_pair, tmp_path, capsys, monkeypatch,
-                                                                         run_cli, command):
+def test_cli_refuses_a_matching_option_of_another_matcher_before_loading(
+    tiny_pair, tmp_path, capsys, monkeypatch, run_cli, command
+):
     monkeypatch.setattr(PermMerger, "from_pretrained", no_alignment)
     args = ["--matcher", "weight", "--similarity", "l2", "--damping", "0.5"]
     assert run_cli(command, tiny_pair, "-o", tmp_path / "out", *args) == 2
@@ -96,8 +102,10 @@ def test_cli_refuses_a_matching_option_of_another_matcher_before_loading(tiny_pa
 
 def test_cli_passes_the_gradient_matchers_settings(tiny_pair, tmp_path, run_cli):
     args = ["--matcher", "gradient", "--preconditioner", "none", "--damping", "0.5", "--num-examples", "200"]
-    assert run_cli("merge", tiny_pair, "--checkpoint", "init", "--align-checkpoint", "init", "-o", tmp_path / "out",
-                   *args) == 0
+    assert (
+        run_cli("merge", tiny_pair, "--checkpoint", "init", "--align-checkpoint", "init", "-o", tmp_path / "out", *args)
+        == 0
+    )
     alignment = json.loads((tmp_path / "out" / "merge_config.json").read_text())["alignment"]
     assert alignment["matcher"] == "gradient" and alignment["checkpoint"] == "init"
     assert {"preconditioner": "none", "damping": 0.5, "num_examples": 200}.items() <= alignment["settings"].items()
@@ -109,8 +117,7 @@ def test_cli_vanilla_merge_runs_no_alignment(tiny_pair, tmp_path, monkeypatch, r
     assert not (tmp_path / "out" / "permutations").exists()
 
 
-def test_cli_reset_bn_on_an_mlp_names_the_cli_option_before_aligning(tiny_pair, tmp_path, capsys, monkeypatch,
-                                                                     run_cli):
+def test_cli_reset_bn_on_an_mlp_names_the_cli_option_before_aligning(tiny_pair, tmp_path, capsys, monkeypatch, run_cli):
     monkeypatch.setattr(PermMerger, "align", no_alignment)
     assert run_cli("merge", tiny_pair, "--repair", "reset_bn", "-o", tmp_path / "out") == 2
     err = capsys.readouterr().err
@@ -157,7 +164,7 @@ def test_save_permutations_never_deletes_a_users_files(merged, tmp_path):
         merged.save_permutations(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
     merged.save_permutations(tmp_path / "perms")
-    merged.save_permutations(tmp_path / "perms")      # an earlier alignment of ours is replaced, as before
+    merged.save_permutations(tmp_path / "perms")  # an earlier alignment of ours is replaced, as before
 
 
 def test_the_output_folder_of_run_points_to_its_pair(tiny_pair, tmp_path):
@@ -196,7 +203,7 @@ def test_model_folders_of_another_checkpoint_merge_that_checkpoint(tiny_pair):
 def test_permutations_of_other_nets_are_refused(tiny_pair, tmp_path):
     import shutil
 
-    three = PermMerger.from_pretrained(tiny_pair)             # the fixture pair has 3 nets
+    three = PermMerger.from_pretrained(tiny_pair)  # the fixture pair has 3 nets
     three.align(matcher="weight")
     three.save_permutations(tmp_path / "perms")
     two = PermMerger.from_pretrained([tiny_pair / "net_0" / "final", tiny_pair / "net_2" / "final"])
@@ -231,14 +238,17 @@ def test_save_pretrained_saves_the_model_the_merge_returned(tiny_pair, tiny_fmni
     assert last["repair_examples"] == 200 and last["repair_data"] == "given by the caller"
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda m: m.permuted(3), "must name a net 0..2"),
-    (lambda m: m.permuted(-1), "must name a net 0..2"),
-    (lambda m: m.merge(0.5, other=1.5), "other must name a net"),
-    (lambda m: m.merge(0.5, other=0), "net 0 is the reference"),
-    (lambda m: m.merge("0.5"), "alpha must be a number"),
-    (lambda m: m.merge_all(k=2.0), "k must be in"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda m: m.permuted(3), "must name a net 0..2"),
+        (lambda m: m.permuted(-1), "must name a net 0..2"),
+        (lambda m: m.merge(0.5, other=1.5), "other must name a net"),
+        (lambda m: m.merge(0.5, other=0), "net 0 is the reference"),
+        (lambda m: m.merge("0.5"), "alpha must be a number"),
+        (lambda m: m.merge_all(k=2.0), "k must be in"),
+    ],
+)
 def test_bad_net_indices_and_weights_name_the_valid_range(merged, call, message):
     with pytest.raises(ValueError, match=message):
         call(merged)
@@ -248,7 +258,9 @@ def test_merged_config_names_its_architecture(merged, tmp_path):
     import json
 
     merged.save_pretrained(tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["PermMLPForImageClassification"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == [
+        "PermMLPForImageClassification"
+    ]
 
 
 def test_a_new_alignment_forgets_the_merge_made_with_the_old_one(tiny_pair, tmp_path):
@@ -256,7 +268,7 @@ def test_a_new_alignment_forgets_the_merge_made_with_the_old_one(tiny_pair, tmp_
     merger.align(matcher="weight")
     stale = merger.merge(0.3)
     merger.align(matcher="weight", max_iter=1)
-    merger.save_pretrained(tmp_path / "m")      # the default merge with the current permutations, not `stale`
+    merger.save_pretrained(tmp_path / "m")  # the default merge with the current permutations, not `stale`
     expected = merger.merge(0.5)
     saved = AutoModelForImageClassification.from_pretrained(tmp_path / "m")
     for (name, p), q in zip(expected.state_dict().items(), saved.state_dict().values()):

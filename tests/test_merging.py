@@ -1,4 +1,5 @@
 """PermMerger: the merge formula, permuted inits, N-way averages, sources, saving, CLI."""
+
 import json
 import subprocess
 import sys
@@ -33,8 +34,12 @@ def test_alignment_is_identity_for_the_reference(merger):
 def test_permuted_net_computes_same_function(merger, tiny_fmnist):
     x = load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist).pixel_values[:200]
     for ck in ("final", "init", "step-5"):
-        torch.testing.assert_close(merger.permuted(2, ck)(pixel_values=x).logits, merger.load(2, ck)(pixel_values=x).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            merger.permuted(2, ck)(pixel_values=x).logits,
+            merger.load(2, ck)(pixel_values=x).logits,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_merge_endpoints_and_midpoint(merger):
@@ -69,7 +74,9 @@ def test_set_permutations_gives_perm_at_x(merger, tiny_fmnist):
     at5 = PermMerger.from_pretrained(merger.sources[0].checkpoints["final"].parents[1])
     perms = at5.align(data, checkpoint="step-5", num_examples=1000)
     merger.set_permutations(perms, matcher="activation", checkpoint="step-5")
-    assert states_close(merger.merge(1.0, "final").state_dict(), perms[1].apply(merger.load(1).state_dict(), merger.spec))
+    assert states_close(
+        merger.merge(1.0, "final").state_dict(), perms[1].apply(merger.load(1).state_dict(), merger.spec)
+    )
 
 
 def test_model_list_sources_find_sibling_checkpoints(tiny_pair):
@@ -109,18 +116,47 @@ def test_save_pretrained_writes_a_loadable_model_with_permutations(merger, tmp_p
 
 def test_cli_align_then_merge(tiny_pair, tmp_path):
     exe = str(Path(sys.executable).parent / "hf-permerge")
-    r = subprocess.run([exe, "align", str(tiny_pair), "-o", str(tmp_path / "perms"), "--num-examples", "500"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [exe, "align", str(tiny_pair), "-o", str(tmp_path / "perms"), "--num-examples", "500"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "hidden.0: similarity identity" in r.stdout and (tmp_path / "perms/net_2.safetensors").exists()
-    r = subprocess.run([exe, "merge", str(tiny_pair), "-o", str(tmp_path / "m"), "--checkpoint", "init",
-                        "--permutations", str(tmp_path / "perms")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            exe,
+            "merge",
+            str(tiny_pair),
+            "-o",
+            str(tmp_path / "m"),
+            "--checkpoint",
+            "init",
+            "--permutations",
+            str(tmp_path / "perms"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "m").config.model_type == "perm_mlp"
     r = subprocess.run([exe, "merge", str(tiny_pair), "-o", str(tmp_path / "m")], capture_output=True, text=True)
     assert r.returncode == 2 and "--overwrite" in r.stderr
-    r = subprocess.run([exe, "merge", str(tiny_pair), "-o", str(tmp_path / "r"), "--repair", "repair",
-                        "--permutations", str(tmp_path / "perms")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            exe,
+            "merge",
+            str(tiny_pair),
+            "-o",
+            str(tmp_path / "r"),
+            "--repair",
+            "repair",
+            "--permutations",
+            str(tmp_path / "perms"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "r/merge_config.json").read_text())["merge"]["repair"] == "repair"
     assert "REPAIR" in (tmp_path / "r/README.md").read_text()

@@ -1,4 +1,5 @@
 """The model card and merge_config.json say what was merged: which nets, which weights, whether permuted."""
+
 import json
 import signal
 
@@ -28,7 +29,7 @@ def saved(merger, folder):
 
 
 def test_vanilla_merge_card_claims_no_permutation(merger, tmp_path):
-    merger.align(matcher="weight")      # found, but a vanilla average does not use them
+    merger.align(matcher="weight")  # found, but a vanilla average does not use them
     merger.merge(0.5, permute=False)
     card, config = saved(merger, tmp_path / "out")
     assert "permutation-alignment" not in card.data.tags
@@ -88,29 +89,51 @@ def test_card_and_merge_config_hold_no_local_absolute_path(tiny_pair, tmp_path):
 
 
 def test_card_endpoint_rows_name_the_nets_portably():
-    report = {"endpoints": [{"net": i, "test": {"acc": 0.8 + i / 100, "loss": 0.5}} for i in range(3)],
-              "curves": {"final": {"permuted": {"lambdas": [0, 0.5, 1], "test": {"acc": [0.8, 0.7, 0.81],
-                                                                                  "loss": [0.5, 0.9, 0.5]}}}}}
-    card = render_model_card({"base_models": [{"name": "/home/me/runs/pair/net_0", "hub": False},
-                                              {"name": "/home/me/runs/pair/net_1", "hub": False}],
-                              "nets": [0, 1], "alpha": 0.5, "report": report})
+    report = {
+        "endpoints": [{"net": i, "test": {"acc": 0.8 + i / 100, "loss": 0.5}} for i in range(3)],
+        "curves": {
+            "final": {"permuted": {"lambdas": [0, 0.5, 1], "test": {"acc": [0.8, 0.7, 0.81], "loss": [0.5, 0.9, 0.5]}}}
+        },
+    }
+    card = render_model_card(
+        {
+            "base_models": [
+                {"name": "/home/me/runs/pair/net_0", "hub": False},
+                {"name": "/home/me/runs/pair/net_1", "hub": False},
+            ],
+            "nets": [0, 1],
+            "alpha": 0.5,
+            "report": report,
+        }
+    )
     text = str(card)
     assert "/home/me" not in text
     assert "| endpoint: net_0 | 0.8000 |" in text and "| endpoint: net_1 | 0.8100 |" in text
-    assert "endpoint: net_2" not in text       # not part of this merge
+    assert "endpoint: net_2" not in text  # not part of this merge
 
 
 def test_card_reports_the_vanilla_number_for_a_vanilla_merge():
     curve = {"lambdas": [0, 0.5, 1]}
-    report = {"curves": {"final": {"vanilla": {**curve, "test": {"acc": [0.8, 0.4, 0.8], "loss": [0.5, 1.7, 0.5]}},
-                                   "permuted": {**curve, "test": {"acc": [0.8, 0.7, 0.8], "loss": [0.5, 0.9, 0.5]}}}}}
+    report = {
+        "curves": {
+            "final": {
+                "vanilla": {**curve, "test": {"acc": [0.8, 0.4, 0.8], "loss": [0.5, 1.7, 0.5]}},
+                "permuted": {**curve, "test": {"acc": [0.8, 0.7, 0.8], "loss": [0.5, 0.9, 0.5]}},
+            }
+        }
+    }
     text = str(render_model_card({"base_models": ["a/x", "a/y"], "permuted": False, "report": report}))
     assert "| **this merged model** | 0.4000 | 1.7000 |" in text
 
 
 def test_hub_pair_nets_link_to_their_repo_once():
-    card = ModelCard(str(render_model_card({"base_models": [
-        {"name": f"alice/pair/net_{i}", "hub": True, "repo": "alice/pair"} for i in (0, 1)]})))
+    card = ModelCard(
+        str(
+            render_model_card(
+                {"base_models": [{"name": f"alice/pair/net_{i}", "hub": True, "repo": "alice/pair"} for i in (0, 1)]}
+            )
+        )
+    )
     assert card.data.base_model == ["alice/pair"]
     assert card.data.merged_from == ["alice/pair/net_0", "alice/pair/net_1"]
     assert "(https://huggingface.co/alice/pair)" in card.text
@@ -123,18 +146,26 @@ def test_portable_names_drop_the_local_folders():
     assert portable_path("/tmp/audit/demo/pair/net_0") == "net_0"
     assert portable_path("/tmp/audit/demo/pair/net_1/final") == "net_1/final"
     assert portable_path("runs/pair/net_1/final") == "runs/pair/net_1/final"
-    assert portable_command("hf-permerge run c.yaml -o /tmp/a/demo --output-dir=/tmp/b/x --set a.b=1") == \
-        "hf-permerge run c.yaml -o demo --output-dir=x --set a.b=1"
+    assert (
+        portable_command("hf-permerge run c.yaml -o /tmp/a/demo --output-dir=/tmp/b/x --set a.b=1")
+        == "hf-permerge run c.yaml -o demo --output-dir=x --set a.b=1"
+    )
 
 
-@pytest.mark.parametrize("matcher, expected", [
-    ("weight", {"max_iter": 100, "seed": 0, "bottom_up": True}),
-    ("activation", {"similarity": "cosine", "preactivation": False, "num_examples": 1000}),
-])
+@pytest.mark.parametrize(
+    "matcher, expected",
+    [
+        ("weight", {"max_iter": 100, "seed": 0, "bottom_up": True}),
+        ("activation", {"similarity": "cosine", "preactivation": False, "num_examples": 1000}),
+    ],
+)
 def test_merge_config_records_the_matcher_settings_used(merger, tmp_path, tiny_fmnist, matcher, expected):
     data = load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist)
-    merger.align(data if matcher == "activation" else None, matcher=matcher,
-                 **({"num_examples": 1000} if matcher == "activation" else {}))
+    merger.align(
+        data if matcher == "activation" else None,
+        matcher=matcher,
+        **({"num_examples": 1000} if matcher == "activation" else {}),
+    )
     merger.merge(0.5)
     _, config = saved(merger, tmp_path / "out")
     assert expected.items() <= config["alignment"]["settings"].items()
@@ -168,7 +199,9 @@ def test_bare_model_folders_card_does_not_claim_their_training_data(tiny_pair, t
     pair = PermMerger.from_pretrained(tiny_pair)
     pair.align(matcher="weight")
     pair_card, _ = saved(pair, tmp_path / "pair_out")
-    assert "on Fashion-MNIST, made with" in pair_card.text and pair_card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert "on Fashion-MNIST, made with" in pair_card.text and pair_card.data.datasets == [
+        "zalando-datasets/fashion_mnist"
+    ]
 
 
 def test_weight_matching_starts_from_app_d_unless_told_otherwise(tiny_pair, tmp_path, run_cli):

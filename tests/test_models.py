@@ -1,4 +1,5 @@
 """The model classes: seeded init, HF round trips, specs that fit, losses."""
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification
@@ -18,10 +19,13 @@ def same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("make", [
-    lambda s: PermMLPForImageClassification(PermMLPConfig(depth=2, width=16, seed=s)),
-    lambda s: PermCNNForImageClassification(PermCNNConfig(layers="4-avg-8", batch_norm=True, seed=s)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: PermMLPForImageClassification(PermMLPConfig(depth=2, width=16, seed=s)),
+        lambda s: PermCNNForImageClassification(PermCNNConfig(layers="4-avg-8", batch_norm=True, seed=s)),
+    ],
+)
 def test_seed_fixes_init_bit_identically(make):
     assert same_weights(make(7), make(7))
     assert not same_weights(make(7), make(8))
@@ -45,10 +49,13 @@ def test_other_inits_differ_from_kaiming(init):
         assert torch.allclose(w @ w.T, 2 * torch.eye(64), atol=1e-4)
 
 
-@pytest.mark.parametrize("model", [
-    PermMLPForImageClassification(PermMLPConfig(depth=2, width=16, seed=1)),
-    PermCNNForImageClassification(PermCNNConfig(layers="4-4-avg-8", seed=1, batch_norm=True)),
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        PermMLPForImageClassification(PermMLPConfig(depth=2, width=16, seed=1)),
+        PermCNNForImageClassification(PermCNNConfig(layers="4-4-avg-8", seed=1, batch_norm=True)),
+    ],
+)
 def test_automodel_round_trip_is_bit_identical(tmp_path, model):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
@@ -73,8 +80,10 @@ def test_mse_loss_is_on_one_hot_targets():
     assert torch.allclose(out.loss, expected)
 
 
-@pytest.mark.parametrize("layers,expected", [
-    ("64-64-avg-128-128", [64, 64, "avg", 128, 128]), ("32-avg-64-avg-128", [32, "avg", 64, "avg", 128])])
+@pytest.mark.parametrize(
+    "layers,expected",
+    [("64-64-avg-128-128", [64, 64, "avg", 128, 128]), ("32-avg-64-avg-128", [32, "avg", 64, "avg", 128])],
+)
 def test_layer_strings_parse_as_the_paper_writes_them(layers, expected):
     assert parse_layers(layers) == expected
 
@@ -86,8 +95,10 @@ def test_bad_layer_strings_are_refused_with_the_token(bad):
 
 
 def test_spec_fits_state_dict_and_names_activation_modules():
-    for model in [PermMLPForImageClassification(PermMLPConfig(depth=3, width=8, bias=True)),
-                  PermCNNForImageClassification(PermCNNConfig(layers="4-4-avg-8", batch_norm=True))]:
+    for model in [
+        PermMLPForImageClassification(PermMLPConfig(depth=3, width=8, bias=True)),
+        PermCNNForImageClassification(PermCNNConfig(layers="4-4-avg-8", batch_norm=True)),
+    ]:
         spec = model.permutation_spec()
         spec.validate(model.state_dict())
         modules = dict(model.named_modules())

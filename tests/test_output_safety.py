@@ -1,4 +1,5 @@
 """Output folders: nothing a user made is lost or written into, and a killed run of ours does not block a rerun."""
+
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def test_leftovers_of_a_killed_run_do_not_block_a_rerun(tmp_path):
     check_output_dir(folder, marker="report.json")
     assert list(folder.iterdir()) == []
     (folder / ".plots-defghijk").mkdir()
-    (folder / "notes.txt").write_text("mine")   # a user's file beside them: refused, nothing removed
+    (folder / "notes.txt").write_text("mine")  # a user's file beside them: refused, nothing removed
     with pytest.raises(FileExistsError):
         check_output_dir(folder, overwrite=True, marker="report.json")
     assert {p.name for p in folder.iterdir()} == {".plots-defghijk", "notes.txt"}
@@ -95,30 +96,48 @@ def test_cli_flags_after_the_subcommand_and_exclusive_modes():
 
 
 def test_evaluate_refuses_overrides_of_how_the_pair_was_made(tiny_pair, tmp_path):
-    r = subprocess.run([EXE, "-q", "evaluate", str(tiny_pair), "-o", str(tmp_path / "ev"),
-                        "--set", "model.width=64", "--set", "training.epochs=99"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            EXE,
+            "-q",
+            "evaluate",
+            str(tiny_pair),
+            "-o",
+            str(tmp_path / "ev"),
+            "--set",
+            "model.width=64",
+            "--set",
+            "training.epochs=99",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "evaluate cannot override 'model.width=64', 'training.epochs=99'" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "ev").exists()
 
 
 def test_sigterm_unwinds_so_temporary_folders_are_removed(tmp_path):
     """`timeout` sends SIGTERM: the CLI exits through its cleanup (128 + 15), like Ctrl-C."""
-    code = ("import sys, time, tempfile\n"
-            "from hf_permerge.cli import main\n"
-            "import hf_permerge.cli as cli\n"
-            "def slow(args):\n"
-            f"    with tempfile.TemporaryDirectory(dir={str(tmp_path)!r}, prefix='.plots-'):\n"
-            "        print('ready', flush=True)\n"
-            "        time.sleep(60)\n"
-            "cli.commands.COMMANDS['train'] = slow\n"
-            "sys.exit(main(['train', 'c.yaml', '-o', 'x']))\n")
+    code = (
+        "import sys, time, tempfile\n"
+        "from hf_permerge.cli import main\n"
+        "import hf_permerge.cli as cli\n"
+        "def slow(args):\n"
+        f"    with tempfile.TemporaryDirectory(dir={str(tmp_path)!r}, prefix='.plots-'):\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(60)\n"
+        "cli.commands.COMMANDS['train'] = slow\n"
+        "sys.exit(main(['train', 'c.yaml', '-o', 'x']))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
-    assert "hf-permerge train: terminated (SIGTERM); nothing half-written was left; --resume continues it from the " \
-           "last epoch end" in proc.stderr.read()
+    assert (
+        "hf-permerge train: terminated (SIGTERM); nothing half-written was left; --resume continues it from the "
+        "last epoch end" in proc.stderr.read()
+    )
 
 
 def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):
@@ -144,8 +163,10 @@ def test_outputs_get_the_modes_of_ordinary_new_files_and_folders(tmp_path):
 
     (tmp_path / "model").mkdir()
     write_model_files(PermMLPForImageClassification(PermMLPConfig(depth=1, width=8)), tmp_path / "model")
-    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "model").iterdir()} == {file_mode()}  # safetensors: 0600
-    before = os.umask(0o077)                     # a private umask is honoured, not the one at import
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "model").iterdir()} == {
+        file_mode()
+    }  # safetensors: 0600
+    before = os.umask(0o077)  # a private umask is honoured, not the one at import
     try:
         write_json_atomic(tmp_path / "private.json", {})
         assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
@@ -182,7 +203,7 @@ def test_overwrite_replaces_only_our_output_never_a_users_files_kept_inside_it(t
         (folder / "analysis.ipynb").unlink()
         assert run_cli(command, tiny_pair, "-o", folder, "--overwrite", "-q") == 0
 
-    report = tmp_path / "report"                   # evaluate replaces its merged/ at the end: refused up front
+    report = tmp_path / "report"  # evaluate replaces its merged/ at the end: refused up front
     (report / "merged").mkdir(parents=True)
     (report / "report.json").write_text("{}")
     (report / "merged" / "merge_config.json").write_text("{}")
@@ -190,9 +211,11 @@ def test_overwrite_replaces_only_our_output_never_a_users_files_kept_inside_it(t
     assert run_cli("evaluate", tiny_pair, "-o", report, "--overwrite", "-q") == 2
     assert "also notes.md" in capsys.readouterr().err and (report / "merged" / "notes.md").read_text() == "mine"
 
-    for marker, contents, ours in (("run_config.json", PAIR_CONTENTS, ("net_0", "pair.json")),
-                                   (RUN_MARKER, RUN_CONTENTS, ("pair", "report.json", "interpolation.png")),
-                                   ("sweep.json", SWEEP_CONTENTS, ("cells", "results.csv", "fig2.png"))):
+    for marker, contents, ours in (
+        ("run_config.json", PAIR_CONTENTS, ("net_0", "pair.json")),
+        (RUN_MARKER, RUN_CONTENTS, ("pair", "report.json", "interpolation.png")),
+        ("sweep.json", SWEEP_CONTENTS, ("cells", "results.csv", "fig2.png")),
+    ):
         folder = tmp_path / marker.replace("/", "_")
         for name in ours:
             (folder / name).mkdir(parents=True) if "." not in name else (folder / name).write_text("")
@@ -224,14 +247,17 @@ MEANINGLESS = [
 
 
 @pytest.mark.parametrize("command, overrides, message", MEANINGLESS, ids=[" ".join(c[1]) for c in MEANINGLESS])
-def test_a_job_that_would_be_meaningless_is_refused_before_any_work(command, overrides, message, tiny_fmnist,
-                                                                     tmp_path, capsys, run_cli, monkeypatch):
+def test_a_job_that_would_be_meaningless_is_refused_before_any_work(
+    command, overrides, message, tiny_fmnist, tmp_path, capsys, run_cli, monkeypatch
+):
     from hf_permerge.training import trainer
 
     monkeypatch.setattr(trainer.PairTrainer, "_train_slots", lambda *a: pytest.fail("trained before refusing"))
     config = tmp_path / "config.yaml"
-    config.write_text(f"model: {{type: mlp, depth: 1, width: 8}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
-                      "training: {epochs: 2, batch_size: 100, save_steps: [5]}\n")
+    config.write_text(
+        f"model: {{type: mlp, depth: 1, width: 8}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
+        "training: {epochs: 2, batch_size: 100, save_steps: [5]}\n"
+    )
     sets = [x for o in overrides for x in ("--set", o)]
     assert run_cli(command, config, "-o", tmp_path / "out", *sets, "-q") == 2
     err = capsys.readouterr().err.strip()

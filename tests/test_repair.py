@@ -1,4 +1,5 @@
 """REPAIR and BatchNorm reset: target statistics reached, endpoints untouched, BN statistics recomputed exactly."""
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,9 @@ def train_split(tiny_fmnist):
 def averaged(a, b, alpha=0.5):
     merged = copy.deepcopy(a)
     sb = b.state_dict()
-    merged.load_state_dict({k: (1 - alpha) * v + alpha * sb[k] if v.is_floating_point() else v
-                            for k, v in a.state_dict().items()})
+    merged.load_state_dict(
+        {k: (1 - alpha) * v + alpha * sb[k] if v.is_floating_point() else v for k, v in a.state_dict().items()}
+    )
     return merged
 
 
@@ -37,9 +39,14 @@ def pair(cls, **config):
     return cls(cfg_class(seed=1, **config)).eval(), cls(cfg_class(seed=2, **config)).eval()
 
 
-@pytest.mark.parametrize("cls,config", [(PermMLPForImageClassification, {"depth": 3, "width": 32, "bias": True}),
-                                        (PermCNNForImageClassification, {"layers": "8-avg-16", "bias": True}),
-                                        (PermCNNForImageClassification, {"layers": "8-avg-16", "batch_norm": True})])
+@pytest.mark.parametrize(
+    "cls,config",
+    [
+        (PermMLPForImageClassification, {"depth": 3, "width": 32, "bias": True}),
+        (PermCNNForImageClassification, {"layers": "8-avg-16", "bias": True}),
+        (PermCNNForImageClassification, {"layers": "8-avg-16", "batch_norm": True}),
+    ],
+)
 def test_repair_sets_preactivation_mean_and_std_to_the_interpolation(cls, config, train_split):
     a, b = pair(cls, **config)
     alpha = 0.3
@@ -52,7 +59,7 @@ def test_repair_sets_preactivation_mean_and_std_to_the_interpolation(cls, config
     for m in modules:
         mean_t = (1 - alpha) * sa[m].mean + alpha * sb[m].mean
         std_t = (1 - alpha) * sa[m].std + alpha * sb[m].std
-        assert not torch.allclose(before[m].std, std_t, rtol=1e-2)        # there was something to repair
+        assert not torch.allclose(before[m].std, std_t, rtol=1e-2)  # there was something to repair
         torch.testing.assert_close(sm[m].mean, mean_t, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(sm[m].std, std_t, atol=1e-4, rtol=1e-4)
 
@@ -64,7 +71,7 @@ def test_repair_without_bias_scales_each_unit_by_the_least_squares_fit_of_the_re
     merged = averaged(a, b)
     data = train_split.subset(400, seed=0)
     x = data.pixel_values.flatten(1).double()
-    z = x @ merged.layers[0].weight.detach().double().T                  # (samples, units) before repair
+    z = x @ merged.layers[0].weight.detach().double().T  # (samples, units) before repair
     sa, sb = (unit_statistics(m, ["layers.0"], data.pixel_values)["layers.0"] for m in (a, b))
     a_map = 0.5 * (sa.std + sb.std) / z.std(0, unbiased=False)
     b_map = 0.5 * (sa.mean + sb.mean) - a_map * z.mean(0)
@@ -73,7 +80,7 @@ def test_repair_without_bias_scales_each_unit_by_the_least_squares_fit_of_the_re
     repair(merged, [a, b], data, num_examples=None)
     scale = (merged.layers[0].weight.detach() / before).double()
     torch.testing.assert_close(scale, expected[:, None].expand_as(scale), rtol=1e-4, atol=1e-6)
-    assert merged.layers[0].bias is None and merged.layers[1].bias is None     # architecture unchanged
+    assert merged.layers[0].bias is None and merged.layers[1].bias is None  # architecture unchanged
 
 
 @pytest.fixture
@@ -87,8 +94,9 @@ def test_repair_at_alpha_zero_leaves_net_0_unchanged(merger, tiny_fmnist):
     x = load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist).pixel_values[:300]
     repaired = merger.merge(0.0, repair="repair", repair_examples=500)
     with torch.no_grad():
-        torch.testing.assert_close(repaired(pixel_values=x).logits, merger.load(0)(pixel_values=x).logits,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            repaired(pixel_values=x).logits, merger.load(0)(pixel_values=x).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_merge_records_the_repair_setting(merger, tmp_path, caplog):
@@ -100,7 +108,9 @@ def test_merge_records_the_repair_setting(merger, tmp_path, caplog):
     merger.save_pretrained(tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
     assert config["merge"]["repair"] == "repair" and config["merge"]["repair_scale_only"] == ["layers.0"]
-    assert "1 layer(s) without a bias (layers.0) could only be rescaled" in (tmp_path / "merged" / "README.md").read_text()
+    assert (
+        "1 layer(s) without a bias (layers.0) could only be rescaled" in (tmp_path / "merged" / "README.md").read_text()
+    )
     merger.merge_all()
     assert merger.merge_settings()["merge"].get("repair") is None
 
@@ -125,8 +135,9 @@ def test_report_holds_the_repaired_midpoints(merger, tiny_fmnist):
     assert rep["mode"] == "repair" and set(rep["midpoint"]) == {"vanilla", "permuted"}
     mean_acc = sum(e["test"]["acc"] for e in report["endpoints"][:2]) / 2
     assert rep["barrier_midpoint"]["permuted"]["test"]["acc"] == pytest.approx(
-        mean_acc - rep["midpoint"]["permuted"]["test"]["acc"])
-    assert merger.merge_settings()["merge"].get("repair") is None      # the report did not change the last merge
+        mean_acc - rep["midpoint"]["permuted"]["test"]["acc"]
+    )
+    assert merger.merge_settings()["merge"].get("repair") is None  # the report did not change the last merge
 
 
 def test_bad_repair_settings_are_refused(merger):
@@ -141,7 +152,7 @@ def test_reset_bn_recomputes_running_statistics_exactly(train_split):
     variance, each layer seeing the batch-normalised outputs of the layers before it (train-mode forward)."""
     model, _ = pair(PermCNNForImageClassification, layers="8-avg-16", batch_norm=True)
     with torch.no_grad():
-        for block in model.blocks:     # stale statistics, as after interpolation
+        for block in model.blocks:  # stale statistics, as after interpolation
             block.norm.running_mean.uniform_(-1, 1)
             block.norm.running_var.uniform_(0.5, 2)
     data = train_split.subset(600, seed=1)
@@ -151,13 +162,14 @@ def test_reset_bn_recomputes_running_statistics_exactly(train_split):
     variances = [[] for _ in model.blocks]
     with torch.no_grad():
         for start in range(0, 600, 200):
-            h = data.pixel_values[start:start + 200]
+            h = data.pixel_values[start : start + 200]
             for i, block in enumerate(model.blocks):
                 z = block.conv(h)
                 means[i].append(z.double().mean((0, 2, 3)))
                 variances[i].append(z.double().var((0, 2, 3), unbiased=True))
-                normed = F.batch_norm(z, None, None, block.norm.weight, block.norm.bias, training=True,
-                                      eps=block.norm.eps)
+                normed = F.batch_norm(
+                    z, None, None, block.norm.weight, block.norm.bias, training=True, eps=block.norm.eps
+                )
                 h = block.pool(block.act(normed))
     for i, block in enumerate(model.blocks):
         # float32 sums over 200 x 28 x 28 positions, in whatever order the CPU's kernel takes (the portable one,
@@ -173,7 +185,7 @@ def test_reset_bn_makes_batchnorm_outputs_standardised(train_split):
     a, b = pair(PermCNNForImageClassification, layers="8-avg-16", batch_norm=True)
     merged = averaged(a, b)
     data = train_split.subset(500, seed=2)
-    reset_bn_statistics(merged, data, num_examples=None, batch_size=500)   # one batch: the exact statistics
+    reset_bn_statistics(merged, data, num_examples=None, batch_size=500)  # one batch: the exact statistics
     stats = unit_statistics(merged, ["blocks.0.norm"], data.pixel_values)["blocks.0.norm"]
     norm = merged.blocks[0].norm
     torch.testing.assert_close(stats.mean.float(), norm.bias.detach(), atol=1e-4, rtol=0)
@@ -199,10 +211,15 @@ def test_report_forward_passes_run_in_the_evaluation_precision(merger, tiny_fmni
     splits = {"test": load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist)}
     before = torch.backends.cuda.matmul.allow_tf32
     fp32 = report_module.build_report(
-        merger, config_from_dict({"evaluation": settings}).evaluation, splits, progress=False)
+        merger, config_from_dict({"evaluation": settings}).evaluation, splits, progress=False
+    )
     seen.clear()
     report = report_module.build_report(
-        merger, config_from_dict({"evaluation": {**settings, "precision": precision}}).evaluation, splits, progress=False)
+        merger,
+        config_from_dict({"evaluation": {**settings, "precision": precision}}).evaluation,
+        splits,
+        progress=False,
+    )
     assert seen and all(flag == (precision == "tf32") for flag in seen)
     assert torch.backends.cuda.matmul.allow_tf32 == before
     assert report["precision"] == precision and fp32["precision"] == "fp32"

@@ -1,4 +1,5 @@
 """The report pipeline: report.json's contract, the science on a tiny real pair, plots, CLI run/evaluate."""
+
 import json
 import subprocess
 import sys
@@ -12,13 +13,15 @@ from hf_permerge.reporting.pipeline import evaluate_pair
 
 
 def eval_config(tiny_fmnist, **evaluation):
-    return config_from_dict({
-        "model": {"type": "mlp", "depth": 1, "width": 32},
-        "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
-        "training": {"num_nets": 3, "epochs": 2, "save_steps": [5]},
-        "alignment": {"num_examples": 1000},
-        "evaluation": {"train_subset": 1000, **evaluation},
-    })
+    return config_from_dict(
+        {
+            "model": {"type": "mlp", "depth": 1, "width": 32},
+            "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
+            "training": {"num_nets": 3, "epochs": 2, "save_steps": [5]},
+            "alignment": {"num_examples": 1000},
+            "evaluation": {"train_subset": 1000, **evaluation},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def test_report_json_has_every_contract_key(report_dir):
     assert {"train_s", "align_s", "evaluate_s"} <= r["timings"].keys()
     plane = r["plane"]["init"]
     assert len(plane["u"]) == 6 and len(plane["test"]["acc"]) == 6 and len(plane["test"]["acc"][0]) == 6
-    assert len(plane["train"]["loss"]) == 6 and len(plane["train"]["loss"][0]) == 6   # Fig. 5's train-loss map
+    assert len(plane["train"]["loss"]) == 6 and len(plane["train"]["loss"][0]) == 6  # Fig. 5's train-loss map
     assert set(plane["points"]) == {"theta_0", "theta_1", "pi_theta_1"}
     sch = r["schedules"]
     assert sch["checkpoints"] == ["init", "step-5", "final"] and sch["steps"] == [0, 5, 20]
@@ -88,17 +91,32 @@ def test_outputs_are_written(report_dir):
 
 def test_cli_run_main_job_and_evaluate_refuses_existing(tmp_path, tiny_fmnist):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{type: mlp, depth: 1, width: 16}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
-                   "training: {epochs: 1}\nalignment: {num_examples: 500}\nevaluation: {train_subset: 500}\n")
+    cfg.write_text(
+        f"model: {{type: mlp, depth: 1, width: 16}}\ndata: {{data_dir: {tiny_fmnist}}}\n"
+        "training: {epochs: 1}\nalignment: {num_examples: 500}\nevaluation: {train_subset: 500}\n"
+    )
     exe = str(Path(sys.executable).parent / "hf-permerge")
     r = subprocess.run([exe, "-q", "run", str(cfg), "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "perm avg" in r.stdout and "final acc" in r.stdout
     assert (tmp_path / "out/pair/pair.json").exists() and (tmp_path / "out/report.json").exists()
-    r = subprocess.run([exe, "-q", "evaluate", str(tmp_path / "out/pair"), "-o", str(tmp_path / "out")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [exe, "-q", "evaluate", str(tmp_path / "out/pair"), "-o", str(tmp_path / "out")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "--overwrite" in r.stderr
-    r = subprocess.run([exe, "-q", "evaluate", str(tmp_path / "out/pair"), "-o", str(tmp_path / "ev"),
-                        "--set", "alignment.matcher=weight"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            exe,
+            "-q",
+            "evaluate",
+            str(tmp_path / "out/pair"),
+            "-o",
+            str(tmp_path / "ev"),
+            "--set",
+            "alignment.matcher=weight",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "ev/report.json").read_text())["matching"]["matcher"] == "weight"

@@ -1,4 +1,5 @@
 """Statistics over seeds (Student-t intervals) and the random-permutation baseline."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,7 @@ def test_t_interval_is_scipys_with_n_minus_one_degrees_of_freedom(values):
 def test_t_interval_of_one_value_has_no_width_and_three_seeds_are_wider_than_two_sem():
     assert t_interval([0.8]) == (0.8, None)
     values = [0.81, 0.83, 0.86]
-    assert t_interval(values)[1] > 2 * stats.sem(values) * 2     # t(0.975, 2) = 4.30
+    assert t_interval(values)[1] > 2 * stats.sem(values) * 2  # t(0.975, 2) = 4.30
     with pytest.raises(ValueError):
         t_interval([])
 

@@ -1,4 +1,5 @@
 """Sweeps: every smoke config runs, finished cells are skipped, errors come early, processes share the cells."""
+
 import csv
 import json
 import os
@@ -38,11 +39,25 @@ def read_csv(path):
 
 def test_every_fashion_mnist_figure_has_a_smoke_config():
     full = {p.stem for p in SWEEPS.glob("*.yaml") if not p.stem.endswith("_smoke")}
-    fmnist = {name for name in full if load_sweep_config(SWEEPS / f"{name}.yaml").cells[0].config.data.dataset
-              == "fashion_mnist"}
+    fmnist = {
+        name
+        for name in full
+        if load_sweep_config(SWEEPS / f"{name}.yaml").cells[0].config.data.dataset == "fashion_mnist"
+    }
     assert fmnist == {p.removesuffix("_smoke.yaml") for p in SMOKE}
-    assert {"fig2_fmnist", "fig2_mnist", "fig2_cifar10", "fig3_left", "fig3_mid", "fig3_right", "fig4_right", "fig4_cnn_lr",
-            "fig4_cnn_small", "fig11_init_loss", "appB_matchers"} <= full
+    assert {
+        "fig2_fmnist",
+        "fig2_mnist",
+        "fig2_cifar10",
+        "fig3_left",
+        "fig3_mid",
+        "fig3_right",
+        "fig4_right",
+        "fig4_cnn_lr",
+        "fig4_cnn_small",
+        "fig11_init_loss",
+        "appB_matchers",
+    } <= full
 
 
 def test_full_configs_match_the_paper_settings():
@@ -52,8 +67,10 @@ def test_full_configs_match_the_paper_settings():
     assert (tc.epochs, tc.batch_size, tc.optimizer, tc.lr, tc.weight_decay) == (5, 100, "adamw", 1e-3, 1e-2)
     assert fig2.sweep.grid["model.width"][0] == 32 and fig2.sweep.grid["model.width"][-1] == 8192
     mid = load_sweep_config(SWEEPS / "fig3_mid.yaml")
-    assert all(c.config.model.depth == 1 and c.config.training.epochs == 1 and c.config.training.num_nets == 8
-               for c in mid.cells)
+    assert all(
+        c.config.model.depth == 1 and c.config.training.epochs == 1 and c.config.training.num_nets == 8
+        for c in mid.cells
+    )
     cnn = load_sweep_config(SWEEPS / "fig4_cnn_lr.yaml")
     assert {c.config.model.layers for c in cnn.cells} == {"128-128-avg-256-256"}
     assert {(c.config.training.optimizer, c.config.training.lr) for c in cnn.cells} >= {("sgd", 0.01), ("sgd", 0.1)}
@@ -102,13 +119,21 @@ def test_seeds_trained_as_one_stack_give_the_same_results_as_one_pair_at_a_time(
     """stack_seeds (default): a cell's seeds train together, and are measured at once on threads
     (measure_workers), with the same numbers as one pair at a time."""
     args = ("sweep.grid.model.width=[32]", "sweep.grid.training.seed=[0,1,2]")
-    stacked = run_sweep(smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args, "sweep.measure_workers=3"),
-                        tmp_path / "stacked", progress=False)
-    alone = run_sweep(smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args, "sweep.stack_seeds=false"),
-                      tmp_path / "alone", progress=False)
-    assert sorted(stacked.ran) == sorted(alone.ran) and len(stacked.ran) == 6        # depths 1, 2 x three seeds
+    stacked = run_sweep(
+        smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args, "sweep.measure_workers=3"),
+        tmp_path / "stacked",
+        progress=False,
+    )
+    alone = run_sweep(
+        smoke("fig2_fmnist_smoke.yaml", tiny_fmnist, *args, "sweep.stack_seeds=false"),
+        tmp_path / "alone",
+        progress=False,
+    )
+    assert sorted(stacked.ran) == sorted(alone.ran) and len(stacked.ran) == 6  # depths 1, 2 x three seeds
     for cell in stacked.ran:
-        a, b = (json.loads((tmp_path / run / "cells" / cell / "result.json").read_text()) for run in ("stacked", "alone"))
+        a, b = (
+            json.loads((tmp_path / run / "cells" / cell / "result.json").read_text()) for run in ("stacked", "alone")
+        )
         assert a["timings"]["trained_together"] == 3 and "trained_together" not in b["timings"]
         assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-4, abs=1e-5)
 
@@ -141,8 +166,9 @@ def test_a_renamed_sweep_replaces_its_figure_and_keeps_other_files(tmp_path, tin
     run_sweep(smoke("fig3_mid_smoke.yaml", tiny_fmnist, *args), tmp_path / "out", progress=False)
     old = smoke("fig3_mid_smoke.yaml", tiny_fmnist, *args).sweep.name
     (tmp_path / "out" / "notes.png").write_bytes(b"a user's file")
-    again = run_sweep(smoke("fig3_mid_smoke.yaml", tiny_fmnist, *args, "sweep.name=renamed"), tmp_path / "out",
-                      progress=False)
+    again = run_sweep(
+        smoke("fig3_mid_smoke.yaml", tiny_fmnist, *args, "sweep.name=renamed"), tmp_path / "out", progress=False
+    )
     assert again.ran == [] and (tmp_path / "out" / "renamed.png").is_file()
     assert not (tmp_path / "out" / f"{old}.png").exists() and (tmp_path / "out" / "notes.png").is_file()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["figures"] == ["renamed.png"]
@@ -203,39 +229,66 @@ def test_a_failed_cell_is_recorded_and_retried(tmp_path, tiny_fmnist, monkeypatc
 BASE = {"model": {"type": "mlp", "width": 8}, "training": {"max_steps": 2}}
 
 
-@pytest.mark.parametrize("sweep, message", [
-    ({"name": "s", "experiment": "pair", "grid": {"model.widht": [8]}}, "unknown config key 'model.widht' \\(did you mean model.width\\?\\)"),
-    ({"name": "s", "experiment": "pair", "grid": {"modle.width": [8]}}, "'modle.width' is not a run-config key"),
-    ({"name": "s", "experiment": "pair", "grid": {"model.width": []}}, "sweep.grid.model.width: give at least one"),
-    ({"name": "s", "experiment": "pairs"}, "sweep.experiment: Input should be 'pair'"),
-    ({"name": "s", "experiment": "pair", "gird": {}}, "sweep.gird: unknown key"),
-    ({"experiment": "pair"}, "sweep.name: required"),
-    ({"name": "a/b", "experiment": "pair"}, "sweep.name"),
-    ({"name": "s", "experiment": "pair", "keep_pairs": "no"}, "sweep.keep_pairs"),
-    ({"name": "s", "experiment": "pair", "measure_workers": 0}, "sweep.measure_workers: give a count >= 1"),
-    ({"name": "s", "experiment": "matchers"}, "the `matchers` experiment needs at least one"),
-    ({"name": "s", "experiment": "matchers", "matchers": {"g": {"matcher": "gradiant"}}}, "sweep.matchers.g.matcher"),
-    ({"name": "s", "experiment": "pair", "x": "model.depth", "grid": {"model.width": [8]}}, "sweep.x"),
-    ({"name": "s", "experiment": "pair", "grid": {"training.lr": [0.1]}, "cases": {"c": {"training.lr": 0.2}}},
-     "set both in the grid and in a case"),
-    ({"name": "s", "experiment": "n_way"}, "training.num_nets >= 3"),
-    ({"name": "s", "experiment": "pair", "grid": {"training.num_nets": [1]}}, "needs at least 2; set training.num_nets"),
-    ({"name": "s", "experiment": "pair", "grid": {"training.epochs": [0]}}, "0 epochs would train nothing"),
-    ({"name": "s", "experiment": "schedules"}, "needs evaluation.schedules"),
-    ({"name": "s", "experiment": "pair", "grid": {"model.width": [8, 0]}},
-     r"cell width=0\):\n  model.width: Input should be greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        (
+            {"name": "s", "experiment": "pair", "grid": {"model.widht": [8]}},
+            "unknown config key 'model.widht' \\(did you mean model.width\\?\\)",
+        ),
+        ({"name": "s", "experiment": "pair", "grid": {"modle.width": [8]}}, "'modle.width' is not a run-config key"),
+        ({"name": "s", "experiment": "pair", "grid": {"model.width": []}}, "sweep.grid.model.width: give at least one"),
+        ({"name": "s", "experiment": "pairs"}, "sweep.experiment: Input should be 'pair'"),
+        ({"name": "s", "experiment": "pair", "gird": {}}, "sweep.gird: unknown key"),
+        ({"experiment": "pair"}, "sweep.name: required"),
+        ({"name": "a/b", "experiment": "pair"}, "sweep.name"),
+        ({"name": "s", "experiment": "pair", "keep_pairs": "no"}, "sweep.keep_pairs"),
+        ({"name": "s", "experiment": "pair", "measure_workers": 0}, "sweep.measure_workers: give a count >= 1"),
+        ({"name": "s", "experiment": "matchers"}, "the `matchers` experiment needs at least one"),
+        (
+            {"name": "s", "experiment": "matchers", "matchers": {"g": {"matcher": "gradiant"}}},
+            "sweep.matchers.g.matcher",
+        ),
+        ({"name": "s", "experiment": "pair", "x": "model.depth", "grid": {"model.width": [8]}}, "sweep.x"),
+        (
+            {"name": "s", "experiment": "pair", "grid": {"training.lr": [0.1]}, "cases": {"c": {"training.lr": 0.2}}},
+            "set both in the grid and in a case",
+        ),
+        ({"name": "s", "experiment": "n_way"}, "training.num_nets >= 3"),
+        (
+            {"name": "s", "experiment": "pair", "grid": {"training.num_nets": [1]}},
+            "needs at least 2; set training.num_nets",
+        ),
+        ({"name": "s", "experiment": "pair", "grid": {"training.epochs": [0]}}, "0 epochs would train nothing"),
+        ({"name": "s", "experiment": "schedules"}, "needs evaluation.schedules"),
+        (
+            {"name": "s", "experiment": "pair", "grid": {"model.width": [8, 0]}},
+            r"cell width=0\):\n  model.width: Input should be greater than or equal to 1",
+        ),
+    ],
+)
 def test_invalid_sweep_configs_fail_early_naming_the_key(sweep, message):
     with pytest.raises(ConfigError, match=message):
         sweep_config_from_dict({**BASE, "sweep": sweep}, "s.yaml")
 
 
 def test_overrides_reach_grid_keys_and_case_names_with_dots():
-    sweep = {"name": "s", "experiment": "pair", "grid": {"model.width": [8]},
-             "cases": {"sgd lr 0.01": {"training.optimizer": "sgd", "training.lr": 0.01}}}
-    config = sweep_config_from_dict({**BASE, "sweep": sweep}, "s.yaml", [
-        "sweep.grid.model.width=[8,16]", "sweep.cases.sgd lr 0.01.training.lr=0.02", "sweep.keep_pairs=true",
-        "training.max_steps=3"])
+    sweep = {
+        "name": "s",
+        "experiment": "pair",
+        "grid": {"model.width": [8]},
+        "cases": {"sgd lr 0.01": {"training.optimizer": "sgd", "training.lr": 0.01}},
+    }
+    config = sweep_config_from_dict(
+        {**BASE, "sweep": sweep},
+        "s.yaml",
+        [
+            "sweep.grid.model.width=[8,16]",
+            "sweep.cases.sgd lr 0.01.training.lr=0.02",
+            "sweep.keep_pairs=true",
+            "training.max_steps=3",
+        ],
+    )
     assert [c.id for c in config.cells] == ["case=sgd-lr-0.01_width=8", "case=sgd-lr-0.01_width=16"]
     assert {(c.config.training.lr, c.config.training.max_steps) for c in config.cells} == {(0.02, 3)}
     assert config.sweep.keep_pairs and config.sweep.cases["sgd lr 0.01"]["training.optimizer"] == "sgd"
@@ -250,8 +303,21 @@ def test_unknown_section_and_missing_sweep_section():
 
 def test_cli_reports_config_errors_without_a_traceback_or_output(tmp_path):
     out = tmp_path / "out"
-    bad = subprocess.run([sys.executable, "-m", "hf_permerge.cli", "sweep", str(SWEEPS / "fig2_fmnist_smoke.yaml"),
-                          "-o", str(out), "--set", "sweep.grid.model.widht=[8]"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hf_permerge.cli",
+            "sweep",
+            str(SWEEPS / "fig2_fmnist_smoke.yaml"),
+            "-o",
+            str(out),
+            "--set",
+            "sweep.grid.model.widht=[8]",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "unknown config key 'model.widht'" in bad.stderr and "Traceback" not in bad.stderr
     assert "[from --set sweep.grid.model.widht=[8]]" in bad.stderr
     assert not out.exists()
@@ -259,8 +325,9 @@ def test_cli_reports_config_errors_without_a_traceback_or_output(tmp_path):
 
 @pytest.mark.parametrize("name, dataset", [("fig2_mnist.yaml", "mnist"), ("fig2_cifar10.yaml", "cifar10")])
 def test_data_that_is_not_available_fails_clearly_before_writing(name, dataset, tmp_path):
-    config = load_sweep_config(SWEEPS / name, ["sweep.grid.model.width=[32]", "sweep.grid.model.depth=[1]",
-                                               "sweep.grid.training.seed=[0]"])
+    config = load_sweep_config(
+        SWEEPS / name, ["sweep.grid.model.width=[32]", "sweep.grid.model.depth=[1]", "sweep.grid.training.seed=[0]"]
+    )
     with pytest.raises(RuntimeError, match=f"could not load '{dataset}'.*data.data_dir"):
         run_sweep(config, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -282,16 +349,33 @@ def test_two_processes_share_the_cells_and_give_the_same_table(tmp_path, tiny_fm
     """`accelerate launch` with 2 CPU processes (gloo): cell i on process i % 2; same numbers as one process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     acc_cfg = tmp_path / "accelerate.yaml"
-    acc_cfg.write_text((ROOT / "examples" / "accelerate_cpu_2proc.yaml").read_text()
-                       .replace("main_process_port: 29541", "main_process_port: 29519"))
+    acc_cfg.write_text(
+        (ROOT / "examples" / "accelerate_cpu_2proc.yaml")
+        .read_text()
+        .replace("main_process_port: 29541", "main_process_port: 29519")
+    )
     args = [str(SWEEPS / "fig3_left_smoke.yaml"), "--set", f"data.data_dir={tiny_fmnist}"]
-    two = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(acc_cfg),
-                          str(ROOT / "examples" / "sweep.py"), "-q", *args, "-o", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(acc_cfg),
+            str(ROOT / "examples" / "sweep.py"),
+            "-q",
+            *args,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "[process 0] cell 1/1 seed=0: done" in two.stdout and "[process 1] cell 1/1 seed=1: done" in two.stdout
-    one = subprocess.run([EXE, "-q", "sweep", *args, "-o", str(tmp_path / "one")], env=env, capture_output=True,
-                         text=True)
+    one = subprocess.run(
+        [EXE, "-q", "sweep", *args, "-o", str(tmp_path / "one")], env=env, capture_output=True, text=True
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     for a, b in zip(read_csv(tmp_path / "one" / "results.csv"), read_csv(tmp_path / "two" / "results.csv")):
         assert a["cell"] == b["cell"]

@@ -1,5 +1,6 @@
 """Permutation specs from a traced graph: equal to the hand-written ones, invariant on every model accepted,
 clear refusals for what cannot be permuted."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,11 @@ class ResidualBlock(nn.Module):
         self.act1 = nn.ReLU()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        )
         self.act2 = nn.ReLU()
 
     def forward(self, x):
@@ -57,7 +61,7 @@ class ResidualBNCNN(nn.Module):
     def forward(self, pixel_values, labels=None, return_dict=None):
         h = self.block2(self.block1(self.stem(pixel_values)))
         logits = self.classifier(torch.flatten(self.pool(h), 1))
-        return (logits,) if return_dict is False else logits      # evaluate_model asks for a tuple
+        return (logits,) if return_dict is False else logits  # evaluate_model asks for a tuple
 
 
 class FlattenCNN(nn.Module):
@@ -79,8 +83,16 @@ def tiny_vit(seed: int = 0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    cfg = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=16, num_hidden_layers=2,
-                    num_attention_heads=2, intermediate_size=32, num_labels=10)
+    cfg = ViTConfig(
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=10,
+    )
     return ViTForImageClassification(cfg).eval()
 
 
@@ -125,8 +137,10 @@ def test_traced_spec_equals_handwritten_mlp_spec(depth, bias):
     assert [g.activation for g in traced.groups] == [g.activation for g in written.groups]
 
 
-@pytest.mark.parametrize("layers,batch_norm,bias", [("8-avg-16", False, True), ("8-8-avg-16-16", True, True),
-                                                    ("8-avg-16", True, False), ("8-16-avg", False, False)])
+@pytest.mark.parametrize(
+    "layers,batch_norm,bias",
+    [("8-avg-16", False, True), ("8-8-avg-16-16", True, True), ("8-avg-16", True, False), ("8-16-avg", False, False)],
+)
 def test_traced_spec_equals_handwritten_cnn_spec(layers, batch_norm, bias):
     model = PermCNNForImageClassification(PermCNNConfig(layers=layers, batch_norm=batch_norm, bias=bias))
     result = trace(model)
@@ -145,14 +159,26 @@ def test_residual_bn_cnn_groups_tie_the_residual_streams():
     # stem + block1's second conv share the stream; block2's conv2 and its projection shortcut share the next
     assert set(by_name) == {"stem.0", "block1.conv1", "block2.conv1", "block2.conv2"}
     stream1, stream2 = by_name["stem.0"], by_name["block2.conv2"]
-    assert {("block1.conv2.weight", 0), ("block1.bn2.running_var", 0), ("block2.conv1.weight", 1),
-            ("block2.shortcut.0.weight", 1), ("stem.1.weight", 0)} <= set(stream1.axes)
-    assert {("block2.shortcut.0.weight", 0), ("block2.shortcut.1.bias", 0),
-            ("classifier.weight", 1)} <= set(stream2.axes)
+    assert {
+        ("block1.conv2.weight", 0),
+        ("block1.bn2.running_var", 0),
+        ("block2.conv1.weight", 1),
+        ("block2.shortcut.0.weight", 1),
+        ("stem.1.weight", 0),
+    } <= set(stream1.axes)
+    assert {("block2.shortcut.0.weight", 0), ("block2.shortcut.1.bias", 0), ("classifier.weight", 1)} <= set(
+        stream2.axes
+    )
     assert stream1.preactivation is None and stream1.activation == "block1.act2"
     assert by_name["block1.conv1"].preactivation == "block1.bn1" and by_name["block1.conv1"].activation == "block1.act1"
-    assert set(result.repair_modules) == {"stem.1", "block1.bn1", "block1.bn2", "block2.bn1", "block2.bn2",
-                                          "block2.shortcut.1"}
+    assert set(result.repair_modules) == {
+        "stem.1",
+        "block1.bn1",
+        "block1.bn2",
+        "block2.bn1",
+        "block2.bn2",
+        "block2.shortcut.1",
+    }
     perms = Permutations.random(spec, seed=3)
     permuted = perms.apply(model, spec)
     assert not torch.equal(permuted.block1.conv1.weight, model.block1.conv1.weight)
@@ -162,31 +188,47 @@ def test_residual_bn_cnn_groups_tie_the_residual_streams():
 
 def test_vit_residual_stream_mlp_blocks_and_attention_heads_are_groups():
     model = randomise_norms(tiny_vit())
-    result = trace(model)                            # checks invariance itself, with random per-head permutations
+    result = trace(model)  # checks invariance itself, with random per-head permutations
     by_name = {g.name: g for g in result.spec.groups}
     stream = by_name["vit.embeddings.patch_embeddings.projection"]
-    assert set(by_name) == {stream.name} | {f"vit.layers.{i}.{m}" for i in (0, 1)
-                                            for m in ("mlp.fc1", "attention.q_proj", "attention.v_proj")}
+    assert set(by_name) == {stream.name} | {
+        f"vit.layers.{i}.{m}" for i in (0, 1) for m in ("mlp.fc1", "attention.q_proj", "attention.v_proj")
+    }
     assert not result.skipped
-    assert {("vit.embeddings.cls_token", 2), ("vit.embeddings.position_embeddings", 2),
-            ("vit.layers.0.layernorm_before.weight", 0), ("vit.layers.1.attention.o_proj.bias", 0),
-            ("vit.layers.0.attention.q_proj.weight", 1), ("vit.layernorm.bias", 0),
-            ("classifier.weight", 1)} <= set(stream.axes)
+    assert {
+        ("vit.embeddings.cls_token", 2),
+        ("vit.embeddings.position_embeddings", 2),
+        ("vit.layers.0.layernorm_before.weight", 0),
+        ("vit.layers.1.attention.o_proj.bias", 0),
+        ("vit.layers.0.attention.q_proj.weight", 1),
+        ("vit.layernorm.bias", 0),
+        ("classifier.weight", 1),
+    } <= set(stream.axes)
     assert stream.activation == "vit.layernorm" and result.unit_axes[stream.name] == {"activation": 2}
     mlp = by_name["vit.layers.0.mlp.fc1"]
-    assert set(mlp.axes) == {("vit.layers.0.mlp.fc1.weight", 0), ("vit.layers.0.mlp.fc1.bias", 0),
-                             ("vit.layers.0.mlp.fc2.weight", 1)}
-    assert (mlp.preactivation, mlp.activation, mlp.blocks) == ("vit.layers.0.mlp.fc1", "vit.layers.0.mlp.activation_fn", 1)
+    assert set(mlp.axes) == {
+        ("vit.layers.0.mlp.fc1.weight", 0),
+        ("vit.layers.0.mlp.fc1.bias", 0),
+        ("vit.layers.0.mlp.fc2.weight", 1),
+    }
+    assert (mlp.preactivation, mlp.activation, mlp.blocks) == (
+        "vit.layers.0.mlp.fc1",
+        "vit.layers.0.mlp.activation_fn",
+        1,
+    )
     # 2 heads of 8 units: queries and keys share one permutation, values and the output projection another,
     # each permuting units within their head only
     qk, vo = by_name["vit.layers.0.attention.q_proj"], by_name["vit.layers.0.attention.v_proj"]
     assert set(qk.axes) == {(f"vit.layers.0.attention.{p}_proj.{t}", 0) for p in "qk" for t in ("weight", "bias")}
-    assert set(vo.axes) == {("vit.layers.0.attention.v_proj.weight", 0), ("vit.layers.0.attention.v_proj.bias", 0),
-                            ("vit.layers.0.attention.o_proj.weight", 1)}
+    assert set(vo.axes) == {
+        ("vit.layers.0.attention.v_proj.weight", 0),
+        ("vit.layers.0.attention.v_proj.bias", 0),
+        ("vit.layers.0.attention.o_proj.weight", 1),
+    }
     assert qk.blocks == vo.blocks == 2 and qk.size == 16
     perms = Permutations.random(result.spec, seed=1)
     blocks = perms[qk.name].view(2, 8) // 8
-    assert (blocks == blocks[:, :1]).all() and not perms.is_identity()      # heads move whole, if at all
+    assert (blocks == blocks[:, :1]).all() and not perms.is_identity()  # heads move whole, if at all
     permuted = perms.apply(model, result.spec)
     x = x28(6, 2)
     with torch.no_grad():
@@ -198,8 +240,8 @@ def test_heads_move_whole_and_together_or_not_at_all():
     spec = trace_permutation_spec(tiny_vit())
     q, v = "vit.layers.0.attention.q_proj", "vit.layers.0.attention.v_proj"
     assert (q, v) in spec.couplings
-    swap = torch.arange(16).roll(8)                                     # head 0 <-> head 1, units in order
-    mixed = torch.tensor([8] + list(range(1, 8)) + [0] + list(range(9, 16)))   # one unit across heads
+    swap = torch.arange(16).roll(8)  # head 0 <-> head 1, units in order
+    mixed = torch.tensor([8] + list(range(1, 8)) + [0] + list(range(9, 16)))  # one unit across heads
     for perms, message in (({v: mixed}, "between its 2 blocks"), ({v: swap}, "move their blocks .heads. alike")):
         with pytest.raises(ValueError, match=message):
             Permutations({**Permutations.identity(spec), **perms}).validate(spec)
@@ -208,8 +250,9 @@ def test_heads_move_whole_and_together_or_not_at_all():
     model = randomise_norms(tiny_vit())
     x = x28(4, 3)
     with torch.no_grad():
-        torch.testing.assert_close(both.apply(model, spec)(pixel_values=x).logits, model(pixel_values=x).logits,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            both.apply(model, spec)(pixel_values=x).logits, model(pixel_values=x).logits, rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("matcher", ["activation", "weight"])
@@ -219,7 +262,7 @@ def test_matchers_undo_a_permutation_of_a_vit_that_moves_heads(matcher):
     spec = model.permutation_spec()
     scramble = Permutations.random(spec, seed=2)
     sigma = {n: scramble[n].view(2, 8)[:, 0] // 8 for c in spec.couplings for n in c}
-    assert any(not torch.equal(s, torch.arange(2)) for s in sigma.values())     # some heads do move
+    assert any(not torch.equal(s, torch.arange(2)) for s in sigma.values())  # some heads do move
     assert_matcher_undoes(model, scramble.apply(model), matcher)
 
 
@@ -233,13 +276,13 @@ class SingleHeadAttention(nn.Module):
 
     def forward(self, x):
         h = self.embed(x)
-        attention = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 8 ** 0.5, dim=-1)
+        attention = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 8**0.5, dim=-1)
         return self.head((h + self.o(attention @ self.v(h))).mean(1))
 
 
 def test_single_head_attention_ties_query_and_key_units():
     model = SingleHeadAttention()
-    spec = trace_permutation_spec(model, torch.randn(2, 5, 4))      # checks invariance itself
+    spec = trace_permutation_spec(model, torch.randn(2, 5, 4))  # checks invariance itself
     groups = {g.name: set(g.axes) for g in spec.groups}
     assert set(groups) == {"embed", "q", "v"}
     assert {("q.weight", 0), ("k.weight", 0), ("k.bias", 0)} <= groups["q"]
@@ -249,8 +292,12 @@ def test_single_head_attention_ties_query_and_key_units():
 def test_invariance_check_names_a_wrong_group():
     model = PermMLPForImageClassification(PermMLPConfig(depth=2, width=16))
     spec = model.permutation_spec()
-    broken = type(spec)(tuple(type(g)(g.name, g.size, g.axes[:1], g.activation, g.preactivation) if g.name == "hidden.1"
-                              else g for g in spec.groups))
+    broken = type(spec)(
+        tuple(
+            type(g)(g.name, g.size, g.axes[:1], g.activation, g.preactivation) if g.name == "hidden.1" else g
+            for g in spec.groups
+        )
+    )
     check_permutation_invariance(model, spec)
     with pytest.raises(AssertionError, match=r"\['hidden.1'\]"):
         check_permutation_invariance(model, broken)
@@ -261,13 +308,20 @@ def test_flatten_of_conv_channels_with_positions_is_refused_naming_the_module():
     model = FlattenCNN()
     with pytest.raises(ValueError, match=r"units produced by 'conv'.*flatten.*merges an axis of size 8"):
         trace(model, x28())
-    result = trace(model, x28(), on_unsupported="skip")      # the Linear's hidden units are still a group
+    result = trace(model, x28(), on_unsupported="skip")  # the Linear's hidden units are still a group
     assert [g.name for g in result.spec.groups] == ["hidden"] and set(result.skipped) == {"conv"}
 
 
 def test_grouped_convolution_is_refused():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
     with pytest.raises(ValueError, match=r"units produced by '0'.*2 groups"):
         trace(model, x28())
 
@@ -279,7 +333,7 @@ def test_untraceable_inputs_ask_for_example_inputs():
 
 # -- the traced spec drives the standard matchers -------------------------------------------------------
 def test_activation_matching_with_traced_spec_undoes_a_permutation():
-    model = ResidualBNCNN().eval()     # default norms: no unit is dead on the data, so the matching is unique
+    model = ResidualBNCNN().eval()  # default norms: no unit is dead on the data, so the matching is unique
     attach_permutation_spec(model, example_inputs=x28())
     spec = model.permutation_spec()
     assert_matcher_undoes(model, Permutations.random(spec, seed=5).apply(model), n=64, batch_size=64)
@@ -305,17 +359,18 @@ def test_perm_merger_traces_a_spec_for_saved_vits_and_merges_them(tmp_path):
         folders.append(tmp_path / f"vit_{seed}")
         randomise_norms(tiny_vit(seed), seed).save_pretrained(folders[-1])
     with pytest.raises(ValueError, match=r"tracing one failed.*example_inputs"):
-        PermMerger.from_pretrained(folders, example_inputs=torch.randn(2, 3, 28, 28))   # 3 channels: wrong
+        PermMerger.from_pretrained(folders, example_inputs=torch.randn(2, 3, 28, 28))  # 3 channels: wrong
     merger = PermMerger.from_pretrained(folders, example_inputs=x28(2, 13))
     assert merger.traced is not None and not merger.traced.skipped
-    assert {g.blocks for g in merger.spec.groups} == {1, 2}           # attention heads: permuted within each head
+    assert {g.blocks for g in merger.spec.groups} == {1, 2}  # attention heads: permuted within each head
     data = TensorSplit(x28(64, 9), torch.zeros(64, dtype=torch.long), "random")
     perms = merger.align(data, num_examples=64)
     assert set(perms[1]) == set(merger.spec.names)
     x = x28(8, 10)
-    with torch.no_grad():     # the permuted net computes what net 1 computes
-        torch.testing.assert_close(merger.permuted(1)(pixel_values=x).logits,
-                                   merger.load(1)(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the permuted net computes what net 1 computes
+        torch.testing.assert_close(
+            merger.permuted(1)(pixel_values=x).logits, merger.load(1)(pixel_values=x).logits, rtol=1e-4, atol=1e-5
+        )
     merged = merger.merge(0.5, repair="repair", repair_data=data, repair_examples=64)
     out = merger.save_pretrained(tmp_path / "merged", model=merged)
     reloaded = AutoModelForImageClassification.from_pretrained(out)
@@ -332,8 +387,15 @@ def test_perm_merger_aligns_transformers_resnets_and_resets_their_batchnorm(tmp_
 
     from hf_permerge import PermMerger
 
-    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                          downsample_in_first_stage=False, num_labels=10)
+    config = ResNetConfig(
+        num_channels=1,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        num_labels=10,
+    )
     folders = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -345,8 +407,9 @@ def test_perm_merger_aligns_transformers_resnets_and_resets_their_batchnorm(tmp_
     merger.align(data, num_examples=64)
     x = x28(8, 12)
     with torch.no_grad():
-        torch.testing.assert_close(merger.permuted(1)(pixel_values=x).logits,
-                                   merger.load(1)(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            merger.permuted(1)(pixel_values=x).logits, merger.load(1)(pixel_values=x).logits, rtol=1e-4, atol=1e-5
+        )
     plain = merger.merge(0.5)
     reset = merger.merge(0.5, repair="reset_bn", repair_data=data, repair_examples=64)
     bn = "resnet.embedder.embedder.normalization"
@@ -380,5 +443,5 @@ def test_attention_split_with_minor_heads_is_refused_by_the_invariance_check():
     with pytest.raises(ValueError, match=r"cannot be permuted: randomly permuting it changes the model's outputs"):
         trace(model, x)
     result = trace(model, x, on_unsupported="skip")
-    assert result.skipped and {g.blocks for g in result.spec.groups} == {1}      # the stream is still a group
+    assert result.skipped and {g.blocks for g in result.spec.groups} == {1}  # the stream is still a group
     check_permutation_invariance(model, result.spec, x)

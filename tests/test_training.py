@@ -1,4 +1,5 @@
 """PairTrainer: seeds, engines, resume, several processes, output folder safety."""
+
 import json
 import os
 import subprocess
@@ -39,8 +40,10 @@ def test_pair_folder_layout_and_seeded_inits(tmp_path, tiny_config):
         # the saved init is exactly what the seed gives
         assert_same(weights(tmp_path / "pair" / f"net_{i}" / "init"), build_model(cfg, i).state_dict())
     # the nets differ only in seed: different inits, and the data orders differ too
-    assert not torch.equal(weights(tmp_path / "pair/net_0/init")["layers.0.weight"],
-                           weights(tmp_path / "pair/net_1/init")["layers.0.weight"])
+    assert not torch.equal(
+        weights(tmp_path / "pair/net_0/init")["layers.0.weight"],
+        weights(tmp_path / "pair/net_1/init")["layers.0.weight"],
+    )
     assert pair["seeds"][0]["data"] != pair["seeds"][1]["data"]
     assert [m["test"]["acc"] for m in result.metrics] == [n["test"]["acc"] for n in pair["nets"]]
     assert not list((tmp_path / "pair").rglob("resume-step-*"))  # resume points go once a net is final
@@ -58,7 +61,9 @@ def test_stacked_engine_equals_per_net_engine(tmp_path, tiny_config, optimizer):
     """One optimiser over stacked parameters equals N independent optimisers (AdamW/SGD are elementwise)."""
     outs = {}
     for engine in ("stacked", "per_net"):
-        cfg = tiny_config(training={"engine": engine, "optimizer": optimizer, "lr": 0.01 if optimizer == "sgd" else 1e-3})
+        cfg = tiny_config(
+            training={"engine": engine, "optimizer": optimizer, "lr": 0.01 if optimizer == "sgd" else 1e-3}
+        )
         PairTrainer(cfg, tmp_path / engine, progress=False).train()
         outs[engine] = [weights(tmp_path / engine / f"net_{i}" / "final") for i in range(2)]
     for a, b in zip(outs["stacked"], outs["per_net"]):
@@ -94,8 +99,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_confi
 def test_resume_of_a_batchnorm_cnn_restores_every_buffer_bit_for_bit(tmp_path, tiny_config, monkeypatch):
     """The resume state holds every tensor of the state (BatchNorm's running statistics and counters too) and
     the generators' states: a CNN killed mid-epoch and resumed ends exactly where an uninterrupted run does."""
-    cfg = tiny_config(model={"type": "cnn", "layers": "4-avg-8", "batch_norm": True},
-                      training={"epochs": 3, "optimizer": "sgd", "lr": 0.01})
+    cfg = tiny_config(
+        model={"type": "cnn", "layers": "4-avg-8", "batch_norm": True},
+        training={"epochs": 3, "optimizer": "sgd", "lr": 0.01},
+    )
     PairTrainer(cfg, tmp_path / "full", progress=False).train()
 
     calls = {"n": 0}
@@ -112,7 +119,7 @@ def test_resume_of_a_batchnorm_cnn_restores_every_buffer_bit_for_bit(tmp_path, t
         PairTrainer(cfg, tmp_path / "cut", progress=False).train()
     monkeypatch.setattr(engines.PerNetEngine, "step", real_step)
     assert (tmp_path / "cut/net_0/resume-step-10/rng_state.safetensors").is_file()
-    torch.manual_seed(12345)                # whatever the generators did since, the resume state puts them back
+    torch.manual_seed(12345)  # whatever the generators did since, the resume state puts them back
     PairTrainer(cfg, tmp_path / "cut", resume=True, progress=False).train()
     for i in range(2):
         for ck in ("step-5", "final"):
@@ -151,9 +158,9 @@ def test_resume_refuses_nets_built_by_an_older_default(tmp_path, tiny_config):
     old = tiny_config(model={**cnn, "bias": True}, training={"epochs": 1, "optimizer": "sgd", "lr": 0.01})
     PairTrainer(old, tmp_path / "p", progress=False).train()
     saved = json.loads((tmp_path / "p/run_config.json").read_text())
-    saved["model"]["bias"] = None                      # what the older version wrote
+    saved["model"]["bias"] = None  # what the older version wrote
     (tmp_path / "p/run_config.json").write_text(json.dumps(saved))
-    shutil.rmtree(tmp_path / "p/net_1/final")           # as if interrupted
+    shutil.rmtree(tmp_path / "p/net_1/final")  # as if interrupted
     today = tiny_config(model=cnn, training={"epochs": 1, "optimizer": "sgd", "lr": 0.01})
     with pytest.raises(ValueError, match=r"net_0's saved weights do not match.*--set model.bias=true"):
         PairTrainer(today, tmp_path / "p", resume=True, progress=False).train()
@@ -162,19 +169,41 @@ def test_resume_refuses_nets_built_by_an_older_default(tmp_path, tiny_config):
 def test_two_processes_give_the_same_weights_as_one(tmp_path, tiny_fmnist):
     """`accelerate launch` with 2 CPU processes (gloo) shares out the nets; the weights are identical."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{type: mlp, depth: 1, width: 32}}\ndata: {{dataset: fashion_mnist, data_dir: {tiny_fmnist}}}\n"
-                   "training: {num_nets: 2, epochs: 1}\n")
+    cfg.write_text(
+        f"model: {{type: mlp, depth: 1, width: 32}}\ndata: {{dataset: fashion_mnist, data_dir: {tiny_fmnist}}}\n"
+        "training: {num_nets: 2, epochs: 1}\n"
+    )
     acc_cfg = tmp_path / "accelerate.yaml"
-    acc_cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
-                       "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n"
-                       "main_process_ip: 127.0.0.1\nmain_process_port: 29517\nrdzv_backend: static\nsame_network: true\n")
+    acc_cfg.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+        "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n"
+        "main_process_ip: 127.0.0.1\nmain_process_port: 29517\nrdzv_backend: static\nsame_network: true\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as each launched process: same float sums
     bindir = Path(sys.executable).parent
-    two = subprocess.run([str(bindir / "accelerate"), "launch", "--config_file", str(acc_cfg), str(ROOT / "examples/train_pair.py"),
-                          "--config", str(cfg), "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            str(bindir / "accelerate"),
+            "launch",
+            "--config_file",
+            str(acc_cfg),
+            str(ROOT / "examples/train_pair.py"),
+            "--config",
+            str(cfg),
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([str(bindir / "hf-permerge"), "-q", "train", str(cfg), "-o", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True)
+    one = subprocess.run(
+        [str(bindir / "hf-permerge"), "-q", "train", str(cfg), "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     for i in range(2):
         assert_same(weights(tmp_path / f"one/net_{i}/final"), weights(tmp_path / f"two/net_{i}/final"))
@@ -205,13 +234,18 @@ def test_missing_data_fails_before_writing(tmp_path, tiny_config):
 
 def test_cli_train_reports_accuracy_and_errors_cleanly(tmp_path, tiny_fmnist):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{type: cnn, layers: 4-avg-8}}\ndata: {{data_dir: {tiny_fmnist}}}\ntraining: {{epochs: 1}}\n")
+    cfg.write_text(
+        f"model: {{type: cnn, layers: 4-avg-8}}\ndata: {{data_dir: {tiny_fmnist}}}\ntraining: {{epochs: 1}}\n"
+    )
     exe = str(Path(sys.executable).parent / "hf-permerge")
     ok = subprocess.run([exe, "-q", "train", str(cfg), "-o", str(tmp_path / "p")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "net 1: test loss" in ok.stdout
-    bad = subprocess.run([exe, "train", str(cfg), "-o", str(tmp_path / "q"), "--set", "training.epochz=1"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [exe, "train", str(cfg), "-o", str(tmp_path / "q"), "--set", "training.epochz=1"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "training.epochz: unknown key" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "q").exists()
 
@@ -223,8 +257,9 @@ def test_pairs_trained_together_equal_pairs_trained_alone(tmp_path, tiny_config)
     configs = [tiny_config(training={"seed": s}) for s in (3, 4)]
     for c, cfg in enumerate(configs):
         PairTrainer(cfg, tmp_path / f"alone_{c}", progress=False).train()
-    results = train_together([PairTrainer(cfg, tmp_path / f"together_{c}", progress=False)
-                              for c, cfg in enumerate(configs)])
+    results = train_together(
+        [PairTrainer(cfg, tmp_path / f"together_{c}", progress=False) for c, cfg in enumerate(configs)]
+    )
     assert [r.output_dir.name for r in results] == ["together_0", "together_1"]
     for c in range(2):
         pair = json.loads((tmp_path / f"together_{c}" / "pair.json").read_text())
@@ -236,8 +271,12 @@ def test_pairs_trained_together_equal_pairs_trained_alone(tmp_path, tiny_config)
                 for k in alone:
                     torch.testing.assert_close(together[k], alone[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="differ only in training.seed"):
-        train_together([PairTrainer(configs[0], tmp_path / "x", progress=False),
-                        PairTrainer(tiny_config(model={"width": 16}), tmp_path / "y", progress=False)])
+        train_together(
+            [
+                PairTrainer(configs[0], tmp_path / "x", progress=False),
+                PairTrainer(tiny_config(model={"width": 16}), tmp_path / "y", progress=False),
+            ]
+        )
 
 
 def test_pairs_cut_while_trained_together_resume_one_by_one(tmp_path, tiny_config, monkeypatch):
@@ -264,12 +303,14 @@ def test_pairs_cut_while_trained_together_resume_one_by_one(tmp_path, tiny_confi
         PairTrainer(cfg, tmp_path / f"cut_{c}", resume=True, progress=False).train()
         PairTrainer(cfg, tmp_path / f"full_{c}", progress=False).train()
         for i in range(2):
-            assert_same(weights(tmp_path / f"full_{c}/net_{i}/final"), weights(tmp_path / f"cut_{c}/net_{i}/final"),
-                        atol=1e-5)
+            assert_same(
+                weights(tmp_path / f"full_{c}/net_{i}/final"), weights(tmp_path / f"cut_{c}/net_{i}/final"), atol=1e-5
+            )
 
 
 def test_resume_allows_other_evaluation_settings(tmp_path, tiny_config):
     """Only model, data and training make the nets; `run --resume` may change how they are measured."""
     PairTrainer(tiny_config(training={"epochs": 1}), tmp_path / "p", progress=False).train()
-    PairTrainer(tiny_config(training={"epochs": 1}, evaluation={"num_lambdas": 5}), tmp_path / "p", resume=True,
-                progress=False).train()
+    PairTrainer(
+        tiny_config(training={"epochs": 1}, evaluation={"num_lambdas": 5}), tmp_path / "p", resume=True, progress=False
+    ).train()

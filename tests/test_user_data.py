@@ -3,6 +3,7 @@
 Our models normalise a Dataset themselves; any other model (a transformers ViT) goes through the image
 processor saved beside it. Data that cannot fit gets an error naming the fix, before anything is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,15 +32,24 @@ def rgb_vits(tmp_path_factory):
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=16,
-                                                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                                    num_labels=10))
+        model = ViTForImageClassification(
+            ViTConfig(
+                image_size=32,
+                patch_size=8,
+                num_channels=3,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                num_labels=10,
+            )
+        )
         model.save_pretrained(folder / f"vit_{seed}")
         ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
-            folder / f"vit_{seed}")
+            folder / f"vit_{seed}"
+        )
         paths.append(folder / f"vit_{seed}")
     return paths
-
 
 
 def test_a_vit_aligns_on_a_dataset_through_its_image_processor(rgb_vits, tmp_path):
@@ -50,8 +60,9 @@ def test_a_vit_aligns_on_a_dataset_through_its_image_processor(rgb_vits, tmp_pat
     merger.align(ds, num_examples=32)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(merger.permuted(1)(pixel_values=x).logits, merger.load(1)(pixel_values=x).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            merger.permuted(1)(pixel_values=x).logits, merger.load(1)(pixel_values=x).logits, atol=1e-5, rtol=1e-5
+        )
     merger.merge(0.5)
     merger.save_pretrained(tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
@@ -89,8 +100,7 @@ def test_vits_saved_without_a_processor_take_one_from_the_caller(rgb_vits, tmp_p
     assert len(predictions) == 2 and all(len(p) == 5 for p in predictions)
 
 
-def test_cli_merges_rgb_vits_by_weights_and_says_why_activations_need_their_data(rgb_vits, tmp_path, capsys,
-                                                                                 run_cli):
+def test_cli_merges_rgb_vits_by_weights_and_says_why_activations_need_their_data(rgb_vits, tmp_path, capsys, run_cli):
     assert run_cli("merge", *rgb_vits, "--matcher", "weight", "-q", "-o", tmp_path / "by_weights") == 0
     assert (tmp_path / "by_weights" / "model.safetensors").is_file()
     assert run_cli("merge", *rgb_vits, "-q", "-o", tmp_path / "by_activations") == 2
@@ -110,9 +120,17 @@ def test_our_models_take_rgb_images_without_labels_through_their_processor(tiny_
     grey = images(200, 28, "L", seed=3)
     merger = PermMerger.from_pretrained(tiny_pair)
     by_grey = merger.align(Dataset.from_dict({"image": grey, "label": [0] * 200}), num_examples=200)
-    by_rgb = merger.align(Dataset.from_dict({"image": [g.convert("RGB").resize((32, 32), PIL.Image.NEAREST)
-                                                      .resize((28, 28), PIL.Image.NEAREST) for g in grey]}),
-                          num_examples=200)
+    by_rgb = merger.align(
+        Dataset.from_dict(
+            {
+                "image": [
+                    g.convert("RGB").resize((32, 32), PIL.Image.NEAREST).resize((28, 28), PIL.Image.NEAREST)
+                    for g in grey
+                ]
+            }
+        ),
+        num_examples=200,
+    )
     for a, b in zip(by_grey, by_rgb):
         assert all(torch.equal(a[g], b[g]) for g in merger.spec.names)
 
@@ -174,8 +192,15 @@ def test_nets_differing_only_in_dropout_merge_and_other_model_types_are_named(tm
 
     from hf_permerge.merging.merger import check_same_architecture
 
-    small = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                 num_attention_heads=2, intermediate_size=32)
+    small = dict(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     check_same_architecture([ViTConfig(**small), ViTConfig(**small, hidden_dropout_prob=0.1)], ["a", "b"])
     with pytest.raises(ValueError, match=r"different model types \('vit' vs 'resnet'\)"):
         check_same_architecture([ViTConfig(**small), ResNetConfig()], ["a", "b"])
@@ -200,9 +225,11 @@ def test_cli_evaluates_two_model_folders_with_a_config(tiny_pair, tiny_fmnist, t
     from hf_permerge.data import load_tensors
 
     config = tmp_path / "eval.yaml"
-    config.write_text(f"model: {{type: cnn}}\ndata: {{data_dir: {tiny_fmnist}}}\n"    # a model section of other nets
-                      "alignment: {num_examples: 500}\n"
-                      "evaluation: {num_lambdas: 3, splits: [test], n_way: false}\n")
+    config.write_text(
+        f"model: {{type: cnn}}\ndata: {{data_dir: {tiny_fmnist}}}\n"  # a model section of other nets
+        "alignment: {num_examples: 500}\n"
+        "evaluation: {num_lambdas: 3, splits: [test], n_way: false}\n"
+    )
     models = [tmp_path / "plain_0", tmp_path / "plain_2"]
     for net, folder in zip((0, 2), models):
         shutil.copytree(tiny_pair / f"net_{net}" / "final", folder)
@@ -211,8 +238,12 @@ def test_cli_evaluates_two_model_folders_with_a_config(tiny_pair, tiny_fmnist, t
     assert run_cli("evaluate", *models, "--config", config, "-q", "-o", tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["pair"] == ["plain_0", "plain_2"] and set(report["curves"]) == {"final"}
-    assert report["config"]["model"]["width"] == 32 and report["config"]["training"] is None   # the models', not --config's
-    assert report["barrier"]["final"]["permuted"]["test"]["loss"] <= report["barrier"]["final"]["vanilla"]["test"]["loss"]
+    assert (
+        report["config"]["model"]["width"] == 32 and report["config"]["training"] is None
+    )  # the models', not --config's
+    assert (
+        report["barrier"]["final"]["permuted"]["test"]["loss"] <= report["barrier"]["final"]["vanilla"]["test"]["loss"]
+    )
     used = Permutations.load(tmp_path / "out" / "permutations" / "net_1.safetensors").info["data"]["fingerprint"]
     assert used == load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist).subset(500, 0).fingerprint
     assert (tmp_path / "out" / "interpolation.png").is_file()
@@ -240,10 +271,10 @@ def test_weight_matching_reads_no_data_and_names_none(rgb_vits, tmp_path, monkey
 
     from hf_permerge.merging import merge_data, nets
 
-    for module in (merge_data, nets):                 # where the merger loads a data set: tracing, default data
+    for module in (merge_data, nets):  # where the merger loads a data set: tracing, default data
         monkeypatch.setattr(module, "load_tensors", lambda *a, **k: pytest.fail("a data set was loaded"))
     merger = PermMerger.from_pretrained(rgb_vits)
-    merger.align(Dataset.from_dict({"img": images(4, 28, "L")}), matcher="weight")   # not even looked at
+    merger.align(Dataset.from_dict({"img": images(4, 28, "L")}), matcher="weight")  # not even looked at
     merger.merge(0.5)
     merger.save_pretrained(tmp_path / "merged")
     assert json.loads((tmp_path / "merged" / "merge_config.json").read_text())["dataset"] is None
@@ -255,18 +286,36 @@ def test_cli_aligns_model_folders_on_the_data_set_named(tiny_pair, tiny_fmnist, 
 
     models = [tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"]
     assert run_cli("merge", *models, "--dataset", "imagenet", "-q", "-o", tmp_path / "bad") == 2
-    assert "'imagenet' is not a data set of the catalog (fashion_mnist, mnist, cifar10), a folder, nor a Hub dataset id" \
-        in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert (
+        "'imagenet' is not a data set of the catalog (fashion_mnist, mnist, cifar10), a folder, nor a Hub dataset id"
+        in capsys.readouterr().err
+        and not (tmp_path / "bad").exists()
+    )
     assert run_cli("merge", *models, "--vanilla", "--data-dir", tiny_fmnist, "-q", "-o", tmp_path / "vanilla") == 2
     assert "--data-dir cannot be used with --vanilla" in capsys.readouterr().err
-    assert run_cli("align", *models, "--dataset", "fashion_mnist", "--data-dir", tiny_fmnist, "--num-examples", 300,
-                   "-q", "-o", tmp_path / "perms") == 0
+    assert (
+        run_cli(
+            "align",
+            *models,
+            "--dataset",
+            "fashion_mnist",
+            "--data-dir",
+            tiny_fmnist,
+            "--num-examples",
+            300,
+            "-q",
+            "-o",
+            tmp_path / "perms",
+        )
+        == 0
+    )
     used = Permutations.load(tmp_path / "perms" / "net_1.safetensors").info["data"]["fingerprint"]
     assert used == load_tensors("fashion_mnist", "train", data_dir=tiny_fmnist).subset(300, 0).fingerprint
 
 
-def test_cli_aligns_and_repairs_on_a_saved_dataset_or_a_folder_of_images(tiny_pair, tiny_fmnist, tmp_path, capsys,
-                                                                         run_cli):
+def test_cli_aligns_and_repairs_on_a_saved_dataset_or_a_folder_of_images(
+    tiny_pair, tiny_fmnist, tmp_path, capsys, run_cli
+):
     """--dataset takes what users keep their data in: a save_to_disk folder (DatasetDict, CIFAR-style column
     names) or a folder of images; the alignment equals aligning on the same Dataset in Python."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features
@@ -282,30 +331,66 @@ def test_cli_aligns_and_repairs_on_a_saved_dataset_or_a_folder_of_images(tiny_pa
     DatasetDict({"train": ds, "test": ds.select(range(20))}).save_to_disk(tmp_path / "saved")
     models = [tiny_pair / "net_0" / "final", tiny_pair / "net_1" / "final"]
 
-    assert run_cli("align", *models, "--dataset", tmp_path / "saved", "--num-examples", 150, "-q",
-                   "-o", tmp_path / "perms") == 0
+    assert (
+        run_cli(
+            "align", *models, "--dataset", tmp_path / "saved", "--num-examples", 150, "-q", "-o", tmp_path / "perms"
+        )
+        == 0
+    )
     merger = PermMerger.from_pretrained(models)
     expected = merger.align(ds.rename_columns({"img": "image", "fine_label": "label"}), num_examples=150)[1]
     found = Permutations.load(tmp_path / "perms" / "net_1.safetensors")
     assert all(torch.equal(found[g], expected[g]) for g in merger.spec.names)
     assert found.info["data"]["fingerprint"] == expected.info["data"]["fingerprint"]
 
-    assert run_cli("merge", *models, "--dataset", tmp_path / "saved", "--dataset-split", "test", "--repair", "repair",
-                   "--num-examples", 20, "-q", "-o", tmp_path / "merged") == 0
+    assert (
+        run_cli(
+            "merge",
+            *models,
+            "--dataset",
+            tmp_path / "saved",
+            "--dataset-split",
+            "test",
+            "--repair",
+            "repair",
+            "--num-examples",
+            20,
+            "-q",
+            "-o",
+            tmp_path / "merged",
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
     assert config["dataset"] is None and str(tmp_path) not in (tmp_path / "merged" / "README.md").read_text()
 
     for i, label in enumerate(labels[:30]):
         (tmp_path / "images" / f"class_{label}").mkdir(parents=True, exist_ok=True)
         PIL.Image.fromarray(pixels[i]).save(tmp_path / "images" / f"class_{label}" / f"{i}.png")
-    assert run_cli("merge", *models, "--dataset", tmp_path / "images", "--num-examples", 30, "-q",
-                   "-o", tmp_path / "from_images") == 0
+    assert (
+        run_cli(
+            "merge",
+            *models,
+            "--dataset",
+            tmp_path / "images",
+            "--num-examples",
+            30,
+            "-q",
+            "-o",
+            tmp_path / "from_images",
+        )
+        == 0
+    )
 
-    for args, message in ((("--dataset", tmp_path / "saved", "--dataset-split", "validation"),
-                           "has the splits ['test', 'train'], not 'validation'; choose one with --dataset-split"),
-                          (("--dataset", tmp_path / "saved", "--data-dir", tiny_fmnist), "drop --data-dir"),
-                          (("--dataset", "fashion_mnist", "--dataset-split", "test"), "drop --dataset-split"),
-                          (("--dataset", tmp_path / "perms" / "alignment.json"), "is a file")):
+    for args, message in (
+        (
+            ("--dataset", tmp_path / "saved", "--dataset-split", "validation"),
+            "has the splits ['test', 'train'], not 'validation'; choose one with --dataset-split",
+        ),
+        (("--dataset", tmp_path / "saved", "--data-dir", tiny_fmnist), "drop --data-dir"),
+        (("--dataset", "fashion_mnist", "--dataset-split", "test"), "drop --dataset-split"),
+        (("--dataset", tmp_path / "perms" / "alignment.json"), "is a file"),
+    ):
         assert run_cli("merge", *models, *args, "-q", "-o", tmp_path / "refused") == 2
         assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
@@ -322,17 +407,23 @@ def test_labels_follow_the_models_classes_by_name_and_out_of_range_labels_are_re
     ours = [model.config.id2label[i] for i in range(10)]
     pixels = read_idx(tiny_fmnist / "train-images-idx3-ubyte.gz")[:40]
     labels = read_idx(tiny_fmnist / "train-labels-idx1-ubyte.gz")[:40].astype(int)
-    folder_names = sorted(n.replace(" / ", "_").replace(" - ", "-") for n in ours)     # how folders spell them
+    folder_names = sorted(n.replace(" / ", "_").replace(" - ", "-") for n in ours)  # how folders spell them
     to_folder = {i: folder_names.index(ours[i].replace(" / ", "_").replace(" - ", "-")) for i in range(10)}
-    ds = Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels], "label": [to_folder[y] for y in labels]},
-                           features=Features({"image": ImageFeature(), "label": ClassLabel(names=folder_names)}))
+    ds = Dataset.from_dict(
+        {"image": [PIL.Image.fromarray(p) for p in pixels], "label": [to_folder[y] for y in labels]},
+        features=Features({"image": ImageFeature(), "label": ClassLabel(names=folder_names)}),
+    )
     assert torch.equal(as_tensor_split(ds, model).labels, torch.as_tensor(labels))
 
-    three = [i for i, y in enumerate(labels) if y in (1, 4, 8)]     # Trouser, Coat, Bag: a folder with 3 classes
+    three = [i for i, y in enumerate(labels) if y in (1, 4, 8)]  # Trouser, Coat, Bag: a folder with 3 classes
     subset_names = sorted(folder_names[to_folder[y]] for y in (1, 4, 8))
-    subset = Dataset.from_dict({"image": [PIL.Image.fromarray(pixels[i]) for i in three],
-                                "label": [subset_names.index(folder_names[to_folder[labels[i]]]) for i in three]},
-                               features=Features({"image": ImageFeature(), "label": ClassLabel(names=subset_names)}))
+    subset = Dataset.from_dict(
+        {
+            "image": [PIL.Image.fromarray(pixels[i]) for i in three],
+            "label": [subset_names.index(folder_names[to_folder[labels[i]]]) for i in three],
+        },
+        features=Features({"image": ImageFeature(), "label": ClassLabel(names=subset_names)}),
+    )
     assert torch.equal(as_tensor_split(subset, model).labels, torch.as_tensor(labels[three]))
 
     other = ds.cast_column("label", ClassLabel(names=[f"class {i}" for i in range(10)]))
@@ -344,8 +435,9 @@ def test_labels_follow_the_models_classes_by_name_and_out_of_range_labels_are_re
         merger.align(too_many, matcher="gradient", num_examples=40)
 
 
-def test_what_the_card_and_merge_config_say_about_the_data(tiny_pair, tiny_fmnist, tmp_path, capsys, run_cli,
-                                                          monkeypatch):
+def test_what_the_card_and_merge_config_say_about_the_data(
+    tiny_pair, tiny_fmnist, tmp_path, capsys, run_cli, monkeypatch
+):
     """The card names the data the nets were trained on; alignment and REPAIR data are recorded as what they
     were; a local path is never written; options that would be ignored are refused."""
     from datasets import Dataset
@@ -356,18 +448,26 @@ def test_what_the_card_and_merge_config_say_about_the_data(tiny_pair, tiny_fmnis
     single = Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels]})
     single.save_to_disk(tmp_path / "saved")
 
-    assert run_cli("merge", tiny_pair, "--dataset", tmp_path / "saved", "--repair", "repair", "-q",
-                   "-o", tmp_path / "merged") == 0
+    assert (
+        run_cli(
+            "merge", tiny_pair, "--dataset", tmp_path / "saved", "--repair", "repair", "-q", "-o", tmp_path / "merged"
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
-    assert config["dataset"] == "fashion_mnist"                       # what the pair was trained on
+    assert config["dataset"] == "fashion_mnist"  # what the pair was trained on
     assert config["alignment"]["data"] == "a data set without a Hub id (a local folder, or an unnamed datasets.Dataset)"
     assert config["alignment"]["examples"] == 100 and config["alignment"]["settings"]["num_examples"] == 10000
-    assert config["merge"]["repair_data"] == "a data set without a Hub id (a local folder, or an unnamed datasets.Dataset)"
+    assert (
+        config["merge"]["repair_data"] == "a data set without a Hub id (a local folder, or an unnamed datasets.Dataset)"
+    )
     assert str(tmp_path) not in (tmp_path / "merged" / "README.md").read_text() + json.dumps(config)
 
     merger = PermMerger.from_pretrained(tiny_pair)
-    merger.use_data(Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels[:30]]}, split="test"),
-                    name="someone/fmnist-copy")        # as load_dataset("someone/fmnist-copy", split="test") gives it
+    merger.use_data(
+        Dataset.from_dict({"image": [PIL.Image.fromarray(p) for p in pixels[:30]]}, split="test"),
+        name="someone/fmnist-copy",
+    )  # as load_dataset("someone/fmnist-copy", split="test") gives it
     merger.align(num_examples=20)
     assert merger.alignment["data"] == "someone/fmnist-copy test split" and merger.alignment["examples"] == 20
     with pytest.raises(ValueError, match="not a Hub dataset id"):
@@ -378,10 +478,12 @@ def test_what_the_card_and_merge_config_say_about_the_data(tiny_pair, tiny_fmnis
         merger.use_data([1, 2])
 
     monkeypatch.chdir(tmp_path)
-    refusals = ((("--dataset", "saved", "--dataset-split", "test"), "holds one split only"),
-                (("--dataset", "saved/nope"), "there is no folder saved/nope"),
-                (("--dataset", "fashion_mnist", "--matcher", "weight"), "--matcher weight reads no data"),
-                (("--dataset", "fasion_mnist"), "is not a data set of the catalog"))
+    refusals = (
+        (("--dataset", "saved", "--dataset-split", "test"), "holds one split only"),
+        (("--dataset", "saved/nope"), "there is no folder saved/nope"),
+        (("--dataset", "fashion_mnist", "--matcher", "weight"), "--matcher weight reads no data"),
+        (("--dataset", "fasion_mnist"), "is not a data set of the catalog"),
+    )
     for args, message in refusals:
         assert run_cli("merge", tiny_pair, *args, "-q", "-o", tmp_path / "refused") == 2
         assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()

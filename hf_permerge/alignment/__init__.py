@@ -7,6 +7,7 @@
 Models without a hand-written `permutation_spec()` get one from their traced graph:
 `attach_permutation_spec(vit, on_unsupported="skip")` (see `tracing`).
 """
+
 from .activation import ActivationMatcher, ActivationStatistics, activation_statistics
 from .base import Matcher
 from .gradient import GradientMatcher, update_directions
@@ -17,8 +18,29 @@ from .spec import PermGroup, PermutationSpec, apply_permutations, permute_tensor
 from .tracing import TracedSpec, attach_permutation_spec, check_permutation_invariance, trace_permutation_spec
 from .weight import WeightMatcher, solve_linear_matching
 
-__all__ = ["PermGroup", "PermutationSpec", "apply_permutations", "permute_tensor", "Permutations",
-           "solve_assignment", "solve_assignments", "solve_coupled", "AssignmentSolver", "Matcher", "MATCHERS",
-           "get_matcher", "register_matcher", "ActivationMatcher", "ActivationStatistics", "activation_statistics",
-           "WeightMatcher", "solve_linear_matching", "GradientMatcher", "update_directions",
-           "TracedSpec", "trace_permutation_spec", "attach_permutation_spec", "check_permutation_invariance"]
+__all__ = [
+    "PermGroup",
+    "PermutationSpec",
+    "apply_permutations",
+    "permute_tensor",
+    "Permutations",
+    "solve_assignment",
+    "solve_assignments",
+    "solve_coupled",
+    "AssignmentSolver",
+    "Matcher",
+    "MATCHERS",
+    "get_matcher",
+    "register_matcher",
+    "ActivationMatcher",
+    "ActivationStatistics",
+    "activation_statistics",
+    "WeightMatcher",
+    "solve_linear_matching",
+    "GradientMatcher",
+    "update_directions",
+    "TracedSpec",
+    "trace_permutation_spec",
+    "attach_permutation_spec",
+    "check_permutation_invariance",
+]

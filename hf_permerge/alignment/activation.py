@@ -7,6 +7,7 @@ O(n^2) memory, never the d x n activation matrices. Each similarity
 each gets its own Hungarian solve, on worker threads, overlapped with the device work that
 follows (the next group's similarity, the next net's statistics: `match_many`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,8 @@ class ActivationStatistics:
         if dtype == torch.float64:
             self.cross.addmm_(a.T, b)
             return
-        for rows in range(0, a.shape[0], _FLOAT32_ROWS):   # short float32 sums, each added in float64
-            self.cross += torch.mm(a[rows:rows + _FLOAT32_ROWS].T, b[rows:rows + _FLOAT32_ROWS])
+        for rows in range(0, a.shape[0], _FLOAT32_ROWS):  # short float32 sums, each added in float64
+            self.cross += torch.mm(a[rows : rows + _FLOAT32_ROWS].T, b[rows : rows + _FLOAT32_ROWS])
 
     def moments(self) -> dict[str, torch.Tensor]:
         """Means, variances, covariance of the unshifted activations (float64)."""
@@ -102,9 +103,15 @@ class ActivationStatistics:
         n = max(self.count, 1)
         shift_a = self.shift_a.double() if self.shift_a is not None else torch.zeros_like(self.sum_a)
         shift_b = self.shift_b.double() if self.shift_b is not None else torch.zeros_like(self.sum_b)
-        dev_a, dev_b = self.sum_a / n, self.sum_b / n          # mean - shift: small by construction
-        return {"mean_a": shift_a + dev_a, "mean_b": shift_b + dev_b, "dev_a": dev_a, "dev_b": dev_b,
-                "var_a": _variance(self.sumsq_a / n, dev_a), "var_b": _variance(self.sumsq_b / n, dev_b)}
+        dev_a, dev_b = self.sum_a / n, self.sum_b / n  # mean - shift: small by construction
+        return {
+            "mean_a": shift_a + dev_a,
+            "mean_b": shift_b + dev_b,
+            "dev_a": dev_a,
+            "dev_b": dev_b,
+            "var_a": _variance(self.sumsq_a / n, dev_a),
+            "var_b": _variance(self.sumsq_b / n, dev_b),
+        }
 
     def _covariance(self, m: dict) -> torch.Tensor:
         """A new (n, n) covariance; callers turn it into a similarity in place (at n = 8192 each
@@ -122,7 +129,7 @@ class ActivationStatistics:
         m = self._unit_moments()
         mean_a, mean_b, var_a, var_b = m["mean_a"], m["mean_b"], m["var_a"], m["var_b"]
         s = self._covariance(m)
-        if kind == "cosine":          # E[a b] / sqrt(E[a^2] E[b^2])
+        if kind == "cosine":  # E[a b] / sqrt(E[a^2] E[b^2])
             s.addr_(mean_a, mean_b)
             return _divide_rows_and_columns(s, (var_a + mean_a.square()).sqrt(), (var_b + mean_b.square()).sqrt())
         if kind == "correlation":
@@ -153,8 +160,10 @@ def activation_modules(spec: PermutationSpec, preactivation: bool) -> dict[str, 
         if name is None and preactivation:
             raise ValueError(f"group {g.name!r} names no pre-activation module; use preactivation=False")
         if name is None:
-            raise ValueError(f"group {g.name!r} names no module whose output carries its activations (e.g. its "
-                             "nonlinearity is a functional call): wrap it in an nn.Module, or use matcher='weight'")
+            raise ValueError(
+                f"group {g.name!r} names no module whose output carries its activations (e.g. its "
+                "nonlinearity is a functional call): wrap it in an nn.Module, or use matcher='weight'"
+            )
         out[g.name] = name
     return out
 
@@ -173,9 +182,15 @@ def _register_hooks(model: nn.Module, names: dict[str, str], make_hook) -> list:
 
 
 @torch.no_grad()
-def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: torch.Tensor,
-                          spec: PermutationSpec, preactivation: bool = False, batch_size: int = 1000,
-                          products: str = "float32") -> dict[str, ActivationStatistics]:
+def activation_statistics(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    pixel_values: torch.Tensor,
+    spec: PermutationSpec,
+    preactivation: bool = False,
+    batch_size: int = 1000,
+    products: str = "float32",
+) -> dict[str, ActivationStatistics]:
     """One pass over `pixel_values` through both nets (eval mode), streaming statistics per group.
 
     Forward hooks on model_a store its activations; model_b's hooks fold each group into the
@@ -190,11 +205,13 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: 
         def hook(module, inputs, output):
             # a copy, safe from in-place ops later (an in-place ReLU on this output)
             held[group] = units_as_columns(output, spec[group].unit_axis).to(PRODUCTS[products], copy=True)
+
         return hook
 
     def hook_b(group):
         def hook(module, inputs, output):
             stats[group].update(held.pop(group), units_as_columns(output, spec[group].unit_axis))
+
         return hook
 
     handles = []
@@ -204,8 +221,7 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: 
         with eval_mode(model_a, model_b):
             slices = list(batch_slices(len(pixel_values), batch_size))
             # a bar only on a terminal (disable=None), for the long ones: wide nets on the CPU take minutes
-            for s in tqdm(slices, desc="activation statistics", leave=False, mininterval=2.0, delay=2.0,
-                          disable=None):
+            for s in tqdm(slices, desc="activation statistics", leave=False, mininterval=2.0, delay=2.0, disable=None):
                 x = pixel_values[s]
                 model_a(pixel_values=model_input(model_a, x))
                 model_b(pixel_values=model_input(model_b, x))
@@ -216,9 +232,14 @@ def activation_statistics(model_a: nn.Module, model_b: nn.Module, pixel_values: 
 
 
 @torch.no_grad()
-def pairwise_activation_statistics(models: list[nn.Module], pixel_values: torch.Tensor, spec: PermutationSpec,
-                                   preactivation: bool = False, batch_size: int = 1000, products: str = "float32"
-                                   ) -> dict[tuple[int, int], dict[str, ActivationStatistics]]:
+def pairwise_activation_statistics(
+    models: list[nn.Module],
+    pixel_values: torch.Tensor,
+    spec: PermutationSpec,
+    preactivation: bool = False,
+    batch_size: int = 1000,
+    products: str = "float32",
+) -> dict[tuple[int, int], dict[str, ActivationStatistics]]:
     """`activation_statistics` of every pair i < j of `models`, in one pass over `pixel_values`: each batch goes
     through every net once, not once per pair (N forward passes instead of N (N - 1)).
 
@@ -228,14 +249,18 @@ def pairwise_activation_statistics(models: list[nn.Module], pixel_values: torch.
     check_choice("products", products, tuple(PRODUCTS))
     n = len(models)
     device = model_device(models[0])
-    stats = {(i, j): {g: ActivationStatistics.zeros(spec[g].size, device, PRODUCTS[products]) for g in names}
-             for i in range(n) for j in range(i + 1, n)}
+    stats = {
+        (i, j): {g: ActivationStatistics.zeros(spec[g].size, device, PRODUCTS[products]) for g in names}
+        for i in range(n)
+        for j in range(i + 1, n)
+    }
     held: dict[tuple[int, str], torch.Tensor] = {}
 
     def hook(i: int, group: str):
         def store(module, inputs, output):
             # a copy, safe from in-place ops later (an in-place ReLU on this output)
             held[i, group] = units_as_columns(output, spec[group].unit_axis).to(PRODUCTS[products], copy=True)
+
         return store
 
     handles = []
@@ -244,8 +269,9 @@ def pairwise_activation_statistics(models: list[nn.Module], pixel_values: torch.
             handles += _register_hooks(model, names, lambda g, i=i: hook(i, g))
         with eval_mode(*models):
             slices = list(batch_slices(len(pixel_values), max(1, 2 * batch_size // n)))
-            for s in tqdm(slices, desc=f"activation statistics, {n} nets", leave=False, mininterval=2.0, delay=2.0,
-                          disable=None):
+            for s in tqdm(
+                slices, desc=f"activation statistics, {n} nets", leave=False, mininterval=2.0, delay=2.0, disable=None
+            ):
                 x = pixel_values[s]
                 for model in models:
                     model(pixel_values=model_input(model, x))
@@ -298,17 +324,19 @@ class ActivationMatcher(Matcher):
         with AssignmentSolver() as solver:
             for k, model_b in enumerate(others):
                 spec = check_same_architecture(model_a, model_b)
-                stats = activation_statistics(model_a, model_b, split.pixel_values, spec, self.preactivation,
-                                              self.batch_size, self.products)
+                stats = activation_statistics(
+                    model_a, model_b, split.pixel_values, spec, self.preactivation, self.batch_size, self.products
+                )
                 similarities.append({})
                 for g in spec.names:
                     similarities[k][g] = stats.pop(g).similarity(self.similarity)
                     coupled = spec.coupling_of(g)
                     if coupled is None:
                         solver.submit((k, g), similarities[k][g], spec[g].blocks)
-                    elif g == coupled[-1]:     # an attention layer's groups move their heads together
-                        solver.submit_coupled(tuple((k, n) for n in coupled),
-                                              [similarities[k][n] for n in coupled], spec[g].blocks)
+                    elif g == coupled[-1]:  # an attention layer's groups move their heads together
+                        solver.submit_coupled(
+                            tuple((k, n) for n in coupled), [similarities[k][n] for n in coupled], spec[g].blocks
+                        )
             solved = solver.results()
         out = []
         for k, sims in enumerate(similarities):

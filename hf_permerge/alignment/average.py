@@ -16,6 +16,7 @@ it raises the objective, until a round changes nothing.
 The result is re-anchored so that net 0 stays as it is, which changes no merge: permuting every net alike
 permutes their average, the same function.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,9 @@ def average_of(models: list[nn.Module]) -> nn.Module:
     """A copy of models[0] holding the uniform average of the models' floating-point tensors."""
     states = [m.state_dict() for m in models]
     out = copy.deepcopy(models[0])
-    out.load_state_dict({k: (sum(s[k] for s in states) / len(states)) if t.is_floating_point() else t
-                         for k, t in states[0].items()})
+    out.load_state_dict(
+        {k: (sum(s[k] for s in states) / len(states)) if t.is_floating_point() else t for k, t in states[0].items()}
+    )
     return out
 
 
@@ -61,8 +63,14 @@ def _match(matcher, reference: nn.Module, permuted: nn.Module, data, perm: Permu
     return match
 
 
-def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Permutations] | None = None,
-                     max_rounds: int = 50, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
+def align_to_average(
+    models: list[nn.Module],
+    matcher,
+    data=None,
+    start: list[Permutations] | None = None,
+    max_rounds: int = 50,
+    tolerance: float = 1e-9,
+) -> tuple[list[Permutations], dict]:
     """Weight matching of N nets with each other (MergeMany): one `Permutations` per net lining it up with the
     average of the other nets; net 0's is the identity.
 
@@ -82,7 +90,7 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
     keys = [k for k in spec.axes_to_perm() if k in models[0].state_dict()]
     perms = list(start) if start is not None else [Permutations.identity(spec) for _ in models]
     permuted = [p.apply(m, spec) for p, m in zip(perms, models)]
-    warm = [{} for _ in models]     # net -> group -> its last column potentials, indexed by the net's own units
+    warm = [{} for _ in models]  # net -> group -> its last column potentials, indexed by the net's own units
     rounds, converged = 0, False
     changes, changed_at, solved_at = 0, [0] * len(models), [-1] * len(models)
     with torch.no_grad():
@@ -91,8 +99,8 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
             converged = True
             for i in range(len(models)):
                 if all(changed_at[j] <= solved_at[i] for j in range(len(models))):
-                    continue                # no net (itself included: a matcher stopped by max_iter may go on
-                                            # from where it stopped) moved since: the same match would be found
+                    continue  # no net (itself included: a matcher stopped by max_iter may go on
+                    # from where it stopped) moved since: the same match would be found
                 solved_at[i] = changes
                 reference = average_of([permuted[j] for j in range(len(models)) if j != i])
                 match = _match(matcher, reference, permuted[i], data, perms[i], warm[i])
@@ -106,14 +114,20 @@ def align_to_average(models: list[nn.Module], matcher, data=None, start: list[Pe
                     changed_at[i] = changes
     anchor = perms[0].inverse()
     anchored = [Permutations.identity(spec)]
-    for p in perms[1:]:        # the per-group similarities of the matches were against an average: not kept
+    for p in perms[1:]:  # the per-group similarities of the matches were against an average: not kept
         info = {k: v for k, v in p.info.items() if k != "groups"}
         anchored.append(Permutations(anchor.compose(p), {**info, "reference": "average of the other nets"}))
     return anchored, {"rounds": rounds, "converged": converged}
 
 
-def align_activations_jointly(models: list[nn.Module], matcher, data, start: list[Permutations] | None = None,
-                              max_rounds: int = 50, tolerance: float = 1e-9) -> tuple[list[Permutations], dict]:
+def align_activations_jointly(
+    models: list[nn.Module],
+    matcher,
+    data,
+    start: list[Permutations] | None = None,
+    max_rounds: int = 50,
+    tolerance: float = 1e-9,
+) -> tuple[list[Permutations], dict]:
     """Activation matching of N nets with each other: maximise, over the permutations of nets 1..N-1 and every
     group, the similarity of the units sharing a slot summed over all pairs of nets.
 
@@ -127,15 +141,18 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
         raise ValueError(f"max_rounds={max_rounds} must be >= 1")
     spec = models[0].permutation_spec()
     if spec.couplings:
-        raise ValueError("aligning onto the average with activations does not handle attention heads (coupled "
-                         "groups) yet; use reference='net_0', or the weight matcher")
+        raise ValueError(
+            "aligning onto the average with activations does not handle attention heads (coupled "
+            "groups) yet; use reference='net_0', or the weight matcher"
+        )
     check_matching_data(data, models[0])
     split = data.subset(matcher.num_examples, matcher.seed).to(model_device(models[0]))
     n = len(models)
-    sims = {}                           # (i, j, group), i < j -> similarity[unit of i, unit of j], CPU float32
-    to_net_0 = [{} for _ in range(n)]   # the star's similarities, as `match_many` solves them (until solved)
-    stats = pairwise_activation_statistics(models, split.pixel_values, spec, matcher.preactivation,
-                                           matcher.batch_size, matcher.products)
+    sims = {}  # (i, j, group), i < j -> similarity[unit of i, unit of j], CPU float32
+    to_net_0 = [{} for _ in range(n)]  # the star's similarities, as `match_many` solves them (until solved)
+    stats = pairwise_activation_statistics(
+        models, split.pixel_values, spec, matcher.preactivation, matcher.batch_size, matcher.products
+    )
     with AssignmentSolver() as solver:
         for (i, j), pair in stats.items():
             for g in spec.names:
@@ -169,7 +186,7 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
 
     rounds, converged = 0, False
     changes = 0
-    potentials = {(i, g): {} for i in range(n) for g in spec.names}   # columns: net i's units, whatever moves
+    potentials = {(i, g): {} for i in range(n) for g in spec.names}  # columns: net i's units, whatever moves
     changed_at = {(i, g): 0 for i in range(n) for g in spec.names}
     solved_at = {(i, g): -1 for i in range(n) for g in spec.names}
     while rounds < max_rounds and not converged:
@@ -178,7 +195,7 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
         for i in range(n):
             for g in spec.names:
                 if all(changed_at[j, g] <= solved_at[i, g] for j in range(n) if j != i):
-                    continue                # the other nets' units in this group have not moved since
+                    continue  # the other nets' units in this group have not moved since
                 solved_at[i, g] = changes
                 c = cost(i, g)
                 found = solve_assignment(c, spec[g].blocks, previous=potentials[i, g])
@@ -192,8 +209,16 @@ def align_activations_jointly(models: list[nn.Module], matcher, data, start: lis
     out = [Permutations.identity(spec)]
     for i in range(1, n):
         p = anchor.compose(Permutations(perms[i]))
-        groups = {g: {"similarity_identity": matched_similarity(sims[0, i, g], torch.arange(len(p[g]))),
-                      "similarity_matched": matched_similarity(sims[0, i, g], p[g])} for g in spec.names}
-        out.append(Permutations(p, {**start[i].info, "groups": groups,
-                                    "reference": "all other nets (summed pairwise similarity)"}))
+        groups = {
+            g: {
+                "similarity_identity": matched_similarity(sims[0, i, g], torch.arange(len(p[g]))),
+                "similarity_matched": matched_similarity(sims[0, i, g], p[g]),
+            }
+            for g in spec.names
+        }
+        out.append(
+            Permutations(
+                p, {**start[i].info, "groups": groups, "reference": "all other nets (summed pairwise similarity)"}
+            )
+        )
     return out, {"rounds": rounds, "converged": converged}

@@ -5,6 +5,7 @@ A matcher aligns model_b ONTO model_a: model_a is the reference and stays as it 
 Data comes in one form, tensors (`hf_permerge.data.TensorSplit`); a `datasets.Dataset` is converted before it
 gets here (`hf_permerge.merging.as_tensor_split`, or `PermMerger.align`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,12 +34,16 @@ class Matcher:
     def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:  # pragma: no cover
         raise NotImplementedError
 
-    def _info(self, similarities: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor],
-              data) -> dict:
+    def _info(self, similarities: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor], data) -> dict:
         """The header a `Permutations` carries: matcher, settings, data, and per group the summed
         similarity of the identity matching next to that of the matching found."""
-        groups = {g: {"similarity_identity": matched_similarity(s, torch.arange(len(s))),
-                      "similarity_matched": matched_similarity(s, perms[g])} for g, s in similarities.items()}
+        groups = {
+            g: {
+                "similarity_identity": matched_similarity(s, torch.arange(len(s))),
+                "similarity_matched": matched_similarity(s, perms[g]),
+            }
+            for g, s in similarities.items()
+        }
         data_info = None if data is None else {"fingerprint": data.fingerprint, "num_examples": len(data)}
         return {"matcher": self.name, "settings": self.settings, "data": data_info, "groups": groups}
 
@@ -52,23 +57,28 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> Permutati
     """The shared spec of two nets, or a ValueError naming how they differ."""
     for which, m in (("model_a", model_a), ("model_b", model_b)):
         if not hasattr(m, "permutation_spec"):
-            raise TypeError(f"{which} ({type(m).__name__}) does not declare a permutation spec; "
-                            "use one of the hf_permerge model classes, or give it a traced spec: "
-                            "hf_permerge.alignment.attach_permutation_spec(model, on_unsupported='skip')")
+            raise TypeError(
+                f"{which} ({type(m).__name__}) does not declare a permutation spec; "
+                "use one of the hf_permerge model classes, or give it a traced spec: "
+                "hf_permerge.alignment.attach_permutation_spec(model, on_unsupported='skip')"
+            )
     if type(model_a) is not type(model_b):
         raise ValueError(f"cannot match nets of different types: {type(model_a).__name__} vs {type(model_b).__name__}")
     spec_a, spec_b = model_a.permutation_spec(), model_b.permutation_spec()
     if spec_a != spec_b:
         desc = lambda s: [(g.name, g.size) for g in s.groups]  # noqa: E731
-        raise ValueError(f"cannot match nets of different architectures: groups (name, width) "
-                         f"{desc(spec_a)} vs {desc(spec_b)}")
+        raise ValueError(
+            f"cannot match nets of different architectures: groups (name, width) {desc(spec_a)} vs {desc(spec_b)}"
+        )
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     spec_a.validate(sd_a)
     for key, t in sd_a.items():
         if key not in sd_b or sd_b[key].shape != t.shape:
             other = tuple(sd_b[key].shape) if key in sd_b else "missing"
-            raise ValueError(f"cannot match nets of different architectures: {key!r} has shape "
-                             f"{tuple(t.shape)} in model_a and {other} in model_b")
+            raise ValueError(
+                f"cannot match nets of different architectures: {key!r} has shape "
+                f"{tuple(t.shape)} in model_a and {other} in model_b"
+            )
     return spec_a
 
 
@@ -107,17 +117,23 @@ def check_matching_data(data, model: nn.Module) -> None:
     """Refuse what a data-driven matcher cannot use: no data, anything but the tensor form (pixel_values (N, C, H, W)
     normalised for the model, labels, fingerprint: `hf_permerge.data.TensorSplit`), or images the model cannot take."""
     if data is None:
-        raise ValueError("this matcher needs data: pass a TensorSplit (hf_permerge.data.load_tensors), or align "
-                         "through PermMerger.align(dataset), which converts a datasets.Dataset")
+        raise ValueError(
+            "this matcher needs data: pass a TensorSplit (hf_permerge.data.load_tensors), or align "
+            "through PermMerger.align(dataset), which converts a datasets.Dataset"
+        )
     if not all(hasattr(data, a) for a in ("pixel_values", "labels", "fingerprint", "subset")):
-        raise TypeError(f"cannot use {type(data).__name__} as matching data; pass a hf_permerge.data.TensorSplit: "
-                        "convert a datasets.Dataset with hf_permerge.merging.as_tensor_split(dataset, model), or "
-                        "align through PermMerger.align(dataset), which converts it")
+        raise TypeError(
+            f"cannot use {type(data).__name__} as matching data; pass a hf_permerge.data.TensorSplit: "
+            "convert a datasets.Dataset with hf_permerge.merging.as_tensor_split(dataset, model), or "
+            "align through PermMerger.align(dataset), which converts it"
+        )
     if not fits(data.pixel_values, model):
-        raise ValueError(f"images of shape {tuple(data.pixel_values.shape[1:])} do not fit the model, which "
-                         f"takes (channels, height, width) = {input_shape_text(model)}; bring the images to that size "
-                         "and number of channels (e.g. ds.map with PIL's Image.resize and Image.convert('L' or "
-                         "'RGB')), or align on the data the nets were trained on")
+        raise ValueError(
+            f"images of shape {tuple(data.pixel_values.shape[1:])} do not fit the model, which "
+            f"takes (channels, height, width) = {input_shape_text(model)}; bring the images to that size "
+            "and number of channels (e.g. ds.map with PIL's Image.resize and Image.convert('L' or "
+            "'RGB')), or align on the data the nets were trained on"
+        )
 
 
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:

@@ -27,6 +27,7 @@ extended by a constant 1 when the layer has a bias so weight and bias are precon
 lambda = damping * trace(E[x x^T]) / dim, i.e. `damping` is relative to the mean eigenvalue.
 Other parameters (BatchNorm affine) keep their raw gradient; buffers have none and drop out.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,11 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     x = F.pad(x, (pw, pw, ph, ph))
     h_out = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
     w_out = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    shifts = [x[:, :, i * dh: i * dh + sh * (h_out - 1) + 1: sh, j * dw: j * dw + sw * (w_out - 1) + 1: sw]
-              for i in range(kh) for j in range(kw)]
+    shifts = [
+        x[:, :, i * dh : i * dh + sh * (h_out - 1) + 1 : sh, j * dw : j * dw + sw * (w_out - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
     patches = torch.stack(shifts, dim=2)  # (N, C, kh*kw, H_out, W_out)
     return patches.permute(0, 3, 4, 1, 2).reshape(-1, x.shape[1] * kh * kw)
 
@@ -85,8 +89,7 @@ class _SecondMoment:
         self.sum, self.count = None, 0
 
     def update(self, module: nn.Module, x: torch.Tensor) -> None:
-        per_row = x[0].numel() * (module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d)
-                                  else 1)
+        per_row = x[0].numel() * (module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1)
         for chunk in x.detach().split(max(1, _UNFOLD_BUDGET // max(per_row, 1))):
             rows = layer_inputs(module, chunk)
             # a preconditioner is damped and needs no float64 products; the running sum is float64
@@ -95,9 +98,14 @@ class _SecondMoment:
             self.count += rows.shape[0]
 
 
-def update_directions(model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor,
-                      preconditioner: str = "foof", damping: float = 1.0, batch_size: int = 1000
-                      ) -> dict[str, torch.Tensor]:
+def update_directions(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    preconditioner: str = "foof",
+    damping: float = 1.0,
+    batch_size: int = 1000,
+) -> dict[str, torch.Tensor]:
     """Mean-loss gradient of every parameter (eval mode), with FOOF directions for Linear/Conv2d layers."""
     check_choice("preconditioner", preconditioner, PRECONDITIONERS)
     device = model_device(model)
@@ -108,8 +116,7 @@ def update_directions(model: nn.Module, pixel_values: torch.Tensor, labels: torc
     handles = []
     if preconditioner == "foof":
         for n, m in layers.items():
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, inputs, n=n: moments[n].update(mod, inputs[0])))
+            handles.append(m.register_forward_pre_hook(lambda mod, inputs, n=n: moments[n].update(mod, inputs[0])))
     frozen = [p for p in params.values() if not p.requires_grad]
     try:
         for p in frozen:  # a frozen net still has a gradient; we only read it
@@ -130,13 +137,14 @@ def update_directions(model: nn.Module, pixel_values: torch.Tensor, labels: torc
         return grads
     for n, m in layers.items():
         sigma = moments[n].sum / moments[n].count
-        sigma = sigma + damping * sigma.diagonal().mean() * torch.eye(len(sigma), dtype=sigma.dtype,
-                                                                     device=sigma.device)
+        sigma = sigma + damping * sigma.diagonal().mean() * torch.eye(
+            len(sigma), dtype=sigma.dtype, device=sigma.device
+        )
         g = grads[f"{n}.weight"].reshape(m.weight.shape[0], -1).double()
         if m.bias is not None:
             g = torch.cat([g, grads[f"{n}.bias"].double()[:, None]], dim=1)
         d = torch.linalg.solve(sigma, g.T).T  # G Sigma^{-1}, Sigma symmetric
-        grads[f"{n}.weight"] = d[:, :m.weight[0].numel()].reshape(m.weight.shape)  # kept in float64
+        grads[f"{n}.weight"] = d[:, : m.weight[0].numel()].reshape(m.weight.shape)  # kept in float64
         if m.bias is not None:
             grads[f"{n}.bias"] = d[:, -1]
     return grads
@@ -172,20 +180,27 @@ class GradientMatcher(Matcher):
         check_matching_data(data, model_a)
         split = data.subset(self.num_examples, self.seed)
         if bool((split.labels < 0).any()):
-            raise ValueError("the gradient matcher needs labels (its objective is the training loss's gradient); "
-                             "pass a dataset with a 'label' column (a folder of images: one subfolder per class)")
+            raise ValueError(
+                "the gradient matcher needs labels (its objective is the training loss's gradient); "
+                "pass a dataset with a 'label' column (a folder of images: one subfolder per class)"
+            )
         num_labels = getattr(getattr(model_a, "config", None), "num_labels", None)
         if num_labels is not None and bool((split.labels >= num_labels).any()):
-            raise ValueError(f"the data's labels go up to {int(split.labels.max())}, but the models have {num_labels} "
-                             "classes; pass data labelled with the models' classes (label ids 0.."
-                             f"{num_labels - 1}, in the order of config.id2label)")
-        directions = [update_directions(m, split.pixel_values, split.labels, self.preconditioner, self.damping,
-                                        self.batch_size) for m in (model_a, model_b)]
+            raise ValueError(
+                f"the data's labels go up to {int(split.labels.max())}, but the models have {num_labels} "
+                "classes; pass data labelled with the models' classes (label ids 0.."
+                f"{num_labels - 1}, in the order of config.id2label)"
+            )
+        directions = [
+            update_directions(m, split.pixel_values, split.labels, self.preconditioner, self.damping, self.batch_size)
+            for m in (model_a, model_b)
+        ]
         g_a, g_b = directions[0], {k: v.to(model_device(model_a)) for k, v in directions[1].items()}
         theta_a = model_a.state_dict()
         theta_b = {k: v.to(model_device(model_a)) for k, v in model_b.state_dict().items()}
         pairs_a = [{k: -v for k, v in g_a.items()}, {k: -v for k, v in theta_a.items()}]
         pairs_b = [theta_b, g_b]
-        perms, similarities = solve_linear_matching(spec, pairs_a, pairs_b, self.max_iter, self.seed,
-                                                    bottom_up_first=True)
+        perms, similarities = solve_linear_matching(
+            spec, pairs_a, pairs_b, self.max_iter, self.seed, bottom_up_first=True
+        )
         return Permutations(perms, self._info(similarities, perms, split))

@@ -9,6 +9,7 @@ constants leaves the optimal assignment unchanged, so good potentials are first 
 similarity lives (annealed log-domain Sinkhorn) and SciPy solves the reduced matrix `u_i + v_j - s_ij`
 exactly: the same assignment, found faster (BENCHMARKS.md, "Alignment").
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
@@ -41,8 +42,9 @@ def _soft_max_rows(mat: torch.Tensor, shift: torch.Tensor, t: float, buf: torch.
 
 
 @torch.no_grad()
-def entropic_duals(similarity: torch.Tensor, start: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def entropic_duals(
+    similarity: torch.Tensor, start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Potentials (u, v) with u_i + v_j >= similarity[i, j] for all i, j, nearly tight on the best assignment.
 
     Log-domain Sinkhorn with unit marginals, annealed over `SINKHORN_TEMPERATURES` (`SINKHORN_ITERATIONS`
@@ -101,7 +103,7 @@ def solve_on_host(s: torch.Tensor, blocks: int = 1, duals=None) -> torch.Tensor:
     s = s.numpy()
     if not np.isfinite(s).all():
         raise ValueError("similarity matrix has NaN or infinite entries; are the activations or weights finite?")
-    if duals is not None:   # min sum (u_i + v_j - s_ij) = sum u + sum v - max sum s_ij: the same optimum
+    if duals is not None:  # min sum (u_i + v_j - s_ij) = sum u + sum v - max sum s_ij: the same optimum
         cost, maximize = np.add.outer(duals[0].numpy(), duals[1].numpy()), False
         cost -= s
     else:
@@ -116,8 +118,9 @@ def solve_on_host(s: torch.Tensor, blocks: int = 1, duals=None) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(cols)).long()
 
 
-def solve_assignment(similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto",
-                     previous: dict | None = None) -> torch.Tensor:
+def solve_assignment(
+    similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto", previous: dict | None = None
+) -> torch.Tensor:
     """The permutation maximising `sum_i similarity[i, perm[i]]` (exact: float64, CPU, SciPy).
 
     blocks > 1: units stay within their block of `n / blocks` consecutive units (attention heads), so each
@@ -143,13 +146,17 @@ def solve_coupled(similarities, blocks: int) -> list[torch.Tensor]:
     for i in range(blocks):
         for j in range(blocks):
             for k, s in enumerate(mats):
-                sub = s[i * width:(i + 1) * width, j * width:(j + 1) * width]
+                sub = s[i * width : (i + 1) * width, j * width : (j + 1) * width]
                 rows, cols = linear_sum_assignment(sub, maximize=True)
                 inner[k, i, j] = cols
                 score[i, j] += sub[rows, cols].sum()
     _, block_map = linear_sum_assignment(score, maximize=True)
-    return [torch.from_numpy(np.concatenate([inner[k, i, block_map[i]] + block_map[i] * width
-                                             for i in range(blocks)])).long() for k in range(len(mats))]
+    return [
+        torch.from_numpy(
+            np.concatenate([inner[k, i, block_map[i]] + block_map[i] * width for i in range(blocks)])
+        ).long()
+        for k in range(len(mats))
+    ]
 
 
 def matched_similarity(similarity: torch.Tensor, perm: torch.Tensor) -> float:
@@ -172,7 +179,7 @@ class AssignmentSolver:
         self.warm_start = warm_start
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hungarian")
         self._futures: dict[Hashable, Future] = {}
-        self._coupled: dict[tuple, Future] = {}   # names -> one future giving their permutations in order
+        self._coupled: dict[tuple, Future] = {}  # names -> one future giving their permutations in order
 
     def submit(self, name: Hashable, similarity: torch.Tensor, blocks: int = 1) -> None:
         # The warm start and the device->host copy happen here, on the caller's thread (see `to_host`).
@@ -187,8 +194,9 @@ class AssignmentSolver:
     def results(self) -> dict[Hashable, torch.Tensor]:
         """Wait for every solve; on a terminal, a bar counts them once the wait passes 2 s (n = 8192: minutes)."""
         futures = [*self._futures.values(), *self._coupled.values()]
-        for _ in tqdm(as_completed(futures), total=len(futures), desc="hungarian", leave=False, delay=2.0,
-                      disable=None):
+        for _ in tqdm(
+            as_completed(futures), total=len(futures), desc="hungarian", leave=False, delay=2.0, disable=None
+        ):
             pass
         out = {name: f.result() for name, f in self._futures.items()}
         for names, f in self._coupled.items():
@@ -205,8 +213,12 @@ class AssignmentSolver:
         self.close()
 
 
-def solve_assignments(similarities: Mapping[str, torch.Tensor], max_workers: int | None = None,
-                      blocks: Mapping[str, int] | None = None, warm_start: str = "auto") -> dict[str, torch.Tensor]:
+def solve_assignments(
+    similarities: Mapping[str, torch.Tensor],
+    max_workers: int | None = None,
+    blocks: Mapping[str, int] | None = None,
+    warm_start: str = "auto",
+) -> dict[str, torch.Tensor]:
     """One independent assignment per group, solved concurrently (`blocks`: group -> blocks, default 1)."""
     with AssignmentSolver(max_workers, warm_start) as solver:
         for name, s in similarities.items():

@@ -5,6 +5,7 @@
 The names and settings of the built-in matchers are declared once, in `hf_permerge.matching`; the classes here
 must cover those settings.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -5,6 +5,7 @@ i.e. permuting is `index_select` along every axis the group names. A matcher tha
 model_b onto model_a returns the `Permutations` whose `apply(model_b)` lines up unit by unit
 with model_a.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,8 +84,9 @@ class Permutations(Mapping[str, torch.Tensor]):
             slots = (p != q).nonzero().flatten().tolist()
             if slots:
                 first = ", ".join(f"slot {j}: {int(p[j])} vs {int(q[j])}" for j in slots[:5])
-                lines.append(f"group {g!r}: {len(slots)} of {len(p)} slots differ ({first}"
-                             f"{', ...' if len(slots) > 5 else ''})")
+                lines.append(
+                    f"group {g!r}: {len(slots)} of {len(p)} slots differ ({first}{', ...' if len(slots) > 5 else ''})"
+                )
         return lines[:limit]
 
     # Construction and checks --------------------------------------------------------------------
@@ -97,11 +99,11 @@ class Permutations(Mapping[str, torch.Tensor]):
         """Uniformly random permutations (tests, and the 'random permutation' baseline)."""
         gen = torch.Generator().manual_seed(seed)
         block_maps = {}
-        for coupled in spec.couplings:       # one map of whole blocks per coupling, shared by its groups
+        for coupled in spec.couplings:  # one map of whole blocks per coupling, shared by its groups
             block_maps.update(dict.fromkeys(coupled, torch.randperm(spec[coupled[0]].blocks, generator=gen)))
 
         def one(g):
-            width = g.size // g.blocks        # whole blocks move as the coupling's map says; within, anything
+            width = g.size // g.blocks  # whole blocks move as the coupling's map says; within, anything
             sigma = block_maps.get(g.name, torch.arange(g.blocks))
             return torch.cat([sigma[b] * width + torch.randperm(width, generator=gen) for b in range(g.blocks)])
 
@@ -112,18 +114,24 @@ class Permutations(Mapping[str, torch.Tensor]):
         missing = [g for g in spec.names if g not in self._perms]
         extra = [g for g in self._perms if g not in spec.names]
         if missing or extra:
-            raise ValueError(f"permutations do not fit the model: missing groups {missing}, unknown groups {extra} "
-                             f"(the model's groups are {spec.names}); were they found for another architecture?")
+            raise ValueError(
+                f"permutations do not fit the model: missing groups {missing}, unknown groups {extra} "
+                f"(the model's groups are {spec.names}); were they found for another architecture?"
+            )
         for g in spec.groups:
             p = self._perms[g.name]
             if len(p) != g.size:
-                raise ValueError(f"permutation of group {g.name!r} has {len(p)} entries but the group has "
-                                 f"{g.size} units; were they found for a model of another width?")
+                raise ValueError(
+                    f"permutation of group {g.name!r} has {len(p)} entries but the group has "
+                    f"{g.size} units; were they found for a model of another width?"
+                )
             if not torch.equal(torch.sort(p).values, torch.arange(g.size)):
                 values, counts = torch.unique(p, return_counts=True)
-                raise ValueError(f"permutation of group {g.name!r} is not a bijection of 0..{g.size - 1}: "
-                                 f"repeated entries {values[counts > 1].tolist()[:5]}, "
-                                 f"out-of-range entries {p[(p < 0) | (p >= g.size)].tolist()[:5]}")
+                raise ValueError(
+                    f"permutation of group {g.name!r} is not a bijection of 0..{g.size - 1}: "
+                    f"repeated entries {values[counts > 1].tolist()[:5]}, "
+                    f"out-of-range entries {p[(p < 0) | (p >= g.size)].tolist()[:5]}"
+                )
         maps = {}
         for g in spec.groups:
             if g.blocks == 1:
@@ -131,10 +139,13 @@ class Permutations(Mapping[str, torch.Tensor]):
             width = g.size // g.blocks
             source = self._perms[g.name].view(g.blocks, width) // width
             coupled = spec.coupling_of(g.name)
-            if not (source == source[:, :1]).all() or (coupled is None and
-                                                        not torch.equal(source[:, 0], torch.arange(g.blocks))):
-                raise ValueError(f"permutation of group {g.name!r} moves units between its {g.blocks} blocks "
-                                 "(attention heads), which would change the model's function")
+            if not (source == source[:, :1]).all() or (
+                coupled is None and not torch.equal(source[:, 0], torch.arange(g.blocks))
+            ):
+                raise ValueError(
+                    f"permutation of group {g.name!r} moves units between its {g.blocks} blocks "
+                    "(attention heads), which would change the model's function"
+                )
             if coupled is not None and not torch.equal(maps.setdefault(coupled, source[:, 0]), source[:, 0]):
                 raise ValueError(f"groups {coupled} must move their blocks (heads) alike; {g.name!r} does not")
 
@@ -176,8 +187,10 @@ class Permutations(Mapping[str, torch.Tensor]):
             out.load_state_dict(apply_permutations(spec, state, self))
             return out
         if spec is None:
-            raise ValueError("applying permutations to a state dict needs the model's PermutationSpec: "
-                             "pass spec=model.permutation_spec()")
+            raise ValueError(
+                "applying permutations to a state dict needs the model's PermutationSpec: "
+                "pass spec=model.permutation_spec()"
+            )
         spec.validate(model_or_state_dict)
         self.validate(spec)
         return apply_permutations(spec, model_or_state_dict, self)
@@ -203,8 +216,9 @@ class Permutations(Mapping[str, torch.Tensor]):
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{path!r} is not a readable safetensors permutations file: {e}") from e
         if METADATA_KEY not in metadata:
-            raise ValueError(f"{path!r} is a safetensors file but not a permutations file "
-                             f"(its metadata lacks {METADATA_KEY!r})")
+            raise ValueError(
+                f"{path!r} is a safetensors file but not a permutations file (its metadata lacks {METADATA_KEY!r})"
+            )
         header = json.loads(metadata[METADATA_KEY])
         order = header.pop("group_order", list(perms))
         header.pop("format_version", None)

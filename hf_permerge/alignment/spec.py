@@ -3,6 +3,7 @@
 Everything downstream (apply, invert, match, merge) is written once against this
 spec, never per architecture (Git Re-Basin's idea, with a validator on top).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -34,8 +35,9 @@ class PermGroup:
 
     def __post_init__(self):
         if self.blocks < 1 or self.size % self.blocks:
-            raise ValueError(f"permutation group {self.name!r}: {self.size} units do not split into {self.blocks} "
-                             "equal blocks")
+            raise ValueError(
+                f"permutation group {self.name!r}: {self.size} units do not split into {self.blocks} equal blocks"
+            )
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,9 @@ class PermutationSpec:
         for coupled in self.couplings:
             unknown = [n for n in coupled if n not in by_name]
             if unknown or len({by_name[n].blocks for n in coupled}) != 1 or by_name[coupled[0]].blocks < 2:
-                raise ValueError(f"coupling {coupled} must name groups of the spec with the same number (> 1) of blocks")
+                raise ValueError(
+                    f"coupling {coupled} must name groups of the spec with the same number (> 1) of blocks"
+                )
 
     def coupling_of(self, name: str) -> tuple[str, ...] | None:
         return next((c for c in self.couplings if name in c), None)
@@ -116,8 +120,9 @@ class PermutationSpec:
                 seen[key].add(g.name)
 
 
-def _permute_axes(tensor: torch.Tensor, axes: Mapping[int, str], perms: Mapping[str, torch.Tensor],
-                  except_group: str | None = None) -> torch.Tensor:
+def _permute_axes(
+    tensor: torch.Tensor, axes: Mapping[int, str], perms: Mapping[str, torch.Tensor], except_group: str | None = None
+) -> torch.Tensor:
     """The single place a tensor is permuted: every axis whose group has a permutation (but `except_group`)."""
     for axis, group in axes.items():
         if group != except_group and group in perms:
@@ -125,14 +130,20 @@ def _permute_axes(tensor: torch.Tensor, axes: Mapping[int, str], perms: Mapping[
     return tensor
 
 
-def permute_tensor(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor],
-                   except_group: str | None = None) -> torch.Tensor:
+def permute_tensor(
+    spec: PermutationSpec,
+    key: str,
+    tensor: torch.Tensor,
+    perms: Mapping[str, torch.Tensor],
+    except_group: str | None = None,
+) -> torch.Tensor:
     """Apply every group's permutation that acts on `key` (optionally all but one)."""
     return _permute_axes(tensor, spec.axes_to_perm().get(key, {}), perms, except_group)
 
 
-def apply_permutations(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
-                       perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_permutations(
+    spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Return a permuted copy of a state dict: unit j of the result is unit perms[g][j] of the input."""
     a2p = spec.axes_to_perm()
     return {key: _permute_axes(t, a2p.get(key, {}), perms) for key, t in state_dict.items()}

@@ -5,6 +5,7 @@ by coordinate descent over groups: each group's objective, with every other grou
 held fixed, is linear in its own permutation matrix, hence one Hungarian solve. The gradient
 matcher (App. B) reuses it with other pairs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,10 +23,15 @@ from .spec import PermutationSpec, permute_tensor
 TensorDict = Mapping[str, torch.Tensor]
 
 
-def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[TensorDict],
-                          pairs_b: TensorDict | Sequence[TensorDict], max_iter: int = 100, seed: int = 0,
-                          bottom_up_first: bool = False, potentials: dict[str, dict] | None = None
-                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def solve_linear_matching(
+    spec: PermutationSpec,
+    pairs_a: TensorDict | Sequence[TensorDict],
+    pairs_b: TensorDict | Sequence[TensorDict],
+    max_iter: int = 100,
+    seed: int = 0,
+    bottom_up_first: bool = False,
+    potentials: dict[str, dict] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Permutations pi of the b side maximising  sum_p sum_k <pairs_a[p][k], pi(pairs_b[p][k])>.
 
     pairs_a / pairs_b: one state-dict-like mapping each, or equal-length sequences of them paired
@@ -49,8 +55,13 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     if len(pairs_a) != len(pairs_b):
         raise ValueError(f"pairs_a has {len(pairs_a)} mappings but pairs_b has {len(pairs_b)}")
     named = set(spec.axes_to_perm())
-    pairs = [({k: a[k].detach().double() for k in named if k in a and k in b},
-              {k: b[k].detach().double() for k in named if k in a and k in b}) for a, b in zip(pairs_a, pairs_b)]
+    pairs = [
+        (
+            {k: a[k].detach().double() for k in named if k in a and k in b},
+            {k: b[k].detach().double() for k in named if k in a and k in b},
+        )
+        for a, b in zip(pairs_a, pairs_b)
+    ]
     perms = {g.name: torch.arange(g.size) for g in spec.groups}
 
     axes_to_perm = spec.axes_to_perm()
@@ -74,17 +85,19 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
     # would not be kept (no improvement): skipped. This halves the solves of a one-hidden-layer MLP, whose only
     # group was solved twice per match. A bottom-up solve counts once all its neighbours were solved before it
     # (then it saw every tensor of the group), unless the group is coupled (that pass keeps heads in place).
-    neighbours = {g.name: {other for key, _ in g.axes for other in axes_to_perm[key].values()} - {g.name}
-                  for g in spec.groups}
+    neighbours = {
+        g.name: {other for key, _ in g.axes for other in axes_to_perm[key].values()} - {g.name} for g in spec.groups
+    }
     changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
     potentials = {g: {} for g in spec.names} if potentials is None else potentials
     generator = torch.Generator().manual_seed(seed)
     if bottom_up_first:
         solved: set[str] = set()
         for group in spec.names:
-            perms[group] = solve_assignment(similarity(group, solved), spec[group].blocks,
-                                            previous=potentials.setdefault(group, {}))
-            if neighbours[group] <= solved and spec.coupling_of(group) is None:   # coupled: heads not yet moved
+            perms[group] = solve_assignment(
+                similarity(group, solved), spec[group].blocks, previous=potentials.setdefault(group, {})
+            )
+            if neighbours[group] <= solved and spec.coupling_of(group) is None:  # coupled: heads not yet moved
                 solved_at[group] = changes
             changes += 1
             changed_at[group] = changes
@@ -94,7 +107,7 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
         improved = False
         visited: set[str] = set()
         for group in order:
-            unit = spec.coupling_of(group) or (group,)     # an attention layer's groups move their heads together
+            unit = spec.coupling_of(group) or (group,)  # an attention layer's groups move their heads together
             if group in visited:
                 continue
             visited.update(unit)
@@ -103,8 +116,11 @@ def solve_linear_matching(spec: PermutationSpec, pairs_a: TensorDict | Sequence[
             for n in unit:
                 solved_at[n] = changes
             sims = [similarity(n) for n in unit]
-            new = (solve_coupled(sims, spec[group].blocks) if len(unit) > 1
-                   else [solve_assignment(sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}))])
+            new = (
+                solve_coupled(sims, spec[group].blocks)
+                if len(unit) > 1
+                else [solve_assignment(sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}))]
+            )
             old_value = sum(matched_similarity(s, perms[n]) for s, n in zip(sims, unit))
             new_value = sum(matched_similarity(s, p) for s, p in zip(sims, new))
             if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
@@ -140,14 +156,23 @@ class WeightMatcher(Matcher):
         if self.max_iter < 0:
             raise ValueError(f"max_iter={self.max_iter} must be >= 0")
         if self.max_iter == 0 and not self.bottom_up:
-            raise ValueError("max_iter=0 without bottom_up=True would return the identity; use bottom_up=True "
-                             "(App. D's one pass) or max_iter >= 1")
+            raise ValueError(
+                "max_iter=0 without bottom_up=True would return the identity; use bottom_up=True "
+                "(App. D's one pass) or max_iter >= 1"
+            )
 
-    def match(self, model_a: nn.Module, model_b: nn.Module, data=None, *,
-              potentials: dict[str, dict] | None = None) -> Permutations:
+    def match(
+        self, model_a: nn.Module, model_b: nn.Module, data=None, *, potentials: dict[str, dict] | None = None
+    ) -> Permutations:
         """`potentials`: warm starts kept between matches of slowly changing nets (see `solve_linear_matching`)."""
         spec = check_same_architecture(model_a, model_b)
-        perms, similarities = solve_linear_matching(spec, model_a.state_dict(), model_b.state_dict(),
-                                                    self.max_iter, self.seed, bottom_up_first=self.bottom_up,
-                                                    potentials=potentials)
+        perms, similarities = solve_linear_matching(
+            spec,
+            model_a.state_dict(),
+            model_b.state_dict(),
+            self.max_iter,
+            self.seed,
+            bottom_up_first=self.bottom_up,
+            potentials=potentials,
+        )
         return Permutations(perms, self._info(similarities, perms, None))

@@ -4,6 +4,7 @@
 `commands` runs each subcommand as a job of `jobs` on its output folder; `main` here turns errors into one line
 and exit codes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from ..allocator import reuse_freed_memory
 
-    reuse_freed_memory()    # a command's large CPU tensors reuse freed memory (allocator.py: 2x on CNN passes)
+    reuse_freed_memory()  # a command's large CPU tensors reuse freed memory (allocator.py: 2x on CNN passes)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -54,7 +57,7 @@ def _run(args) -> int:
     try:
         return commands.COMMANDS[args.command](args)
     except (ValueError, OSError, RuntimeError, MemoryError) as err:
-        if args.verbose:                      # -v: the whole traceback, for a bug report
+        if args.verbose:  # -v: the whole traceback, for a bug report
             import traceback
 
             traceback.print_exc()
@@ -62,17 +65,24 @@ def _run(args) -> int:
         from ..io_utils import OUTCOME
 
         outcome = getattr(err, OUTCOME, "")
-        print(f"hf-permerge {args.command}: error: {cli_message(err)}" + (f" ({outcome})" if outcome else ""),
-              file=sys.stderr)
+        print(
+            f"hf-permerge {args.command}: error: {cli_message(err)}" + (f" ({outcome})" if outcome else ""),
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as err:
         from ..io_utils import OUTCOME
 
         resume = "; --resume continues it from the last epoch end it reached"
-        again = {"train": resume, "run": resume,
-                 "sweep": "; the same command continues it (finished cells are kept)"}.get(args.command, "")
+        again = {
+            "train": resume,
+            "run": resume,
+            "sweep": "; the same command continues it (finished cells are kept)",
+        }.get(args.command, "")
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        outcome = getattr(err, OUTCOME, None)        # set by the job: what became of the output folder
-        print(f"hf-permerge {args.command}: {how}; " + (outcome or f"nothing half-written was left{again}"),
-              file=sys.stderr)
+        outcome = getattr(err, OUTCOME, None)  # set by the job: what became of the output folder
+        print(
+            f"hf-permerge {args.command}: {how}; " + (outcome or f"nothing half-written was left{again}"),
+            file=sys.stderr,
+        )
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130

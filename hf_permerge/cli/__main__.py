@@ -1,4 +1,5 @@
 """`python -m hf_permerge.cli ...`, as `hf-permerge ...` (and under `accelerate launch -m`)."""
+
 import sys
 
 from . import main

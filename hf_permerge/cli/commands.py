@@ -1,5 +1,6 @@
 """The subcommands: each reads its arguments (`options`), runs its job on its output folder (`jobs`) and prints
 one line per result. Heavy imports happen here, inside the command that needs them."""
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,7 @@ def cmd_align(args) -> int:
     matcher, settings = matching(args)
     reference = reference_args(args)
     check = functools.partial(check_save_target, args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
-    check()                           # before any data is read, and again under the job's lock
+    check()  # before any data is read, and again under the job's lock
     data = data_source(args)
     with job(args, check) as (out, _):
         merger = merger_for(args, data)
@@ -24,8 +25,10 @@ def cmd_align(args) -> int:
         merger.save_permutations(out)
     for i, p in enumerate(perms[1:], start=1):
         for group, sims in p.info.get("groups", {}).items():
-            print(f"net {i} {group}: similarity identity {sims['similarity_identity']:.2f} -> "
-                  f"matched {sims['similarity_matched']:.2f}")
+            print(
+                f"net {i} {group}: similarity identity {sims['similarity_identity']:.2f} -> "
+                f"matched {sims['similarity_matched']:.2f}"
+            )
     print(f"permutations: {args.output_dir} ({merger.alignment['align_s']:.1f} s)")
     return 0
 
@@ -38,7 +41,7 @@ def cmd_merge(args) -> int:
     matcher, settings = matching(args)
     reference = reference_args(args)
     check = functools.partial(check_save_target, args.output_dir, args.overwrite, wording=CLI_WORDING)
-    check()                           # before any data is read, and again under the job's lock
+    check()  # before any data is read, and again under the job's lock
     data = data_source(args)
     with job(args, check) as (out, overwrite):
         merger = merger_for(args, data)
@@ -64,8 +67,16 @@ def cmd_train(args) -> int:
     from ..training.trainer import PAIR_CONTENTS
 
     config = load_config(args.config, args.overrides)
-    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker="run_config.json",
-                              resumable=True, what="a pair", contents=PAIR_CONTENTS)
+    check = functools.partial(
+        check_output_dir,
+        args.output_dir,
+        args.overwrite,
+        args.resume,
+        marker="run_config.json",
+        resumable=True,
+        what="a pair",
+        contents=PAIR_CONTENTS,
+    )
     with job(args, check, keep=keep_pair(args)) as (out, overwrite):
         result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
     for m in result.metrics:
@@ -81,10 +92,19 @@ def cmd_evaluate(args) -> int:
     config = load_config(args.config) if args.config else None
     check_evaluate_overrides(args.overrides)
     check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
-    with job(args, check, into=True) as (out, overwrite):     # into: a run folder keeps its pair
-        evaluate_pair(args.pair[0] if len(args.pair) == 1 else args.pair, out, config, overrides=args.overrides,
-                      overwrite=overwrite, progress=not args.quiet, device=args.device,
-                      command=command_line(args), token=args.token, revision=args.revision)
+    with job(args, check, into=True) as (out, overwrite):  # into: a run folder keeps its pair
+        evaluate_pair(
+            args.pair[0] if len(args.pair) == 1 else args.pair,
+            out,
+            config,
+            overrides=args.overrides,
+            overwrite=overwrite,
+            progress=not args.quiet,
+            device=args.device,
+            command=command_line(args),
+            token=args.token,
+            revision=args.revision,
+        )
     print(f"report: {args.output_dir}/report.json")
     return 0
 
@@ -98,11 +118,26 @@ def cmd_run(args) -> int:
     from ..reporting.pipeline import RUN_CONTENTS, RUN_MARKER, run
 
     config = load_config(args.config, args.overrides)
-    check = functools.partial(check_output_dir, args.output_dir, args.overwrite, args.resume, marker=RUN_MARKER,
-                              resumable=True, what="a run", contents=RUN_CONTENTS)
+    check = functools.partial(
+        check_output_dir,
+        args.output_dir,
+        args.overwrite,
+        args.resume,
+        marker=RUN_MARKER,
+        resumable=True,
+        what="a run",
+        contents=RUN_CONTENTS,
+    )
     with job(args, check, keep=keep_run(args)) as (out, overwrite):
-        run(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet,
-            command=command_line(args), pair_label=portable_path(Path(args.output_dir) / "pair"))
+        run(
+            config,
+            out,
+            overwrite=overwrite,
+            resume=args.resume,
+            progress=not args.quiet,
+            command=command_line(args),
+            pair_label=portable_path(Path(args.output_dir) / "pair"),
+        )
     print(f"report: {args.output_dir}/report.json; merged model: {args.output_dir}/merged")
     return 0
 
@@ -110,8 +145,15 @@ def cmd_run(args) -> int:
 def cmd_push(args) -> int:
     from ..hub import push_folder_to_hub
 
-    info = push_folder_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
-                              revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
+    info = push_folder_to_hub(
+        args.folder,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+    )
     print(f"pushed: {getattr(info, 'pr_url', None) or info}")
     return 0
 
@@ -126,8 +168,15 @@ def cmd_sweep(args) -> int:
     config = load_sweep_config(args.config, args.overrides)
     target = Path(args.output_dir)
     continued = (target / "sweep.json").is_file() and not args.overwrite
-    check = functools.partial(check_output_dir, target, args.overwrite, resume=continued, marker="sweep.json",
-                              what="a sweep", contents=SWEEP_CONTENTS)
+    check = functools.partial(
+        check_output_dir,
+        target,
+        args.overwrite,
+        resume=continued,
+        marker="sweep.json",
+        what="a sweep",
+        contents=SWEEP_CONTENTS,
+    )
 
     def keep(folder):
         if continued or any(folder.glob("cells/*/result.json")):
@@ -139,17 +188,28 @@ def cmd_sweep(args) -> int:
     if not result.is_main_process:
         return 0
     print(result.summary)
-    print(f"{len(config.cells)} cells ({len(result.ran)} run here, {len(result.skipped)} already done); "
-          f"wrote {', '.join(f'{args.output_dir}/{f}' for f in result.files)}")
+    print(
+        f"{len(config.cells)} cells ({len(result.ran)} run here, {len(result.skipped)} already done); "
+        f"wrote {', '.join(f'{args.output_dir}/{f}' for f in result.files)}"
+    )
     if result.failed:
-        print(f"hf-permerge sweep: {len(result.failed)} cell(s) failed (run the command again to retry them):",
-              file=sys.stderr)
+        print(
+            f"hf-permerge sweep: {len(result.failed)} cell(s) failed (run the command again to retry them):",
+            file=sys.stderr,
+        )
         for cell, error in result.failed.items():
             print(f"  {cell}: {error} (see {args.output_dir}/cells/{cell}/error.txt)", file=sys.stderr)
         return 1
     return 0
 
 
-COMMANDS = {"train": cmd_train, "align": cmd_align, "merge": cmd_merge, "evaluate": cmd_evaluate, "run": cmd_run,
-            "push": cmd_push, "sweep": cmd_sweep}
+COMMANDS = {
+    "train": cmd_train,
+    "align": cmd_align,
+    "merge": cmd_merge,
+    "evaluate": cmd_evaluate,
+    "run": cmd_run,
+    "push": cmd_push,
+    "sweep": cmd_sweep,
+}
 """The function of each subcommand of `parser.build_parser`."""

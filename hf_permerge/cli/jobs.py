@@ -1,5 +1,6 @@
 """A command that writes a folder runs as a job: one writer per folder, and a failure leaves nothing it made and
 loses nothing that was there (what `train`, `run` and `sweep` keep for `--resume` is said here)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,9 @@ def job(args, check, keep=None, into: bool = False):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         yield target, args.overwrite
         return
-    check()                         # a refusal before anything is made (the lock file, missing parents)
+    check()  # a refusal before anything is made (the lock file, missing parents)
     with folder_lock(target):
-        check()                     # again under the lock: two writers cannot both find the folder free
+        check()  # again under the lock: two writers cannot both find the folder free
         replace = args.overwrite and not getattr(args, "resume", False) and target.is_dir() and any(target.iterdir())
         with output_job(target, replace, into, keep) as out:
             yield out, args.overwrite and not replace
@@ -36,15 +37,18 @@ def resumable_pair(pair) -> bool:
 
 def keep_pair(args):
     """What a failed `train` keeps: everything when resuming, the resume state of a new pair when it has one."""
+
     def keep(folder):
         if args.resume or resumable_pair(folder):
             return f"kept its resume state in {folder}: --resume continues it"
         return None
+
     return keep
 
 
 def keep_run(args):
     """What a failed `run` keeps: its pair's resume state (the rest is made again by --resume), if any."""
+
     def keep(folder):
         if args.resume:
             return f"kept what was done in {folder}: --resume continues it"
@@ -56,4 +60,5 @@ def keep_run(args):
             if entry.name != "pair":
                 _remove(entry)
         return f"kept the pair's resume state in {folder / 'pair'}: --resume continues the run"
+
     return keep

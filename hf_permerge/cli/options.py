@@ -1,5 +1,6 @@
 """Reading a command's arguments into what the library takes: the matcher and its settings, the reference, the
 data, the merger, and the command line as recorded in reports and cards. Each refusal comes before any work."""
+
 from __future__ import annotations
 
 import shlex
@@ -33,10 +34,12 @@ def matching(args) -> tuple[str, dict]:
     settings = matcher_settings(matcher, given)
     stray = [f"--{k.replace('_', '-')}" for k in given if k not in settings]
     if stray:
-        raise ValueError(f"{', '.join(stray)} does not apply to --matcher {matcher}; drop it or choose the matcher "
-                         "it belongs to (see --help)")
+        raise ValueError(
+            f"{', '.join(stray)} does not apply to --matcher {matcher}; drop it or choose the matcher "
+            "it belongs to (see --help)"
+        )
     try:
-        MATCHER_SETTINGS[matcher].model_validate(settings)     # settings that only fail together
+        MATCHER_SETTINGS[matcher].model_validate(settings)  # settings that only fail together
     except ValidationError as err:
         raise ValueError(f"--matcher {matcher}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     return matcher, settings
@@ -47,8 +50,10 @@ def reference_args(args) -> dict:
     if args.max_rounds is not None and args.reference != "average":
         raise ValueError("--max-rounds applies to --reference average; add it or drop --max-rounds")
     if args.reference == "average" and (args.matcher or "activation") == "gradient":
-        raise ValueError("--reference average is implemented for the activation and weight matchers, not gradient; "
-                         "drop --reference or choose another --matcher")
+        raise ValueError(
+            "--reference average is implemented for the activation and weight matchers, not gradient; "
+            "drop --reference or choose another --matcher"
+        )
     return {"reference": args.reference or "net_0", "max_rounds": 50 if args.max_rounds is None else args.max_rounds}
 
 
@@ -72,19 +77,27 @@ def data_source(args) -> dict | None:
     id; only a Hub id is named in the card, a local folder's path is not pushed). None when neither was given."""
     from ..data.catalog import DATASETS
 
-    options = [f"--{k.replace('_', '-')}" for k in ("dataset", "dataset_split", "data_dir") if getattr(args, k) is not None]
+    options = [
+        f"--{k.replace('_', '-')}" for k in ("dataset", "dataset_split", "data_dir") if getattr(args, k) is not None
+    ]
     if options and args.matcher == "weight" and not getattr(args, "repair", None):
-        raise ValueError(f"--matcher weight reads no data, so {', '.join(options)} would be ignored; drop "
-                         f"{'it' if len(options) == 1 else 'them'}" + (" (or add --repair, which reads them)"
-                                                                       if hasattr(args, "repair") else ""))
+        raise ValueError(
+            f"--matcher weight reads no data, so {', '.join(options)} would be ignored; drop "
+            f"{'it' if len(options) == 1 else 'them'}"
+            + (" (or add --repair, which reads them)" if hasattr(args, "repair") else "")
+        )
     if args.dataset is None or args.dataset in DATASETS:
         if args.dataset_split is not None:
-            raise ValueError("--dataset-split picks a split of a --dataset folder or Hub id; a catalog data set is "
-                             "read from its training split: drop --dataset-split")
+            raise ValueError(
+                "--dataset-split picks a split of a --dataset folder or Hub id; a catalog data set is "
+                "read from its training split: drop --dataset-split"
+            )
         return {"dataset": args.dataset, "data_dir": args.data_dir} if options else None
     if args.data_dir is not None:
-        raise ValueError(f"--data-dir names the files of a catalog data set ({', '.join(DATASETS)}); "
-                         f"--dataset {args.dataset} brings its own: drop --data-dir")
+        raise ValueError(
+            f"--data-dir names the files of a catalog data set ({', '.join(DATASETS)}); "
+            f"--dataset {args.dataset} brings its own: drop --data-dir"
+        )
     from ..data.loading import load_dataset_source
 
     data, hub_id = load_dataset_source(args.dataset, args.dataset_split)
@@ -96,10 +109,15 @@ def check_merge_options(args) -> None:
     --permutations replaces the alignment."""
     if not (args.vanilla or args.permutations):
         return
-    data = () if args.repair else ("dataset", "dataset_split", "data_dir")      # REPAIR reads data even then
+    data = () if args.repair else ("dataset", "dataset_split", "data_dir")  # REPAIR reads data even then
     given = [f"--{k.replace('_', '-')}" for k in (*alignment_flag_fields(), *data) if getattr(args, k) is not None]
     if given:
-        mode, why = (("--vanilla", "a vanilla average aligns nothing") if args.vanilla else
-                     ("--permutations", "the permutations are loaded, not found"))
-        raise ValueError(f"{', '.join(given)} cannot be used with {mode}: {why}, so the matching options would be "
-                         f"ignored; drop {', '.join(given)} or {mode}")
+        mode, why = (
+            ("--vanilla", "a vanilla average aligns nothing")
+            if args.vanilla
+            else ("--permutations", "the permutations are loaded, not found")
+        )
+        raise ValueError(
+            f"{', '.join(given)} cannot be used with {mode}: {why}, so the matching options would be "
+            f"ignored; drop {', '.join(given)} or {mode}"
+        )

@@ -3,6 +3,7 @@
 It imports nothing heavy (no torch, transformers, datasets or evaluate), so `--help`, `--version` and argument
 errors answer at once. The matching flags are derived from the config's pydantic models and validated by them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,18 +13,28 @@ EPILOG = "Docs: README.md, docs/GUIDE.md. Configs: configs/*.yaml. Every subcomm
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config with sections model, data, training, alignment, evaluation "
-                                  "(see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set training.epochs=1 (repeatable; values parsed as YAML)")
+    p.add_argument(
+        "config", help="YAML config with sections model, data, training, alignment, evaluation (see configs/)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set training.epochs=1 (repeatable; values parsed as YAML)",
+    )
 
 
 def _add_output_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     p.add_argument("--output-dir", "-o", required=True, help="folder to write; refused if it exists and is not empty")
     modes = p.add_mutually_exclusive_group()
-    modes.add_argument("--overwrite", action="store_true",
-                       help="replace an existing output folder of ours when the new job succeeds (it is written "
-                            "beside the old one and swapped in; a failure leaves the old one as it was)")
+    modes.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder of ours when the new job succeeds (it is written "
+        "beside the old one and swapped in; a failure leaves the old one as it was)",
+    )
     if resumable:
         modes.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
 
@@ -33,8 +44,13 @@ def _common_flags(defaults: bool) -> argparse.ArgumentParser:
     after it they only override when given (SUPPRESS), so a flag before it is not reset."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     default = False if defaults else argparse.SUPPRESS
-    p.add_argument("-v", "--verbose", action="store_true", default=default,
-                   help="log debug messages; on an error, print its traceback")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log debug messages; on an error, print its traceback",
+    )
     p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
     return p
 
@@ -53,8 +69,9 @@ class _VersionAction(argparse.Action):
     would otherwise slow every start)."""
 
     def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="show the program's version and exit")
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the program's version and exit"
+        )
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(f"{parser.prog} {_version()}")
@@ -63,85 +80,129 @@ class _VersionAction(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        allow_abbrev=False,    # no `--tok` for `--token`: the recorded command leaves out exactly `--token`
+        allow_abbrev=False,  # no `--tok` for `--token`: the recorded command leaves out exactly `--token`
         prog="hf-permerge",
         description="Permutation-aware model merging for Hugging Face models: train seeded pairs, align their "
-                    "hidden units, merge trained weights and untrained inits, measure loss barriers, share on the Hub.",
-        epilog=EPILOG, parents=[_common_flags(defaults=True)])
+        "hidden units, merge trained weights and untrained inits, measure loss barriers, share on the Hub.",
+        epilog=EPILOG,
+        parents=[_common_flags(defaults=True)],
+    )
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add = functools.partial(sub.add_parser, parents=[_common_flags(defaults=False)], allow_abbrev=False)
 
-    p = add("train", help="train N seeded nets (a pair by default) and write a pair folder",
-                       description="Train `training.num_nets` nets that differ only in seed (init and data order). "
-                                   "Writes OUT/net_i/{init,step-N,final}/ (HF model folders) and OUT/pair.json. "
-                                   "Use `accelerate launch examples/train_pair.py` to share the nets among processes.",
-                       epilog=EPILOG)
+    p = add(
+        "train",
+        help="train N seeded nets (a pair by default) and write a pair folder",
+        description="Train `training.num_nets` nets that differ only in seed (init and data order). "
+        "Writes OUT/net_i/{init,step-N,final}/ (HF model folders) and OUT/pair.json. "
+        "Use `accelerate launch examples/train_pair.py` to share the nets among processes.",
+        epilog=EPILOG,
+    )
     _add_config_args(p)
     _add_output_args(p, resumable=True)
 
-    p = add("align", help="find the permutations that align every net of a pair onto net 0",
-                       description="Match hidden units of each net to net 0 (activation matching with the Hungarian "
-                                   "algorithm by default) and write OUT/net_i.safetensors + OUT/alignment.json.",
-                       epilog=EPILOG)
+    p = add(
+        "align",
+        help="find the permutations that align every net of a pair onto net 0",
+        description="Match hidden units of each net to net 0 (activation matching with the Hungarian "
+        "algorithm by default) and write OUT/net_i.safetensors + OUT/alignment.json.",
+        epilog=EPILOG,
+    )
     _add_pair_arg(p)
     _add_output_args(p)
     _add_matcher_args(p)
 
-    p = add("merge", help="merge a pair: align, then average weights (trained, init or a step)",
-                       description="Writes OUT as an HF model folder (loads with AutoModelForImageClassification after "
-                                   "`import hf_permerge`), with merge_config.json, a model card and (unless --vanilla) "
-                                   "the permutations.",
-                       epilog=EPILOG)
+    p = add(
+        "merge",
+        help="merge a pair: align, then average weights (trained, init or a step)",
+        description="Writes OUT as an HF model folder (loads with AutoModelForImageClassification after "
+        "`import hf_permerge`), with merge_config.json, a model card and (unless --vanilla) "
+        "the permutations.",
+        epilog=EPILOG,
+    )
     _add_pair_arg(p)
     _add_output_args(p)
-    p.add_argument("--checkpoint", default=None,
-                   help="which weights to merge: final, init (the untrained inits) or step-N (default: final, or the "
-                        "checkpoint whose folders were passed, e.g. a/net_0/step-50 b/net_0/step-50)")
-    weights = p.add_mutually_exclusive_group()   # --all weighs every net 1/N: an --alpha would be ignored
-    weights.add_argument("--alpha", type=_finite_float, default=None,
-                         help="weight of the permuted other net: (1-alpha)*theta_0 + alpha*pi(theta_1) (default 0.5; "
-                              "not with --all)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="which weights to merge: final, init (the untrained inits) or step-N (default: final, or the "
+        "checkpoint whose folders were passed, e.g. a/net_0/step-50 b/net_0/step-50)",
+    )
+    weights = p.add_mutually_exclusive_group()  # --all weighs every net 1/N: an --alpha would be ignored
+    weights.add_argument(
+        "--alpha",
+        type=_finite_float,
+        default=None,
+        help="weight of the permuted other net: (1-alpha)*theta_0 + alpha*pi(theta_1) (default 0.5; not with --all)",
+    )
     weights.add_argument("--all", action="store_true", help="uniform average of all N aligned nets instead of a pair")
     alignment = p.add_mutually_exclusive_group()  # a vanilla average uses no permutations
-    alignment.add_argument("--vanilla", action="store_true",
-                           help="average without permuting (the baseline); no alignment is run")
-    alignment.add_argument("--permutations",
-                           help="use permutations from `hf-permerge align` instead of aligning again")
-    p.add_argument("--repair", type=_validated_by("evaluation", "repair"), metavar="{repair,reset_bn}", default=None,
-                   help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
-                        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)")
+    alignment.add_argument(
+        "--vanilla", action="store_true", help="average without permuting (the baseline); no alignment is run"
+    )
+    alignment.add_argument("--permutations", help="use permutations from `hf-permerge align` instead of aligning again")
+    p.add_argument(
+        "--repair",
+        type=_validated_by("evaluation", "repair"),
+        metavar="{repair,reset_bn}",
+        default=None,
+        help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
+        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)",
+    )
     _add_matcher_args(p)
 
-    p = add("evaluate", help="align a pair and write report.json, plots and the merged model",
-                       description="Aligns the pair (config's `alignment` section, from pair.json unless --config), "
-                                   "evaluates interpolation curves (vanilla and permuted, trained and init), barriers, "
-                                   "n-way averages, and optionally the plane and schedules. Writes OUT/report.json, "
-                                   "OUT/*.png, OUT/permutations/ and OUT/merged/ (model + card).",
-                       epilog=EPILOG)
-    p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids "
-                                           "(then --config names their data)")
-    p.add_argument("--config", help="config whose alignment and evaluation sections (and data.data_dir) to use; model, "
-                                    "training and data come from the pair's pair.json (default: the pair's own config); "
-                                    "for model folders, the whole config describes them")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true")
+    p = add(
+        "evaluate",
+        help="align a pair and write report.json, plots and the merged model",
+        description="Aligns the pair (config's `alignment` section, from pair.json unless --config), "
+        "evaluates interpolation curves (vanilla and permuted, trained and init), barriers, "
+        "n-way averages, and optionally the plane and schedules. Writes OUT/report.json, "
+        "OUT/*.png, OUT/permutations/ and OUT/merged/ (model + card).",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "pair",
+        nargs="+",
+        help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids "
+        "(then --config names their data)",
+    )
+    p.add_argument(
+        "--config",
+        help="config whose alignment and evaluation sections (and data.data_dir) to use; model, "
+        "training and data come from the pair's pair.json (default: the pair's own config); "
+        "for model folders, the whole config describes them",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_output_args(p)
     _add_hub_read_args(p)
 
-    p = add("run", help="the main job: train a pair, align, evaluate, report (train + evaluate)",
-                       description="Train `training.num_nets` nets, align them, evaluate curves and barriers, and write "
-                                   "OUT/pair/, OUT/report.json, OUT/*.png, OUT/permutations/, OUT/merged/.",
-                       epilog=EPILOG)
+    p = add(
+        "run",
+        help="the main job: train a pair, align, evaluate, report (train + evaluate)",
+        description="Train `training.num_nets` nets, align them, evaluate curves and barriers, and write "
+        "OUT/pair/, OUT/report.json, OUT/*.png, OUT/permutations/, OUT/merged/.",
+        epilog=EPILOG,
+    )
     _add_config_args(p)
     _add_output_args(p, resumable=True)
 
-    p = add("push", help="upload a merged-model folder or a pair folder to the Hub in one commit",
-                       description="Uploads FOLDER (a merged model written by merge/evaluate/run, or a pair folder) to "
-                                   "the model repo REPO_ID in one commit, creating it if needed. The token comes from "
-                                   "--token, HF_TOKEN or `hf auth login`, and is never printed.",
-                       epilog=EPILOG)
+    p = add(
+        "push",
+        help="upload a merged-model folder or a pair folder to the Hub in one commit",
+        description="Uploads FOLDER (a merged model written by merge/evaluate/run, or a pair folder) to "
+        "the model repo REPO_ID in one commit, creating it if needed. The token comes from "
+        "--token, HF_TOKEN or `hf auth login`, and is never printed.",
+        epilog=EPILOG,
+    )
     p.add_argument("folder", help="e.g. runs/demo/merged or runs/demo/pair")
     p.add_argument("repo_id", help="namespace/name (the namespace defaults to the token's user)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
@@ -150,24 +211,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     p.add_argument("--token", help="a Hugging Face token (prefer HF_TOKEN or `hf auth login`)")
 
-    p = add("sweep", help="run a grid of runs (a paper figure): one table and one figure; resumable",
-                       description="Run every cell of a sweep config (a base run config plus a `sweep:` section with "
-                                   "name, experiment and grid; see configs/sweeps/). Each cell trains a pair in "
-                                   "OUT/cells/<cell>/ and writes its result.json; cells with a result are skipped, so "
-                                   "running the same command again continues a sweep. Writes OUT/results.csv, "
-                                   "OUT/summary.csv, OUT/results.json and OUT/<name>.png. Under `accelerate launch "
-                                   "-m hf_permerge.cli sweep ...` the processes share the cells (cell i on process "
-                                   "i mod the number of processes).",
-                       epilog=EPILOG)
-    p.add_argument("config", help="sweep YAML: sections model, data, training, alignment, evaluation and sweep "
-                                  "(see configs/sweeps/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base value (training.epochs=1) or a sweep value (sweep.keep_pairs=true, "
-                        "sweep.grid.model.width=[32,64]); repeatable, values parsed as YAML")
-    p.add_argument("--output-dir", "-o", required=True,
-                   help="sweep folder; an existing sweep folder is continued (finished cells are skipped)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start the sweep again: replace an existing sweep folder when the new sweep has run")
+    p = add(
+        "sweep",
+        help="run a grid of runs (a paper figure): one table and one figure; resumable",
+        description="Run every cell of a sweep config (a base run config plus a `sweep:` section with "
+        "name, experiment and grid; see configs/sweeps/). Each cell trains a pair in "
+        "OUT/cells/<cell>/ and writes its result.json; cells with a result are skipped, so "
+        "running the same command again continues a sweep. Writes OUT/results.csv, "
+        "OUT/summary.csv, OUT/results.json and OUT/<name>.png. Under `accelerate launch "
+        "-m hf_permerge.cli sweep ...` the processes share the cells (cell i on process "
+        "i mod the number of processes).",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "config",
+        help="sweep YAML: sections model, data, training, alignment, evaluation and sweep (see configs/sweeps/)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base value (training.epochs=1) or a sweep value (sweep.keep_pairs=true, "
+        "sweep.grid.model.width=[32,64]); repeatable, values parsed as YAML",
+    )
+    p.add_argument(
+        "--output-dir",
+        "-o",
+        required=True,
+        help="sweep folder; an existing sweep folder is continued (finished cells are skipped)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the sweep again: replace an existing sweep folder when the new sweep has run",
+    )
     return parser
 
 
@@ -187,6 +266,7 @@ def _validated_by(section: str, field: str):
     """An argparse `type` for the flag that mirrors config field `section.field`: the value is read as YAML (as
     `--set` reads it) and validated by that field's pydantic model, so a flag refuses exactly what the config
     refuses, in the same words."""
+
     def parse(raw: str):
         from pydantic import ValidationError
 
@@ -198,12 +278,14 @@ def _validated_by(section: str, field: str):
             model.__pydantic_validator__.validate_assignment(model.model_construct(), field, value)
         except ValidationError as err:
             e = err.errors()[0]
-            raise argparse.ArgumentTypeError(f"{e['msg'].removeprefix('Value error, ')} (got {raw!r}; the config's "
-                                             f"{section}.{field} refuses it too)") from None
-        except Exception as err:                  # YAML that does not parse
+            raise argparse.ArgumentTypeError(
+                f"{e['msg'].removeprefix('Value error, ')} (got {raw!r}; the config's {section}.{field} refuses it too)"
+            ) from None
+        except Exception as err:  # YAML that does not parse
             raise argparse.ArgumentTypeError(f"cannot read {raw!r}: {err}") from None
         return value
-    parse.__name__ = f"{section}.{field}"       # argparse names the type in some messages
+
+    parse.__name__ = f"{section}.{field}"  # argparse names the type in some messages
     return parse
 
 
@@ -219,8 +301,10 @@ def _flag_help(name: str, info) -> str:
     from ..matching import MATCHER_SETTINGS, setting_owners
 
     if name == "matcher":
-        return "; ".join(f"{m}: {model.__doc__.strip().rstrip('.')}" for m, model in MATCHER_SETTINGS.items()) + \
-            f" (default {info.default})"
+        return (
+            "; ".join(f"{m}: {model.__doc__.strip().rstrip('.')}" for m, model in MATCHER_SETTINGS.items())
+            + f" (default {info.default})"
+        )
     owners = setting_owners().get(name)
     text = (info.description or "").strip()
     return f"{', '.join(owners)}: {text}" if owners else text
@@ -234,8 +318,11 @@ def _add_pair_arg(p: argparse.ArgumentParser) -> None:
 def _add_hub_read_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Hub (for repo ids)")
     g.add_argument("--revision", help="branch, tag or commit of the repo ids to download (default: main)")
-    g.add_argument("--token", help="a token that can read private repos (default: HF_TOKEN or `hf auth login`); "
-                                   "never saved, left out of the recorded command")
+    g.add_argument(
+        "--token",
+        help="a token that can read private repos (default: HF_TOKEN or `hf auth login`); "
+        "never saved, left out of the recorded command",
+    )
 
 
 def _add_matcher_args(p: argparse.ArgumentParser) -> None:
@@ -250,17 +337,27 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
         info = AlignmentSection.model_fields[name]
         flag = f"--{dest.replace('_', '-')}"
         if info.annotation is bool:
-            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                           help=_flag_help(name, info))
+            g.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=_flag_help(name, info)
+            )
         else:
             choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
-            g.add_argument(flag, dest=dest, type=_validated_by("alignment", name), default=None,
-                           metavar="{" + ",".join(choices) + "}" if choices else None, help=_flag_help(name, info))
+            g.add_argument(
+                flag,
+                dest=dest,
+                type=_validated_by("alignment", name),
+                default=None,
+                metavar="{" + ",".join(choices) + "}" if choices else None,
+                help=_flag_help(name, info),
+            )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d = p.add_argument_group("data (activation and gradient matching, --repair)")
-    d.add_argument("--dataset", help="the data to align and repair on: a catalog name (fashion_mnist, mnist, cifar10), "
-                                     "a folder written by Dataset.save_to_disk, a folder of images with one "
-                                     "subfolder per class, or a Hub dataset id (owner/name); default: the pair's "
-                                     "data set, or fashion_mnist for model folders")
+    d.add_argument(
+        "--dataset",
+        help="the data to align and repair on: a catalog name (fashion_mnist, mnist, cifar10), "
+        "a folder written by Dataset.save_to_disk, a folder of images with one "
+        "subfolder per class, or a Hub dataset id (owner/name); default: the pair's "
+        "data set, or fashion_mnist for model folders",
+    )
     d.add_argument("--dataset-split", help="the split of a --dataset folder or Hub id to use (default: train)")
     d.add_argument("--data-dir", help="a folder with a catalog data set's IDX files (default: the system's copy)")

@@ -1,4 +1,5 @@
 """One source of truth for each data set we know: schema, normalisation, where it lives."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,16 +22,25 @@ class DatasetInfo:
 
 DATASETS = {
     "fashion_mnist": DatasetInfo(
-        "fashion_mnist", "zalando-datasets/fashion_mnist",
-        ("T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-         "Ankle boot"),
-        1, 28, (0.2860,), (0.3530,)),
-    "mnist": DatasetInfo(
-        "mnist", "ylecun/mnist", tuple(str(i) for i in range(10)), 1, 28, (0.1307,), (0.3081,)),
+        "fashion_mnist",
+        "zalando-datasets/fashion_mnist",
+        ("T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        1,
+        28,
+        (0.2860,),
+        (0.3530,),
+    ),
+    "mnist": DatasetInfo("mnist", "ylecun/mnist", tuple(str(i) for i in range(10)), 1, 28, (0.1307,), (0.3081,)),
     "cifar10": DatasetInfo(
-        "cifar10", "uoft-cs/cifar10",
+        "cifar10",
+        "uoft-cs/cifar10",
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), image_column="img"),
+        3,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        image_column="img",
+    ),
 }
 
 
@@ -53,7 +63,9 @@ def normalisation_constants(name: str, normalisation: str = "dataset") -> tuple[
     if normalisation != "mnist":
         raise ValueError(f"normalisation={normalisation!r} is not supported; choose one of {list(NORMALISATIONS)}")
     if info.num_channels != 1:
-        raise ValueError(f"normalisation 'mnist' is for 1-channel images and {name} has {info.num_channels} "
-                         "channels; set data.normalisation=dataset")
+        raise ValueError(
+            f"normalisation 'mnist' is for 1-channel images and {name} has {info.num_channels} "
+            "channels; set data.normalisation=dataset"
+        )
     mnist = DATASETS["mnist"]
     return mnist.image_mean, mnist.image_std

@@ -1,4 +1,5 @@
 """Load a split as a `datasets.Dataset` with the Hub's schema (the interchange format)."""
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,7 @@ def load_hub_dataset(name: str, split: str, **kwargs):
     try:
         return datasets.load_dataset(info.hub_id, split=split, **kwargs)
     except Exception as err:  # network errors come in many types
-        hint = ("`apt-get install dataset-fashion-mnist` (the real data, offline), "
-                if name == "fashion_mnist" else "")
+        hint = "`apt-get install dataset-fashion-mnist` (the real data, offline), " if name == "fashion_mnist" else ""
         raise RuntimeError(
             f"could not load {name!r} ({info.hub_id}) from the Hub: {err}. The Hub is unreachable or the "
             f"data is not cached; get it with {hint}data.data_dir set to a folder with the data, or one run online "
@@ -80,15 +80,19 @@ def load_image_dataset(name: str = "fashion_mnist", split: str = "train", data_d
             ds = ds.rename_column(info.image_column, "image")
         return ds
     images, labels = arrays
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(info.class_names))})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(info.class_names))}
+    )
     return datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features)
 
 
 def check_image_dataset(ds) -> None:
     """A `datasets.Dataset` with an 'image' column (and optionally 'label'); other shapes get the fix named."""
-    if isinstance(getattr(ds, "column_names", None), dict):      # a DatasetDict
-        raise ValueError(f"got a DatasetDict with splits {sorted(ds.column_names)}; pass one split, e.g. "
-                         f"ds[{next(iter(ds.column_names))!r}]")
+    if isinstance(getattr(ds, "column_names", None), dict):  # a DatasetDict
+        raise ValueError(
+            f"got a DatasetDict with splits {sorted(ds.column_names)}; pass one split, e.g. "
+            f"ds[{next(iter(ds.column_names))!r}]"
+        )
     if "image" not in ds.column_names:
         guess = next((c for c in ds.column_names if c.lower() in ("img", "images", "pixel_values", "pixels")), None)
         fix = f"ds = ds.rename_column({guess!r}, 'image')" if guess else "ds = ds.rename_column(<its name>, 'image')"
@@ -107,35 +111,49 @@ def load_dataset_source(source: str, split: str | None = None):
     if path.is_dir():
         saved = any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
         try:
-            ds = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset("imagefolder", data_dir=str(path))
+            ds = (
+                datasets.load_from_disk(str(path))
+                if saved
+                else datasets.load_dataset("imagefolder", data_dir=str(path))
+            )
         except Exception as err:  # the builders raise many types; the message says what was wrong
-            raise ValueError(f"could not read {path} as a data set ({err}); give a folder written by "
-                             "Dataset.save_to_disk, or a folder of images with one subfolder per class") from err
+            raise ValueError(
+                f"could not read {path} as a data set ({err}); give a folder written by "
+                "Dataset.save_to_disk, or a folder of images with one subfolder per class"
+            ) from err
     elif path.exists():
-        raise ValueError(f"{path} is a file; give a folder written by Dataset.save_to_disk, or a folder of images "
-                         "with one subfolder per class")
+        raise ValueError(
+            f"{path} is a file; give a folder written by Dataset.save_to_disk, or a folder of images "
+            "with one subfolder per class"
+        )
     elif only_a_local_path(source):
         raise missing_folder_error(path)
     elif len(path.parts) == 1:
-        raise ValueError(f"{source!r} is not a data set of the catalog ({', '.join(DATASETS)}), a folder, nor a "
-                         "Hub dataset id (owner/name); check the name or the path")
-    elif Path(path.parts[0]).is_dir():       # `data/nope` beside a data/ folder: a mistyped path, not a Hub id
-        raise missing_folder_error(path, f"; if {source} is a Hub dataset id, run where no folder "
-                                         f"{path.parts[0]} is beside you")
+        raise ValueError(
+            f"{source!r} is not a data set of the catalog ({', '.join(DATASETS)}), a folder, nor a "
+            "Hub dataset id (owner/name); check the name or the path"
+        )
+    elif Path(path.parts[0]).is_dir():  # `data/nope` beside a data/ folder: a mistyped path, not a Hub id
+        raise missing_folder_error(
+            path, f"; if {source} is a Hub dataset id, run where no folder {path.parts[0]} is beside you"
+        )
     else:
         try:
             ds, hub_id = datasets.load_dataset(source, split=split or "train"), source
         except Exception as err:  # network and missing-repo errors come in many types
-            raise ValueError(f"could not load the Hub dataset {source!r} (split {split or 'train'!r}): {err}. Offline, "
-                             "save it once online (load_dataset(...).save_to_disk(FOLDER)) and pass the folder") from err
+            raise ValueError(
+                f"could not load the Hub dataset {source!r} (split {split or 'train'!r}): {err}. Offline, "
+                "save it once online (load_dataset(...).save_to_disk(FOLDER)) and pass the folder"
+            ) from err
     if isinstance(ds, datasets.DatasetDict):
         if (split or "train") not in ds:
-            raise ValueError(f"{source} has the splits {sorted(ds)}, not {split or 'train'!r}; choose one with "
-                             "--dataset-split")
+            raise ValueError(
+                f"{source} has the splits {sorted(ds)}, not {split or 'train'!r}; choose one with --dataset-split"
+            )
         ds = ds[split or "train"]
     elif split not in (None, "train") and hub_id is None:
         raise ValueError(f"{source} holds one split only (no splits to choose from); drop --dataset-split")
-    for column, kind in (("image", datasets.Image), ("label", datasets.ClassLabel)):   # e.g. CIFAR-10's "img"
+    for column, kind in (("image", datasets.Image), ("label", datasets.ClassLabel)):  # e.g. CIFAR-10's "img"
         candidates = [c for c, f in ds.features.items() if isinstance(f, kind)]
         if column not in ds.column_names and len(candidates) == 1:
             ds = ds.rename_column(candidates[0], column)

@@ -1,4 +1,5 @@
 """The hot path: a whole split as normalised tensors on the device, made once."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,10 @@ class TensorSplit:
         """Images (N, B, C, H, W) and labels (N, B) of N nets' batches, idx (N, B), in one gather
         (index_select: 10x faster than a batch per net stacked, for 12 nets on the CPU)."""
         flat = idx.flatten()
-        return (self.pixel_values.index_select(0, flat).view(*idx.shape, *self.pixel_values.shape[1:]),
-                self.labels.index_select(0, flat).view(idx.shape))
+        return (
+            self.pixel_values.index_select(0, flat).view(*idx.shape, *self.pixel_values.shape[1:]),
+            self.labels.index_select(0, flat).view(idx.shape),
+        )
 
     def to(self, device) -> TensorSplit:
         return TensorSplit(self.pixel_values.to(device), self.labels.to(device), self.fingerprint)
@@ -69,10 +72,15 @@ def dataset_to_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
     try:
         images = np.asarray(arr["image"], dtype=np.uint8)
     except ValueError:
-        raise ValueError("the dataset's images differ in size or in channels; bring them to the model's input size "
-                         "and mode first (e.g. ds.map with PIL's Image.resize / Image.convert)") from None
-    labels = (np.asarray(arr["label"], dtype=np.int64) if "label" in ds.column_names
-              else np.full(len(images), NO_LABEL, dtype=np.int64))
+        raise ValueError(
+            "the dataset's images differ in size or in channels; bring them to the model's input size "
+            "and mode first (e.g. ds.map with PIL's Image.resize / Image.convert)"
+        ) from None
+    labels = (
+        np.asarray(arr["label"], dtype=np.int64)
+        if "label" in ds.column_names
+        else np.full(len(images), NO_LABEL, dtype=np.int64)
+    )
     return images, labels
 
 
@@ -80,11 +88,16 @@ def processed_split(ds, processor, batch_size: int = 256) -> TensorSplit:
     """A `datasets.Dataset` through a model's image processor (resize, RGB, its normalisation), for models
     whose config records no normalisation of ours (a transformers ViT, ResNet, ...)."""
     check_image_dataset(ds)
-    pixels = [processor(images=ds[start:start + batch_size]["image"], return_tensors="pt")["pixel_values"]
-              for start in range(0, len(ds), batch_size)]
+    pixels = [
+        processor(images=ds[start : start + batch_size]["image"], return_tensors="pt")["pixel_values"]
+        for start in range(0, len(ds), batch_size)
+    ]
     pixel_values = torch.cat(pixels).float()
-    labels = (torch.as_tensor(ds["label"], dtype=torch.int64) if "label" in ds.column_names
-              else torch.full((len(pixel_values),), NO_LABEL, dtype=torch.int64))
+    labels = (
+        torch.as_tensor(ds["label"], dtype=torch.int64)
+        if "label" in ds.column_names
+        else torch.full((len(pixel_values),), NO_LABEL, dtype=torch.int64)
+    )
     return TensorSplit(pixel_values, labels, fingerprint_arrays(pixel_values.numpy(), labels.numpy()))
 
 
@@ -98,8 +111,9 @@ def fingerprint_arrays(images: np.ndarray, labels: np.ndarray) -> str:
 _CACHE: dict = {}
 
 
-def load_tensors(name: str = "fashion_mnist", split: str = "train", device="cpu", data_dir=None,
-                 mean_std: tuple | None = None) -> TensorSplit:
+def load_tensors(
+    name: str = "fashion_mnist", split: str = "train", device="cpu", data_dir=None, mean_std: tuple | None = None
+) -> TensorSplit:
     """Normalised tensors of a split on `device`; local IDX files are read without `datasets` at all.
     mean_std: the (mean, std) per channel to normalise with (`normalisation_constants`); None: the catalog's."""
     info = dataset_info(name)
@@ -110,8 +124,9 @@ def load_tensors(name: str = "fashion_mnist", split: str = "train", device="cpu"
         if arrays is None:
             arrays = dataset_to_arrays(load_image_dataset(name, split, data_dir))
         images, labels = arrays
-        _CACHE[key] = TensorSplit(normalise(images, mean, std), torch.from_numpy(labels),
-                                  fingerprint_arrays(images, labels))
+        _CACHE[key] = TensorSplit(
+            normalise(images, mean, std), torch.from_numpy(labels), fingerprint_arrays(images, labels)
+        )
     return _CACHE[key].to(device)
 
 
@@ -129,5 +144,6 @@ def tensors_from_dataset(ds, name: str = "fashion_mnist", device="cpu") -> Tenso
     """Any `datasets.Dataset` with the Hub schema -> normalised tensors (the user-data path)."""
     info = dataset_info(name)
     images, labels = dataset_to_arrays(ds)
-    return TensorSplit(normalise(images, info.image_mean, info.image_std), torch.from_numpy(labels),
-                       fingerprint_arrays(images, labels)).to(device)
+    return TensorSplit(
+        normalise(images, info.image_mean, info.image_std), torch.from_numpy(labels), fingerprint_arrays(images, labels)
+    ).to(device)

@@ -23,6 +23,7 @@ Reported per network, over the whole split:
   Averaged networks are often badly calibrated (logits shrink), which inflates the NLL although the
   predictions are good; the optimally tempered NLL removes that effect, as the authors' code reports.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ from ..models.modeling_perm_mlp import mlp_forward, mlp_layer_names
 
 StateDict = Mapping[str, torch.Tensor]
 
-DEFAULT_BATCH_SIZE = 1000   # examples per forward pass; memory ~ sets x batch_size x widest layer
+DEFAULT_BATCH_SIZE = 1000  # examples per forward pass; memory ~ sets x batch_size x widest layer
 CPU_CONV_BATCH = 128
 """Images per pass for conv nets on the CPU: their activations then stay in cache (a 32-32-avg-64-64 curve: 2.3x
 faster at 64-250 images per pass than at 1000-10000; BENCHMARKS.md)."""
@@ -63,12 +64,16 @@ def _check_compatible(reference: StateDict, other: StateDict, what: str) -> None
     """Same keys and shapes, or a clear error naming the first difference (mismatched architectures)."""
     missing, extra = set(reference) - set(other), set(other) - set(reference)
     if missing or extra:
-        raise ValueError(f"{what}: state dicts have different entries (missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]}); are both nets of the same architecture?")
+        raise ValueError(
+            f"{what}: state dicts have different entries (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}); are both nets of the same architecture?"
+        )
     for k, v in reference.items():
         if tuple(v.shape) != tuple(other[k].shape):
-            raise ValueError(f"{what}: {k!r} has shape {tuple(v.shape)} in one and {tuple(other[k].shape)} "
-                             "in the other; are both nets of the same architecture and width?")
+            raise ValueError(
+                f"{what}: {k!r} has shape {tuple(v.shape)} in one and {tuple(other[k].shape)} "
+                "in the other; are both nets of the same architecture and width?"
+            )
 
 
 def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dict[str, torch.Tensor]:
@@ -76,8 +81,7 @@ def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dic
     sd_a, sd_b = _as_state_dict(sd_a), _as_state_dict(sd_b)
     _check_compatible(sd_a, sd_b, "interpolate_state_dicts")
     lam = float(lam)
-    return {k: (1.0 - lam) * a + lam * sd_b[k].to(a) if a.is_floating_point() else a.clone()
-            for k, a in sd_a.items()}
+    return {k: (1.0 - lam) * a + lam * sd_b[k].to(a) if a.is_floating_point() else a.clone() for k, a in sd_a.items()}
 
 
 def combine_state_dicts(bases: Sequence[StateDict], coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,8 +95,8 @@ def combine_state_dicts(bases: Sequence[StateDict], coeffs: torch.Tensor) -> dic
     for k, ref in bases[0].items():
         if not ref.is_floating_point():
             continue
-        stacked = torch.stack([b[k].to(ref) for b in bases])                 # (K, ...)
-        combo = torch.tensordot(coeffs.to(ref), stacked, dims=([1], [0]))   # (P, ...)
+        stacked = torch.stack([b[k].to(ref) for b in bases])  # (K, ...)
+        combo = torch.tensordot(coeffs.to(ref), stacked, dims=([1], [0]))  # (P, ...)
         out[k] = combo.clamp_min_(0.0) if k.endswith("running_var") else combo
     return out
 
@@ -132,23 +136,23 @@ def tempered_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     gets T = inf and NLL = log(num classes); a net with every example right gets T = e^-7.
     """
     logits = logits.float()
-    row_max = logits.amax(-1)                                                        # (P, N)
+    row_max = logits.amax(-1)  # (P, N)
     target = logits.gather(-1, labels.expand(logits.shape[:2]).unsqueeze(-1)).squeeze(-1)
-    shifted = (logits - row_max[..., None]).transpose(1, 2).contiguous()              # (P, C, N), <= 0
-    gap = (row_max - target).mean(-1)                                                 # (P,), >= 0
+    shifted = (logits - row_max[..., None]).transpose(1, 2).contiguous()  # (P, C, N), <= 0
+    gap = (row_max - target).mean(-1)  # (P,), >= 0
 
     def nll(beta):
         return _tempering_terms(shifted, beta)[0] + beta * gap
 
     def grad_and_curvature(u):
         _, mean, curvature = _tempering_terms(shifted, u.exp())
-        return mean.mean(-1) + gap, curvature    # d NLL / d beta = E_p[z] - z_y, averaged; its derivative
+        return mean.mean(-1) + gap, curvature  # d NLL / d beta = E_p[z] - z_y, averaged; its derivative
 
     lo = torch.full((logits.shape[0],), -7.0, device=logits.device)
     hi = -lo
     grad_lo, grad_hi = grad_and_curvature(lo)[0], grad_and_curvature(hi)[0]
     at_bound = (grad_lo >= 0) | (grad_hi <= 0)  # optimum at T = e^7 (useless net) or T = e^-7 (all correct)
-    u = torch.zeros_like(lo)                     # start at T = 1
+    u = torch.zeros_like(lo)  # start at T = 1
     for _ in range(60):
         grad, curvature = grad_and_curvature(u)
         lo, hi = torch.where(grad < 0, u, lo), torch.where(grad < 0, hi, u)
@@ -159,20 +163,28 @@ def tempered_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
         if bool((at_bound | (step < 1e-4) | (hi - lo < 1e-4)).all()):  # T to 1e-4 relative
             break
     beta = torch.where(grad_hi <= 0, hi.exp(), u.exp())
-    beta = torch.where(grad_lo >= 0, torch.zeros_like(beta), beta)   # no better than uniform: T = inf, log C
+    beta = torch.where(grad_lo >= 0, torch.zeros_like(beta), beta)  # no better than uniform: T = inf, log C
     beta = torch.where(nll(beta) < nll(torch.ones_like(beta)), beta, torch.ones_like(beta))
     return nll(beta), 1.0 / beta
 
 
 def metrics_from_logits(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
     """Per-set metrics of stacked logits (P, N, C) on one split; see the module docstring."""
-    nll = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(logits)), reduction="none").view(len(logits), -1).mean(-1)
+    nll = (
+        F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(logits)), reduction="none")
+        .view(len(logits), -1)
+        .mean(-1)
+    )
     loss = torch.stack([model.compute_loss(z, labels) for z in logits]) if hasattr(model, "compute_loss") else nll
     acc = (logits.argmax(-1) == labels).float().mean(-1)
     nll_t, temperature = tempered_nll(logits, labels)
-    return {"loss": loss.tolist(), "acc": acc.tolist(), "nll": nll.tolist(),
-            "nll_tempered": nll_t.tolist(),
-            "temperature": [t if math.isfinite(t) else None for t in temperature.tolist()]}
+    return {
+        "loss": loss.tolist(),
+        "acc": acc.tolist(),
+        "nll": nll.tolist(),
+        "nll_tempered": nll_t.tolist(),
+        "temperature": [t if math.isfinite(t) else None for t in temperature.tolist()],
+    }
 
 
 def evaluate_model(model: nn.Module, split: TensorSplit, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, float]:
@@ -182,23 +194,33 @@ def evaluate_model(model: nn.Module, split: TensorSplit, batch_size: int = DEFAU
     """
     device = next(model.parameters()).device
     with _eval_mode(model):
-        logits = torch.cat([model(pixel_values=split.pixel_values[i:i + batch_size].to(device), return_dict=False)[0]
-                            for i in range(0, len(split), batch_size)])
+        logits = torch.cat(
+            [
+                model(pixel_values=split.pixel_values[i : i + batch_size].to(device), return_dict=False)[0]
+                for i in range(0, len(split), batch_size)
+            ]
+        )
     metrics = metrics_from_logits(model, logits[None], split.labels.to(device))
     return {k: v[0] for k, v in metrics.items()}
 
 
 def _vmap_logits(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor, use_vmap: bool) -> torch.Tensor:
     """Logits (P, B, C) of P stacked parameter sets on one data chunk x (B, ...): any architecture."""
+
     def forward(params, inputs):
         return functional_call(model, (params, fixed), (inputs,), {"return_dict": False})[0]
+
     if use_vmap:
         return torch.vmap(forward, in_dims=(0, None))(stacked, x)
     n_sets = next(iter(stacked.values())).shape[0]
     layout = torch.channels_last if x.ndim == 4 and x.device.type == "cpu" else torch.contiguous_format
-    x = x.contiguous(memory_format=layout)       # conv weights and images alike: oneDNN's fastest layout
-    return torch.stack([forward({k: v[p].contiguous(memory_format=layout) if v.ndim == 5 else v[p]
-                                 for k, v in stacked.items()}, x) for p in range(n_sets)])
+    x = x.contiguous(memory_format=layout)  # conv weights and images alike: oneDNN's fastest layout
+    return torch.stack(
+        [
+            forward({k: v[p].contiguous(memory_format=layout) if v.ndim == 5 else v[p] for k, v in stacked.items()}, x)
+            for p in range(n_sets)
+        ]
+    )
 
 
 def _vmap_pays(model: nn.Module, splits: Mapping[str, TensorSplit]) -> bool:
@@ -229,20 +251,25 @@ def _mlp_logits(first_layer: tuple, coeffs: torch.Tensor, stacked: dict, depth: 
     (n_sets, n_bases), batch = coeffs.shape, x.shape[0]
 
     def linear(name, h):
-        if name == "layers.0":                                                   # h: the images (B, D)
+        if name == "layers.0":  # h: the images (B, D)
             weight, bias = first_layer
-            first = weight @ h.T if bias is None else torch.addmm(bias, weight, h.T)                 # (K*H, B)
-            return (coeffs.to(first) @ first.view(n_bases, -1)).view(n_sets, -1, batch)           # (P, H, B)
+            first = weight @ h.T if bias is None else torch.addmm(bias, weight, h.T)  # (K*H, B)
+            return (coeffs.to(first) @ first.view(n_bases, -1)).view(n_sets, -1, batch)  # (P, H, B)
         weight, bias = stacked[f"{name}.weight"], stacked.get(f"{name}.bias")
         return torch.bmm(weight, h) if bias is None else torch.baddbmm(bias[:, :, None], weight, h)
 
     logits = mlp_forward(linear, lambda i, h: h.relu_(), mlp_layer_names(depth), x.flatten(1))
-    return logits.transpose(1, 2)                                                               # (P, B, C)
+    return logits.transpose(1, 2)  # (P, B, C)
 
 
-def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: torch.Tensor,
-                          splits: Mapping[str, TensorSplit], batch_size: int = DEFAULT_BATCH_SIZE,
-                          sets_per_pass: int = DEFAULT_SETS_PER_PASS) -> dict[str, dict[str, list[float]]]:
+def evaluate_combinations(
+    model: nn.Module,
+    bases: Sequence[StateDict],
+    coeffs: torch.Tensor,
+    splits: Mapping[str, TensorSplit],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    sets_per_pass: int = DEFAULT_SETS_PER_PASS,
+) -> dict[str, dict[str, list[float]]]:
     """Metrics of the networks sum_k coeffs[p, k] * bases[k], p = 0..P-1, on every split.
 
     `model` only supplies the architecture (its own weights are not used). Returns
@@ -266,17 +293,18 @@ def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: 
             device = split.pixel_values.device
             on_device = [{k: v.to(device) for k, v in b.items()} for b in bases]
             for start in range(0, coeffs.shape[0], sets_per_pass):
-                chunk_coeffs = coeffs[start:start + sets_per_pass]
-                if fast_mlp:   # its first layer is mixed from the bases' outputs, never stacked
+                chunk_coeffs = coeffs[start : start + sets_per_pass]
+                if fast_mlp:  # its first layer is mixed from the bases' outputs, never stacked
                     first_layer = _mlp_first_layer(on_device)
-                    stacked = combine_state_dicts([{k: v for k, v in b.items() if not k.startswith("layers.0.")}
-                                                   for b in on_device], chunk_coeffs)
+                    stacked = combine_state_dicts(
+                        [{k: v for k, v in b.items() if not k.startswith("layers.0.")} for b in on_device], chunk_coeffs
+                    )
                 else:
                     stacked = combine_state_dicts(on_device, chunk_coeffs)
                     fixed = {k: v for k, v in on_device[0].items() if k not in stacked}
                 chunks = []
                 for i in range(0, len(split), batch_size):
-                    x = split.pixel_values[i:i + batch_size]
+                    x = split.pixel_values[i : i + batch_size]
                     if fast_mlp:
                         chunks.append(_mlp_logits(first_layer, chunk_coeffs, stacked, model.config.depth, x))
                         continue
@@ -285,8 +313,11 @@ def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: 
                             chunks.append(_vmap_logits(model, stacked, fixed, x, use_vmap=True))
                             continue
                         except (RuntimeError, NotImplementedError, ValueError) as err:
-                            warnings.warn(f"torch.vmap could not run {type(model).__name__} ({err}); "
-                                          "evaluating the parameter sets one by one instead (same numbers, slower)", stacklevel=2)
+                            warnings.warn(
+                                f"torch.vmap could not run {type(model).__name__} ({err}); "
+                                "evaluating the parameter sets one by one instead (same numbers, slower)",
+                                stacklevel=2,
+                            )
                             use_vmap = False
                     chunks.append(_vmap_logits(model, stacked, fixed, x, use_vmap=False))
                 metrics = metrics_from_logits(model, torch.cat(chunks, dim=1), split.labels)
@@ -295,9 +326,15 @@ def evaluate_combinations(model: nn.Module, bases: Sequence[StateDict], coeffs: 
     return results
 
 
-def evaluate_curve(model: nn.Module, sd_a, sd_b, lambdas: Sequence[float] | None = None,
-                   splits: Mapping[str, TensorSplit] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                   sets_per_pass: int = DEFAULT_SETS_PER_PASS) -> dict[str, dict[str, list[float]]]:
+def evaluate_curve(
+    model: nn.Module,
+    sd_a,
+    sd_b,
+    lambdas: Sequence[float] | None = None,
+    splits: Mapping[str, TensorSplit] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    sets_per_pass: int = DEFAULT_SETS_PER_PASS,
+) -> dict[str, dict[str, list[float]]]:
     """Metrics along (1 - lambda) * sd_a + lambda * sd_b, all lambdas batched.
 
     sd_a / sd_b: state dicts or models of `model`'s architecture. Returns

@@ -9,6 +9,7 @@ of the three nets; the grid is therefore evaluated by the same batched evaluator
 The plane spans every floating-point state entry, BatchNorm running statistics included (as the
 curves interpolate them); a running variance that turns negative in the margins is clamped at 0.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -39,8 +40,10 @@ def plane_coordinates(theta_0, theta_1, theta_1_permuted) -> dict[str, tuple[flo
     a = float(d2 @ d1) / n1
     n2 = float((d2 - a * d1 / n1).norm())
     if n2 <= 1e-9 * max(n1, float(d2.norm())):
-        raise ValueError("plane: pi(theta_1) lies on the line through theta_0 and theta_1 "
-                         "(is the permutation the identity?), so the three nets span no plane")
+        raise ValueError(
+            "plane: pi(theta_1) lies on the line through theta_0 and theta_1 "
+            "(is the permutation the identity?), so the three nets span no plane"
+        )
     return {"theta_0": (0.0, 0.0), "theta_1": (n1, 0.0), "pi_theta_1": (a, n2)}
 
 
@@ -53,9 +56,17 @@ def plane_coefficients(uv: torch.Tensor, points: Mapping[str, tuple[float, float
     return torch.stack([1.0 - c1 - c2, c1, c2], dim=1)
 
 
-def evaluate_plane(model: nn.Module, theta_0, theta_1, theta_1_permuted, splits: Mapping[str, TensorSplit],
-                   resolution: int = 21, margin: float = 0.2, batch_size: int = DEFAULT_BATCH_SIZE,
-                   sets_per_pass: int = 32) -> dict:
+def evaluate_plane(
+    model: nn.Module,
+    theta_0,
+    theta_1,
+    theta_1_permuted,
+    splits: Mapping[str, TensorSplit],
+    resolution: int = 21,
+    margin: float = 0.2,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    sets_per_pass: int = 32,
+) -> dict:
     """Metrics on a resolution x resolution grid covering the three nets plus `margin` of each side's span.
 
     Returns {"u": [...], "v": [...], "points": {"theta_0" | "theta_1" | "pi_theta_1": (u, v)},
@@ -78,15 +89,26 @@ def evaluate_plane(model: nn.Module, theta_0, theta_1, theta_1_permuted, splits:
         return torch.linspace(lo - pad, hi + pad, resolution, dtype=torch.float64)
 
     u, v = axis(min(us), max(us)), axis(min(vs), max(vs))
-    vv, uu = torch.meshgrid(v, u, indexing="ij")                        # rows: v, columns: u
+    vv, uu = torch.meshgrid(v, u, indexing="ij")  # rows: v, columns: u
     coeffs = plane_coefficients(torch.stack([uu.reshape(-1), vv.reshape(-1)], dim=1), points)
     # the three nets themselves ride along as the last three sets: the map's anchors, exactly
-    flat = evaluate_combinations(model, [theta_0, theta_1, theta_1_permuted],
-                                 torch.cat([coeffs, torch.eye(3, dtype=coeffs.dtype)]), splits,
-                                 batch_size=batch_size, sets_per_pass=sets_per_pass)
+    flat = evaluate_combinations(
+        model,
+        [theta_0, theta_1, theta_1_permuted],
+        torch.cat([coeffs, torch.eye(3, dtype=coeffs.dtype)]),
+        splits,
+        batch_size=batch_size,
+        sets_per_pass=sets_per_pass,
+    )
     cells = resolution * resolution
-    grids = {name: {k: [vals[r * resolution:(r + 1) * resolution] for r in range(resolution)]
-                    for k, vals in metrics.items()} for name, metrics in flat.items()}
-    at_points = {name: {split: {k: vals[cells + i] for k, vals in metrics.items()} for split, metrics in flat.items()}
-                 for i, name in enumerate(POINT_NAMES)}
+    grids = {
+        name: {
+            k: [vals[r * resolution : (r + 1) * resolution] for r in range(resolution)] for k, vals in metrics.items()
+        }
+        for name, metrics in flat.items()
+    }
+    at_points = {
+        name: {split: {k: vals[cells + i] for k, vals in metrics.items()} for split, metrics in flat.items()}
+        for i, name in enumerate(POINT_NAMES)
+    }
     return {"u": u.tolist(), "v": v.tolist(), "points": points, "at_points": at_points, **grids}

@@ -1,4 +1,5 @@
 """Intervals over seeds: the mean and the half-width of a Student-t confidence interval."""
+
 from __future__ import annotations
 
 import math

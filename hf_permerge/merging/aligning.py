@@ -1,5 +1,6 @@
 """Aligning the nets of a merge onto net 0 (or onto their average): one `Permutations` per net, and the
 record of how they were found (alignment.json)."""
+
 from __future__ import annotations
 
 import time
@@ -10,22 +11,34 @@ from .merge_data import GIVEN, MergeData
 from .nets import Nets
 
 
-def align_nets(nets: Nets, data: MergeData, dataset=None, matcher: str = "activation", checkpoint: str | None = None,
-               reference: str = "net_0", max_rounds: int = 50, **settings) -> tuple[list[Permutations], dict]:
+def align_nets(
+    nets: Nets,
+    data: MergeData,
+    dataset=None,
+    matcher: str = "activation",
+    checkpoint: str | None = None,
+    reference: str = "net_0",
+    max_rounds: int = 50,
+    **settings,
+) -> tuple[list[Permutations], dict]:
     """(permutations, alignment record) as `PermMerger.align` describes them."""
     if reference not in REFERENCES:
         raise ValueError(f"reference={reference!r} is not supported; choose one of {list(REFERENCES)}")
     if reference == "average" and max_rounds < 1:
         raise ValueError(f"max_rounds={max_rounds} must be >= 1")
     if reference == "average" and matcher not in ("activation", "weight"):
-        raise ValueError(f"reference='average' is implemented for the activation and weight matchers, not "
-                         f"{matcher!r}; use reference='net_0'")
+        raise ValueError(
+            f"reference='average' is implemented for the activation and weight matchers, not "
+            f"{matcher!r}; use reference='net_0'"
+        )
     if reference == "average" and matcher == "activation" and nets.spec.couplings:
-        raise ValueError("reference='average' with activations does not handle attention heads (coupled groups) "
-                         "yet; use reference='net_0', or the weight matcher")
+        raise ValueError(
+            "reference='average' with activations does not handle attention heads (coupled groups) "
+            "yet; use reference='net_0', or the weight matcher"
+        )
     checkpoint = checkpoint or nets.default_checkpoint
     m = get_matcher(matcher, **settings)
-    given = dataset is not None and matcher != "weight"     # the weight matcher reads no data
+    given = dataset is not None and matcher != "weight"  # the weight matcher reads no data
     if matcher == "weight":
         dataset = None
     elif given:
@@ -37,9 +50,9 @@ def align_nets(nets: Nets, data: MergeData, dataset=None, matcher: str = "activa
     perms = [Permutations.identity(nets.spec)]
     others = [nets.load(i, checkpoint) for i in range(1, len(nets))]
     rounds = {}
-    if reference == "average" and matcher == "activation":   # it finds the star alignment on its way
+    if reference == "average" and matcher == "activation":  # it finds the star alignment on its way
         perms, rounds = align_activations_jointly([ref, *others], m, dataset, None, max_rounds)
-    elif hasattr(m, "match_many"):   # one net's Hungarian solves overlap the next net's statistics
+    elif hasattr(m, "match_many"):  # one net's Hungarian solves overlap the next net's statistics
         perms += m.match_many(ref, others, dataset)
     else:
         perms += [m.match(ref, other, dataset) for other in others]
@@ -47,10 +60,17 @@ def align_nets(nets: Nets, data: MergeData, dataset=None, matcher: str = "activa
         perms, rounds = align_to_average([ref, *others], m, dataset, perms, max_rounds)
     if reference == "average":
         rounds = {"reference": reference, "max_rounds": max_rounds, **rounds}
-    record = dict(matcher=matcher, settings=dict(m.settings),   # the defaults filled in
-                  checkpoint=checkpoint, align_s=time.perf_counter() - start, **rounds,
-                  **({"examples": min(len(dataset), getattr(m, "num_examples", None) or len(dataset))}
-                     if dataset is not None else {}),      # the images used: fewer if fewer were given
-                  **({"data": GIVEN} if given else
-                     {"data": data.label()} if matcher != "weight" and data.choice else {}))
+    record = dict(
+        matcher=matcher,
+        settings=dict(m.settings),  # the defaults filled in
+        checkpoint=checkpoint,
+        align_s=time.perf_counter() - start,
+        **rounds,
+        **(
+            {"examples": min(len(dataset), getattr(m, "num_examples", None) or len(dataset))}
+            if dataset is not None
+            else {}
+        ),  # the images used: fewer if fewer were given
+        **({"data": GIVEN} if given else {"data": data.label()} if matcher != "weight" and data.choice else {}),
+    )
     return perms, record

@@ -1,4 +1,5 @@
 """Merging proper: nets permuted onto net 0 (or not, for vanilla averaging), averaged, repaired if asked."""
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,9 @@ def average_state_dicts(states: list[dict], weights: list[float]) -> dict:
     return out
 
 
-def permuted_state(nets: Nets, alignment: Alignment, i: int, checkpoint: str | None = None,
-                   permute: bool = True) -> dict:
+def permuted_state(
+    nets: Nets, alignment: Alignment, i: int, checkpoint: str | None = None, permute: bool = True
+) -> dict:
     nets.check_net(i)
     state = nets.load(i, checkpoint).state_dict()
     if not permute or i == 0:
@@ -45,8 +47,19 @@ def check_repair(nets: Nets, repair: str | None) -> None:
         require_batchnorm(nets.load(0))
 
 
-def merge_nets(nets: Nets, alignment: Alignment, data: MergeData, members: list[int], weights: list[float],
-               checkpoint: str, permute: bool, repair, repair_data, repair_examples, alpha: float | None):
+def merge_nets(
+    nets: Nets,
+    alignment: Alignment,
+    data: MergeData,
+    members: list[int],
+    weights: list[float],
+    checkpoint: str,
+    permute: bool,
+    repair,
+    repair_data,
+    repair_examples,
+    alpha: float | None,
+):
     """(the weighted average of `members` (net 0 as it is, the others permuted onto it unless not `permute`),
     repaired if asked; its settings for merge_config.json)."""
     check_repair(nets, repair)
@@ -55,17 +68,37 @@ def merge_nets(nets: Nets, alignment: Alignment, data: MergeData, members: list[
     merged.load_state_dict(average_state_dicts(states, weights))
     scale_only = []
     if repair is not None:
-        endpoints = ([permuted(nets, alignment, i, checkpoint) if permute and i > 0 else nets.load(i, checkpoint)
-                      for i in members] if repair == "repair" else [])
-        examples = (data.tensor_split(nets, repair_data, repair_examples) if repair_data is not None
-                    else data.default(nets, "repair", repair_examples))
+        endpoints = (
+            [
+                permuted(nets, alignment, i, checkpoint) if permute and i > 0 else nets.load(i, checkpoint)
+                for i in members
+            ]
+            if repair == "repair"
+            else []
+        )
+        examples = (
+            data.tensor_split(nets, repair_data, repair_examples)
+            if repair_data is not None
+            else data.default(nets, "repair", repair_examples)
+        )
         # a traced spec knows every branch's last affine layer (residual streams included): REPAIR them all
-        sites = ({"modules": list(nets.traced.repair_modules)}
-                 if repair == "repair" and nets.traced is not None and nets.traced.repair_modules else {})
+        sites = (
+            {"modules": list(nets.traced.repair_modules)}
+            if repair == "repair" and nets.traced is not None and nets.traced.repair_modules
+            else {}
+        )
         scale_only = apply_repair(repair, merged, endpoints, examples, weights, num_examples=repair_examples, **sites)
-    settings = {"alpha": alpha, "checkpoint": checkpoint, "nets": members, "permuted": permute,
-                **({"repair_scale_only": scale_only} if scale_only else {})}
+    settings = {
+        "alpha": alpha,
+        "checkpoint": checkpoint,
+        "nets": members,
+        "permuted": permute,
+        **({"repair_scale_only": scale_only} if scale_only else {}),
+    }
     if repair:
-        settings.update(repair=repair, repair_examples=repair_examples,
-                        repair_data=(data.label() or "the pair's training split") if repair_data is None else GIVEN)
+        settings.update(
+            repair=repair,
+            repair_examples=repair_examples,
+            repair_data=(data.label() or "the pair's training split") if repair_data is None else GIVEN,
+        )
     return merged, settings

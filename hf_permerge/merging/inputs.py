@@ -1,5 +1,6 @@
 """The merger's edge: whatever data a user gives (a `datasets.Dataset`, a folder read as one, tensors) becomes the
 one form the matchers and REPAIR take, a `TensorSplit` normalised for the models, with their class ids."""
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,7 @@ def as_tensor_split(data, model: nn.Module, processor=None) -> TensorSplit:
     if hasattr(data, "column_names"):
         data = _from_dataset(data, model, processor)
     elif data is not None and not isinstance(data, TensorSplit):
-        raise TypeError(f"cannot use {type(data).__name__} as matching data; pass a TensorSplit or a "
-                        "datasets.Dataset")
+        raise TypeError(f"cannot use {type(data).__name__} as matching data; pass a TensorSplit or a datasets.Dataset")
     check_matching_data(data, model)
     return data
 
@@ -47,13 +47,17 @@ def _in_model_label_ids(ds, model: nn.Module, split: TensorSplit) -> TensorSplit
     if theirs == [_class_key(n) for n in ours]:
         return split
     if not set(theirs) <= set(by_key) or len(set(theirs)) != len(theirs):
-        logger.warning("the data's classes %s are not among the models' %s; their label ids are used as they are",
-                       list(names)[:12], ours[:12])
+        logger.warning(
+            "the data's classes %s are not among the models' %s; their label ids are used as they are",
+            list(names)[:12],
+            ours[:12],
+        )
         return split
     mapping = torch.tensor([by_key[k] for k in theirs], device=split.labels.device)
     labels = torch.where(split.labels >= 0, mapping[split.labels.clamp(min=0)], split.labels)
-    logger.info("the data's classes are among the models' (in another order, or some of them); labels renumbered "
-                "by class name")
+    logger.info(
+        "the data's classes are among the models' (in another order, or some of them); labels renumbered by class name"
+    )
     return TensorSplit(split.pixel_values, labels, split.fingerprint)
 
 
@@ -65,28 +69,35 @@ def _from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
 
 
 def _pixels_from_dataset(ds, model: nn.Module, processor) -> TensorSplit:
-    check_image_dataset(ds)                       # a schema error names its own fix, whichever path follows
+    check_image_dataset(ds)  # a schema error names its own fix, whichever path follows
     cfg = getattr(model, "config", None)
     if hasattr(cfg, "image_mean"):
         try:
             images, labels = dataset_to_arrays(ds)
-        except ValueError:                        # images of several sizes: the processor resizes them
+        except ValueError:  # images of several sizes: the processor resizes them
             if processor is None:
                 raise
         else:
-            split = TensorSplit(normalise(images, cfg.image_mean, cfg.image_std), torch.from_numpy(labels),
-                                fingerprint_arrays(images, labels))
+            split = TensorSplit(
+                normalise(images, cfg.image_mean, cfg.image_std),
+                torch.from_numpy(labels),
+                fingerprint_arrays(images, labels),
+            )
             if processor is None or fits(split.pixel_values, model):
                 return split
     if processor is None:
-        raise ValueError(f"cannot preprocess a datasets.Dataset for {type(model).__name__}: its config records "
-                         "no normalisation and no image processor was found beside it; save the model's image "
-                         "processor in each model's folder (processor.save_pretrained(folder)); in Python you may "
-                         "instead pass it (PermMerger.from_pretrained(..., image_processor=...)) or pass "
-                         "preprocessed pixels as hf_permerge.data.TensorSplit(pixel_values, labels, fingerprint)")
+        raise ValueError(
+            f"cannot preprocess a datasets.Dataset for {type(model).__name__}: its config records "
+            "no normalisation and no image processor was found beside it; save the model's image "
+            "processor in each model's folder (processor.save_pretrained(folder)); in Python you may "
+            "instead pass it (PermMerger.from_pretrained(..., image_processor=...)) or pass "
+            "preprocessed pixels as hf_permerge.data.TensorSplit(pixel_values, labels, fingerprint)"
+        )
     try:
         return processed_split(ds, processor)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"the image processor of {type(model).__name__} ({type(processor).__name__}) could not "
-                         f"process the dataset's images: {err}; bring the images to the mode and size the model "
-                         "was trained on") from err
+        raise ValueError(
+            f"the image processor of {type(model).__name__} ({type(processor).__name__}) could not "
+            f"process the dataset's images: {err}; bring the images to the mode and size the model "
+            "was trained on"
+        ) from err

@@ -1,5 +1,6 @@
 """Which data a merge aligns and repairs on when the caller gives none, how it is named, and its conversion to
 the tensors the matchers take (`as_tensor_split`: only the seeded subset that will be used)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,19 +28,26 @@ class MergeData:
 
     def use(self, dataset, data_dir=None, name: str | None = None) -> None:
         if isinstance(dataset, str):
-            dataset_info(dataset)                         # an unknown name is an error now, not at align
+            dataset_info(dataset)  # an unknown name is an error now, not at align
             self.choice = {"dataset": dataset, "data_dir": data_dir}
             return
         if not hasattr(dataset, "column_names"):
-            raise TypeError(f"use_data takes a catalog name (e.g. 'fashion_mnist') or a datasets.Dataset, got "
-                            f"{type(dataset).__name__}")
+            raise TypeError(
+                f"use_data takes a catalog name (e.g. 'fashion_mnist') or a datasets.Dataset, got "
+                f"{type(dataset).__name__}"
+            )
         if data_dir is not None:
-            raise ValueError("data_dir names the files of a catalog data set; a datasets.Dataset brings its own "
-                             "images: drop data_dir")
-        if name is not None and (not isinstance(name, str) or only_a_local_path(name) or len(Path(name).parts) != 2
-                                 or Path(name).exists()):
-            raise ValueError(f"name={name!r} is not a Hub dataset id (owner/name); it is written into the model card and "
-                             "merge_config.json, so a local path is never taken: pass the Hub id, or no name")
+            raise ValueError(
+                "data_dir names the files of a catalog data set; a datasets.Dataset brings its own "
+                "images: drop data_dir"
+            )
+        if name is not None and (
+            not isinstance(name, str) or only_a_local_path(name) or len(Path(name).parts) != 2 or Path(name).exists()
+        ):
+            raise ValueError(
+                f"name={name!r} is not a Hub dataset id (owner/name); it is written into the model card and "
+                "merge_config.json, so a local path is never taken: pass the Hub id, or no name"
+            )
         check_image_dataset(dataset)
         self.choice = {"dataset": name, "data_dir": None, "given": dataset}
 
@@ -80,16 +88,22 @@ class MergeData:
         if self.given() is not None:
             data = self.tensor_split(nets, self.given(), num_examples, seed)
         else:
-            data = load_tensors(self.dataset_name(), "train", nets.device, self.data_dir(),
-                                self.recorded_normalisation(nets))
+            data = load_tensors(
+                self.dataset_name(), "train", nets.device, self.data_dir(), self.recorded_normalisation(nets)
+            )
         if not fits(data.pixel_values, nets.load(0)):
-            fix = ("pass the data they were trained on (merger.align(dataset)); on the command line, name it with "
-                   "--dataset / --data-dir, or use --matcher weight, which needs no data" if purpose == "align" else
-                   "pass the data they were trained on (merge(..., repair_data=dataset)); on the command line, name "
-                   "it with --dataset / --data-dir, or drop --repair")
-            raise ValueError(f"the default data, {self.dataset_name() or 'the data set given'} training images of "
-                             f"shape {tuple(data.pixel_values.shape[1:])}, do not fit these models, which take "
-                             f"{input_shape_text(nets.load(0))}: {fix}")
+            fix = (
+                "pass the data they were trained on (merger.align(dataset)); on the command line, name it with "
+                "--dataset / --data-dir, or use --matcher weight, which needs no data"
+                if purpose == "align"
+                else "pass the data they were trained on (merge(..., repair_data=dataset)); on the command line, name "
+                "it with --dataset / --data-dir, or drop --repair"
+            )
+            raise ValueError(
+                f"the default data, {self.dataset_name() or 'the data set given'} training images of "
+                f"shape {tuple(data.pixel_values.shape[1:])}, do not fit these models, which take "
+                f"{input_shape_text(nets.load(0))}: {fix}"
+            )
         self.used = True
         return data
 
@@ -100,7 +114,7 @@ class MergeData:
             return None
         given = self.given()
         if given is not None:
-            split = getattr(given, "split", None)        # e.g. load_dataset(id, split="test") remembers "test"
+            split = getattr(given, "split", None)  # e.g. load_dataset(id, split="test") remembers "test"
             if self.dataset_name() is None:
                 return "a data set without a Hub id (a local folder, or an unnamed datasets.Dataset)"
             return f"{self.dataset_name()} {split} split" if split else self.dataset_name()

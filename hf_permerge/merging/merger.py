@@ -3,6 +3,7 @@
 The facade over the parts that do the work: `nets` (loading), `merge_data` (the default data), `aligning`,
 `averaging` (merging proper, with REPAIR), `saving` (merged folders, permutation folders, cards, the Hub).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -20,34 +21,56 @@ from .repair import DEFAULT_NUM_EXAMPLES as DEFAULT_REPAIR_EXAMPLES
 from .saving import MARKER, PERMUTATIONS_MARKER, SAVE_TARGETS, check_save_target
 from .sources import NetSource, load_sources
 
-__all__ = ["PermMerger", "MARKER", "PERMUTATIONS_MARKER", "SAVE_TARGETS", "check_save_target", "average_state_dicts",
-           "check_same_architecture", "net_fingerprint"]
+__all__ = [
+    "PermMerger",
+    "MARKER",
+    "PERMUTATIONS_MARKER",
+    "SAVE_TARGETS",
+    "check_save_target",
+    "average_state_dicts",
+    "check_same_architecture",
+    "net_fingerprint",
+]
 
 
 class PermMerger:
     """Load N nets, align them onto net 0, merge.
 
-        merger = PermMerger.from_pretrained("runs/pair")      # or a Hub repo id, or [dir_a, dir_b, ...]
-        merger.align()                                         # activation matching on 10k training images
-        merged = merger.merge(alpha=0.5)                       # (1 - alpha) * theta_0 + alpha * pi(theta_1)
-        init_avg = merger.merge(alpha=0.5, checkpoint="init")  # the same permutation on the untrained inits
-        merger.save_pretrained("runs/merged")
+    merger = PermMerger.from_pretrained("runs/pair")      # or a Hub repo id, or [dir_a, dir_b, ...]
+    merger.align()                                         # activation matching on 10k training images
+    merged = merger.merge(alpha=0.5)                       # (1 - alpha) * theta_0 + alpha * pi(theta_1)
+    init_avg = merger.merge(alpha=0.5, checkpoint="init")  # the same permutation on the untrained inits
+    merger.save_pretrained("runs/merged")
     """
 
-    def __init__(self, sources: list[NetSource], pair: dict | None = None, device=None, example_inputs=None,
-                 image_processor=None):
+    def __init__(
+        self, sources: list[NetSource], pair: dict | None = None, device=None, example_inputs=None, image_processor=None
+    ):
         self.pair = pair
         self._data = MergeData(pair)
-        self._nets = Nets(sources, device, example_inputs, image_processor,
-                          catalog_data=lambda: (self._data.dataset_name(), self._data.data_dir()))
+        self._nets = Nets(
+            sources,
+            device,
+            example_inputs,
+            image_processor,
+            catalog_data=lambda: (self._data.dataset_name(), self._data.data_dir()),
+        )
         self.permutations: list[Permutations] | None = None
         self.alignment: dict = {}
         self._last_merge: dict | None = None
         self._last_model = None
 
     @classmethod
-    def from_pretrained(cls, pair_or_models, device=None, example_inputs=None, *, token: str | None = None,
-                        revision: str | None = None, image_processor=None) -> PermMerger:
+    def from_pretrained(
+        cls,
+        pair_or_models,
+        device=None,
+        example_inputs=None,
+        *,
+        token: str | None = None,
+        revision: str | None = None,
+        image_processor=None,
+    ) -> PermMerger:
         """A pair folder, the Hub repo id of a pair, or a list of >= 2 model folders / repo ids.
 
         token, revision: for repo ids (a private repo; a branch, tag or commit); the token defaults to HF_TOKEN
@@ -65,18 +88,24 @@ class PermMerger:
     sources = property(lambda self: self._nets.sources)
     device = property(lambda self: self._nets.device)
     spec = property(lambda self: self._nets.spec)
-    traced = property(lambda self: self._nets.traced,
-                      doc="The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped).")
-    example_inputs = property(lambda self: self._nets.example_inputs,
-                              lambda self, value: setattr(self._nets, "example_inputs", value))
-    image_processor = property(lambda self: self._nets.image_processor,
-                               lambda self, value: setattr(self._nets, "image_processor", value),
-                               doc="For models saved without an image processor: converts a `datasets.Dataset` for "
-                                   "them and is saved beside the merged model (our models bring their own).")
+    traced = property(
+        lambda self: self._nets.traced,
+        doc="The `TracedSpec` when net 0 declares no spec of its own (what was traced, what was skipped).",
+    )
+    example_inputs = property(
+        lambda self: self._nets.example_inputs, lambda self, value: setattr(self._nets, "example_inputs", value)
+    )
+    image_processor = property(
+        lambda self: self._nets.image_processor,
+        lambda self, value: setattr(self._nets, "image_processor", value),
+        doc="For models saved without an image processor: converts a `datasets.Dataset` for "
+        "them and is saved beside the merged model (our models bring their own).",
+    )
     default_checkpoint = property(
         lambda self: self._nets.default_checkpoint,
         doc="The checkpoint that merging, aligning and loading use unless told otherwise: `final`, or the one "
-            "whose folders were passed (`[a/net_0/step-50, b/net_0/step-50]` merges step-50).")
+        "whose folders were passed (`[a/net_0/step-50, b/net_0/step-50]` merges step-50).",
+    )
 
     @property
     def num_nets(self) -> int:
@@ -130,8 +159,15 @@ class PermMerger:
         return self._data.described(self.alignment, self._last_merge)
 
     # -- aligning --------------------------------------------------------------------------------
-    def align(self, dataset=None, matcher: str = "activation", checkpoint: str | None = None,
-              reference: str = "net_0", max_rounds: int = 50, **settings) -> list[Permutations]:
+    def align(
+        self,
+        dataset=None,
+        matcher: str = "activation",
+        checkpoint: str | None = None,
+        reference: str = "net_0",
+        max_rounds: int = 50,
+        **settings,
+    ) -> list[Permutations]:
         """Align every net onto net 0 at `checkpoint`; returns one `Permutations` per net (net 0: identity).
 
         `dataset` is a `datasets.Dataset` (Hub schema) or a `TensorSplit`; by default the pair's
@@ -140,8 +176,9 @@ class PermMerger:
         is matched to the average of the others, for rounds until none changes (at most `max_rounds`; Git
         Re-Basin's MergeMany), which lines the nets up with each other for `merge_all`. Net 0 stays as it is.
         """
-        perms, record = align_nets(self._nets, self._data, dataset, matcher, checkpoint, reference, max_rounds,
-                                   **settings)
+        perms, record = align_nets(
+            self._nets, self._data, dataset, matcher, checkpoint, reference, max_rounds, **settings
+        )
         self.set_permutations(perms, **record)
         return perms
 
@@ -153,7 +190,7 @@ class PermMerger:
             p.validate(self.spec)
         self.permutations = list(perms)
         self.alignment = dict(alignment)
-        self._last_merge = self._last_model = None    # a merge made with other permutations is not saved as this one
+        self._last_merge = self._last_model = None  # a merge made with other permutations is not saved as this one
 
     def _require_alignment(self) -> list[Permutations]:
         if self.permutations is None:
@@ -172,8 +209,16 @@ class PermMerger:
         """Refuse a repair mode that cannot apply to these nets, before any alignment or averaging is spent."""
         check_repair(self._nets, repair)
 
-    def merge(self, alpha: float = 0.5, checkpoint: str | None = None, other: int = 1, permute: bool = True,
-              repair: str | None = None, repair_data=None, repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES):
+    def merge(
+        self,
+        alpha: float = 0.5,
+        checkpoint: str | None = None,
+        other: int = 1,
+        permute: bool = True,
+        repair: str | None = None,
+        repair_data=None,
+        repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES,
+    ):
         """`(1 - alpha) * theta_0 + alpha * pi(theta_other)` as a new model; `permute=False` gives vanilla averaging.
 
         repair: None, "repair" (REPAIR: each unit's pre-activation mean/std set to the interpolation of the
@@ -188,25 +233,51 @@ class PermMerger:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
         if self._nets.check_net(other, "other") == 0:
             raise ValueError(f"other must name a net 1..{self.num_nets - 1} (net 0 is the reference), got 0")
-        return self._merge([0, other], [1 - float(alpha), float(alpha)], checkpoint, permute, repair, repair_data,
-                           repair_examples, alpha=float(alpha))
+        return self._merge(
+            [0, other],
+            [1 - float(alpha), float(alpha)],
+            checkpoint,
+            permute,
+            repair,
+            repair_data,
+            repair_examples,
+            alpha=float(alpha),
+        )
 
-    def merge_all(self, checkpoint: str | None = None, k: int | None = None, permute: bool = True,
-                  repair: str | None = None, repair_data=None, repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES):
+    def merge_all(
+        self,
+        checkpoint: str | None = None,
+        k: int | None = None,
+        permute: bool = True,
+        repair: str | None = None,
+        repair_data=None,
+        repair_examples: int | None = DEFAULT_REPAIR_EXAMPLES,
+    ):
         """Uniform average of the first k aligned nets (all by default): the paper's Fig. 3 mid. `repair` as in `merge`."""
         checkpoint = checkpoint or self.default_checkpoint
         k = self.num_nets if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_nets:
             raise ValueError(f"k must be in 1..{self.num_nets}, got {k}")
-        return self._merge(list(range(k)), [1.0 / k] * k, checkpoint, permute, repair, repair_data, repair_examples,
-                           alpha=None)
+        return self._merge(
+            list(range(k)), [1.0 / k] * k, checkpoint, permute, repair, repair_data, repair_examples, alpha=None
+        )
 
     def _merge(self, members, weights, checkpoint, permute, repair, repair_data, repair_examples, alpha):
         """The merge, remembered with its settings (merge_config.json): `save_pretrained` saves this model by
         default, since redoing it could not reproduce a repair on data the caller passed."""
-        self._last_model, self._last_merge = merge_nets(self._nets, self._require_alignment, self._data, members,
-                                                        weights, checkpoint, permute, repair, repair_data,
-                                                        repair_examples, alpha)
+        self._last_model, self._last_merge = merge_nets(
+            self._nets,
+            self._require_alignment,
+            self._data,
+            members,
+            weights,
+            checkpoint,
+            permute,
+            repair,
+            repair_data,
+            repair_examples,
+            alpha,
+        )
         return self._last_model
 
     def _permuted_merge(self) -> bool:
@@ -219,22 +290,27 @@ class PermMerger:
 
     # -- saving and sharing ----------------------------------------------------------------------
     def merge_settings(self) -> dict:
-        """merge_config.json: what was merged and how. Sources by their portable labels (never local absolute
-        paths: the file is pushed with the model); no alignment for a vanilla average, which used none."""
+        """merge_config.json: what was merged and how, sources by portable labels (see `saving.merge_settings`)."""
         return saving.merge_settings(self)
 
     def model_card(self, model, report: dict | None = None, plots=(), command: str | None = None, repo_id=None):
         """The merged model's card (`huggingface_hub.ModelCard`): sources, matcher, merge, measured numbers."""
         return saving.model_card(self, model, report, plots, command, repo_id)
 
-    def save_pretrained(self, output_dir, model=None, report: dict | None = None, files=(),
-                        command: str | None = None, overwrite: bool = False) -> Path:
+    def save_pretrained(
+        self,
+        output_dir,
+        model=None,
+        report: dict | None = None,
+        files=(),
+        command: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
         """Write the merged model (HF folder), image processor, permutations, merge settings and model card.
 
-        `model` defaults to the model the last merge returned (alpha 0.5 if none). It is described
-        as the last `merge`/`merge_all` made it. The permutations are saved only when the merge used them.
-        `report` (report.json) and `files` (e.g. plots) are stored beside it and described in the card.
-        The folder appears whole or not at all; an existing folder is refused (see `check_save_target`).
+        `model` defaults to the model the last merge returned (alpha 0.5 if none); permutations are saved only
+        when the merge used them; `report` and `files` (plots) go beside it, described in the card. The folder
+        appears whole or not at all; an existing folder is refused (see `check_save_target`).
         """
         return saving.save_merged(self, output_dir, model, report, files, command, overwrite)
 
@@ -245,9 +321,8 @@ class PermMerger:
     def load_permutations(self, folder, check_nets: bool = True) -> list[Permutations]:
         """Permutations saved by `save_permutations` / `hf-permerge align` (or a merged model's permutations/).
 
-        They must have been found for these nets: the same number of nets, and (`check_nets`, where the
-        folder records them) the same weights, by `fingerprints`. Permutations of other nets would merge
-        silently wrong."""
+        They must have been found for these nets (same number; with `check_nets`, the same weights by
+        `fingerprints`): permutations of other nets would merge silently wrong."""
         perms, alignment = saving.read_permutations(folder, self.num_nets, self.fingerprints if check_nets else None)
         self.set_permutations(perms, **alignment)
         return perms

@@ -3,6 +3,7 @@
 Rendered from `MODEL_CARD_TEMPLATE.md` (shipped as `hf_permerge/templates/MODEL_CARD_TEMPLATE.md`) with
 `huggingface_hub.ModelCard.from_template`, so `ModelCard.load(repo_id)` parses it back.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,13 @@ def _base_models(entries) -> list[dict]:
         entry = entry if isinstance(entry, dict) else {"name": entry}
         name = str(entry["name"])
         hub = bool(entry.get("hub", _HUB_ID.match(name)))
-        out.append({"name": name if hub else portable_path(name), "hub": hub,
-                    "repo": str(entry.get("repo") or name) if hub else None})
+        out.append(
+            {
+                "name": name if hub else portable_path(name),
+                "hub": hub,
+                "repo": str(entry.get("repo") or name) if hub else None,
+            }
+        )
     return out
 
 
@@ -72,7 +78,7 @@ def portable_command(command: str | None) -> str | None:
         return command
     try:
         args = shlex.split(command)
-    except ValueError:                       # not shell-quoted (a hand-written command): keep it as it is
+    except ValueError:  # not shell-quoted (a hand-written command): keep it as it is
         return command
     out = []
     for arg in args:
@@ -133,7 +139,7 @@ def _merged_metrics(info: dict, report: dict, checkpoint: str, alpha: float | No
             return {"acc": _metric(avg, "acc"), "loss": _metric(avg, "loss")}
     if list(info.get("nets") or [0, 1]) != [0, 1]:
         return {"acc": None, "loss": None}  # the report's curves join nets 0 and 1 only
-    if info.get("repair"):                  # the curves are unrepaired; the report may hold the repaired midpoint
+    if info.get("repair"):  # the curves are unrepaired; the report may hold the repaired midpoint
         repaired = _get(report, "repair", "midpoint", path, "test")
         if _get(report, "repair", "mode") == info["repair"] and abs(alpha - 0.5) < 1e-9:
             return {"acc": _metric(repaired, "acc"), "loss": _metric(repaired, "loss")}
@@ -141,8 +147,10 @@ def _merged_metrics(info: dict, report: dict, checkpoint: str, alpha: float | No
     curve = _get(report, "curves", checkpoint, path) or {}
     for i, lam in enumerate(curve.get("lambdas") or []):
         if abs(float(lam) - alpha) < 1e-9:
-            return {"acc": _metric({"acc": _get(curve, "test", "acc", i)}, "acc"),
-                    "loss": _metric({"loss": _get(curve, "test", "loss", i)}, "loss")}
+            return {
+                "acc": _metric({"acc": _get(curve, "test", "acc", i)}, "acc"),
+                "loss": _metric({"loss": _get(curve, "test", "loss", i)}, "loss"),
+            }
     if abs(alpha - 0.5) < 1e-9:
         mid = _get(report, "midpoint", checkpoint, path, "test")
         return {"acc": _metric(mid, "acc"), "loss": _metric(mid, "loss")}
@@ -214,7 +222,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     alpha = None if uniform else float(info.get("alpha") if info.get("alpha") is not None else 0.5)
     nets = list(info.get("nets") or range(len(base)))
     dataset_name, dataset_id = _dataset(info.get("dataset"))
-    dataset_trained = info.get("dataset_trained", True)   # False: the data of the merge, the models' own unknown
+    dataset_trained = info.get("dataset_trained", True)  # False: the data of the merge, the models' own unknown
     repo_id = info.get("repo_id")
     model_name = info.get("model_name") or (repo_id.split("/")[-1] if repo_id else "hf_permerge-merged-model")
     matcher = info.get("matcher") or {}
@@ -228,68 +236,115 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
             for split in ("test", "train"):
                 values = _get(report, "barrier", ckpt, path, split)
                 if isinstance(values, dict):
-                    barriers.append({"checkpoint": ckpt, "path": path, "split": split,
-                                     "loss": _fmt(_metric(values, "loss")), "acc": _fmt(_metric(values, "acc"))})
+                    barriers.append(
+                        {
+                            "checkpoint": ckpt,
+                            "path": path,
+                            "split": split,
+                            "loss": _fmt(_metric(values, "loss")),
+                            "acc": _fmt(_metric(values, "acc")),
+                        }
+                    )
 
     eval_results = []
-    task = {"task_type": "image-classification", "dataset_type": dataset_id or "unknown",
-            "dataset_name": dataset_name or "unknown", "dataset_split": "test"}
+    task = {
+        "task_type": "image-classification",
+        "dataset_type": dataset_id or "unknown",
+        "dataset_name": dataset_name or "unknown",
+        "dataset_split": "test",
+    }
     if dataset_id:
         if merged["acc"] is not None:
-            eval_results.append(EvalResult(**task, metric_type="accuracy", metric_value=merged["acc"],
-                                           metric_name="Test accuracy"))
+            eval_results.append(
+                EvalResult(**task, metric_type="accuracy", metric_value=merged["acc"], metric_name="Test accuracy")
+            )
         if merged["loss"] is not None:
-            eval_results.append(EvalResult(**task, metric_type="loss", metric_value=merged["loss"],
-                                           metric_name="Test loss"))
+            eval_results.append(
+                EvalResult(**task, metric_type="loss", metric_value=merged["loss"], metric_name="Test loss")
+            )
         for path in ("permuted", "vanilla"):
             values = _get(report, "barrier", checkpoint, path, "test")
             for key, kind in (("loss", "loss"), ("acc", "accuracy")):
                 value = _metric(values, key)
                 if value is not None:
-                    eval_results.append(EvalResult(**task, metric_type=f"{kind}_barrier", metric_value=value,
-                                                   metric_name=f"{kind.capitalize()} barrier ({path}, {checkpoint})"))
+                    eval_results.append(
+                        EvalResult(
+                            **task,
+                            metric_type=f"{kind}_barrier",
+                            metric_value=value,
+                            metric_name=f"{kind.capitalize()} barrier ({path}, {checkpoint})",
+                        )
+                    )
 
     hub_bases = list(dict.fromkeys(m["repo"] for m in base if m["hub"]))  # both nets of a Hub pair: one repo
     extra = {"merged_from": [m["name"] for m in base]}
     if hub_bases:
         extra["base_model_relation"] = "merge"
     card_data = ModelCardData(
-        library_name="hf_permerge", license=info.get("license"),
-        tags=["model-merging", *(["permutation-alignment"] if permuted else []), *([arch] if arch else []),
-              "merge"],
-        base_model=hub_bases or None, datasets=[dataset_id] if dataset_id and dataset_trained else None,
-        pipeline_tag="image-classification", metrics=["accuracy", "loss"] if eval_results else None,
-        model_name=model_name if eval_results else None, eval_results=eval_results or None, **extra)
+        library_name="hf_permerge",
+        license=info.get("license"),
+        tags=["model-merging", *(["permutation-alignment"] if permuted else []), *([arch] if arch else []), "merge"],
+        base_model=hub_bases or None,
+        datasets=[dataset_id] if dataset_id and dataset_trained else None,
+        pipeline_tag="image-classification",
+        metrics=["accuracy", "loss"] if eval_results else None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+        **extra,
+    )
 
     endpoints = []
     for i, endpoint in enumerate(report.get("endpoints") or []):
         net = _get(endpoint, "net", default=i)
         if net not in nets:
-            continue                        # a net of the pair that is not in this merge
+            continue  # a net of the pair that is not in this merge
         test = _get(endpoint if checkpoint == "final" else _get(endpoint, checkpoint), "test")  # at the merged one
-        endpoints.append({"name": f"endpoint: {base[nets.index(net)]['name']}",
-                          "acc": _fmt(_metric(test, "acc")), "loss": _fmt(_metric(test, "loss"))})
-    interpolation = [{"checkpoint": ckpt, "rows": rows} for ckpt in ("final", "init")
-                     if (rows := _curve_rows(_get(report, "curves", ckpt)))]
-    plots = [p if isinstance(p, dict) else {"path": str(p), "caption": Path(str(p)).stem.replace("_", " ")}
-             for p in info.get("plots") or []]
+        endpoints.append(
+            {
+                "name": f"endpoint: {base[nets.index(net)]['name']}",
+                "acc": _fmt(_metric(test, "acc")),
+                "loss": _fmt(_metric(test, "loss")),
+            }
+        )
+    interpolation = [
+        {"checkpoint": ckpt, "rows": rows}
+        for ckpt in ("final", "init")
+        if (rows := _curve_rows(_get(report, "curves", ckpt)))
+    ]
+    plots = [
+        p if isinstance(p, dict) else {"path": str(p), "caption": Path(str(p)).stem.replace("_", " ")}
+        for p in info.get("plots") or []
+    ]
 
     return ModelCard.from_template(
-        card_data, template_path=str(template_path or TEMPLATE_PATH),
-        model_name=model_name, repo_id=repo_id or LOCAL_REPO_PLACEHOLDER,
+        card_data,
+        template_path=str(template_path or TEMPLATE_PATH),
+        model_name=model_name,
+        repo_id=repo_id or LOCAL_REPO_PLACEHOLDER,
         architecture_name=ARCHITECTURES.get(arch, arch),
         architecture_details=_architecture_details(arch, info.get("config")),
-        base_models=base, dataset_name=dataset_name, dataset_id=dataset_id, dataset_trained=dataset_trained,
-        permuted=permuted, models=_models_phrase(checkpoint, len(base)),
+        base_models=base,
+        dataset_name=dataset_name,
+        dataset_id=dataset_id,
+        dataset_trained=dataset_trained,
+        permuted=permuted,
+        models=_models_phrase(checkpoint, len(base)),
         matcher_name=matcher.get("name") if permuted else None,
         matcher_settings=[(k, v) for k, v in matcher.items() if k != "name"],
         aligned_jointly=permuted and matcher.get("reference") == "average",
         align_checkpoint=info.get("align_checkpoint") if permuted else None,
-        checkpoint=checkpoint, alpha=f"{alpha:g}" if alpha is not None else None,
-        one_minus_alpha=f"{1 - alpha:g}" if alpha is not None else None, uniform=uniform,
-        repair=info.get("repair"), repair_scale_only=info.get("repair_scale_only") or [],
+        checkpoint=checkpoint,
+        alpha=f"{alpha:g}" if alpha is not None else None,
+        one_minus_alpha=f"{1 - alpha:g}" if alpha is not None else None,
+        uniform=uniform,
+        repair=info.get("repair"),
+        repair_scale_only=info.get("repair_scale_only") or [],
         traced_spec=info.get("traced_spec") if permuted else None,
         merged_acc=_fmt(merged["acc"]) if merged["acc"] is not None else "",
         merged_loss=_fmt(merged["loss"]) if merged["loss"] is not None else "",
-        endpoints=endpoints, barriers=barriers, interpolation=interpolation, plots=plots,
-        command=portable_command(info.get("command")))
+        endpoints=endpoints,
+        barriers=barriers,
+        interpolation=interpolation,
+        plots=plots,
+        command=portable_command(info.get("command")),
+    )

@@ -1,4 +1,5 @@
 """The nets of a merge: each loaded once per checkpoint, on one device, all with net 0's permutation spec."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,14 +19,26 @@ from .sources import NetSource
 
 logger = logging.getLogger("hf_permerge.merging")
 
-_IGNORED_CONFIG_KEYS = {"seed", "_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
-                        "dtype", "torch_dtype", "initializer_range"}
+_IGNORED_CONFIG_KEYS = {
+    "seed",
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "id2label",
+    "label2id",
+    "dtype",
+    "torch_dtype",
+    "initializer_range",
+}
 """Config fields that say how a net was made or trained, not what its weights mean (dropout rates too)."""
 
 
 def _architecture(cfg) -> dict:
-    return {k: v for k, v in cfg.to_dict().items()
-            if k not in _IGNORED_CONFIG_KEYS and "dropout" not in k and "drop_path" not in k and "layerdrop" not in k}
+    return {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in _IGNORED_CONFIG_KEYS and "dropout" not in k and "drop_path" not in k and "layerdrop" not in k
+    }
 
 
 def check_same_architecture(configs: list, names: list[str]) -> None:
@@ -33,14 +46,18 @@ def check_same_architecture(configs: list, names: list[str]) -> None:
     ref = _architecture(configs[0])
     for cfg, name in zip(configs[1:], names[1:]):
         if cfg.model_type != configs[0].model_type:
-            raise ValueError(f"cannot merge {names[0]} with {name}: different model types ({configs[0].model_type!r} "
-                             f"vs {cfg.model_type!r}); only nets of one architecture can be aligned and merged")
+            raise ValueError(
+                f"cannot merge {names[0]} with {name}: different model types ({configs[0].model_type!r} "
+                f"vs {cfg.model_type!r}); only nets of one architecture can be aligned and merged"
+            )
         other = _architecture(cfg)
         for key in sorted(set(ref) | set(other)):
             if ref.get(key) != other.get(key):
-                raise ValueError(f"cannot merge {names[0]} with {name}: different architectures "
-                                 f"({key}: {ref.get(key)!r} vs {other.get(key)!r}); only nets of one architecture "
-                                 "can be aligned and merged")
+                raise ValueError(
+                    f"cannot merge {names[0]} with {name}: different architectures "
+                    f"({key}: {ref.get(key)!r} vs {other.get(key)!r}); only nets of one architecture "
+                    "can be aligned and merged"
+                )
 
 
 def net_fingerprint(model) -> str:
@@ -48,7 +65,9 @@ def net_fingerprint(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)].to("cpu", torch.float64 if tensor.is_floating_point() else torch.int64)
+        sample = flat[:: max(1, flat.numel() // 4096)].to(
+            "cpu", torch.float64 if tensor.is_floating_point() else torch.int64
+        )
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -58,16 +77,24 @@ class Nets:
     """N nets of one architecture at their checkpoints. `catalog_data` names the merge's data set ((name,
     data_dir)), whose test images trace a spec for a model whose config records no input size."""
 
-    def __init__(self, sources: list[NetSource], device=None, example_inputs=None, image_processor=None,
-                 catalog_data: Callable[[], tuple] = lambda: ("fashion_mnist", None)):
+    def __init__(
+        self,
+        sources: list[NetSource],
+        device=None,
+        example_inputs=None,
+        image_processor=None,
+        catalog_data: Callable[[], tuple] = lambda: ("fashion_mnist", None),
+    ):
         if len(sources) < 2:
             raise ValueError("merging needs at least two nets")
         self.sources = sources
         passed = sorted({s.passed for s in sources})
         if len(passed) > 1:
-            raise ValueError(f"the models passed are different checkpoints ({', '.join(passed)}) of their nets, and a "
-                             "merge takes one checkpoint of every net: pass the same checkpoint of each (or the net "
-                             "folders, and choose one with checkpoint=... / --checkpoint)")
+            raise ValueError(
+                f"the models passed are different checkpoints ({', '.join(passed)}) of their nets, and a "
+                "merge takes one checkpoint of every net: pass the same checkpoint of each (or the net "
+                "folders, and choose one with checkpoint=... / --checkpoint)"
+            )
         self.default_checkpoint = passed[0]
         self.device = torch.device(device) if device else torch.device("cpu")
         self._cache: dict = {}
@@ -118,13 +145,19 @@ class Nets:
             example = self.example_inputs if self.example_inputs is not None else self._example_pixels(model)
             traced = trace(model, example, on_unsupported="skip")
         except ValueError as err:
-            raise ValueError(f"{type(model).__name__} declares no permutation spec and tracing one failed: {err}. "
-                             "If the model takes other inputs than the data set's images, pass "
-                             "PermMerger.from_pretrained(..., example_inputs=<pixel tensor>); or attach a spec "
-                             "yourself (hf_permerge.alignment.attach_permutation_spec)") from err
+            raise ValueError(
+                f"{type(model).__name__} declares no permutation spec and tracing one failed: {err}. "
+                "If the model takes other inputs than the data set's images, pass "
+                "PermMerger.from_pretrained(..., example_inputs=<pixel tensor>); or attach a spec "
+                "yourself (hf_permerge.alignment.attach_permutation_spec)"
+            ) from err
         if traced.skipped:
-            logger.info("traced spec of %s leaves %d groups unpermuted: %s", type(model).__name__,
-                        len(traced.skipped), "; ".join(f"{k}: {v}" for k, v in traced.skipped.items()))
+            logger.info(
+                "traced spec of %s leaves %d groups unpermuted: %s",
+                type(model).__name__,
+                len(traced.skipped),
+                "; ".join(f"{k}: {v}" for k, v in traced.skipped.items()),
+            )
         self.traced = traced
         return attach_permutation_spec(model, traced.spec)
 
@@ -149,11 +182,15 @@ class Nets:
         if self.image_processor is None:
             try:
                 self.image_processor = AutoImageProcessor.from_pretrained(
-                    next(iter(self.sources[0].checkpoints.values())))
+                    next(iter(self.sources[0].checkpoints.values()))
+                )
             except (OSError, ValueError):
-                logger.warning("net 0 (%s) has no image processor, so the merged folder gets none and "
-                               "pipeline('image-classification') cannot load it; pass the model's image processor: "
-                               "PermMerger.from_pretrained(..., image_processor=AutoImageProcessor.from_pretrained("
-                               "<its base model>))", self.sources[0].name)
+                logger.warning(
+                    "net 0 (%s) has no image processor, so the merged folder gets none and "
+                    "pipeline('image-classification') cannot load it; pass the model's image processor: "
+                    "PermMerger.from_pretrained(..., image_processor=AutoImageProcessor.from_pretrained("
+                    "<its base model>))",
+                    self.sources[0].name,
+                )
                 return None
         return self.image_processor

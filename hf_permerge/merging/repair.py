@@ -16,6 +16,7 @@ remedies change a merged model in place, from a few thousand training images:
 Unit axis: 1 for convolutions and BatchNorm, the last for Linear and LayerNorm; every position counts as
 a sample of its unit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,9 @@ class UnitStatistics:
 
     @classmethod
     def zeros(cls, n: int, device=None) -> UnitStatistics:
-        return cls(0, torch.zeros(n, dtype=torch.float64, device=device),
-                   torch.zeros(n, dtype=torch.float64, device=device))
+        return cls(
+            0, torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device)
+        )
 
     def update(self, rows: torch.Tensor) -> None:
         n_b = rows.shape[0]
@@ -92,14 +94,21 @@ class _Stop(Exception):
 
 def _rows(output, name: str, axis: int) -> torch.Tensor:
     if not isinstance(output, torch.Tensor):
-        raise TypeError(f"module {name!r} returns {type(output).__name__}, not a tensor; REPAIR needs a module "
-                        "whose output carries the units")
+        raise TypeError(
+            f"module {name!r} returns {type(output).__name__}, not a tensor; REPAIR needs a module "
+            "whose output carries the units"
+        )
     return output.detach().movedim(axis, -1).reshape(-1, output.shape[axis])
 
 
 @torch.no_grad()
-def unit_statistics(model: nn.Module, modules: Sequence[str], pixel_values: torch.Tensor,
-                    batch_size: int = DEFAULT_BATCH_SIZE, stop_after: str | None = None) -> dict[str, UnitStatistics]:
+def unit_statistics(
+    model: nn.Module,
+    modules: Sequence[str],
+    pixel_values: torch.Tensor,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop_after: str | None = None,
+) -> dict[str, UnitStatistics]:
     """Per-unit statistics of the outputs of `modules` over `pixel_values` (eval mode, streaming).
 
     `stop_after`: end each forward pass as soon as that module has run (the layers after it are not needed).
@@ -115,6 +124,7 @@ def unit_statistics(model: nn.Module, modules: Sequence[str], pixel_values: torc
             stats[name].update(rows)
             if name == stop_after:
                 raise _Stop
+
         return fn
 
     handles = [named[m].register_forward_hook(hook(m, unit_axis(named[m]))) for m in modules]
@@ -151,10 +161,14 @@ def _check_foldable(model: nn.Module, modules: Sequence[str]) -> None:
             raise ValueError(f"REPAIR: the model has no module {m!r}")
         module = named[m]
         if isinstance(module, nn.modules.conv._ConvTransposeNd) or not isinstance(module, _AFFINE_LAST + _AFFINE_FIRST):
-            raise ValueError(f"REPAIR cannot fold a per-unit correction into {m!r} ({type(module).__name__}); it "
-                             "corrects Linear, Conv, BatchNorm, LayerNorm and GroupNorm outputs")
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) and \
-                getattr(module, "weight", None) is None:
+            raise ValueError(
+                f"REPAIR cannot fold a per-unit correction into {m!r} ({type(module).__name__}); it "
+                "corrects Linear, Conv, BatchNorm, LayerNorm and GroupNorm outputs"
+            )
+        if (
+            isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
+            and getattr(module, "weight", None) is None
+        ):
             raise ValueError(f"REPAIR cannot correct {m!r}: the norm has no affine weight to fold the scale into")
 
 
@@ -162,8 +176,10 @@ def _forward_order(model: nn.Module, modules: Sequence[str], pixel_values: torch
     """`modules` in the order a forward pass runs them (the order REPAIR must go in)."""
     named = dict(model.named_modules())
     order: list[str] = []
-    handles = [named[m].register_forward_hook(lambda mod, i, o, m=m: order.append(m) if m not in order else None)
-               for m in modules]
+    handles = [
+        named[m].register_forward_hook(lambda mod, i, o, m=m: order.append(m) if m not in order else None)
+        for m in modules
+    ]
     try:
         with torch.no_grad(), eval_mode(model):
             model(pixel_values=model_input(model, pixel_values[:2]))
@@ -180,9 +196,9 @@ def _forward_order(model: nn.Module, modules: Sequence[str], pixel_values: torch
 def _fold(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make the module's output `scale * output + shift` per unit (scale alone when it has no bias)."""
     weight, bias = module.weight, getattr(module, "bias", None)
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):      # output units on the weight's axis 0
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):  # output units on the weight's axis 0
         weight.mul_(scale.to(weight.dtype).reshape(-1, *[1] * (weight.ndim - 1)))
-    else:                                                              # norms: units on the affine's last axis
+    else:  # norms: units on the affine's last axis
         weight.mul_(scale.to(weight.dtype))
     if bias is not None:
         bias.mul_(scale.to(bias.dtype)).add_(shift.to(bias.dtype))
@@ -204,10 +220,17 @@ def _correction(current: UnitStatistics, mean_t: torch.Tensor, std_t: torch.Tens
 
 
 @torch.no_grad()
-def repair(model: nn.Module, endpoints: Sequence[nn.Module], data, weights: Sequence[float] | None = None,
-           modules: Sequence[str] | None = None, spec: PermutationSpec | None = None,
-           num_examples: int | None = DEFAULT_NUM_EXAMPLES, batch_size: int = DEFAULT_BATCH_SIZE,
-           seed: int = 0) -> dict:
+def repair(
+    model: nn.Module,
+    endpoints: Sequence[nn.Module],
+    data,
+    weights: Sequence[float] | None = None,
+    modules: Sequence[str] | None = None,
+    spec: PermutationSpec | None = None,
+    num_examples: int | None = DEFAULT_NUM_EXAMPLES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> dict:
     """REPAIR `model` (the merge of `endpoints`, units lined up) in place; see the module docstring.
 
     weights: the merge weights (default uniform: `merge_all`); for `merge(alpha)`: [1 - alpha, alpha].
@@ -222,9 +245,11 @@ def repair(model: nn.Module, endpoints: Sequence[nn.Module], data, weights: Sequ
         spec = spec or model.permutation_spec()
         modules = repair_modules(spec)
     if not modules:
-        raise ValueError(f"REPAIR: {type(model).__name__} has no group with a pre-activation module to correct "
-                         "(residual groups have none); pass modules=[...] or use repair='reset_bn' "
-                         "(`--repair reset_bn` on the command line)")
+        raise ValueError(
+            f"REPAIR: {type(model).__name__} has no group with a pre-activation module to correct "
+            "(residual groups have none); pass modules=[...] or use repair='reset_bn' "
+            "(`--repair reset_bn` on the command line)"
+        )
     _check_foldable(model, modules)
     x = _pixels(data, model, num_examples, seed)
     modules = _forward_order(model, list(modules), x)
@@ -238,14 +263,17 @@ def repair(model: nn.Module, endpoints: Sequence[nn.Module], data, weights: Sequ
         has_bias = getattr(named[m], "bias", None) is not None
         scale, shift = _correction(current, mean_t, std_t, has_bias)
         _fold(named[m], scale, shift)
-        summary[m] = {"scale_mean": scale.mean().item(), "shift_abs_mean": shift.abs().mean().item(),
-                      "shift": has_bias}
+        summary[m] = {"scale_mean": scale.mean().item(), "shift_abs_mean": shift.abs().mean().item(), "shift": has_bias}
     scale_only = [m for m, s in summary.items() if not s["shift"]]
     if scale_only:
-        logger.warning("REPAIR: %d of %d corrected layers have no bias (%s), so their units were only rescaled, not "
-                       "re-centred: scale-only REPAIR, which can also cost a little accuracy. Compare with the "
-                       "unrepaired merge, or train with biases (model.bias=true)", len(scale_only), len(summary),
-                       ", ".join(scale_only))
+        logger.warning(
+            "REPAIR: %d of %d corrected layers have no bias (%s), so their units were only rescaled, not "
+            "re-centred: scale-only REPAIR, which can also cost a little accuracy. Compare with the "
+            "unrepaired merge, or train with biases (model.bias=true)",
+            len(scale_only),
+            len(summary),
+            ", ".join(scale_only),
+        )
     return summary
 
 
@@ -257,14 +285,21 @@ def require_batchnorm(model: nn.Module) -> list[nn.Module]:
     """The model's BatchNorm layers; none is a user's mistake (reset_bn asked of a model without BatchNorm)."""
     bns = batchnorm_layers(model)
     if not bns:
-        raise ValueError(f"reset_bn: {type(model).__name__} has no BatchNorm layers, so there are no statistics to "
-                         "reset; use REPAIR instead (repair='repair' in Python, `--repair repair` on the command line)")
+        raise ValueError(
+            f"reset_bn: {type(model).__name__} has no BatchNorm layers, so there are no statistics to "
+            "reset; use REPAIR instead (repair='repair' in Python, `--repair repair` on the command line)"
+        )
     return bns
 
 
 @torch.no_grad()
-def reset_bn_statistics(model: nn.Module, data, num_examples: int | None = DEFAULT_NUM_EXAMPLES,
-                        batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> nn.Module:
+def reset_bn_statistics(
+    model: nn.Module,
+    data,
+    num_examples: int | None = DEFAULT_NUM_EXAMPLES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> nn.Module:
     """Recompute every BatchNorm's running statistics on `data` (in place); see the module docstring.
 
     Only whole batches are used (a last, smaller batch would be weighted like a full one).
@@ -281,7 +316,7 @@ def reset_bn_statistics(model: nn.Module, data, num_examples: int | None = DEFAU
         try:
             for m in bns:
                 m.reset_running_stats()
-                m.momentum = None        # cumulative average over batches
+                m.momentum = None  # cumulative average over batches
                 m.train()
             for s in slices:
                 model(pixel_values=model_input(model, x[s]))
@@ -291,8 +326,14 @@ def reset_bn_statistics(model: nn.Module, data, num_examples: int | None = DEFAU
     return model
 
 
-def apply_repair(mode: Literal["repair", "reset_bn"], model: nn.Module, endpoints: Sequence[nn.Module], data,
-                 weights: Sequence[float] | None = None, **settings) -> list[str]:
+def apply_repair(
+    mode: Literal["repair", "reset_bn"],
+    model: nn.Module,
+    endpoints: Sequence[nn.Module],
+    data,
+    weights: Sequence[float] | None = None,
+    **settings,
+) -> list[str]:
     """Run `repair` or `reset_bn_statistics` on a merged model (in place); returns the modules REPAIR could only
     rescale (no bias to shift), for the record."""
     check_repair_mode(mode)

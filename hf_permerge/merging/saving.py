@@ -1,5 +1,6 @@
 """What a merge writes and shares: merge_config.json, the model card, the merged folder, a Hub push; and the
 folders of permutations (`alignment.json` + net_i.safetensors) that `hf-permerge align` writes and merge reads."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,17 +20,30 @@ MARKER = "merge_config.json"
 PERMUTATIONS_MARKER = "alignment.json"
 """The file that marks a folder as a set of permutations of ours (`save_permutations`, `hf-permerge align`)."""
 SAVE_TARGETS = {
-    "merged model": (MARKER, (MARKER, "README.md", "config.json", "*.safetensors", "model.safetensors.index.json",
-                              "generation_config.json", "preprocessor_config.json", "permutations", "report.json",
-                              "*.png")),
+    "merged model": (
+        MARKER,
+        (
+            MARKER,
+            "README.md",
+            "config.json",
+            "*.safetensors",
+            "model.safetensors.index.json",
+            "generation_config.json",
+            "preprocessor_config.json",
+            "permutations",
+            "report.json",
+            "*.png",
+        ),
+    ),
     "set of permutations": (PERMUTATIONS_MARKER, (PERMUTATIONS_MARKER, "net_*.safetensors")),
 }
 """What each output of the merger is marked by, and consists of (a transformers model's own files included):
 --overwrite replaces only a folder of that kind, and refuses one holding anything else."""
 
 
-def check_save_target(output_dir, overwrite: bool = False, what: str = "merged model",
-                      wording: Wording = PYTHON_WORDING) -> Path:
+def check_save_target(
+    output_dir, overwrite: bool = False, what: str = "merged model", wording: Wording = PYTHON_WORDING
+) -> Path:
     """`io_utils.check_output_dir`'s rule for one of `SAVE_TARGETS` ("merged model", "set of permutations"), in a
     Python caller's words by default (`overwrite=True`; the CLI passes its own, `--overwrite`)."""
     marker, contents = SAVE_TARGETS[what]
@@ -37,22 +51,37 @@ def check_save_target(output_dir, overwrite: bool = False, what: str = "merged m
 
 
 def merge_settings(merger) -> dict:
-    """merge_config.json of `merger` (see `PermMerger.merge_settings`)."""
+    """merge_config.json of `merger`: what was merged and how. Sources by their portable labels (never local
+    absolute paths: the file is pushed with the model); no alignment for a vanilla average, which used none."""
     permuted = merger._permuted_merge()
     return {
         "format": "hf_permerge.merge/1",
         "sources": [s.label for s in merger.sources],
         "hub_sources": [s.hub_id for s in merger.sources if s.hub_id],
-        **({"hub_commits": {s.hub_id: s.commit for s in merger.sources if s.commit}}
-           if any(s.commit for s in merger.sources) else {}),
+        **(
+            {"hub_commits": {s.hub_id: s.commit for s in merger.sources if s.commit}}
+            if any(s.commit for s in merger.sources)
+            else {}
+        ),
         "merge": merger._last_merge,
         "alignment": dict(merger.alignment) if permuted else None,
-        **({"fingerprints": merger.fingerprints(merger.alignment.get("checkpoint"))}
-           if merger.permutations is not None and permuted else {}),
+        **(
+            {"fingerprints": merger.fingerprints(merger.alignment.get("checkpoint"))}
+            if merger.permutations is not None and permuted
+            else {}
+        ),
         "dataset": merger.described_dataset(),
-        **({"traced_spec": {"groups": merger.spec.names, "skipped": dict(merger.traced.skipped),
-                            "head_couplings": [list(c) for c in merger.spec.couplings]}}
-           if merger.traced is not None else {}),
+        **(
+            {
+                "traced_spec": {
+                    "groups": merger.spec.names,
+                    "skipped": dict(merger.traced.skipped),
+                    "head_couplings": [list(c) for c in merger.spec.couplings],
+                }
+            }
+            if merger.traced is not None
+            else {}
+        ),
     }
 
 
@@ -62,35 +91,59 @@ def model_card(merger, model, report: dict | None = None, plots=(), command: str
     nets = last.get("nets", [0, 1])
     permuted = merger._permuted_merge()
     alignment = merger.alignment
-    matcher = ({"name": alignment["matcher"], **(alignment.get("settings") or {}),
-                **({"reference": "average"} if alignment.get("reference") == "average" else {})}
-               if permuted and alignment.get("matcher") else None)     # unknown for bare permutation files
-    return render_model_card({
-        "base_models": [{"name": merger.sources[i].label, "hub": bool(merger.sources[i].hub_id),
-                         "repo": merger.sources[i].hub_id} for i in nets],
-        "nets": nets,
-        "config": model.config.to_dict(),
-        "dataset": merger.described_dataset(),
-        "dataset_trained": merger.pair is not None,     # bare folders: the data they were merged with, not trained on
-        "permuted": permuted,
-        "matcher": matcher,
-        "align_checkpoint": alignment.get("checkpoint") if permuted else None,
-        "checkpoint": last.get("checkpoint", merger.default_checkpoint),
-        "alpha": last.get("alpha", 0.5),
-        "uniform": last.get("alpha", 0.5) is None,
-        "repair": last.get("repair"),
-        "repair_scale_only": last.get("repair_scale_only"),
-        "traced_spec": ({"groups": len(merger.spec.groups), "skipped": sorted(merger.traced.skipped)}
-                        if merger.traced is not None and permuted else None),
-        "report": report,
-        "plots": list(plots),
-        "command": command,
-        "repo_id": repo_id,
-    })
+    matcher = (
+        {
+            "name": alignment["matcher"],
+            **(alignment.get("settings") or {}),
+            **({"reference": "average"} if alignment.get("reference") == "average" else {}),
+        }
+        if permuted and alignment.get("matcher")
+        else None
+    )  # unknown for bare permutation files
+    return render_model_card(
+        {
+            "base_models": [
+                {
+                    "name": merger.sources[i].label,
+                    "hub": bool(merger.sources[i].hub_id),
+                    "repo": merger.sources[i].hub_id,
+                }
+                for i in nets
+            ],
+            "nets": nets,
+            "config": model.config.to_dict(),
+            "dataset": merger.described_dataset(),
+            "dataset_trained": merger.pair is not None,  # bare folders: the data they were merged with, not trained on
+            "permuted": permuted,
+            "matcher": matcher,
+            "align_checkpoint": alignment.get("checkpoint") if permuted else None,
+            "checkpoint": last.get("checkpoint", merger.default_checkpoint),
+            "alpha": last.get("alpha", 0.5),
+            "uniform": last.get("alpha", 0.5) is None,
+            "repair": last.get("repair"),
+            "repair_scale_only": last.get("repair_scale_only"),
+            "traced_spec": (
+                {"groups": len(merger.spec.groups), "skipped": sorted(merger.traced.skipped)}
+                if merger.traced is not None and permuted
+                else None
+            ),
+            "report": report,
+            "plots": list(plots),
+            "command": command,
+            "repo_id": repo_id,
+        }
+    )
 
 
-def save_merged(merger, output_dir, model=None, report: dict | None = None, files=(), command: str | None = None,
-                overwrite: bool = False) -> Path:
+def save_merged(
+    merger,
+    output_dir,
+    model=None,
+    report: dict | None = None,
+    files=(),
+    command: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """The merged folder of `merger` (see `PermMerger.save_pretrained`)."""
     output_dir = check_save_target(output_dir, overwrite)
     if model is None:
@@ -127,15 +180,26 @@ def push(merger, repo_id: str, output_dir=None, **kwargs):
 
 
 def save_permutations(merger, output_dir) -> Path:
-    output_dir = check_save_target(output_dir, overwrite=True, what="set of permutations",
-                                   wording=dataclasses.replace(PYTHON_WORDING, overwrite="save_permutations, which "
-                                                               "replaces only an earlier set of permutations"))
+    output_dir = check_save_target(
+        output_dir,
+        overwrite=True,
+        what="set of permutations",
+        wording=dataclasses.replace(
+            PYTHON_WORDING, overwrite="save_permutations, which replaces only an earlier set of permutations"
+        ),
+    )
     with atomic_dir(output_dir) as tmp:
         for i, p in enumerate(merger._require_alignment()):
             p.save(tmp / f"net_{i}.safetensors")
-        write_json_atomic(tmp / PERMUTATIONS_MARKER, {
-            **merge_settings(merger), "merge": None, "alignment": dict(merger.alignment),
-            "fingerprints": merger.fingerprints(merger.alignment.get("checkpoint"))})  # also after a vanilla merge
+        write_json_atomic(
+            tmp / PERMUTATIONS_MARKER,
+            {
+                **merge_settings(merger),
+                "merge": None,
+                "alignment": dict(merger.alignment),
+                "fingerprints": merger.fingerprints(merger.alignment.get("checkpoint")),
+            },
+        )  # also after a vanilla merge
     return output_dir
 
 
@@ -145,24 +209,36 @@ def read_permutations(folder, num_nets: int, fingerprints=None) -> tuple[list[Pe
     folder = Path(folder)
     found = len(list(folder.glob("net_*.safetensors")))
     if found and found != num_nets:
-        raise ValueError(f"{folder} holds permutations of {found} nets, and this merge has {num_nets}: they "
-                         "were found for other nets. Align these nets instead (merger.align(), or hf-permerge "
-                         "merge without --permutations)")
-    record = next((read_record(f, AlignmentRecord, "pass the folder written by `hf-permerge align`")
-                   for f in (folder / PERMUTATIONS_MARKER, folder.parent / MARKER) if f.is_file()), {})
+        raise ValueError(
+            f"{folder} holds permutations of {found} nets, and this merge has {num_nets}: they "
+            "were found for other nets. Align these nets instead (merger.align(), or hf-permerge "
+            "merge without --permutations)"
+        )
+    record = next(
+        (
+            read_record(f, AlignmentRecord, "pass the folder written by `hf-permerge align`")
+            for f in (folder / PERMUTATIONS_MARKER, folder.parent / MARKER)
+            if f.is_file()
+        ),
+        {},
+    )
     saved = record.get("fingerprints")
     if fingerprints is not None and saved:
         ours = fingerprints((record.get("alignment") or {}).get("checkpoint"))
         if list(saved) != ours:
             differ = [f"net {i}" for i, (a, b) in enumerate(zip(saved, ours)) if a != b]
-            raise ValueError(f"{folder} holds permutations found for other nets (other weights in {', '.join(differ)}"
-                             "). Align these nets instead (merger.align(), or hf-permerge merge without "
-                             "--permutations)")
+            raise ValueError(
+                f"{folder} holds permutations found for other nets (other weights in {', '.join(differ)}"
+                "). Align these nets instead (merger.align(), or hf-permerge merge without "
+                "--permutations)"
+            )
     perms = []
     for i in range(num_nets):
         path = folder / f"net_{i}.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} lacks net_{i}.safetensors; pass the folder written by "
-                                    "`hf-permerge align` (or a merge's permutations/ folder)")
+            raise FileNotFoundError(
+                f"{folder} lacks net_{i}.safetensors; pass the folder written by "
+                "`hf-permerge align` (or a merge's permutations/ folder)"
+            )
         perms.append(Permutations.load(path))
     return perms, record.get("alignment") or {}

@@ -1,4 +1,5 @@
 """Where the nets of a merge come from: a pair folder, a Hub repo of a pair, or model folders / repo ids."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,10 @@ class NetSource:
 
     def folder(self, checkpoint: str) -> Path:
         if checkpoint not in self.checkpoints:
-            raise ValueError(f"net {self.name} has no checkpoint {checkpoint!r}; it has {sorted(self.checkpoints)} "
-                             f"({CHECKPOINT_HELP})")
+            raise ValueError(
+                f"net {self.name} has no checkpoint {checkpoint!r}; it has {sorted(self.checkpoints)} "
+                f"({CHECKPOINT_HELP})"
+            )
         return self.checkpoints[checkpoint]
 
 
@@ -58,9 +61,12 @@ def distinct_labels(names: list[str]) -> list[str]:
     extra = [0] * len(names)
     while True:
         labels = [portable_path(n, e) for n, e in zip(names, extra)]
-        clashes = [i for i, label in enumerate(labels)      # the same model twice keeps its short label
-                   if any(labels[j] == label and names[j] != names[i] for j in range(len(names)))
-                   and portable_path(names[i], extra[i] + 1) != label]
+        clashes = [
+            i
+            for i, label in enumerate(labels)  # the same model twice keeps its short label
+            if any(labels[j] == label and names[j] != names[i] for j in range(len(names)))
+            and portable_path(names[i], extra[i] + 1) != label
+        ]
         if not clashes:
             return labels
         for i in clashes:
@@ -84,11 +90,16 @@ def net_checkpoints(folder: Path) -> dict[str, Path]:
             if folder.name in found:
                 return found
         return {"final": folder}
-    found = {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and _is_model_folder(p)
-             and (p.name in ("init", "final") or p.name.startswith("step-"))}
+    found = {
+        p.name: p
+        for p in sorted(folder.iterdir())
+        if p.is_dir() and _is_model_folder(p) and (p.name in ("init", "final") or p.name.startswith("step-"))
+    }
     if not found:
-        raise FileNotFoundError(f"{folder} holds no model: expected config.json + model.safetensors, or "
-                                "checkpoint folders init/, step-N/, final/ (a net folder of a pair)")
+        raise FileNotFoundError(
+            f"{folder} holds no model: expected config.json + model.safetensors, or "
+            "checkpoint folders init/, step-N/, final/ (a net folder of a pair)"
+        )
     return found
 
 
@@ -107,7 +118,7 @@ def resolve(path_or_id: str | Path, token: str | None = None, revision: str | No
     try:
         return Path(resolve_local_or_hub(text, revision, token=token)), text
     except HubError as err:
-        if Path(path.parts[0]).is_dir():     # `models/vit_9` beside a models/ folder: most likely a typo
+        if Path(path.parts[0]).is_dir():  # `models/vit_9` beside a models/ folder: most likely a typo
             raise missing_folder_error(path, f"; nor is it a Hub repo: {err}") from None
         raise
 
@@ -124,28 +135,43 @@ def load_sources(spec, token: str | None = None, revision: str | None = None) ->
     if isinstance(spec, (str, Path)):
         folder, hub_id = resolve(spec, token, revision)
         if revision is not None and hub_id is None:
-            raise ValueError(f"revision={revision!r} applies to Hub repo ids, but {spec} is a local folder; "
-                             "drop the revision, or pass the repo id")
+            raise ValueError(
+                f"revision={revision!r} applies to Hub repo ids, but {spec} is a local folder; "
+                "drop the revision, or pass the repo id"
+            )
         pair_json = folder / "pair.json"
         if not pair_json.is_file():
             if _is_model_folder(folder):
-                raise ValueError(f"{spec} is a single model; merging needs at least two: pass a pair folder "
-                                 "or a list of >= 2 model folders / repo ids")
-            if (folder / "pair" / "pair.json").is_file():   # the output folder of `hf-permerge run`
-                raise FileNotFoundError(f"{spec} is the output of `hf-permerge run`, not a pair folder; its pair is "
-                                        f"{Path(spec) / 'pair'}")
-            raise FileNotFoundError(f"{spec} is not a pair folder (no pair.json); pass a pair folder written by "
-                                    "`hf-permerge train`, or a list of model folders / repo ids")
+                raise ValueError(
+                    f"{spec} is a single model; merging needs at least two: pass a pair folder "
+                    "or a list of >= 2 model folders / repo ids"
+                )
+            if (folder / "pair" / "pair.json").is_file():  # the output folder of `hf-permerge run`
+                raise FileNotFoundError(
+                    f"{spec} is the output of `hf-permerge run`, not a pair folder; its pair is {Path(spec) / 'pair'}"
+                )
+            raise FileNotFoundError(
+                f"{spec} is not a pair folder (no pair.json); pass a pair folder written by "
+                "`hf-permerge train`, or a list of model folders / repo ids"
+            )
         pair = read_record(pair_json, PairRecord, "re-create the pair folder (hf-permerge train)")
         sources = []
         for i in range(int(pair["num_nets"])):
             net = folder / f"net_{i}"
             if not net.is_dir():
-                raise FileNotFoundError(f"pair folder {folder} lacks net_{i}/ (pair.json says {pair['num_nets']} nets); "
-                                        "was the training interrupted? resume it with --resume")
-            sources.append(NetSource(f"{hub_id or folder}/net_{i}", net_checkpoints(net), hub_id,
-                                     label=f"{hub_id}/net_{i}" if hub_id else f"net_{i}",
-                                     commit=_commit(folder, hub_id)))
+                raise FileNotFoundError(
+                    f"pair folder {folder} lacks net_{i}/ (pair.json says {pair['num_nets']} nets); "
+                    "was the training interrupted? resume it with --resume"
+                )
+            sources.append(
+                NetSource(
+                    f"{hub_id or folder}/net_{i}",
+                    net_checkpoints(net),
+                    hub_id,
+                    label=f"{hub_id}/net_{i}" if hub_id else f"net_{i}",
+                    commit=_commit(folder, hub_id),
+                )
+            )
         return sources, pair
     items = list(spec)
     if len(items) < 2:
@@ -154,19 +180,27 @@ def load_sources(spec, token: str | None = None, revision: str | None = None) ->
     folders = [folder.resolve() for folder, _ in resolved]
     for i, folder in enumerate(folders):
         if folder in folders[:i]:
-            logger.warning("%s and %s are the same model: their merge is that model itself", items[folders.index(folder)],
-                           items[i])
+            logger.warning(
+                "%s and %s are the same model: their merge is that model itself", items[folders.index(folder)], items[i]
+            )
     if revision is not None and not any(hub_id for _, hub_id in resolved):
-        raise ValueError(f"revision={revision!r} applies to Hub repo ids, but all of {[str(i) for i in items]} "
-                         "are local folders; drop the revision, or pass repo ids")
+        raise ValueError(
+            f"revision={revision!r} applies to Hub repo ids, but all of {[str(i) for i in items]} "
+            "are local folders; drop the revision, or pass repo ids"
+        )
     labels = distinct_labels([str(item) for item in items])
     sources = []
     for item, (folder, hub_id), label in zip(items, resolved, labels):
         if (folder / "pair.json").is_file():
-            raise ValueError(f"{item} is a pair folder, which holds its own nets: pass it alone, or pass model "
-                             f"folders (e.g. {item}/net_0 {item}/net_1)")
+            raise ValueError(
+                f"{item} is a pair folder, which holds its own nets: pass it alone, or pass model "
+                f"folders (e.g. {item}/net_0 {item}/net_1)"
+            )
         checkpoints = net_checkpoints(folder)
         passed = next((name for name, path in checkpoints.items() if path == folder), "final")
-        sources.append(NetSource(str(item), checkpoints, hub_id, label=hub_id or label, passed=passed,
-                                 commit=_commit(folder, hub_id)))
+        sources.append(
+            NetSource(
+                str(item), checkpoints, hub_id, label=hub_id or label, passed=passed, commit=_commit(folder, hub_id)
+            )
+        )
     return sources, None

@@ -3,6 +3,7 @@
 `load_metric("loss_barrier")` is `evaluate.load(<path of the module>)`. `evaluate` is imported only
 when a metric is loaded, since importing it costs seconds and most callers never need it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Model classes, registered with the Auto classes on import (no trust_remote_code)."""
+
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from .configuration_perm_cnn import PermCNNConfig

@@ -1,4 +1,5 @@
 """Config of the paper's plain CNN (App. F.2): 3x3 convs, 2x2 average pools, global pool, linear read-out."""
+
 from __future__ import annotations
 
 from .configuration_perm_mlp import PermImageConfig, check_common

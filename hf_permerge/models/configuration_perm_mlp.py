@@ -1,4 +1,5 @@
 """Config of the paper's fully connected network (App. F.1)."""
+
 from __future__ import annotations
 
 from transformers import PreTrainedConfig

@@ -6,6 +6,7 @@ It reproduces the data path's normalisation (`hf_permerge.data.tensors.normalise
 beyond `import hf_permerge`. The pipeline converts every image to RGB first; we convert back to the
 model's channel count (grayscale "L" for one channel, the same luminance formula as PIL's).
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,18 +88,21 @@ class PermImageProcessor(PilBackend):
 
 def image_processor_for(config) -> PermImageProcessor:
     """The image processor that feeds a model with this config the inputs it was trained on."""
-    return PermImageProcessor(num_channels=int(config.num_channels),
-                              size={"height": int(config.image_size), "width": int(config.image_size)},
-                              image_mean=[float(m) for m in config.image_mean],
-                              image_std=[float(s) for s in config.image_std])
+    return PermImageProcessor(
+        num_channels=int(config.num_channels),
+        size={"height": int(config.image_size), "width": int(config.image_size)},
+        image_mean=[float(m) for m in config.image_mean],
+        image_std=[float(s) for s in config.image_std],
+    )
 
 
 def register_image_processor() -> None:
     """Make `AutoImageProcessor` (and so `pipeline`) pick PermImageProcessor for our model configs."""
     for config_class in (PermMLPConfig, PermCNNConfig):
         try:
-            AutoImageProcessor.register(config_class, image_processor_classes={"pil": PermImageProcessor},
-                                        exist_ok=True)
+            AutoImageProcessor.register(
+                config_class, image_processor_classes={"pil": PermImageProcessor}, exist_ok=True
+            )
         except ImportError as err:  # transformers < 5.24 wants torchvision for AutoImageProcessor
             logger.debug("AutoImageProcessor not registered for %s: %s", config_class.__name__, err)
             return

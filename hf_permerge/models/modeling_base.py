@@ -1,4 +1,5 @@
 """What our two model classes share: the seeded init, the loss, the permutation-spec hook."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The paper's plain CNN (App. F.2) as a transformers image classifier."""
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,7 @@ class PermCNNForImageClassification(PermPreTrainedModel):
             if tok == "avg":
                 continue
             pooled = i + 1 < len(tokens) and tokens[i + 1] == "avg"
-            last = all(t == "avg" for t in tokens[i + 1:])
+            last = all(t == "avg" for t in tokens[i + 1 :])
             pools = ([nn.AvgPool2d(2)] if pooled else []) + ([GlobalAvgPool()] if last else [])
             pool = nn.Identity() if not pools else pools[0] if len(pools) == 1 else nn.Sequential(*pools)
             blocks.append(ConvBlock(c_in, tok, config.bias, config.batch_norm, pool))
@@ -68,6 +69,5 @@ class PermCNNForImageClassification(PermPreTrainedModel):
                 axes += [(f"{p}.norm.{k}", 0) for k in ("weight", "bias", "running_mean", "running_var")]
             axes.append((f"blocks.{i + 1}.conv.weight" if i + 1 < n else "classifier.weight", 1))
             pre = f"{p}.norm" if self.config.batch_norm else f"{p}.conv"
-            groups.append(PermGroup(f"conv.{i}", block.conv.out_channels, tuple(axes),
-                                    activation=p, preactivation=pre))
+            groups.append(PermGroup(f"conv.{i}", block.conv.out_channels, tuple(axes), activation=p, preactivation=pre))
         return PermutationSpec(tuple(groups))

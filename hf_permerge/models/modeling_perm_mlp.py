@@ -1,4 +1,5 @@
 """The paper's fully connected network as a transformers image classifier."""
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,12 @@ class PermMLPForImageClassification(PermPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, return_dict=None, **kwargs):
-        logits = mlp_forward(lambda name, h: self.get_submodule(name)(h), lambda i, h: self.activations[i](h),
-                             mlp_layer_names(self.config.depth), pixel_values.flatten(1))
+        logits = mlp_forward(
+            lambda name, h: self.get_submodule(name)(h),
+            lambda i, h: self.activations[i](h),
+            mlp_layer_names(self.config.depth),
+            pixel_values.flatten(1),
+        )
         return self._output(logits, labels, return_dict)
 
     def permutation_spec(self) -> PermutationSpec:
@@ -54,6 +59,13 @@ class PermMLPForImageClassification(PermPreTrainedModel):
             if self.config.bias:
                 axes.append((f"layers.{i}.bias", 0))
             axes.append((f"{nxt}.weight", 1))
-            groups.append(PermGroup(f"hidden.{i}", self.config.width, tuple(axes),
-                                    activation=f"activations.{i}", preactivation=f"layers.{i}"))
+            groups.append(
+                PermGroup(
+                    f"hidden.{i}",
+                    self.config.width,
+                    tuple(axes),
+                    activation=f"activations.{i}",
+                    preactivation=f"layers.{i}",
+                )
+            )
         return PermutationSpec(tuple(groups))

@@ -1,4 +1,5 @@
 """The main job: train a pair, align it, evaluate it, write report.json, plots and the merged model."""
+
 from __future__ import annotations
 
 import json
@@ -50,16 +51,25 @@ def evaluation_splits(config: RunConfig, device, mean_std: tuple | None = None) 
     as `mean_std` (the models' recorded normalisation) or else as `config.data` says."""
     splits = {}
     for name in config.evaluation.splits:
-        split = load_tensors(config.data.dataset, name, device, config.data.data_dir, mean_std or config.data.mean_std())
-        splits[name] = split.subset(config.evaluation.train_subset, seed=TRAIN_SUBSET_SEED) if name == "train" else split
+        split = load_tensors(
+            config.data.dataset, name, device, config.data.data_dir, mean_std or config.data.mean_std()
+        )
+        splits[name] = (
+            split.subset(config.evaluation.train_subset, seed=TRAIN_SUBSET_SEED) if name == "train" else split
+        )
     return splits
 
 
 def align_merger(merger, config: RunConfig) -> None:
     """Align with the config's `alignment` section (the chosen matcher's settings), on the training split."""
     a = config.alignment
-    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds,
-                 **matcher_settings(a.matcher, a.model_dump()))
+    merger.align(
+        matcher=a.matcher,
+        checkpoint=a.checkpoint,
+        reference=a.reference,
+        max_rounds=a.max_rounds,
+        **matcher_settings(a.matcher, a.model_dump()),
+    )
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:
@@ -67,13 +77,16 @@ def check_evaluate_overrides(overrides: list[str] | None) -> None:
     the report's record of it false, so it is an error, before any work."""
     bad = [o for o in overrides or [] if not o.split("=", 1)[0].strip().startswith(EVALUATE_KEYS)]
     if bad:
-        raise ConfigError(f"evaluate cannot override {', '.join(repr(b) for b in bad)}: model, training and data "
-                          "come from the pair's pair.json (how its nets were made); only alignment.*, evaluation.* "
-                          "and data.data_dir can be set. To change the nets, train a new pair (hf-permerge run)")
+        raise ConfigError(
+            f"evaluate cannot override {', '.join(repr(b) for b in bad)}: model, training and data "
+            "come from the pair's pair.json (how its nets were made); only alignment.*, evaluation.* "
+            "and data.data_dir can be set. To change the nets, train a new pair (hf-permerge run)"
+        )
 
 
-def evaluation_config(pair_config: dict | None, config: RunConfig | None, overrides: list[str] | None,
-                      source: str) -> RunConfig:
+def evaluation_config(
+    pair_config: dict | None, config: RunConfig | None, overrides: list[str] | None, source: str
+) -> RunConfig:
     """The pair's own config with the `alignment` and `evaluation` sections (and a `data.data_dir`) of `config`
     (when given), then `overrides` (alignment, evaluation, data.data_dir). Without a pair.json, `config`
     describes the nets."""
@@ -91,14 +104,24 @@ def check_evaluate_output(output_dir, overwrite: bool = False) -> None:
     evaluation or a run, or (without overwrite) an evaluation already."""
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite, marker=(*EVALUATE_MARKERS, RUN_MARKER))
-    check_save_target(output_dir / "merged", overwrite)          # replaced at the end: refusals come now
+    check_save_target(output_dir / "merged", overwrite)  # replaced at the end: refusals come now
     check_save_target(output_dir / "permutations", True, "set of permutations")
 
 
-def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrides: list[str] | None = None,
-                  overwrite: bool = False, progress: bool = True, device=None, train_s: float | None = None,
-                  command: str | None = None, token: str | None = None, revision: str | None = None,
-                  pair_label: str | None = None) -> dict:
+def evaluate_pair(
+    pair_dir,
+    output_dir,
+    config: RunConfig | None = None,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    device=None,
+    train_s: float | None = None,
+    command: str | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    pair_label: str | None = None,
+) -> dict:
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
     OUT/report.json, OUT/*.png and OUT/merged/ (with its card). `pair_label`: how the report names the pair
     (default: its portable path; a job written beside its final place names the final one)."""
@@ -107,33 +130,38 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     device = torch.device(device) if device else default_device()
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
-    check_evaluate_output(output_dir, overwrite)        # before any download
+    check_evaluate_output(output_dir, overwrite)  # before any download
     merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
-    models = not isinstance(pair_dir, (str, Path))          # a list of model folders / repo ids
+    models = not isinstance(pair_dir, (str, Path))  # a list of model folders / repo ids
     if (merger.pair or {}).get("config") is None and config is None:
-        raise ValueError(f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
-                         "(--config) that describes their data and the evaluation")
+        raise ValueError(
+            f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
+            "(--config) that describes their data and the evaluation"
+        )
     source = ("--config" if models else f"{pair_dir}/pair.json") + (" with the --set overrides" if overrides else "")
     config = evaluation_config((merger.pair or {}).get("config"), config, overrides, source)
-    merger.use_data(config.data.dataset, config.data.data_dir)     # align (and tell) on the data evaluated on
+    merger.use_data(config.data.dataset, config.data.data_dir)  # align (and tell) on the data evaluated on
     splits = evaluation_splits(config, device, merger.recorded_normalisation())
     align_merger(merger, config)
     report = build_report(merger, config.evaluation, splits, progress=progress)
-    report["timings"]["train_s"] = train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
+    report["timings"]["train_s"] = (
+        train_s if train_s is not None else (merger.pair or {}).get("timings", {}).get("train_s")
+    )
     report["config"] = config.to_dict()
-    if merger.pair is None:     # model folders: --config gave the data and evaluation; what they are is their own
-        report["config"].update(model=merger.load(0).config.to_dict(), training=None)   # config.json; training unknown
+    if merger.pair is None:  # model folders: --config gave the data and evaluation; what they are is their own
+        report["config"].update(model=merger.load(0).config.to_dict(), training=None)  # config.json; training unknown
     report["pair"] = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
     commits = {s.hub_id: s.commit for s in merger.sources if s.commit}
     if commits:
-        report["hub_commits"] = commits            # what was read from the Hub, by repo
+        report["hub_commits"] = commits  # what was read from the Hub, by repo
     report["command"] = portable_command(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".plots-") as tmp:
         plots = [Path(tmp) / name for name in (write_plots(report, Path(tmp)) if config.evaluation.plots else [])]
         merged = merger.merge(0.5, "final")
-        merger.save_pretrained(output_dir / "merged", merged, report=report, files=plots, command=command,
-                               overwrite=overwrite)
+        merger.save_pretrained(
+            output_dir / "merged", merged, report=report, files=plots, command=command, overwrite=overwrite
+        )
         for path in plots:
             path.replace(output_dir / path.name)
     write_json_atomic(output_dir / "report.json", report)
@@ -142,21 +170,38 @@ def evaluate_pair(pair_dir, output_dir, config: RunConfig | None = None, overrid
     return report
 
 
-def run(config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False, progress: bool = True,
-        command: str | None = None, pair_label: str | None = None) -> dict:
+def run(
+    config: RunConfig,
+    output_dir,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    pair_label: str | None = None,
+) -> dict:
     """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/ (`pair_label`: see
     `evaluate_pair`)."""
     if config.training.num_nets < 2:
-        raise ValueError(f"training.num_nets {config.training.num_nets}: a run aligns and merges nets, which needs "
-                         "at least 2; set training.num_nets to 2 or more (or use `hf-permerge train` for one net)")
+        raise ValueError(
+            f"training.num_nets {config.training.num_nets}: a run aligns and merges nets, which needs "
+            "at least 2; set training.num_nets to 2 or more (or use `hf-permerge train` for one net)"
+        )
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True, what="a run",
-                     contents=RUN_CONTENTS)
+    check_output_dir(
+        output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True, what="a run", contents=RUN_CONTENTS
+    )
     if overwrite and not resume and output_dir.exists():
         shutil.rmtree(output_dir)
     start = time.perf_counter()
-    PairTrainer(config, output_dir / "pair", resume=resume, progress=progress,
-                overwrite=overwrite).train()
+    PairTrainer(config, output_dir / "pair", resume=resume, progress=progress, overwrite=overwrite).train()
     train_s = time.perf_counter() - start
-    return evaluate_pair(output_dir / "pair", output_dir, config, overwrite=True, progress=progress,
-                         train_s=train_s, command=command, pair_label=pair_label)
+    return evaluate_pair(
+        output_dir / "pair",
+        output_dir,
+        config,
+        overwrite=True,
+        progress=progress,
+        train_s=train_s,
+        command=command,
+        pair_label=pair_label,
+    )

@@ -1,4 +1,5 @@
 """PNG plots of a report, in the paper's colours: single net black, vanilla red, permuted blue."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,7 +44,7 @@ def plot_curves(report: dict, path: Path) -> Path:
             ax.set_ylabel("accuracy" if metric == "acc" else "loss")
             ax.set_title(f"{TITLES[ck]}: {'accuracy' if metric == 'acc' else 'loss'}")
             ax.grid(alpha=0.3)
-            if (row, col) == (0, 0) or (metric == "acc" and ck == "init"):     # the init panel adds "chance"
+            if (row, col) == (0, 0) or (metric == "acc" and ck == "init"):  # the init panel adds "chance"
                 ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -107,10 +108,17 @@ def plot_plane(report: dict, path: Path) -> Path:
                 ax.plot(pu, pv, "w^" if "pi" in name else "wo", ms=7, mec="k")
                 # the label points into the plot, so none runs past its edges
                 right, top = pu > (u[0] + u[-1]) / 2, pv > (v[0] + v[-1]) / 2
-                ax.annotate(POINT_LABELS.get(name, name), (pu, pv), textcoords="offset points",
-                            xytext=(-6 if right else 6, -6 if top else 6), ha="right" if right else "left",
-                            va="top" if top else "bottom", color="w", fontsize=10,
-                            path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
+                ax.annotate(
+                    POINT_LABELS.get(name, name),
+                    (pu, pv),
+                    textcoords="offset points",
+                    xytext=(-6 if right else 6, -6 if top else 6),
+                    ha="right" if right else "left",
+                    va="top" if top else "bottom",
+                    color="w",
+                    fontsize=10,
+                    path_effects=[patheffects.withStroke(linewidth=2, foreground="black")],
+                )
             ax.set_xlabel("u: distance along θ₁ − θ₀")
             ax.set_ylabel("v: distance towards π(θ₁), orthogonal to u")
             ax.set_title(f"{TITLES[ck]}: {label}")

@@ -3,6 +3,7 @@
 One function, `build_report`, turns a merger (aligned) and the `evaluation` config section into
 the report.json dict (keys documented in docs/GUIDE.md, "Outputs"). All curves are evaluated batched.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,18 +68,39 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
         bar.set_postfix_str(f"{what} {mode or ''}")
         if what == "endpoints":
             for i in range(merger.num_nets):
-                report["endpoints"].append({
-                    "net": i, **{s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i), split).items()}, 0)
-                                 for s, split in splits.items()},
-                    **({"init": {s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i, "init"),
-                                                                                      split).items()}, 0)
-                                 for s, split in splits.items()}} if "init" in cks else {})})
+                report["endpoints"].append(
+                    {
+                        "net": i,
+                        **{
+                            s: _split_metrics({k: [v] for k, v in evaluate_model(merger.load(i), split).items()}, 0)
+                            for s, split in splits.items()
+                        },
+                        **(
+                            {
+                                "init": {
+                                    s: _split_metrics(
+                                        {k: [v] for k, v in evaluate_model(merger.load(i, "init"), split).items()}, 0
+                                    )
+                                    for s, split in splits.items()
+                                }
+                            }
+                            if "init" in cks
+                            else {}
+                        ),
+                    }
+                )
             continue
         ck = what
         curve_start = time.perf_counter()
         states = [merger.permuted_state(0, ck), merger.permuted_state(1, ck, permute=(mode == "permuted"))]
-        res = _curve(template, states, lambdas, splits, ev.batch_size,
-                     [_endpoint_metrics(report["endpoints"][i], ck, splits) for i in (0, 1)])
+        res = _curve(
+            template,
+            states,
+            lambdas,
+            splits,
+            ev.batch_size,
+            [_endpoint_metrics(report["endpoints"][i], ck, splits) for i in (0, 1)],
+        )
         curves_s += time.perf_counter() - curve_start
         curve = {"lambdas": lambdas}
         for s, m in res.items():
@@ -86,10 +108,13 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
         report["curves"].setdefault(ck, {})[mode] = curve
         report["midpoint"].setdefault(ck, {})[mode] = {s: _split_metrics(res[s], mid) for s in res}
         report["barrier"].setdefault(ck, {})[mode] = {
-            s: {"loss": loss_barrier(lambdas, res[s]["loss"], "loss").barrier,
+            s: {
+                "loss": loss_barrier(lambdas, res[s]["loss"], "loss").barrier,
                 "acc": loss_barrier(lambdas, res[s]["acc"], "accuracy").barrier,
-                "loss_lambda": loss_barrier(lambdas, res[s]["loss"], "loss").lam}
-            for s in res}
+                "loss_lambda": loss_barrier(lambdas, res[s]["loss"], "loss").lam,
+            }
+            for s in res
+        }
     if ev.repair:
         report["repair"] = repair_report(merger, splits, ev.repair, report["endpoints"])
     if ev.n_way and merger.num_nets > 2:
@@ -98,11 +123,17 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
         report["plane"] = plane_report(merger, splits, ev, cks)
     if ev.schedules or ev.current_perm:
         report["schedules"] = schedules(merger, splits["test"], ev)
-    report["matching"] = {"matcher": merger.alignment.get("matcher"), "settings": merger.alignment.get("settings"),
-                          "checkpoint": merger.alignment.get("checkpoint"),
-                          "groups": merger.permutations[1].info.get("groups", {})}
-    report["timings"] = {"evaluate_s": time.perf_counter() - start, "curves_s": curves_s,
-                         "align_s": merger.alignment.get("align_s")}
+    report["matching"] = {
+        "matcher": merger.alignment.get("matcher"),
+        "settings": merger.alignment.get("settings"),
+        "checkpoint": merger.alignment.get("checkpoint"),
+        "groups": merger.permutations[1].info.get("groups", {}),
+    }
+    report["timings"] = {
+        "evaluate_s": time.perf_counter() - start,
+        "curves_s": curves_s,
+        "align_s": merger.alignment.get("align_s"),
+    }
     return report
 
 
@@ -127,14 +158,16 @@ def _curve(template, states: list, lambdas: list[float], splits: dict, batch_siz
     res = evaluate_combinations(template, states, torch.stack([1 - lam, lam], 1), splits, batch_size=batch_size)
     if not reuse:
         return res
-    return {s: {k: [ends[0][s][k], *values, ends[1][s][k]] for k, values in metrics.items() if k in ends[0][s]}
-            for s, metrics in res.items()}
+    return {
+        s: {k: [ends[0][s][k], *values, ends[1][s][k]] for k, values in metrics.items() if k in ends[0][s]}
+        for s, metrics in res.items()
+    }
 
 
 def repair_report(merger, splits: dict, repair: str, endpoints: list) -> dict:
     """The trained midpoints (vanilla, permuted) after REPAIR or a BatchNorm reset, and their barrier at the
     midpoint: mean of the two endpoints minus the midpoint (accuracy; loss the other way round)."""
-    saved = merger._last_merge, merger._last_model   # the report's merges must not change what save_pretrained saves
+    saved = merger._last_merge, merger._last_model  # the report's merges must not change what save_pretrained saves
     out: dict = {"mode": repair, "midpoint": {}, "barrier_midpoint": {}}
     try:
         for mode in MODES:
@@ -142,9 +175,12 @@ def repair_report(merger, splits: dict, repair: str, endpoints: list) -> dict:
             res = {s: evaluate_model(model, split) for s, split in splits.items()}
             out["midpoint"][mode] = {s: {"loss": r["loss"], "acc": r["acc"]} for s, r in res.items()}
             out["barrier_midpoint"][mode] = {
-                s: {"acc": (endpoints[0][s]["acc"] + endpoints[1][s]["acc"]) / 2 - r["acc"],
-                    "loss": r["loss"] - (endpoints[0][s]["loss"] + endpoints[1][s]["loss"]) / 2}
-                for s, r in res.items()}
+                s: {
+                    "acc": (endpoints[0][s]["acc"] + endpoints[1][s]["acc"]) / 2 - r["acc"],
+                    "loss": r["loss"] - (endpoints[0][s]["loss"] + endpoints[1][s]["loss"]) / 2,
+                }
+                for s, r in res.items()
+            }
     finally:
         merger._last_merge, merger._last_model = saved
     return out
@@ -171,9 +207,15 @@ def plane_report(merger, splits: dict, ev, checkpoints=CHECKPOINTS) -> dict:
     the report evaluates: test (Fig. 1) and the training subset (Fig. 5's train loss)."""
     out = {}
     for ck in checkpoints:
-        out[ck] = evaluate_plane(merger.load(0), merger.permuted_state(0, ck), merger.permuted_state(1, ck, permute=False),
-                                 merger.permuted_state(1, ck), splits, resolution=ev.plane_resolution,
-                                 batch_size=ev.batch_size)
+        out[ck] = evaluate_plane(
+            merger.load(0),
+            merger.permuted_state(0, ck),
+            merger.permuted_state(1, ck, permute=False),
+            merger.permuted_state(1, ck),
+            splits,
+            resolution=ev.plane_resolution,
+            batch_size=ev.batch_size,
+        )
     return out
 
 
@@ -195,8 +237,11 @@ def schedules(merger, test, ev) -> dict:
         accs = []
         for n in names:
             states = [merger.permuted_state(0, n), merger.permuted_state(1, n)]
-            accs.append(evaluate_combinations(merger.load(0, n), states, coeffs, {"test": test},
-                                              batch_size=ev.batch_size)["test"]["acc"][0])
+            accs.append(
+                evaluate_combinations(merger.load(0, n), states, coeffs, {"test": test}, batch_size=ev.batch_size)[
+                    "test"
+                ]["acc"][0]
+            )
         return accs
 
     out = {"steps": steps, "checkpoints": names, "perm_at": {}}
@@ -233,9 +278,15 @@ def summary_table(report: dict) -> str:
         singles = [e["test"] if ck == "final" else e["init"]["test"] for e in report["endpoints"][:2]]
         mid, bar = report["midpoint"][ck], report["barrier"][ck]
         for metric in ("acc", "loss"):
-            values = [sum(s[metric] for s in singles) / len(singles), mid["vanilla"]["test"][metric],
-                      mid["permuted"]["test"][metric], bar["vanilla"]["test"][metric], bar["permuted"]["test"][metric]]
+            values = [
+                sum(s[metric] for s in singles) / len(singles),
+                mid["vanilla"]["test"][metric],
+                mid["permuted"]["test"][metric],
+                bar["vanilla"]["test"][metric],
+                bar["permuted"]["test"][metric],
+            ]
             rows.append([f"{ck} {metric}"] + [f"{v:.4f}" for v in values])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
-                     for row in rows)
+    return "\n".join(
+        "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in rows
+    )

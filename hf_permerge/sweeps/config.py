@@ -14,6 +14,7 @@ Every cell's run config is validated before anything runs; an unknown key or a b
 error naming the cell and the key. A cell's folder is named after its values (not its index),
 so a grid can be extended and the cells already measured are reused.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,10 @@ def check_key(key: str, where: str) -> None:
     section, _, field = key.partition(".")
     known = config_keys()
     if section not in known:
-        raise ValueError(f"{where}: {key!r} is not a run-config key; keys look like section.field with a section "
-                         f"in {list(known)} (e.g. model.width)")
+        raise ValueError(
+            f"{where}: {key!r} is not a run-config key; keys look like section.field with a section "
+            f"in {list(known)} (e.g. model.width)"
+        )
     if field not in known[section]:
         close = difflib.get_close_matches(field, known[section], n=1)
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
@@ -124,8 +127,10 @@ class SweepSection(BaseModel):
             except ValidationError as err:
                 e = err.errors()[0]
                 key = ".".join(str(p) for p in e["loc"])
-                raise ValueError(f"sweep.matchers.{label}.{key}: "
-                                 + ("unknown alignment setting" if e["type"] == "extra_forbidden" else e["msg"])) from None
+                raise ValueError(
+                    f"sweep.matchers.{label}.{key}: "
+                    + ("unknown alignment setting" if e["type"] == "extra_forbidden" else e["msg"])
+                ) from None
         return matchers
 
     @model_validator(mode="after")
@@ -137,9 +142,11 @@ class SweepSection(BaseModel):
         if self.x is not None and self.x not in self.grid and not (self.x == "case" and self.cases):
             raise ValueError(f"sweep.x: {self.x!r} is neither a grid key ({list(self.grid)}) nor `case` (with cases)")
         if self.experiment == "matchers" and not self.matchers:
-            raise ValueError("sweep.matchers: the `matchers` experiment needs at least one labelled alignment, "
-                             "e.g. {activation: {matcher: activation, checkpoint: final}, "
-                             "gradient@init: {matcher: gradient, checkpoint: init}}")
+            raise ValueError(
+                "sweep.matchers: the `matchers` experiment needs at least one labelled alignment, "
+                "e.g. {activation: {matcher: activation, checkpoint: final}, "
+                "gradient@init: {matcher: gradient, checkpoint: init}}"
+            )
         if self.experiment != "matchers" and self.matchers:
             raise ValueError(f"sweep.matchers is only used by the `matchers` experiment, not {self.experiment!r}")
         return self
@@ -156,20 +163,23 @@ class Cell:
     """One run of the sweep: its folder name, the values that make it, and its validated run config."""
 
     id: str
-    values: dict            # dotted key -> value, and "case" -> case name when there are cases
+    values: dict  # dotted key -> value, and "case" -> case name when there are cases
     config: RunConfig
 
 
 @dataclass
 class SweepConfig:
     sweep: SweepSection
-    base: dict              # the base run-config sections as given (after overrides)
+    base: dict  # the base run-config sections as given (after overrides)
     cells: list[Cell]
     source: str
 
     def to_dict(self) -> dict:
-        return {"sweep": self.sweep.model_dump(mode="json"), "base": self.base,
-                "cells": [{"id": c.id, "values": c.values} for c in self.cells]}
+        return {
+            "sweep": self.sweep.model_dump(mode="json"),
+            "base": self.base,
+            "cells": [{"id": c.id, "values": c.values} for c in self.cells],
+        }
 
 
 def _slug(value) -> str:
@@ -203,12 +213,15 @@ def expand_cells(sweep: SweepSection, base: dict, source: str) -> list[Cell]:
             data = copy.deepcopy(base)
             for key, value in {**case_values, **values}.items():
                 _set_dotted(data, key, value)
-            parts = ([f"case={_slug(case)}"] if case is not None else []) + \
-                    [f"{names[k]}={_slug(v)}" for k, v in values.items()]
+            parts = ([f"case={_slug(case)}"] if case is not None else []) + [
+                f"{names[k]}={_slug(v)}" for k, v in values.items()
+            ]
             cell_id = "_".join(parts) or "single"
             if cell_id in seen:
-                raise ConfigError(f"invalid sweep config {source}: cells {seen[cell_id]} and {values} would share "
-                                  f"the folder {cell_id!r}; use values that differ when written out")
+                raise ConfigError(
+                    f"invalid sweep config {source}: cells {seen[cell_id]} and {values} would share "
+                    f"the folder {cell_id!r}; use values that differ when written out"
+                )
             seen[cell_id] = values
             config = config_from_dict(data, f"{source} (cell {cell_id})")
             _check_cell(sweep, config, cell_id, source)
@@ -219,17 +232,25 @@ def expand_cells(sweep: SweepSection, base: dict, source: str) -> list[Cell]:
 def _check_cell(sweep: SweepSection, config: RunConfig, cell_id: str, source: str) -> None:
     where = f"invalid sweep config {source} (cell {cell_id})"
     if config.training.num_nets < 2:
-        raise ConfigError(f"{where}: every experiment aligns and merges nets, which needs at least 2; set "
-                          f"training.num_nets >= 2 (got {config.training.num_nets})")
+        raise ConfigError(
+            f"{where}: every experiment aligns and merges nets, which needs at least 2; set "
+            f"training.num_nets >= 2 (got {config.training.num_nets})"
+        )
     if sweep.experiment == "n_way" and config.training.num_nets < 3:
-        raise ConfigError(f"{where}: the n_way experiment averages k = 2..N nets; set training.num_nets >= 3 "
-                          f"(got {config.training.num_nets})")
+        raise ConfigError(
+            f"{where}: the n_way experiment averages k = 2..N nets; set training.num_nets >= 3 "
+            f"(got {config.training.num_nets})"
+        )
     if sweep.experiment == "schedules" and not (config.evaluation.schedules or config.evaluation.current_perm):
-        raise ConfigError(f"{where}: the schedules experiment needs evaluation.schedules (perm@x steps, e.g. [0, 50, 100]) "
-                          "or evaluation.current_perm: true, and training.save_steps to evaluate at")
+        raise ConfigError(
+            f"{where}: the schedules experiment needs evaluation.schedules (perm@x steps, e.g. [0, 50, 100]) "
+            "or evaluation.current_perm: true, and training.save_steps to evaluate at"
+        )
     if config.training.log_with:
-        raise ConfigError(f"{where}: training.log_with is not supported in sweeps (each process trains whole cells "
-                          "without an Accelerate tracker); leave it unset")
+        raise ConfigError(
+            f"{where}: training.log_with is not supported in sweeps (each process trains whole cells "
+            "without an Accelerate tracker); leave it unset"
+        )
 
 
 def _format(err: ValidationError, source: str, overrides: list[tuple[str, str]] = ()) -> str:
@@ -245,8 +266,9 @@ def _format(err: ValidationError, source: str, overrides: list[tuple[str, str]] 
             lines.append(f"  {key}: required")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {msg}{origin}" if msg.startswith("sweep") else
-                         f"  {key}: {msg} (got {e.get('input')!r}){origin}")
+            lines.append(
+                f"  {msg}{origin}" if msg.startswith("sweep") else f"  {key}: {msg} (got {e.get('input')!r}){origin}"
+            )
     return "\n".join(lines)
 
 
@@ -258,7 +280,7 @@ def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[tuple
         if path == "sweep" or path.startswith("sweep."):
             if "=" not in item or path == "sweep":
                 raise ConfigError(f"override {item!r} must look like sweep.key=value, e.g. sweep.keep_pairs=true")
-            sweep.append((path[len("sweep."):], item.split("=", 1)[1]))
+            sweep.append((path[len("sweep.") :], item.split("=", 1)[1]))
         else:
             base.append(item)
     return base, sweep
@@ -276,21 +298,24 @@ def _sweep_key_path(section: dict, path: str) -> list[str]:
         if name is None:
             name, _, rest = rest.partition(".")
         else:
-            rest = rest[len(name) + 1:]
+            rest = rest[len(name) + 1 :]
         return [head, name] + ([rest] if rest else [])
     return path.split(".")
 
 
 def sweep_config_from_dict(data: dict, source: str = "(dict)", overrides: list[str] | None = None) -> SweepConfig:
     if not isinstance(data, dict) or not isinstance(data.get("sweep"), dict):
-        raise ConfigError(f"sweep config {source} needs a `sweep:` section (name, experiment, grid); "
-                          "see configs/sweeps/")
+        raise ConfigError(
+            f"sweep config {source} needs a `sweep:` section (name, experiment, grid); see configs/sweeps/"
+        )
     data = copy.deepcopy(data)
     section = data.pop("sweep")
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"invalid sweep config {source}:\n  {unknown[0]}: unknown section (the sections are "
-                          f"{list(SECTIONS)} and sweep)")
+        raise ConfigError(
+            f"invalid sweep config {source}:\n  {unknown[0]}: unknown section (the sections are "
+            f"{list(SECTIONS)} and sweep)"
+        )
     base_overrides, sweep_overrides = _split_overrides(overrides)
     base = apply_overrides(data, base_overrides)
     for path, raw in sweep_overrides:

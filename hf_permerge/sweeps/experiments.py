@@ -14,6 +14,7 @@ and which numbers to keep. All numbers are on the test split unless a key says `
 - `matchers` (App. B): for each labelled alignment (e.g. activation matching after training, the
   gradient/FOOF matcher at init), the pair numbers under that alignment, keyed `<label>:<metric>`.
 """
+
 from __future__ import annotations
 
 from statistics import fmean
@@ -52,8 +53,13 @@ def pair_metrics(report: dict) -> dict[str, float]:
 
 def curves_of(report: dict) -> dict:
     """Test accuracy and loss along the interpolation, trained and init, vanilla and permuted."""
-    return {ck: {mode: {"lambdas": c["lambdas"], "acc": c["test"]["acc"], "loss": c["test"]["loss"]}
-                 for mode, c in modes.items()} for ck, modes in report["curves"].items()}
+    return {
+        ck: {
+            mode: {"lambdas": c["lambdas"], "acc": c["test"]["acc"], "loss": c["test"]["loss"]}
+            for mode, c in modes.items()
+        }
+        for ck, modes in report["curves"].items()
+    }
 
 
 def n_way_metrics(report: dict) -> dict[str, float]:
@@ -104,13 +110,26 @@ def random_permutation_metrics(merger, split, seed: int) -> dict[str, float]:
 def _evaluation(config: RunConfig, n_way: bool = False, schedules: bool = False):
     """The cell's evaluation settings with only the parts this experiment reads switched on."""
     ev = config.evaluation
-    return ev.model_copy(update={"n_way": n_way, "plane": False, "plots": False,
-                                 "schedules": list(ev.schedules) if schedules else [],
-                                 "current_perm": ev.current_perm if schedules else False})
+    return ev.model_copy(
+        update={
+            "n_way": n_way,
+            "plane": False,
+            "plots": False,
+            "schedules": list(ev.schedules) if schedules else [],
+            "current_perm": ev.current_perm if schedules else False,
+        }
+    )
 
 
-def measure(experiment: str, config: RunConfig, pair_dir, device, matchers: dict | None = None,
-            curves: bool = False, progress: bool = False) -> dict:
+def measure(
+    experiment: str,
+    config: RunConfig,
+    pair_dir,
+    device,
+    matchers: dict | None = None,
+    curves: bool = False,
+    progress: bool = False,
+) -> dict:
     """The cell result (without its bookkeeping): {"metrics": {...}, optional "curves", "timings"}."""
     merger = PermMerger.from_pretrained(pair_dir, device=device)
     splits = evaluation_splits(config, device, merger.recorded_normalisation())
@@ -126,13 +145,19 @@ def measure(experiment: str, config: RunConfig, pair_dir, device, matchers: dict
             timings[f"{label}:evaluate_s"] = report["timings"]["evaluate_s"]
         return {"metrics": metrics, "timings": timings}
     align_merger(merger, config)
-    report = build_report(merger, _evaluation(config, n_way=experiment == "n_way", schedules=experiment == "schedules"),
-                          splits, progress=progress)
+    report = build_report(
+        merger,
+        _evaluation(config, n_way=experiment == "n_way", schedules=experiment == "schedules"),
+        splits,
+        progress=progress,
+    )
     metrics = pair_metrics(report) | n_way_metrics(report) | schedule_metrics(report)
     if "test" in splits:
         metrics |= random_permutation_metrics(merger, splits["test"], config.training.seed)
-    out = {"metrics": metrics, "timings": {"align_s": report["timings"]["align_s"],
-                                           "evaluate_s": report["timings"]["evaluate_s"]}}
+    out = {
+        "metrics": metrics,
+        "timings": {"align_s": report["timings"]["align_s"], "evaluate_s": report["timings"]["evaluate_s"]},
+    }
     if curves:
         out["curves"] = curves_of(report)
     return out

@@ -7,6 +7,7 @@
 - schedules (Fig. 3 right): midpoint accuracy over training under perm@x, current perm and vanilla.
 - matchers (App. B): averaged-init (and trained) accuracy under each matcher.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,9 @@ def _band(ax, xs, rows, metric, colour, label, categorical, **kw):
         ax.errorbar(x, y, yerr=err, fmt="o", color=colour, label=label, capsize=3, ms=4, **kw)
     else:
         ax.plot(x, y, marker="o", ls=kw.pop("ls", "-"), color=colour, label=label, ms=3, **kw)
-        ax.fill_between(x, [a - b for a, b in zip(y, err)], [a + b for a, b in zip(y, err)], color=colour, alpha=0.2, lw=0)
+        ax.fill_between(
+            x, [a - b for a, b in zip(y, err)], [a + b for a, b in zip(y, err)], color=colour, alpha=0.2, lw=0
+        )
 
 
 def _save(fig, path: Path) -> str:
@@ -84,8 +87,11 @@ def _grid(n_rows: int, n_cols: int):
 def plot_pair(config: SweepConfig, summary: list[dict], path: Path) -> str:
     x_key = config.sweep.x_key
     panels = _panels(config, summary, _other_keys(config, (x_key,)))
-    rows_spec = [("", "acc", "trained: test accuracy"), ("", "loss", "trained: test loss"),
-                 ("init_", "acc", "init (perm. from training): test acc.")]
+    rows_spec = [
+        ("", "acc", "trained: test accuracy"),
+        ("", "loss", "trained: test loss"),
+        ("init_", "acc", "init (perm. from training): test acc."),
+    ]
     fig, axes = _grid(len(rows_spec), len(panels))
     for col, (title, rows) in enumerate(panels):
         rows = sorted(rows, key=lambda r: _order(config, x_key).index(r[x_key])) if x_key else rows
@@ -95,7 +101,7 @@ def plot_pair(config: SweepConfig, summary: list[dict], path: Path) -> str:
         for r, (prefix, metric, ylabel) in enumerate(rows_spec):
             ax = axes[r][col]
             for j, (short, name) in enumerate(SERIES):
-                dodged = [x + (j - 1) * 0.08 for x in xs] if categorical else xs   # side by side, not on top
+                dodged = [x + (j - 1) * 0.08 for x in xs] if categorical else xs  # side by side, not on top
                 _band(ax, dodged, rows, f"{prefix}{short}_{metric}", SERIES_COLOURS[short], name, categorical)
             if prefix == "init_" and metric == "acc":
                 ax.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance")
@@ -148,17 +154,23 @@ def plot_n_way(config: SweepConfig, summary: list[dict], path: Path) -> str:
         for r, prefix in enumerate(("init_", "")):
             ax = axes[r][col]
             for j, row in enumerate(rows):
-                ks = sorted(int(m[4:].split("_", 1)[0]) for m in row if m.startswith("nway") and m.endswith(f"_{prefix}perm_acc"))
+                ks = sorted(
+                    int(m[4:].split("_", 1)[0])
+                    for m in row
+                    if m.startswith("nway") and m.endswith(f"_{prefix}perm_acc")
+                )
                 colour = cmap(j / max(1, len(rows) - 1) * 0.9)
                 label = f"{_label(x_key)}={row[x_key]}" if x_key else None
-                fake = [{"v": row[f"{prefix}single_acc"], "v_ci": row.get(f"{prefix}single_acc_ci")}] + \
-                       [{"v": row[f"nway{k}_{prefix}perm_acc"], "v_ci": row.get(f"nway{k}_{prefix}perm_acc_ci")} for k in ks]
+                fake = [{"v": row[f"{prefix}single_acc"], "v_ci": row.get(f"{prefix}single_acc_ci")}] + [
+                    {"v": row[f"nway{k}_{prefix}perm_acc"], "v_ci": row.get(f"nway{k}_{prefix}perm_acc_ci")} for k in ks
+                ]
                 _band(ax, [1] + ks, fake, "v", colour, label, False)
                 ax.plot(ks, [row[f"nway{k}_{prefix}vanilla_acc"] for k in ks], ":", color=colour, lw=1)
             if prefix == "init_":
                 ax.axhline(CHANCE, color="grey", ls=":", lw=1)
-            ax.set_title(f"{title}\n{'init avg (perm. from training)' if prefix else 'trained avg'}; dotted: vanilla",
-                         fontsize=9)
+            ax.set_title(
+                f"{title}\n{'init avg (perm. from training)' if prefix else 'trained avg'}; dotted: vanilla", fontsize=9
+            )
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("number of averaged nets k (1: single net)", fontsize=8)
             ax.set_ylabel("test accuracy", fontsize=8)
@@ -176,16 +188,25 @@ def plot_schedules(config: SweepConfig, summary: list[dict], path: Path) -> str:
         series: dict[str, dict[int, str]] = {}
         for m in row:
             if m.startswith("sched_") and not m.endswith("_ci"):
-                name, step = m[len("sched_"):].rsplit("_t", 1)
+                name, step = m[len("sched_") :].rsplit("_t", 1)
                 series.setdefault(name, {})[int(step)] = m
         perms = sorted((s for s in series if s.startswith("perm@")), key=lambda s: int(s[5:]))
         for j, name in enumerate(perms + [s for s in ("current", "vanilla") if s in series]):
             steps = sorted(series[name])
             colour = {"current": COLOURS["permuted"], "vanilla": COLOURS["vanilla"]}.get(
-                name, cmap(0.4 + 0.6 * j / max(1, len(perms))))
+                name, cmap(0.4 + 0.6 * j / max(1, len(perms)))
+            )
             pts = [{"v": row[series[name][t]], "v_ci": row.get(f"{series[name][t]}_ci")} for t in steps]
-            _band(ax, steps, pts, "v", colour, "current perm" if name == "current" else name, False,
-                  ls="--" if name == "current" else "-")
+            _band(
+                ax,
+                steps,
+                pts,
+                "v",
+                colour,
+                "current perm" if name == "current" else name,
+                False,
+                ls="--" if name == "current" else "-",
+            )
         ax.axhline(CHANCE, color="grey", ls=":", lw=1)
         positive = [t for s in series.values() for t in s if t > 0]
         ax.set_xscale("symlog", linthresh=max(1, min(positive, default=1)))
@@ -208,13 +229,17 @@ def plot_matchers(config: SweepConfig, summary: list[dict], path: Path) -> str:
         for r, prefix in enumerate(("init_", "")):
             ax = axes[r][col]
             for j, (short, name) in enumerate(SERIES):
-                pts = [{"v": row.get(f"{lab}:{prefix}{short}_acc"), "v_ci": row.get(f"{lab}:{prefix}{short}_acc_ci")}
-                       for lab in labels]
+                pts = [
+                    {"v": row.get(f"{lab}:{prefix}{short}_acc"), "v_ci": row.get(f"{lab}:{prefix}{short}_acc_ci")}
+                    for lab in labels
+                ]
                 _band(ax, [x + (j - 1) * 0.08 for x in xs], pts, "v", SERIES_COLOURS[short], name, True)
             if prefix == "init_":
                 ax.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance")
             ax.set_xticks(xs, labels, rotation=20, fontsize=8)
-            ax.set_title(f"{title}\n{'initialisations' if prefix else 'trained nets'}: midpoint test accuracy", fontsize=9)
+            ax.set_title(
+                f"{title}\n{'initialisations' if prefix else 'trained nets'}: midpoint test accuracy", fontsize=9
+            )
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)

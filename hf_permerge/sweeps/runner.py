@@ -11,6 +11,7 @@ process trains its cell's nets itself (the nets are not shared further); the mai
 the table and the figure once every process is done. No scheduler of our own: Accelerate starts the
 processes, and a second run of the same command picks up whatever is not finished.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,9 @@ def _as_measured(result: dict) -> dict | None:
     if saved.get("model", {}).get("type") == "cnn" and saved["model"].get("bias") is None:
         saved["model"]["bias"] = True
     if "train" in saved.get("evaluation", {}).get("splits", []):
-        saved["evaluation"]["splits"] = [s if s != "train" else "train (the matchers' sample)"
-                                         for s in saved["evaluation"]["splits"]]
+        saved["evaluation"]["splits"] = [
+            s if s != "train" else "train (the matchers' sample)" for s in saved["evaluation"]["splits"]
+        ]
     return saved
 
 
@@ -113,14 +115,18 @@ def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
             data = read_json(result, "delete that cell's folder to measure it again")
             saved = _as_measured(data)
             if data.get("measure") != _measure_settings(config):
-                raise ConfigError(f"{result} was measured with {data.get('measure')}, not {_measure_settings(config)}; "
-                                  "use another --output-dir, or --overwrite to start the sweep again")
+                raise ConfigError(
+                    f"{result} was measured with {data.get('measure')}, not {_measure_settings(config)}; "
+                    "use another --output-dir, or --overwrite to start the sweep again"
+                )
         elif run_config.is_file():
             saved = read_json(run_config, "delete that cell's folder to train it again")
         diff = config_differences(saved, cell.config) if saved is not None else []
         if diff:
-            raise ConfigError(f"cell {cell.id} in {output_dir} was made with a different config (differs in "
-                              f"{', '.join(diff)}); use another --output-dir, or --overwrite to start the sweep again")
+            raise ConfigError(
+                f"cell {cell.id} in {output_dir} was made with a different config (differs in "
+                f"{', '.join(diff)}); use another --output-dir, or --overwrite to start the sweep again"
+            )
 
 
 def check_data(config: SweepConfig) -> None:
@@ -161,7 +167,7 @@ def seed_stacks(cells: list[Cell], output_dir: Path, max_params: int = STACK_MAX
     for group in groups.values():
         per_pair = _parameter_count(group[0].config) * group[0].config.training.num_nets
         size = max(1, max_params // max(per_pair, 1))
-        stacks += [group[i:i + size] for i in range(0, len(group), size) if len(group[i:i + size]) > 1]
+        stacks += [group[i : i + size] for i in range(0, len(group), size) if len(group[i : i + size]) > 1]
     return stacks
 
 
@@ -182,11 +188,24 @@ def measure_workers(setting: int | str, stack: list[Cell], device) -> int:
 def train_stack(stack: list[Cell], output_dir: Path, device, progress: bool) -> None:
     """Train a stack's pairs together; on any error leave them to `run_cell` (which resumes or retrains)."""
     try:
-        train_together([PairTrainer(cell.config, output_dir / "cells" / cell.id / "pair", resume=True,
-                                    accelerator=OneProcess(device), progress=progress) for cell in stack])
+        train_together(
+            [
+                PairTrainer(
+                    cell.config,
+                    output_dir / "cells" / cell.id / "pair",
+                    resume=True,
+                    accelerator=OneProcess(device),
+                    progress=progress,
+                )
+                for cell in stack
+            ]
+        )
     except Exception:
-        logger.warning("training cells %s together failed; training them one by one:\n%s",
-                       [c.id for c in stack], traceback.format_exc())
+        logger.warning(
+            "training cells %s together failed; training them one by one:\n%s",
+            [c.id for c in stack],
+            traceback.format_exc(),
+        )
 
 
 def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress: bool = False) -> str:
@@ -199,13 +218,25 @@ def run_cell(cell: Cell, config: SweepConfig, output_dir: Path, device, progress
     pair_dir = folder / "pair"
     start = time.perf_counter()
     try:
-        if (pair_dir / "pair.json").is_file():   # trained in a stack, or on a run that stopped while measuring
+        if (pair_dir / "pair.json").is_file():  # trained in a stack, or on a run that stopped while measuring
             train_timings = read_record(pair_dir / "pair.json", PairRecord).get("timings", {})
         else:
-            train_timings = {"train_s": PairTrainer(cell.config, pair_dir, resume=True, accelerator=OneProcess(device),
-                                                    progress=progress).train().train_s}
-        measured = experiments.measure(config.sweep.experiment, cell.config, pair_dir, device, matchers=config.sweep.matchers,
-                           curves=config.sweep.curves, progress=progress)
+            train_timings = {
+                "train_s": PairTrainer(
+                    cell.config, pair_dir, resume=True, accelerator=OneProcess(device), progress=progress
+                )
+                .train()
+                .train_s
+            }
+        measured = experiments.measure(
+            config.sweep.experiment,
+            cell.config,
+            pair_dir,
+            device,
+            matchers=config.sweep.matchers,
+            curves=config.sweep.curves,
+            progress=progress,
+        )
     except Exception:  # one cell's failure (a diverged net, a full disk) must not stop the other cells
         (folder / "error.txt").write_text(traceback.format_exc())
         logger.warning("cell %s failed; see %s", cell.id, folder / "error.txt")
@@ -237,33 +268,43 @@ def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = N
     before = output_dir / "results.json"
     old_figures = read_json(before, "delete it (it is written again)").get("figures", []) if before.is_file() else []
     figures = write_figures(config, summary, output_dir) if summary else []
-    for name in set(old_figures) - set(figures):      # a renamed sweep: its old figure would describe nothing
+    for name in set(old_figures) - set(figures):  # a renamed sweep: its old figure would describe nothing
         if Path(name).name == name and name.endswith(".png"):
             (output_dir / name).unlink(missing_ok=True)
     write_csv(output_dir / "results.csv", rows)
     write_csv(output_dir / "summary.csv", summary)
     cell_s = [r["cell_s"] for r in rows if "cell_s" in r]
-    write_json_atomic(output_dir / "results.json", {
-        "format": "hf_permerge.sweep/1",
-        "sweep": config.sweep.model_dump(mode="json"),
-        "command": command,
-        "cells": rows,
-        "summary": summary,
-        "figures": figures,
-        "timings": {"cells_done": len(cell_s), "cell_s_total": sum(cell_s)},
-    })
+    write_json_atomic(
+        output_dir / "results.json",
+        {
+            "format": "hf_permerge.sweep/1",
+            "sweep": config.sweep.model_dump(mode="json"),
+            "command": command,
+            "cells": rows,
+            "summary": summary,
+            "figures": figures,
+            "timings": {"cells_done": len(cell_s), "cell_s_total": sum(cell_s)},
+        },
+    )
     failed = {r["cell"]: r["error"] for r in rows if r["status"] == "failed"}
     return ["results.csv", "summary.csv", "results.json"] + figures, summary_text(config, summary), failed
 
 
-def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress: bool = True,
-              command: str | None = None) -> SweepResult:
+def run_sweep(
+    config: SweepConfig, output_dir, overwrite: bool = False, progress: bool = True, command: str | None = None
+) -> SweepResult:
     """Run (or continue) a sweep in `output_dir`. Every process of `accelerate launch` calls this."""
     state = process_state()
     output_dir = Path(output_dir)
     ours = (output_dir / "sweep.json").is_file()
-    check_output_dir(output_dir, overwrite, resume=ours and not overwrite, marker="sweep.json", what="a sweep",
-                     contents=SWEEP_CONTENTS)
+    check_output_dir(
+        output_dir,
+        overwrite,
+        resume=ours and not overwrite,
+        marker="sweep.json",
+        what="a sweep",
+        contents=SWEEP_CONTENTS,
+    )
     if ours and not overwrite:
         check_finished_cells(config, output_dir)
     check_data(config)
@@ -278,9 +319,11 @@ def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress
     result = SweepResult(output_dir, state.is_main_process)
     mine = [c for i, c in enumerate(config.cells) if i % state.num_processes == state.process_index]
     tag = f"[process {state.process_index}] " if state.num_processes > 1 else ""
-    stacks = {cell.id: stack for stack in (seed_stacks(mine, output_dir, stack_max_params(state.device))
-                                           if config.sweep.stack_seeds else [])
-              for cell in stack}
+    stacks = {
+        cell.id: stack
+        for stack in (seed_stacks(mine, output_dir, stack_max_params(state.device)) if config.sweep.stack_seeds else [])
+        for cell in stack
+    }
     number = {cell.id: n for n, cell in enumerate(mine, start=1)}
 
     def measure_one(cell: Cell) -> None:
@@ -290,8 +333,10 @@ def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress
         if status == "failed":
             result.failed[cell.id] = "see error.txt"
         if progress or status != "skipped":
-            print(f"{tag}cell {number[cell.id]}/{len(mine)} {cell.id}: {status} ({time.perf_counter() - start:.1f} s)",
-                  flush=True)
+            print(
+                f"{tag}cell {number[cell.id]}/{len(mine)} {cell.id}: {status} ({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
 
     measured = set()
     for cell in mine:
@@ -306,7 +351,7 @@ def run_sweep(config: SweepConfig, output_dir, overwrite: bool = False, progress
         if workers == 1:
             for c in stack:
                 measure_one(c)
-        else:   # one cell's Hungarian solves (CPU, GIL released) overlap the others' device work
+        else:  # one cell's Hungarian solves (CPU, GIL released) overlap the others' device work
             with ThreadPoolExecutor(workers, thread_name_prefix="measure") as pool:
                 list(pool.map(measure_one, stack))
         measured.update(c.id for c in stack)

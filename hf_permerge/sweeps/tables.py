@@ -1,4 +1,5 @@
 """The sweep's results table: one row per cell, and per group the mean over seeds with its Student-t 95% interval."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,18 @@ from .config import SweepConfig
 
 # the columns the printed summary shows, per experiment (every metric is in the CSV and JSON)
 HEADLINE = {
-    "pair": ["single_acc", "vanilla_acc", "random_acc", "perm_acc", "barrier_perm_acc", "barrier_perm_loss",
-             "init_single_acc", "init_vanilla_acc", "init_random_acc", "init_perm_acc"],
+    "pair": [
+        "single_acc",
+        "vanilla_acc",
+        "random_acc",
+        "perm_acc",
+        "barrier_perm_acc",
+        "barrier_perm_loss",
+        "init_single_acc",
+        "init_vanilla_acc",
+        "init_random_acc",
+        "init_perm_acc",
+    ],
     "n_way": ["single_acc", "init_single_acc", "init_random_acc", "init_perm_acc"],
     "schedules": [],
     "matchers": [],
@@ -77,10 +88,19 @@ def summarise(config: SweepConfig, rows: list[dict]) -> list[dict]:
 
 def _mean_curves(curves: list[dict]) -> dict:
     first = curves[0]
-    return {ck: {mode: {"lambdas": c["lambdas"],
-                        **{m: [fmean(cv[ck][mode][m][i] for cv in curves) for i in range(len(c["lambdas"]))]
-                           for m in ("acc", "loss")}}
-                 for mode, c in modes.items()} for ck, modes in first.items()}
+    return {
+        ck: {
+            mode: {
+                "lambdas": c["lambdas"],
+                **{
+                    m: [fmean(cv[ck][mode][m][i] for cv in curves) for i in range(len(c["lambdas"]))]
+                    for m in ("acc", "loss")
+                },
+            }
+            for mode, c in modes.items()
+        }
+        for ck, modes in first.items()
+    }
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -106,8 +126,9 @@ def summary_text(config: SweepConfig, summary: list[dict]) -> str:
         metrics = [f"{label}:init_perm_acc" for label in sweep.matchers]
     elif sweep.experiment == "schedules" and summary:
         last = max(int(m.rsplit("_t", 1)[1]) for m in summary[0] if m.startswith("sched_") and not m.endswith("_ci"))
-        metrics = ["single_acc", "init_perm_acc"] + [m for m in summary[0]
-                                                     if m.startswith("sched_") and m.endswith(f"_t{last}")]
+        metrics = ["single_acc", "init_perm_acc"] + [
+            m for m in summary[0] if m.startswith("sched_") and m.endswith(f"_t{last}")
+        ]
     header = [k.rsplit(".", 1)[-1] for k in keys] + ["n"] + metrics
     lines = [header]
     for row in summary:

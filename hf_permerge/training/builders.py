@@ -1,4 +1,5 @@
 """Build the HF model config/class for net i of a run config."""
+
 from __future__ import annotations
 
 from ..config import RunConfig
@@ -12,10 +13,16 @@ def model_config_for(config: RunConfig, net_index: int = 0):
     info = dataset_info(config.data.dataset)
     m = config.model
     common = dict(
-        num_channels=info.num_channels, image_size=info.image_size, num_labels=len(info.class_names),
-        id2label={i: n for i, n in enumerate(info.class_names)}, label2id={n: i for i, n in enumerate(info.class_names)},
-        init=m.init, loss=m.loss, seed=derive_seed(config.training.seed, net_index, "init"),
-        image_mean=config.data.mean_std()[0], image_std=config.data.mean_std()[1],
+        num_channels=info.num_channels,
+        image_size=info.image_size,
+        num_labels=len(info.class_names),
+        id2label={i: n for i, n in enumerate(info.class_names)},
+        label2id={n: i for i, n in enumerate(info.class_names)},
+        init=m.init,
+        loss=m.loss,
+        seed=derive_seed(config.training.seed, net_index, "init"),
+        image_mean=config.data.mean_std()[0],
+        image_std=config.data.mean_std()[1],
     )
     if m.bias is not None:
         common["bias"] = m.bias

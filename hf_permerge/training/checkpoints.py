@@ -1,5 +1,6 @@
 """Training checkpoints: optimizer state as safetensors (never pickle) beside the model folders
 (`hf_permerge.models.folders`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,6 +63,9 @@ def load_rng_state(folder: Path) -> None:
 
 
 def load_resume_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
-    meta = read_record(folder / "trainer_state.json", TrainerStateRecord,
-                       "delete that resume point (the one before it, if any, is used) or train again with --overwrite")
+    meta = read_record(
+        folder / "trainer_state.json",
+        TrainerStateRecord,
+        "delete that resume point (the one before it, if any, is used) or train again with --overwrite",
+    )
     return load_file(str(folder / "optimizer.safetensors")), meta["optimizer"], int(meta["step"])

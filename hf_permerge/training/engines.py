@@ -20,6 +20,7 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
   and kernel launches, not by arithmetic (an H200 took 2-3 ms per step of twelve 2x32 or twelve
   2x1024 MLPs alike; captured, a Fig. 2 stack of twelve width-32 nets trained 5 epochs in 1.3 s, not 7 s).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -63,9 +64,9 @@ def eval_loss_acc(forward, x, y, loss_fn, chunk: int):
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for s in range(0, len(y), chunk):
-        logits = forward(x[s:s + chunk]).float()
-        loss_sum += loss_fn(logits, y[s:s + chunk]) * len(y[s:s + chunk])
-        correct += (logits.argmax(-1) == y[s:s + chunk]).sum()
+        logits = forward(x[s : s + chunk]).float()
+        loss_sum += loss_fn(logits, y[s : s + chunk]) * len(y[s : s + chunk])
+        correct += (logits.argmax(-1) == y[s : s + chunk]).sum()
     return (loss_sum / len(y)).item(), correct.item() / len(y)
 
 
@@ -130,13 +131,21 @@ class PerNetEngine:
         out = []
         for m in self.models:
             m.eval()
-            out.append(eval_loss_acc(lambda b, m=m: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
-                                     x, y, m.compute_loss, chunk))
+            out.append(
+                eval_loss_acc(
+                    lambda b, m=m: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
+                    x,
+                    y,
+                    m.compute_loss,
+                    chunk,
+                )
+            )
             m.train()
         return out
 
 
 # -- forwards of N stacked nets: (params {name: (N, ...)}, x (N, B, ...)) -> logits (N, B, classes) --------
+
 
 def mlp_layer_names(template) -> list[str] | None:
     """The linear layers of a PermMLP in order, or None when `template` is not one."""
@@ -148,13 +157,14 @@ def mlp_layer_names(template) -> list[str] | None:
 def bmm_mlp_logits(params: dict, x: torch.Tensor, names: list[str], inputs: list | None = None) -> torch.Tensor:
     """The model's forward (`mlp_forward`) with each layer a batched matmul over the N nets, activations kept
     (N, units, B); `inputs`, when given, receives each layer's input (what a hand-written backward needs)."""
+
     def linear(name, h):
         w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
         if inputs is not None:
             inputs.append(h)
         return torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(-1), w, h)
 
-    in_place = not torch.is_grad_enabled()          # in place where autograd keeps no graph
+    in_place = not torch.is_grad_enabled()  # in place where autograd keeps no graph
     h = x.flatten(2).transpose(1, 2)
     return mlp_forward(linear, lambda i, h: h.relu_() if in_place else h.relu(), names, h).transpose(1, 2)
 
@@ -173,17 +183,17 @@ def bmm_mlp_step_grads(params: dict, x: torch.Tensor, names: list[str], losses_o
     logits = bmm_mlp_logits(params, x, names, inputs).requires_grad_()
     with torch.enable_grad():
         losses = losses_of(logits)
-        grad, = torch.autograd.grad(losses.sum(), logits)
+        (grad,) = torch.autograd.grad(losses.sum(), logits)
     for p in params.values():
-        if p.grad is None:                          # the first step, or after optimizer.zero_grad(): made once
+        if p.grad is None:  # the first step, or after optimizer.zero_grad(): made once
             p.grad = torch.empty_like(p)
-    g = grad.transpose(1, 2)                        # (N, classes, B)
+    g = grad.transpose(1, 2)  # (N, classes, B)
     for k in reversed(range(len(names))):
         w, b = params[f"{names[k]}.weight"], params.get(f"{names[k]}.bias")
         torch.bmm(g, inputs[k].transpose(1, 2), out=w.grad)
         if b is not None:
             torch.sum(g, dim=2, out=b.grad)
-        if k:                                       # through the ReLU: zero where its output was zero
+        if k:  # through the ReLU: zero where its output was zero
             g = torch.bmm(w.transpose(1, 2), g).masked_fill_(inputs[k] <= 0, 0.0)
     return losses.detach()
 
@@ -217,36 +227,43 @@ class StackedEngine:
 
     def __init__(self, models, tc, device, forward: str = "auto", compile: bool = False, cuda_graph: bool = False):
         if any(True for m in models for _ in m.buffers()):
-            raise ValueError("the stacked engine does not support models with buffers (BatchNorm); "
-                             "use training.engine=per_net")
+            raise ValueError(
+                "the stacked engine does not support models with buffers (BatchNorm); use training.engine=per_net"
+            )
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
         device = torch.device(device)
         self.template = models[0].to(device)
         self.models = models
         names = [n for n, _ in models[0].named_parameters()]
-        self.params = {n: torch.stack([dict(m.named_parameters())[n].detach().to(device) for m in models])
-                       .requires_grad_(True) for n in names}
+        self.params = {
+            n: torch.stack([dict(m.named_parameters())[n].detach().to(device) for m in models]).requires_grad_(True)
+            for n in names
+        }
         self.cuda_graph = bool(cuda_graph) and device.type == "cuda"
         self.optimizer = make_optimizer(list(self.params.values()), tc, capturable=self.cuda_graph)
         self.precision = tc.precision
         self.device = device
-        self._graph = None        # (CUDAGraph, static inputs, static labels, static losses) once captured
+        self._graph = None  # (CUDAGraph, static inputs, static labels, static losses) once captured
         self._eager_steps = 0
         layers = mlp_layer_names(self.template)
         if forward == "auto":
             forward = "bmm" if layers else "vmap" if device.type == "cuda" else "loop"
         if forward == "bmm" and not layers:
-            raise ValueError("forward='bmm' is written for PermMLP; use 'vmap' or 'loop' for "
-                             f"{type(self.template).__name__}")
+            raise ValueError(
+                f"forward='bmm' is written for PermMLP; use 'vmap' or 'loop' for {type(self.template).__name__}"
+            )
         self.forward = forward
         # the CPU's fp32 MLP steps compute their gradients by hand, into buffers kept from step to step
-        self.grads_by_hand = (forward == "bmm" and device.type == "cpu" and self.precision in ("fp32", "tf32")
-                              and not compile)   # tf32 is fp32 on the CPU
+        self.grads_by_hand = (
+            forward == "bmm" and device.type == "cpu" and self.precision in ("fp32", "tf32") and not compile
+        )  # tf32 is fp32 on the CPU
         self._layers = layers
-        self._logits_fn = {"bmm": lambda p, x: bmm_mlp_logits(p, x, layers),
-                           "vmap": lambda p, x: vmap_logits(self.template, p, x),
-                           "loop": lambda p, x: loop_logits(self.template, p, x)}[forward]
+        self._logits_fn = {
+            "bmm": lambda p, x: bmm_mlp_logits(p, x, layers),
+            "vmap": lambda p, x: vmap_logits(self.template, p, x),
+            "loop": lambda p, x: loop_logits(self.template, p, x),
+        }[forward]
         if compile:
             self._logits_fn = torch.compile(self._logits_fn)
 
@@ -308,12 +325,12 @@ class StackedEngine:
             self._eager_steps += 1
             return losses
         static_x, static_y = xs.clone(), ys.clone()
-        self.optimizer.zero_grad(set_to_none=True)   # backward in the graph then writes fresh gradients
+        self.optimizer.zero_grad(set_to_none=True)  # backward in the graph then writes fresh gradients
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_losses = self._step(static_x, static_y, zero_grad=False)
         self._graph = (graph, static_x, static_y, static_losses)
-        graph.replay()                               # capturing records the step without running it
+        graph.replay()  # capturing records the step without running it
         return static_losses.clone()
 
     @torch.no_grad()
@@ -353,7 +370,7 @@ class StackedEngine:
         loss_sum = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device, dtype=torch.long)
         for s in range(0, len(y), chunk):
-            xx, yy = x[s:s + chunk], y[s:s + chunk]
+            xx, yy = x[s : s + chunk], y[s : s + chunk]
             logits = self.logits(xx.expand(n, *xx.shape)).float()
             loss_sum += self.losses(logits, yy.expand(n, *yy.shape)) * len(yy)
             correct += (logits.argmax(-1) == yy).sum(-1)
@@ -362,7 +379,7 @@ class StackedEngine:
 
 def make_engine(kind: str, models, tc, device, **options):
     """`options` go to the stacked engine (`forward`, `compile`, `cuda_graph`); the per-net engine takes none."""
-    if kind == "auto":    # BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
+    if kind == "auto":  # BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
         per_net = any(True for m in models for _ in m.buffers()) or prefers_channels_last(models[0], device)
         kind = "per_net" if per_net else "stacked"
     if kind == "per_net":

@@ -1,4 +1,5 @@
 """One config seed derives every random stream of every net (init, data order)."""
+
 from __future__ import annotations
 
 import numpy as np

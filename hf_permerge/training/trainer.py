@@ -4,6 +4,7 @@ Under `accelerate launch` with several processes the nets are shared out (net i 
 process i % world_size); each net's result depends only on its own seeds, so any number of
 processes gives the same weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ from ..records import read_json
 from .builders import build_model
 from .checkpoints import load_resume_state, load_rng_state, save_resume_state
 from .engines import make_engine
+from .pair_record import check_steps, pair_record, total_steps
 from .seeds import derive_seed, epoch_order
 
 logger = logging.getLogger("hf_permerge.training")
@@ -50,37 +52,10 @@ class NetSlot:
     data_seed: int
 
 
-def _versions() -> dict:
-    import accelerate
-    import transformers
-
-    from .. import __version__
-    return {"hf_permerge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__}
-
-
 def _multi_process_without_cuda() -> bool:
     """Several processes and no CUDA: Accelerate must be told to use gloo on the CPU, or each process
     silently runs alone (a launcher config's `use_cpu` does not reach `Accelerator` under --multi_gpu)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def total_steps(tc, num_train: int) -> int:
-    """Optimiser steps of a run: whole batches only (the last partial batch of an epoch is dropped)."""
-    total = (num_train // tc.batch_size) * tc.epochs
-    return min(total, tc.max_steps) if tc.max_steps else total
-
-
-def check_steps(tc, num_train: int) -> None:
-    """Refuse, before any output, a run that would take no step or save a checkpoint it never reaches."""
-    if num_train // tc.batch_size == 0:
-        raise ValueError(f"training.batch_size {tc.batch_size} is larger than the {num_train} training images: no "
-                         f"step would run; set training.batch_size to {num_train} or less")
-    total = total_steps(tc, num_train)
-    late = [s for s in tc.save_steps if s > total]
-    if late:
-        raise ValueError(f"training.save_steps {late} lie beyond the run's last step ({total}: "
-                         f"{num_train // tc.batch_size} steps per epoch); drop them or train longer")
 
 
 PAIR_CONTENTS = ("run_config.json", "pair.json", "net_*")
@@ -90,8 +65,15 @@ PAIR_CONTENTS = ("run_config.json", "pair.json", "net_*")
 class PairTrainer:
     """Train `training.num_nets` nets and write a pair folder (see docs/GUIDE.md: net_i/{init,step-N,final}, pair.json)."""
 
-    def __init__(self, config: RunConfig, output_dir, overwrite: bool = False, resume: bool = False,
-                 accelerator=None, progress: bool = True):
+    def __init__(
+        self,
+        config: RunConfig,
+        output_dir,
+        overwrite: bool = False,
+        resume: bool = False,
+        accelerator=None,
+        progress: bool = True,
+    ):
         from accelerate import Accelerator
 
         self.config = config
@@ -104,16 +86,26 @@ class PairTrainer:
     def _prepare_output(self) -> None:
         """Checks every process makes before anything is written, then the main process prepares the folder."""
         out, acc = self.output_dir, self.accelerator
-        check_output_dir(out, self.overwrite, self.resume, marker="run_config.json", resumable=True,
-                         what="a pair", contents=PAIR_CONTENTS)
+        check_output_dir(
+            out,
+            self.overwrite,
+            self.resume,
+            marker="run_config.json",
+            resumable=True,
+            what="a pair",
+            contents=PAIR_CONTENTS,
+        )
         saved = out / "run_config.json"
         if self.resume and saved.exists():
             # what the nets are made of; alignment and evaluation may change between a run's attempts
-            differ = config_differences(read_json(saved, "use another --output-dir"), self.config,
-                                        ("model", "data", "training"))
+            differ = config_differences(
+                read_json(saved, "use another --output-dir"), self.config, ("model", "data", "training")
+            )
             if differ:
-                raise ValueError(f"cannot resume in {out}: its run_config.json differs from this config in "
-                                 f"{', '.join(differ)}; use the same config, or another --output-dir")
+                raise ValueError(
+                    f"cannot resume in {out}: its run_config.json differs from this config in "
+                    f"{', '.join(differ)}; use the same config, or another --output-dir"
+                )
             self._check_saved_nets_match()
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -137,13 +129,19 @@ class PairTrainer:
             built = {k: tuple(v.shape) for k, v in build_model(self.config, i).state_dict().items()}
             if saved != built:
                 extra, missing = sorted(set(saved) - set(built)), sorted(set(built) - set(saved))
-                what = (f"saved only: {extra[:3]}" if extra else "") + ("; " if extra and missing else "") + \
-                    (f"built only: {missing[:3]}" if missing else "") or "tensor shapes"
-                hint = " (CNNs had biases by default before 2026-11-27: add --set model.bias=true)" \
-                    if any(k.endswith("bias") for k in extra) else ""
-                raise ValueError(f"cannot resume in {self.output_dir}: net_{i}'s saved weights do not match what this "
-                                 f"config builds ({what}); the run was made with other model settings or another "
-                                 f"version's defaults{hint}")
+                what = (f"saved only: {extra[:3]}" if extra else "") + ("; " if extra and missing else "") + (
+                    f"built only: {missing[:3]}" if missing else ""
+                ) or "tensor shapes"
+                hint = (
+                    " (CNNs had biases by default before 2026-11-27: add --set model.bias=true)"
+                    if any(k.endswith("bias") for k in extra)
+                    else ""
+                )
+                raise ValueError(
+                    f"cannot resume in {self.output_dir}: net_{i}'s saved weights do not match what this "
+                    f"config builds ({what}); the run was made with other model settings or another "
+                    f"version's defaults{hint}"
+                )
 
     def my_nets(self) -> list[int]:
         acc = self.accelerator
@@ -152,7 +150,7 @@ class PairTrainer:
     # -- training -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, tc, acc = self.config, self.config.training, self.accelerator
-        train, test = self._splits()       # data first: a missing data set must fail before any output is written
+        train, test = self._splits()  # data first: a missing data set must fail before any output is written
         check_steps(tc, len(train))
         self._prepare_output()
         if tc.log_with:
@@ -171,14 +169,20 @@ class PairTrainer:
 
     def _slots(self, nets: list[int]) -> list[NetSlot]:
         cfg = self.config
-        return [NetSlot(self.output_dir / f"net_{i}", f"net {i}", build_model(cfg, i),
-                        derive_seed(cfg.training.seed, i, "data")) for i in nets]
+        return [
+            NetSlot(
+                self.output_dir / f"net_{i}", f"net {i}", build_model(cfg, i), derive_seed(cfg.training.seed, i, "data")
+            )
+            for i in nets
+        ]
 
     def _splits(self):
         """The whole training and test splits, on the device."""
         cfg, acc = self.config, self.accelerator
-        return (load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir, cfg.data.mean_std()),
-                load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir, cfg.data.mean_std()))
+        return (
+            load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir, cfg.data.mean_std()),
+            load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir, cfg.data.mean_std()),
+        )
 
     def _unfinished(self, nets) -> list[int]:
         """The nets among `nets` without a final checkpoint yet (a resumed run skips the others)."""
@@ -193,25 +197,35 @@ class PairTrainer:
         engine = make_engine(tc.engine, [slot.model for slot in slots], tc, acc.device, cuda_graph=tc.cuda_graphs)
         steps_per_epoch = len(train) // tc.batch_size
         total = self._total_steps = total_steps(tc, len(train))
-        self._epochs = -(-total // max(1, steps_per_epoch))   # max_steps may end the run before training.epochs
+        self._epochs = -(-total // max(1, steps_per_epoch))  # max_steps may end the run before training.epochs
         step = self._maybe_resume(engine, slots) if self.resume else 0
         save_steps = {s for s in tc.save_steps if s <= total}
         if len(save_steps) < len(set(tc.save_steps)):
-            logger.warning("training.save_steps %s come after the run's last step (%d): not saved",
-                           sorted(set(tc.save_steps) - save_steps), total)
-        bar = tqdm(total=total, initial=step, desc=f"train {len(slots)} nets", disable=not self.progress,
-                   dynamic_ncols=True, leave=False, mininterval=1.0)
+            logger.warning(
+                "training.save_steps %s come after the run's last step (%d): not saved",
+                sorted(set(tc.save_steps) - save_steps),
+                total,
+            )
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"train {len(slots)} nets",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+            mininterval=1.0,
+        )
         t0 = time.perf_counter()
         if step < total:
             bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")
-        first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)   # per net: the first step with
-        while step < total:                                                           # a non-finite loss, or 0
+        first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)  # per net: the first step with
+        while step < total:  # a non-finite loss, or 0
             epoch, offset = divmod(step, steps_per_epoch)
             orders = torch.stack([epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots])
             loss_sum = torch.zeros(len(slots), device=acc.device)
             batches = range(offset, min(steps_per_epoch, offset + total - step))
             for b in batches:
-                loss = engine.step(*train.batches(orders[:, b * tc.batch_size:(b + 1) * tc.batch_size]))
+                loss = engine.step(*train.batches(orders[:, b * tc.batch_size : (b + 1) * tc.batch_size]))
                 loss_sum += loss
                 step += 1
                 first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step, first_bad)  # no host sync
@@ -235,16 +249,18 @@ class PairTrainer:
         if bad:
             name, step = min(bad, key=lambda b: b[1])
             lr = self.config.training.lr
-            raise TrainingDiverged(f"{name}'s training loss became non-finite (NaN or inf) at step {step}: the "
-                                   f"training diverged; lower the learning rate (training.lr is {lr:g}; try "
-                                   f"--set training.lr={lr / 10:g}) and train again with --overwrite")
+            raise TrainingDiverged(
+                f"{name}'s training loss became non-finite (NaN or inf) at step {step}: the "
+                f"training diverged; lower the learning rate (training.lr is {lr:g}; try "
+                f"--set training.lr={lr / 10:g}) and train again with --overwrite"
+            )
 
     def _epoch_end(self, engine, slots, epoch, mean_loss, test, t0, step) -> None:
         tc, acc = self.config.training, self.accelerator
         line = f"epoch {epoch + 1}/{self._epochs} ({time.perf_counter() - t0:.1f} s)"
         logs = {}
         evals = engine.evaluate(test.pixel_values, test.labels) if tc.eval_each_epoch else None
-        for k, (slot, loss) in enumerate(zip(slots, mean_loss.tolist())):    # one host sync per epoch
+        for k, (slot, loss) in enumerate(zip(slots, mean_loss.tolist())):  # one host sync per epoch
             key = slot.name.replace(" ", "_")
             line += f" | {slot.name}: train loss {loss:.4f}"
             logs[f"{key}/train_loss"] = loss
@@ -284,7 +300,7 @@ class PairTrainer:
             tensors, meta, _ = load_resume_state(folder)
             weights = load_file(str(folder / "model.safetensors"))
             model = engine.export(k)
-            with torch.no_grad():       # every tensor of the state: parameters and buffers (BatchNorm statistics)
+            with torch.no_grad():  # every tensor of the state: parameters and buffers (BatchNorm statistics)
                 for n, t in model.state_dict().items():
                     t.copy_(weights[n])
             if hasattr(engine, "params"):
@@ -306,26 +322,15 @@ class PairTrainer:
             model = load_model(self.output_dir / f"net_{i}" / "final")
             model.to(self.accelerator.device)
             model.eval()
-            loss, acc = eval_loss_acc(lambda b, model=model: model(pixel_values=b, return_dict=False)[0], test.pixel_values,
-                                          test.labels, model.compute_loss, 10000)
+            loss, acc = eval_loss_acc(
+                lambda b, model=model: model(pixel_values=b, return_dict=False)[0],
+                test.pixel_values,
+                test.labels,
+                model.compute_loss,
+                10000,
+            )
             metrics.append({"net": i, "test": {"loss": loss, "acc": acc}})
-        steps_per_epoch = len(train) // cfg.training.batch_size
-        total = total_steps(cfg.training, len(train))
-        pair = {
-            "format": "hf_permerge.pair/1",
-            "num_nets": cfg.training.num_nets,
-            "config": cfg.to_dict(),
-            "seeds": [{"init": derive_seed(cfg.training.seed, i, "init"), "data": derive_seed(cfg.training.seed, i, "data")}
-                      for i in range(cfg.training.num_nets)],
-            "data": {"dataset": cfg.data.dataset, "train_fingerprint": train.fingerprint,
-                     "test_fingerprint": test.fingerprint, "num_train": len(train), "num_test": len(test)},
-            "steps": {"per_epoch": steps_per_epoch, "total": total,
-                      "saved": sorted(s for s in cfg.training.save_steps if s <= total)},
-            "checkpoints": ["init"] + [f"step-{s}" for s in sorted(cfg.training.save_steps) if s <= total] + ["final"],
-            "versions": _versions(),
-            "timings": {"train_s": train_s, **({"trained_together": trained_together} if trained_together > 1 else {})},
-            "nets": metrics,
-        }
+        pair = pair_record(cfg, train, test, metrics, train_s, trained_together)
         write_json_atomic(self.output_dir / "pair.json", pair)
         return metrics
 
@@ -351,8 +356,10 @@ def train_together(trainers: list[PairTrainer]) -> list[TrainResult]:
     reference = _without_seed(first.config)
     for t in trainers:
         if _without_seed(t.config) != reference:
-            raise ValueError(f"train_together needs configs that differ only in training.seed; {t.output_dir} differs "
-                             f"from {first.output_dir}")
+            raise ValueError(
+                f"train_together needs configs that differ only in training.seed; {t.output_dir} differs "
+                f"from {first.output_dir}"
+            )
         if t.accelerator.num_processes > 1:
             raise ValueError("train_together runs in one process; under several processes train pairs one by one")
     train, test = first._splits()
@@ -362,8 +369,10 @@ def train_together(trainers: list[PairTrainer]) -> list[TrainResult]:
     slots = []
     for t in trainers:
         nets = t._unfinished(range(t.config.training.num_nets))
-        slots += [NetSlot(slot.folder, f"{t.output_dir.name}/{slot.name}", slot.model, slot.data_seed)
-                  for slot in t._slots(nets)]
+        slots += [
+            NetSlot(slot.folder, f"{t.output_dir.name}/{slot.name}", slot.model, slot.data_seed)
+            for slot in t._slots(nets)
+        ]
     if slots:
         first._train_slots(slots, train, test)
     train_s = (time.perf_counter() - start) / len(trainers)

@@ -54,9 +54,17 @@ records it per group.
 `check_permutation_invariance` applies random permutations and checks the model computes the same
 function; `trace_permutation_spec` runs it by default, and names the group that breaks it.
 """
+
 from .build import TracedSpec, attach_permutation_spec, trace, trace_permutation_spec
 from .export import example_inputs_for
 from .invariance import InvarianceError, check_permutation_invariance
 
-__all__ = ["TracedSpec", "trace", "trace_permutation_spec", "check_permutation_invariance", "InvarianceError",
-           "attach_permutation_spec", "example_inputs_for"]
+__all__ = [
+    "TracedSpec",
+    "trace",
+    "trace_permutation_spec",
+    "check_permutation_invariance",
+    "InvarianceError",
+    "attach_permutation_spec",
+    "example_inputs_for",
+]

@@ -1,5 +1,6 @@
 """The label analysis: every axis of every graph value gets a label; labels are merged with union-find
 by the op rules (`layer_rules`, `shape_rules`); what the rules cannot follow is blocked, with the reason."""
+
 from __future__ import annotations
 
 import operator
@@ -18,18 +19,18 @@ class Analysis(LayerRules, ShapeRules):
         self.ep = ep
         self.uf = UnionFind()
         self.uf.find(PIN)
-        self.labels: dict = {}          # node -> tuple of labels per axis | list of those (tuple outputs) | None
-        self.blocks: list = []          # (element, reason)
-        self.origins: dict = {}         # element -> list of (node, weight key)
-        self.param_axes: dict = {}      # element -> (state-dict key, axis, size)
-        self.head_splits: list = []     # (label, heads): a group's axis split into (heads, units per head)
+        self.labels: dict = {}  # node -> tuple of labels per axis | list of those (tuple outputs) | None
+        self.blocks: list = []  # (element, reason)
+        self.origins: dict = {}  # element -> list of (node, weight key)
+        self.param_axes: dict = {}  # element -> (state-dict key, axis, size)
+        self.head_splits: list = []  # (label, heads): a group's axis split into (heads, units per head)
         self.head_couplings: list = []  # (query/key label, value label) of one attention op: heads move together
         self.graph = ep.graph_module.graph
-        self.module_of: dict = {}       # node -> innermost module path
-        self.module_calls: dict = {}    # module path -> set of nn_module_stack keys (one per call)
-        self.module_nodes: dict = {}    # module path -> compute nodes inside it (any depth)
+        self.module_of: dict = {}  # node -> innermost module path
+        self.module_calls: dict = {}  # module path -> set of nn_module_stack keys (one per call)
+        self.module_nodes: dict = {}  # module path -> compute nodes inside it (any depth)
         state_keys = set(model.state_dict(keep_vars=True))
-        self.placeholder_key: dict = {}   # placeholder name -> state-dict key | (kind, name) | absent (user input)
+        self.placeholder_key: dict = {}  # placeholder name -> state-dict key | (kind, name) | absent (user input)
         sig = ep.graph_signature
         for spec in sig.input_specs:
             name = getattr(spec.arg, "name", None)
@@ -98,7 +99,7 @@ class Analysis(LayerRules, ShapeRules):
         if shape is None:
             return
         key = self.placeholder_key.get(node.name)
-        if key is None:                       # a user input: never permuted
+        if key is None:  # a user input: never permuted
             self.labels[node] = self.fresh(shape)
             return
         labels = []
@@ -110,10 +111,13 @@ class Analysis(LayerRules, ShapeRules):
                 self.param_axes[element] = (key, axis, size)
                 self.uf.find(element)
                 labels.append(element)
-            else:                             # a constant or a non-persistent buffer: not in the state dict
+            else:  # a constant or a non-persistent buffer: not in the state dict
                 element = ("fixed", node.name, axis)
-                self.block(element, f"tensor {key[1]!r} is tied to it but is not in the state dict "
-                                    f"({key[0]}), so it cannot be permuted")
+                self.block(
+                    element,
+                    f"tensor {key[1]!r} is tied to it but is not in the state dict "
+                    f"({key[0]}), so it cannot be permuted",
+                )
                 labels.append(element)
         self.labels[node] = tuple(labels)
 
@@ -125,11 +129,15 @@ class Analysis(LayerRules, ShapeRules):
         if node.target is operator.getitem:
             src, idx = node.args
             src_labels = self.lab(src)
-            self.labels[node] = src_labels[idx] if isinstance(src_labels, list) and idx < len(src_labels) else (
-                self.fresh(out_shape) if out_shape is not None else None)
+            self.labels[node] = (
+                src_labels[idx]
+                if isinstance(src_labels, list) and idx < len(src_labels)
+                else (self.fresh(out_shape) if out_shape is not None else None)
+            )
             return
         handler = getattr(self, f"op_{name}", None) or next(
-            (getattr(self, rule) for names, rule in OP_FAMILIES if name in names), None)
+            (getattr(self, rule) for names, rule in OP_FAMILIES if name in names), None
+        )
         if handler is None and hasattr(node.target, "tags") and torch.Tag.pointwise in node.target.tags:
             handler = self.op_pointwise
         if handler is None:

@@ -1,4 +1,5 @@
 """From a traced model's labels to a `TracedSpec`: groups, their modules and unit axes, what was skipped."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,9 +30,9 @@ class TracedSpec:
     every group (or the norm right after it), residual branches included."""
 
 
-
-def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error", "skip"] = "error",
-          check: bool = True) -> TracedSpec:
+def trace(
+    model: nn.Module, example_inputs=None, on_unsupported: Literal["error", "skip"] = "error", check: bool = True
+) -> TracedSpec:
     """Trace `model` and derive its permutation spec; see the module docstring for the rules.
 
     example_inputs: a tensor (the model's main input), a tuple of positional args or a dict of kwargs;
@@ -42,7 +43,7 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
         raise ValueError(f"on_unsupported={on_unsupported!r}; choose 'error' or 'skip'")
     call, inputs = traceable_call(model, example_inputs)
     was_training = model.training
-    model.eval()     # BatchNorm as used for inference (no running-stat updates), dropout off
+    model.eval()  # BatchNorm as used for inference (no running-stat updates), dropout off
     try:
         with torch.no_grad():
             ep = torch.export.export(call, inputs, strict=False)
@@ -63,25 +64,33 @@ def trace(model: nn.Module, example_inputs=None, on_unsupported: Literal["error"
                 # heads that cannot move (a per-head bias, say): keep them in place and check again
                 result = dataclasses.replace(result, spec=PermutationSpec(result.spec.groups))
                 check_permutation_invariance(model, result.spec, example_inputs)
-        except InvarianceError as err:      # a group the rules followed wrongly: refuse it like any other
-            reason = ("randomly permuting it changes the model's outputs (an op uses its units in a way the "
-                      "tracer's rules do not capture, e.g. attention heads split with the heads as the minor axis)")
+        except InvarianceError as err:  # a group the rules followed wrongly: refuse it like any other
+            reason = (
+                "randomly permuting it changes the model's outputs (an op uses its units in a way the "
+                "tracer's rules do not capture, e.g. attention heads split with the heads as the minor axis)"
+            )
             if on_unsupported == "error":
-                raise ValueError(f"cannot derive a permutation spec for {type(model).__name__}: the units of "
-                                 f"{err.groups} cannot be permuted: {reason}. Pass on_unsupported='skip' to leave "
-                                 "such groups unpermuted.") from err
+                raise ValueError(
+                    f"cannot derive a permutation spec for {type(model).__name__}: the units of "
+                    f"{err.groups} cannot be permuted: {reason}. Pass on_unsupported='skip' to leave "
+                    "such groups unpermuted."
+                ) from err
             kept = tuple(g for g in result.spec.groups if g.name not in err.groups)
             couplings = tuple(c for c in result.spec.couplings if not set(c) & set(err.groups))
             result = dataclasses.replace(
-                result, spec=PermutationSpec(kept, couplings), skipped={**result.skipped, **{g: reason for g in err.groups}},
-                unit_axes={g: a for g, a in result.unit_axes.items() if g not in err.groups})
+                result,
+                spec=PermutationSpec(kept, couplings),
+                skipped={**result.skipped, **{g: reason for g in err.groups}},
+                unit_axes={g: a for g, a in result.unit_axes.items() if g not in err.groups},
+            )
             if kept:
                 check_permutation_invariance(model, result.spec, example_inputs)
     return result
 
 
-def trace_permutation_spec(model: nn.Module, example_inputs=None,
-                           on_unsupported: Literal["error", "skip"] = "error", check: bool = True) -> PermutationSpec:
+def trace_permutation_spec(
+    model: nn.Module, example_inputs=None, on_unsupported: Literal["error", "skip"] = "error", check: bool = True
+) -> PermutationSpec:
     """The `PermutationSpec` of any module, derived from its traced graph (see `trace`).
 
     Groups are named after the first module that writes their units (`layers.0`), so a hand-written spec
@@ -116,47 +125,72 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     groups, skipped, unit_axes, repair_modules = [], {}, {}, []
     for _, root, elems, origins in classes:
         name = origins[0][1].rsplit(".", 1)[0]
-        axes = sorted({(alias, an.param_axes[e][1]) for e in elems if e in an.param_axes
-                       for alias in aliases.get(an.param_axes[e][0], [an.param_axes[e][0]])},
-                      key=lambda ka: (position[ka[0]], ka[1]))
+        axes = sorted(
+            {
+                (alias, an.param_axes[e][1])
+                for e in elems
+                if e in an.param_axes
+                for alias in aliases.get(an.param_axes[e][0], [an.param_axes[e][0]])
+            },
+            key=lambda ka: (position[ka[0]], ka[1]),
+        )
         reason = blocked.get(root)
         keys = [k for k, _ in axes]
         if reason is None and len(set(keys)) != len(keys):
             twice = sorted({k for k in keys if keys.count(k) > 1})
-            reason = (f"the group would permute two axes of {twice[0]!r} (its input and output are tied, e.g. by a "
-                      "residual connection around a single layer); the spec allows one axis per tensor")
+            reason = (
+                f"the group would permute two axes of {twice[0]!r} (its input and output are tied, e.g. by a "
+                "residual connection around a single layer); the spec allows one axis per tensor"
+            )
         if reason is not None:
             if on_unsupported == "error":
-                raise ValueError(f"cannot derive a permutation spec for {type(model).__name__}: the units produced by "
-                                 f"{name!r} cannot be permuted: {reason}. Pass on_unsupported='skip' to leave such "
-                                 "groups unpermuted.")
+                raise ValueError(
+                    f"cannot derive a permutation spec for {type(model).__name__}: the units produced by "
+                    f"{name!r} cannot be permuted: {reason}. Pass on_unsupported='skip' to leave such "
+                    "groups unpermuted."
+                )
             skipped[name] = reason
             continue
         size = an.param_axes[next(e for e in elems if e in an.param_axes)][2]
         heads = {h for lab, h in an.head_splits if uf.find(lab) == root}
         if len(heads) > 1 and on_unsupported == "error":
-            raise ValueError(f"cannot derive a permutation spec for {type(model).__name__}: the units produced by "
-                             f"{name!r} are split into {sorted(heads)} heads in different places")
+            raise ValueError(
+                f"cannot derive a permutation spec for {type(model).__name__}: the units produced by "
+                f"{name!r} are split into {sorted(heads)} heads in different places"
+            )
         if len(heads) > 1:
             skipped[name] = f"its units are split into {sorted(heads)} heads in different places"
             continue
         blocks = heads.pop() if heads else 1
         pre, act, axis_pre, axis_act, sites = _modules(an, root, origins)
-        if blocks == 1:      # attention projections are not REPAIRed: their outputs are logits' factors
+        if blocks == 1:  # attention projections are not REPAIRed: their outputs are logits' factors
             repair_modules += sites
         axis = axis_act if act is not None else axis_pre
         if pre is not None and act is not None and axis_pre != axis_act:
-            pre = None     # one unit axis per group: keep the one activation matching uses by default
-        groups.append(PermGroup(name, size, tuple(axes), activation=act or pre, preactivation=pre,
-                                unit_axis=axis if axis is not None else 1, blocks=blocks))
+            pre = None  # one unit axis per group: keep the one activation matching uses by default
+        groups.append(
+            PermGroup(
+                name,
+                size,
+                tuple(axes),
+                activation=act or pre,
+                preactivation=pre,
+                unit_axis=axis if axis is not None else 1,
+                blocks=blocks,
+            )
+        )
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
     name_of = {root: origins[0][1].rsplit(".", 1)[0] for _, root, _, origins in classes}
     built = {g.name: g for g in groups}
     couplings = []
     for qk, v in an.head_couplings:
         pair = tuple(dict.fromkeys(name_of.get(uf.find(lab)) for lab in (qk, v)))
-        if len(pair) == 2 and all(n in built and built[n].blocks > 1 for n in pair) and \
-                built[pair[0]].blocks == built[pair[1]].blocks and pair not in couplings:
+        if (
+            len(pair) == 2
+            and all(n in built and built[n].blocks > 1 for n in pair)
+            and built[pair[0]].blocks == built[pair[1]].blocks
+            and pair not in couplings
+        ):
             couplings.append(pair)
     spec = PermutationSpec(tuple(groups), tuple(couplings))
     spec.validate(model.state_dict())
@@ -215,8 +249,11 @@ def _chain_end(an: Analysis, origin_node):
             return cur
         user, via = users[0]
         name = op_name(user) if user.op == "call_function" else ""
-        if (name in BATCH_NORMS or name in LAYER_NORMS or name in GROUP_NORMS) and user.args[0] is via \
-                and _single_op_module(an, user):
+        if (
+            (name in BATCH_NORMS or name in LAYER_NORMS or name in GROUP_NORMS)
+            and user.args[0] is via
+            and _single_op_module(an, user)
+        ):
             cur = user
         else:
             return cur
@@ -255,7 +292,7 @@ def _modules(an: Analysis, root, origins):
     if nonlinear or norms:
         node, axis_act = (nonlinear or norms)[-1]
         act = _single_op_module(an, node)
-    elif ends[0][1] is not None:     # tied producers and nothing after them (attention's query and key): the first
+    elif ends[0][1] is not None:  # tied producers and nothing after them (attention's query and key): the first
         act, axis_act = ends[0][1], _unit_axis(an, ends[0][0], root)
     return None, act, None, axis_act, sites
 

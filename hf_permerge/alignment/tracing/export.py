@@ -1,4 +1,5 @@
 """The model as one exported call: example inputs, the wrapper `torch.export` traces, module paths."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,10 @@ def example_inputs_for(model: nn.Module, batch_size: int = 2, seed: int = 0) -> 
     """Random pixels shaped by the model's config (`num_channels`, `image_size`), keyed by its main input name."""
     shape = input_shape(model)
     if shape is None or None in shape:
-        raise ValueError(f"cannot guess example inputs for {type(model).__name__} (its config has no num_channels / "
-                         "image_size); pass example_inputs=<a tensor, a tuple of positional args or a dict of kwargs>")
+        raise ValueError(
+            f"cannot guess example inputs for {type(model).__name__} (its config has no num_channels / "
+            "image_size); pass example_inputs=<a tensor, a tuple of positional args or a dict of kwargs>"
+        )
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else "cpu"
@@ -30,8 +33,10 @@ def _as_call(model: nn.Module, example_inputs) -> tuple[tuple, dict]:
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
-    raise TypeError(f"example_inputs must be a tensor, a tuple of positional args or a dict of kwargs, "
-                    f"got {type(example_inputs).__name__}")
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of positional args or a dict of kwargs, "
+        f"got {type(example_inputs).__name__}"
+    )
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -54,8 +59,8 @@ class _Call(nn.Module):
         self.num_args, self.kw_names, self.static = num_args, kw_names, static
 
     def forward(self, *inputs):
-        kwargs = dict(zip(self.kw_names, inputs[self.num_args:]), **self.static)
-        return tuple(_tensors(self.model(*inputs[:self.num_args], **kwargs)))
+        kwargs = dict(zip(self.kw_names, inputs[self.num_args :]), **self.static)
+        return tuple(_tensors(self.model(*inputs[: self.num_args], **kwargs)))
 
 
 def traceable_call(model: nn.Module, example_inputs) -> tuple[_Call, tuple]:
@@ -67,4 +72,4 @@ def traceable_call(model: nn.Module, example_inputs) -> tuple[_Call, tuple]:
 
 def model_path(path: str) -> str:
     """Paths inside the `_Call` wrapper start with 'model.'; the model's own names do not."""
-    return path[len("model."):] if path.startswith("model.") else "" if path == "model" else path
+    return path[len("model.") :] if path.startswith("model.") else "" if path == "model" else path

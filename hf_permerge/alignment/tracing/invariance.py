@@ -1,4 +1,5 @@
 """The check that a spec leaves the function unchanged: random permutations, the same outputs."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ class InvarianceError(AssertionError):
 
 
 @torch.no_grad()
-def check_permutation_invariance(model: nn.Module, spec: PermutationSpec, example_inputs=None, seed: int = 0,
-                                 rtol: float = 1e-4) -> None:
+def check_permutation_invariance(
+    model: nn.Module, spec: PermutationSpec, example_inputs=None, seed: int = 0, rtol: float = 1e-4
+) -> None:
     """Raise AssertionError unless randomly permuting every group leaves the model's outputs unchanged
     (eval mode, on `example_inputs`); on failure, the message names the groups that break it."""
     call, inputs = traceable_call(model, example_inputs)
@@ -31,8 +33,9 @@ def check_permutation_invariance(model: nn.Module, spec: PermutationSpec, exampl
         reference = call(*inputs)
 
         def differs(perms) -> float:
-            out = functional_call(call, {f"model.{k}": v for k, v in apply_permutations(spec, state, perms).items()},
-                                  inputs)
+            out = functional_call(
+                call, {f"model.{k}": v for k, v in apply_permutations(spec, state, perms).items()}, inputs
+            )
             worst = 0.0
             for a, b in zip(reference, out):
                 scale = a.abs().max().item() if a.numel() else 0.0
@@ -42,9 +45,11 @@ def check_permutation_invariance(model: nn.Module, spec: PermutationSpec, exampl
         perms = Permutations.random(spec, seed)
         if differs(perms) <= rtol:
             return
-        bad = [g.name for g in spec.groups
-               if differs(Permutations({g.name: perms[g.name]})) > rtol]
+        bad = [g.name for g in spec.groups if differs(Permutations({g.name: perms[g.name]})) > rtol]
     finally:
         model.train(was_training)
-    raise InvarianceError(f"permuting group(s) {bad or spec.names} of {type(model).__name__} changes its outputs: "
-                          "the permutation spec is wrong for this model", bad or spec.names)
+    raise InvarianceError(
+        f"permuting group(s) {bad or spec.names} of {type(model).__name__} changes its outputs: "
+        "the permutation spec is wrong for this model",
+        bad or spec.names,
+    )

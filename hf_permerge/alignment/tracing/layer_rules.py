@@ -1,4 +1,5 @@
 """Op rules for layers: Linear and convolutions start groups; norms and pointwise ops carry them."""
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,7 @@ class LayerRules:
         if name in ("convolution", "_convolution"):
             # (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
             transposed, groups = bool(node.args[6]), int(node.args[8])
-        else:                                          # convNd / conv_transposeNd: groups is argument 6
+        else:  # convNd / conv_transposeNd: groups is argument 6
             transposed = name.startswith("conv_transpose")
             groups = int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
         if xl is None or wl is None:
@@ -41,9 +42,13 @@ class LayerRules:
         out_label = wl[out_axis]
         if groups == 1:
             self.uf.union(wl[in_axis], xl[1])
-        elif not transposed and w.meta["val"].shape[1] == 1 and shape_of(x.meta["val"])[1] == groups \
-                and shape_of(val)[1] == groups:
-            out_label = self.uf.union(out_label, xl[1])          # depthwise: each channel on its own
+        elif (
+            not transposed
+            and w.meta["val"].shape[1] == 1
+            and shape_of(x.meta["val"])[1] == groups
+            and shape_of(val)[1] == groups
+        ):
+            out_label = self.uf.union(out_label, xl[1])  # depthwise: each channel on its own
         else:
             self.block(xl[1], f"{name} with {groups} groups ({where}) mixes channels within groups")
             self.block(out_label, f"{name} with {groups} groups ({where}) mixes channels within groups")
@@ -62,8 +67,9 @@ class LayerRules:
             if isinstance(p, torch.fx.Node) and self.lab(p):
                 self.uf.union(xl[1], self.lab(p)[0])
         if isinstance(val, (tuple, list)):
-            self.labels[node] = [tuple(xl)] + [(xl[1],) if shape_of(v) and len(shape_of(v)) == 1 else self._fresh_like(v)
-                                               for v in val[1:]]
+            self.labels[node] = [tuple(xl)] + [
+                (xl[1],) if shape_of(v) and len(shape_of(v)) == 1 else self._fresh_like(v) for v in val[1:]
+            ]
         else:
             self.labels[node] = tuple(xl)
 
@@ -86,12 +92,15 @@ class LayerRules:
         xl = self.lab(x)
         if name == "group_norm":
             groups, params = int(node.args[1]), node.args[2:4]
-        else:                                   # native_group_norm(input, weight, bias, N, C, HxW, group, eps)
+        else:  # native_group_norm(input, weight, bias, N, C, HxW, group, eps)
             groups, params = int(node.args[6]), node.args[1:3]
         channels = shape_of(x.meta["val"])[1]
         if groups not in (1, channels):
-            self.block(xl[1], f"{name} with {groups} groups of {channels} channels ({self.where(node)}) "
-                              "normalises channels in fixed groups")
+            self.block(
+                xl[1],
+                f"{name} with {groups} groups of {channels} channels ({self.where(node)}) "
+                "normalises channels in fixed groups",
+            )
         for p in params:
             if isinstance(p, torch.fx.Node) and self.lab(p):
                 self.uf.union(xl[1], self.lab(p)[0])
@@ -103,8 +112,9 @@ class LayerRules:
         if not isinstance(val, torch.Tensor):
             if isinstance(val, (tuple, list)) and val and isinstance(val[0], torch.Tensor):  # native_dropout
                 x = node.args[0]
-                self.labels[node] = [tuple(self.lab(x))] + [tuple(self.lab(x)) if shape_of(v) == shape_of(val[0])
-                                                            else self._fresh_like(v) for v in val[1:]]
+                self.labels[node] = [tuple(self.lab(x))] + [
+                    tuple(self.lab(x)) if shape_of(v) == shape_of(val[0]) else self._fresh_like(v) for v in val[1:]
+                ]
                 return
             self.labels[node] = None
             return

@@ -1,4 +1,5 @@
 """Op rules for shapes: reshapes (attention heads), products, transposes, concatenation, indexing, pooling."""
+
 from __future__ import annotations
 
 from .ops import PIN, op_name, shape_of
@@ -21,9 +22,13 @@ class ShapeRules:
             i, j = i + 1, j + 1
             while pi != po:
                 if pi < po and i < len(src):
-                    ia.append(src[i]); pi *= src[i][1]; i += 1   # noqa: E702
+                    ia.append(src[i])
+                    pi *= src[i][1]
+                    i += 1  # noqa: E702
                 elif j < len(dst):
-                    oa.append(dst[j]); po *= dst[j][1]; j += 1   # noqa: E702
+                    oa.append(dst[j])
+                    po *= dst[j][1]
+                    j += 1  # noqa: E702
                 else:
                     break
             if len(ia) == 1 and len(oa) == 1:
@@ -33,9 +38,12 @@ class ShapeRules:
                 continue
             sizes_in, sizes_out = [s for _, s in ia], [s for _, s in oa]
             for axis, size in ia:
-                what = (f"splits an axis of size {size} into {sizes_out} (as attention heads do)" if len(ia) == 1 else
-                        f"merges an axis of size {size} with others into one (sizes {sizes_in} -> {sizes_out}; as a "
-                        "flatten of conv channels with spatial positions before a Linear does)")
+                what = (
+                    f"splits an axis of size {size} into {sizes_out} (as attention heads do)"
+                    if len(ia) == 1
+                    else f"merges an axis of size {size} with others into one (sizes {sizes_in} -> {sizes_out}; as a "
+                    "flatten of conv channels with spatial positions before a Linear does)"
+                )
                 self.block(xl[axis], f"{op_name(node)} ({self.where(node)}) {what}")
             for axis, _ in oa:
                 out[axis] = PIN
@@ -77,7 +85,9 @@ class ShapeRules:
         self.head_couplings.append((ql[-1], vl[-1]))
         out = list(ql[:-1]) + [vl[-1]]
         for i in range(len(out) - 2):
-            out[i] = self.uf.union(self.uf.union(out[i], kl[i] if i < len(kl) else None), vl[i] if i < len(vl) else None)
+            out[i] = self.uf.union(
+                self.uf.union(out[i], kl[i] if i < len(kl) else None), vl[i] if i < len(vl) else None
+            )
         self.labels[node] = tuple(out)
 
     def op_matmul(self, node, val):

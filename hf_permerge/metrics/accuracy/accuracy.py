@@ -1,5 +1,6 @@
 """Top-1 accuracy as an `evaluate` metric module, shipped with the package since the Hub's
 `accuracy` cannot be loaded offline."""
+
 import datasets
 import evaluate
 import numpy as np

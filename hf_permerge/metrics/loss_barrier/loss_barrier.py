@@ -3,6 +3,7 @@
 This file is copied by `evaluate.load` into its modules cache, so it imports the package absolutely
 and delegates to the one barrier function, `hf_permerge.evaluation.barrier.loss_barrier`.
 """
+
 import datasets
 import evaluate
 
