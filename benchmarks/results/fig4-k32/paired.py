@@ -1,0 +1,26 @@
+"""Fig. 4 at k = 32: the large rate minus the small one, seed by seed (the two cells of a seed share their
+inits and data order), as mean ± Student-t 95% half-width over the seeds.
+
+    python benchmarks/results/fig4-k32/paired.py benchmarks/results/fig4-k32/results.json
+"""
+
+import json
+import sys
+
+from hf_permerge.evaluation.statistics import t_interval
+
+METRICS = ["single_acc", "vanilla_acc", "perm_acc", "barrier_perm_acc", "barrier_perm_loss", "init_perm_acc"]
+
+cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c.get("status") == "done"]
+rates = sorted({c["training.lr"] for c in cells})
+small, large = rates[0], rates[-1]
+by = {(c["training.seed"], c["training.lr"]): c for c in cells}
+seeds = sorted(s for s, lr in by if lr == small and (s, large) in by)
+print(f"lr {large} minus lr {small}, paired by seed, n = {len(seeds)} (seeds {seeds})\n")
+print("| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± t95 |")
+print("|---|" + "---|" * (len(seeds) + 1))
+for metric in METRICS:
+    diffs = [by[(s, large)][metric] - by[(s, small)][metric] for s in seeds]
+    mean, half = t_interval(diffs)
+    interval = f"{mean:+.3f} ± {half:.3f}" if half is not None else f"{mean:+.3f}"
+    print(f"| {metric} | " + " | ".join(f"{d:+.3f}" for d in diffs) + f" | {interval} |")
