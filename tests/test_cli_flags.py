@@ -111,3 +111,13 @@ def test_import_hf_permerge_still_registers_the_models_with_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["PermMLPConfig", "PermCNNConfig"], out.stderr[-2000:]
+
+
+def test_every_subcommand_of_the_parser_has_its_command_and_no_command_is_unreachable():
+    """The parser names the subcommands and `commands.COMMANDS` runs them: the two lists must be the same."""
+    import argparse
+
+    from hf_permerge.cli import build_parser, commands
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(commands.COMMANDS)
