@@ -204,23 +204,31 @@ def evaluate_model(model: nn.Module, split: TensorSplit, batch_size: int = DEFAU
     return {k: v[0] for k, v in metrics.items()}
 
 
-def _vmap_logits(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor, use_vmap: bool) -> torch.Tensor:
-    """Logits (P, B, C) of P stacked parameter sets on one data chunk x (B, ...): any architecture."""
+def _vmap_logits(model: nn.Module, stacked: dict, fixed: dict, x: torch.Tensor) -> torch.Tensor:
+    """Logits (P, B, C) of P stacked parameter sets on one data chunk x (B, ...) in one vmapped call."""
 
     def forward(params, inputs):
         return functional_call(model, (params, fixed), (inputs,), {"return_dict": False})[0]
 
-    if use_vmap:
-        return torch.vmap(forward, in_dims=(0, None))(stacked, x)
+    return torch.vmap(forward, in_dims=(0, None))(stacked, x)
+
+
+def _one_by_one(stacked: dict, device: torch.device) -> list[dict]:
+    """The P parameter sets of `stacked` one by one, made once per pass; on the CPU, conv weights in
+    channels-last, oneDNN's fastest layout (the images are converted to match in `_looped_logits`)."""
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     n_sets = next(iter(stacked.values())).shape[0]
-    layout = torch.channels_last if x.ndim == 4 and x.device.type == "cpu" else torch.contiguous_format
-    x = x.contiguous(memory_format=layout)  # conv weights and images alike: oneDNN's fastest layout
-    return torch.stack(
-        [
-            forward({k: v[p].contiguous(memory_format=layout) if v.ndim == 5 else v[p] for k, v in stacked.items()}, x)
-            for p in range(n_sets)
-        ]
-    )
+    return [
+        {k: v[p].contiguous(memory_format=layout) if v.ndim == 5 else v[p] for k, v in stacked.items()}
+        for p in range(n_sets)
+    ]
+
+
+def _looped_logits(model: nn.Module, per_set: list[dict], fixed: dict, x: torch.Tensor) -> torch.Tensor:
+    """Logits (P, B, C): the model's forward once per parameter set (same numbers as `_vmap_logits`)."""
+    if x.ndim == 4 and x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return torch.stack([functional_call(model, (params, fixed), (x,), {"return_dict": False})[0] for params in per_set])
 
 
 def _vmap_pays(model: nn.Module, splits: Mapping[str, TensorSplit]) -> bool:
@@ -302,6 +310,7 @@ def evaluate_combinations(
                 else:
                     stacked = combine_state_dicts(on_device, chunk_coeffs)
                     fixed = {k: v for k, v in on_device[0].items() if k not in stacked}
+                    per_set = None if use_vmap else _one_by_one(stacked, device)
                 chunks = []
                 for i in range(0, len(split), batch_size):
                     x = split.pixel_values[i : i + batch_size]
@@ -310,7 +319,7 @@ def evaluate_combinations(
                         continue
                     if use_vmap:
                         try:
-                            chunks.append(_vmap_logits(model, stacked, fixed, x, use_vmap=True))
+                            chunks.append(_vmap_logits(model, stacked, fixed, x))
                             continue
                         except (RuntimeError, NotImplementedError, ValueError) as err:
                             warnings.warn(
@@ -319,7 +328,8 @@ def evaluate_combinations(
                                 stacklevel=2,
                             )
                             use_vmap = False
-                    chunks.append(_vmap_logits(model, stacked, fixed, x, use_vmap=False))
+                            per_set = _one_by_one(stacked, device)
+                    chunks.append(_looped_logits(model, per_set, fixed, x))
                 metrics = metrics_from_logits(model, torch.cat(chunks, dim=1), split.labels)
                 for key, values in metrics.items():
                     results[name].setdefault(key, []).extend(values)
