@@ -56,8 +56,8 @@ class ModelSection(_Section):
     layers: str = "64-64-avg-128-128"
     batch_norm: bool = False
     bias: bool | None = None
-    """None: the architecture's default, False for both as in the authors' code (the CNN's was True before
-    2026-11-27; saved models record theirs)."""
+    """None: the architecture's default, False for both as in the authors' code (older versions gave
+    CNNs biases; saved models record theirs)."""
     init: Literal["kaiming_normal", "xavier", "orthogonal"] = "kaiming_normal"
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
 

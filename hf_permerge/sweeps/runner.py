@@ -85,7 +85,7 @@ def _measure_settings(config: SweepConfig) -> dict:
 
 
 CELL_FORMAT = "hf_permerge.sweep_cell/2"
-"""/2 (2026-11-27): CNNs without biases by default, training-split curves on their own sample of images."""
+"""Format 2: CNNs without biases by default, training-split curves on their own sample of images."""
 
 
 def _as_measured(result: dict) -> dict | None:

@@ -117,7 +117,7 @@ class PairTrainer:
 
     def _check_saved_nets_match(self) -> None:
         """The nets saved by the run being resumed have the tensors this config builds: a default that changed
-        between versions (CNN biases, before 2026-11-27) would otherwise crash mid-run or train other nets."""
+        between versions (the CNN's biases) would otherwise crash mid-run or train other nets."""
         from safetensors import safe_open
 
         for i in range(self.config.training.num_nets):
@@ -133,7 +133,7 @@ class PairTrainer:
                     f"built only: {missing[:3]}" if missing else ""
                 ) or "tensor shapes"
                 hint = (
-                    " (CNNs had biases by default before 2026-11-27: add --set model.bias=true)"
+                    " (older versions gave CNNs biases by default: add --set model.bias=true)"
                     if any(k.endswith("bias") for k in extra)
                     else ""
                 )
