@@ -2,6 +2,9 @@
 inits and data order), as mean ± Student-t 95% half-width over the seeds.
 
     python benchmarks/results/fig4-k32/paired.py benchmarks/results/fig4-k32/results.json
+    python benchmarks/results/fig4-k32/paired.py benchmarks/results/appF-family2-k32/results.json case
+
+The optional second argument names the key that holds the rate (App. F.2's sweep names its cases "sgd lr 0.02").
 """
 
 import json
@@ -11,12 +14,13 @@ from hf_permerge.evaluation.statistics import t_interval
 
 METRICS = ["single_acc", "vanilla_acc", "perm_acc", "barrier_perm_acc", "barrier_perm_loss", "init_perm_acc"]
 
+KEY = sys.argv[2] if len(sys.argv) > 2 else "training.lr"
 cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c.get("status") == "done"]
-rates = sorted({c["training.lr"] for c in cells})
+rates = sorted({c[KEY] for c in cells}, key=lambda v: float(str(v).split()[-1]))
 small, large = rates[0], rates[-1]
-by = {(c["training.seed"], c["training.lr"]): c for c in cells}
+by = {(c["training.seed"], c[KEY]): c for c in cells}
 seeds = sorted(s for s, lr in by if lr == small and (s, large) in by)
-print(f"lr {large} minus lr {small}, paired by seed, n = {len(seeds)} (seeds {seeds})\n")
+print(f"{KEY} {large} minus {small}, paired by seed, n = {len(seeds)} (seeds {seeds})\n")
 print("| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± t95 |")
 print("|---|" + "---|" * (len(seeds) + 1))
 for metric in METRICS:
