@@ -161,6 +161,9 @@ class _AlignmentBase(_Section):
     all pairs of nets; Git Re-Basin's MergeMany for weights): for averaging N > 2 nets (activation, weight)."""
     max_rounds: int = Field(50, ge=1)
     """reference average: rounds of coordinate ascent over the nets at most."""
+    subset: Literal["fixed", "per_seed"] = "fixed"
+    """The images a data matcher (activation, gradient) uses: one seeded subset for every run ("fixed"), or one
+    drawn with the run's `training.seed` ("per_seed"), so that a sweep's seeds also sample the matching images."""
 
     @model_validator(mode="after")
     def _check_matcher_settings(self):

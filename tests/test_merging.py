@@ -188,3 +188,29 @@ def test_merge_takes_alpha_as_a_zero_dimensional_tensor(tiny_pair):
     by_float = merger.merge(0.25).state_dict()
     assert all(torch.equal(by_tensor[k], v) for k, v in by_float.items())
     assert merger.merge_settings()["merge"]["alpha"] == 0.25
+
+
+def test_per_seed_subset_hands_the_training_seed_to_data_matchers_only(tiny_pair, tiny_fmnist):
+    """alignment.subset: per_seed matches each seed of a sweep on its own images (the matcher's subset seed is
+    the run's training.seed); fixed keeps one subset; the weight matcher reads no data: its seed is untouched."""
+    from hf_permerge.config import config_from_dict
+    from hf_permerge.reporting.pipeline import align_merger
+
+    def aligned(subset, seed, matcher="activation"):
+        cfg = config_from_dict(
+            {
+                "model": {"type": "mlp", "depth": 1, "width": 32},
+                "data": {"dataset": "fashion_mnist", "data_dir": str(tiny_fmnist)},
+                "training": {"num_nets": 3, "seed": seed},
+                "alignment": {"matcher": matcher, "num_examples": 500, "subset": subset},
+            }
+        )
+        merger = PermMerger.from_pretrained(tiny_pair)
+        align_merger(merger, cfg)
+        return merger.alignment
+
+    assert aligned("fixed", 3)["settings"]["seed"] == 0
+    assert aligned("per_seed", 3)["settings"]["seed"] == 3
+    assert aligned("per_seed", 4)["settings"]["seed"] == 4
+    assert aligned("per_seed", 3)["examples"] == 500
+    assert aligned("per_seed", 3, matcher="weight")["settings"].get("seed", 0) == 0  # its default, untouched

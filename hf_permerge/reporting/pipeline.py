@@ -63,13 +63,10 @@ def evaluation_splits(config: RunConfig, device, mean_std: tuple | None = None) 
 def align_merger(merger, config: RunConfig) -> None:
     """Align with the config's `alignment` section (the chosen matcher's settings), on the training split."""
     a = config.alignment
-    merger.align(
-        matcher=a.matcher,
-        checkpoint=a.checkpoint,
-        reference=a.reference,
-        max_rounds=a.max_rounds,
-        **matcher_settings(a.matcher, a.model_dump()),
-    )
+    settings = matcher_settings(a.matcher, a.model_dump())
+    if a.subset == "per_seed" and "num_examples" in settings:  # a matcher that reads data
+        settings["seed"] = config.training.seed
+    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds, **settings)
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:
