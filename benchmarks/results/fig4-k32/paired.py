@@ -4,7 +4,8 @@ inits and data order), as mean ± Student-t 95% half-width over the seeds.
     python benchmarks/results/fig4-k32/paired.py benchmarks/results/fig4-k32/results.json
     python benchmarks/results/fig4-k32/paired.py benchmarks/results/appF-family2-k32/results.json case
 
-The optional second argument names the key that holds the rate (App. F.2's sweep names its cases "sgd lr 0.02").
+The optional second argument names the key that holds the rate (App. F.2's sweep names its cases "sgd lr 0.02");
+any two-valued key works (`alignment.subset`: per_seed minus fixed).
 """
 
 import json
@@ -16,7 +17,17 @@ METRICS = ["single_acc", "vanilla_acc", "perm_acc", "barrier_perm_acc", "barrier
 
 KEY = sys.argv[2] if len(sys.argv) > 2 else "training.lr"
 cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c.get("status") == "done"]
-rates = sorted({c[KEY] for c in cells}, key=lambda v: float(str(v).split()[-1]))
+
+
+def order(value):
+    """A rate's number ("sgd lr 0.02" -> 0.02); other values (e.g. alignment.subset) sort by name."""
+    try:
+        return float(str(value).split()[-1])
+    except ValueError:
+        return str(value)
+
+
+rates = sorted({c[KEY] for c in cells}, key=order)
 small, large = rates[0], rates[-1]
 by = {(c["training.seed"], c[KEY]): c for c in cells}
 seeds = sorted(s for s, lr in by if lr == small and (s, large) in by)
