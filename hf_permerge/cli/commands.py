@@ -62,21 +62,11 @@ def cmd_merge(args) -> int:
 
 def cmd_train(args) -> int:
     from ..config import load_config
-    from ..io_utils import check_output_dir
     from ..training import PairTrainer
-    from ..training.trainer import PAIR_CONTENTS
+    from ..training.trainer import check_pair_output
 
     config = load_config(args.config, args.overrides)
-    check = functools.partial(
-        check_output_dir,
-        args.output_dir,
-        args.overwrite,
-        args.resume,
-        marker="run_config.json",
-        resumable=True,
-        what="a pair",
-        contents=PAIR_CONTENTS,
-    )
+    check = functools.partial(check_pair_output, args.output_dir, args.overwrite, args.resume)
     with job(args, check, keep=keep_pair(args)) as (out, overwrite):
         result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
     for m in result.metrics:
@@ -113,21 +103,11 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from ..config import load_config
-    from ..io_utils import check_output_dir
     from ..merging.sources import portable_path
-    from ..reporting.pipeline import RUN_CONTENTS, RUN_MARKER, run
+    from ..reporting.pipeline import check_run_output, run
 
     config = load_config(args.config, args.overrides)
-    check = functools.partial(
-        check_output_dir,
-        args.output_dir,
-        args.overwrite,
-        args.resume,
-        marker=RUN_MARKER,
-        resumable=True,
-        what="a run",
-        contents=RUN_CONTENTS,
-    )
+    check = functools.partial(check_run_output, args.output_dir, args.overwrite, args.resume)
     with job(args, check, keep=keep_run(args)) as (out, overwrite):
         run(
             config,
@@ -161,22 +141,13 @@ def cmd_push(args) -> int:
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
-    from ..io_utils import check_output_dir
     from ..sweeps import load_sweep_config, run_sweep
-    from ..sweeps.runner import SWEEP_CONTENTS
+    from ..sweeps.runner import check_sweep_output
 
     config = load_sweep_config(args.config, args.overrides)
     target = Path(args.output_dir)
     continued = (target / "sweep.json").is_file() and not args.overwrite
-    check = functools.partial(
-        check_output_dir,
-        target,
-        args.overwrite,
-        resume=continued,
-        marker="sweep.json",
-        what="a sweep",
-        contents=SWEEP_CONTENTS,
-    )
+    check = functools.partial(check_sweep_output, target, args.overwrite)
 
     def keep(folder):
         if continued or any(folder.glob("cells/*/result.json")):

@@ -12,17 +12,19 @@ import functools
 EPILOG = "Docs: README.md, docs/GUIDE.md. Configs: configs/*.yaml. Every subcommand has --help."
 
 
+def _add_set(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    """The repeatable `--set KEY=VALUE` config override (values parsed as YAML), collected in `args.overrides`."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config", help="YAML config with sections model, data, training, alignment, evaluation (see configs/)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set training.epochs=1 (repeatable; values parsed as YAML)",
+    _add_set(
+        p,
+        "SECTION.KEY=VALUE",
+        "override a config value, e.g. --set training.epochs=1 (repeatable; values parsed as YAML)",
     )
 
 
@@ -173,13 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "training and data come from the pair's pair.json (default: the pair's own config); "
         "for model folders, the whole config describes them",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true",
+    _add_set(
+        p, "SECTION.KEY=VALUE", "override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true"
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_output_args(p)
@@ -227,13 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="sweep YAML: sections model, data, training, alignment, evaluation and sweep (see configs/sweeps/)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base value (training.epochs=1) or a sweep value (sweep.keep_pairs=true, "
+    _add_set(
+        p,
+        "KEY=VALUE",
+        "override a base value (training.epochs=1) or a sweep value (sweep.keep_pairs=true, "
         "sweep.grid.model.width=[32,64]); repeatable, values parsed as YAML",
     )
     p.add_argument(

@@ -96,6 +96,13 @@ def evaluation_config(
     return config_from_dict(apply_overrides(data, overrides), source, overrides)
 
 
+def check_run_output(output_dir, overwrite: bool = False, resume: bool = False) -> None:
+    """A run folder's rule (`io_utils.check_output_dir`), checked before any work by `run` and the CLI."""
+    check_output_dir(
+        output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True, what="a run", contents=RUN_CONTENTS
+    )
+
+
 def check_evaluate_output(output_dir, overwrite: bool = False) -> None:
     """`evaluate`'s refusals of its output folder, before any download: one that holds something else than an
     evaluation or a run, or (without overwrite) an evaluation already."""
@@ -184,9 +191,7 @@ def run(
             "at least 2; set training.num_nets to 2 or more (or use `hf-permerge train` for one net)"
         )
     output_dir = Path(output_dir)
-    check_output_dir(
-        output_dir, overwrite, resume, marker=RUN_MARKER, resumable=True, what="a run", contents=RUN_CONTENTS
-    )
+    check_run_output(output_dir, overwrite, resume)
     if overwrite and not resume and output_dir.exists():
         shutil.rmtree(output_dir)
     start = time.perf_counter()

@@ -290,6 +290,16 @@ def write_outputs(config: SweepConfig, output_dir: Path, command: str | None = N
     return ["results.csv", "summary.csv", "results.json"] + figures, summary_text(config, summary), failed
 
 
+def check_sweep_output(output_dir, overwrite: bool = False) -> None:
+    """A sweep folder's rule (`io_utils.check_output_dir`), checked before any work by `run_sweep` and the CLI:
+    a folder of ours is continued unless `overwrite`."""
+    output_dir = Path(output_dir)
+    continued = (output_dir / "sweep.json").is_file() and not overwrite
+    check_output_dir(
+        output_dir, overwrite, resume=continued, marker="sweep.json", what="a sweep", contents=SWEEP_CONTENTS
+    )
+
+
 def run_sweep(
     config: SweepConfig, output_dir, overwrite: bool = False, progress: bool = True, command: str | None = None
 ) -> SweepResult:
@@ -297,14 +307,7 @@ def run_sweep(
     state = process_state()
     output_dir = Path(output_dir)
     ours = (output_dir / "sweep.json").is_file()
-    check_output_dir(
-        output_dir,
-        overwrite,
-        resume=ours and not overwrite,
-        marker="sweep.json",
-        what="a sweep",
-        contents=SWEEP_CONTENTS,
-    )
+    check_sweep_output(output_dir, overwrite)
     if ours and not overwrite:
         check_finished_cells(config, output_dir)
     check_data(config)

@@ -59,6 +59,15 @@ def _multi_process_without_cuda() -> bool:
 
 
 PAIR_CONTENTS = ("run_config.json", "pair.json", "net_*")
+
+
+def check_pair_output(output_dir, overwrite: bool = False, resume: bool = False) -> None:
+    """A pair folder's rule (`io_utils.check_output_dir`), checked before any work by the trainer and the CLI."""
+    check_output_dir(
+        output_dir, overwrite, resume, marker="run_config.json", resumable=True, what="a pair", contents=PAIR_CONTENTS
+    )
+
+
 """What a pair folder consists of; --overwrite replaces nothing else (a merge saved inside it is refused)."""
 
 
@@ -86,15 +95,7 @@ class PairTrainer:
     def _prepare_output(self) -> None:
         """Checks every process makes before anything is written, then the main process prepares the folder."""
         out, acc = self.output_dir, self.accelerator
-        check_output_dir(
-            out,
-            self.overwrite,
-            self.resume,
-            marker="run_config.json",
-            resumable=True,
-            what="a pair",
-            contents=PAIR_CONTENTS,
-        )
+        check_pair_output(out, self.overwrite, self.resume)
         saved = out / "run_config.json"
         if self.resume and saved.exists():
             # what the nets are made of; alignment and evaluation may change between a run's attempts
