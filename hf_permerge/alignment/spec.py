@@ -103,7 +103,8 @@ class PermutationSpec:
         return out
 
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Check that the spec fits a state dict: keys exist, sizes agree, no group twice on one tensor."""
+        """Check that the spec fits a state dict: keys exist, sizes agree, no axis named twice. A group may act on
+        two axes of one tensor (P W P^T: BERT's MLM transform, a layer whose input and output are one stream)."""
         seen: dict[str, set[str]] = {}
         for g in self.groups:
             for key, axis in g.axes:
@@ -115,9 +116,9 @@ class PermutationSpec:
                         f"permutation group {g.name!r} (size {g.size}) does not fit axis {axis} of {key!r} "
                         f"with shape {tuple(t.shape)}"
                     )
-                if g.name in seen.setdefault(key, set()):
-                    raise ValueError(f"permutation group {g.name!r} appears on two axes of {key!r}")
-                seen[key].add(g.name)
+                if (g.name, axis) in seen.setdefault(key, set()):
+                    raise ValueError(f"permutation group {g.name!r} names axis {axis} of {key!r} twice")
+                seen[key].add((g.name, axis))
 
 
 def _permute_axes(
@@ -136,9 +137,11 @@ def permute_tensor(
     tensor: torch.Tensor,
     perms: Mapping[str, torch.Tensor],
     except_group: str | None = None,
+    except_axis: int | None = None,
 ) -> torch.Tensor:
-    """Apply every group's permutation that acts on `key` (optionally all but one)."""
-    return _permute_axes(tensor, spec.axes_to_perm().get(key, {}), perms, except_group)
+    """Apply every group's permutation that acts on `key` (optionally all but one group, or all but one axis)."""
+    axes = {a: g for a, g in spec.axes_to_perm().get(key, {}).items() if a != except_axis}
+    return _permute_axes(tensor, axes, perms, except_group)
 
 
 def apply_permutations(

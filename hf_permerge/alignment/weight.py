@@ -75,7 +75,9 @@ def solve_linear_matching(
                     continue
                 if solved is not None and not set(axes_to_perm[key].values()) - {group} <= solved:
                     continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
-                b_k = permute_tensor(spec, key, b[key], perms, except_group=group)
+                # every other axis at its current permutation: for a tensor carrying this group on two axes
+                # (P W P^T) each axis's term is the objective linearised at the group's current permutation
+                b_k = permute_tensor(spec, key, b[key], perms, except_axis=axis)
                 term = a[key].movedim(axis, 0).reshape(g.size, -1) @ b_k.movedim(axis, 0).reshape(g.size, -1).T
                 total = term if total is None else total + term
         return total if total is not None else torch.zeros(g.size, g.size, dtype=torch.float64)
@@ -85,8 +87,10 @@ def solve_linear_matching(
     # would not be kept (no improvement): skipped. This halves the solves of a one-hidden-layer MLP, whose only
     # group was solved twice per match. A bottom-up solve counts once all its neighbours were solved before it
     # (then it saw every tensor of the group), unless the group is coupled (that pass keeps heads in place).
-    neighbours = {
-        g.name: {other for key, _ in g.axes for other in axes_to_perm[key].values()} - {g.name} for g in spec.groups
+    neighbours = {  # a group on two axes of one tensor is its own neighbour: its objective is not linear
+        g.name: {o for key, axis in g.axes for a, o in axes_to_perm[key].items() if a != axis and o != g.name}
+        | {g.name for key, axis in g.axes if list(axes_to_perm[key].values()).count(g.name) > 1}
+        for g in spec.groups
     }
     changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
     potentials = {g: {} for g in spec.names} if potentials is None else potentials

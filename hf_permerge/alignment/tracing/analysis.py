@@ -20,7 +20,8 @@ class Analysis(LayerRules, ShapeRules):
         self.uf = UnionFind()
         self.uf.find(PIN)
         self.labels: dict = {}  # node -> tuple of labels per axis | list of those (tuple outputs) | None
-        self.blocks: list = []  # (element, reason)
+        self.blocks: list = []  # (element, reason): an op the rules cannot follow; an error unless skipped
+        self.keeps: list = []  # (element, reason): units whose order an op fixes; left in place, never an error
         self.origins: dict = {}  # element -> list of (node, weight key)
         self.param_axes: dict = {}  # element -> (state-dict key, axis, size)
         self.head_splits: list = []  # (label, heads): a group's axis split into (heads, units per head)
@@ -29,6 +30,7 @@ class Analysis(LayerRules, ShapeRules):
         self.module_of: dict = {}  # node -> innermost module path
         self.module_calls: dict = {}  # module path -> set of nn_module_stack keys (one per call)
         self.module_nodes: dict = {}  # module path -> compute nodes inside it (any depth)
+        self.leaf_modules = {name for name, m in model.named_modules() if name and not any(True for _ in m.children())}
         state_keys = set(model.state_dict(keep_vars=True))
         self.placeholder_key: dict = {}  # placeholder name -> state-dict key | (kind, name) | absent (user input)
         sig = ep.graph_signature
@@ -49,6 +51,12 @@ class Analysis(LayerRules, ShapeRules):
     def block(self, label, reason: str) -> None:
         if label is not None:
             self.blocks.append((label, reason))
+
+    def keep(self, label, reason: str) -> None:
+        """The units of `label` must keep their order (a rotary embedding pairs them by position, a fused
+        projection is split along them): its group stays in place, soundly, with the reason recorded."""
+        if label is not None:
+            self.keeps.append((label, reason))
 
     def lab(self, x):
         return self.labels.get(x) if isinstance(x, torch.fx.Node) else None
@@ -113,10 +121,10 @@ class Analysis(LayerRules, ShapeRules):
                 labels.append(element)
             else:  # a constant or a non-persistent buffer: not in the state dict
                 element = ("fixed", node.name, axis)
-                self.block(
+                self.keep(
                     element,
                     f"tensor {key[1]!r} is tied to it but is not in the state dict "
-                    f"({key[0]}), so it cannot be permuted",
+                    f"({key[0]}, e.g. a rotary embedding's frequencies), so its units keep their order",
                 )
                 labels.append(element)
         self.labels[node] = tuple(labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from typing import Literal
 
 import torch
@@ -13,7 +14,7 @@ from ..spec import PermGroup, PermutationSpec
 from .analysis import Analysis
 from .export import traceable_call
 from .invariance import InvarianceError, check_permutation_invariance
-from .ops import BATCH_NORMS, GROUP_NORMS, LAYER_NORMS, NONLINEAR, PIN, op_name
+from .ops import BATCH_NORMS, GROUP_NORMS, LAYER_NORMS, NONLINEAR, PASS_THROUGH, PIN, op_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,9 @@ class TracedSpec:
     repair_modules: tuple[str, ...]
     """Modules whose per-unit output statistics REPAIR can correct, in graph order: each producing layer of
     every group (or the norm right after it), residual branches included."""
+    kept: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Candidate groups left in place by design, never an error (named as in `skipped`) -> why: units whose order
+    an op fixes (rotary embeddings, a fused q/k/v projection split into parts, grouped-query values)."""
 
 
 def trace(
@@ -54,6 +58,7 @@ def trace(
     analysis = Analysis(ep, model)
     analysis.run()
     result = _build(analysis, model, on_unsupported)
+    _check_coverage(model, result, on_unsupported)
     if check and result.spec.groups:
         try:
             try:
@@ -88,6 +93,44 @@ def trace(
     return result
 
 
+MIN_PERMUTED_SHARE = 0.5
+"""A traced spec that permutes fewer of the model's parameters than this would merge the rest by plain averaging."""
+
+
+def permuted_share(spec: PermutationSpec, state: dict) -> float:
+    """The share of the model's parameter entries (tied weights once) that lie in a tensor the spec permutes."""
+    named = set(spec.axes_to_perm())
+    seen, total, moved = set(), 0, 0
+    for key, t in state.items():
+        if not t.is_floating_point() or (t.data_ptr(), tuple(t.shape)) in seen:
+            continue
+        seen.add((t.data_ptr(), tuple(t.shape)))
+        total += t.numel()
+        moved += t.numel() if key in named else 0
+    return moved / total if total else 0.0
+
+
+def _check_coverage(model: nn.Module, result: TracedSpec, on_unsupported: str) -> None:
+    """No silent vanilla merge: a spec with no group, or one that leaves most parameters in place, is refused
+    (or, with on_unsupported='skip', warned about loudly), naming why."""
+    share = permuted_share(result.spec, model.state_dict())
+    if result.spec.groups and share >= MIN_PERMUTED_SHARE:
+        return
+    why = {**result.skipped, **result.kept}
+    reasons = "; ".join(f"{g}: {r}" for g, r in list(why.items())[:3]) or (
+        "no layer whose output units could be permuted was found (no Linear, convolution or embedding "
+        "this tracer knows)"
+    )
+    message = (
+        f"the traced permutation spec of {type(model).__name__} "
+        + ("has no permutation group" if not result.spec.groups else f"moves only {share:.0%} of its parameters")
+        + f", so merging it would be mostly plain averaging: {reasons}"
+    )
+    if on_unsupported == "error":
+        raise ValueError(message + ". Pass on_unsupported='skip' to merge it anyway.")
+    warnings.warn(message, stacklevel=3)
+
+
 def trace_permutation_spec(
     model: nn.Module, example_inputs=None, on_unsupported: Literal["error", "skip"] = "error", check: bool = True
 ) -> PermutationSpec:
@@ -108,6 +151,9 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     blocked: dict = {}
     for label, reason in an.blocks:
         blocked.setdefault(uf.find(label), reason)
+    kept_roots: dict = {}
+    for label, reason in an.keeps:
+        kept_roots.setdefault(uf.find(label), reason)
 
     node_order = {n: i for i, n in enumerate(an.graph.nodes)}
     classes = []
@@ -122,9 +168,14 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     state = model.state_dict(keep_vars=True)
     aliases = _aliases(state)
     position = {k: i for i, k in enumerate(state)}
-    groups, skipped, unit_axes, repair_modules = [], {}, {}, []
+    groups, skipped, kept, unit_axes, repair_modules = [], {}, {}, {}, []
+
+    def group_name(origins) -> str:  # a tied weight by its first name in the state dict (the input embedding)
+        key = min(aliases.get(origins[0][1], [origins[0][1]]), key=position.__getitem__)
+        return key.rsplit(".", 1)[0]
+
     for _, root, elems, origins in classes:
-        name = origins[0][1].rsplit(".", 1)[0]
+        name = group_name(origins)
         axes = sorted(
             {
                 (alias, an.param_axes[e][1])
@@ -135,13 +186,9 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             key=lambda ka: (position[ka[0]], ka[1]),
         )
         reason = blocked.get(root)
-        keys = [k for k, _ in axes]
-        if reason is None and len(set(keys)) != len(keys):
-            twice = sorted({k for k in keys if keys.count(k) > 1})
-            reason = (
-                f"the group would permute two axes of {twice[0]!r} (its input and output are tied, e.g. by a "
-                "residual connection around a single layer); the spec allows one axis per tensor"
-            )
+        if reason is None and root in kept_roots:
+            kept[name] = kept_roots[root]
+            continue
         if reason is not None:
             if on_unsupported == "error":
                 raise ValueError(
@@ -180,7 +227,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             )
         )
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
-    name_of = {root: origins[0][1].rsplit(".", 1)[0] for _, root, _, origins in classes}
+    name_of = {root: group_name(origins) for _, root, _, origins in classes}
     built = {g.name: g for g in groups}
     couplings = []
     for qk, v in an.head_couplings:
@@ -198,7 +245,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     for node in an.graph.nodes:
         first_call.setdefault(an.module_of.get(node), node_order[node])
     repair_modules.sort(key=lambda m: first_call.get(m, 0))
-    return TracedSpec(spec, skipped, unit_axes, tuple(repair_modules))
+    return TracedSpec(spec, skipped, unit_axes, tuple(repair_modules), kept)
 
 
 def _aliases(state: dict) -> dict[str, list[str]]:
@@ -211,13 +258,40 @@ def _aliases(state: dict) -> dict[str, list[str]]:
 
 
 def _single_op_module(an: Analysis, node) -> str | None:
-    """The module whose whole forward is this one op (and is called once): its output is the node's output."""
+    """The leaf module (no submodules, called once) whose output is this node: its last op. A Linear, a norm, an
+    activation module of several pointwise ops (GPT-2's GELU), GPT-2's `Conv1D` (view, addmm, view), an RMSNorm."""
     path = an.module_of.get(node)
-    if not path or len(an.module_calls.get(path, ())) != 1:
+    if not path or len(an.module_calls.get(path, ())) != 1 or path not in an.leaf_modules:
         return None
-    if an.module_nodes.get(path) != [node]:
+    nodes = an.module_nodes.get(path) or []
+    if not nodes or nodes[-1] is not node:
         return None
     return path
+
+
+def _module_output(an: Analysis, node):
+    """From an op inside a leaf module to that module's output, through the single-user ops that follow it there
+    (Conv1D's addmm -> view); the node itself where it is not inside a leaf module."""
+    path = an.module_of.get(node)
+    while path in an.leaf_modules and _single_op_module(an, node) is None:
+        users = [u for u, _ in _users(node)]
+        if len(users) != 1 or an.module_of.get(users[0]) != path:
+            return node
+        node = users[0]
+    return node
+
+
+def _is_norm_module(an: Analysis, path: str) -> bool:
+    names = {op_name(n) for n in an.module_nodes.get(path, [])}
+    return bool(names & (BATCH_NORMS | LAYER_NORMS | GROUP_NORMS)) or {"rsqrt", "mean"} <= names  # RMSNorm
+
+
+def _is_pointwise_module(an: Analysis, path: str) -> bool:
+    """Every op of the module is elementwise (an activation written as several ops, GPT-2's `NewGELUActivation`)."""
+    return all(
+        op_name(n) in NONLINEAR | PASS_THROUGH or torch.Tag.pointwise in getattr(n.target, "tags", ())
+        for n in an.module_nodes.get(path, [])
+    )
 
 
 def _unit_axis(an: Analysis, node, root) -> int | None:
@@ -242,7 +316,7 @@ def _users(node) -> list:
 
 def _chain_end(an: Analysis, origin_node):
     """Follow a producing layer through norms that only it feeds: the per-unit affine output REPAIR corrects."""
-    cur = origin_node
+    cur = _module_output(an, origin_node)
     while True:
         users = _users(cur)
         if len(users) != 1:
@@ -259,6 +333,24 @@ def _chain_end(an: Analysis, origin_node):
             return cur
 
 
+def _activation_after(an: Analysis, end, root):
+    """(module, unit axis) of the activation module that alone consumes `end`, or (None, None)."""
+    users = [u for u, _ in _users(end)]
+    paths = {an.module_of.get(u) for u in users}
+    if len(paths) != 1:
+        return None, None
+    path = paths.pop()
+    if path is None or path == an.module_of.get(end) or not _is_pointwise_module(an, path):
+        return None, None
+    nodes = an.module_nodes.get(path) or []
+    if not nodes or _single_op_module(an, nodes[-1]) is None:
+        return None, None
+    if not any(op_name(n) in NONLINEAR for n in nodes) and not any(op_name(n) == "tanh" for n in nodes):
+        return None, None
+    axis = _unit_axis(an, nodes[-1], root)
+    return (path, axis) if axis is not None else (None, None)
+
+
 def _modules(an: Analysis, root, origins):
     """(preactivation, activation, their unit axes, REPAIR sites) of one group."""
     sites, pre, act, axis_pre, axis_act = [], None, None, None, None
@@ -272,22 +364,22 @@ def _modules(an: Analysis, root, origins):
     if len(origins) == 1 and ends[0][1] is not None:
         end, pre = ends[0]
         axis_pre = _unit_axis(an, end, root)
-        users = _users(end)
-        if len(users) == 1 and op_name(users[0][0]) in NONLINEAR and _single_op_module(an, users[0][0]):
-            act = _single_op_module(an, users[0][0])
-            axis_act = _unit_axis(an, users[0][0], root)
+        act, axis_act = _activation_after(an, end, root)
         return pre, act, axis_pre, axis_act, sites
     nonlinear, norms = [], []
     for node in an.graph.nodes:
-        if node.op != "call_function" or _single_op_module(an, node) is None:
+        if node.op != "call_function":
+            continue
+        path = _single_op_module(an, node)
+        if path is None:
             continue
         axis = _unit_axis(an, node, root)
         if axis is None:
             continue
         name = op_name(node)
-        if name in NONLINEAR:
+        if name in NONLINEAR and len(an.module_nodes.get(path, [])) == 1:
             nonlinear.append((node, axis))
-        elif name in BATCH_NORMS or name in LAYER_NORMS or name in GROUP_NORMS:
+        elif _is_norm_module(an, path):
             norms.append((node, axis))
     if nonlinear or norms:
         node, axis_act = (nonlinear or norms)[-1]

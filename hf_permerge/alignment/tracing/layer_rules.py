@@ -22,6 +22,29 @@ class LayerRules:
         self._origin(wl[0], node, w)
         self.labels[node] = tuple(xl[:-1]) + (wl[0],) if xl else self.fresh(shape_of(val))
 
+    def op_addmm(self, node, val):
+        """addmm(bias, x, w) = bias + x @ w with w stored (in, out): GPT-2's `Conv1D`."""
+        b, x, w = node.args[:3]
+        xl, wl = self.lab(x), self.lab(w)
+        if xl is None or wl is None or len(wl) != 2 or len(xl) != 2:
+            return self._unknown(node, val)
+        self.uf.union(wl[0], xl[-1])
+        if isinstance(b, torch.fx.Node) and self.lab(b):
+            self.uf.union(wl[1], self.lab(b)[-1])
+        self._origin(wl[1], node, w)
+        self.labels[node] = (xl[0], wl[1])
+
+    def op_embedding(self, node, val):
+        """embedding(weight, indices): each index picks a row, so the rows (the vocabulary, positions or token
+        types) are pinned and the output's feature axis carries the weight's columns (the residual stream)."""
+        w, idx = node.args[:2]
+        wl, il = self.lab(w), self.lab(idx)
+        if wl is None or len(wl) != 2:
+            return self._unknown(node, val)
+        self.uf.union(PIN, wl[0])
+        self._origin(wl[1], node, w)
+        self.labels[node] = tuple(il or self.fresh(shape_of(val)[:-1])) + (wl[1],)
+
     def op_conv(self, node, val):
         name = op_name(node)
         x, w = node.args[0], node.args[1]

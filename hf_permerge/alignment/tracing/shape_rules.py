@@ -36,6 +36,8 @@ class ShapeRules:
                 continue
             if self._heads(xl, ia, oa, out):
                 continue
+            if self._shared_heads(node, xl, ia, oa, out):
+                continue
             sizes_in, sizes_out = [s for _, s in ia], [s for _, s in oa]
             for axis, size in ia:
                 what = (
@@ -73,6 +75,50 @@ class ShapeRules:
                 out[oa[0][0]] = label
                 return True
         return False
+
+    def _shared_heads(self, node, xl, ia, oa, out) -> bool:
+        """Grouped-query attention: value heads split as `kv` heads, repeated for their groups of query heads and
+        merged back as more heads. The value projection's units would need its permutation repeated on the output
+        projection's inputs, which a group cannot express: its units are kept in place (the stream around it is not
+        affected)."""
+        if not (len(ia) == 2 and len(oa) == 1):
+            return False
+        (head_axis, heads), (unit_axis, _) = ia
+        label = xl[unit_axis]
+        if not self._is_group(label) or self._is_group(xl[head_axis]):
+            return False
+        split = [h for lab, h in self.head_splits if self.uf.find(lab) == self.uf.find(label)]
+        if not split or heads % split[0] or split[0] == heads:
+            return False
+        self.keep(
+            label,
+            f"grouped-query attention ({self.where(node)}): {split[0]} key/value heads are shared by {heads} query "
+            "heads, so the value units cannot move without repeating their permutation on the output projection",
+        )
+        out[oa[0][0]] = label
+        return True
+
+    def op_split(self, node, val):
+        """split / split_with_sizes / chunk / unbind along a group's axis (GPT-2's fused q/k/v projection): the
+        parts are different units of one axis, which one group cannot permute separately, so it stays in place."""
+        x = node.args[0]
+        xl = list(self.lab(x))
+        name = op_name(node)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim = int(dim) % len(xl)
+        if name == "unbind":
+            dim = int(node.args[1]) % len(xl) if len(node.args) > 1 else 0
+            self.block(xl[dim], f"unbind ({self.where(node)}) picks single units of a group")
+            self.labels[node] = [tuple(xl[:dim] + xl[dim + 1 :]) for _ in val]
+            return
+        self.keep(
+            xl[dim],
+            f"{name} ({self.where(node)}) splits one layer's units into parts (a fused query/key/value "
+            "projection); one permutation group cannot permute the parts separately",
+        )
+        self.labels[node] = [tuple(xl) for _ in val]
+
+    op_split_with_sizes = op_chunk = op_unbind = op_split
 
     def op_scaled_dot_product_attention(self, node, val):
         """softmax(q k^T / sqrt(d)) v over (..., heads, tokens, units): q's and k's units are contracted
@@ -141,14 +187,17 @@ class ShapeRules:
         shape = shape_of(val)
         dim %= len(shape)
         out = [None] * len(shape)
-        for t in tensors:
+        parts = [t for t in tensors if t.meta["val"].numel()]  # an empty cache concatenated in front adds nothing
+        for t in parts:
             tl = self.lab(t)
+            if len(tl) != len(shape):
+                continue
             for i, label in enumerate(tl):
-                if i == dim:
-                    self.block(label, f"cat ({self.where(node)}) concatenates along a group's axis")
-                else:
-                    out[i] = self.uf.union(out[i], label)
-        out[dim] = None if shape[dim] == 1 else PIN
+                if i == dim and self._is_group(label):  # rotate_half: cat((-x2, x1)) of one head's units
+                    self.keep(label, f"cat ({self.where(node)}) concatenates along a group's axis")
+                out[i] = self.uf.union(out[i], label)
+        if out[dim] is None or not self._is_group(out[dim]):
+            out[dim] = None if shape[dim] == 1 else PIN
         self.labels[node] = tuple(label if label is not None or s == 1 else PIN for label, s in zip(out, shape))
 
     def op_stack(self, node, val):
@@ -175,8 +224,10 @@ class ShapeRules:
         xl = list(self.lab(x))
         dim = int(node.args[1]) % len(xl) if len(node.args) > 1 else 0
         if shape_of(x.meta["val"])[dim] != shape_of(val)[dim]:
-            self.block(xl[dim], f"slice ({self.where(node)}) takes part of a group's units")
-            xl[dim] = None if shape_of(val)[dim] == 1 else PIN
+            if self._is_group(xl[dim]):  # rotary embeddings: the halves of each head's units
+                self.keep(xl[dim], f"slice ({self.where(node)}) takes part of a group's units")
+            if shape_of(val)[dim] == 1 or not self._is_group(xl[dim]):
+                xl[dim] = None if shape_of(val)[dim] == 1 else PIN
         self.labels[node] = tuple(xl)
 
     def op_pool(self, node, val):
@@ -200,8 +251,11 @@ class ShapeRules:
         if not all(isinstance(d, int) for d in dims):
             return self._unknown(node, val)
         dims = {d % ndim for d in dims}
-        for d in dims:
-            self.block(xl[d], f"{op_name(node)} ({self.where(node)}) reduces over a group's axis")
+        if isinstance(val, (tuple, list)) and op_name(node) in ("max", "min"):  # (values, indices into the axis)
+            for d in dims:
+                self.block(xl[d], f"{op_name(node)} ({self.where(node)}) returns indices into a group's axis")
+        # any other reduction over the whole axis (sum, mean, norm, var: RMSNorm's mean of squares) does not
+        # depend on the order of the units, so the group passes it: the reduced axis simply ends
         kept = [label if i not in dims else None for i, label in enumerate(xl)]
         outs = val if isinstance(val, (tuple, list)) else [val]
         labels = []

@@ -1,0 +1,102 @@
+"""Text transformers traced from their graphs: GPT-2, LLaMA-style (RoPE, RMSNorm, grouped-query attention, tied and
+untied embeddings), Qwen2-style (q/k/v biases), BERT (MLM head tied to the word embeddings)."""
+
+import warnings
+
+import pytest
+import torch
+from text_models import logits, permuted_copy, tiny, token_ids
+
+from hf_permerge.alignment import WeightMatcher
+from hf_permerge.alignment.tracing import attach_permutation_spec, trace
+from hf_permerge.alignment.tracing.build import permuted_share
+
+ARCHS = ["gpt2", "llama", "llama_mha", "llama_tied", "qwen2", "bert"]
+
+
+def _traced(arch):
+    model = tiny(arch).eval()
+    return model, trace(model, {"input_ids": token_ids()})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_model_traces_with_its_residual_stream_and_mlp_permuted(arch):
+    model, traced = _traced(arch)  # trace() runs the invariance check: random permutations, same logits
+    spec = traced.spec
+    stream = spec.groups[0]
+    assert stream.size == model.config.hidden_size
+    keys = {k for k, _ in stream.axes}
+    embedding = next(k for k in model.state_dict() if "embed" in k or "wte" in k)
+    assert embedding in keys
+    head = "cls.predictions.decoder.weight" if arch == "bert" else "lm_head.weight"
+    assert head in keys  # tied or not, the output embedding's input axis is the stream
+    mlp = [g for g in spec.groups if g.size == getattr(model.config, "intermediate_size", 4 * model.config.hidden_size)]
+    assert len(mlp) == model.config.num_hidden_layers
+    assert permuted_share(spec, model.state_dict()) > 0.9
+
+
+def test_gated_mlp_shares_one_permutation_between_gate_and_up():
+    _, traced = _traced("llama")
+    group = traced.spec["model.layers.0.mlp.gate_proj"]
+    assert {k for k, _ in group.axes} == {
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    }
+
+
+def test_rotary_query_key_units_and_grouped_query_values_stay_in_place_with_reasons():
+    _, traced = _traced("llama")
+    assert "rotary" in traced.kept["model.layers.0.self_attn.q_proj"]
+    assert "grouped-query" in traced.kept["model.layers.0.self_attn.v_proj"]
+    _, mha = _traced("llama_mha")  # one value head per query head: the value units move within their heads
+    values = mha.spec["model.layers.0.self_attn.v_proj"]
+    assert values.blocks == 4 and "model.layers.0.self_attn.o_proj.weight" in {k for k, _ in values.axes}
+
+
+def test_qwen2_query_key_value_biases_follow_their_units():
+    _, traced = _traced("qwen2")
+    stream = {k for k, _ in traced.spec.groups[0].axes}
+    assert "model.layers.0.self_attn.q_proj.weight" in stream
+    assert "model.layers.0.self_attn.q_proj.bias" not in stream  # biases are per output unit, kept with q
+
+
+def test_bert_heads_move_and_its_mlm_transform_is_permuted_on_both_axes():
+    _, traced = _traced("bert")
+    stream = traced.spec.groups[0]
+    axes = {(k, a) for k, a in stream.axes}
+    assert ("cls.predictions.transform.dense.weight", 0) in axes
+    assert ("cls.predictions.transform.dense.weight", 1) in axes
+    assert traced.spec.couplings  # whole heads move, queries/keys with values
+
+
+def test_gpt2_fused_qkv_projection_is_kept_in_place_and_its_conv1d_layers_are_seen():
+    _, traced = _traced("gpt2")
+    assert "c_attn" in next(iter(traced.kept)) and "fused" in next(iter(traced.kept.values()))
+    fc = traced.spec["transformer.h.0.mlp.c_fc"]
+    assert ("transformer.h.0.mlp.c_fc.weight", 1) in fc.axes  # Conv1D stores (in, out)
+
+
+def test_a_model_whose_spec_would_move_little_is_refused_or_loudly_warned():
+    model = torch.nn.Linear(8, 2)  # nothing hidden: its only units are the output's
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="has no permutation group.*plain averaging"):
+        trace(model, (x,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not trace(model, (x,), on_unsupported="skip").spec.groups
+    assert any("plain averaging" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_weight_matching_undoes_a_planted_permutation(arch):
+    model, traced = _traced(arch)
+    other = permuted_copy(model)
+    ids = token_ids()
+    assert torch.allclose(logits(model, ids), logits(other, ids), atol=1e-5)
+    for m in (model, other):
+        attach_permutation_spec(m, traced.spec)
+    perms = WeightMatcher().match(model, other)
+    aligned = perms.apply(other)
+    for key, t in model.state_dict().items():
+        assert torch.equal(aligned.state_dict()[key], t), key

@@ -1,0 +1,144 @@
+"""Tiny random text transformers built from `transformers` configs, and the tests' own planted permutations.
+
+The planted permutations are written here by hand, tensor by tensor, from each architecture's modeling file
+(not from a traced spec), so a test that recovers them checks the tracer against an independent account."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB, POSITIONS = 97, 32
+
+
+def tiny(arch: str, seed: int = 0, **overrides):
+    """A small random model of `arch`: gpt2, llama (grouped-query), llama_mha, llama_tied, qwen2, bert."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, max_position_embeddings=POSITIONS)
+    llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, **common)
+    if arch == "gpt2":
+        cfg = T.GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=POSITIONS,
+            bos_token_id=0,
+            eos_token_id=0,
+            **overrides,
+        )
+        return T.GPT2LMHeadModel(cfg)
+    if arch == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **llama, **overrides))
+    if arch == "llama_mha":
+        return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, **llama, **overrides))
+    if arch == "llama_tied":
+        return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **llama, **overrides))
+    if arch == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **llama, **overrides))
+    if arch == "bert":
+        cfg = T.BertConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            type_vocab_size=2,
+            **common,
+            **overrides,
+        )
+        return T.BertForMaskedLM(cfg)
+    raise ValueError(arch)
+
+
+def token_ids(n: int = 3, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _rand(n: int, gen) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)
+
+
+def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A permuted copy of `model`'s state dict: the residual stream and every MLP's hidden units (and, for BERT,
+    the value units inside each head) moved by random permutations, written per architecture by hand."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = model.config
+    d = cfg.hidden_size
+    r = _rand(d, gen)  # the residual stream
+
+    def rows(key, p):
+        sd[key] = sd[key][p]
+
+    def cols(key, p):
+        sd[key] = sd[key][:, p]
+
+    for key in list(sd):
+        t = sd[key]
+        if not t.is_floating_point():
+            continue
+        name = key.rsplit(".", 1)[0]
+        is_gpt2 = cfg.model_type == "gpt2"
+        if key.endswith(
+            (
+                "wte.weight",
+                "wpe.weight",
+                "embed_tokens.weight",
+                "word_embeddings.weight",
+                "position_embeddings.weight",
+                "token_type_embeddings.weight",
+                "lm_head.weight",
+                "decoder.weight",
+            )
+        ):
+            cols(key, r)
+        elif t.ndim == 1 and t.shape[0] == d and ("norm" in name.lower() or "ln_" in name or "LayerNorm" in name):
+            rows(key, r)
+        elif is_gpt2 and t.ndim == 2 and name.endswith(("c_attn", "c_fc")):
+            rows(key, r)  # Conv1D weights are (in, out)
+        elif is_gpt2 and name.endswith("c_proj") and t.shape[-1] == d:
+            sd[key] = t[..., r]
+        elif t.ndim == 2 and name.endswith(
+            ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", ".query", ".key", ".value", "intermediate.dense")
+        ):
+            cols(key, r)
+        elif name.endswith(("o_proj", "down_proj", "attention.output.dense", "output.dense")) and t.shape[0] == d:
+            rows(key, r)
+        elif name.endswith("transform.dense"):
+            sd[key] = t[r][:, r] if t.ndim == 2 else t[r]
+    for i in range(cfg.num_hidden_layers):  # MLP hidden units
+        if cfg.model_type == "gpt2":
+            p = _rand(sd[f"transformer.h.{i}.mlp.c_fc.weight"].shape[1], gen)
+            cols(f"transformer.h.{i}.mlp.c_fc.weight", p)
+            rows(f"transformer.h.{i}.mlp.c_fc.bias", p)
+            rows(f"transformer.h.{i}.mlp.c_proj.weight", p)
+        elif cfg.model_type == "bert":
+            base = f"bert.encoder.layer.{i}"
+            p = _rand(cfg.intermediate_size, gen)
+            rows(f"{base}.intermediate.dense.weight", p)
+            rows(f"{base}.intermediate.dense.bias", p)
+            cols(f"{base}.output.dense.weight", p)
+            heads, width = cfg.num_attention_heads, d // cfg.num_attention_heads
+            v = torch.cat([h * width + _rand(width, gen) for h in range(heads)])  # value units inside each head
+            rows(f"{base}.attention.self.value.weight", v)
+            rows(f"{base}.attention.self.value.bias", v)
+            cols(f"{base}.attention.output.dense.weight", v)
+        else:
+            base = f"model.layers.{i}.mlp"
+            p = _rand(cfg.intermediate_size, gen)
+            rows(f"{base}.gate_proj.weight", p)
+            rows(f"{base}.up_proj.weight", p)
+            cols(f"{base}.down_proj.weight", p)
+    return sd
+
+
+def permuted_copy(model, seed: int = 1):
+    """A new model of the same class and config holding `planted_permutation(model)`: the same function."""
+    other = type(model)(model.config)
+    other.load_state_dict(planted_permutation(model, seed))
+    return other.eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
