@@ -192,7 +192,11 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
       endpoint rows and measured numbers.
     - `repair` (`"repair"` | `"reset_bn"`): the correction applied after merging (see `hf_permerge.merging.repair`).
     - `repair_scale_only` (list of module names): layers REPAIR could only rescale, having no bias to shift.
-    - `traced_spec` (`{"groups": int, "skipped": [module names]}`): the spec was traced, not hand-written.
+    - `traced_spec` (`{"groups": int, "skipped": [module names], "kept": [...], "share": "93%"}`): the spec was
+      traced, not hand-written; kept: groups left in place by design; share: of the parameters the spec moves.
+    - `pipeline_tag` (str, default `"image-classification"`) and `auto_class` (the Auto class that loads it, for
+      the loading snippet): a text model's, e.g. `"text-generation"` and `"AutoModelForCausalLM"`.
+    - `alignment_data` (str): what the permutations were found on, when it is not a named Hub data set.
     - `command` (str): the command that reproduces the merge (absolute paths in it are cut to their last part).
     - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
     - `merged` (dict): `{"test": {"acc": float, "loss": float}}` measured on the merged model; default: the
@@ -247,8 +251,9 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
                     )
 
     eval_results = []
+    pipeline_tag = info.get("pipeline_tag") or "image-classification"
     task = {
-        "task_type": "image-classification",
+        "task_type": pipeline_tag,
         "dataset_type": dataset_id or "unknown",
         "dataset_name": dataset_name or "unknown",
         "dataset_split": "test",
@@ -286,7 +291,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         tags=["model-merging", *(["permutation-alignment"] if permuted else []), *([arch] if arch else []), "merge"],
         base_model=hub_bases or None,
         datasets=[dataset_id] if dataset_id and dataset_trained else None,
-        pipeline_tag="image-classification",
+        pipeline_tag=pipeline_tag,
         metrics=["accuracy", "loss"] if eval_results else None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
@@ -347,4 +352,7 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         interpolation=interpolation,
         plots=plots,
         command=portable_command(info.get("command")),
+        pipeline_tag=pipeline_tag,
+        auto_class=info.get("auto_class") or "AutoModelForImageClassification",
+        alignment_data=info.get("alignment_data"),
     )

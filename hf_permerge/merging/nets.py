@@ -8,10 +8,10 @@ import operator
 from collections.abc import Callable
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from ..alignment.base import input_shape, model_input
-from ..alignment.tracing import attach_permutation_spec, example_inputs_for, trace
+from ..alignment.tracing import attach_permutation_spec, example_inputs_for, example_tokens, trace
 from ..data.tensors import load_tensors
 from ..models.folders import load_model
 from ..models.image_processing_perm import image_processor_for
@@ -151,13 +151,15 @@ class Nets:
                 "PermMerger.from_pretrained(..., example_inputs=<pixel tensor>); or attach a spec "
                 "yourself (hf_permerge.alignment.attach_permutation_spec)"
             ) from err
-        if traced.skipped:
-            logger.info(
-                "traced spec of %s leaves %d groups unpermuted: %s",
-                type(model).__name__,
-                len(traced.skipped),
-                "; ".join(f"{k}: {v}" for k, v in traced.skipped.items()),
-            )
+        for what, groups in (("leaves unpermuted", traced.skipped), ("keeps in place", traced.kept)):
+            if groups:
+                logger.info(
+                    "traced spec of %s %s %d groups: %s",
+                    type(model).__name__,
+                    what,
+                    len(groups),
+                    "; ".join(f"{k}: {v}" for k, v in groups.items()),
+                )
         self.traced = traced
         return attach_permutation_spec(model, traced.spec)
 
@@ -166,13 +168,41 @@ class Nets:
         config records (`example_inputs_for`), else two images of the merge's data set, with the config's
         channel count when it gives one (a ResNet takes any size)."""
         shape = input_shape(model)
-        if shape is not None and None not in shape:
+        if (shape is not None and None not in shape) or example_tokens(model) is not None:
             return example_inputs_for(model)
         name, data_dir = self._catalog_data()
         images = load_tensors(name, "test", self.device, data_dir).pixel_values[:2]
         if shape is not None and shape[0] != images.shape[1]:
             images = torch.randn(2, shape[0], *images.shape[2:], generator=torch.Generator().manual_seed(0))
         return model_input(model, images)
+
+    def is_text(self, model) -> bool:
+        """A model that takes tokens (its config has a vocabulary), not pixels."""
+        return example_tokens(model) is not None
+
+    def tokenizer(self):
+        """The tokenizer saved beside net 0 (None when it has none): it converts text for alignment and is saved
+        beside the merged model. Loaded once."""
+        if not hasattr(self, "_tokenizer"):
+            folder = self.sources[0].folder(self.default_checkpoint)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(folder)
+            except (OSError, ValueError, TypeError):
+                self._tokenizer = None
+        return self._tokenizer
+
+    def preprocessor_of(self, model):
+        """What is saved beside a merged model: net 0's tokenizer for a text model, else the image processor."""
+        if self.is_text(model):
+            tokenizer = self.tokenizer()
+            if tokenizer is None:
+                logger.warning(
+                    "net 0 (%s) has no tokenizer saved beside it, so the merged folder gets none: save the "
+                    "tokenizer beside the model (tokenizer.save_pretrained(folder)) to have it copied",
+                    self.sources[0].name,
+                )
+            return tokenizer
+        return self.image_processor_of(model)
 
     def image_processor_of(self, model):
         """Ours for our configs; for other models, the one passed to the merger, else the one saved beside

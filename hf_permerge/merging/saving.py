@@ -9,9 +9,10 @@ import tempfile
 from pathlib import Path
 
 from ..alignment import Permutations
+from ..alignment.tracing.build import permuted_share
 from ..hub import check_repo_id, push_folder_to_hub
 from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, write_json_atomic
-from ..models.folders import write_model_files
+from ..models.folders import auto_class_for, write_model_files
 from ..records import AlignmentRecord, read_record
 from .model_card import render_model_card
 
@@ -30,6 +31,14 @@ SAVE_TARGETS = {
             "model.safetensors.index.json",
             "generation_config.json",
             "preprocessor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "chat_template.jinja",
+            "vocab.*",
+            "merges.txt",
+            "*.model",
             "permutations",
             "report.json",
             "*.png",
@@ -123,7 +132,12 @@ def model_card(merger, model, report: dict | None = None, plots=(), command: str
             "repair": last.get("repair"),
             "repair_scale_only": last.get("repair_scale_only"),
             "traced_spec": (
-                {"groups": len(merger.spec.groups), "skipped": sorted(merger.traced.skipped)}
+                {
+                    "groups": len(merger.spec.groups),
+                    "skipped": sorted(merger.traced.skipped),
+                    "kept": sorted(merger.traced.kept),
+                    "share": f"{permuted_share(merger.spec, model.state_dict()):.0%}",
+                }
                 if merger.traced is not None and permuted
                 else None
             ),
@@ -131,8 +145,33 @@ def model_card(merger, model, report: dict | None = None, plots=(), command: str
             "plots": list(plots),
             "command": command,
             "repo_id": repo_id,
+            **task_of(model),
+            "alignment_data": _alignment_data(alignment) if permuted else None,
         }
     )
+
+
+PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForImageClassification": "image-classification",
+}
+
+
+def task_of(model) -> dict:
+    """{"auto_class", "pipeline_tag"} of a merged model: what loads it, and the Hub's name for its task."""
+    auto = auto_class_for(model.config).__name__
+    return {"auto_class": auto, "pipeline_tag": PIPELINE_TAGS[auto]}
+
+
+def _alignment_data(alignment: dict) -> str | None:
+    """What the permutations were found on, in a card's words: no data (weight matching), or the data's label."""
+    if alignment.get("matcher") == "weight":
+        return "none (weight matching reads only the weights)"
+    data = alignment.get("data")
+    examples = alignment.get("examples")
+    return f"{data}{f', {examples} examples' if examples else ''}" if data else None
 
 
 def save_merged(
@@ -151,7 +190,7 @@ def save_merged(
     perms = merger._require_alignment() if merger._permuted_merge() else None
     with atomic_dir(output_dir) as tmp:
         write_model_files(model, tmp)
-        processor = merger._nets.image_processor_of(model)
+        processor = merger._nets.preprocessor_of(model)  # a text model's tokenizer, else its image processor
         if processor is not None:
             processor.save_pretrained(tmp)
         if perms is not None:

@@ -74,7 +74,9 @@ def distinct_labels(names: list[str]) -> list[str]:
 
 
 def _is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    """config.json with safetensors weights: one file, or shards named by `model.safetensors.index.json`."""
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path / "config.json").is_file() and weights
 
 
 def net_checkpoints(folder: Path) -> dict[str, Path]:
@@ -97,7 +99,8 @@ def net_checkpoints(folder: Path) -> dict[str, Path]:
     }
     if not found:
         raise FileNotFoundError(
-            f"{folder} holds no model: expected config.json + model.safetensors, or "
+            f"{folder} holds no model: expected config.json + model.safetensors (or model.safetensors.index.json "
+            "and its shards), or "
             "checkpoint folders init/, step-N/, final/ (a net folder of a pair)"
         )
     return found

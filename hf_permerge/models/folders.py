@@ -8,7 +8,13 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from transformers import AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 from transformers.utils import logging as hf_logging
 
 from ..io_utils import atomic_dir, atomic_file
@@ -35,7 +41,9 @@ def write_model_files(model, folder: Path) -> None:
     """
     model.config.architectures = [type(model).__name__]  # what save_pretrained records (Hub widgets read it)
     model.config.save_pretrained(folder)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in _untied(model.state_dict()).items()}
     check_finite(state)
     with atomic_file(Path(folder) / "model.safetensors") as tmp:  # safetensors alone writes 0600 files
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -53,12 +61,52 @@ def _without_transformers_bars():
             hf_logging.enable_progress_bar()
 
 
+def _untied(state: dict) -> dict:
+    """The state dict with each tied tensor once, under its first name (the input embedding, not the LM head):
+    safetensors stores no shared tensors, and `from_pretrained` ties them again from the config."""
+    seen, out = set(), {}
+    for key, t in state.items():
+        ident = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t
+    return out
+
+
+AUTO_CLASSES = (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForImageClassification,
+)
+"""The kinds of model a merge loads, in the order tried for a config that names no architecture."""
+
+
+def auto_class_for(config):
+    """The Auto class whose mapping holds the class the config's `architectures` names (a causal or masked LM, a
+    sequence or image classifier); for a config naming none, the first of `AUTO_CLASSES` that knows its type."""
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    known = [auto for auto in AUTO_CLASSES if type(config) in auto._model_mapping]
+    for auto in known:
+        classes = auto._model_mapping[type(config)]
+        classes = classes if isinstance(classes, (tuple, list)) else (classes,)
+        if arch is None or arch in {c.__name__ for c in classes}:
+            return auto
+    kinds = "causal LM, masked LM, sequence classifier or image classifier"
+    raise ValueError(
+        f"cannot load a {arch or config.model_type!r} model: hf_permerge merges a {kinds} of a transformers "
+        "architecture (never remote code); save the model with one of those heads"
+    )
+
+
 def load_model(folder: str | Path):
-    """An HF model folder through `AutoModelForImageClassification` (any registered image classifier); a
-    damaged weights file is an OSError naming it, not safetensors' own error."""
+    """An HF model folder (one safetensors file or shards with their index) through the Auto class its config names
+    (`auto_class_for`), in its saved dtype; a damaged weights file is an OSError naming it."""
     try:
         with _without_transformers_bars():
-            return AutoModelForImageClassification.from_pretrained(folder)
+            auto = auto_class_for(AutoConfig.from_pretrained(folder))
+            return auto.from_pretrained(folder, dtype="auto")
     except SafetensorError as err:
         raise OSError(
             f"cannot read the weights in {folder} ({err}): the safetensors file is damaged or incomplete; "

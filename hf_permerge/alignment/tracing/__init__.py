@@ -56,7 +56,7 @@ function; `trace_permutation_spec` runs it by default, and names the group that 
 """
 
 from .build import TracedSpec, attach_permutation_spec, trace, trace_permutation_spec
-from .export import example_inputs_for
+from .export import example_inputs_for, example_tokens
 from .invariance import InvarianceError, check_permutation_invariance
 
 __all__ = [
@@ -67,4 +67,5 @@ __all__ = [
     "InvarianceError",
     "attach_permutation_spec",
     "example_inputs_for",
+    "example_tokens",
 ]

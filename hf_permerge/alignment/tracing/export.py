@@ -7,14 +7,39 @@ from torch import nn
 
 from ..base import input_shape
 
+EXAMPLE_TOKENS = 16
+"""Sequence length of a text model's example inputs (or its maximum number of positions, if fewer)."""
+
+
+def example_tokens(model: nn.Module, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor] | None:
+    """Random `input_ids` for a text model (its config has a `vocab_size`), with an `attention_mask` whose second
+    row ends in padding, so that tracing sees the padding mask too; None for a model without a vocabulary."""
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if not isinstance(vocab, int) or hasattr(cfg, "num_channels"):
+        return None
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or EXAMPLE_TOKENS
+    length = max(2, min(EXAMPLE_TOKENS, int(positions)))
+    ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1:, length - length // 4 :] = 0
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else "cpu"
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
 
 def example_inputs_for(model: nn.Module, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random pixels shaped by the model's config (`num_channels`, `image_size`), keyed by its main input name."""
+    """Random pixels shaped by the model's config (`num_channels`, `image_size`), keyed by its main input name;
+    for a text model, random tokens (`example_tokens`)."""
+    tokens = example_tokens(model, batch_size, seed)
+    if tokens is not None:
+        return tokens
     shape = input_shape(model)
     if shape is None or None in shape:
         raise ValueError(
             f"cannot guess example inputs for {type(model).__name__} (its config has no num_channels / "
-            "image_size); pass example_inputs=<a tensor, a tuple of positional args or a dict of kwargs>"
+            "image_size, nor a vocab_size); pass example_inputs=<a tensor, a tuple of positional args or a dict "
+            "of kwargs>"
         )
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32

@@ -1,0 +1,74 @@
+"""Merging text transformers through the same API as image classifiers: `PermMerger.from_pretrained([a, b])`.
+
+Model b is model a permuted by the tests' own code (`text_models.planted_permutation`): the aligned merge of the two
+must compute a's logits, vanilla averaging must not, and the saved merge loads with its Auto class."""
+
+import json
+
+import pytest
+import torch
+from text_models import logits, permuted_copy, tiny, token_ids
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from hf_permerge import PermMerger
+
+AUTO = {"bert": AutoModelForMaskedLM}
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)} | {"[UNK]": 96}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
+
+
+def _pair(tmp_path, arch, dtype=torch.float32, shard=None):
+    a = tiny(arch).eval()
+    b = permuted_copy(a)
+    for name, m in (("a", a), ("b", b)):
+        m.to(dtype).save_pretrained(tmp_path / name, **({"max_shard_size": shard} if shard else {}))
+        _tokenizer().save_pretrained(tmp_path / name)
+    return [tmp_path / "a", tmp_path / "b"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama_tied", "qwen2", "bert"])
+def test_weight_matched_merge_of_a_planted_permutation_computes_the_original(tmp_path, arch):
+    merger = PermMerger.from_pretrained(_pair(tmp_path, arch))
+    merger.align(matcher="weight")
+    a, ids = merger.load(0), token_ids()
+    merged = merger.merge(0.5)
+    assert torch.allclose(logits(merged, ids), logits(a, ids), atol=1e-5)
+    vanilla = merger.merge(0.5, permute=False)
+    assert (logits(vanilla, ids) - logits(a, ids)).abs().max() > 1e-2
+
+
+def test_sharded_bf16_pair_merges_to_bf16_and_the_saved_merge_loads_and_generates(tmp_path):
+    merger = PermMerger.from_pretrained(_pair(tmp_path, "llama", torch.bfloat16, shard="30KB"))
+    assert (tmp_path / "a" / "model.safetensors.index.json").is_file()
+    merger.align(matcher="weight")
+    merged = merger.merge(0.5)
+    a = merger.load(0)
+    assert merged.dtype == torch.bfloat16
+    for key, t in a.state_dict().items():  # (a + a) / 2 in fp32, back to bf16: a's own bits
+        assert torch.equal(merged.state_dict()[key], t), key
+    out = merger.save_pretrained(tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    assert isinstance(AutoTokenizer.from_pretrained(out), PreTrainedTokenizerFast)
+    generated = loaded.generate(token_ids()[:1, :4], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 7)
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM.from_pretrained" in card
+    assert "weight matching reads only the weights" in card
+    assert json.loads((out / "merge_config.json").read_text())["sources"] == ["a", "b"]
+
+
+def test_masked_lm_merge_loads_with_its_auto_class(tmp_path):
+    merger = PermMerger.from_pretrained(_pair(tmp_path, "bert"))
+    merger.align(matcher="weight")
+    merger.merge(0.5)
+    out = merger.save_pretrained(tmp_path / "merged")
+    loaded = AutoModelForMaskedLM.from_pretrained(out)
+    assert torch.allclose(logits(loaded, token_ids()), logits(merger.load(0), token_ids()), atol=1e-5)
+    assert "pipeline_tag: fill-mask" in (out / "README.md").read_text()
