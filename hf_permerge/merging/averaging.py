@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import torch
+
 from ..alignment import Permutations
 from ..alignment.spec import apply_permutations
 from .merge_data import GIVEN, MergeData
@@ -16,11 +18,13 @@ Alignment = Callable[[], list[Permutations]]
 
 
 def average_state_dicts(states: list[dict], weights: list[float]) -> dict:
-    """Weighted average of state dicts; integer buffers (BatchNorm's counter) are taken from the first."""
+    """Weighted average of state dicts, summed in at least fp32 and returned in each tensor's own dtype (bf16 in,
+    bf16 out); integer buffers (BatchNorm's counter) are taken from the first."""
     out = {}
     for key, ref in states[0].items():
         if ref.is_floating_point():
-            out[key] = sum(w * s[key].to(ref.dtype) for w, s in zip(weights, states))
+            acc = torch.promote_types(ref.dtype, torch.float32)
+            out[key] = sum(w * s[key].to(acc) for w, s in zip(weights, states)).to(ref.dtype)
         else:
             out[key] = ref.clone()
     return out
