@@ -7,20 +7,21 @@ import functools
 import sys
 
 from .jobs import job, keep_pair, keep_run
-from .options import check_merge_options, command_line, data_source, matching, merger_for, reference_args
+from .options import check_merge_options, command_line, data_source, device, matching, merger_for, reference_args
 
 
 def cmd_align(args) -> int:
     from ..io_utils import CLI_WORDING
     from ..merging.merger import check_save_target
 
+    on = device(args)
     matcher, settings = matching(args)
     reference = reference_args(args)
     check = functools.partial(check_save_target, args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
     check()  # before any data is read, and again under the job's lock
     data = data_source(args)
     with job(args, check) as (out, _):
-        merger = merger_for(args, data)
+        merger = merger_for(args, data, on)
         perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
         merger.save_permutations(out)
     for i, p in enumerate(perms[1:], start=1):
@@ -37,6 +38,7 @@ def cmd_merge(args) -> int:
     from ..io_utils import CLI_WORDING
     from ..merging.merger import check_save_target
 
+    on = device(args)
     check_merge_options(args)
     matcher, settings = matching(args)
     reference = reference_args(args)
@@ -44,7 +46,7 @@ def cmd_merge(args) -> int:
     check()  # before any data is read, and again under the job's lock
     data = data_source(args)
     with job(args, check) as (out, overwrite):
-        merger = merger_for(args, data)
+        merger = merger_for(args, data, on)
         merger.check_repair(args.repair)
         if args.permutations:
             merger.load_permutations(args.permutations)
@@ -79,6 +81,7 @@ def cmd_evaluate(args) -> int:
     from ..config import load_config
     from ..reporting.pipeline import check_evaluate_output, check_evaluate_overrides, evaluate_pair
 
+    on = device(args)
     config = load_config(args.config) if args.config else None
     check_evaluate_overrides(args.overrides)
     check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
@@ -90,7 +93,7 @@ def cmd_evaluate(args) -> int:
             overrides=args.overrides,
             overwrite=overwrite,
             progress=not args.quiet,
-            device=args.device,
+            device=on,
             command=command_line(args),
             token=args.token,
             revision=args.revision,

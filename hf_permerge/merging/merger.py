@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..alignment import Permutations
+from ..devices import check_device
 from . import saving
 from .aligning import align_nets
 from .averaging import average_state_dicts, check_repair, merge_nets, permuted, permuted_state
@@ -80,7 +81,10 @@ class PermMerger:
         image_processor: for models saved without one (e.g. `AutoImageProcessor.from_pretrained(<base model>)`):
         it converts your `datasets.Dataset` for them and is saved beside the merged model, so that
         `pipeline("image-classification")` loads it. Net 0's own is used when this is None.
+        device: where the nets are loaded and merged (default: the CPU); one this machine lacks is refused at once.
         """
+        if device:
+            check_device(device)  # before any download
         sources, pair = load_sources(pair_or_models, token=token, revision=revision)
         return cls(sources, pair, device, example_inputs, image_processor)
 

@@ -9,11 +9,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from ..alignment.matchers import matcher_settings
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from ..data.tensors import load_tensors
+from ..devices import check_device
 from ..io_utils import check_output_dir, write_json_atomic
 from ..merging import PermMerger
 from ..merging.model_card import portable_command
@@ -34,10 +33,6 @@ RUN_CONTENTS = ("pair", "report.json", "*.png", "merged", "permutations")
 deleting the folder)."""
 EVALUATE_KEYS = ("alignment.", "evaluation.", "data.data_dir")
 """What `evaluate` may change: how a trained pair is aligned and measured, and where its data set lives here."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 TRAIN_SUBSET_SEED = 1
@@ -126,12 +121,13 @@ def evaluate_pair(
     revision: str | None = None,
     pair_label: str | None = None,
 ) -> dict:
-    """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
+    """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`) on `device`
+    (default: the GPU if there is one; one this machine lacks is refused before any work); write
     OUT/report.json, OUT/*.png and OUT/merged/ (with its card). `pair_label`: how the report names the pair
     (default: its portable path; a job written beside its final place names the final one)."""
     from .plots import write_plots  # keep lazy: matplotlib costs ~1 s at import, paid only when plotting
 
-    device = torch.device(device) if device else default_device()
+    device = check_device(device)
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
     check_evaluate_output(output_dir, overwrite)  # before any download

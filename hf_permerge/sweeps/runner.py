@@ -30,6 +30,7 @@ from accelerate import PartialState
 
 from ..config import ConfigError, config_differences
 from ..data.tensors import load_tensors
+from ..devices import check_device
 from ..io_utils import check_output_dir, write_json_atomic
 from ..records import PairRecord, read_json, read_record
 from ..training import PairTrainer, build_model, train_together
@@ -54,7 +55,7 @@ class OneProcess:
     is_main_process = True
 
     def __init__(self, device):
-        self.device = torch.device(device)
+        self.device = check_device(device)
 
     def wait_for_everyone(self) -> None:
         pass

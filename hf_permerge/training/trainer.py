@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, config_differences
 from ..data.tensors import load_tensors
+from ..devices import check_device
 from ..io_utils import check_output_dir, write_json_atomic
 from ..models.folders import load_model, save_model
 from ..records import read_json
@@ -90,6 +91,7 @@ class PairTrainer:
         self.overwrite, self.resume, self.progress = overwrite, resume, progress
         tc = config.training
         self.accelerator = accelerator or Accelerator(log_with=tc.log_with, cpu=_multi_process_without_cuda())
+        check_device(self.accelerator.device)
 
     # -- set-up -----------------------------------------------------------------------------------
     def _prepare_output(self) -> None:
