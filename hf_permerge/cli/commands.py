@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from .jobs import job, keep_pair, keep_run
+from .jobs import job
 from .options import check_merge_options, command_line, data_source, device, matching, merger_for, reference_args
 
 
@@ -64,12 +64,13 @@ def cmd_merge(args) -> int:
 
 def cmd_train(args) -> int:
     from ..config import load_config
+    from ..io_utils import CLI_WORDING
     from ..training import PairTrainer
-    from ..training.trainer import check_pair_output
+    from ..training.trainer import check_pair_output, keep_pair
 
     config = load_config(args.config, args.overrides)
     check = functools.partial(check_pair_output, args.output_dir, args.overwrite, args.resume)
-    with job(args, check, keep=keep_pair(args)) as (out, overwrite):
+    with job(args, check, keep=keep_pair(args.resume, CLI_WORDING)) as (out, overwrite):
         result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
     for m in result.metrics:
         print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
@@ -106,12 +107,13 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from ..config import load_config
+    from ..io_utils import CLI_WORDING
     from ..merging.sources import portable_path
-    from ..reporting.pipeline import check_run_output, run
+    from ..reporting.pipeline import check_run_output, keep_run, run
 
     config = load_config(args.config, args.overrides)
     check = functools.partial(check_run_output, args.output_dir, args.overwrite, args.resume)
-    with job(args, check, keep=keep_run(args)) as (out, overwrite):
+    with job(args, check, keep=keep_run(args.resume, CLI_WORDING)) as (out, overwrite):
         run(
             config,
             out,
@@ -145,19 +147,13 @@ def cmd_sweep(args) -> int:
     from pathlib import Path
 
     from ..sweeps import load_sweep_config, run_sweep
-    from ..sweeps.runner import check_sweep_output
+    from ..sweeps.runner import check_sweep_output, keep_sweep
 
     config = load_sweep_config(args.config, args.overrides)
     target = Path(args.output_dir)
     continued = (target / "sweep.json").is_file() and not args.overwrite
     check = functools.partial(check_sweep_output, target, args.overwrite)
-
-    def keep(folder):
-        if continued or any(folder.glob("cells/*/result.json")):
-            return f"kept the finished cells in {folder}: the same command continues the sweep"
-        return None
-
-    with job(args, check, keep=keep) as (out, overwrite):
+    with job(args, check, keep=keep_sweep(continued, "the same command")) as (out, overwrite):
         result = run_sweep(config, out, overwrite=overwrite, progress=not args.quiet, command=command_line(args))
     if not result.is_main_process:
         return 0

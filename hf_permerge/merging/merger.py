@@ -314,7 +314,8 @@ class PermMerger:
 
         `model` defaults to the model the last merge returned (alpha 0.5 if none); permutations are saved only
         when the merge used them; `report` and `files` (plots) go beside it, described in the card. The folder
-        appears whole or not at all; an existing folder is refused (see `check_save_target`).
+        appears whole or not at all; an existing folder is refused (see `check_save_target`) unless `overwrite`
+        (a merge of ours), which replaces it only once the new folder is whole.
         """
         return saving.save_merged(self, output_dir, model, report, files, command, overwrite)
 
