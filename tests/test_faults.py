@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 
@@ -614,3 +615,59 @@ def test_an_api_training_that_fails_keeps_only_its_resume_state_and_says_so(tiny
     monkeypatch.undo()
     PairTrainer(tiny_config(), out, resume=True, progress=False).train()
     assert (out / "pair.json").is_file() and beside(out) == []
+
+
+# -- 1 (continued): a non-finite loss stops the run within seconds, not at its epoch's end --------------------------
+
+
+def loss_turns_nan(monkeypatch, net: int, from_step: int) -> list[int]:
+    """Make net `net`'s training loss NaN from optimiser step `from_step` on; returns the count of steps taken."""
+    from hf_permerge.training import trainer
+
+    make, calls = trainer.make_engine, [0]
+
+    def diverging(*args, **kwargs):
+        engine = make(*args, **kwargs)
+        original = engine.step
+
+        def step(*a):
+            calls[0] += 1
+            loss = original(*a)
+            return torch.where(torch.arange(len(loss)) == net, float("nan"), loss) if calls[0] >= from_step else loss
+
+        engine.step = step
+        return engine
+
+    monkeypatch.setattr(trainer, "make_engine", diverging)
+    return calls
+
+
+def test_a_loss_that_turns_nan_mid_epoch_stops_at_the_next_refresh_naming_net_and_first_bad_step(
+    tiny_config, tmp_path, monkeypatch
+):
+    from hf_permerge.training import trainer
+
+    monkeypatch.setattr(trainer, "FINITE_CHECK_S", 0.0)  # every step is a refresh: the check's place, not its timing
+    steps = loss_turns_nan(monkeypatch, net=1, from_step=7)
+    config = tiny_config(training={"epochs": 1, "batch_size": 10, "save_steps": []})  # 100 steps in the epoch
+    with pytest.raises(
+        trainer.TrainingDiverged, match=r"^net 1's training loss became non-finite \(NaN or inf\) at step 7:"
+    ):
+        trainer.PairTrainer(config, tmp_path / "c", progress=False).train()
+    assert steps[0] == 7 and not (tmp_path / "c").exists()
+
+
+def test_the_finite_check_reads_the_device_at_refreshes_saved_steps_and_epoch_ends_only(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Between refreshes a step never waits on the device: the flag stays there, read once per check."""
+    from hf_permerge.training import trainer
+
+    monkeypatch.setattr(trainer, "FINITE_CHECK_S", 1e9)  # no refresh comes due in this run
+    checks = []
+    original = trainer.PairTrainer._check_finite
+    monkeypatch.setattr(
+        trainer.PairTrainer, "_check_finite", lambda self, *a: (checks.append(1), original(self, *a))[1]
+    )
+    trainer.PairTrainer(tiny_config(), tmp_path / "c", progress=False).train()  # 2 epochs of 10 steps, step 5 saved
+    assert len(checks) == 3

@@ -33,6 +33,11 @@ from .seeds import derive_seed, epoch_order
 
 logger = logging.getLogger("hf_permerge.training")
 
+FINITE_CHECK_S = 1.0
+"""How often (seconds) the training loop reads back whether a loss became NaN or inf, as often as the progress bar
+refreshes: a diverged net stops within seconds, not at its epoch's end, and a step itself never waits on the
+device (the flag is kept there)."""
+
 
 class TrainingDiverged(RuntimeError):
     """A net's training loss became NaN or inf; nothing of it after the last finite resume point is saved."""
@@ -249,13 +254,15 @@ class PairTrainer:
             disable=not self.progress,
             dynamic_ncols=True,
             leave=False,
-            mininterval=1.0,
+            mininterval=FINITE_CHECK_S,
         )
         t0 = time.perf_counter()
         if step < total:
             bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")
-        first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)  # per net: the first step with
-        while step < total:  # a non-finite loss, or 0
+        # per net, on the device: the first step with a non-finite loss, or 0; read back at each check only
+        first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)
+        next_check = time.perf_counter() + FINITE_CHECK_S
+        while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             orders = torch.stack([epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots])
             loss_sum = torch.zeros(len(slots), device=acc.device)
@@ -270,6 +277,9 @@ class PairTrainer:
                     self._check_finite(first_bad, slots)
                     for k, slot in enumerate(slots):
                         save_model(engine.export(k), slot.folder / f"step-{step}")
+                elif time.perf_counter() >= next_check:  # one host sync per refresh of the bar, not per step
+                    self._check_finite(first_bad, slots)
+                    next_check = time.perf_counter() + FINITE_CHECK_S
             self._check_finite(first_bad, slots)
             self._epoch_end(engine, slots, epoch, loss_sum / max(1, len(batches)), test, t0, step)
         bar.close()
@@ -279,8 +289,9 @@ class PairTrainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _check_finite(self, first_bad: torch.Tensor, slots) -> None:
-        """Stop at a non-finite loss, before anything of the diverged nets is saved (checked where the loop
-        syncs anyway: at an epoch's end and a saved step). The last resume point stays, as after SIGTERM."""
+        """Stop at a non-finite loss, naming the net and its first bad step, before anything of the diverged nets is
+        saved (checked at an epoch's end, a saved step, and every `FINITE_CHECK_S` between). The last resume point
+        stays, as after SIGTERM."""
         bad = [(slot.name, s) for slot, s in zip(slots, first_bad.tolist()) if s]
         if bad:
             name, step = min(bad, key=lambda b: b[1])
