@@ -1,4 +1,5 @@
-"""Atomic writes: an output appears whole or not at all, and nothing a user made is lost."""
+"""Atomic writes and output jobs: an output appears whole or not at all, one writer at a time, and nothing a user
+made is lost."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def is_leftover(entry: Path) -> bool:
     return LEFTOVER.fullmatch(entry.name) is not None
 
 
-def _remove(entry: Path) -> None:
+def remove_path(entry: Path) -> None:
+    """Delete a file, a link or a whole folder, whichever `entry` is; gone already is fine."""
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry, ignore_errors=True)
     else:
@@ -160,7 +162,7 @@ def check_output_dir(
     entries = list(path.iterdir()) if path.is_dir() else []
     if entries and all(is_leftover(e) for e in entries):
         for e in entries:
-            _remove(e)
+            remove_path(e)
     elif entries:
         ours = not markers or any((path / m).exists() for m in markers)
         no_marker = f"no {' or '.join(markers)}"
@@ -219,6 +221,33 @@ def only_a_local_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.endswith("/") or len(Path(text).parts) > 2
 
 
+_JOBS = threading.local()
+
+
+def _held() -> list[Path]:
+    """The folders this thread's jobs are writing: their targets (locked) and staging folders."""
+    if not hasattr(_JOBS, "folders"):
+        _JOBS.folders = []
+    return _JOBS.folders
+
+
+def written_by_this_thread(path: str | os.PathLike) -> bool:
+    """Whether `path` is, or lies inside, a folder that a job of this thread holds (`folder_lock`, `output_job`'s
+    staging folder): a library call nested in a command's job writes there as part of that job."""
+    path = Path(path).resolve()
+    return any(path == folder or folder in path.parents for folder in _held())
+
+
+@contextmanager
+def _holding(folder: Path):
+    folders, folder = _held(), Path(folder).resolve()
+    folders.append(folder)
+    try:
+        yield
+    finally:
+        folders.remove(folder)
+
+
 @contextmanager
 def folder_lock(target: str | os.PathLike):
     """One writer per output folder: an exclusive `flock` on `.NAME.lock` beside `target` for the whole job, the
@@ -252,7 +281,8 @@ def folder_lock(target: str | os.PathLike):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
-        yield path
+        with _holding(target):
+            yield path
     finally:
         Path(path).unlink(missing_ok=True)  # while still held: a waiting writer then takes a new file
         os.close(fd)
@@ -283,7 +313,8 @@ def output_job(target: str | os.PathLike, replace: bool = False, into: bool = Fa
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         stage.chmod(dir_mode())
         try:
-            yield stage
+            with _holding(stage):
+                yield stage
         except BaseException as err:
             shutil.rmtree(stage, ignore_errors=True)
             setattr(err, OUTCOME, f"{target} is as it was (the new output was not swapped in)")
@@ -302,9 +333,9 @@ def output_job(target: str | os.PathLike, replace: bool = False, into: bool = Fa
             made = [e for e in target.iterdir() if e.name not in before] if target.is_dir() else []
             created = not existed and (target.exists() or target.is_symlink())
             if created:
-                _remove(target)
+                remove_path(target)
             for entry in made if existed else ():
-                _remove(entry)
+                remove_path(entry)
             setattr(err, OUTCOME, f"nothing it made was left in {target}" if made or created else "")
         raise
 
@@ -317,8 +348,34 @@ def _swap_in(stage: Path, target: Path, into: bool) -> None:
             aside = old.with_name(f".{old.name}.old-{os.getpid()}")
             os.replace(old, aside)
             os.replace(new, old)
-            _remove(aside)
+            remove_path(aside)
         else:
             os.replace(new, old)
     if into:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def folder_job(
+    target: str | os.PathLike, check, overwrite: bool = False, resume: bool = False, into: bool = False, keep=None
+):
+    """Write the output folder `target` as one job, the same for a command and a Python call: locked for the whole
+    job (`folder_lock`: one writer per folder), `check()` (the output's refusals) before the lock and again under it
+    (two writers cannot both find it free), an output that `overwrite` replaces written beside it and swapped in on
+    success, and on any failure nothing it made left and nothing that was there lost (`output_job`, with `into` and
+    `keep`). Yields (the folder to write, whether the caller should still replace what is there itself).
+
+    A call nested in a job of this thread on `target` or a folder above it (a command's, or `run`'s around its
+    training) writes as part of that job; so do the processes of `accelerate launch`, which share the folder: both
+    get `target` and `overwrite` as they are, checked, with the caller's own replacing."""
+    target = Path(target)
+    if written_by_this_thread(target) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        check()
+        yield target, overwrite
+        return
+    check()  # a refusal before anything is made (the lock file, missing parents)
+    with folder_lock(target):
+        check()
+        replace = overwrite and not resume and target.is_dir() and any(target.iterdir())
+        with output_job(target, replace, into, keep) as out:
+            yield out, overwrite and not replace

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 
@@ -440,3 +441,233 @@ def test_sigterm_during_train_overwrite_keeps_the_old_pair(tiny_pair, tmp_path, 
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert f"terminated (SIGTERM); {pair} is as it was" in proc.stderr.read()
     assert snapshot(pair) == before and beside(pair) == []
+
+
+# -- 6: the Python API writes as the CLI does: one writer per folder, overwrite replaces on success only ---------
+
+
+def fast_evaluation(tiny_config):
+    return tiny_config(
+        alignment={"num_examples": 200},
+        evaluation={"train_subset": 200, "num_lambdas": 3, "n_way": False, "plots": False},
+    )
+
+
+def weight_merger(tiny_pair):
+    from hf_permerge.merging import PermMerger
+
+    merger = PermMerger.from_pretrained(tiny_pair)
+    merger.align(matcher="weight")
+    merger.merge(0.5)
+    return merger
+
+
+def raise_on_call(monkeypatch, owner, name: str, call: int = 1):
+    """Make `owner.name` raise an allocation error at its `call`-th call (the earlier ones run as usual)."""
+    original, calls = getattr(owner, name), [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise MemoryError("cannot allocate 2.0 GiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def api_trainer(tiny_pair, tmp_path, tiny_config, monkeypatch):
+    from hf_permerge.training import PairTrainer
+
+    pair = tmp_path / "c"
+    shutil.copytree(tiny_pair, pair)
+    fail_at_step(monkeypatch, 3)
+    return pair, lambda: PairTrainer(tiny_config(), pair, overwrite=True, progress=False).train()
+
+
+def api_save_pretrained(tiny_pair, tmp_path, tiny_config, monkeypatch):
+    from hf_permerge.merging import saving
+
+    merger, out = weight_merger(tiny_pair), tmp_path / "merged"
+    merger.save_pretrained(out)
+    raise_on_call(monkeypatch, saving, "model_card")  # the weights are written by then
+    return out, lambda: merger.save_pretrained(out, merger.merge(0.3), overwrite=True)
+
+
+def api_save_permutations(tiny_pair, tmp_path, tiny_config, monkeypatch):
+    from hf_permerge.alignment import Permutations
+
+    merger, out = weight_merger(tiny_pair), tmp_path / "perms"
+    merger.save_permutations(out)
+    raise_on_call(monkeypatch, Permutations, "save", call=2)  # net_0's file is written by then
+    return out, lambda: merger.save_permutations(out)
+
+
+def api_evaluate_pair(tiny_pair, tmp_path, tiny_config, monkeypatch):
+    from hf_permerge.merging import PermMerger
+    from hf_permerge.reporting.pipeline import evaluate_pair
+
+    out = fake_run_folder(tiny_pair, tmp_path / "r")
+    (out / "merged").mkdir()
+    (out / "merged" / "merge_config.json").write_text("{}")
+    raise_on_call(monkeypatch, PermMerger, "save_permutations")  # the last write: merged/ and report.json are done
+    return out, lambda: evaluate_pair(out / "pair", out, fast_evaluation(tiny_config), overwrite=True, progress=False)
+
+
+def api_run(tiny_pair, tmp_path, tiny_config, monkeypatch):
+    from hf_permerge.reporting.pipeline import run
+
+    out = fake_run_folder(tiny_pair, tmp_path / "r")
+    fail_at_step(monkeypatch, 3)
+    return out, lambda: run(fast_evaluation(tiny_config), out, overwrite=True, progress=False)
+
+
+def api_run_sweep(tiny_pair, tmp_path, tiny_config, monkeypatch):
+    from hf_permerge.sweeps import load_sweep_config, run_sweep, runner
+
+    sweep = tmp_path / "s"
+    (sweep / "cells" / "a").mkdir(parents=True)
+    (sweep / "sweep.json").write_text("{}")
+    (sweep / "cells" / "a" / "result.json").write_text("{}")
+    config = load_sweep_config(
+        Path("configs/sweeps/fig2_fmnist_smoke.yaml"),
+        [f"data.data_dir={tiny_config().data.data_dir}", "sweep.stack_seeds=false"],
+    )
+
+    def second_cell_fails(cell, config, output_dir, *args, **kwargs):
+        if cell.id == config.cells[1].id:
+            raise MemoryError("cannot allocate 2.0 GiB")
+        (Path(output_dir) / "cells" / cell.id).mkdir(parents=True)
+        (Path(output_dir) / "cells" / cell.id / "result.json").write_text("{}")
+        return "done"
+
+    monkeypatch.setattr(runner, "run_cell", second_cell_fails)
+    return sweep, lambda: run_sweep(config, sweep, overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [api_trainer, api_save_pretrained, api_save_permutations, api_evaluate_pair, api_run, api_run_sweep],
+    ids=lambda case: case.__name__.removeprefix("api_"),
+)
+def test_an_api_overwrite_that_fails_midway_keeps_the_old_output(case, tiny_pair, tmp_path, tiny_config, monkeypatch):
+    out, act = case(tiny_pair, tmp_path, tiny_config, monkeypatch)
+    before = snapshot(out)
+    with pytest.raises(MemoryError, match="cannot allocate") as err:
+        act()
+    assert snapshot(out) == before and beside(out) == []
+    assert err.value.hf_permerge_outcome == f"{out} is as it was (the new output was not swapped in)"
+
+
+def test_an_api_overwrite_that_succeeds_replaces_the_old_output(tiny_pair, tmp_path):
+    merger, out = weight_merger(tiny_pair), tmp_path / "merged"
+    merger.save_pretrained(out)
+    before = snapshot(out)
+    merger.save_pretrained(out, merger.merge(0.3), overwrite=True)
+    assert snapshot(out) != before and json.loads((out / "merge_config.json").read_text())["merge"]["alpha"] == 0.3
+    assert beside(out) == []
+
+
+def test_an_api_writer_is_refused_while_another_process_writes_the_folder(tiny_pair, tiny_config, tmp_path):
+    from hf_permerge.training import PairTrainer
+
+    merger = weight_merger(tiny_pair)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom hf_permerge.io_utils import folder_lock\n"
+            "locks = [folder_lock(out) for out in sys.argv[1:]]\nfor lock in locks:\n    lock.__enter__()\n"
+            "print('held', flush=True)\ntime.sleep(600)",
+            *(str(tmp_path / name) for name in ("merged", "perms", "c")),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = f"being written by another hf-permerge process \\(PID {holder.pid}\\)"
+        with pytest.raises(FileExistsError, match=refused):
+            merger.save_pretrained(tmp_path / "merged")
+        with pytest.raises(FileExistsError, match=refused):
+            merger.save_permutations(tmp_path / "perms")
+        with pytest.raises(FileExistsError, match=refused):
+            PairTrainer(tiny_config(), tmp_path / "c", progress=False).train()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".c.lock", ".merged.lock", ".perms.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_api_training_that_fails_keeps_only_its_resume_state_and_says_so(tiny_config, tmp_path, monkeypatch):
+    from hf_permerge.training import PairTrainer
+
+    out = tmp_path / "c"
+    fail_at_step(monkeypatch, 3)
+    with pytest.raises(MemoryError) as err:
+        PairTrainer(tiny_config(), out, progress=False).train()
+    assert not out.exists() and beside(out) == []
+    assert err.value.hf_permerge_outcome == f"nothing it made was left in {out}"
+    monkeypatch.undo()
+    fail_at_step(monkeypatch, 15)
+    with pytest.raises(MemoryError) as err:
+        PairTrainer(tiny_config(), out, progress=False).train()
+    assert err.value.hf_permerge_outcome == f"kept its resume state in {out}: resume=True continues it"
+    monkeypatch.undo()
+    PairTrainer(tiny_config(), out, resume=True, progress=False).train()
+    assert (out / "pair.json").is_file() and beside(out) == []
+
+
+# -- 1 (continued): a non-finite loss stops the run within seconds, not at its epoch's end --------------------------
+
+
+def loss_turns_nan(monkeypatch, net: int, from_step: int) -> list[int]:
+    """Make net `net`'s training loss NaN from optimiser step `from_step` on; returns the count of steps taken."""
+    from hf_permerge.training import trainer
+
+    make, calls = trainer.make_engine, [0]
+
+    def diverging(*args, **kwargs):
+        engine = make(*args, **kwargs)
+        original = engine.step
+
+        def step(*a):
+            calls[0] += 1
+            loss = original(*a)
+            return torch.where(torch.arange(len(loss)) == net, float("nan"), loss) if calls[0] >= from_step else loss
+
+        engine.step = step
+        return engine
+
+    monkeypatch.setattr(trainer, "make_engine", diverging)
+    return calls
+
+
+def test_a_loss_that_turns_nan_mid_epoch_stops_at_the_next_refresh_naming_net_and_first_bad_step(
+    tiny_config, tmp_path, monkeypatch
+):
+    from hf_permerge.training import trainer
+
+    monkeypatch.setattr(trainer, "FINITE_CHECK_S", 0.0)  # every step is a refresh: the check's place, not its timing
+    steps = loss_turns_nan(monkeypatch, net=1, from_step=7)
+    config = tiny_config(training={"epochs": 1, "batch_size": 10, "save_steps": []})  # 100 steps in the epoch
+    with pytest.raises(
+        trainer.TrainingDiverged, match=r"^net 1's training loss became non-finite \(NaN or inf\) at step 7:"
+    ):
+        trainer.PairTrainer(config, tmp_path / "c", progress=False).train()
+    assert steps[0] == 7 and not (tmp_path / "c").exists()
+
+
+def test_the_finite_check_reads_the_device_at_refreshes_saved_steps_and_epoch_ends_only(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Between refreshes a step never waits on the device: the flag stays there, read once per check."""
+    from hf_permerge.training import trainer
+
+    monkeypatch.setattr(trainer, "FINITE_CHECK_S", 1e9)  # no refresh comes due in this run
+    checks = []
+    original = trainer.PairTrainer._check_finite
+    monkeypatch.setattr(
+        trainer.PairTrainer, "_check_finite", lambda self, *a: (checks.append(1), original(self, *a))[1]
+    )
+    trainer.PairTrainer(tiny_config(), tmp_path / "c", progress=False).train()  # 2 epochs of 10 steps, step 5 saved
+    assert len(checks) == 3

@@ -6,21 +6,22 @@ from __future__ import annotations
 import functools
 import sys
 
-from .jobs import job, keep_pair, keep_run
-from .options import check_merge_options, command_line, data_source, matching, merger_for, reference_args
+from .jobs import job
+from .options import check_merge_options, command_line, data_source, device, matching, merger_for, reference_args
 
 
 def cmd_align(args) -> int:
     from ..io_utils import CLI_WORDING
     from ..merging.merger import check_save_target
 
+    on = device(args)
     matcher, settings = matching(args)
     reference = reference_args(args)
     check = functools.partial(check_save_target, args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
     check()  # before any data is read, and again under the job's lock
     data = data_source(args)
     with job(args, check) as (out, _):
-        merger = merger_for(args, data)
+        merger = merger_for(args, data, on)
         perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
         merger.save_permutations(out)
     for i, p in enumerate(perms[1:], start=1):
@@ -37,6 +38,7 @@ def cmd_merge(args) -> int:
     from ..io_utils import CLI_WORDING
     from ..merging.merger import check_save_target
 
+    on = device(args)
     check_merge_options(args)
     matcher, settings = matching(args)
     reference = reference_args(args)
@@ -44,7 +46,7 @@ def cmd_merge(args) -> int:
     check()  # before any data is read, and again under the job's lock
     data = data_source(args)
     with job(args, check) as (out, overwrite):
-        merger = merger_for(args, data)
+        merger = merger_for(args, data, on)
         merger.check_repair(args.repair)
         if args.permutations:
             merger.load_permutations(args.permutations)
@@ -62,12 +64,13 @@ def cmd_merge(args) -> int:
 
 def cmd_train(args) -> int:
     from ..config import load_config
+    from ..io_utils import CLI_WORDING
     from ..training import PairTrainer
-    from ..training.trainer import check_pair_output
+    from ..training.trainer import check_pair_output, keep_pair
 
     config = load_config(args.config, args.overrides)
     check = functools.partial(check_pair_output, args.output_dir, args.overwrite, args.resume)
-    with job(args, check, keep=keep_pair(args)) as (out, overwrite):
+    with job(args, check, keep=keep_pair(args.resume, CLI_WORDING)) as (out, overwrite):
         result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
     for m in result.metrics:
         print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
@@ -79,6 +82,7 @@ def cmd_evaluate(args) -> int:
     from ..config import load_config
     from ..reporting.pipeline import check_evaluate_output, check_evaluate_overrides, evaluate_pair
 
+    on = device(args)
     config = load_config(args.config) if args.config else None
     check_evaluate_overrides(args.overrides)
     check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
@@ -90,7 +94,7 @@ def cmd_evaluate(args) -> int:
             overrides=args.overrides,
             overwrite=overwrite,
             progress=not args.quiet,
-            device=args.device,
+            device=on,
             command=command_line(args),
             token=args.token,
             revision=args.revision,
@@ -103,12 +107,13 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from ..config import load_config
+    from ..io_utils import CLI_WORDING
     from ..merging.sources import portable_path
-    from ..reporting.pipeline import check_run_output, run
+    from ..reporting.pipeline import check_run_output, keep_run, run
 
     config = load_config(args.config, args.overrides)
     check = functools.partial(check_run_output, args.output_dir, args.overwrite, args.resume)
-    with job(args, check, keep=keep_run(args)) as (out, overwrite):
+    with job(args, check, keep=keep_run(args.resume, CLI_WORDING)) as (out, overwrite):
         run(
             config,
             out,
@@ -142,19 +147,13 @@ def cmd_sweep(args) -> int:
     from pathlib import Path
 
     from ..sweeps import load_sweep_config, run_sweep
-    from ..sweeps.runner import check_sweep_output
+    from ..sweeps.runner import check_sweep_output, keep_sweep
 
     config = load_sweep_config(args.config, args.overrides)
     target = Path(args.output_dir)
     continued = (target / "sweep.json").is_file() and not args.overwrite
     check = functools.partial(check_sweep_output, target, args.overwrite)
-
-    def keep(folder):
-        if continued or any(folder.glob("cells/*/result.json")):
-            return f"kept the finished cells in {folder}: the same command continues the sweep"
-        return None
-
-    with job(args, check, keep=keep) as (out, overwrite):
+    with job(args, check, keep=keep_sweep(continued, "the same command")) as (out, overwrite):
         result = run_sweep(config, out, overwrite=overwrite, progress=not args.quiet, command=command_line(args))
     if not result.is_main_process:
         return 0

@@ -57,15 +57,21 @@ def reference_args(args) -> dict:
     return {"reference": args.reference or "net_0", "max_rounds": 50 if args.max_rounds is None else args.max_rounds}
 
 
-def merger_for(args, data: dict | None):
-    """The merger of the models named, aligning and repairing on `data` (`data_source`'s answer) when one was named."""
-    import torch
+def device(args):
+    """--device as the torch device to run on (default: the GPU when there is one, else the CPU); one this machine
+    lacks (`cuda` without CUDA, `cuda:3` with one GPU, a misspelt name) is refused here, before any work."""
+    from ..devices import check_device
 
+    return check_device(args.device, cli=True)
+
+
+def merger_for(args, data: dict | None, on):
+    """The merger of the models named, on the device `on` (`device`'s answer), aligning and repairing on `data`
+    (`data_source`'s answer) when one was named."""
     from ..merging import PermMerger
 
     source = args.pair[0] if len(args.pair) == 1 else args.pair
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    merger = PermMerger.from_pretrained(source, device=device, token=args.token, revision=args.revision)
+    merger = PermMerger.from_pretrained(source, device=on, token=args.token, revision=args.revision)
     if data is not None:
         merger.use_data(**{**data, "dataset": data["dataset"] or merger.dataset_name()})
     return merger

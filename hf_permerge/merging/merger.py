@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..alignment import Permutations
+from ..devices import check_device
 from . import saving
 from .aligning import align_nets
 from .averaging import average_state_dicts, check_repair, merge_nets, permuted, permuted_state
@@ -80,7 +81,10 @@ class PermMerger:
         image_processor: for models saved without one (e.g. `AutoImageProcessor.from_pretrained(<base model>)`):
         it converts your `datasets.Dataset` for them and is saved beside the merged model, so that
         `pipeline("image-classification")` loads it. Net 0's own is used when this is None.
+        device: where the nets are loaded and merged (default: the CPU); one this machine lacks is refused at once.
         """
+        if device:
+            check_device(device)  # before any download
         sources, pair = load_sources(pair_or_models, token=token, revision=revision)
         return cls(sources, pair, device, example_inputs, image_processor)
 
@@ -310,7 +314,8 @@ class PermMerger:
 
         `model` defaults to the model the last merge returned (alpha 0.5 if none); permutations are saved only
         when the merge used them; `report` and `files` (plots) go beside it, described in the card. The folder
-        appears whole or not at all; an existing folder is refused (see `check_save_target`).
+        appears whole or not at all; an existing folder is refused (see `check_save_target`) unless `overwrite`
+        (a merge of ours), which replaces it only once the new folder is whole.
         """
         return saving.save_merged(self, output_dir, model, report, files, command, overwrite)
 

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from ..alignment.base import input_shape, model_input
 from ..alignment.tracing import attach_permutation_spec, example_inputs_for, example_tokens, trace
 from ..data.tensors import load_tensors
+from ..devices import check_device
 from ..models.folders import load_model
 from ..models.image_processing_perm import image_processor_for
 from .sources import NetSource
@@ -96,7 +97,7 @@ class Nets:
                 "folders, and choose one with checkpoint=... / --checkpoint)"
             )
         self.default_checkpoint = passed[0]
-        self.device = torch.device(device) if device else torch.device("cpu")
+        self.device = check_device(device) if device else torch.device("cpu")
         self._cache: dict = {}
         self.traced = None
         self.example_inputs = example_inputs

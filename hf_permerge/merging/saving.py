@@ -4,6 +4,7 @@ folders of permutations (`alignment.json` + net_i.safetensors) that `hf-permerge
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from ..alignment import Permutations
 from ..alignment.tracing.build import permuted_share
 from ..hub import check_repo_id, push_folder_to_hub
-from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, write_json_atomic
+from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, folder_job, write_json_atomic
 from ..models.folders import auto_class_for, write_model_files
 from ..records import AlignmentRecord, read_record
 from .model_card import render_model_card
@@ -183,12 +184,14 @@ def save_merged(
     command: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """The merged folder of `merger` (see `PermMerger.save_pretrained`)."""
-    output_dir = check_save_target(output_dir, overwrite)
+    """The merged folder of `merger` (see `PermMerger.save_pretrained`), written as one job (`io_utils.folder_job`):
+    a merge that `overwrite` replaces stays as it was unless the new one is written whole."""
+    check = functools.partial(check_save_target, output_dir, overwrite)
+    output_dir = check()  # before a default merge is made
     if model is None:
         model = merger._last_merged_model()
     perms = merger._require_alignment() if merger._permuted_merge() else None
-    with atomic_dir(output_dir) as tmp:
+    with folder_job(output_dir, check, overwrite) as (out, _), atomic_dir(out) as tmp:
         write_model_files(model, tmp)
         processor = merger._nets.preprocessor_of(model)  # a text model's tokenizer, else its image processor
         if processor is not None:
@@ -219,7 +222,10 @@ def push(merger, repo_id: str, output_dir=None, **kwargs):
 
 
 def save_permutations(merger, output_dir) -> Path:
-    output_dir = check_save_target(
+    """`merger`'s permutations as a folder (see `PermMerger.save_permutations`), written as one job
+    (`io_utils.folder_job`): an earlier set stays as it was unless the new one is written whole."""
+    check = functools.partial(
+        check_save_target,
         output_dir,
         overwrite=True,
         what="set of permutations",
@@ -227,8 +233,10 @@ def save_permutations(merger, output_dir) -> Path:
             PYTHON_WORDING, overwrite="save_permutations, which replaces only an earlier set of permutations"
         ),
     )
-    with atomic_dir(output_dir) as tmp:
-        for i, p in enumerate(merger._require_alignment()):
+    output_dir = check()
+    perms = merger._require_alignment()
+    with folder_job(output_dir, check, overwrite=True) as (out, _), atomic_dir(out) as tmp:
+        for i, p in enumerate(perms):
             p.save(tmp / f"net_{i}.safetensors")
         write_json_atomic(
             tmp / PERMUTATIONS_MARKER,

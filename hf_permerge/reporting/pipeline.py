@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -9,17 +10,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from ..alignment.matchers import matcher_settings
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from ..data.tensors import load_tensors
-from ..io_utils import check_output_dir, write_json_atomic
+from ..devices import check_device
+from ..io_utils import PYTHON_WORDING, Wording, check_output_dir, folder_job, remove_path, write_json_atomic
 from ..merging import PermMerger
 from ..merging.model_card import portable_command
 from ..merging.saving import check_save_target
 from ..merging.sources import portable_path
 from ..training import PairTrainer
+from ..training.trainer import resumable_pair
 from .report import build_report, summary_table
 
 logger = logging.getLogger("hf_permerge.pipeline")
@@ -34,10 +35,6 @@ RUN_CONTENTS = ("pair", "report.json", "*.png", "merged", "permutations")
 deleting the folder)."""
 EVALUATE_KEYS = ("alignment.", "evaluation.", "data.data_dir")
 """What `evaluate` may change: how a trained pair is aligned and measured, and where its data set lives here."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 TRAIN_SUBSET_SEED = 1
@@ -103,6 +100,23 @@ def check_run_output(output_dir, overwrite: bool = False, resume: bool = False) 
     )
 
 
+def keep_run(resume: bool, wording: Wording = PYTHON_WORDING):
+    """What a failed run keeps (`io_utils.output_job`'s `keep`): everything when resuming, else its pair's resume
+    state, if any (the rest is made again when the run is resumed)."""
+
+    def keep(folder):
+        if resume:
+            return f"kept what was done in {folder}: {wording.resume} continues it"
+        if not (resumable_pair(folder / "pair") or (folder / "pair" / "pair.json").exists()):
+            return None
+        for entry in folder.iterdir():
+            if entry.name != "pair":
+                remove_path(entry)
+        return f"kept the pair's resume state in {folder / 'pair'}: {wording.resume} continues the run"
+
+    return keep
+
+
 def check_evaluate_output(output_dir, overwrite: bool = False) -> None:
     """`evaluate`'s refusals of its output folder, before any download: one that holds something else than an
     evaluation or a run, or (without overwrite) an evaluation already."""
@@ -126,24 +140,37 @@ def evaluate_pair(
     revision: str | None = None,
     pair_label: str | None = None,
 ) -> dict:
-    """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`); write
-    OUT/report.json, OUT/*.png and OUT/merged/ (with its card). `pair_label`: how the report names the pair
-    (default: its portable path; a job written beside its final place names the final one)."""
-    from .plots import write_plots  # keep lazy: matplotlib costs ~1 s at import, paid only when plotting
-
-    device = torch.device(device) if device else default_device()
+    """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`) on `device`
+    (default: the GPU if there is one; one this machine lacks is refused before any work); write OUT/report.json,
+    OUT/*.png, OUT/merged/ (with its card) and OUT/permutations/ as one job (`io_utils.folder_job`): an evaluation
+    that `overwrite` replaces stays as it was unless the new one is written whole. `pair_label`: how the report
+    names the pair (default: its portable path)."""
+    device = check_device(device)
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
-    check_evaluate_output(output_dir, overwrite)  # before any download
-    merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
-    models = not isinstance(pair_dir, (str, Path))  # a list of model folders / repo ids
-    if (merger.pair or {}).get("config") is None and config is None:
-        raise ValueError(
-            f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
-            "(--config) that describes their data and the evaluation"
+    check = functools.partial(check_evaluate_output, output_dir, overwrite)
+    check()  # before any download
+    with folder_job(output_dir, check, overwrite, into=True) as (out, overwrite):  # into: a run folder keeps its pair
+        merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
+        models = not isinstance(pair_dir, (str, Path))  # a list of model folders / repo ids
+        if (merger.pair or {}).get("config") is None and config is None:
+            raise ValueError(
+                f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
+                "(--config) that describes their data and the evaluation"
+            )
+        source = ("--config" if models else f"{pair_dir}/pair.json") + (
+            " with the --set overrides" if overrides else ""
         )
-    source = ("--config" if models else f"{pair_dir}/pair.json") + (" with the --set overrides" if overrides else "")
-    config = evaluation_config((merger.pair or {}).get("config"), config, overrides, source)
+        config = evaluation_config((merger.pair or {}).get("config"), config, overrides, source)
+        pair = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
+        report = _report(merger, config, device, progress, train_s, pair, command)
+        _write_evaluation(merger, report, out, config.evaluation.plots, command, overwrite)
+    print(summary_table(report))
+    return report
+
+
+def _report(merger, config: RunConfig, device, progress: bool, train_s: float | None, pair, command) -> dict:
+    """report.json of `merger`'s nets (`pair`), aligned and evaluated as `config` says, on its data."""
     merger.use_data(config.data.dataset, config.data.data_dir)  # align (and tell) on the data evaluated on
     splits = evaluation_splits(config, device, merger.recorded_normalisation())
     align_merger(merger, config)
@@ -154,24 +181,28 @@ def evaluate_pair(
     report["config"] = config.to_dict()
     if merger.pair is None:  # model folders: --config gave the data and evaluation; what they are is their own
         report["config"].update(model=merger.load(0).config.to_dict(), training=None)  # config.json; training unknown
-    report["pair"] = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
+    report["pair"] = pair
     commits = {s.hub_id: s.commit for s in merger.sources if s.commit}
     if commits:
         report["hub_commits"] = commits  # what was read from the Hub, by repo
     report["command"] = portable_command(command)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".plots-") as tmp:
-        plots = [Path(tmp) / name for name in (write_plots(report, Path(tmp)) if config.evaluation.plots else [])]
-        merged = merger.merge(0.5, "final")
-        merger.save_pretrained(
-            output_dir / "merged", merged, report=report, files=plots, command=command, overwrite=overwrite
-        )
-        for path in plots:
-            path.replace(output_dir / path.name)
-    write_json_atomic(output_dir / "report.json", report)
-    merger.save_permutations(output_dir / "permutations")
-    print(summary_table(report))
     return report
+
+
+def _write_evaluation(merger, report: dict, out: Path, plots: bool, command: str | None, overwrite: bool) -> None:
+    """OUT/merged/ (the midpoint, with the report and plots in its card), OUT/*.png, OUT/report.json and
+    OUT/permutations/."""
+    from .plots import write_plots  # keep lazy: matplotlib costs ~1 s at import, paid only when plotting
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as tmp:
+        files = [Path(tmp) / name for name in (write_plots(report, Path(tmp)) if plots else [])]
+        merged = merger.merge(0.5, "final")
+        merger.save_pretrained(out / "merged", merged, report=report, files=files, command=command, overwrite=overwrite)
+        for path in files:
+            path.replace(out / path.name)
+    write_json_atomic(out / "report.json", report)
+    merger.save_permutations(out / "permutations")
 
 
 def run(
@@ -191,19 +222,20 @@ def run(
             "at least 2; set training.num_nets to 2 or more (or use `hf-permerge train` for one net)"
         )
     output_dir = Path(output_dir)
-    check_run_output(output_dir, overwrite, resume)
-    if overwrite and not resume and output_dir.exists():
-        shutil.rmtree(output_dir)
-    start = time.perf_counter()
-    PairTrainer(config, output_dir / "pair", resume=resume, progress=progress, overwrite=overwrite).train()
-    train_s = time.perf_counter() - start
-    return evaluate_pair(
-        output_dir / "pair",
-        output_dir,
-        config,
-        overwrite=True,
-        progress=progress,
-        train_s=train_s,
-        command=command,
-        pair_label=pair_label,
-    )
+    check = functools.partial(check_run_output, output_dir, overwrite, resume)
+    with folder_job(output_dir, check, overwrite, resume, keep=keep_run(resume)) as (out, overwrite):
+        if overwrite and not resume and out.exists():  # several processes: see folder_job
+            shutil.rmtree(out)
+        start = time.perf_counter()
+        PairTrainer(config, out / "pair", resume=resume, progress=progress, overwrite=overwrite).train()
+        train_s = time.perf_counter() - start
+        return evaluate_pair(
+            out / "pair",
+            out,
+            config,
+            overwrite=True,
+            progress=progress,
+            train_s=train_s,
+            command=command,
+            pair_label=pair_label or portable_path(output_dir / "pair"),
+        )

@@ -14,6 +14,7 @@ processes, and a second run of the same command picks up whatever is not finishe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ from accelerate import PartialState
 
 from ..config import ConfigError, config_differences
 from ..data.tensors import load_tensors
-from ..io_utils import check_output_dir, write_json_atomic
+from ..devices import check_device
+from ..io_utils import check_output_dir, folder_job, write_json_atomic
 from ..records import PairRecord, read_json, read_record
 from ..training import PairTrainer, build_model, train_together
 from ..training.trainer import _without_seed
@@ -54,7 +56,7 @@ class OneProcess:
     is_main_process = True
 
     def __init__(self, device):
-        self.device = torch.device(device)
+        self.device = check_device(device)
 
     def wait_for_everyone(self) -> None:
         pass
@@ -300,20 +302,41 @@ def check_sweep_output(output_dir, overwrite: bool = False) -> None:
     )
 
 
+def keep_sweep(continued: bool, again: str = "the same run_sweep call"):
+    """What a failed sweep keeps (`io_utils.output_job`'s `keep`): its finished cells, which `again` continues."""
+
+    def keep(folder):
+        if continued or any(folder.glob("cells/*/result.json")):
+            return f"kept the finished cells in {folder}: {again} continues the sweep"
+        return None
+
+    return keep
+
+
 def run_sweep(
     config: SweepConfig, output_dir, overwrite: bool = False, progress: bool = True, command: str | None = None
 ) -> SweepResult:
-    """Run (or continue) a sweep in `output_dir`. Every process of `accelerate launch` calls this."""
+    """Run (or continue) a sweep in `output_dir`, as one job (`io_utils.folder_job`): a sweep that `overwrite`
+    replaces stays as it was unless the new one finishes. Every process of `accelerate launch` calls this."""
     state = process_state()
     output_dir = Path(output_dir)
-    ours = (output_dir / "sweep.json").is_file()
-    check_sweep_output(output_dir, overwrite)
-    if ours and not overwrite:
+    continued = (output_dir / "sweep.json").is_file() and not overwrite
+    check = functools.partial(check_sweep_output, output_dir, overwrite)
+    check()
+    if continued:
         check_finished_cells(config, output_dir)
     check_data(config)
+    with folder_job(output_dir, check, overwrite, keep=keep_sweep(continued)) as (out, overwrite):
+        result = _run_cells(config, out, overwrite, state, progress, command)
+    result.output_dir = output_dir
+    return result
+
+
+def _run_cells(config: SweepConfig, output_dir: Path, overwrite: bool, state, progress: bool, command) -> SweepResult:
+    """The sweep's job in `output_dir`: sweep.json, then this process's cells, then (main process) the tables."""
     state.wait_for_everyone()
     if state.is_main_process:
-        if overwrite and output_dir.exists():
+        if overwrite and output_dir.exists():  # several processes: see folder_job
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "sweep.json", {**config.to_dict(), "source": config.source, "command": command})

@@ -7,6 +7,8 @@ processes gives the same weights.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -19,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, config_differences
 from ..data.tensors import load_tensors
-from ..io_utils import check_output_dir, write_json_atomic
+from ..devices import check_device
+from ..io_utils import PYTHON_WORDING, Wording, check_output_dir, folder_job, write_json_atomic
 from ..models.folders import load_model, save_model
 from ..records import read_json
 from .builders import build_model
@@ -29,6 +32,11 @@ from .pair_record import check_steps, pair_record, total_steps
 from .seeds import derive_seed, epoch_order
 
 logger = logging.getLogger("hf_permerge.training")
+
+FINITE_CHECK_S = 1.0
+"""How often (seconds) the training loop reads back whether a loss became NaN or inf, as often as the progress bar
+refreshes: a diverged net stops within seconds, not at its epoch's end, and a step itself never waits on the
+device (the flag is kept there)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,6 +67,7 @@ def _multi_process_without_cuda() -> bool:
 
 
 PAIR_CONTENTS = ("run_config.json", "pair.json", "net_*")
+"""What a pair folder consists of; --overwrite replaces nothing else (a merge saved inside it is refused)."""
 
 
 def check_pair_output(output_dir, overwrite: bool = False, resume: bool = False) -> None:
@@ -68,7 +77,22 @@ def check_pair_output(output_dir, overwrite: bool = False, resume: bool = False)
     )
 
 
-"""What a pair folder consists of; --overwrite replaces nothing else (a merge saved inside it is refused)."""
+def resumable_pair(pair) -> bool:
+    """Whether a pair folder holds what resuming continues from: an epoch's resume point, or finished nets."""
+    pair = Path(pair)
+    return any(pair.glob("net_*/resume-step-*")) or any(pair.glob("net_*/final"))
+
+
+def keep_pair(resume: bool, wording: Wording = PYTHON_WORDING):
+    """What a failed training keeps (`io_utils.output_job`'s `keep`): everything when resuming, the resume state
+    of a new pair when it has one; the rest goes."""
+
+    def keep(folder):
+        if resume or resumable_pair(folder):
+            return f"kept its resume state in {folder}: {wording.resume} continues it"
+        return None
+
+    return keep
 
 
 class PairTrainer:
@@ -90,12 +114,27 @@ class PairTrainer:
         self.overwrite, self.resume, self.progress = overwrite, resume, progress
         tc = config.training
         self.accelerator = accelerator or Accelerator(log_with=tc.log_with, cpu=_multi_process_without_cuda())
+        check_device(self.accelerator.device)
+        self.folder, self._replace_there = self.output_dir, overwrite  # while `writing`: where, and whether to replace
 
     # -- set-up -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self):
+        """The pair folder as one job (`io_utils.folder_job`), as the CLI writes it: one writer at a time, a pair that
+        `overwrite` replaces kept until the new one is whole, and a failure leaving only the resume state."""
+        check = functools.partial(check_pair_output, self.output_dir, self.overwrite, self.resume)
+        keep = keep_pair(self.resume)
+        with folder_job(self.output_dir, check, self.overwrite, self.resume, keep=keep) as (folder, overwrite):
+            self.folder, self._replace_there = folder, overwrite
+            try:
+                yield folder
+            finally:
+                self.folder, self._replace_there = self.output_dir, self.overwrite
+
     def _prepare_output(self) -> None:
-        """Checks every process makes before anything is written, then the main process prepares the folder."""
-        out, acc = self.output_dir, self.accelerator
-        check_pair_output(out, self.overwrite, self.resume)
+        """The resume checks every process makes before anything is written, then the main process prepares the
+        folder (`writing` has checked it)."""
+        out, acc = self.folder, self.accelerator
         saved = out / "run_config.json"
         if self.resume and saved.exists():
             # what the nets are made of; alignment and evaluation may change between a run's attempts
@@ -110,7 +149,7 @@ class PairTrainer:
             self._check_saved_nets_match()
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if self.overwrite and not self.resume and out.exists():
+            if self._replace_there and not self.resume and out.exists():  # several processes: see folder_job
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(saved, self.config.to_dict())
@@ -122,7 +161,7 @@ class PairTrainer:
         from safetensors import safe_open
 
         for i in range(self.config.training.num_nets):
-            init = self.output_dir / f"net_{i}" / "init" / "model.safetensors"
+            init = self.folder / f"net_{i}" / "init" / "model.safetensors"
             if not init.is_file():
                 continue
             with safe_open(str(init), framework="pt") as f:
@@ -139,7 +178,7 @@ class PairTrainer:
                     else ""
                 )
                 raise ValueError(
-                    f"cannot resume in {self.output_dir}: net_{i}'s saved weights do not match what this "
+                    f"cannot resume in {self.folder}: net_{i}'s saved weights do not match what this "
                     f"config builds ({what}); the run was made with other model settings or another "
                     f"version's defaults{hint}"
                 )
@@ -153,26 +192,27 @@ class PairTrainer:
         cfg, tc, acc = self.config, self.config.training, self.accelerator
         train, test = self._splits()  # data first: a missing data set must fail before any output is written
         check_steps(tc, len(train))
-        self._prepare_output()
-        if tc.log_with:
-            acc.init_trackers("hf_permerge", config=cfg.to_dict())
-        start = time.perf_counter()
-        nets = self._unfinished(self.my_nets())
-        if nets:
-            self._train_slots(self._slots(nets), train, test)
-        acc.wait_for_everyone()
-        train_s = time.perf_counter() - start
-        metrics = self._write_pair_json(train, test, train_s) if acc.is_main_process else []
-        acc.wait_for_everyone()
-        if tc.log_with:
-            acc.end_training()
+        with self.writing():
+            self._prepare_output()
+            if tc.log_with:
+                acc.init_trackers("hf_permerge", config=cfg.to_dict())
+            start = time.perf_counter()
+            nets = self._unfinished(self.my_nets())
+            if nets:
+                self._train_slots(self._slots(nets), train, test)
+            acc.wait_for_everyone()
+            train_s = time.perf_counter() - start
+            metrics = self._write_pair_json(train, test, train_s) if acc.is_main_process else []
+            acc.wait_for_everyone()
+            if tc.log_with:
+                acc.end_training()
         return TrainResult(self.output_dir, metrics, train_s)
 
     def _slots(self, nets: list[int]) -> list[NetSlot]:
         cfg = self.config
         return [
             NetSlot(
-                self.output_dir / f"net_{i}", f"net {i}", build_model(cfg, i), derive_seed(cfg.training.seed, i, "data")
+                self.folder / f"net_{i}", f"net {i}", build_model(cfg, i), derive_seed(cfg.training.seed, i, "data")
             )
             for i in nets
         ]
@@ -187,7 +227,7 @@ class PairTrainer:
 
     def _unfinished(self, nets) -> list[int]:
         """The nets among `nets` without a final checkpoint yet (a resumed run skips the others)."""
-        return [i for i in nets if not (self.output_dir / f"net_{i}" / "final").exists()]
+        return [i for i in nets if not (self.folder / f"net_{i}" / "final").exists()]
 
     def _train_slots(self, slots: list[NetSlot], train, test) -> None:
         """Train the slots' nets in one engine (their configs' training sections are this trainer's)."""
@@ -214,13 +254,15 @@ class PairTrainer:
             disable=not self.progress,
             dynamic_ncols=True,
             leave=False,
-            mininterval=1.0,
+            mininterval=FINITE_CHECK_S,
         )
         t0 = time.perf_counter()
         if step < total:
             bar.set_postfix_str(f"{steps_per_epoch} steps/epoch")
-        first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)  # per net: the first step with
-        while step < total:  # a non-finite loss, or 0
+        # per net, on the device: the first step with a non-finite loss, or 0; read back at each check only
+        first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)
+        next_check = time.perf_counter() + FINITE_CHECK_S
+        while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             orders = torch.stack([epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots])
             loss_sum = torch.zeros(len(slots), device=acc.device)
@@ -235,6 +277,9 @@ class PairTrainer:
                     self._check_finite(first_bad, slots)
                     for k, slot in enumerate(slots):
                         save_model(engine.export(k), slot.folder / f"step-{step}")
+                elif time.perf_counter() >= next_check:  # one host sync per refresh of the bar, not per step
+                    self._check_finite(first_bad, slots)
+                    next_check = time.perf_counter() + FINITE_CHECK_S
             self._check_finite(first_bad, slots)
             self._epoch_end(engine, slots, epoch, loss_sum / max(1, len(batches)), test, t0, step)
         bar.close()
@@ -244,8 +289,9 @@ class PairTrainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _check_finite(self, first_bad: torch.Tensor, slots) -> None:
-        """Stop at a non-finite loss, before anything of the diverged nets is saved (checked where the loop
-        syncs anyway: at an epoch's end and a saved step). The last resume point stays, as after SIGTERM."""
+        """Stop at a non-finite loss, naming the net and its first bad step, before anything of the diverged nets is
+        saved (checked at an epoch's end, a saved step, and every `FINITE_CHECK_S` between). The last resume point
+        stays, as after SIGTERM."""
         bad = [(slot.name, s) for slot, s in zip(slots, first_bad.tolist()) if s]
         if bad:
             name, step = min(bad, key=lambda b: b[1])
@@ -320,7 +366,7 @@ class PairTrainer:
         cfg = self.config
         metrics = []
         for i in range(cfg.training.num_nets):
-            model = load_model(self.output_dir / f"net_{i}" / "final")
+            model = load_model(self.folder / f"net_{i}" / "final")
             model.to(self.accelerator.device)
             model.eval()
             loss, acc = eval_loss_acc(
@@ -332,7 +378,7 @@ class PairTrainer:
             )
             metrics.append({"net": i, "test": {"loss": loss, "acc": acc}})
         pair = pair_record(cfg, train, test, metrics, train_s, trained_together)
-        write_json_atomic(self.output_dir / "pair.json", pair)
+        write_json_atomic(self.folder / "pair.json", pair)
         return metrics
 
 
@@ -364,21 +410,20 @@ def train_together(trainers: list[PairTrainer]) -> list[TrainResult]:
         if t.accelerator.num_processes > 1:
             raise ValueError("train_together runs in one process; under several processes train pairs one by one")
     train, test = first._splits()
-    for t in trainers:
-        t._prepare_output()
-    start = time.perf_counter()
-    slots = []
-    for t in trainers:
-        nets = t._unfinished(range(t.config.training.num_nets))
-        slots += [
-            NetSlot(slot.folder, f"{t.output_dir.name}/{slot.name}", slot.model, slot.data_seed)
-            for slot in t._slots(nets)
-        ]
-    if slots:
-        first._train_slots(slots, train, test)
-    train_s = (time.perf_counter() - start) / len(trainers)
-    results = []
-    for t in trainers:
-        metrics = t._write_pair_json(train, test, train_s, trained_together=len(trainers))
-        results.append(TrainResult(t.output_dir, metrics, train_s))
-    return results
+    with contextlib.ExitStack() as jobs:
+        for t in trainers:
+            jobs.enter_context(t.writing())
+            t._prepare_output()
+        start = time.perf_counter()
+        slots = []
+        for t in trainers:
+            nets = t._unfinished(range(t.config.training.num_nets))
+            slots += [
+                NetSlot(slot.folder, f"{t.output_dir.name}/{slot.name}", slot.model, slot.data_seed)
+                for slot in t._slots(nets)
+            ]
+        if slots:
+            first._train_slots(slots, train, test)
+        train_s = (time.perf_counter() - start) / len(trainers)
+        metrics = [t._write_pair_json(train, test, train_s, trained_together=len(trainers)) for t in trainers]
+    return [TrainResult(t.output_dir, m, train_s) for t, m in zip(trainers, metrics)]
