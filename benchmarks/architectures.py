@@ -163,7 +163,7 @@ ARCHS = [
                 image_size=IMAGE,
                 patch_size=4,
                 embed_dim=16,
-                depths=[1, 1],
+                depths=[2, 1],
                 num_heads=[2, 4],
                 window_size=4,
                 num_labels=10,
@@ -191,14 +191,21 @@ ARCHS = [
 ]
 
 
-def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Norm scales and running statistics away from 1 / 0, so the invariance check sees them act."""
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights of a trained net's scale (N(0, 1/fan-in)), not an init's 0.02; norm scales, biases, Swin's relative
+    position tables, layer scales and running statistics off their constant inits. A tiny init keeps the net nearly
+    linear and those tensors inert: the invariance check could then not see a group that breaks the function."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            if t.is_floating_point() and t.ndim == 1 and ("norm" in name.lower() or "ln" in name or "bn" in name):
-                t.copy_(t + 0.3 * torch.randn(t.shape, generator=gen))
-            if name.endswith("running_var"):
+        for t in model.parameters():
+            if t.ndim >= 2:
+                t.copy_(torch.randn(t.shape, generator=gen) / (t[0].numel() ** 0.5))
+            else:
+                t.add_(0.3 * torch.randn(t.shape, generator=gen))
+        for name, t in model.named_buffers():
+            if name.endswith("running_mean"):
+                t.copy_(0.3 * torch.randn(t.shape, generator=gen))
+            elif name.endswith("running_var"):
                 t.copy_(0.5 + torch.rand(t.shape, generator=gen))
     return model
 
@@ -215,7 +222,7 @@ def _cause(reason: str) -> str:
         ("splits one layer's units into parts", "fused q/k/v split"),
         ("not in the state dict", "rotary frequencies"),
         ("takes part of a group's units", "part of the units sliced"),
-        ("concatenates along a group's axis", "units concatenated"),
+        ("concatenates along a group's axis", "cat along the units"),
         ("randomly permuting it changes", "fails the invariance check"),
         ("mixes channels within groups", "grouped convolution"),
         ("is not a permutation-equivariant op this tracer knows", "unknown op"),
@@ -225,6 +232,9 @@ def _cause(reason: str) -> str:
     words = next((w for needle, w in causes if needle in reason), None)
     if words is None:  # the rule's own words, without the node and module
         return re.sub(r" \(node .*? in module '[^']*'\)", "", reason)
+    module = re.search(r"in module '([^']*)'", reason)
+    if words == "cat along the units" and module:  # where: rotate_half, or Swin's patch merging
+        words += f" in `{_pattern(module.group(1))}`"
     return f"{op.group(1)}: {words}" if op and words in ("unknown op", "not followed") else words
 
 
@@ -233,10 +243,15 @@ def summarise(reasons: dict[str, str]) -> str:
     return "; ".join(f"`{p}`{f' ×{n}' if n > 1 else ''}: {c}" for (p, c), n in counts.items()) or "—"
 
 
-def run_arch(arch: Arch) -> dict:
+def build(name: str) -> tuple[torch.nn.Module, dict]:
+    """The row's model (seeded, randomised, eval mode) and its example inputs."""
+    arch = next(a for a in ARCHS if a.name == name)
     torch.manual_seed(0)
-    model = randomise_norms(arch.build()).eval()
-    inputs = arch.inputs()
+    return randomise(arch.build()).eval(), arch.inputs()
+
+
+def run_arch(arch: Arch) -> dict:
+    model, inputs = build(arch.name)
     state = model.state_dict()
     row = {"architecture": arch.name, "class": type(model).__name__}
     row["parameters"] = sum(t.numel() for t in {(t.data_ptr(), t.shape): t for t in state.values()}.values())
