@@ -225,6 +225,7 @@ def _cause(reason: str) -> str:
         ("concatenates along a group's axis", "cat along the units"),
         ("randomly permuting it changes", "fails the invariance check"),
         ("mixes channels within groups", "grouped convolution"),
+        ("reads its input channels in fixed groups", "input of a grouped convolution"),
         ("is not a permutation-equivariant op this tracer knows", "unknown op"),
         ("is used in a way this tracer cannot follow", "not followed"),
     ]
@@ -287,7 +288,7 @@ def run_arch(arch: Arch) -> dict:
 def render(rows: list[dict]) -> str:
     lines = [
         BEGIN,
-        "| Architecture | Class | Traced | Invariant | Groups (heads / couplings) | Params permuted | "
+        "| Architecture | Class | Traced | Invariant | Groups (in blocks / couplings) | Params permuted | "
         "Kept in place (why) | Skipped (why) |",
         "|---|---|---|---|---|---|---|---|",
     ]

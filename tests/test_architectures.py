@@ -125,3 +125,13 @@ def test_swin_windows_trace_and_heads_with_a_relative_position_bias_stay_in_plac
     # each head has its own relative position bias (the attention mask): heads are not even proposed to move
     _, unchecked = traced("Swin", check=False)
     assert not unchecked.spec.couplings
+
+
+def test_regnet_grouped_convolutions_permute_within_their_groups():
+    model, result = traced("RegNet")
+    assert not result.skipped
+    for stage, groups in ((0, 2), (1, 4)):  # group width 4: 8 and 16 channels
+        block = f"regnet.encoder.stages.{stage}.layers.0.layer"
+        assert result.spec[f"{block}.1.convolution"].blocks == groups  # SE and the next 1x1 conv follow
+        assert "fixed groups" in result.kept[f"{block}.0.convolution"]
+    assert SCRIPT.permuted_share(result.spec, model.state_dict()) > 0.9

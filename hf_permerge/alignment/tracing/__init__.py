@@ -33,6 +33,10 @@ gets a label, and labels are merged with union-find:
   (`hungarian.solve_coupled`), unless the op's mask differs between heads (Swin's relative position
   bias). If moving heads breaks the invariance check (a per-head bias elsewhere, say), the couplings
   are dropped and heads stay in place;
+- a grouped convolution (1 < groups < channels; RegNet, ResNeXt): its output channels get
+  `PermGroup.blocks` = groups (permuted within each conv group, groups stay in place); its input
+  channels keep their order (a keep): moving them within a group would need that group's own
+  permutation on just its weight rows, which no axis permutation expresses;
 - anything else that touches a candidate group's axis (a reshape that merges it with spatial
   positions or splits it otherwise, a concatenation along it, an index into it, an op this tracer
   does not know) makes
