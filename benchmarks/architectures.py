@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 import warnings
 from collections import Counter
@@ -23,17 +24,19 @@ from pathlib import Path
 import torch
 import transformers as T
 
-import hf_permerge  # noqa: F401  (registers PermMLP / PermCNN)
-from hf_permerge.alignment.tracing import check_permutation_invariance, trace
-from hf_permerge.alignment.tracing.build import MIN_PERMUTED_SHARE, permuted_share
-from hf_permerge.models import (
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the table describes this checkout's tracer, not another installed copy
+
+import hf_permerge  # noqa: E402, F401  (registers PermMLP / PermCNN)
+from hf_permerge.alignment.tracing import check_permutation_invariance, trace  # noqa: E402
+from hf_permerge.alignment.tracing.build import MIN_PERMUTED_SHARE, permuted_share  # noqa: E402
+from hf_permerge.models import (  # noqa: E402
     PermCNNConfig,
     PermCNNForImageClassification,
     PermMLPConfig,
     PermMLPForImageClassification,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ARCHITECTURES.md"
 RESULTS = ROOT / "benchmarks" / "results" / "architectures.json"
 BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
