@@ -312,7 +312,7 @@ def test_flatten_of_conv_channels_with_positions_is_refused_naming_the_module():
     assert [g.name for g in result.spec.groups] == ["hidden"] and set(result.skipped) == {"conv"}
 
 
-def test_grouped_convolution_is_refused():
+def test_grouped_convolution_permutes_its_outputs_within_groups_and_keeps_its_inputs_in_place():
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3),
         nn.ReLU(),
@@ -322,8 +322,35 @@ def test_grouped_convolution_is_refused():
         nn.Flatten(),
         nn.Linear(8, 10),
     )
-    with pytest.raises(ValueError, match=r"units produced by '0'.*2 groups"):
-        trace(model, x28())
+    result = trace(model, x28())  # checks invariance itself
+    assert "2 groups" in result.kept["0"] and "input channels in fixed groups" in result.kept["0"]
+    grouped = result.spec["2"]
+    assert grouped.blocks == 2 and set(grouped.axes) == {("2.weight", 0), ("2.bias", 0), ("6.weight", 1)}
+    scramble = Permutations.random(result.spec, seed=3)
+    assert scramble["2"].view(2, 4).div(4, rounding_mode="floor").equal(torch.tensor([[0] * 4, [1] * 4]))
+
+
+class GroupedCNN(nn.Module):
+    """conv-BN-ReLU, a 3x3 conv in 4 groups (3 outputs each), a 1x1 conv, global pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.grouped, self.act = nn.Conv2d(8, 12, 3, groups=4), nn.ReLU()
+        self.mix, self.act2 = nn.Conv2d(12, 6, 1), nn.ReLU()
+        self.classifier = nn.Linear(6, 10)
+
+    def forward(self, pixel_values):
+        h = self.act2(self.mix(self.act(self.grouped(self.stem(pixel_values)))))
+        return self.classifier(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("matcher", ["activation", "weight"])
+def test_matchers_undo_a_permutation_within_convolution_groups(matcher):
+    model = randomise_norms(GroupedCNN())
+    attach_permutation_spec(model, example_inputs=x28())
+    assert model.permutation_spec()["grouped"].blocks == 4
+    assert_matcher_undoes(model, Permutations.random(model.permutation_spec(), seed=4).apply(model), matcher)
 
 
 def test_untraceable_inputs_ask_for_example_inputs():

@@ -17,8 +17,9 @@ gets a label, and labels are merged with union-find:
   a residual addition ties its two streams into one group, a parameter added to a stream (ViT's
   position embedding, class token) joins the stream's group;
 - BatchNorm / LayerNorm (and GroupNorm with 1 or C groups) parameters and running statistics follow
-  their channel's label; pooling, spatial reductions and reshapes that do not touch a labelled axis
-  pass labels through (flattening (N, C, 1, 1) to (N, C) keeps C);
+  their channel's label; pooling, spatial reductions, padding and cyclic shifts of positions (Swin's
+  shifted windows) and reshapes that do not touch a labelled axis pass labels through (flattening
+  (N, C, 1, 1) to (N, C) keeps C);
 - the model's inputs and outputs are pinned: a label tied to them is never permuted (the classifier's
   output, the input pixels);
 - a matrix product (and `scaled_dot_product_attention`) ties the axes it contracts: the query and key
@@ -29,8 +30,13 @@ gets a label, and labels are merged with union-find:
   gets `PermGroup.blocks` = heads: its permutations keep each head's units together (each head its
   own permutation). An attention op couples its query/key group with its value group
   (`PermutationSpec.couplings`): whole heads move, alike in both; every matcher respects this
-  (`hungarian.solve_coupled`). If moving heads breaks the invariance check (a per-head bias, say),
-  the couplings are dropped and heads stay in place;
+  (`hungarian.solve_coupled`), unless the op's mask differs between heads (Swin's relative position
+  bias). If moving heads breaks the invariance check (a per-head bias elsewhere, say), the couplings
+  are dropped and heads stay in place;
+- a grouped convolution (1 < groups < channels; RegNet, ResNeXt): its output channels get
+  `PermGroup.blocks` = groups (permuted within each conv group, groups stay in place); its input
+  channels keep their order (a keep): moving them within a group would need that group's own
+  permutation on just its weight rows, which no axis permutation expresses;
 - anything else that touches a candidate group's axis (a reshape that merges it with spatial
   positions or splits it otherwise, a concatenation along it, an index into it, an op this tracer
   does not know) makes

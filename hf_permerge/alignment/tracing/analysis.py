@@ -26,6 +26,7 @@ class Analysis(LayerRules, ShapeRules):
         self.param_axes: dict = {}  # element -> (state-dict key, axis, size)
         self.head_splits: list = []  # (label, heads): a group's axis split into (heads, units per head)
         self.head_couplings: list = []  # (query/key label, value label) of one attention op: heads move together
+        self.conv_groups: list = []  # (label, groups): a grouped convolution's output channels, in fixed groups
         self.graph = ep.graph_module.graph
         self.module_of: dict = {}  # node -> innermost module path
         self.module_calls: dict = {}  # module path -> set of nn_module_stack keys (one per call)

@@ -200,17 +200,18 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             continue
         size = an.param_axes[next(e for e in elems if e in an.param_axes)][2]
         heads = {h for lab, h in an.head_splits if uf.find(lab) == root}
-        if len(heads) > 1 and on_unsupported == "error":
-            raise ValueError(
-                f"cannot derive a permutation spec for {type(model).__name__}: the units produced by "
-                f"{name!r} are split into {sorted(heads)} heads in different places"
-            )
-        if len(heads) > 1:
-            skipped[name] = f"its units are split into {sorted(heads)} heads in different places"
+        split = heads | {g for lab, g in an.conv_groups if uf.find(lab) == root}
+        if len(split) > 1:
+            why = f"its units are split into {sorted(split)} heads or convolution groups in different places"
+            if on_unsupported == "error":
+                raise ValueError(
+                    f"cannot derive a permutation spec for {type(model).__name__}: the units produced by {name!r}: {why}"
+                )
+            skipped[name] = why
             continue
-        blocks = heads.pop() if heads else 1
+        blocks = split.pop() if split else 1
         pre, act, axis_pre, axis_act, sites = _modules(an, root, origins)
-        if blocks == 1:  # attention projections are not REPAIRed: their outputs are logits' factors
+        if not heads:  # attention projections are not REPAIRed: their outputs are logits' factors
             repair_modules += sites
         axis = axis_act if act is not None else axis_pre
         if pre is not None and act is not None and axis_pre != axis_act:

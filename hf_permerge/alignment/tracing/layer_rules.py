@@ -72,6 +72,17 @@ class LayerRules:
             and shape_of(val)[1] == groups
         ):
             out_label = self.uf.union(out_label, xl[1])  # depthwise: each channel on its own
+        elif not transposed:
+            # output channel o reads only its group's input channels: its units permute within their group
+            # (`PermGroup.blocks` = groups, each its own permutation); moving an input channel within its group
+            # would need that group's permutation on the weight rows of that group alone, which no axis permutation
+            # expresses, so the input channels keep their order
+            self.keep(
+                xl[1],
+                f"{name} with {groups} groups ({where}) reads its input channels in fixed groups, so they keep "
+                "their order (its output channels are permuted within their groups)",
+            )
+            self.conv_groups.append((out_label, groups))
         else:
             self.block(xl[1], f"{name} with {groups} groups ({where}) mixes channels within groups")
             self.block(out_label, f"{name} with {groups} groups ({where}) mixes channels within groups")

@@ -151,6 +151,15 @@ CREATION = {
 }
 
 
+PADS = {
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "reflection_pad3d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "replication_pad3d",
+}
+
 OP_FAMILIES = (
     (CONVS, "op_conv"),
     (BATCH_NORMS, "op_batch_norm"),
@@ -158,6 +167,7 @@ OP_FAMILIES = (
     (GROUP_NORMS, "op_group_norm"),
     (RESHAPES, "op_reshape"),
     (POOLS, "op_pool"),
+    (PADS, "op_pad"),
     (REDUCTIONS, "op_reduction"),
     (CREATION, "op_creation"),
     (PASS_THROUGH | NONLINEAR, "op_pointwise"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .ops import PIN, op_name, shape_of
 
 
@@ -122,13 +124,17 @@ class ShapeRules:
 
     def op_scaled_dot_product_attention(self, node, val):
         """softmax(q k^T / sqrt(d)) v over (..., heads, tokens, units): q's and k's units are contracted
-        (one group), v's units pass to the output; the leading axes broadcast."""
+        (one group), v's units pass to the output; the leading axes broadcast. Whole heads may move (a coupling)
+        unless the mask differs between heads (Swin's relative position bias, ALiBi): it stays with its head."""
         ql, kl, vl = (self.lab(a) for a in node.args[:3])
         if not all(isinstance(lab, tuple) and len(lab) >= 2 for lab in (ql, kl, vl)):
             return self._unknown(node, val)
         self.uf.union(ql[-1], kl[-1])
         self.uf.union(kl[-2], vl[-2])
-        self.head_couplings.append((ql[-1], vl[-1]))
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask_shape = shape_of(mask.meta.get("val")) if isinstance(mask, torch.fx.Node) else None
+        if not (mask_shape and len(mask_shape) >= 3 and mask_shape[-3] > 1):
+            self.head_couplings.append((ql[-1], vl[-1]))
         out = list(ql[:-1]) + [vl[-1]]
         for i in range(len(out) - 2):
             out[i] = self.uf.union(
@@ -228,6 +234,34 @@ class ShapeRules:
                 self.keep(xl[dim], f"slice ({self.where(node)}) takes part of a group's units")
             if shape_of(val)[dim] == 1 or not self._is_group(xl[dim]):
                 xl[dim] = None if shape_of(val)[dim] == 1 else PIN
+        self.labels[node] = tuple(xl)
+
+    def op_pad(self, node, val):
+        """pad(x, (last_lo, last_hi, second_last_lo, ...)): constant, reflected or replicated values at the edges of
+        the padded axes, alike for every unit of the others, so a group on an unpadded axis passes (a conv's
+        channels when its spatial positions are padded); padding a group's own axis adds units in fixed places."""
+        x, pads = node.args[0], list(node.args[1])
+        xl = list(self.lab(x))
+        for k in range(len(pads) // 2):
+            axis = len(xl) - 1 - k
+            if pads[2 * k] == 0 and pads[2 * k + 1] == 0:
+                continue
+            self.block(xl[axis], f"{op_name(node)} ({self.where(node)}) pads a group's axis")
+            xl[axis] = None if shape_of(val)[axis] == 1 else PIN
+        self.labels[node] = tuple(xl)
+
+    op_constant_pad_nd = op_pad
+
+    def op_roll(self, node, val):
+        """roll(x, shifts, dims): moves positions along `dims` cyclically (Swin's shifted windows), alike for every
+        unit of the other axes, so groups there pass; rolling a group's own axis (or the flattened tensor) blocks."""
+        x = node.args[0]
+        xl = list(self.lab(x))
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        for axis in [int(d) % len(xl) for d in dims] or range(len(xl)):
+            self.block(xl[axis], f"roll ({self.where(node)}) moves a group's units cyclically")
+            xl[axis] = None if shape_of(val)[axis] == 1 else PIN
         self.labels[node] = tuple(xl)
 
     def op_pool(self, node, val):
