@@ -14,10 +14,13 @@ VOCAB, POSITIONS = 97, 32
 def tiny(arch: str, seed: int = 0, **overrides):
     """A small random model of `arch`: gpt2, llama (grouped-query), llama_mha, llama_tied, qwen2, bert."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, max_position_embeddings=POSITIONS)
+    # weights at a trained net's scale: with the default 0.02 a tiny model is nearly linear, and a wrong spec
+    # would change its logits too little for the invariance check to see
+    common = dict(vocab_size=VOCAB, max_position_embeddings=POSITIONS, initializer_range=0.2)
     llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, **common)
     if arch == "gpt2":
         cfg = T.GPT2Config(
+            initializer_range=0.2,
             n_embd=32,
             n_layer=2,
             n_head=4,
