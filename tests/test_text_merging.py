@@ -72,3 +72,43 @@ def test_masked_lm_merge_loads_with_its_auto_class(tmp_path):
     loaded = AutoModelForMaskedLM.from_pretrained(out)
     assert torch.allclose(logits(loaded, token_ids()), logits(merger.load(0), token_ids()), atol=1e-5)
     assert "pipeline_tag: fill-mask" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama_mha", "gpt2", "bert"])
+def test_activation_matching_on_a_dataset_of_input_ids_undoes_a_planted_permutation(tmp_path, arch):
+    from datasets import Dataset
+
+    ids = token_ids(n=24, length=12, seed=3)
+    mask = torch.ones_like(ids)
+    mask[::3, 8:] = 0  # padded rows: statistics skip them
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist()})
+    merger = PermMerger.from_pretrained(_pair(tmp_path, arch))
+    merger.align(data, matcher="activation")
+    a = merger.load(0)
+    merged = merger.merge(0.5)
+    assert torch.allclose(logits(merged, ids), logits(a, ids), atol=1e-4)
+
+
+def test_activation_matching_reads_a_text_column_through_the_saved_tokenizer(tmp_path):
+    from datasets import Dataset
+
+    texts = [" ".join(f"w{(7 * i + j) % 90}" for j in range(10)) for i in range(20)]
+    merger = PermMerger.from_pretrained(_pair(tmp_path, "llama"))
+    perms = merger.align(Dataset.from_dict({"verse": texts}), text_column="verse")
+    merged = merger.merge(0.5)
+    assert torch.allclose(logits(merged, token_ids()), logits(merger.load(0), token_ids()), atol=1e-4)
+    assert perms[1].info["data"]["num_examples"] == 20
+
+
+def test_text_data_without_its_columns_or_too_long_is_refused_in_one_line(tmp_path):
+    from datasets import Dataset
+
+    merger = PermMerger.from_pretrained(_pair(tmp_path, "llama"))
+    with pytest.raises(ValueError, match=r"no 'input_ids' or 'text' column; its columns are \['words'\]"):
+        merger.align(Dataset.from_dict({"words": ["w1 w2"]}))
+    with pytest.raises(ValueError, match="longer than the models' 32 positions"):
+        merger.align(Dataset.from_dict({"input_ids": [[1] * 40]}))
+    with pytest.raises(ValueError, match="outside the models' vocabulary"):
+        merger.align(Dataset.from_dict({"input_ids": [[1, 500]]}))
+    with pytest.raises(ValueError, match="text models have no default data set"):
+        merger.align()

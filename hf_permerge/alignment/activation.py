@@ -34,12 +34,34 @@ from .spec import PermutationSpec
 SIMILARITIES = ("cosine", "correlation", "l2")
 
 
-def units_as_columns(t: torch.Tensor, axis: int = 1) -> torch.Tensor:
+def units_as_columns(t: torch.Tensor, axis: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Units on `axis` -> (rows, units): (N, C, *spatial) with axis 1, (N, tokens, C) with axis 2;
-    every other position is a sample of its unit."""
+    every other position is a sample of its unit. `mask` (N, tokens), for text: only the rows of real tokens
+    (padding is no sample)."""
     if t.ndim == 2 and axis in (1, -1):
         return t
-    return t.movedim(axis, -1).reshape(-1, t.shape[axis])
+    rows = t.movedim(axis, -1).reshape(-1, t.shape[axis])
+    if mask is not None and t.ndim == 3 and axis in (2, -1) and tuple(t.shape[:2]) == tuple(mask.shape):
+        rows = rows[mask.reshape(-1)]
+    return rows
+
+
+def forward_batches(data, models: list[nn.Module], batch_size: int):
+    """Batches of the matching data as each model takes them: yields (per-model kwargs, token mask or None).
+
+    `data` is a pixel tensor (N, C, H, W) or a split with `model_inputs(rows)` (a `TokenSplit`: input_ids and
+    attention_mask, whose mask says which positions are tokens)."""
+    n = len(data)
+    for s in batch_slices(n, batch_size):
+        if isinstance(data, torch.Tensor):
+            yield [{"pixel_values": model_input(m, data[s])} for m in models], None
+        elif hasattr(data, "input_ids"):
+            inputs = data.model_inputs(s)
+            device = model_device(models[0])
+            yield [{k: v.to(device) for k, v in inputs.items()} for _ in models], data.token_mask(s).to(device)
+        else:
+            x = data.pixel_values[s]
+            yield [{"pixel_values": model_input(m, x)} for m in models], None
 
 
 PRODUCTS = {"float32": torch.float32, "float64": torch.float64}
@@ -185,32 +207,37 @@ def _register_hooks(model: nn.Module, names: dict[str, str], make_hook) -> list:
 def activation_statistics(
     model_a: nn.Module,
     model_b: nn.Module,
-    pixel_values: torch.Tensor,
+    pixel_values,
     spec: PermutationSpec,
     preactivation: bool = False,
     batch_size: int = 1000,
     products: str = "float32",
 ) -> dict[str, ActivationStatistics]:
-    """One pass over `pixel_values` through both nets (eval mode), streaming statistics per group.
+    """One pass over the data through both nets (eval mode), streaming statistics per group.
 
-    Forward hooks on model_a store its activations; model_b's hooks fold each group into the
-    statistics as soon as its own activations arrive, then drop model_a's, bounding memory.
+    `pixel_values`: images (N, C, H, W), or a split (`forward_batches`: a `TokenSplit` of sequences, whose padding
+    is no sample). Forward hooks on model_a store its activations; model_b's hooks fold each group into the
+    statistics as soon as its own activations arrive, then drop model_a's, bounding memory: a batch's tokens x
+    units of one group at a time, never all tokens.
     """
     names = activation_modules(spec, preactivation)
     check_choice("products", products, tuple(PRODUCTS))
     stats = {g: ActivationStatistics.zeros(spec[g].size, model_device(model_a), PRODUCTS[products]) for g in names}
     held: dict[str, torch.Tensor] = {}
+    batch: dict = {"mask": None}
 
     def hook_a(group):
         def hook(module, inputs, output):
             # a copy, safe from in-place ops later (an in-place ReLU on this output)
-            held[group] = units_as_columns(output, spec[group].unit_axis).to(PRODUCTS[products], copy=True)
+            held[group] = units_as_columns(output, spec[group].unit_axis, batch["mask"]).to(
+                PRODUCTS[products], copy=True
+            )
 
         return hook
 
     def hook_b(group):
         def hook(module, inputs, output):
-            stats[group].update(held.pop(group), units_as_columns(output, spec[group].unit_axis))
+            stats[group].update(held.pop(group), units_as_columns(output, spec[group].unit_axis, batch["mask"]))
 
         return hook
 
@@ -219,12 +246,21 @@ def activation_statistics(
         handles += _register_hooks(model_a, names, hook_a)
         handles += _register_hooks(model_b, names, hook_b)
         with eval_mode(model_a, model_b):
-            slices = list(batch_slices(len(pixel_values), batch_size))
+            batches = forward_batches(pixel_values, [model_a, model_b], batch_size)
+            total = -(-len(pixel_values) // batch_size)
             # a bar only on a terminal (disable=None), for the long ones: wide nets on the CPU take minutes
-            for s in tqdm(slices, desc="activation statistics", leave=False, mininterval=2.0, delay=2.0, disable=None):
-                x = pixel_values[s]
-                model_a(pixel_values=model_input(model_a, x))
-                model_b(pixel_values=model_input(model_b, x))
+            for (inputs_a, inputs_b), mask in tqdm(
+                batches,
+                total=total,
+                desc="activation statistics",
+                leave=False,
+                mininterval=2.0,
+                delay=2.0,
+                disable=None,
+            ):
+                batch["mask"] = mask
+                model_a(**inputs_a)
+                model_b(**inputs_b)
     finally:
         for h in handles:
             h.remove()
@@ -255,11 +291,14 @@ def pairwise_activation_statistics(
         for j in range(i + 1, n)
     }
     held: dict[tuple[int, str], torch.Tensor] = {}
+    batch: dict = {"mask": None}
 
     def hook(i: int, group: str):
         def store(module, inputs, output):
             # a copy, safe from in-place ops later (an in-place ReLU on this output)
-            held[i, group] = units_as_columns(output, spec[group].unit_axis).to(PRODUCTS[products], copy=True)
+            held[i, group] = units_as_columns(output, spec[group].unit_axis, batch["mask"]).to(
+                PRODUCTS[products], copy=True
+            )
 
         return store
 
@@ -268,13 +307,20 @@ def pairwise_activation_statistics(
         for i, model in enumerate(models):
             handles += _register_hooks(model, names, lambda g, i=i: hook(i, g))
         with eval_mode(*models):
-            slices = list(batch_slices(len(pixel_values), max(1, 2 * batch_size // n)))
-            for s in tqdm(
-                slices, desc=f"activation statistics, {n} nets", leave=False, mininterval=2.0, delay=2.0, disable=None
+            size = max(1, 2 * batch_size // n)
+            batches = forward_batches(pixel_values, models, size)
+            for inputs, mask in tqdm(
+                batches,
+                total=-(-len(pixel_values) // size),
+                desc=f"activation statistics, {n} nets",
+                leave=False,
+                mininterval=2.0,
+                delay=2.0,
+                disable=None,
             ):
-                x = pixel_values[s]
-                for model in models:
-                    model(pixel_values=model_input(model, x))
+                batch["mask"] = mask
+                for model, kwargs in zip(models, inputs):
+                    model(**kwargs)
                 for (i, j), pair in stats.items():
                     for g in names:
                         pair[g].update(held[i, g], held[j, g])
@@ -325,7 +371,7 @@ class ActivationMatcher(Matcher):
             for k, model_b in enumerate(others):
                 spec = check_same_architecture(model_a, model_b)
                 stats = activation_statistics(
-                    model_a, model_b, split.pixel_values, spec, self.preactivation, self.batch_size, self.products
+                    model_a, model_b, matching_inputs(split), spec, self.preactivation, self.batch_size, self.products
                 )
                 similarities.append({})
                 for g in spec.names:
@@ -343,3 +389,8 @@ class ActivationMatcher(Matcher):
             perms = {g: solved[(k, g)] for g in sims}
             out.append(Permutations(perms, self._info(sims, perms, split)))
         return out
+
+
+def matching_inputs(split):
+    """What `forward_batches` takes of a split: its pixels, or the token split itself."""
+    return split if hasattr(split, "input_ids") else split.pixel_values

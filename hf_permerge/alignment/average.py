@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import nn
 
-from .activation import pairwise_activation_statistics
+from .activation import matching_inputs, pairwise_activation_statistics
 from .base import check_matching_data, model_device
 from .hungarian import AssignmentSolver, matched_similarity, solve_assignment
 from .permutations import Permutations
@@ -151,7 +151,7 @@ def align_activations_jointly(
     sims = {}  # (i, j, group), i < j -> similarity[unit of i, unit of j], CPU float32
     to_net_0 = [{} for _ in range(n)]  # the star's similarities, as `match_many` solves them (until solved)
     stats = pairwise_activation_statistics(
-        models, split.pixel_values, spec, matcher.preactivation, matcher.batch_size, matcher.products
+        models, matching_inputs(split), spec, matcher.preactivation, matcher.batch_size, matcher.products
     )
     with AssignmentSolver() as solver:
         for (i, j), pair in stats.items():

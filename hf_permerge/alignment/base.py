@@ -121,6 +121,13 @@ def check_matching_data(data, model: nn.Module) -> None:
             "this matcher needs data: pass a TensorSplit (hf_permerge.data.load_tensors), or align "
             "through PermMerger.align(dataset), which converts a datasets.Dataset"
         )
+    if all(hasattr(data, a) for a in ("input_ids", "attention_mask", "fingerprint", "subset")):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is None:
+            raise ValueError(
+                f"token ids cannot be matched on {type(model).__name__}, which takes no tokens; align it on images"
+            )
+        return
     if not all(hasattr(data, a) for a in ("pixel_values", "labels", "fingerprint", "subset")):
         raise TypeError(
             f"cannot use {type(data).__name__} as matching data; pass a hf_permerge.data.TensorSplit: "

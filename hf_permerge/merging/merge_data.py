@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..alignment.base import fits, input_shape_text
+from ..alignment.tracing.export import max_positions
 from ..data.catalog import DATASETS, dataset_info
 from ..data.loading import check_image_dataset
 from ..data.tensors import TensorSplit, load_tensors, recorded_normalisation, subset_indices
+from ..data.tokens import TokenSplit, check_text_columns, token_split
 from ..io_utils import only_a_local_path
 from .inputs import as_tensor_split
 from .nets import Nets
@@ -25,6 +27,8 @@ class MergeData:
         self.choice: dict | None = None
         """{"dataset", "data_dir"} (and "given", a `datasets.Dataset`) of `use`; None: the pair's own."""
         self.used = False
+        self.text_column: str | None = None
+        """The column of a text data set to tokenize (None: `input_ids`, else a 'text' column)."""
 
     def use(self, dataset, data_dir=None, name: str | None = None) -> None:
         if isinstance(dataset, str):
@@ -48,7 +52,15 @@ class MergeData:
                 f"name={name!r} is not a Hub dataset id (owner/name); it is written into the model card and "
                 "merge_config.json, so a local path is never taken: pass the Hub id, or no name"
             )
-        check_image_dataset(dataset)
+        if (
+            "image" in dataset.column_names
+            or "text" not in dataset.column_names
+            and "input_ids" not in dataset.column_names
+            and self.text_column is None
+        ):
+            check_image_dataset(dataset)
+        else:
+            check_text_columns(dataset, self.text_column)
         self.choice = {"dataset": name, "data_dir": None, "given": dataset}
 
     def given(self):
@@ -66,13 +78,34 @@ class MergeData:
         return (self.pair or {}).get("config", {}).get("data", {}).get("data_dir")
 
     def tensor_split(self, nets: Nets, data, num_examples: int | None = None, seed: int = 0) -> TensorSplit:
-        """`data` converted for net 0, as far as the seeded subset of `num_examples` goes (see PermMerger)."""
+        """`data` converted for net 0, as far as the seeded subset of `num_examples` goes (see PermMerger); for a
+        text model, a `TokenSplit` (`text_split`)."""
         model = nets.load(0)
+        if nets.is_text(model):
+            return self.text_split(nets, data, num_examples, seed)
         if isinstance(data, TensorSplit):
             return as_tensor_split(data, model)
         if hasattr(data, "select") and num_examples is not None and num_examples < len(data):
             data = data.select(subset_indices(len(data), num_examples, seed).tolist())
         return as_tensor_split(data, model, processor=nets.image_processor_of(model))
+
+    def text_split(self, nets: Nets, data, num_examples: int | None = None, seed: int = 0) -> TokenSplit:
+        """Sequences for a text model: a `TokenSplit` as it is, or a `datasets.Dataset` of `input_ids` (+
+        `attention_mask`) or of text (`self.text_column`, tokenized by the tokenizer saved beside net 0), its seeded
+        subset of `num_examples` sequences only."""
+        model = nets.load(0)
+        if isinstance(data, TokenSplit):
+            return data.subset(num_examples, seed)
+        if not hasattr(data, "column_names"):
+            raise TypeError(
+                f"cannot align a text model on {type(data).__name__}: pass a datasets.Dataset with input_ids (and "
+                "attention_mask) or a text column, or use matcher='weight', which needs no data"
+            )
+        if num_examples is not None and num_examples < len(data):
+            data = data.select(subset_indices(len(data), num_examples, seed).tolist())
+        cfg = model.config
+        pad = cfg.pad_token_id if isinstance(getattr(cfg, "pad_token_id", None), int) else 0
+        return token_split(data, nets.tokenizer(), self.text_column, max_positions(model), cfg.vocab_size, pad)
 
     def recorded_normalisation(self, nets: Nets) -> tuple | None:
         """The (mean, std) net 0's config records (what our nets were trained with), for the catalog data set;
@@ -85,8 +118,20 @@ class MergeData:
     def default(self, nets: Nets, purpose: str, num_examples: int | None = None, seed: int = 0) -> TensorSplit:
         """The default data, if it fits the models; `purpose` ("align" or "repair") picks the way out named. A
         `datasets.Dataset` is converted as far as `num_examples` (seeded subset) goes, as `tensor_split` does."""
+        if nets.is_text(nets.load(0)) and self.given() is None:
+            fix = (
+                "pass text the models can read (merger.align(dataset) with a datasets.Dataset of input_ids or a "
+                "text column; on the command line --dataset and --text-column), or use the weight matcher, which "
+                "needs no data"
+                if purpose == "align"
+                else "pass repair_data"
+            )
+            raise ValueError(f"text models have no default data set: {fix}")
         if self.given() is not None:
             data = self.tensor_split(nets, self.given(), num_examples, seed)
+            if isinstance(data, TokenSplit):
+                self.used = True
+                return data
         else:
             data = load_tensors(
                 self.dataset_name(), "train", nets.device, self.data_dir(), self.recorded_normalisation(nets)

@@ -170,6 +170,7 @@ class PermMerger:
         checkpoint: str | None = None,
         reference: str = "net_0",
         max_rounds: int = 50,
+        text_column: str | None = None,
         **settings,
     ) -> list[Permutations]:
         """Align every net onto net 0 at `checkpoint`; returns one `Permutations` per net (net 0: identity).
@@ -179,7 +180,11 @@ class PermMerger:
         reference: "net_0" (the paper's: each net matched to net 0), or "average": starting from that, each net
         is matched to the average of the others, for rounds until none changes (at most `max_rounds`; Git
         Re-Basin's MergeMany), which lines the nets up with each other for `merge_all`. Net 0 stays as it is.
+        Text models: `dataset` has `input_ids` (and `attention_mask`), or text in `text_column` (default 'text')
+        tokenized by the tokenizer saved beside net 0; statistics count real tokens, never padding.
         """
+        if text_column is not None:
+            self._data.text_column = text_column
         perms, record = align_nets(
             self._nets, self._data, dataset, matcher, checkpoint, reference, max_rounds, **settings
         )

@@ -11,6 +11,13 @@ EXAMPLE_TOKENS = 16
 """Sequence length of a text model's example inputs (or its maximum number of positions, if fewer)."""
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a text model's config allows (None where it records no limit)."""
+    cfg = getattr(model, "config", None)
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(positions) if isinstance(positions, int) else None
+
+
 def example_tokens(model: nn.Module, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor] | None:
     """Random `input_ids` for a text model (its config has a `vocab_size`), with an `attention_mask` whose second
     row ends in padding, so that tracing sees the padding mask too; None for a model without a vocabulary."""
@@ -18,8 +25,7 @@ def example_tokens(model: nn.Module, batch_size: int = 2, seed: int = 0) -> dict
     vocab = getattr(cfg, "vocab_size", None)
     if not isinstance(vocab, int) or hasattr(cfg, "num_channels"):
         return None
-    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or EXAMPLE_TOKENS
-    length = max(2, min(EXAMPLE_TOKENS, int(positions)))
+    length = max(2, min(EXAMPLE_TOKENS, max_positions(model) or EXAMPLE_TOKENS))
     ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     mask[1:, length - length // 4 :] = 0
