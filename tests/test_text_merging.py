@@ -112,3 +112,37 @@ def test_text_data_without_its_columns_or_too_long_is_refused_in_one_line(tmp_pa
         merger.align(Dataset.from_dict({"input_ids": [[1, 500]]}))
     with pytest.raises(ValueError, match="text models have no default data set"):
         merger.align()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_held_out_loss_curve_has_no_permuted_barrier_for_a_planted_permutation(tmp_path, arch):
+    from hf_permerge.data.tokens import TokenSplit
+    from hf_permerge.evaluation.text import text_curves
+
+    ids = token_ids(n=8, length=12, seed=5)
+    split = TokenSplit(ids, torch.ones_like(ids), "test")
+    merger = PermMerger.from_pretrained(_pair(tmp_path, arch))
+    if arch == "bert":
+        merger._nets.tokenizer().add_special_tokens({"mask_token": "w95"})
+    merger.align(matcher="weight")
+    curves = text_curves(merger, split, num_lambdas=5)
+    assert curves["barrier"]["permuted"] == pytest.approx(0, abs=1e-4)  # the same function all along
+    # random nets: the vanilla average is another function (its barrier may still be 0: averaging random logits
+    # brings them nearer the uniform guess), the permuted one is the same net
+    assert abs(curves["vanilla"]["loss"][2] - curves["permuted"]["loss"][2]) > 1e-3
+    assert curves["permuted"]["loss"] == pytest.approx([curves["permuted"]["loss"][0]] * 5, abs=1e-4)
+    assert curves["vanilla"]["loss"][0] == pytest.approx(curves["permuted"]["loss"][0])
+
+
+def test_barrier_of_a_text_model_with_itself_is_zero(tmp_path):
+    from hf_permerge.data.tokens import TokenSplit
+    from hf_permerge.evaluation.text import text_curves
+
+    a = tiny("gpt2").eval()
+    for name in ("a", "b"):
+        a.save_pretrained(tmp_path / name)
+    merger = PermMerger.from_pretrained([tmp_path / "a", tmp_path / "b"])
+    merger.align(matcher="weight")
+    ids = token_ids(n=4, length=10)
+    curves = text_curves(merger, TokenSplit(ids, torch.ones_like(ids), "t"), num_lambdas=3)
+    assert curves["barrier"] == {"vanilla": pytest.approx(0, abs=1e-5), "permuted": pytest.approx(0, abs=1e-5)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 from .jobs import job
 from .options import check_merge_options, command_line, data_source, device, matching, merger_for, reference_args
@@ -17,20 +18,40 @@ def cmd_align(args) -> int:
     on = device(args)
     matcher, settings = matching(args)
     reference = reference_args(args)
-    check = functools.partial(check_save_target, args.output_dir, args.overwrite, "set of permutations", CLI_WORDING)
+    if args.output_dir is None and args.write_aligned is None:
+        raise ValueError("say where to write: --output-dir for the permutations, --write-aligned for aligned models")
+    perms_out, aligned_out = args.output_dir, args.write_aligned
+    aligned = functools.partial(check_save_target, aligned_out, args.overwrite, "aligned model", CLI_WORDING)
+    if aligned_out is not None:
+        aligned()
+    check = (
+        functools.partial(check_save_target, perms_out, args.overwrite, "set of permutations", CLI_WORDING)
+        if perms_out is not None
+        else aligned
+    )
     check()  # before any data is read, and again under the job's lock
     data = data_source(args)
-    with job(args, check) as (out, _):
+    args.output_dir = perms_out or aligned_out  # the job's folder
+    with job(args, check) as (out, overwrite):
         merger = merger_for(args, data, on)
         perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
-        merger.save_permutations(out)
+        if perms_out is not None:
+            merger.save_permutations(out)
+        if aligned_out is not None:  # inside the job when it is the job's folder, else a job of its own
+            base = Path(out) if perms_out is None else Path(aligned_out)
+            for i in range(1, merger.num_nets):
+                target = base if merger.num_nets == 2 else base / f"net_{i}"
+                merger.save_aligned(i, target, overwrite=overwrite if perms_out is None else args.overwrite)
     for i, p in enumerate(perms[1:], start=1):
         for group, sims in p.info.get("groups", {}).items():
             print(
                 f"net {i} {group}: similarity identity {sims['similarity_identity']:.2f} -> "
                 f"matched {sims['similarity_matched']:.2f}"
             )
-    print(f"permutations: {args.output_dir} ({merger.alignment['align_s']:.1f} s)")
+    if perms_out is not None:
+        print(f"permutations: {perms_out} ({merger.alignment['align_s']:.1f} s)")
+    if aligned_out is not None:
+        print(f"aligned models: {aligned_out}")
     return 0
 
 

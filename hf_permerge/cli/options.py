@@ -92,6 +92,8 @@ def data_source(args) -> dict | None:
             f"{'it' if len(options) == 1 else 'them'}"
             + (" (or add --repair, which reads them)" if hasattr(args, "repair") else "")
         )
+    if getattr(args, "text_column", None) is not None and (args.dataset is None or args.dataset in DATASETS):
+        raise ValueError("--text-column names a column of a text --dataset (a file, folder or Hub id); add one")
     if args.dataset is None or args.dataset in DATASETS:
         if args.dataset_split is not None:
             raise ValueError(
@@ -106,8 +108,9 @@ def data_source(args) -> dict | None:
         )
     from ..data.loading import load_dataset_source
 
-    data, hub_id = load_dataset_source(args.dataset, args.dataset_split)
-    return {"dataset": data, "name": hub_id}
+    text_column = getattr(args, "text_column", None)
+    data, hub_id = load_dataset_source(args.dataset, args.dataset_split, text_column)
+    return {"dataset": data, "name": hub_id, **({"text_column": text_column} if text_column else {})}
 
 
 def check_merge_options(args) -> None:

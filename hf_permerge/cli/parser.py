@@ -28,8 +28,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_output_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
-    p.add_argument("--output-dir", "-o", required=True, help="folder to write; refused if it exists and is not empty")
+def _add_output_args(p: argparse.ArgumentParser, resumable: bool = False, required: bool = True) -> None:
+    p.add_argument(
+        "--output-dir", "-o", required=required, help="folder to write; refused if it exists and is not empty"
+    )
     modes = p.add_mutually_exclusive_group()
     modes.add_argument(
         "--overwrite",
@@ -108,11 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
         "align",
         help="find the permutations that align every net of a pair onto net 0",
         description="Match hidden units of each net to net 0 (activation matching with the Hungarian "
-        "algorithm by default) and write OUT/net_i.safetensors + OUT/alignment.json.",
+        "algorithm by default) and write OUT/net_i.safetensors + OUT/alignment.json, and/or (--write-aligned) "
+        "the other nets permuted onto net 0 as model folders.",
         epilog=EPILOG,
     )
     _add_pair_arg(p)
-    _add_output_args(p)
+    _add_output_args(p, required=False)
+    p.add_argument(
+        "--write-aligned",
+        metavar="OUT",
+        help="also (or instead of --output-dir) write each other net permuted onto net 0 as an ordinary model "
+        "folder (OUT for two models, OUT/net_i for more): the same function, its units lined up with net 0's, "
+        "ready for any other merging tool (mergekit: linear, SLERP, TIES)",
+    )
     _add_matcher_args(p)
 
     p = add(
@@ -350,8 +360,14 @@ def _add_matcher_args(p: argparse.ArgumentParser) -> None:
         "--dataset",
         help="the data to align and repair on: a catalog name (fashion_mnist, mnist, cifar10), "
         "a folder written by Dataset.save_to_disk, a folder of images with one "
-        "subfolder per class, or a Hub dataset id (owner/name); default: the pair's "
+        "subfolder per class, a text file (.txt, .jsonl, .csv) for text models, or a Hub dataset id (owner/name); "
+        "default: the pair's "
         "data set, or fashion_mnist for model folders",
     )
     d.add_argument("--dataset-split", help="the split of a --dataset folder or Hub id to use (default: train)")
+    d.add_argument(
+        "--text-column",
+        help="text models: the column of --dataset holding text, tokenized by the tokenizer saved beside the "
+        "first model (default: input_ids if the data set has them, else 'text'; a .txt file's lines are 'text')",
+    )
     d.add_argument("--data-dir", help="a folder with a catalog data set's IDX files (default: the system's copy)")

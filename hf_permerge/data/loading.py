@@ -99,11 +99,16 @@ def check_image_dataset(ds) -> None:
         raise ValueError(f"dataset lacks an 'image' column (found {ds.column_names}); rename the images' column: {fix}")
 
 
-def load_dataset_source(source: str, split: str | None = None):
+TEXT_FILES = {".txt": "text", ".jsonl": "json", ".csv": "csv"}
+"""Local files read as a text data set, by suffix -> the `datasets` builder (a .txt file: one 'text' per line)."""
+
+
+def load_dataset_source(source: str, split: str | None = None, text_column: str | None = None):
     """One split of a data set a user names on the command line: (a `datasets.Dataset`, its Hub id or None).
     `source` is a folder written by `save_to_disk`, a folder of images (`imagefolder`: one subfolder per class),
-    or a Hub dataset id; `split` (default train) picks a split of a DatasetDict or a Hub id, and is an error for
-    a folder that holds one split only. The images' schema is checked here, before any model is loaded."""
+    a text file (`TEXT_FILES`), or a Hub dataset id; `split` (default train) picks a split of a DatasetDict or a Hub id, and is an error for
+    a folder that holds one split only. The images' schema (or, for text, the `input_ids` / `text_column`
+    column) is checked here, before any model is loaded."""
     import datasets  # keep lazy: +1.2 s at import, paid only where a datasets.Dataset is made or read
 
     path = Path(source).expanduser()
@@ -121,10 +126,12 @@ def load_dataset_source(source: str, split: str | None = None):
                 f"could not read {path} as a data set ({err}); give a folder written by "
                 "Dataset.save_to_disk, or a folder of images with one subfolder per class"
             ) from err
+    elif path.is_file() and path.suffix in TEXT_FILES:
+        ds = datasets.load_dataset(TEXT_FILES[path.suffix], data_files=str(path), split="train")
     elif path.exists():
         raise ValueError(
-            f"{path} is a file; give a folder written by Dataset.save_to_disk, or a folder of images "
-            "with one subfolder per class"
+            f"{path} is a file, not one of {', '.join(TEXT_FILES)}; give a text file (one example per line), a folder "
+            "written by Dataset.save_to_disk, or a folder of images with one subfolder per class"
         )
     elif only_a_local_path(source):
         raise missing_folder_error(path)
@@ -153,6 +160,11 @@ def load_dataset_source(source: str, split: str | None = None):
         ds = ds[split or "train"]
     elif split not in (None, "train") and hub_id is None:
         raise ValueError(f"{source} holds one split only (no splits to choose from); drop --dataset-split")
+    if text_column is not None or "image" not in ds.column_names and {"text", "input_ids"} & set(ds.column_names):
+        from .tokens import check_text_columns
+
+        check_text_columns(ds, text_column)  # text for a language model
+        return ds, hub_id
     for column, kind in (("image", datasets.Image), ("label", datasets.ClassLabel)):  # e.g. CIFAR-10's "img"
         candidates = [c for c, f in ds.features.items() if isinstance(f, kind)]
         if column not in ds.column_names and len(candidates) == 1:

@@ -131,11 +131,13 @@ class PermMerger:
         """{"dataset", "data_dir"} to align and repair on by default, when not the pair's own (`use_data`)."""
         return self._data.choice
 
-    def use_data(self, dataset, data_dir=None, name: str | None = None) -> None:
+    def use_data(self, dataset, data_dir=None, name: str | None = None, text_column: str | None = None) -> None:
         """Align and repair on this data unless given data (by default: the pair's data set, and Fashion-MNIST for
         models without a pair.json). `dataset` is a catalog name (e.g. from a config), read from `data_dir` if
         given, or a `datasets.Dataset` (an `image` column; `name`, its Hub id if it has one, is what the model card
         and merge_config.json call it; a local path never is)."""
+        if text_column is not None:
+            self._data.text_column = text_column
         self._data.use(dataset, data_dir, name)
 
     def recorded_normalisation(self) -> tuple | None:
@@ -323,6 +325,14 @@ class PermMerger:
         (a merge of ours), which replaces it only once the new folder is whole.
         """
         return saving.save_merged(self, output_dir, model, report, files, command, overwrite)
+
+    def save_aligned(self, i: int, output_dir, checkpoint: str | None = None, overwrite: bool = False) -> Path:
+        """Write net i permuted onto net 0 as an ordinary model folder (weights, config, its tokenizer or image
+        processor, and `aligned_to.json` saying what it was aligned to): the same function as net i, its units
+        lined up with net 0's, so any other merging tool (mergekit's linear, SLERP, TIES) can merge it with net 0."""
+        if self._nets.check_net(i) == 0:
+            raise ValueError("net 0 is the reference, already aligned with itself; save net 1 or later")
+        return saving.save_aligned(self, i, output_dir, checkpoint, overwrite)
 
     def save_permutations(self, output_dir) -> Path:
         """Write net_i.safetensors + alignment.json; an earlier alignment folder is replaced, a user's never."""

@@ -47,6 +47,9 @@ SAVE_TARGETS = {
     ),
     "set of permutations": (PERMUTATIONS_MARKER, (PERMUTATIONS_MARKER, "net_*.safetensors")),
 }
+ALIGNED_MARKER = "aligned_to.json"
+"""The file that marks a folder as an aligned model of ours (`save_aligned`, `hf-permerge align --write-aligned`)."""
+SAVE_TARGETS["aligned model"] = (ALIGNED_MARKER, (ALIGNED_MARKER, *SAVE_TARGETS["merged model"][1]))
 """What each output of the merger is marked by, and consists of (a transformers model's own files included):
 --overwrite replaces only a folder of that kind, and refuses one holding anything else."""
 
@@ -209,6 +212,29 @@ def save_merged(
             write_json_atomic(tmp / "report.json", report)
         plots = [n for n in names if n.endswith(".png")]
         model_card(merger, model, report, plots, command).save(tmp / "README.md")
+    return output_dir
+
+
+def save_aligned(merger, i: int, output_dir, checkpoint: str | None = None, overwrite: bool = False) -> Path:
+    """Net i permuted onto net 0 as an ordinary model folder (see `PermMerger.save_aligned`), written as one job."""
+    check = functools.partial(check_save_target, output_dir, overwrite, "aligned model")
+    output_dir = check()
+    model = merger.permuted(i, checkpoint)
+    with folder_job(output_dir, check, overwrite) as (out, _), atomic_dir(out) as tmp:
+        write_model_files(model, tmp)
+        processor = merger._nets.preprocessor_of(model)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        write_json_atomic(
+            tmp / ALIGNED_MARKER,
+            {
+                "format": "hf_permerge.aligned/1",
+                "source": merger.sources[i].label,
+                "reference": merger.sources[0].label,
+                "checkpoint": checkpoint or merger.default_checkpoint,
+                "alignment": {k: v for k, v in merger.alignment.items() if k != "align_s"},
+            },
+        )
     return output_dir
 
 
