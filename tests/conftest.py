@@ -106,3 +106,37 @@ def run_cli(monkeypatch):
             signal.signal(signal.SIGTERM, handler)
 
     return run
+
+
+FAKE_BOOKS = ("Ge", "Exo", "Lev", "Num", "Deu", "Josh", "Jdgs", "Ruth", "1Sm", "2Sm", "1Ki", "2Ki")
+
+
+def fake_bible_text(books=FAKE_BOOKS, chapters: int = 1, verses: int = 6) -> str:
+    """Text in the format of `bible -f`, one verse a line, from a small vocabulary (seeded): learnable, and tiny."""
+    import random
+
+    rng = random.Random(0)
+    words = "and the of he said unto lord god was is that in his them for they be shall land house king".split()
+    return "".join(
+        f"{book}{c}:{v} " + " ".join(rng.choice(words) for _ in range(10)) + ".\n"
+        for book in books
+        for c in range(1, chapters + 1)
+        for v in range(1, verses + 1)
+    )
+
+
+@pytest.fixture
+def fake_bible(monkeypatch, tmp_path):
+    """The King James reader returns `fake_bible_text()` (no corpus in tests); the tokenized text is cached in
+    tmp_path. Returns a setter for another text."""
+    from hf_permerge.data import kjv, text
+
+    state = {"text": fake_bible_text()}
+    monkeypatch.setattr(kjv, "run_bible", lambda: state["text"])
+    monkeypatch.setenv("HF_PERMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(text, "_MEMORY", {})
+
+    def use(new_text: str) -> None:
+        state["text"] = new_text
+
+    return use

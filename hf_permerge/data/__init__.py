@@ -1,8 +1,10 @@
-"""Data: `datasets.Dataset` for interchange, whole-split tensors on the device for the hot path."""
+"""Data: `datasets.Dataset` for interchange, whole-split tensors on the device for the hot path (images as
+normalised tensors, text as blocks of tokens)."""
 
 from .catalog import DATASETS, DatasetInfo, dataset_info
 from .loading import load_image_dataset
 from .tensors import TensorSplit, load_tensors, normalise, tensors_from_dataset
+from .text import TEXT_DATASETS, TokenSplit, load_text_splits
 
 __all__ = [
     "DATASETS",
@@ -13,4 +15,7 @@ __all__ = [
     "load_tensors",
     "normalise",
     "tensors_from_dataset",
+    "TEXT_DATASETS",
+    "TokenSplit",
+    "load_text_splits",
 ]
