@@ -50,7 +50,9 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    type: Literal["mlp", "cnn"] = "mlp"
+    type: Literal["mlp", "cnn", "transformers"] = "mlp"
+    """mlp, cnn: the paper's image classifiers; transformers: a causal language model of any transformers
+    architecture, named by `model_type` and configured by `config` (trained on a text data set)."""
     depth: int = Field(2, ge=1)
     width: int = Field(512, ge=1)
     layers: str = "64-64-avg-128-128"
@@ -60,9 +62,41 @@ class ModelSection(_Section):
     CNNs biases; saved models record theirs)."""
     init: Literal["kaiming_normal", "xavier", "orthogonal"] = "kaiming_normal"
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    model_type: str | None = None
+    """type transformers: the architecture, as `AutoConfig.for_model` names it (llama, gpt2, qwen2, ...)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """type transformers: the fields of its config (hidden_size, num_hidden_layers, ...), each settable with
+    `--set model.config.<key>=...`; vocab_size and the special tokens come from the tokenizer,
+    max_position_embeddings defaults to data.block_size."""
+
+    @field_validator("model_type")
+    @classmethod
+    def _check_model_type(cls, model_type: str | None):
+        if model_type is not None:
+            from .models.causal_lm import config_class
+
+            config_class(model_type)
+        return model_type
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, config: dict, info):
+        model_type = info.data.get("model_type")
+        if model_type is not None:
+            from .models.causal_lm import causal_lm_config
+
+            causal_lm_config(model_type, config)
+        return config
 
     @model_validator(mode="after")
     def _check_layers(self):
+        if self.type == "transformers":
+            return self._check_transformers()
+        if self.model_type is not None or self.config:
+            raise ValueError(
+                f"model.model_type and model.config are for type transformers, not {self.type}; "
+                "drop them or set model.type: transformers"
+            )
         unused = ["depth", "width"] if self.type == "cnn" else ["layers"]
         changed = [k for k in unused if getattr(self, k) != type(self).model_fields[k].default]
         if changed:  # a warning, not an error: saved pairs list every field of their model section
@@ -84,19 +118,61 @@ class ModelSection(_Section):
                 raise ValueError(f"model.layers: {err}") from None
         return self
 
+    def _check_transformers(self):
+        if self.model_type is None:
+            raise ValueError(
+                "model.model_type: type transformers needs an architecture, e.g. model_type: llama (or gpt2, qwen2)"
+            )
+        image = ["depth", "width", "layers", "batch_norm", "bias", "init", "loss"]
+        changed = [k for k in image if getattr(self, k) != type(self).model_fields[k].default]
+        if changed:
+            logger.warning(
+                "model.%s %s no effect on a transformers model (its architecture is model.config); ignored",
+                " and model.".join(changed),
+                "have" if len(changed) > 1 else "has",
+            )
+        return self
+
 
 class DataSection(_Section):
-    dataset: Literal["fashion_mnist", "mnist", "cifar10"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "mnist", "cifar10", "kjv"] = "fashion_mnist"
+    """An image data set, or kjv: the King James text (Debian package bible-kjv) for language models, split by
+    book (`heldout_every`)."""
     data_dir: str | None = None
     normalisation: Literal["dataset", "mnist"] = "dataset"
     """Input normalisation: dataset, the data set's own statistics (Fashion-MNIST: 0.2860, 0.3530); mnist,
     MNIST's (0.1307, 0.3081), as the authors' code normalises Fashion-MNIST. Models record theirs."""
+    vocab_size: int = Field(2048, ge=257)
+    """Text: tokens of the byte-level BPE tokenizer trained on the training books (256 bytes + end-of-text at
+    least); the model's vocabulary."""
+    block_size: int = Field(128, ge=2)
+    """Text: tokens per training example; the text is packed into blocks of this length."""
+    heldout_every: int = Field(10, ge=2)
+    """Text: book b (1-based, canonical order) is held out when b is a multiple of this; 10 holds out 2 Samuel,
+    Proverbs, Amos, Matthew, Philippians and 1 Peter (about a tenth of the verses)."""
+
+    @property
+    def is_text(self) -> bool:
+        from .data.text import TEXT_DATASETS
+
+        return self.dataset in TEXT_DATASETS
 
     @model_validator(mode="after")
     def _check_normalisation(self):
-        from .data.catalog import normalisation_constants
+        text = ["vocab_size", "block_size", "heldout_every"]
+        unused = ["data_dir", "normalisation"] if self.is_text else text
+        changed = [k for k in unused if getattr(self, k) != type(self).model_fields[k].default]
+        if changed:
+            logger.warning(
+                "data.%s %s no effect on %s; ignored",
+                " and data.".join(changed),
+                "have" if len(changed) > 1 else "has",
+                "text" if self.is_text else "images",
+            )
+        if not self.is_text:
+            from .data.catalog import normalisation_constants
 
-        normalisation_constants(self.dataset, self.normalisation)
+            normalisation_constants(self.dataset, self.normalisation)
         return self
 
     def mean_std(self) -> tuple:
@@ -130,6 +206,13 @@ class TrainingSection(_Section):
     as without; BENCHMARKS.md); ignored on the CPU and by the per-net engine."""
     log_with: str | None = None
     eval_each_epoch: bool = True
+    eval_steps: int | None = Field(None, ge=1)
+    """Also evaluate on the test (held-out) split every this many steps, logged and kept in each net's
+    log_history (a language model's held-out loss curve); None: at epoch ends only."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant: `lr` throughout; cosine: from `lr` down to 0 over the run (after the warm-up)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps over which the learning rate rises linearly from 0 to `lr` (0: none)."""
 
     @field_validator("epochs")
     @classmethod
@@ -236,6 +319,30 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_data_fits_model(self):
+        """A language model trains on text, an image classifier on images; checked before any data is read."""
+        text, lm = self.data.is_text, self.model.type == "transformers"
+        if text != lm:
+            raise ValueError(
+                f"data.dataset {self.data.dataset} is {'text' if text else 'images'}, but model.type {self.model.type} "
+                + (
+                    "is an image classifier; set model.type: transformers with a model_type (configs/kjv_llama_tiny.yaml)"
+                    if text
+                    else "is a language model; set data.dataset: kjv (or model.type mlp or cnn)"
+                )
+            )
+        if lm:
+            from .models.causal_lm import causal_lm_config
+
+            if self.training.engine == "stacked":
+                raise ValueError(
+                    "training.engine: stacked is for the MLP and CNN; a transformers model trains one module per "
+                    "net (set training.engine: auto or per_net)"
+                )
+            causal_lm_config(self.model.model_type, self.model.config, self.data.vocab_size, 0, self.data.block_size)
+        return self
+
+    @model_validator(mode="after")
     def _check_alignment_checkpoint(self):
         """Aligning at step N needs the nets saved at step N: refused before training, not after it."""
         t, name = self.training, self.alignment.checkpoint
@@ -292,6 +399,8 @@ def _format_errors(err: ValidationError, source: str, overridden: dict[str, str]
             given = [v for k, v in (overridden or {}).items() if k in e["msg"]]
             origin = f" [from --set {', '.join(given)}]" if given else ""
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}{origin}")
+        elif e["msg"].removeprefix("Value error, ").startswith((f"{key}.", f"{key} ", f"{key}:")):
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}{origin}")  # names its key: no input dump
         else:
             got = e.get("input")
             lines.append(f"  {key}: {e['msg']} (got {got!r}){origin}")

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..data.catalog import dataset_info
+from ..data.tokenizer import EOS_ID
 from ..models import PermCNNConfig, PermCNNForImageClassification, PermMLPConfig, PermMLPForImageClassification
+from ..models.causal_lm import build_causal_lm, causal_lm_config
 from .seeds import derive_seed
 
 
 def model_config_for(config: RunConfig, net_index: int = 0):
-    """The HF config of net `net_index`: architecture from `model`, input shape and labels from the data set."""
-    info = dataset_info(config.data.dataset)
+    """The HF config of net `net_index`: architecture from `model`, input shape and labels (images) or vocabulary
+    and special tokens (text: the tokenizer's, whose size is `data.vocab_size` and end-of-text id `EOS_ID` for any
+    corpus) from the data set."""
     m = config.model
+    if m.type == "transformers":
+        d = config.data
+        return causal_lm_config(m.model_type, m.config, d.vocab_size, EOS_ID, d.block_size)
+    info = dataset_info(config.data.dataset)
     common = dict(
         num_channels=info.num_channels,
         image_size=info.image_size,
@@ -33,5 +40,7 @@ def model_config_for(config: RunConfig, net_index: int = 0):
 
 def build_model(config: RunConfig, net_index: int = 0):
     cfg = model_config_for(config, net_index)
+    if config.model.type == "transformers":
+        return build_causal_lm(cfg, derive_seed(config.training.seed, net_index, "init"))
     cls = PermMLPForImageClassification if isinstance(cfg, PermMLPConfig) else PermCNNForImageClassification
     return cls(cfg)
