@@ -41,7 +41,7 @@ def main() -> int:
         return 2
     if trainer.accelerator.is_main_process:
         for m in result.metrics:
-            print(f"net {m['net']}: test acc {m['test']['acc']:.4f}")
+            print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
     return 0
 
 

@@ -140,3 +140,32 @@ def fake_bible(monkeypatch, tmp_path):
         state["text"] = new_text
 
     return use
+
+
+@pytest.fixture
+def tiny_lm_config(fake_bible):
+    """A 2-net run of tiny LLaMA-style LMs (GQA) on the fake text: 6 training steps per epoch."""
+    from hf_permerge.config import config_from_dict
+
+    def make(**sections):
+        data = {
+            "model": {
+                "type": "transformers",
+                "model_type": "llama",
+                "config": {
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "tie_word_embeddings": False,
+                },
+            },
+            "data": {"dataset": "kjv", "vocab_size": 300, "block_size": 16, "heldout_every": 4},
+            "training": {"num_nets": 2, "seed": 0, "epochs": 2, "batch_size": 8, "lr": 3e-3, "save_steps": [3]},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        return config_from_dict(data)
+
+    return make

@@ -4,6 +4,7 @@ one line per result. Heavy imports happen here, inside the command that needs th
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -94,7 +95,13 @@ def cmd_train(args) -> int:
     with job(args, check, keep=keep_pair(args.resume, CLI_WORDING)) as (out, overwrite):
         result = PairTrainer(config, out, overwrite=overwrite, resume=args.resume, progress=not args.quiet).train()
     for m in result.metrics:
-        print(f"net {m['net']}: test loss {m['test']['loss']:.4f}, test acc {m['test']['acc']:.4f}")
+        loss, acc = m["test"]["loss"], m["test"]["acc"]
+        if config.data.is_text:
+            print(
+                f"net {m['net']}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.1f}), next-token acc {acc:.4f}"
+            )
+        else:
+            print(f"net {m['net']}: test loss {loss:.4f}, test acc {acc:.4f}")
     print(f"pair folder: {args.output_dir} ({result.train_s:.1f} s)")
     return 0
 

@@ -45,6 +45,10 @@ class TensorSplit:
             self.labels.index_select(0, flat).view(idx.shape),
         )
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as (inputs, labels), as the model's forward takes them."""
+        return self.pixel_values, self.labels
+
     def to(self, device) -> TensorSplit:
         return TensorSplit(self.pixel_values.to(device), self.labels.to(device), self.fingerprint)
 

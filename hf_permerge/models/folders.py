@@ -74,6 +74,11 @@ def _untied(state: dict) -> dict:
     return out
 
 
+def unique_state(model) -> dict:
+    """A model's state dict as its folder holds it: each tied tensor once (`_untied`)."""
+    return _untied(model.state_dict())
+
+
 AUTO_CLASSES = (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -114,7 +119,10 @@ def load_model(folder: str | Path):
         ) from err
 
 
-def save_model(model, folder: str | Path) -> None:
-    """Write an HF model folder into a temp folder, renamed into place (safetensors only)."""
+def save_model(model, folder: str | Path, tokenizer=None) -> None:
+    """Write an HF model folder into a temp folder, renamed into place (safetensors only); with a `tokenizer`,
+    its files too, so that `AutoTokenizer.from_pretrained(folder)` reads it."""
     with atomic_dir(folder) as tmp:
         write_model_files(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

@@ -30,16 +30,21 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_resume_state(folder: Path, model, opt_tensors: dict[str, torch.Tensor], opt_meta: dict, step: int) -> None:
+def save_resume_state(
+    folder: Path, model, opt_tensors: dict[str, torch.Tensor], opt_meta: dict, step: int, log_history=()
+) -> None:
     """Everything needed to continue a net's training exactly: its whole state (parameters and buffers, such as
-    BatchNorm's running statistics and counters), optimizer, step, and the random number generators' states."""
+    BatchNorm's running statistics and counters), optimizer, step, the random number generators' states, and
+    the evaluations so far (`log_history`)."""
     with atomic_dir(folder) as tmp:
         write_model_files(model, tmp)
         with atomic_file(tmp / "optimizer.safetensors") as path:
             save_file(opt_tensors, str(path))
         with atomic_file(tmp / "rng_state.safetensors") as path:
             save_file(_rng_state(), str(path))
-        write_json_atomic(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta})
+        write_json_atomic(
+            tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta, "log_history": list(log_history)}
+        )
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -62,10 +67,12 @@ def load_rng_state(folder: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def load_resume_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
+def load_resume_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict, int, list]:
+    """(optimizer tensors, optimizer meta, step, log_history) of a resume point."""
     meta = read_record(
         folder / "trainer_state.json",
         TrainerStateRecord,
         "delete that resume point (the one before it, if any, is used) or train again with --overwrite",
     )
-    return load_file(str(folder / "optimizer.safetensors")), meta["optimizer"], int(meta["step"])
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    return tensors, meta["optimizer"], int(meta["step"]), list(meta.get("log_history", []))

@@ -24,6 +24,7 @@ What the speed comes from (measured in `benchmarks/`, reported in BENCHMARKS.md)
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.func import functional_call
@@ -32,6 +33,7 @@ from ..models import PermMLPForImageClassification, modeling_perm_mlp
 from ..models.modeling_perm_mlp import mlp_forward
 from ..precision import tf32_matmuls
 from .checkpoints import optimizer_state_from_tensors, optimizer_state_to_tensors
+from .seeds import step_seed
 
 FORWARDS = ("auto", "bmm", "vmap", "loop")
 GRAPH_WARMUP_STEPS = 3
@@ -70,6 +72,46 @@ def eval_loss_acc(forward, x, y, loss_fn, chunk: int):
     return (loss_sum / len(y)).item(), correct.item() / len(y)
 
 
+LM_EVAL_TOKENS = 16384
+"""Tokens per forward when a language model is evaluated (its logits: this many times the vocabulary, in float32)."""
+
+
+def is_causal_lm(model) -> bool:
+    """A transformers language model (it reads `input_ids`), not one of our image classifiers."""
+    return getattr(model, "main_input_name", None) == "input_ids"
+
+
+@torch.no_grad()
+def eval_causal_lm(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean next-token loss (the model's own, `labels=`) and next-token accuracy over all blocks, exact per token
+    (every block predicts the same number of tokens); one host sync at the end."""
+    chunk = max(1, LM_EVAL_TOKENS // input_ids.shape[1])
+    loss_sum = torch.zeros((), device=input_ids.device)
+    correct = torch.zeros((), device=input_ids.device, dtype=torch.long)
+    for s in range(0, len(input_ids), chunk):
+        x, y = input_ids[s : s + chunk], labels[s : s + chunk]
+        out = model(input_ids=x, labels=y)
+        loss_sum += out.loss.float() * len(x)
+        correct += (out.logits[:, :-1].argmax(-1) == y[:, 1:]).sum()
+    return (loss_sum / len(input_ids)).item(), correct.item() / labels[:, 1:].numel()
+
+
+def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 10000) -> tuple[float, float]:
+    """(loss, accuracy) of one model on a whole split (x, y) as its forward takes them: images and labels, or a
+    language model's blocks and their labels (the blocks; accuracy of the next token)."""
+    if is_causal_lm(model):
+        return eval_causal_lm(model, x, y)
+    return eval_loss_acc(lambda b: model(pixel_values=b, return_dict=False)[0], x, y, model.compute_loss, chunk)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """torch's generators (the CPU's, and the device's) seeded with `seed` inside, as they were outside."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def prefers_channels_last(model, device) -> bool:
     """Conv nets on the CPU: oneDNN's convolutions in channels-last layout (weights and inputs) ran a
     32-32-avg-64-64 training step 1.3x and its forward 1.2x faster than in the default layout (BENCHMARKS.md)."""
@@ -82,14 +124,21 @@ def as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 class PerNetEngine:
-    """One ordinary module and optimiser per net: works for every architecture (BatchNorm included).
+    """One ordinary module and optimiser per net: works for every architecture (BatchNorm, dropout included).
     Conv nets on the CPU train in channels-last layout (`prefers_channels_last`): the same arithmetic, in
-    another order (float rounding differs)."""
+    another order (float rounding differs).
+
+    `random_seeds` (one per net): what a net's forward draws at step `step_index` (dropout) comes from torch's
+    generators seeded with `step_seed(its seed, step_index)`, put back afterwards; so a net's draws depend on its own
+    seed and the step only, not on the nets beside it or on where a resumed run started. None: the generators
+    as they are."""
 
     name = "per_net"
 
-    def __init__(self, models, tc, device):
+    def __init__(self, models, tc, device, random_seeds: list[int] | None = None):
         device = torch.device(device)
+        self.random_seeds = random_seeds
+        self.step_index = 0
         self.channels_last = prefers_channels_last(models[0], device)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.models = [m.to(device, memory_format=layout).train() for m in models]
@@ -100,16 +149,27 @@ class PerNetEngine:
     def step(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """One optimiser step per net; xs (N, B, ...) and ys (N, B) hold each net's own batch."""
         losses = []
-        for model, opt, x, y in zip(self.models, self.optimizers, xs, ys):
+        for k, (model, opt, x, y) in enumerate(zip(self.models, self.optimizers, xs, ys)):
             x = as_layout(x, self.channels_last)
-            with tf32_matmuls(self.precision):
+            with self._own_draws(k), tf32_matmuls(self.precision):
                 with _autocast(self.device, self.precision):
-                    loss = model(pixel_values=x, labels=y, return_dict=False)[0]
+                    loss = model(**{model.main_input_name: x}, labels=y, return_dict=False)[0]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             losses.append(loss.detach())
+        self.step_index += 1
         return torch.stack(losses)
+
+    def _own_draws(self, k: int):
+        if self.random_seeds is None:
+            return nullcontext()
+        return _seeded(step_seed(self.random_seeds[k], self.step_index), self.device)
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def export(self, i: int):
         return self.models[i]
@@ -131,15 +191,18 @@ class PerNetEngine:
         out = []
         for m in self.models:
             m.eval()
-            out.append(
-                eval_loss_acc(
-                    lambda b, m=m: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
-                    x,
-                    y,
-                    m.compute_loss,
-                    chunk,
+            if is_causal_lm(m):
+                out.append(eval_causal_lm(m, x, y))
+            else:
+                out.append(
+                    eval_loss_acc(
+                        lambda b, m=m: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
+                        x,
+                        y,
+                        m.compute_loss,
+                        chunk,
+                    )
                 )
-            )
             m.train()
         return out
 
@@ -245,6 +308,7 @@ class StackedEngine:
         self.precision = tc.precision
         self.device = device
         self._graph = None  # (CUDAGraph, static inputs, static labels, static losses) once captured
+        self.step_index = 0  # the run's steps so far; unused here (the stacked nets draw nothing at random)
         self._eager_steps = 0
         layers = mlp_layer_names(self.template)
         if forward == "auto":
@@ -333,6 +397,13 @@ class StackedEngine:
         graph.replay()  # capturing records the step without running it
         return static_losses.clone()
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (not under a captured CUDA graph, which keeps the one it captured)."""
+        if self._graph is not None:
+            raise RuntimeError("a captured CUDA graph keeps its learning rate; train with cuda_graph=False")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     @torch.no_grad()
     def export(self, i: int):
         """Net i as an ordinary HF model holding the current stacked weights."""
@@ -377,11 +448,16 @@ class StackedEngine:
         return [(loss, c / len(y)) for loss, c in zip((loss_sum / len(y)).tolist(), correct.tolist())]
 
 
-def make_engine(kind: str, models, tc, device, **options):
-    """`options` go to the stacked engine (`forward`, `compile`, `cuda_graph`); the per-net engine takes none."""
-    if kind == "auto":  # BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
-        per_net = any(True for m in models for _ in m.buffers()) or prefers_channels_last(models[0], device)
+def make_engine(kind: str, models, tc, device, random_seeds: list[int] | None = None, **options):
+    """`random_seeds` go to the per-net engine (the stacked engine's nets draw nothing at random); `options` to the
+    stacked engine (`forward`, `compile`, `cuda_graph`)."""
+    if kind == "auto":  # language models, BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
+        per_net = (
+            is_causal_lm(models[0])
+            or any(True for m in models for _ in m.buffers())
+            or prefers_channels_last(models[0], device)
+        )
         kind = "per_net" if per_net else "stacked"
     if kind == "per_net":
-        return PerNetEngine(models, tc, device)
+        return PerNetEngine(models, tc, device, random_seeds)
     return StackedEngine(models, tc, device, **options)

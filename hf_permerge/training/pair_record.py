@@ -29,11 +29,11 @@ def total_steps(tc, num_train: int) -> int:
     return min(total, tc.max_steps) if tc.max_steps else total
 
 
-def check_steps(tc, num_train: int) -> None:
+def check_steps(tc, num_train: int, examples: str = "images") -> None:
     """Refuse, before any output, a run that would take no step or save a checkpoint it never reaches."""
     if num_train // tc.batch_size == 0:
         raise ValueError(
-            f"training.batch_size {tc.batch_size} is larger than the {num_train} training images: no "
+            f"training.batch_size {tc.batch_size} is larger than the {num_train} training {examples}: no "
             f"step would run; set training.batch_size to {num_train} or less"
         )
     total = total_steps(tc, num_train)
@@ -45,6 +45,19 @@ def check_steps(tc, num_train: int) -> None:
         )
 
 
+def _text_record(train, test) -> dict:
+    """What a text run's examples are: blocks of tokens, made of which books."""
+    return {
+        "examples": "blocks",
+        "block_size": int(train.input_ids.shape[1]),
+        "num_train_tokens": int(train.input_ids.numel()),
+        "num_test_tokens": int(test.input_ids.numel()),
+        "tokenizer_vocab_size": len(train.tokenizer),
+        "train_books": list(train.documents),
+        "test_books": list(test.documents),
+    }
+
+
 def pair_record(cfg: RunConfig, train, test, metrics: list[dict], train_s: float, trained_together: int = 1) -> dict:
     """The pair.json of a finished run of `cfg` on the `train` / `test` splits."""
     steps_per_epoch = len(train) // cfg.training.batch_size
@@ -54,7 +67,7 @@ def pair_record(cfg: RunConfig, train, test, metrics: list[dict], train_s: float
         "num_nets": cfg.training.num_nets,
         "config": cfg.to_dict(),
         "seeds": [
-            {"init": derive_seed(cfg.training.seed, i, "init"), "data": derive_seed(cfg.training.seed, i, "data")}
+            {stream: derive_seed(cfg.training.seed, i, stream) for stream in ("init", "data", "random")}
             for i in range(cfg.training.num_nets)
         ],
         "data": {
@@ -63,6 +76,7 @@ def pair_record(cfg: RunConfig, train, test, metrics: list[dict], train_s: float
             "test_fingerprint": test.fingerprint,
             "num_train": len(train),
             "num_test": len(test),
+            **(_text_record(train, test) if cfg.data.is_text else {}),
         },
         "steps": {
             "per_epoch": steps_per_epoch,

@@ -13,23 +13,24 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, config_differences
-from ..data.tensors import load_tensors
 from ..devices import check_device
 from ..io_utils import PYTHON_WORDING, Wording, check_output_dir, folder_job, write_json_atomic
-from ..models.folders import load_model, save_model
+from ..models.folders import load_model, save_model, unique_state
 from ..records import read_json
 from .builders import build_model
 from .checkpoints import load_resume_state, load_rng_state, save_resume_state
-from .engines import make_engine
+from .engines import evaluate_model, make_engine
 from .pair_record import check_steps, pair_record, total_steps
+from .schedule import is_scheduled, lr_at
 from .seeds import derive_seed, epoch_order
+from .splits import load_splits
 
 logger = logging.getLogger("hf_permerge.training")
 
@@ -52,12 +53,16 @@ class TrainResult:
 
 @dataclass
 class NetSlot:
-    """One net to train: where it is saved (its net_i folder), its name in logs, its model and data seed."""
+    """One net to train: where it is saved (its net_i folder), its name in logs, its model and data seed, and
+    its evaluations during training (written to net_i/log_history.json with its final checkpoint)."""
 
     folder: Path
     name: str
     model: torch.nn.Module
     data_seed: int
+    random_seed: int
+    """What the net's forward draws at random (dropout), step by step (`PerNetEngine`)."""
+    log_history: list[dict] = field(default_factory=list)
 
 
 def _multi_process_without_cuda() -> bool:
@@ -166,7 +171,7 @@ class PairTrainer:
                 continue
             with safe_open(str(init), framework="pt") as f:
                 saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            built = {k: tuple(v.shape) for k, v in build_model(self.config, i).state_dict().items()}
+            built = {k: tuple(v.shape) for k, v in unique_state(build_model(self.config, i)).items()}
             if saved != built:
                 extra, missing = sorted(set(saved) - set(built)), sorted(set(built) - set(saved))
                 what = (f"saved only: {extra[:3]}" if extra else "") + ("; " if extra and missing else "") + (
@@ -191,7 +196,7 @@ class PairTrainer:
     def train(self) -> TrainResult:
         cfg, tc, acc = self.config, self.config.training, self.accelerator
         train, test = self._splits()  # data first: a missing data set must fail before any output is written
-        check_steps(tc, len(train))
+        check_steps(tc, len(train), "blocks of text" if cfg.data.is_text else "images")
         with self.writing():
             self._prepare_output()
             if tc.log_with:
@@ -210,20 +215,21 @@ class PairTrainer:
 
     def _slots(self, nets: list[int]) -> list[NetSlot]:
         cfg = self.config
+        seed = cfg.training.seed
         return [
             NetSlot(
-                self.folder / f"net_{i}", f"net {i}", build_model(cfg, i), derive_seed(cfg.training.seed, i, "data")
+                self.folder / f"net_{i}",
+                f"net {i}",
+                build_model(cfg, i),
+                derive_seed(seed, i, "data"),
+                derive_seed(seed, i, "random"),
             )
             for i in nets
         ]
 
     def _splits(self):
         """The whole training and test splits, on the device."""
-        cfg, acc = self.config, self.accelerator
-        return (
-            load_tensors(cfg.data.dataset, "train", acc.device, cfg.data.data_dir, cfg.data.mean_std()),
-            load_tensors(cfg.data.dataset, "test", acc.device, cfg.data.data_dir, cfg.data.mean_std()),
-        )
+        return load_splits(self.config, self.accelerator.device)
 
     def _unfinished(self, nets) -> list[int]:
         """The nets among `nets` without a final checkpoint yet (a resumed run skips the others)."""
@@ -232,14 +238,18 @@ class PairTrainer:
     def _train_slots(self, slots: list[NetSlot], train, test) -> None:
         """Train the slots' nets in one engine (their configs' training sections are this trainer's)."""
         tc, acc = self.config.training, self.accelerator
+        tokenizer = getattr(train, "tokenizer", None)  # text: saved beside every checkpoint
         for slot in slots:
             if not (slot.folder / "init").exists():
-                save_model(slot.model, slot.folder / "init")
-        engine = make_engine(tc.engine, [slot.model for slot in slots], tc, acc.device, cuda_graph=tc.cuda_graphs)
+                save_model(slot.model, slot.folder / "init", tokenizer)
+        # a captured CUDA graph replays the learning rate it captured: a schedule runs the steps eagerly
+        graphs = tc.cuda_graphs and not is_scheduled(tc)
+        models, seeds = [slot.model for slot in slots], [slot.random_seed for slot in slots]
+        engine = make_engine(tc.engine, models, tc, acc.device, random_seeds=seeds, cuda_graph=graphs)
         steps_per_epoch = len(train) // tc.batch_size
         total = self._total_steps = total_steps(tc, len(train))
         self._epochs = -(-total // max(1, steps_per_epoch))  # max_steps may end the run before training.epochs
-        step = self._maybe_resume(engine, slots) if self.resume else 0
+        step = engine.step_index = self._maybe_resume(engine, slots) if self.resume else 0
         save_steps = {s for s in tc.save_steps if s <= total}
         if len(save_steps) < len(set(tc.save_steps)):
             logger.warning(
@@ -262,29 +272,38 @@ class PairTrainer:
         # per net, on the device: the first step with a non-finite loss, or 0; read back at each check only
         first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)
         next_check = time.perf_counter() + FINITE_CHECK_S
+        self._since_eval = [torch.zeros(len(slots), device=acc.device), 0]  # train loss since the last evaluation
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             orders = torch.stack([epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots])
             loss_sum = torch.zeros(len(slots), device=acc.device)
             batches = range(offset, min(steps_per_epoch, offset + total - step))
             for b in batches:
+                if is_scheduled(tc):
+                    engine.set_lr(lr_at(tc, step, total))
                 loss = engine.step(*train.batches(orders[:, b * tc.batch_size : (b + 1) * tc.batch_size]))
                 loss_sum += loss
+                self._since_eval[0] += loss
+                self._since_eval[1] += 1
                 step += 1
                 first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step, first_bad)  # no host sync
                 bar.update(1)
                 if step in save_steps:
                     self._check_finite(first_bad, slots)
                     for k, slot in enumerate(slots):
-                        save_model(engine.export(k), slot.folder / f"step-{step}")
+                        save_model(engine.export(k), slot.folder / f"step-{step}", tokenizer)
                 elif time.perf_counter() >= next_check:  # one host sync per refresh of the bar, not per step
                     self._check_finite(first_bad, slots)
                     next_check = time.perf_counter() + FINITE_CHECK_S
+                if tc.eval_steps and step % tc.eval_steps == 0 and step < total:
+                    self._check_finite(first_bad, slots)
+                    self._log_evaluation(engine, slots, step, test, f"step {step}/{total}", t0)
             self._check_finite(first_bad, slots)
             self._epoch_end(engine, slots, epoch, loss_sum / max(1, len(batches)), test, t0, step)
         bar.close()
         for k, slot in enumerate(slots):
-            save_model(engine.export(k), slot.folder / "final")
+            save_model(engine.export(k), slot.folder / "final", tokenizer)
+            write_json_atomic(slot.folder / "log_history.json", {"log_history": slot.log_history})
             for old in slot.folder.glob("resume-step-*"):
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -303,29 +322,57 @@ class PairTrainer:
             )
 
     def _epoch_end(self, engine, slots, epoch, mean_loss, test, t0, step) -> None:
+        tc = self.config.training
+        where = f"epoch {epoch + 1}/{self._epochs}"
+        if tc.eval_each_epoch:
+            self._log_evaluation(engine, slots, step, test, where, t0)
+        else:
+            self._log_line(
+                where, t0, step, {slot.name: {"train_loss": loss} for slot, loss in zip(slots, mean_loss.tolist())}
+            )
+        if step < self._total_steps:  # a resume point at every epoch end but the last (final follows)
+            self._save_resume(engine, slots, step)
+
+    def _log_evaluation(self, engine, slots, step, test, where, t0) -> None:
+        """Evaluate every net on the test split (text: the held-out books), log it with the mean training loss
+        since the last evaluation, and keep it in each net's log_history."""
+        if slots[0].log_history and slots[0].log_history[-1]["step"] == step:
+            return  # evaluated at this step already (an eval step that ends an epoch)
+        total, count = self._since_eval
+        train_losses = (total / max(1, count)).tolist()  # one host sync per evaluation
+        self._since_eval = [torch.zeros_like(total), 0]
+        evals = engine.evaluate(*test.tensors())
+        values = {}
+        for slot, train_loss, (test_loss, test_acc) in zip(slots, train_losses, evals):
+            values[slot.name] = {"train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc}
+            slot.log_history.append({"step": step, **values[slot.name]})
+        self._log_line(where, t0, step, values)
+
+    def _log_line(self, where, t0, step, values: dict[str, dict[str, float]]) -> None:
         tc, acc = self.config.training, self.accelerator
-        line = f"epoch {epoch + 1}/{self._epochs} ({time.perf_counter() - t0:.1f} s)"
+        test = "held-out" if self.config.data.is_text else "test"
+        line = f"{where} ({time.perf_counter() - t0:.1f} s)"
         logs = {}
-        evals = engine.evaluate(test.pixel_values, test.labels) if tc.eval_each_epoch else None
-        for k, (slot, loss) in enumerate(zip(slots, mean_loss.tolist())):  # one host sync per epoch
-            key = slot.name.replace(" ", "_")
-            line += f" | {slot.name}: train loss {loss:.4f}"
-            logs[f"{key}/train_loss"] = loss
-            if evals:
-                line += f" test acc {evals[k][1]:.4f}"
-                logs[f"{key}/test_loss"], logs[f"{key}/test_acc"] = evals[k]
+        for name, v in values.items():
+            line += f" | {name}: train loss {v['train_loss']:.4f}"
+            if "test_loss" in v:
+                line += (
+                    f" {test} loss {v['test_loss']:.4f}"
+                    if self.config.data.is_text
+                    else f" test acc {v['test_acc']:.4f}"
+                )
+            logs.update({f"{name.replace(' ', '_')}/{k}": x for k, x in v.items()})
         logger.info(line)
         if self.progress:
             tqdm.write(line)
         if tc.log_with:
             acc.log(logs, step=step)
-        if step < self._total_steps:  # a resume point at every epoch end but the last (final follows)
-            self._save_resume(engine, slots, step)
 
     def _save_resume(self, engine, slots, step) -> None:
         for k, slot in enumerate(slots):
             tensors, meta = engine.optimizer_state(k)
-            save_resume_state(slot.folder / f"resume-step-{step}", engine.export(k), tensors, meta, step)
+            folder = slot.folder / f"resume-step-{step}"
+            save_resume_state(folder, engine.export(k), tensors, meta, step, slot.log_history)
         for slot in slots:  # older points go only once every net has the new one
             for old in slot.folder.glob("resume-step-*"):
                 if int(old.name.rsplit("-", 1)[1]) < step:
@@ -344,11 +391,11 @@ class PairTrainer:
         step = max(common)
         for k, slot in enumerate(slots):
             folder = slot.folder / f"resume-step-{step}"
-            tensors, meta, _ = load_resume_state(folder)
+            tensors, meta, _, slot.log_history = load_resume_state(folder)
             weights = load_file(str(folder / "model.safetensors"))
             model = engine.export(k)
-            with torch.no_grad():  # every tensor of the state: parameters and buffers (BatchNorm statistics)
-                for n, t in model.state_dict().items():
+            with torch.no_grad():  # every tensor of the state: parameters and buffers (BatchNorm statistics),
+                for n, t in unique_state(model).items():  # each tied tensor once, under the name it was saved
                     t.copy_(weights[n])
             if hasattr(engine, "params"):
                 with torch.no_grad():
@@ -361,22 +408,22 @@ class PairTrainer:
 
     # -- summary ---------------------------------------------------------------------------------------
     def _write_pair_json(self, train, test, train_s, trained_together: int = 1) -> list[dict]:
-        from .engines import eval_loss_acc
-
         cfg = self.config
         metrics = []
         for i in range(cfg.training.num_nets):
-            model = load_model(self.folder / f"net_{i}" / "final")
+            folder = self.folder / f"net_{i}"
+            model = load_model(folder / "final")
             model.to(self.accelerator.device)
             model.eval()
-            loss, acc = eval_loss_acc(
-                lambda b, model=model: model(pixel_values=b, return_dict=False)[0],
-                test.pixel_values,
-                test.labels,
-                model.compute_loss,
-                10000,
+            loss, acc = evaluate_model(model, *test.tensors())
+            history = folder / "log_history.json"
+            metrics.append(
+                {
+                    "net": i,
+                    "test": {"loss": loss, "acc": acc},
+                    **({"log_history": read_json(history)["log_history"]} if history.is_file() else {}),
+                }
             )
-            metrics.append({"net": i, "test": {"loss": loss, "acc": acc}})
         pair = pair_record(cfg, train, test, metrics, train_s, trained_together)
         write_json_atomic(self.folder / "pair.json", pair)
         return metrics
@@ -418,10 +465,7 @@ def train_together(trainers: list[PairTrainer]) -> list[TrainResult]:
         slots = []
         for t in trainers:
             nets = t._unfinished(range(t.config.training.num_nets))
-            slots += [
-                NetSlot(slot.folder, f"{t.output_dir.name}/{slot.name}", slot.model, slot.data_seed)
-                for slot in t._slots(nets)
-            ]
+            slots += [replace(slot, name=f"{t.output_dir.name}/{slot.name}") for slot in t._slots(nets)]
         if slots:
             first._train_slots(slots, train, test)
         train_s = (time.perf_counter() - start) / len(trainers)
