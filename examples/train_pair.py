@@ -1,6 +1,7 @@
 """Train a seeded pair (or N nets) with Accelerate.
 
     accelerate launch examples/train_pair.py --config configs/fmnist_mlp_2x512.yaml --output-dir runs/pair
+    accelerate launch examples/train_pair.py --config configs/kjv_llama_tiny.yaml --output-dir runs/kjv_llama
     accelerate launch --multi_gpu --num_processes 2 examples/train_pair.py --config ... --output-dir ...
 
 Under several processes the nets are shared out (net i on process i % world size); the weights

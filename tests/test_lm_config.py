@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from hf_permerge.config import ConfigError, apply_overrides, config_from_dict
+from hf_permerge.config import ConfigError, apply_overrides, config_from_dict, load_config
 from hf_permerge.training import build_model, model_config_for
 
 LLAMA = {
@@ -102,3 +102,21 @@ def test_building_a_model_leaves_the_global_generator_alone():
     torch.manual_seed(5)
     build_model(load(), 0)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("name", ["kjv_llama_tiny", "kjv_gpt2_tiny"])
+def test_shipped_configs_build_the_architecture_they_name(name):
+    from pathlib import Path
+
+    import torch
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    with torch.device("meta"):
+        model = build_model(cfg, 0)
+    params = sum(p.numel() for p in model.parameters())
+    assert 1e6 < params < 1e7, params
+    hf = model.config
+    if name == "kjv_llama_tiny":
+        assert hf.num_key_value_heads < hf.num_attention_heads and not hf.tie_word_embeddings
+    else:
+        assert hf.model_type == "gpt2" and hf.resid_pdrop == hf.embd_pdrop == hf.attn_pdrop == 0.0

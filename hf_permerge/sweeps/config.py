@@ -2,7 +2,7 @@
 
     sweep:
       name: fig2_fmnist            # file names of the table and figure
-      experiment: pair             # what each cell measures: pair | n_way | schedules | matchers
+      experiment: pair             # what each cell measures: pair | n_way | schedules | matchers | train
       grid:                        # dotted run-config keys -> values; cells are their product
         model.width: [32, 128, 512]
         model.depth: [1, 2]
@@ -45,16 +45,25 @@ def config_keys() -> dict[str, list[str]]:
     return {name: list(field.annotation.model_fields) for name, field in RunConfig.model_fields.items()}
 
 
+def _mapping_fields(section: str) -> set[str]:
+    """The fields of a section that hold a mapping (model.config), whose keys a grid may vary one by one
+    (`model.config.hidden_size`); the cell's validation checks them."""
+    fields = RunConfig.model_fields[section].annotation.model_fields
+    return {name for name, f in fields.items() if getattr(f.annotation, "__origin__", f.annotation) is dict}
+
+
 def check_key(key: str, where: str) -> None:
     section, _, field = key.partition(".")
     known = config_keys()
+    if section in known and "." in field and field.partition(".")[0] in _mapping_fields(section):
+        return
     if section not in known:
         raise ValueError(
             f"{where}: {key!r} is not a run-config key; keys look like section.field with a section "
             f"in {list(known)} (e.g. model.width)"
         )
     if field not in known[section]:
-        close = difflib.get_close_matches(field, known[section], n=1)
+        close = difflib.get_close_matches(field.partition(".")[0], known[section], n=1)
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
         raise ValueError(f"{where}: unknown config key {key!r}{hint}; the keys of {section} are {known[section]}")
 
@@ -64,7 +73,9 @@ class SweepSection(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Names the table and the figure (OUT/<name>.png); letters, digits, `_ . -`."""
-    experiment: Literal["pair", "n_way", "schedules", "matchers"]
+    experiment: Literal["pair", "n_way", "schedules", "matchers", "train"]
+    """pair, n_way, schedules, matchers: align and merge each cell's nets; train: train them only, keeping their test
+    (text: held-out) loss and accuracy, and its curve over training (language models, before they are merged)."""
     description: str = ""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     cases: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -194,11 +205,14 @@ def _short_names(keys: list[str]) -> dict[str, str]:
 
 
 def _set_dotted(data: dict, key: str, value) -> None:
-    section, field = key.split(".", 1)
-    node = data.setdefault(section, {})
-    if not isinstance(node, dict):
-        raise ConfigError(f"config section {section!r} must be a mapping")
-    node[field] = copy.deepcopy(value)
+    """data[section][field] = value, or deeper for a key inside a mapping field (model.config.hidden_size)."""
+    *path, last = key.split(".")
+    node = data
+    for depth, part in enumerate(path):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(path[: depth + 1])!r} must be a mapping")
+    node[last] = copy.deepcopy(value)
 
 
 def expand_cells(sweep: SweepSection, base: dict, source: str) -> list[Cell]:
@@ -231,10 +245,15 @@ def expand_cells(sweep: SweepSection, base: dict, source: str) -> list[Cell]:
 
 def _check_cell(sweep: SweepSection, config: RunConfig, cell_id: str, source: str) -> None:
     where = f"invalid sweep config {source} (cell {cell_id})"
-    if config.training.num_nets < 2:
+    if config.training.num_nets < 2 and sweep.experiment != "train":
         raise ConfigError(
             f"{where}: every experiment aligns and merges nets, which needs at least 2; set "
             f"training.num_nets >= 2 (got {config.training.num_nets})"
+        )
+    if config.data.is_text and sweep.experiment != "train":
+        raise ConfigError(
+            f"{where}: the {sweep.experiment} experiment aligns and merges image classifiers; language models "
+            "are trained and measured on held-out text only: set sweep.experiment: train"
         )
     if sweep.experiment == "n_way" and config.training.num_nets < 3:
         raise ConfigError(

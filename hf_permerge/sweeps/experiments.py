@@ -13,10 +13,13 @@ and which numbers to keep. All numbers are on the test split unless a key says `
   matching buys over any permutation.
 - `matchers` (App. B): for each labelled alignment (e.g. activation matching after training, the
   gradient/FOOF matcher at init), the pair numbers under that alignment, keyed `<label>:<metric>`.
+- `train`: no alignment; the nets' own test numbers from pair.json (text: the held-out books), `single_loss`,
+  `single_acc`, and their curve over training, `single_loss_t{step}` (each mean over the nets).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from statistics import fmean
 
 from ..config import AlignmentSection, RunConfig
@@ -107,6 +110,20 @@ def random_permutation_metrics(merger, split, seed: int) -> dict[str, float]:
     return out
 
 
+def train_metrics(pair_dir) -> dict[str, float]:
+    """The `train` experiment's numbers: the nets' final test loss and accuracy, and the test loss at every
+    evaluation during training (`log_history`), each the mean over the nets."""
+    from ..records import PairRecord, read_record
+
+    nets = read_record(Path(pair_dir) / "pair.json", PairRecord)["nets"]
+    out = {"single_loss": fmean(n["test"]["loss"] for n in nets), "single_acc": fmean(n["test"]["acc"] for n in nets)}
+    steps = sorted({h["step"] for n in nets for h in n.get("log_history", [])})
+    for step in steps:
+        losses = [h["test_loss"] for n in nets for h in n.get("log_history", []) if h["step"] == step]
+        out[f"single_loss_t{step}"] = fmean(losses)
+    return out
+
+
 def _evaluation(config: RunConfig, n_way: bool = False, schedules: bool = False):
     """The cell's evaluation settings with only the parts this experiment reads switched on."""
     ev = config.evaluation
@@ -131,6 +148,8 @@ def measure(
     progress: bool = False,
 ) -> dict:
     """The cell result (without its bookkeeping): {"metrics": {...}, optional "curves", "timings"}."""
+    if experiment == "train":
+        return {"metrics": train_metrics(pair_dir), "timings": {}}
     merger = PermMerger.from_pretrained(pair_dir, device=device)
     splits = evaluation_splits(config, device, merger.recorded_normalisation())
     if experiment == "matchers":

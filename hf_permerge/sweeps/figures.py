@@ -6,6 +6,7 @@
 - n_way (Fig. 3 mid): accuracy of the average of k permuted inits against k, one line per x value.
 - schedules (Fig. 3 right): midpoint accuracy over training under perm@x, current perm and vanilla.
 - matchers (App. B): averaged-init (and trained) accuracy under each matcher.
+- train: the nets' test loss (text: held-out) over training, one line per x value.
 """
 
 from __future__ import annotations
@@ -245,10 +246,43 @@ def plot_matchers(config: SweepConfig, summary: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
+def plot_train(config: SweepConfig, summary: list[dict], path: Path) -> str:
+    x_key = config.sweep.x_key
+    panels = _panels(config, summary, _other_keys(config, (x_key,)))
+    fig, axes = _grid(1, len(panels))
+    cmap = plt.get_cmap("viridis")
+    for col, (title, rows) in enumerate(panels):
+        rows = sorted(rows, key=lambda r: _order(config, x_key).index(r[x_key])) if x_key else rows
+        ax = axes[0][col]
+        for j, row in enumerate(rows):
+            steps = sorted(int(m[len("single_loss_t") :]) for m in row if _is_curve_point(m))
+            pts = [{"v": row[f"single_loss_t{t}"], "v_ci": row.get(f"single_loss_t{t}_ci")} for t in steps]
+            label = f"{_label(x_key)}={row[x_key]}" if x_key else None
+            _band(ax, steps, pts, "v", cmap(j / max(1, len(rows) - 1) * 0.9), label, False)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("test loss (text: held-out books)", fontsize=8)
+        ax.grid(alpha=0.3)
+        if x_key:
+            ax.legend(fontsize=7)
+    fig.suptitle("mean over nets; band: Student-t 95% interval over seeds", fontsize=8)
+    return _save(fig, path)
+
+
+def _is_curve_point(metric: str) -> bool:
+    return metric.startswith("single_loss_t") and not metric.endswith("_ci")
+
+
 def write_figures(config: SweepConfig, summary: list[dict], output_dir: Path) -> list[str]:
     name, experiment = config.sweep.name, config.sweep.experiment
     out = Path(output_dir)
-    plot = {"pair": plot_pair, "n_way": plot_n_way, "schedules": plot_schedules, "matchers": plot_matchers}[experiment]
+    plot = {
+        "pair": plot_pair,
+        "n_way": plot_n_way,
+        "schedules": plot_schedules,
+        "matchers": plot_matchers,
+        "train": plot_train,
+    }[experiment]
     written = [plot(config, summary, out / f"{name}.png")]
     if config.sweep.curves and any("curves" in r for r in summary):
         written.append(plot_curves(config, summary, out / f"{name}_curves.png"))

@@ -30,11 +30,11 @@ import torch
 from accelerate import PartialState
 
 from ..config import ConfigError, config_differences
-from ..data.tensors import load_tensors
 from ..devices import check_device
 from ..io_utils import check_output_dir, folder_job, write_json_atomic
 from ..records import PairRecord, read_json, read_record
 from ..training import PairTrainer, build_model, train_together
+from ..training.splits import load_splits
 from ..training.trainer import _without_seed
 from . import experiments
 from .config import Cell, SweepConfig
@@ -133,9 +133,11 @@ def check_finished_cells(config: SweepConfig, output_dir: Path) -> None:
 
 def check_data(config: SweepConfig) -> None:
     """Every data set the cells use must load (on the CPU, cached for the cells) before anything is written."""
-    for dataset, data_dir in sorted({(c.config.data.dataset, c.config.data.data_dir) for c in config.cells}, key=str):
-        for split in ("train", "test"):
-            load_tensors(dataset, split, "cpu", data_dir)
+    seen = {}
+    for cell in config.cells:
+        seen.setdefault(json.dumps(cell.config.data.model_dump(mode="json"), sort_keys=True), cell.config)
+    for run_config in seen.values():
+        load_splits(run_config, "cpu")
 
 
 STACK_MAX_PARAMS = 200_000_000

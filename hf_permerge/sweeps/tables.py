@@ -29,6 +29,7 @@ HEADLINE = {
     "n_way": ["single_acc", "init_single_acc", "init_random_acc", "init_perm_acc"],
     "schedules": [],
     "matchers": [],
+    "train": ["single_loss", "single_acc"],
 }
 
 
