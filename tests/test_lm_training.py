@@ -129,3 +129,25 @@ def test_missing_bible_is_one_line_from_the_cli_and_writes_nothing(tmp_path, run
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.endswith("install it with `apt-get install -y bible-kjv`"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_refuses_a_language_model_before_training(tmp_path, tiny_lm_config):
+    from hf_permerge.reporting.pipeline import run
+
+    with pytest.raises(ValueError, match="is text: the report's curves are measured on images only"):
+        run(tiny_lm_config(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_trained_pair_merges_by_weight_matching(tmp_path, tiny_lm_config):
+    """The pair folder is what `PermMerger.from_pretrained` reads: traced spec, weight matching, a merged model
+    saved with the pair's tokenizer."""
+    from hf_permerge.merging import PermMerger
+
+    PairTrainer(tiny_lm_config(training={"max_steps": 3}), tmp_path / "pair", progress=False).train()
+    merger = PermMerger.from_pretrained(tmp_path / "pair")
+    merger.align(matcher="weight", checkpoint="final")
+    merger.save_pretrained(tmp_path / "merged", merger.merge(0.5, "final"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = AutoTokenizer.from_pretrained(tmp_path / "merged")("and the lord", return_tensors="pt").input_ids
+    assert torch.isfinite(merged(input_ids=ids).logits).all()

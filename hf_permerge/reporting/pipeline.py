@@ -93,6 +93,15 @@ def evaluation_config(
     return config_from_dict(apply_overrides(data, overrides), source, overrides)
 
 
+def check_image_evaluation(config: RunConfig) -> None:
+    """The report's curves and barriers are measured on images; a language-model pair is refused before any work."""
+    if config.data.is_text:
+        raise ValueError(
+            f"data.dataset {config.data.dataset} is text: the report's curves are measured on images only; train "
+            "a language-model pair with `hf-permerge train` and merge it with `hf-permerge merge PAIR --matcher weight`"
+        )
+
+
 def check_run_output(output_dir, overwrite: bool = False, resume: bool = False) -> None:
     """A run folder's rule (`io_utils.check_output_dir`), checked before any work by `run` and the CLI."""
     check_output_dir(
@@ -162,6 +171,7 @@ def evaluate_pair(
             " with the --set overrides" if overrides else ""
         )
         config = evaluation_config((merger.pair or {}).get("config"), config, overrides, source)
+        check_image_evaluation(config)
         pair = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
         report = _report(merger, config, device, progress, train_s, pair, command)
         _write_evaluation(merger, report, out, config.evaluation.plots, command, overwrite)
@@ -216,6 +226,7 @@ def run(
 ) -> dict:
     """train + align + evaluate in one go: OUT/pair/, OUT/report.json, OUT/*.png, OUT/merged/ (`pair_label`: see
     `evaluate_pair`)."""
+    check_image_evaluation(config)
     if config.training.num_nets < 2:
         raise ValueError(
             f"training.num_nets {config.training.num_nets}: a run aligns and merges nets, which needs "
