@@ -139,14 +139,21 @@ def test_run_refuses_a_language_model_before_training(tmp_path, tiny_lm_config):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_trained_pair_merges_by_weight_matching(tmp_path, tiny_lm_config):
-    """The pair folder is what `PermMerger.from_pretrained` reads: traced spec, weight matching, a merged model
-    saved with the pair's tokenizer."""
+@pytest.mark.parametrize("matcher", ["weight", "activation"])
+def test_a_trained_pair_merges(tmp_path, tiny_lm_config, matcher):
+    """The pair folder is what `PermMerger.from_pretrained` reads: traced spec, weight matching or activation
+    matching on the held-out blocks (as a `datasets.Dataset`), a merged model saved with the pair's tokenizer."""
+    from hf_permerge.data.text import load_text_splits
     from hf_permerge.merging import PermMerger
 
-    PairTrainer(tiny_lm_config(training={"max_steps": 3}), tmp_path / "pair", progress=False).train()
+    cfg = tiny_lm_config(training={"max_steps": 3})
+    PairTrainer(cfg, tmp_path / "pair", progress=False).train()
     merger = PermMerger.from_pretrained(tmp_path / "pair")
-    merger.align(matcher="weight", checkpoint="final")
+    if matcher == "weight":
+        merger.align(matcher="weight", checkpoint="final")
+    else:
+        _, heldout = load_text_splits("kjv", cfg.data.vocab_size, cfg.data.block_size, cfg.data.heldout_every)
+        merger.align(heldout.to_dataset(), matcher="activation", checkpoint="final")
     merger.save_pretrained(tmp_path / "merged", merger.merge(0.5, "final"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     ids = AutoTokenizer.from_pretrained(tmp_path / "merged")("and the lord", return_tensors="pt").input_ids

@@ -73,7 +73,7 @@ def test_tokenized_text_is_cached_and_read_back(fake_bible, monkeypatch, tmp_pat
     assert test2.documents == test.documents
     (folder,) = (tmp_path / "cache" / "text").iterdir()
     blocks = datasets.load_from_disk(str(folder / "blocks"))
-    assert blocks["test"].column_names == ["input_ids"] and len(blocks["test"]) == len(test)
+    assert blocks["test"].column_names == ["input_ids", "attention_mask"] and len(blocks["test"]) == len(test)
     assert AutoTokenizer.from_pretrained(folder / "tokenizer").eos_token_id == EOS_ID
 
 
@@ -83,8 +83,14 @@ def test_another_block_size_is_another_cache_entry(fake_bible, tmp_path):
     assert len(list((tmp_path / "cache" / "text").iterdir())) == 2
 
 
-def test_to_dataset_is_the_interchange_format(fake_bible):
-    train, _ = text.load_text_splits("kjv", 300, 16, 4)
-    ds = train.to_dataset()
-    assert ds.column_names == ["input_ids"] and len(ds) == len(train)
-    assert ds.with_format("torch")[0]["input_ids"].tolist() == train.input_ids[0].tolist()
+def test_to_dataset_is_the_interchange_format_that_matching_reads(fake_bible):
+    """The held-out blocks as a `datasets.Dataset` come back through `token_split` (what `PermMerger.align(dataset)`
+    reads) as the same tensors: one TokenSplit for training and matching."""
+    from hf_permerge.data import token_split
+
+    _, test = text.load_text_splits("kjv", 300, 16, 4)
+    ds = test.to_dataset()
+    assert ds.column_names == ["input_ids", "attention_mask"] and len(ds) == len(test)
+    back = token_split(ds, vocab_size=300)
+    assert torch.equal(back.input_ids, test.input_ids) and back.num_tokens == test.input_ids.numel()
+    assert test.subset(5, seed=1).tokenizer is test.tokenizer and test.to("cpu").documents == test.documents

@@ -1,6 +1,7 @@
-"""Text for causal language models: documents tokenized and packed into blocks of `block_size` tokens, a split whole
-in memory as one (blocks, block_size) tensor (batches are index slices), and a `datasets.Dataset` of `input_ids` for
-interchange. Tokenizer and blocks are cached on disk, keyed by a fingerprint of the text and the settings.
+"""Text for training causal language models: documents tokenized and packed into blocks of `block_size` tokens, a
+split whole in memory as a `TokenSplit` (one (blocks, block_size) tensor; batches are index slices) and a
+`datasets.Dataset` of `input_ids` for interchange. Tokenizer and blocks are cached on disk, keyed by a fingerprint
+of the text and the settings.
 
 Cache: `$HF_PERMERGE_CACHE/text/<name>-<fingerprint>/` (default `~/.cache/hf_permerge`), holding the tokenizer
 (`tokenizer/`) and the blocks (`blocks/`, a `DatasetDict` with splits train and test, readable with
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from ..io_utils import atomic_dir
 from .tokenizer import EOS_ID, train_tokenizer
+from .tokens import TokenSplit
 
 logger = logging.getLogger(__name__)
 
@@ -32,40 +33,9 @@ def split_fingerprint(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(input_ids.numpy().astype(np.int32).tobytes()).hexdigest()[:16]
 
 
-@dataclass
-class TokenSplit:
-    """A split as `input_ids` (blocks, block_size) int64; `documents` names what it was made of (the books)."""
-
-    input_ids: torch.Tensor
-    fingerprint: str
-    tokenizer: object = None
-    documents: tuple[str, ...] = field(default=())
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def batches(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and labels (N, B, block_size) of N nets' batches, idx (N, B), in one gather. The labels are the
-        inputs: a causal LM shifts them itself (`labels=input_ids`)."""
-        ids = self.input_ids.index_select(0, idx.flatten()).view(*idx.shape, self.input_ids.shape[1])
-        return ids, ids
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as (inputs, labels), as the model's forward takes them."""
-        return self.input_ids, self.input_ids
-
-    def to(self, device) -> TokenSplit:
-        return TokenSplit(self.input_ids.to(device), self.fingerprint, self.tokenizer, self.documents)
-
-    def to_dataset(self):
-        """The blocks as a `datasets.Dataset` with one column, `input_ids` (fixed-length lists of int32)."""
-        import datasets  # keep lazy: +1.2 s at import
-
-        block_size = self.input_ids.shape[1]
-        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=block_size)})
-        return datasets.Dataset.from_dict(
-            {"input_ids": self.input_ids.cpu().numpy().astype(np.int32)}, features=features
-        )
+def blocks_split(input_ids: torch.Tensor, tokenizer, documents: tuple[str, ...]) -> TokenSplit:
+    """Packed blocks as a `TokenSplit`: every position a token (no padding)."""
+    return TokenSplit(input_ids, torch.ones_like(input_ids), split_fingerprint(input_ids), tokenizer, documents)
 
 
 def pack_blocks(tokenizer, documents: list[str], block_size: int) -> torch.Tensor:
@@ -109,8 +79,7 @@ def _read_cache(folder: Path, names: dict[str, tuple[str, ...]]) -> tuple[TokenS
     except Exception as err:  # a damaged cache is made again, never fatal
         logger.warning("ignoring the damaged text cache %s (%s); tokenizing again", folder, err)
         return None
-    train, test = (TokenSplit(ids[s], split_fingerprint(ids[s]), tokenizer, names[s]) for s in ("train", "test"))
-    return train, test
+    return blocks_split(ids["train"], tokenizer, names["train"]), blocks_split(ids["test"], tokenizer, names["test"])
 
 
 def _write_cache(folder: Path, train: TokenSplit, test: TokenSplit) -> None:
@@ -147,13 +116,8 @@ def tokenized_splits(
     splits = _read_cache(folder, names)
     if splits is None:
         tokenizer = train_tokenizer(train_docs.values(), vocab_size, model_max_length=block_size)
-        train, test = (
-            TokenSplit(ids, split_fingerprint(ids), tokenizer, names[s])
-            for s, ids in (
-                ("train", pack_blocks(tokenizer, list(train_docs.values()), block_size)),
-                ("test", pack_blocks(tokenizer, list(test_docs.values()), block_size)),
-            )
-        )
+        train = blocks_split(pack_blocks(tokenizer, list(train_docs.values()), block_size), tokenizer, names["train"])
+        test = blocks_split(pack_blocks(tokenizer, list(test_docs.values()), block_size), tokenizer, names["test"])
         _write_cache(folder, train, test)
         splits = train, test
     _MEMORY[key] = splits

@@ -1,10 +1,11 @@
-"""Text for matching and evaluation: a `datasets.Dataset` of token ids (or of text, through the model's own
-tokenizer) becomes one padded tensor of ids and one of its attention mask, made once; batches are index slices."""
+"""Text as tensors: a `datasets.Dataset` of token ids (or of text, through the model's own tokenizer) becomes one
+padded tensor of ids and one of its attention mask, made once; batches are index slices. The training text of
+language models (`data.text`: packed blocks, no padding) is a `TokenSplit` too."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -13,11 +14,14 @@ import torch
 class TokenSplit:
     """Sequences on the device: `input_ids` (N, L) int64 and `attention_mask` (N, L) (1: a token, 0: padding).
 
-    Statistics count the tokens the mask keeps; every token is a sample of each unit it reaches."""
+    Statistics count the tokens the mask keeps; every token is a sample of each unit it reaches. Training text
+    also carries the `tokenizer` it was made with and the `documents` (books) it holds."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     fingerprint: str
+    tokenizer: object = None
+    documents: tuple[str, ...] = field(default=())
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -31,10 +35,36 @@ class TokenSplit:
         if n is None or n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].to(self.input_ids.device)
-        return TokenSplit(self.input_ids[idx], self.attention_mask[idx], f"{self.fingerprint}:subset{n}@{seed}")
+        return replace(
+            self,
+            input_ids=self.input_ids[idx],
+            attention_mask=self.attention_mask[idx],
+            fingerprint=f"{self.fingerprint}:subset{n}@{seed}",
+        )
 
     def to(self, device) -> TokenSplit:
-        return TokenSplit(self.input_ids.to(device), self.attention_mask.to(device), self.fingerprint)
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device))
+
+    def batches(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels (N, B, L) of N nets' training batches, idx (N, B), in one gather. The labels are the
+        inputs: a causal LM shifts them itself (`labels=input_ids`). For packed blocks (no padding)."""
+        ids = self.input_ids.index_select(0, idx.flatten()).view(*idx.shape, self.input_ids.shape[1])
+        return ids, ids
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as (inputs, labels), as a causal LM's forward takes them (packed blocks)."""
+        return self.input_ids, self.input_ids
+
+    def to_dataset(self):
+        """The sequences as a `datasets.Dataset` with `input_ids` (int32 lists) and `attention_mask`: what
+        `token_split` reads back, and `PermMerger.align(dataset)` takes."""
+        import datasets  # keep lazy: +1.2 s at import
+
+        length = self.input_ids.shape[1]
+        column = datasets.Sequence(datasets.Value("int32"), length=length)
+        features = datasets.Features({"input_ids": column, "attention_mask": column})
+        data = {k: getattr(self, k).cpu().numpy().astype("int32") for k in features}
+        return datasets.Dataset.from_dict(data, features=features)
 
     def model_inputs(self, rows: slice) -> dict[str, torch.Tensor]:
         """The keyword arguments of a forward pass over sequences `rows`."""
