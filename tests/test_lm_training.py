@@ -158,3 +158,24 @@ def test_a_trained_pair_merges(tmp_path, tiny_lm_config, matcher):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     ids = AutoTokenizer.from_pretrained(tmp_path / "merged")("and the lord", return_tensors="pt").input_ids
     assert torch.isfinite(merged(input_ids=ids).logits).all()
+
+
+def test_loading_models_on_threads_leaves_weight_tying_alone(tmp_path, tiny_lm_config):
+    """`from_pretrained` swaps `PreTrainedModel.tie_weights` for a no-op while it loads; loads on threads (a sweep's
+    measure workers) are serialised, so a model made afterwards still ties its embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoConfig, PreTrainedModel
+
+    from hf_permerge.models.folders import load_model
+
+    original = PreTrainedModel.tie_weights
+    PairTrainer(tiny_lm_config(model=GPT2, training={"max_steps": 3}), tmp_path / "p", progress=False).train()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: load_model(tmp_path / "p/net_0/final"), range(32)))
+        assert PreTrainedModel.tie_weights is original
+    finally:
+        PreTrainedModel.tie_weights = original  # a failure here must not untie every later test's models
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=8, n_layer=1, n_head=2))
+    assert model.lm_head.weight is model.transformer.wte.weight

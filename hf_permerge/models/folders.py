@@ -3,6 +3,7 @@ atomically, read without transformers' per-load progress bars, a damaged file na
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -105,11 +106,17 @@ def auto_class_for(config):
     )
 
 
+_LOADING = threading.Lock()
+"""One `from_pretrained` at a time: it swaps class attributes while it loads (`PreTrainedModel.tie_weights` for a
+no-op, put back after), so two loads on threads (a sweep's measure workers) could leave every later model of the
+process with untied embeddings."""
+
+
 def load_model(folder: str | Path):
     """An HF model folder (one safetensors file or shards with their index) through the Auto class its config names
     (`auto_class_for`), in its saved dtype; a damaged weights file is an OSError naming it."""
     try:
-        with _without_transformers_bars():
+        with _LOADING, _without_transformers_bars():
             auto = auto_class_for(AutoConfig.from_pretrained(folder))
             return auto.from_pretrained(folder, dtype="auto")
     except SafetensorError as err:
