@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .base import Matcher, check_same_architecture
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
@@ -21,6 +22,122 @@ from .permutations import Permutations
 from .spec import PermutationSpec, permute_tensor
 
 TensorDict = Mapping[str, torch.Tensor]
+
+
+def group_similarity(
+    spec: PermutationSpec,
+    group: str,
+    pairs: Sequence[tuple[TensorDict, TensorDict]],
+    perms: Mapping[str, torch.Tensor],
+    solved: set[str] | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Group `group`'s objective as a matrix: [i, j] sums <a[k] at unit i, b[k] at unit j> over the pairs and the
+    tensors k that carry the group, b's other axes at `perms`, accumulated in `dtype`.
+
+    Each tensor is read from its mapping when needed (a lazily read checkpoint gives one tensor at a time) and
+    converted to `dtype` at most `chunk` columns at a time (its units on the rows), so the memory beyond the
+    tensors read is one chunk per side. `solved`: the layer-by-layer pass, counting only the tensors whose other
+    permuted axes all belong to groups already matched."""
+    g = spec[group]
+    axes_to_perm = spec.axes_to_perm()
+    total = torch.zeros(g.size, g.size, dtype=dtype)
+    for a, b in pairs:
+        for key, axis in g.axes:
+            if key not in a or key not in b:
+                continue
+            if solved is not None and not set(axes_to_perm[key].values()) - {group} <= solved:
+                continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
+            # every other axis at its current permutation: for a tensor carrying this group on two axes
+            # (P W P^T) each axis's term is the objective linearised at the group's current permutation
+            b_k = permute_tensor(spec, key, b[key], perms, except_axis=axis).movedim(axis, 0).reshape(g.size, -1)
+            a_k = a[key].movedim(axis, 0).reshape(g.size, -1)
+            step = chunk or a_k.shape[1] or 1
+            for j in range(0, a_k.shape[1], step):
+                total.addmm_(a_k[:, j : j + step].to(dtype), b_k[:, j : j + step].to(dtype).T)
+    return total
+
+
+def coordinate_descent(
+    spec: PermutationSpec,
+    similarity,
+    max_iter: int = 100,
+    seed: int = 0,
+    bottom_up_first: bool = False,
+    potentials: dict[str, dict] | None = None,
+    keep=lambda similarity, perm: similarity,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Git Re-Basin's coordinate descent over the groups of `spec` (see `solve_linear_matching`), for any source of
+    each group's objective: `similarity(group, perms, solved)` gives it as a matrix (`group_similarity`).
+
+    Returns (perms, final): final[g] = keep(g's similarity at the final permutations, perms[g]). A similarity is
+    kept from the last time it was computed while none of its neighbours changed since, so only stale groups are
+    computed again at the end. `progress`: a bar per pass, counting its groups."""
+    perms = {g.name: torch.arange(g.size) for g in spec.groups}
+    axes_to_perm = spec.axes_to_perm()
+    # A group's objective depends on the other groups it shares a tensor with (not on its own permutation: no
+    # tensor carries a group twice). Re-solving it while none of them changed finds the same permutation, which
+    # would not be kept (no improvement): skipped. This halves the solves of a one-hidden-layer MLP, whose only
+    # group was solved twice per match. A bottom-up solve counts once all its neighbours were solved before it
+    # (then it saw every tensor of the group), unless the group is coupled (that pass keeps heads in place).
+    neighbours = {  # a group on two axes of one tensor is its own neighbour: its objective is not linear
+        g.name: {o for key, axis in g.axes for a, o in axes_to_perm[key].items() if a != axis and o != g.name}
+        | {g.name for key, axis in g.axes if list(axes_to_perm[key].values()).count(g.name) > 1}
+        for g in spec.groups
+    }
+    changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
+    final: dict[str, tuple[object, int]] = {}  # group -> (kept similarity, `changes` when it was computed)
+    potentials = {g: {} for g in spec.names} if potentials is None else potentials
+    generator = torch.Generator().manual_seed(seed)
+    bar = lambda items, desc: tqdm(items, desc=desc, leave=False, disable=not progress)  # noqa: E731
+    if bottom_up_first:
+        solved: set[str] = set()
+        for group in bar(spec.names, "layer-by-layer pass"):
+            s = similarity(group, perms, solved)
+            perms[group] = solve_assignment(s, spec[group].blocks, previous=potentials.setdefault(group, {}))
+            if neighbours[group] <= solved:  # every tensor of the group counted: its full objective
+                final[group] = (keep(s, perms[group]), changes)
+                if spec.coupling_of(group) is None:  # coupled: heads not yet moved
+                    solved_at[group] = changes
+            changes += 1
+            changed_at[group] = changes
+            solved.add(group)
+    for sweep in range(max_iter):
+        order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
+        improved = False
+        visited: set[str] = set()
+        for group in bar(order, f"sweep {sweep + 1}"):
+            unit = spec.coupling_of(group) or (group,)  # an attention layer's groups move their heads together
+            if group in visited:
+                continue
+            visited.update(unit)
+            if all(solved_at[n] >= 0 and all(changed_at[o] <= solved_at[n] for o in neighbours[n]) for n in unit):
+                continue
+            for n in unit:
+                solved_at[n] = changes
+            sims = [similarity(n, perms, None) for n in unit]
+            new = (
+                solve_coupled(sims, spec[group].blocks)
+                if len(unit) > 1
+                else [solve_assignment(sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}))]
+            )
+            old_value = sum(matched_similarity(s, perms[n]) for s, n in zip(sims, unit))
+            new_value = sum(matched_similarity(s, p) for s, p in zip(sims, new))
+            if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
+                perms.update(zip(unit, new))
+                improved = True
+                changes += 1
+                changed_at.update(dict.fromkeys(unit, changes))
+            for n, s in zip(unit, sims):
+                final[n] = (keep(s, perms[n]), solved_at[n])
+        if not improved:
+            break
+    for g in spec.names:
+        if g not in final or any(changed_at[o] > final[g][1] for o in neighbours[g]):
+            final[g] = (keep(similarity(g, perms, None), perms[g]), changes)
+    return perms, {g: final[g][0] for g in spec.names}
 
 
 def solve_linear_matching(
@@ -49,6 +166,7 @@ def solve_linear_matching(
     Each group's columns are b's own units in every sweep, so a group solved again warm-starts from its last
     solve's column potentials (`solve_assignment`'s `previous`). `potentials`: group -> such a dict, given by
     a caller that matches slowly changing nets again and again (`align_to_average`); updated in place.
+    The tensors are converted to float64 once and held; `alignment.streamed` reads them from disk instead.
     """
     if isinstance(pairs_a, Mapping):
         pairs_a, pairs_b = [pairs_a], [pairs_b]
@@ -62,79 +180,8 @@ def solve_linear_matching(
         )
         for a, b in zip(pairs_a, pairs_b)
     ]
-    perms = {g.name: torch.arange(g.size) for g in spec.groups}
-
-    axes_to_perm = spec.axes_to_perm()
-
-    def similarity(group: str, solved: set[str] | None = None) -> torch.Tensor:
-        g = spec[group]
-        total = None
-        for a, b in pairs:
-            for key, axis in g.axes:
-                if key not in a:
-                    continue
-                if solved is not None and not set(axes_to_perm[key].values()) - {group} <= solved:
-                    continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
-                # every other axis at its current permutation: for a tensor carrying this group on two axes
-                # (P W P^T) each axis's term is the objective linearised at the group's current permutation
-                b_k = permute_tensor(spec, key, b[key], perms, except_axis=axis)
-                term = a[key].movedim(axis, 0).reshape(g.size, -1) @ b_k.movedim(axis, 0).reshape(g.size, -1).T
-                total = term if total is None else total + term
-        return total if total is not None else torch.zeros(g.size, g.size, dtype=torch.float64)
-
-    # A group's objective depends on the other groups it shares a tensor with (not on its own permutation: no
-    # tensor carries a group twice). Re-solving it while none of them changed finds the same permutation, which
-    # would not be kept (no improvement): skipped. This halves the solves of a one-hidden-layer MLP, whose only
-    # group was solved twice per match. A bottom-up solve counts once all its neighbours were solved before it
-    # (then it saw every tensor of the group), unless the group is coupled (that pass keeps heads in place).
-    neighbours = {  # a group on two axes of one tensor is its own neighbour: its objective is not linear
-        g.name: {o for key, axis in g.axes for a, o in axes_to_perm[key].items() if a != axis and o != g.name}
-        | {g.name for key, axis in g.axes if list(axes_to_perm[key].values()).count(g.name) > 1}
-        for g in spec.groups
-    }
-    changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
-    potentials = {g: {} for g in spec.names} if potentials is None else potentials
-    generator = torch.Generator().manual_seed(seed)
-    if bottom_up_first:
-        solved: set[str] = set()
-        for group in spec.names:
-            perms[group] = solve_assignment(
-                similarity(group, solved), spec[group].blocks, previous=potentials.setdefault(group, {})
-            )
-            if neighbours[group] <= solved and spec.coupling_of(group) is None:  # coupled: heads not yet moved
-                solved_at[group] = changes
-            changes += 1
-            changed_at[group] = changes
-            solved.add(group)
-    for _sweep in range(max_iter):
-        order = [spec.names[i] for i in torch.randperm(len(spec.names), generator=generator)]
-        improved = False
-        visited: set[str] = set()
-        for group in order:
-            unit = spec.coupling_of(group) or (group,)  # an attention layer's groups move their heads together
-            if group in visited:
-                continue
-            visited.update(unit)
-            if all(solved_at[n] >= 0 and all(changed_at[o] <= solved_at[n] for o in neighbours[n]) for n in unit):
-                continue
-            for n in unit:
-                solved_at[n] = changes
-            sims = [similarity(n) for n in unit]
-            new = (
-                solve_coupled(sims, spec[group].blocks)
-                if len(unit) > 1
-                else [solve_assignment(sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}))]
-            )
-            old_value = sum(matched_similarity(s, perms[n]) for s, n in zip(sims, unit))
-            new_value = sum(matched_similarity(s, p) for s, p in zip(sims, new))
-            if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
-                perms.update(zip(unit, new))
-                improved = True
-                changes += 1
-                changed_at.update(dict.fromkeys(unit, changes))
-        if not improved:
-            break
-    return perms, {g: similarity(g) for g in spec.names}
+    similarity = lambda group, perms, solved: group_similarity(spec, group, pairs, perms, solved)  # noqa: E731
+    return coordinate_descent(spec, similarity, max_iter, seed, bottom_up_first, potentials)
 
 
 @dataclasses.dataclass

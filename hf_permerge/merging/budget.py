@@ -1,0 +1,72 @@
+"""What a streamed merge needs before it starts: memory and disk, estimated, printed, and refused in one line when
+the machine has less, naming the setting that lowers it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from ..alignment.spec import PermutationSpec
+
+GiB = 2**30
+BASE_MEMORY = 1.25 * GiB
+"""Python, torch and transformers loaded, and the two-layer copy traced for the spec (a 1.1B-shaped LLaMA: 1.2 GB)."""
+SOLVE_BYTES_PER_ENTRY = 36
+"""Bytes per entry of a group's n x n similarity while it is solved: float32 (4), its float64 copy for SciPy (8),
+the warm start's transpose and buffer (4 + 4), the reduced cost matrix (8) and SciPy's own copy of it (8)."""
+
+
+class NotEnoughResources(RuntimeError):
+    """The machine has less memory or disk than the job needs; raised before any work."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    memory: int
+    disk: int
+    largest_group: int
+    largest_tensor: int
+    solve: int
+
+    def describe(self) -> str:
+        return (
+            f"streamed merge needs about {self.memory / GiB:.1f} GiB of memory (largest group "
+            f"{self.largest_group} units, largest tensor {self.largest_tensor / GiB:.2f} GiB) and "
+            f"{self.disk / GiB:.1f} GiB of disk"
+        )
+
+
+def estimate(spec: PermutationSpec, sizes: dict[str, int], chunk_elements: int) -> Needs:
+    """Peak memory and the output's size on disk. `sizes`: every tensor's bytes as stored.
+
+    Matching holds one group's similarity and, while it accumulates, one tensor of each model, b's permuted copy
+    and a float32 chunk per side; solving holds the similarity's copies (`SOLVE_BYTES_PER_ENTRY`). Merging holds a
+    tensor of each model, b's permuted copy, the output and three float32 chunks."""
+    n = max((g.size for g in spec.groups), default=0)
+    largest = max(sizes.values(), default=0)
+    chunk = 4 * chunk_elements
+    matching = max(SOLVE_BYTES_PER_ENTRY * n * n, 4 * n * n + 3 * largest + 2 * chunk)
+    merging = 4 * largest + 3 * chunk
+    solve = SOLVE_BYTES_PER_ENTRY * n * n
+    return Needs(int(BASE_MEMORY + max(matching, merging)), sum(sizes.values()), n, largest, solve)
+
+
+def check_resources(needs: Needs, output_dir: Path, chunk_elements: int) -> None:
+    """Refuse (`NotEnoughResources`, one line) when available memory or the output disk's free space is short."""
+    available = psutil.virtual_memory().available
+    if needs.memory > available:
+        raise NotEnoughResources(
+            f"{needs.describe()}, but only {available / GiB:.1f} GiB of memory is available; lower "
+            f"chunk_elements (now {chunk_elements}) to hold less of each tensor at once (solving the largest "
+            f"group alone takes {needs.solve / GiB:.1f} GiB), or free memory"
+        )
+    parent = next(p for p in [output_dir, *output_dir.parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    if needs.disk > free:
+        raise NotEnoughResources(
+            f"{needs.describe()}, but {parent} has only {free / GiB:.1f} GiB free; choose an output folder "
+            "on a disk with more space (output_dir)"
+        )

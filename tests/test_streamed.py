@@ -1,0 +1,194 @@
+"""Streamed weight matching and merging: tensors read from the shards on demand, the merge written shard by shard.
+
+The planted case is the correctness test at every scale: B is a permuted copy of A (permuted by `text_models`'
+own hand-written code, not by the tracer's spec), so aligning B onto A must give A's tensors back exactly."""
+
+import copy
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from text_models import logits, planted_permutation, tiny, token_ids
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_permerge import shards
+from hf_permerge.alignment import PermGroup, PermutationSpec, apply_permutations, solve_linear_matching
+from hf_permerge.alignment.repeat import repeat_layers
+from hf_permerge.alignment.streamed import match_streamed, objective
+from hf_permerge.alignment.tracing import trace
+from hf_permerge.io_utils import is_leftover
+from hf_permerge.merging import budget
+from hf_permerge.merging.checkpoint_spec import checkpoint_spec
+from hf_permerge.merging.saving import MARKER
+from hf_permerge.merging.streamed import merge_streamed
+from hf_permerge.shards import INDEX_NAME, ShardedTensors
+
+
+def _save(state, model, folder):
+    model.load_state_dict(state)
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="20KB")
+
+
+@pytest.fixture(scope="module")
+def planted_pair(tmp_path_factory):
+    """Folders a and b (sharded, bf16): b is a planted permutation of a."""
+    root = tmp_path_factory.mktemp("planted")
+    model = tiny("llama").to(torch.bfloat16)
+    spec = trace(tiny("llama"), {"input_ids": token_ids()}).spec
+    _save(model.state_dict(), model, root / "a")
+    _save(planted_permutation(model, seed=3), tiny("llama").to(torch.bfloat16), root / "b")
+    return root / "a", root / "b", spec
+
+
+def test_streamed_weight_matching_undoes_a_planted_permutation(planted_pair):
+    a, b, spec = planted_pair
+    source_a, source_b = ShardedTensors(a), ShardedTensors(b)
+    perms = match_streamed(spec, source_a, source_b, chunk_elements=64)  # a few columns at a time
+    state_b = {k: source_b[k] for k in source_b}
+    aligned = apply_permutations(spec, state_b, perms)
+    for key in source_a:
+        assert torch.equal(aligned[key], source_a[key]), key
+
+
+def test_streamed_objective_equals_the_in_memory_matchers(planted_pair):
+    a, b, spec = planted_pair
+    source_a, source_b = ShardedTensors(a), ShardedTensors(b)
+    streamed = match_streamed(spec, source_a, source_b, bottom_up=False, seed=1)
+    perms, sims = solve_linear_matching(
+        spec, {k: source_a[k] for k in source_a}, {k: source_b[k] for k in source_b}, seed=1
+    )
+    assert streamed == perms
+    in_memory = sum(float(s[torch.arange(len(p)), p].sum()) for s, p in ((sims[g], perms[g]) for g in sims))
+    assert objective(streamed) == pytest.approx(in_memory, rel=1e-5)
+
+
+def test_spec_traced_on_two_layers_and_repeated_equals_the_spec_traced_on_all(tmp_path):
+    for arch in ("llama", "llama_mha", "bert"):  # grouped-query, heads moving within, heads coupled
+        small = tiny(arch)
+        config = copy.deepcopy(small.config)
+        config.num_hidden_layers = 5
+        deep = type(small)(config)
+        full = trace(deep, {"input_ids": token_ids()}).spec
+        repeated = repeat_layers(trace(small, {"input_ids": token_ids()}).spec, 2, 5, deep.state_dict())
+        assert repeated.equivalent(full) and repeated.names == full.names
+        assert [(g.activation, g.preactivation, g.unit_axis) for g in repeated.groups] == [
+            (g.activation, g.preactivation, g.unit_axis) for g in full.groups
+        ]
+
+
+def test_checkpoint_spec_needs_only_the_shapes(planted_pair):
+    a, _, traced = planted_pair
+    config = AutoConfig.from_pretrained(a)
+    config.num_hidden_layers = 7
+    with torch.device("meta"):
+        shapes = AutoModelForCausalLM.from_config(config).state_dict()
+    spec, _ = checkpoint_spec(config, shapes)
+    assert len(spec.groups) == 1 + 7 and spec.groups[0].size == config.hidden_size
+    assert {g.size for g in spec.groups[1:]} == {config.intermediate_size}
+
+
+def test_streamed_merge_of_a_planted_pair_is_a_and_loads(planted_pair, tmp_path):
+    a, b, _ = planted_pair
+    out = merge_streamed(a, b, tmp_path / "merged", max_shard_size="20KB", progress=False, log=lambda _: None)
+    merged, source_a = ShardedTensors(out), ShardedTensors(a)
+    assert (out / INDEX_NAME).is_file() and (out / "config.json").is_file() and (out / MARKER).is_file()
+    for key in source_a:
+        assert merged.meta(key) == source_a.meta(key)
+        assert torch.equal(merged[key], source_a[key]), key
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(logits(model, token_ids()), logits(AutoModelForCausalLM.from_pretrained(a), token_ids()))
+
+
+def test_streamed_merge_estimates_its_needs_and_says_so(planted_pair, tmp_path):
+    a, b, _ = planted_pair
+    said = []
+    merge_streamed(a, b, tmp_path / "merged", progress=False, log=said.append)
+    assert len(said) == 1 and "GiB of memory" in said[0] and "GiB of disk" in said[0]
+
+
+def test_too_little_memory_is_refused_in_one_line_naming_the_setting(planted_pair, tmp_path, monkeypatch):
+    a, b, _ = planted_pair
+    monkeypatch.setattr(budget.psutil, "virtual_memory", lambda: SimpleNamespace(available=2**20))
+    with pytest.raises(budget.NotEnoughResources, match="memory is available; lower chunk_elements") as err:
+        merge_streamed(a, b, tmp_path / "merged", progress=False, log=lambda _: None)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_too_little_disk_is_refused_in_one_line(planted_pair, tmp_path, monkeypatch):
+    a, b, _ = planted_pair
+    monkeypatch.setattr(budget.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024, total=2048, used=1024))
+    with pytest.raises(budget.NotEnoughResources, match="free; choose an output folder"):
+        merge_streamed(a, b, tmp_path / "merged", progress=False, log=lambda _: None)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_the_estimate_grows_with_the_largest_group_and_tensor():
+    spec = PermutationSpec((PermGroup("g", 1000, (), None),))
+    small = budget.estimate(spec, {"t": 10**6}, 1000)
+    assert budget.estimate(spec, {"t": 10**9}, 1000).memory > small.memory
+    assert budget.estimate(PermutationSpec((PermGroup("g", 4000, (), None),)), {"t": 10**6}, 1000).memory > small.memory
+    assert small.disk == 10**6
+
+
+def _digest(folder):
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+KILLED_MERGE = """
+import sys, time
+from hf_permerge import shards
+write = shards.ShardWriter.write
+def slow(self, name, tensor):
+    write(self, name, tensor)
+    open(sys.argv[4], "w").close()
+    time.sleep(120)
+shards.ShardWriter.write = slow
+from hf_permerge.merging.streamed import merge_streamed
+merge_streamed(sys.argv[1], sys.argv[2], sys.argv[3], max_shard_size="20KB", progress=False)
+"""
+
+
+def test_a_killed_streamed_merge_leaves_no_output_and_the_inputs_untouched(planted_pair, tmp_path):
+    a, b, _ = planted_pair
+    before = _digest(a), _digest(b)
+    out, started = tmp_path / "merged", tmp_path / "writing"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MERGE, str(a), str(b), str(out), str(started)], cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the merge never started writing"
+        assert any(p.name.startswith(".merged.tmp-") for p in tmp_path.iterdir())  # midway: shards in staging
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    assert all(is_leftover(p) or p.name in ("writing", ".merged.lock") for p in tmp_path.iterdir())
+    assert (_digest(a), _digest(b)) == before
+
+
+def test_overwrite_keeps_the_old_merge_until_the_new_one_is_whole(planted_pair, tmp_path, monkeypatch):
+    a, b, _ = planted_pair
+    out = merge_streamed(a, b, tmp_path / "merged", progress=False, log=lambda _: None)
+    before = _digest(out)
+
+    def broken(self, name, tensor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards.ShardWriter, "write", broken)
+    with pytest.raises(KeyboardInterrupt):
+        merge_streamed(a, b, out, overwrite=True, progress=False, log=lambda _: None)
+    assert _digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
