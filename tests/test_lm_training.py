@@ -134,7 +134,7 @@ def test_missing_bible_is_one_line_from_the_cli_and_writes_nothing(tmp_path, run
 def test_run_refuses_a_language_model_before_training(tmp_path, tiny_lm_config):
     from hf_permerge.reporting.pipeline import run
 
-    with pytest.raises(ValueError, match="is text: the report's curves are measured on images only"):
+    with pytest.raises(ValueError, match="is text: `run` reports on image classifiers"):
         run(tiny_lm_config(), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -179,3 +179,21 @@ def test_loading_models_on_threads_leaves_weight_tying_alone(tmp_path, tiny_lm_c
         PreTrainedModel.tie_weights = original  # a failure here must not untie every later test's models
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=8, n_layer=1, n_head=2))
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_evaluate_a_trained_pair_of_language_models(tmp_path, tiny_lm_config, run_cli):
+    """`hf-permerge evaluate PAIR` on a trained LM pair: aligned on its training blocks, held-out loss along lambda
+    for the trained nets and their inits, both ends equal to each net's own held-out loss."""
+    PairTrainer(tiny_lm_config(training={"max_steps": 3}), tmp_path / "pair", progress=False).train()
+    out = tmp_path / "eval"
+    assert run_cli("evaluate", tmp_path / "pair", "-q", "-o", out, "--set", "evaluation.num_lambdas=3") == 0
+    report = json.loads((out / "report.json").read_text())
+    pair = json.loads((tmp_path / "pair/pair.json").read_text())
+    assert report["kind"] == "text" and report["alignment"]["matcher"] == "activation"
+    assert set(report["curves"]) == {"final", "init"} and set(report["curves"]["final"]) == {"test", "train"}
+    test = report["curves"]["final"]["test"]
+    for path in ("vanilla", "permuted"):  # lambda 0 and 1 are the nets themselves
+        assert test[path]["loss"][0] == pytest.approx(pair["nets"][0]["test"]["loss"], rel=1e-4)
+        assert test[path]["loss"][-1] == pytest.approx(pair["nets"][1]["test"]["loss"], rel=1e-4)
+    assert (out / "text_curves.png").is_file() and (out / "permutations").is_dir()
+    assert AutoModelForCausalLM.from_pretrained(out / "merged").config.model_type == "llama"

@@ -3,6 +3,7 @@
 
 import json
 
+import pytest
 import torch
 from test_text_merging import _pair
 from text_models import logits, token_ids
@@ -46,3 +47,43 @@ def test_text_column_without_a_text_data_set_is_refused(tmp_path, run_cli, capsy
     assert run_cli("align", a, b, "--text-column", "verse", "-o", tmp_path / "perms") == 2
     assert "--text-column names a column of a text --dataset" in capsys.readouterr().err
     assert not (tmp_path / "perms").exists()
+
+
+def _heldout(tmp_path):
+    corpus = tmp_path / "heldout.txt"
+    corpus.write_text("\n".join(" ".join(f"w{(5 * i + 3 * j) % 90}" for j in range(10)) for i in range(12)))
+    return corpus
+
+
+def test_evaluate_text_models_on_held_out_text(tmp_path, run_cli):
+    """Model folders (a planted permutation of one net): weight matching, and the held-out loss along lambda is
+    flat on the permuted path (one function all along), with the curves, the plot and the merged model written."""
+    a, b = _pair(tmp_path, "llama")
+    out = tmp_path / "eval"
+    assert run_cli("evaluate", a, b, "--dataset", _heldout(tmp_path), "-q", "-o", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    curve = report["curves"]["final"]["heldout"]
+    assert report["alignment"]["matcher"] == "weight" and report["tokens"]["heldout"] == 12 * 10
+    assert max(curve["permuted"]["loss"]) - min(curve["permuted"]["loss"]) < 1e-4
+    assert curve["barrier"]["permuted"] == pytest.approx(0, abs=1e-4)
+    assert (out / "text_curves.png").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    reference = AutoModelForCausalLM.from_pretrained(a)
+    assert torch.allclose(logits(merged, token_ids()), logits(reference, token_ids()), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ((), "name the held-out text their curves are measured on with --dataset"),
+        (("--set", "alignment.matcher=activation"), "are aligned by weight matching here"),
+        (("--text-column", "verse"), "--text-column qualifies --dataset"),
+    ],
+)
+def test_evaluate_text_models_refusals(tmp_path, run_cli, capsys, extra, message):
+    a, b = _pair(tmp_path, "llama")
+    heldout = () if extra and extra[0] == "--text-column" or not extra else ("--dataset", _heldout(tmp_path))
+    assert run_cli("evaluate", a, b, *heldout, *extra, "-q", "-o", tmp_path / "eval") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0, err
+    assert not (tmp_path / "eval").exists()

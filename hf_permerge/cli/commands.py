@@ -9,7 +9,16 @@ import sys
 from pathlib import Path
 
 from .jobs import job
-from .options import check_merge_options, command_line, data_source, device, matching, merger_for, reference_args
+from .options import (
+    check_merge_options,
+    command_line,
+    data_source,
+    device,
+    heldout_text,
+    matching,
+    merger_for,
+    reference_args,
+)
 
 
 def cmd_align(args) -> int:
@@ -114,6 +123,8 @@ def cmd_evaluate(args) -> int:
     config = load_config(args.config) if args.config else None
     check_evaluate_overrides(args.overrides)
     check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
+    check()  # before the held-out text is read
+    heldout = heldout_text(args)
     with job(args, check, into=True) as (out, overwrite):  # into: a run folder keeps its pair
         evaluate_pair(
             args.pair[0] if len(args.pair) == 1 else args.pair,
@@ -126,6 +137,7 @@ def cmd_evaluate(args) -> int:
             command=command_line(args),
             token=args.token,
             revision=args.revision,
+            heldout=heldout,
         )
     print(f"report: {args.output_dir}/report.json")
     return 0

@@ -130,3 +130,22 @@ def check_merge_options(args) -> None:
             f"{', '.join(given)} cannot be used with {mode}: {why}, so the matching options would be "
             f"ignored; drop {', '.join(given)} or {mode}"
         )
+
+
+def heldout_text(args) -> dict | None:
+    """evaluate's --dataset (held-out text for language models given as folders) as {"dataset", "text_column"},
+    read before any model is loaded; None when not given."""
+    if args.dataset is None:
+        for flag in ("dataset_split", "text_column"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} qualifies --dataset (held-out text); add --dataset")
+        return None
+    from pathlib import Path
+
+    from ..data.loading import load_dataset_source
+
+    split = args.dataset_split
+    if split is None and (Path(args.dataset) / "test").is_dir():  # a saved DatasetDict: its held-out split
+        split = "test"
+    data, _ = load_dataset_source(args.dataset, split, args.text_column)
+    return {"dataset": data, "text_column": args.text_column}

@@ -189,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
         p, "SECTION.KEY=VALUE", "override alignment.*, evaluation.* or data.data_dir, e.g. --set evaluation.plane=true"
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    t = p.add_argument_group("language models given as model folders (a trained pair brings its own held-out text)")
+    t.add_argument(
+        "--dataset",
+        help="the held-out text the loss curves are measured on: a text file (.txt, .jsonl, .csv), a folder "
+        "written by Dataset.save_to_disk or a Hub dataset id",
+    )
+    t.add_argument(
+        "--dataset-split",
+        help="the split of a --dataset folder or Hub id (default: a saved DatasetDict's test, else train)",
+    )
+    t.add_argument("--text-column", help="the column of --dataset holding text (default: input_ids, else 'text')")
     _add_output_args(p)
     _add_hub_read_args(p)
 

@@ -127,7 +127,13 @@ def load_dataset_source(source: str, split: str | None = None, text_column: str 
                 "Dataset.save_to_disk, or a folder of images with one subfolder per class"
             ) from err
     elif path.is_file() and path.suffix in TEXT_FILES:
-        ds = datasets.load_dataset(TEXT_FILES[path.suffix], data_files=str(path), split="train")
+        shown = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # "Generating train split": a bar for a fraction of a second
+        try:
+            ds = datasets.load_dataset(TEXT_FILES[path.suffix], data_files=str(path), split="train")
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
     elif path.exists():
         raise ValueError(
             f"{path} is a file, not one of {', '.join(TEXT_FILES)}; give a text file (one example per line), a folder "

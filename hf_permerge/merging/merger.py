@@ -111,6 +111,10 @@ class PermMerger:
         "whose folders were passed (`[a/net_0/step-50, b/net_0/step-50]` merges step-50).",
     )
 
+    def is_text(self) -> bool:
+        """Whether the nets are language models (they take tokens, not pixels)."""
+        return self._nets.is_text(self._nets.load(0))
+
     @property
     def num_nets(self) -> int:
         return len(self._nets)
@@ -157,6 +161,14 @@ class PermMerger:
         Only the `num_examples` images the matcher or REPAIR will use are converted: the same seeded
         subset, in the same order, that `TensorSplit.subset(num_examples, seed)` takes."""
         return self._data.tensor_split(self._nets, data, num_examples, seed)
+
+    def token_split(self, data, num_examples: int | None = None, seed: int = 0, text_column: str | None = None):
+        """Sequences for text models as a `TokenSplit`: a `datasets.Dataset` of `input_ids` (+ `attention_mask`) or
+        of text in `text_column` (tokenized by the tokenizer saved beside net 0), checked against the models'
+        positions and vocabulary; its seeded subset of `num_examples` sequences only."""
+        if text_column is not None:
+            self._data.text_column = text_column
+        return self._data.text_split(self._nets, data, num_examples, seed)
 
     def described_dataset(self) -> str | None:
         """The data set a card and merge_config.json name: the pair's (its nets were trained on it, whatever they

@@ -22,6 +22,7 @@ from ..merging.sources import portable_path
 from ..training import PairTrainer
 from ..training.trainer import resumable_pair
 from .report import build_report, summary_table
+from .text_report import align_text, check_text_evaluation, plot_text_curves, text_report, text_splits, text_summary
 
 logger = logging.getLogger("hf_permerge.pipeline")
 
@@ -94,11 +95,11 @@ def evaluation_config(
 
 
 def check_image_evaluation(config: RunConfig) -> None:
-    """The report's curves and barriers are measured on images; a language-model pair is refused before any work."""
+    """`run` measures its curves on images; a language-model config is refused before any work."""
     if config.data.is_text:
         raise ValueError(
-            f"data.dataset {config.data.dataset} is text: the report's curves are measured on images only; train "
-            "a language-model pair with `hf-permerge train` and merge it with `hf-permerge merge PAIR --matcher weight`"
+            f"data.dataset {config.data.dataset} is text: `run` reports on image classifiers; train the language "
+            "models with `hf-permerge train CONFIG -o PAIR`, then `hf-permerge evaluate PAIR` measures them"
         )
 
 
@@ -148,12 +149,14 @@ def evaluate_pair(
     token: str | None = None,
     revision: str | None = None,
     pair_label: str | None = None,
+    heldout: dict | None = None,
 ) -> dict:
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`) on `device`
-    (default: the GPU if there is one; one this machine lacks is refused before any work); write OUT/report.json,
-    OUT/*.png, OUT/merged/ (with its card) and OUT/permutations/ as one job (`io_utils.folder_job`): an evaluation
-    that `overwrite` replaces stays as it was unless the new one is written whole. `pair_label`: how the report
-    names the pair (default: its portable path)."""
+        (default: the GPU if there is one; one this machine lacks is refused before any work); write OUT/report.json,
+        OUT/*.png, OUT/merged/ (with its card) and OUT/permutations/ as one job (`io_utils.folder_job`): an evaluation
+        that `overwrite` replaces stays as it was unless the new one is written whole. `pair_label`: how the report
+        names the pair (default: its portable path). Language models: held-out loss and perplexity along lambda instead
+    (`text_report`); `heldout` ({"dataset", "text_column"}) is the held-out text of model folders."""
     device = check_device(device)
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
@@ -162,6 +165,13 @@ def evaluate_pair(
     with folder_job(output_dir, check, overwrite, into=True) as (out, overwrite):  # into: a run folder keeps its pair
         merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
         models = not isinstance(pair_dir, (str, Path))  # a list of model folders / repo ids
+        pair = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
+        if merger.is_text():
+            report = _evaluate_text(merger, config, overrides, heldout, models, pair, command, progress, out, overwrite)
+            print(text_summary(report))
+            return report
+        if heldout is not None:
+            raise ValueError("--dataset names held-out text for language models; these models take images: drop it")
         if (merger.pair or {}).get("config") is None and config is None:
             raise ValueError(
                 f"{'these models have' if models else f'{pair_dir} has'} no pair.json; pass a config "
@@ -172,10 +182,39 @@ def evaluate_pair(
         )
         config = evaluation_config((merger.pair or {}).get("config"), config, overrides, source)
         check_image_evaluation(config)
-        pair = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
         report = _report(merger, config, device, progress, train_s, pair, command)
         _write_evaluation(merger, report, out, config.evaluation.plots, command, overwrite)
     print(summary_table(report))
+    return report
+
+
+def _evaluate_text(merger, config, overrides, heldout, models: bool, pair, command, progress, out, overwrite) -> dict:
+    """`evaluate` for language models: align (a trained pair: as its config says; model folders: weight matching),
+    measure `text_report`, write OUT/report.json, OUT/text_curves.png, OUT/merged/ (the midpoint) and
+    OUT/permutations/."""
+    pair_config = (merger.pair or {}).get("config")
+    if pair_config is None:  # model folders: only alignment and evaluation mean anything; weight matching
+        base = config.to_dict() if config is not None else RunConfig().to_dict()
+        if config is None:
+            base["alignment"]["matcher"] = "weight"
+        config = config_from_dict(apply_overrides(base, overrides), "--config" if config else "defaults", overrides)
+    else:
+        config = evaluation_config(pair_config, config, overrides, "pair.json")
+    check_text_evaluation(config, heldout, models)
+    splits = text_splits(merger, config, heldout)
+    align_text(merger, config)
+    report = text_report(merger, config, splits, pair, portable_command(command), progress)
+    if pair_config is None:
+        report["config"] = {"alignment": report["config"]["alignment"], "evaluation": report["config"]["evaluation"]}
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as tmp:
+        files = plot_text_curves(report, Path(tmp)) if config.evaluation.plots else []
+        merged = merger.merge(0.5, "final")
+        merger.save_pretrained(out / "merged", merged, command=command, overwrite=overwrite)
+        for name in files:
+            (Path(tmp) / name).replace(out / name)
+    write_json_atomic(out / "report.json", report)
+    merger.save_permutations(out / "permutations")
     return report
 
 

@@ -1,0 +1,115 @@
+"""The evaluation of a pair of language models: held-out loss and perplexity along lambda, vanilla and permuted,
+trained and at init, with the loss barriers; what `hf-permerge evaluate` writes for text models.
+
+A trained LM pair (`hf-permerge train`) is aligned on its training blocks and measured on its held-out blocks
+(and a fixed subset of its training blocks); model folders are measured on the held-out text the caller names,
+and aligned by weight matching (matching on the text they are measured on would flatter the permuted path)."""
+
+from __future__ import annotations
+
+import math
+
+from ..alignment.matchers import matcher_settings
+from ..evaluation.text import text_curves
+from ..training.splits import load_splits
+
+TRAIN_SUBSET_SEED = 1
+"""The training blocks the curves read are an independent draw from the matcher's (seed 0), as for images."""
+
+
+def check_text_evaluation(config, heldout, models: bool) -> None:
+    """Refusals before any work: model folders need held-out text and the weight matcher."""
+    if models and heldout is None:
+        raise ValueError(
+            "these are language models without a pair.json: name the held-out text their curves are measured on "
+            "with --dataset (a .txt/.jsonl/.csv file, a saved Dataset or a Hub id; --text-column for its column)"
+        )
+    if models and config.alignment.matcher != "weight":
+        raise ValueError(
+            f"alignment.matcher {config.alignment.matcher}: language models without a pair.json are aligned by "
+            "weight matching here (matching on the held-out text would flatter the permuted curve); add "
+            "--set alignment.matcher=weight, or align on other text with `hf-permerge merge A B --dataset TEXT`"
+        )
+
+
+def text_splits(merger, config, heldout=None) -> dict:
+    """{name: TokenSplit}: the caller's held-out text ("heldout"), else the pair's splits as
+    `evaluation.splits` names them (test: the held-out blocks; train: a fixed subset of the training blocks, as
+    many as the held-out ones, at most `evaluation.train_subset`)."""
+    if heldout is not None:
+        return {"heldout": merger.token_split(heldout["dataset"], text_column=heldout.get("text_column"))}
+    train, test = load_splits(config)
+    train = train.subset(min(config.evaluation.train_subset, len(test)), seed=TRAIN_SUBSET_SEED)
+    return {name: test if name == "test" else train for name in config.evaluation.splits}
+
+
+def align_text(merger, config) -> None:
+    """Align as the config's `alignment` section says; data matchers read the pair's training blocks."""
+    a = config.alignment
+    settings = matcher_settings(a.matcher, a.model_dump())
+    data = None if a.matcher == "weight" else load_splits(config)[0]
+    merger.align(data, matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, **settings)
+
+
+def text_report(merger, config, splits: dict, pair, command: str | None, progress: bool = True) -> dict:
+    """report.json of a text pair: per checkpoint (final; init when the nets kept it) and split, `text_curves`."""
+    from tqdm.auto import tqdm
+
+    checkpoints = ["final"] + (["init"] if all("init" in s.checkpoints for s in merger.sources) else [])
+    curves: dict = {}
+    jobs = [(c, s) for c in checkpoints for s in splits]
+    for checkpoint, name in tqdm(jobs, desc="text curves", disable=not progress or None, leave=False):
+        curves.setdefault(checkpoint, {})[name] = text_curves(
+            merger, splits[name], config.evaluation.num_lambdas, checkpoint=checkpoint
+        )
+    return {
+        "kind": "text",
+        "pair": pair,
+        "alignment": {k: v for k, v in merger.alignment.items() if k != "perms"},
+        "tokens": {name: split.num_tokens for name, split in splits.items()},
+        "curves": curves,
+        "config": config.to_dict(),
+        "command": command,
+    }
+
+
+def text_summary(report: dict) -> str:
+    """A few lines for the terminal: per checkpoint and split, the endpoints, the midpoints and the barriers."""
+    lines = []
+    for checkpoint, by_split in report["curves"].items():
+        for name, c in by_split.items():
+            van, perm = c["vanilla"]["loss"], c["permuted"]["loss"]
+            mid = len(van) // 2
+            removed = "" if c["removed"] is None else f", {c['removed']:.0%} of it removed"
+            lines.append(
+                f"{checkpoint} on {name} ({report['tokens'][name]} tokens): loss {van[0]:.3f} / {van[-1]:.3f} at the "
+                f"ends (ln V {c['log_vocab']:.3f}); midpoint vanilla {van[mid]:.3f}, permuted {perm[mid]:.3f} "
+                f"(perplexity {math.exp(van[mid]):.1f} -> {math.exp(perm[mid]):.1f}); barrier "
+                f"{c['barrier']['vanilla']:.3f} -> {c['barrier']['permuted']:.3f}{removed}"
+            )
+    return "\n".join(lines)
+
+
+def plot_text_curves(report: dict, folder) -> list[str]:
+    """text_curves.png: loss along lambda, vanilla and permuted, one panel per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(report["curves"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, checkpoint in zip(axes[0], panels):
+        for name, c in report["curves"][checkpoint].items():
+            for path, style in (("vanilla", "--"), ("permuted", "-")):
+                ax.plot(c["lambdas"], c[path]["loss"], style, marker="o", ms=3, label=f"{path}, {name}")
+        ax.axhline(c["log_vocab"], color="grey", lw=1, ls=":", label="ln V (uniform guess)")
+        ax.set_title("trained" if checkpoint == "final" else f"{checkpoint} (permutation from the trained nets)")
+        ax.set_xlabel("λ")
+        ax.set_ylabel("loss per token (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "text_curves.png", dpi=110)
+    plt.close(fig)
+    return ["text_curves.png"]
