@@ -192,3 +192,31 @@ def test_overwrite_keeps_the_old_merge_until_the_new_one_is_whole(planted_pair, 
         merge_streamed(a, b, out, overwrite=True, progress=False, log=lambda _: None)
     assert _digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_streamed_merge_on_the_command_line(planted_pair, tmp_path, run_cli, capsys):
+    a, b, _ = planted_pair
+    out = tmp_path / "merged"
+    assert run_cli("merge", a, b, "--streamed", "--max-shard-size", "20KB", "-o", out) == 0
+    said = capsys.readouterr().out
+    assert "GiB of memory" in said and f"merged model: {out}" in said
+    merged, source_a = ShardedTensors(out), ShardedTensors(a)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    for key in source_a:
+        assert torch.equal(merged[key], source_a[key]), key
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--matcher", "activation"), "--streamed aligns by weight matching"),
+        (("--vanilla",), "--vanilla cannot be used with --streamed"),
+        (("--checkpoint", "init"), "--checkpoint cannot be used with --streamed"),
+    ],
+)
+def test_streamed_merge_refuses_what_it_cannot_do(planted_pair, tmp_path, run_cli, capsys, extra, message):
+    a, b, _ = planted_pair
+    assert run_cli("merge", a, b, "--streamed", *extra, "-o", tmp_path / "merged") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0, err
+    assert not (tmp_path / "merged").exists()

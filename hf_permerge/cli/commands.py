@@ -11,6 +11,7 @@ from pathlib import Path
 from .jobs import job
 from .options import (
     check_merge_options,
+    check_streamed_options,
     command_line,
     data_source,
     device,
@@ -71,6 +72,8 @@ def cmd_merge(args) -> int:
 
     on = device(args)
     check_merge_options(args)
+    if args.streamed:
+        return merge_streamed_cli(args)
     matcher, settings = matching(args)
     reference = reference_args(args)
     check = functools.partial(check_save_target, args.output_dir, args.overwrite, wording=CLI_WORDING)
@@ -89,6 +92,28 @@ def cmd_merge(args) -> int:
             alpha = 0.5 if args.alpha is None else args.alpha
             model = merger.merge(alpha, args.checkpoint, permute=not args.vanilla, repair=args.repair)
         merger.save_pretrained(out, model, command=command_line(args), overwrite=overwrite)
+    print(f"merged model: {args.output_dir}")
+    return 0
+
+
+def merge_streamed_cli(args) -> int:
+    """merge --streamed: two checkpoint folders, weight matching, read and written tensor by tensor."""
+    from ..merging.streamed import merge_streamed
+
+    check_streamed_options(args)
+    _, settings = matching(args)
+    settings = {k: v for k, v in settings.items() if k in ("max_iter", "seed", "bottom_up")}
+    merge_streamed(
+        args.pair[0],
+        args.pair[1],
+        args.output_dir,
+        0.5 if args.alpha is None else args.alpha,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        log=print if not args.quiet else (lambda _: None),
+        **settings,
+    )
     print(f"merged model: {args.output_dir}")
     return 0
 

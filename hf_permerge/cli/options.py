@@ -149,3 +149,33 @@ def heldout_text(args) -> dict | None:
         split = "test"
     data, _ = load_dataset_source(args.dataset, split, args.text_column)
     return {"dataset": data, "text_column": args.text_column}
+
+
+def check_streamed_options(args) -> None:
+    """merge --streamed merges two checkpoint folders by weight matching; what it cannot do is refused by name."""
+    if len(args.pair) != 2:
+        raise ValueError(
+            f"--streamed merges two model folders (A B), got {len(args.pair)} argument(s); name both checkpoints"
+        )
+    if (args.matcher or "weight") != "weight":
+        raise ValueError(f"--streamed aligns by weight matching (reads no activations); drop --matcher {args.matcher}")
+    args.matcher = "weight"
+    given = [
+        flag
+        for flag, value in (
+            ("--all", args.all),
+            ("--vanilla", args.vanilla),
+            ("--permutations", args.permutations),
+            ("--repair", args.repair),
+            ("--checkpoint", args.checkpoint),
+            ("--dataset", args.dataset),
+            ("--device", args.device),
+            ("--reference", args.reference),
+        )
+        if value
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} cannot be used with --streamed (weight matching of two checkpoint folders, on "
+            "the CPU); drop it or drop --streamed"
+        )

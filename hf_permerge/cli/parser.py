@@ -162,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
         "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)",
     )
+    p.add_argument(
+        "--streamed",
+        action="store_true",
+        help="two model folders of any size: weight matching and the merge read tensors from the safetensors "
+        "shards as needed and write the merge shard by shard (memory bounded by the largest group, not the "
+        "models; the memory and disk needed are printed and checked first)",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="with --streamed: the merged shards' size (as save_pretrained's)"
+    )
     _add_matcher_args(p)
 
     p = add(
