@@ -31,7 +31,8 @@ class TracedSpec:
     every group (or the norm right after it), residual branches included."""
     kept: dict[str, str] = dataclasses.field(default_factory=dict)
     """Candidate groups left in place by design, never an error (named as in `skipped`) -> why: units whose order
-    an op fixes (rotary embeddings, a fused q/k/v projection split into parts, grouped-query values)."""
+    an op fixes (a fused q/k/v projection split into parts, a grouped convolution's inputs; rotary or grouped-query
+    heads only where their whole heads cannot move: see `PermGroup.rigid`)."""
 
 
 def trace(
@@ -235,7 +236,10 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
                         ((o, r) for e, r in part for o in an.origins.get(e, [])), key=lambda o: node_order[o[0][0]]
                     )
                     pair.append(group_name([o for o, _ in owned]))
-                    kept_reason[pair[-1]] = kept_roots[owned[0][1]]
+                    kept_reason[pair[-1]] = next(
+                        (kept_roots[r] for p in parts for _, r in p if r in kept_roots),
+                        "grouped-query attention: its units keep their order within each key/value head",
+                    )
                     add_group(pair[-1], owned[0][1], [e for e, _ in part], [o for o, _ in owned], kv_heads, True, True)
                 couplings.append(tuple(pair))
             continue
@@ -328,7 +332,8 @@ def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, e
             width = narrow // kv
             if narrow % kv == 0 and wide == max(hq) * width and within(rq, width) and within(rv, width):
                 parts = tuple([(e, r) for e, r in params if an.param_axes[e][2] == n] for n in (wide, narrow))
-                shared[rq] = shared[rv] = (parts, kv)
+                if all(any(an.origins.get(e) for e, _ in part) for part in parts):  # each part has a producer
+                    shared[rq] = shared[rv] = (parts, kv)
     return rigid, shared
 
 
