@@ -120,3 +120,34 @@ def test_weight_matching_undoes_a_planted_permutation(arch):
     aligned = perms.apply(other)
     for key, t in model.state_dict().items():
         assert torch.equal(aligned.state_dict()[key], t), key
+
+
+class RotaryAttention(torch.nn.Module):
+    """One attention layer with a rotary-style embedding (a buffer outside the state dict scales each head's units,
+    rotate_half swaps their halves) and optionally a learned scale per head, which pins the heads in place."""
+
+    def __init__(self, width=16, heads=4, head_scale=False):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.register_buffer("freq", torch.rand(width // heads) + 0.5, persistent=False)
+        self.head_scale = torch.nn.Parameter(torch.rand(heads, 1, 1) + 0.5) if head_scale else None
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        half = q.shape[-1] // 2
+        q = q * self.freq + torch.cat([-q[..., half:], q[..., :half]], -1)
+        if self.head_scale is not None:
+            q = q * self.head_scale
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(n, t, -1))
+
+
+def test_rotary_heads_that_cannot_move_are_kept_with_their_units_in_order():
+    x = torch.randn(2, 5, 16)
+    free = trace(RotaryAttention(), (x,)).spec
+    assert free["q"].rigid and free.couplings == (("q", "v"),)
+    pinned = trace(RotaryAttention(head_scale=True), (x,))  # moving whole heads fails the invariance check
+    assert not pinned.spec.couplings and "q" in pinned.kept and "q" not in pinned.spec.names
+    assert pinned.spec["v"].blocks == 4  # values still move within their heads
