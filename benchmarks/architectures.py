@@ -281,6 +281,7 @@ def run_arch(arch: Arch) -> dict:
     row["invariance"] = bool(spec.groups)
     row["groups"] = len(spec.groups)
     row["head_groups"] = sum(g.blocks > 1 for g in spec.groups)
+    row["rigid_groups"] = sum(g.rigid for g in spec.groups)
     row["couplings"] = len(spec.couplings)
     row["permuted_share"] = round(share, 4)
     row["kept"] = dict(traced.kept)
@@ -291,7 +292,7 @@ def run_arch(arch: Arch) -> dict:
 def render(rows: list[dict]) -> str:
     lines = [
         BEGIN,
-        "| Architecture | Class | Traced | Invariant | Groups (in blocks / couplings) | Params permuted | "
+        "| Architecture | Class | Traced | Invariant | Groups (in blocks / rigid / couplings) | Params permuted | "
         "Kept in place (why) | Skipped (why) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -302,7 +303,7 @@ def render(rows: list[dict]) -> str:
         traced = "yes" if r["traced"] else f"no: {_cell(r.get('refusal', ''))}"
         lines.append(
             f"| {r['architecture']} | `{r['class']}` | {traced} | {'yes' if r['invariance'] else '—'} | "
-            f"{r['groups']} ({r['head_groups']} / {r['couplings']}) | {r['permuted_share']:.0%} | "
+            f"{r['groups']} ({r['head_groups']} / {r['rigid_groups']} / {r['couplings']}) | {r['permuted_share']:.0%} | "
             f"{_cell(summarise(r['kept']))} | {_cell(summarise(r['skipped']))} |"
         )
     lines.append(END)

@@ -16,11 +16,14 @@ from safetensors.torch import save_file
 
 from hf_permerge.alignment import (
     ActivationStatistics,
+    PermGroup,
     Permutations,
+    PermutationSpec,
     activation_statistics,
     get_matcher,
     solve_assignment,
     solve_assignments,
+    solve_coupled,
 )
 from hf_permerge.alignment.permutations import METADATA_KEY
 from hf_permerge.data.tensors import TensorSplit, load_tensors, normalise
@@ -387,6 +390,53 @@ def test_warm_start_choices():
     assert entropic_duals(s) is None  # constant: nothing to estimate
     with pytest.raises(ValueError, match="warm_start must be one of"):
         solve_assignment(s, warm_start="fast")
+
+
+def test_coupled_solve_with_a_rigid_group_is_optimal_over_whole_block_moves():
+    """A rotary layer's heads (GQA sizes: 3 key/value heads of 2 units, each with 4 query units): the rigid groups
+    keep their units in order within blocks, the other permutes within them; brute force over every such choice."""
+    from hf_permerge.alignment.hungarian import matched_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    sims = [torch.randn(12, 12, generator=gen), torch.randn(6, 6, generator=gen), torch.randn(6, 6, generator=gen)]
+    rigid = (True, True, False)
+    found = solve_coupled(sims, 3, rigid)
+    value = sum(matched_similarity(s, p) for s, p in zip(sims, found))
+    best = -float("inf")
+    for sigma in itertools.permutations(range(3)):
+        total = 0.0
+        for s, r in zip(sims, rigid):
+            w = len(s) // 3
+            for i, j in enumerate(sigma):
+                sub = s[i * w : (i + 1) * w, j * w : (j + 1) * w]
+                within = [torch.arange(w)] if r else [torch.tensor(q) for q in itertools.permutations(range(w))]
+                total += max(matched_similarity(sub, q) for q in within)
+        best = max(best, total)
+    assert value == pytest.approx(best)
+    for s, p, r in zip(sims, found, rigid):
+        w = len(s) // 3
+        blocks = p.view(3, w)
+        assert (blocks // w == blocks[:, :1] // w).all()  # whole blocks
+        assert torch.equal(blocks[:, 0] // w, found[0].view(3, 4)[:, 0] // 4)  # alike in every group
+        if r:
+            assert torch.equal(blocks % w, torch.arange(w).expand(3, w))  # in order within them
+
+
+def test_a_rigid_group_alone_stays_in_place_and_random_permutations_respect_it():
+    s = torch.randn(8, 8)
+    assert torch.equal(solve_assignment(s, blocks=2, rigid=True), torch.arange(8))
+    qk = PermGroup("qk", 8, (("q.weight", 0), ("k.weight", 0)), "q", blocks=2, rigid=True)
+    vo = PermGroup("vo", 8, (("v.weight", 0), ("o.weight", 1)), "v", blocks=2)
+    spec = PermutationSpec((qk, vo), couplings=(("qk", "vo"),))
+    moved = 0
+    for seed in range(8):
+        perms = Permutations.random(spec, seed)
+        perms.validate(spec)
+        assert torch.equal(perms["qk"] % 4, torch.arange(8) % 4)
+        moved += not torch.equal(perms["qk"], torch.arange(8))
+    assert moved  # whole blocks do move
+    with pytest.raises(ValueError, match="within its blocks"):
+        Permutations({"qk": torch.tensor([1, 0, 2, 3, 4, 5, 6, 7]), "vo": torch.arange(8)}).validate(spec)
 
 
 # Section 2: streaming statistics -------------------------------------------------------------------

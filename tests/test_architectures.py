@@ -45,12 +45,13 @@ def stream_keys(result) -> set[str]:
     return {k for k, _ in result.spec.groups[0].axes}
 
 
-def test_phi_partial_rotary_keeps_query_key_units_in_place_and_moves_value_heads():
+def test_phi_partial_rotary_moves_whole_query_key_heads_and_value_units_within_heads():
     model, result = traced("Phi")  # rotary on half of each head's units: sliced, rotated, concatenated back
-    assert not result.skipped
-    assert set(result.kept) == {"model.layers.0.self_attn.q_proj"}  # both layers' queries and keys: one class
-    values = result.spec["model.layers.0.self_attn.v_proj"]
-    assert values.blocks == model.config.num_attention_heads
+    assert not result.skipped and not result.kept
+    heads = model.config.num_attention_heads
+    qk, values = result.spec["model.layers.0.self_attn.q_proj"], result.spec["model.layers.0.self_attn.v_proj"]
+    assert (qk.blocks, qk.rigid, values.blocks, values.rigid) == (heads, True, heads, False)
+    assert (qk.name, values.name) in result.spec.couplings
     assert "model.embed_tokens.weight" in stream_keys(result) and "lm_head.weight" in stream_keys(result)
 
 

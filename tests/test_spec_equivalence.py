@@ -54,7 +54,7 @@ def test_where_activations_are_read_does_not_matter():
     assert spec.equivalent(hooked_elsewhere) and spec != hooked_elsewhere
 
 
-@pytest.mark.parametrize("change", ["axis", "size", "blocks", "coupling", "extra group", "missing group"])
+@pytest.mark.parametrize("change", ["axis", "size", "blocks", "rigid", "coupling", "extra group", "missing group"])
 def test_specs_that_permute_differently_are_not_equivalent(change):
     spec = attention_spec()
     qk, vo = spec.groups
@@ -64,6 +64,7 @@ def test_specs_that_permute_differently_are_not_equivalent(change):
         "blocks": PermutationSpec(
             (dataclasses.replace(qk, blocks=4), dataclasses.replace(vo, blocks=4)), spec.couplings
         ),
+        "rigid": PermutationSpec((dataclasses.replace(qk, rigid=True), vo), spec.couplings),
         "coupling": PermutationSpec(spec.groups),
         "extra group": PermutationSpec((qk, vo, PermGroup("mlp", 4, (("fc.weight", 0),), None)), spec.couplings),
         "missing group": PermutationSpec((dataclasses.replace(qk, blocks=1),)),

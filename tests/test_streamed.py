@@ -89,8 +89,10 @@ def test_checkpoint_spec_needs_only_the_shapes(planted_pair):
     with torch.device("meta"):
         shapes = AutoModelForCausalLM.from_config(config).state_dict()
     spec, _ = checkpoint_spec(config, shapes)
-    assert len(spec.groups) == 1 + 7 and spec.groups[0].size == config.hidden_size
-    assert {g.size for g in spec.groups[1:]} == {config.intermediate_size}
+    assert len(spec.groups) == 1 + 3 * 7 and spec.groups[0].size == config.hidden_size
+    mlp = [g for g in spec.groups[1:] if not g.rigid]  # per layer: queries, keys with values (rigid heads), MLP
+    assert {g.size for g in mlp} == {config.intermediate_size} and len(mlp) == 7
+    assert len(spec.couplings) == 7
 
 
 def test_streamed_merge_of_a_planted_pair_is_a_and_loads(planted_pair, tmp_path):

@@ -32,7 +32,7 @@ def _pair(tmp_path, arch, dtype=torch.float32, shard=None):
     return [tmp_path / "a", tmp_path / "b"]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama_tied", "qwen2", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama_mha", "llama_tied", "qwen2", "bert"])
 def test_weight_matched_merge_of_a_planted_permutation_computes_the_original(tmp_path, arch):
     merger = PermMerger.from_pretrained(_pair(tmp_path, arch))
     merger.align(matcher="weight")
@@ -74,7 +74,7 @@ def test_masked_lm_merge_loads_with_its_auto_class(tmp_path):
     assert "pipeline_tag: fill-mask" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("arch", ["llama_mha", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama_mha", "llama", "qwen2", "gpt2", "bert"])
 def test_activation_matching_on_a_dataset_of_input_ids_undoes_a_planted_permutation(tmp_path, arch):
     from datasets import Dataset
 

@@ -45,13 +45,33 @@ def test_gated_mlp_shares_one_permutation_between_gate_and_up():
     }
 
 
-def test_rotary_query_key_units_and_grouped_query_values_stay_in_place_with_reasons():
-    _, traced = _traced("llama")
-    assert "rotary" in traced.kept["model.layers.0.self_attn.q_proj"]
-    assert "grouped-query" in traced.kept["model.layers.0.self_attn.v_proj"]
-    _, mha = _traced("llama_mha")  # one value head per query head: the value units move within their heads
-    values = mha.spec["model.layers.0.self_attn.v_proj"]
-    assert values.blocks == 4 and "model.layers.0.self_attn.o_proj.weight" in {k for k, _ in values.axes}
+def _keys(group):
+    return {k for k, _ in group.axes}
+
+
+def test_rotary_heads_move_whole_with_their_query_key_units_in_order():
+    _, traced = _traced("llama_mha")  # trace() checked that moving whole heads keeps the logits
+    spec, attn = traced.spec, "model.layers.0.self_attn"
+    qk, values = spec[f"{attn}.q_proj"], spec[f"{attn}.v_proj"]
+    assert (qk.blocks, qk.rigid, _keys(qk)) == (4, True, {f"{attn}.q_proj.weight", f"{attn}.k_proj.weight"})
+    assert (values.blocks, values.rigid) == (4, False)  # one value head per query head: values move inside heads
+    assert _keys(values) == {f"{attn}.v_proj.weight", f"{attn}.o_proj.weight"}
+    assert (qk.name, values.name) in spec.couplings
+    assert not traced.kept  # the rotary frequencies no longer hold the heads in place
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_query_heads_move_with_their_key_value_head(arch):
+    model, traced = _traced(arch)
+    spec, attn = traced.spec, "model.layers.0.self_attn"
+    bias = {f"{attn}.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")} if arch == "qwen2" else set()
+    queries, keys_values = spec[f"{attn}.q_proj"], spec[f"{attn}.k_proj"]
+    assert (queries.size, queries.blocks, queries.rigid) == (32, 2, True)  # 2 groups of 2 query heads of 8 units
+    assert _keys(queries) == {f"{attn}.q_proj.weight", f"{attn}.o_proj.weight"} | (bias & {f"{attn}.q_proj.bias"})
+    assert (keys_values.size, keys_values.blocks, keys_values.rigid) == (16, 2, True)
+    assert _keys(keys_values) == {f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"} | (bias - {f"{attn}.q_proj.bias"})
+    assert (queries.name, keys_values.name) in spec.couplings
+    assert len(spec.couplings) == model.config.num_hidden_layers and not traced.kept
 
 
 def test_qwen2_query_key_value_biases_follow_their_units():
@@ -100,3 +120,34 @@ def test_weight_matching_undoes_a_planted_permutation(arch):
     aligned = perms.apply(other)
     for key, t in model.state_dict().items():
         assert torch.equal(aligned.state_dict()[key], t), key
+
+
+class RotaryAttention(torch.nn.Module):
+    """One attention layer with a rotary-style embedding (a buffer outside the state dict scales each head's units,
+    rotate_half swaps their halves) and optionally a learned scale per head, which pins the heads in place."""
+
+    def __init__(self, width=16, heads=4, head_scale=False):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.register_buffer("freq", torch.rand(width // heads) + 0.5, persistent=False)
+        self.head_scale = torch.nn.Parameter(torch.rand(heads, 1, 1) + 0.5) if head_scale else None
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        half = q.shape[-1] // 2
+        q = q * self.freq + torch.cat([-q[..., half:], q[..., :half]], -1)
+        if self.head_scale is not None:
+            q = q * self.head_scale
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(n, t, -1))
+
+
+def test_rotary_heads_that_cannot_move_are_kept_with_their_units_in_order():
+    x = torch.randn(2, 5, 16)
+    free = trace(RotaryAttention(), (x,)).spec
+    assert free["q"].rigid and free.couplings == (("q", "v"),)
+    pinned = trace(RotaryAttention(head_scale=True), (x,))  # moving whole heads fails the invariance check
+    assert not pinned.spec.couplings and "q" in pinned.kept and "q" not in pinned.spec.names
+    assert pinned.spec["v"].blocks == 4  # values still move within their heads

@@ -63,7 +63,8 @@ def _rand(n: int, gen) -> torch.Tensor:
 
 def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
     """A permuted copy of `model`'s state dict: the residual stream and every MLP's hidden units (and, for BERT,
-    the value units inside each head) moved by random permutations, written per architecture by hand."""
+    the value units inside each head; for LLaMA-style models, whole attention heads) moved by random permutations,
+    written per architecture by hand."""
     gen = torch.Generator().manual_seed(seed)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = model.config
@@ -132,7 +133,28 @@ def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
             rows(f"{base}.gate_proj.weight", p)
             rows(f"{base}.up_proj.weight", p)
             cols(f"{base}.down_proj.weight", p)
+            _move_rotary_heads(sd, cfg, f"model.layers.{i}.self_attn", gen)
     return sd
+
+
+def _move_rotary_heads(sd, cfg, base, gen) -> None:
+    """Whole heads of a rotary attention layer, from `modeling_llama.py`: key/value head j moves to slot i with its
+    `heads / kv_heads` consecutive query heads (`repeat_kv`) and their output projection's columns; the units keep
+    their order inside each head (rotary pairs unit u with u + head_dim / 2), except the values' with one value head
+    per query head, which move within their head too."""
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    width = cfg.hidden_size // heads
+    sigma = _rand(kv_heads, gen)
+    per_kv = torch.arange((heads // kv_heads) * width)
+    query = torch.cat([int(s) * len(per_kv) + per_kv for s in sigma])
+    key = torch.cat([int(s) * width + torch.arange(width) for s in sigma])
+    value = key if kv_heads != heads else torch.cat([int(s) * width + _rand(width, gen) for s in sigma])
+    output = query if kv_heads != heads else value
+    for name, p in (("q_proj", query), ("k_proj", key), ("v_proj", value)):
+        for kind in ("weight", "bias"):
+            if f"{base}.{name}.{kind}" in sd:
+                sd[f"{base}.{name}.{kind}"] = sd[f"{base}.{name}.{kind}"][p]
+    sd[f"{base}.o_proj.weight"] = sd[f"{base}.o_proj.weight"][:, output]
 
 
 def permuted_copy(model, seed: int = 1):

@@ -378,10 +378,13 @@ class ActivationMatcher(Matcher):
                     similarities[k][g] = stats.pop(g).similarity(self.similarity)
                     coupled = spec.coupling_of(g)
                     if coupled is None:
-                        solver.submit((k, g), similarities[k][g], spec[g].blocks)
+                        solver.submit((k, g), similarities[k][g], spec[g].blocks, spec[g].rigid)
                     elif g == coupled[-1]:  # an attention layer's groups move their heads together
                         solver.submit_coupled(
-                            tuple((k, n) for n in coupled), [similarities[k][n] for n in coupled], spec[g].blocks
+                            tuple((k, n) for n in coupled),
+                            [similarities[k][n] for n in coupled],
+                            spec[g].blocks,
+                            [spec[n].rigid for n in coupled],
                         )
             solved = solver.results()
         out = []

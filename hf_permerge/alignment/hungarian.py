@@ -119,43 +119,57 @@ def solve_on_host(s: torch.Tensor, blocks: int = 1, duals=None) -> torch.Tensor:
 
 
 def solve_assignment(
-    similarity: torch.Tensor, blocks: int = 1, warm_start: str = "auto", previous: dict | None = None
+    similarity: torch.Tensor,
+    blocks: int = 1,
+    warm_start: str = "auto",
+    previous: dict | None = None,
+    rigid: bool = False,
 ) -> torch.Tensor:
     """The permutation maximising `sum_i similarity[i, perm[i]]` (exact: float64, CPU, SciPy).
 
     blocks > 1: units stay within their block of `n / blocks` consecutive units (attention heads), so each
-    diagonal block is its own, smaller assignment. warm_start: see the module docstring and `uses_warm_start`.
+    diagonal block is its own, smaller assignment. rigid: the units also keep their order within each block
+    (`PermGroup.rigid`), so alone (without its coupling) the group's only permutation is the identity.
+    warm_start: see the module docstring and `uses_warm_start`.
     previous: a dict kept by the caller between solves of one slowly changing matrix whose columns stay the same
     units (coordinate ascent); the warm start then begins from the last solve's column potentials, at the
     coldest temperature only. It changes how fast the optimum is found, never which."""
+    if rigid:
+        return torch.arange(len(similarity))
     s, duals = to_host(similarity, blocks, warm_start, previous)
     return solve_on_host(s, blocks, duals)
 
 
-def solve_coupled(similarities, blocks: int) -> list[torch.Tensor]:
+def solve_coupled(similarities, blocks: int, rigid=()) -> list[torch.Tensor]:
     """Permutations of several blocked groups that move whole blocks alike (one attention layer's heads).
 
     Block j of the other net goes to slot-block i for every group at once: block pairs are scored by the
     summed value of each group's best within-block assignment, the block map is the assignment maximising
     that score, and each group's units are then assigned within the chosen block pairs (exact for this
-    two-level structure: the objective is separable once the block map is fixed)."""
+    two-level structure: the objective is separable once the block map is fixed). rigid[k]: group k keeps its
+    units' order within blocks (`PermGroup.rigid`): its within-block assignment is the identity, its block-pair
+    score the trace of the sub-block."""
     mats = [s.detach().to("cpu", torch.float64).numpy() for s in similarities]
-    width = mats[0].shape[0] // blocks
+    rigid = tuple(rigid) + (False,) * (len(mats) - len(rigid))
     inner: dict = {}
     score = np.zeros((blocks, blocks))
     for i in range(blocks):
         for j in range(blocks):
             for k, s in enumerate(mats):
-                sub = s[i * width : (i + 1) * width, j * width : (j + 1) * width]
-                rows, cols = linear_sum_assignment(sub, maximize=True)
+                w = s.shape[0] // blocks
+                sub = s[i * w : (i + 1) * w, j * w : (j + 1) * w]
+                if rigid[k]:
+                    rows = cols = np.arange(w)
+                else:
+                    rows, cols = linear_sum_assignment(sub, maximize=True)
                 inner[k, i, j] = cols
                 score[i, j] += sub[rows, cols].sum()
     _, block_map = linear_sum_assignment(score, maximize=True)
     return [
         torch.from_numpy(
-            np.concatenate([inner[k, i, block_map[i]] + block_map[i] * width for i in range(blocks)])
+            np.concatenate([inner[k, i, block_map[i]] + block_map[i] * (len(s) // blocks) for i in range(blocks)])
         ).long()
-        for k in range(len(mats))
+        for k, s in enumerate(mats)
     ]
 
 
@@ -181,15 +195,18 @@ class AssignmentSolver:
         self._futures: dict[Hashable, Future] = {}
         self._coupled: dict[tuple, Future] = {}  # names -> one future giving their permutations in order
 
-    def submit(self, name: Hashable, similarity: torch.Tensor, blocks: int = 1) -> None:
+    def submit(self, name: Hashable, similarity: torch.Tensor, blocks: int = 1, rigid: bool = False) -> None:
+        if rigid:  # alone, a rigid group stays in place (`solve_assignment`)
+            self._futures[name] = self._pool.submit(torch.arange, len(similarity))
+            return
         # The warm start and the device->host copy happen here, on the caller's thread (see `to_host`).
         s, duals = to_host(similarity, blocks, self.warm_start)
         self._futures[name] = self._pool.submit(solve_on_host, s, blocks, duals)
 
-    def submit_coupled(self, names: tuple, similarities, blocks: int) -> None:
+    def submit_coupled(self, names: tuple, similarities, blocks: int, rigid=()) -> None:
         """Groups whose blocks move together (`solve_coupled`); `results()` gives each name its permutation."""
         mats = [s.detach().to("cpu", torch.float64) for s in similarities]
-        self._coupled[names] = self._pool.submit(solve_coupled, mats, blocks)
+        self._coupled[names] = self._pool.submit(solve_coupled, mats, blocks, rigid)
 
     def results(self) -> dict[Hashable, torch.Tensor]:
         """Wait for every solve; on a terminal, a bar counts them once the wait passes 2 s (n = 8192: minutes)."""

@@ -103,9 +103,10 @@ class Permutations(Mapping[str, torch.Tensor]):
             block_maps.update(dict.fromkeys(coupled, torch.randperm(spec[coupled[0]].blocks, generator=gen)))
 
         def one(g):
-            width = g.size // g.blocks  # whole blocks move as the coupling's map says; within, anything
+            width = g.size // g.blocks  # whole blocks move as the coupling's map says; within, anything (not rigid)
             sigma = block_maps.get(g.name, torch.arange(g.blocks))
-            return torch.cat([sigma[b] * width + torch.randperm(width, generator=gen) for b in range(g.blocks)])
+            within = (lambda: torch.arange(width)) if g.rigid else (lambda: torch.randperm(width, generator=gen))
+            return torch.cat([sigma[b] * width + within() for b in range(g.blocks)])
 
         return cls({g.name: one(g) for g in spec.groups}, {"matcher": "random", "settings": {"seed": seed}})
 
@@ -145,6 +146,11 @@ class Permutations(Mapping[str, torch.Tensor]):
                 raise ValueError(
                     f"permutation of group {g.name!r} moves units between its {g.blocks} blocks "
                     "(attention heads), which would change the model's function"
+                )
+            if g.rigid and not (self._perms[g.name].view(g.blocks, width) % width == torch.arange(width)).all():
+                raise ValueError(
+                    f"permutation of group {g.name!r} reorders units within its blocks, which must keep their "
+                    "order (a rotary embedding pairs each head's units by position)"
                 )
             if coupled is not None and not torch.equal(maps.setdefault(coupled, source[:, 0]), source[:, 0]):
                 raise ValueError(f"groups {coupled} must move their blocks (heads) alike; {g.name!r} does not")

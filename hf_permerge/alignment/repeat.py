@@ -8,6 +8,7 @@ repetition be checked: layer 1's part of the spec must be layer 0's, renamed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -47,7 +48,7 @@ def repeat_layers(
         name, layer = _template(g.name, traced_layers)
         axes = [(*_template(key, traced_layers), axis) for key, axis in g.axes]
         if layer is not None and all(i == layer for _, i, _ in axes):
-            key = (name, tuple((k, a) for k, _, a in axes), g.size, g.blocks)
+            key = (name, tuple((k, a) for k, _, a in axes), g.size, g.blocks, g.rigid)
             seen[layer].append(key)
             if layer == 0:
                 per_layer.append((name, key[1], g))
@@ -72,18 +73,17 @@ def repeat_layers(
         return int(shapes[key].shape[axis]) if shapes is not None and key in shapes else g.size
 
     def moved(g: PermGroup, name: str, axes) -> PermGroup:
-        return PermGroup(name, size(g, axes), tuple(axes), g.activation, g.preactivation, g.unit_axis, g.blocks)
+        return dataclasses.replace(g, name=name, size=size(g, axes), axes=tuple(axes))
 
     def renamed(g: PermGroup, layer: int, name: str, axes) -> PermGroup:
         filled = [(_fill(k, layer), a) for k, a in axes]
-        return PermGroup(
-            _fill(name, layer),
-            size(g, filled),
-            tuple(filled),
-            _fill(_template(g.activation, traced_layers)[0], layer),
-            _fill(_template(g.preactivation, traced_layers)[0], layer),
-            g.unit_axis,
-            g.blocks,
+        return dataclasses.replace(
+            g,
+            name=_fill(name, layer),
+            size=size(g, filled),
+            axes=tuple(filled),
+            activation=_fill(_template(g.activation, traced_layers)[0], layer),
+            preactivation=_fill(_template(g.preactivation, traced_layers)[0], layer),
         )
 
     layer_groups = [renamed(g, i, name, axes) for i in range(num_layers) for name, axes, g in per_layer]

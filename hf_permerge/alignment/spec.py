@@ -32,12 +32,18 @@ class PermGroup:
     """The units form `blocks` equal runs of consecutive units (the heads of an attention layer) that a
     permutation keeps whole: each block's units are permuted among themselves, and whole blocks move only
     together with the other groups of a `PermutationSpec.couplings` entry (else they stay in place)."""
+    rigid: bool = False
+    """Each block keeps its units in order: only whole blocks move, through a coupling (a rotary embedding pairs
+    the units within each head by position, but treats every head alike). Matching gives such a group the identity
+    within each block."""
 
     def __post_init__(self):
         if self.blocks < 1 or self.size % self.blocks:
             raise ValueError(
                 f"permutation group {self.name!r}: {self.size} units do not split into {self.blocks} equal blocks"
             )
+        if self.rigid and self.blocks < 2:
+            raise ValueError(f"permutation group {self.name!r} is rigid but has no blocks to move (blocks < 2)")
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class PermutationSpec:
         """True when both specs permute the same tensors alike: the same groups up to their names and order.
 
         Groups correspond when they name the same (key, axis) pairs; corresponding groups must have the same
-        size and blocks, and the couplings must correspond. Where matching reads a group's activations
+        size, blocks and rigidity, and the couplings must correspond. Where matching reads a group's activations
         (`activation`, `preactivation`, `unit_axis`) is not compared: two specs may hook different modules
         that carry the same units. Use it to compare a traced spec with a hand-written one (their group
         names differ); `==` also compares names and hooks.
@@ -87,7 +93,7 @@ class PermutationSpec:
         renamed: dict[str, str] = {}
         for g in self.groups:
             h = theirs.get(frozenset(g.axes))
-            if h is None or (h.size, h.blocks) != (g.size, g.blocks):
+            if h is None or (h.size, h.blocks, h.rigid) != (g.size, g.blocks, g.rigid):
                 return False
             renamed[g.name] = h.name
         if len(set(renamed.values())) != len(other.groups):

@@ -96,7 +96,9 @@ def coordinate_descent(
         solved: set[str] = set()
         for group in bar(spec.names, "layer-by-layer pass"):
             s = similarity(group, perms, solved)
-            perms[group] = solve_assignment(s, spec[group].blocks, previous=potentials.setdefault(group, {}))
+            perms[group] = solve_assignment(
+                s, spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid
+            )
             if neighbours[group] <= solved:  # every tensor of the group counted: its full objective
                 final[group] = (keep(s, perms[group]), changes)
                 if spec.coupling_of(group) is None:  # coupled: heads not yet moved
@@ -119,9 +121,13 @@ def coordinate_descent(
                 solved_at[n] = changes
             sims = [similarity(n, perms, None) for n in unit]
             new = (
-                solve_coupled(sims, spec[group].blocks)
+                solve_coupled(sims, spec[group].blocks, [spec[n].rigid for n in unit])
                 if len(unit) > 1
-                else [solve_assignment(sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}))]
+                else [
+                    solve_assignment(
+                        sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid
+                    )
+                ]
             )
             old_value = sum(matched_similarity(s, perms[n]) for s, n in zip(sims, unit))
             new_value = sum(matched_similarity(s, p) for s, p in zip(sims, new))

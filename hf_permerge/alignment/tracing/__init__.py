@@ -33,6 +33,14 @@ gets a label, and labels are merged with union-find:
   (`hungarian.solve_coupled`), unless the op's mask differs between heads (Swin's relative position
   bias). If moving heads breaks the invariance check (a per-head bias elsewhere, say), the couplings
   are dropped and heads stay in place;
+- an order fixed within each head (rotary embeddings: slices, concatenation and the cos/sin of
+  frequencies outside the state dict, all seeing at most one head's units) keeps the units in order
+  inside their heads but lets whole heads move: the group becomes `PermGroup.rigid`, coupled as above.
+  A tensor outside the state dict fixes the order of the units it meets instead of joining their
+  group (rotary frequencies, shared by every layer, would tie all layers' heads into one group).
+  Grouped-query attention (kv key/value heads, each serving heads / kv consecutive query heads) is
+  regrouped by width: the queries with the output projection's inputs, the keys with the values, both
+  rigid in kv blocks and coupled, so a key/value head moves with its query heads;
 - a grouped convolution (1 < groups < channels; RegNet, ResNeXt): its output channels get
   `PermGroup.blocks` = groups (permuted within each conv group, groups stay in place); its input
   channels keep their order (a keep): moving them within a group would need that group's own

@@ -21,11 +21,12 @@ class Analysis(LayerRules, ShapeRules):
         self.uf.find(PIN)
         self.labels: dict = {}  # node -> tuple of labels per axis | list of those (tuple outputs) | None
         self.blocks: list = []  # (element, reason): an op the rules cannot follow; an error unless skipped
-        self.keeps: list = []  # (element, reason): units whose order an op fixes; left in place, never an error
+        self.keeps: list = []  # (element, reason, extent): units whose order an op fixes; left in place, never an error
         self.origins: dict = {}  # element -> list of (node, weight key)
         self.param_axes: dict = {}  # element -> (state-dict key, axis, size)
         self.head_splits: list = []  # (label, heads): a group's axis split into (heads, units per head)
         self.head_couplings: list = []  # (query/key label, value label) of one attention op: heads move together
+        self.fixed: dict = {}  # element of a tensor outside the state dict -> why it fixes the units it meets
         self.conv_groups: list = []  # (label, groups): a grouped convolution's output channels, in fixed groups
         self.graph = ep.graph_module.graph
         self.module_of: dict = {}  # node -> innermost module path
@@ -53,11 +54,34 @@ class Analysis(LayerRules, ShapeRules):
         if label is not None:
             self.blocks.append((label, reason))
 
-    def keep(self, label, reason: str) -> None:
+    def keep(self, label, reason: str, extent: int | None = None) -> None:
         """The units of `label` must keep their order (a rotary embedding pairs them by position, a fused
-        projection is split along them): its group stays in place, soundly, with the reason recorded."""
+        projection is split along them): its group stays in place, soundly, with the reason recorded.
+
+        extent: how many consecutive units the op orders, alike for each run of them (the size of the axis it
+        sees: one head's units after a head split); None where the op sees the whole group or treats runs
+        differently. A group split into heads at least as wide as every extent of its keeps may still move whole
+        heads (`PermGroup.rigid`)."""
         if label is not None:
-            self.keeps.append((label, reason))
+            self.keeps.append((label, reason, extent))
+
+    def fixed_reason(self, label) -> str | None:
+        """Why `label`'s units have a fixed order, when its class holds only tensors outside the state dict."""
+        root = self.uf.find(label) if label is not None else None
+        if root not in self.fixed or any(self.uf.find(e) == root for e in self.param_axes):
+            return None
+        return self.fixed[root]
+
+    def meet(self, a, b, size: int):
+        """The label of an axis where two inputs' labels meet (broadcasting): their union, except that a tensor
+        outside the state dict fixes the order of a group's units (`size` of them, alike for every run) instead of
+        joining it: rotary frequencies shared by every layer do not tie the layers' heads together."""
+        fa, fb = self.fixed_reason(a), self.fixed_reason(b)
+        group = b if fa is not None else a
+        if (fa is None) != (fb is None) and self._is_group(group):
+            self.keep(group, fa or fb, size)
+            return group
+        return self.uf.union(a, b)
 
     def lab(self, x):
         return self.labels.get(x) if isinstance(x, torch.fx.Node) else None
@@ -122,11 +146,11 @@ class Analysis(LayerRules, ShapeRules):
                 labels.append(element)
             else:  # a constant or a non-persistent buffer: not in the state dict
                 element = ("fixed", node.name, axis)
-                self.keep(
-                    element,
+                self.fixed[element] = (
                     f"tensor {key[1]!r} is tied to it but is not in the state dict "
-                    f"({key[0]}, e.g. a rotary embedding's frequencies), so its units keep their order",
+                    f"({key[0]}, e.g. a rotary embedding's frequencies), so its units keep their order"
                 )
+                self.keep(element, self.fixed[element], size)
                 labels.append(element)
         self.labels[node] = tuple(labels)
 

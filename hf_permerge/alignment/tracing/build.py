@@ -31,7 +31,8 @@ class TracedSpec:
     every group (or the norm right after it), residual branches included."""
     kept: dict[str, str] = dataclasses.field(default_factory=dict)
     """Candidate groups left in place by design, never an error (named as in `skipped`) -> why: units whose order
-    an op fixes (rotary embeddings, a fused q/k/v projection split into parts, grouped-query values)."""
+    an op fixes (a fused q/k/v projection split into parts, a grouped convolution's inputs; rotary or grouped-query
+    heads only where their whole heads cannot move: see `PermGroup.rigid`)."""
 
 
 def trace(
@@ -67,7 +68,17 @@ def trace(
                 if not result.spec.couplings:
                     raise
                 # heads that cannot move (a per-head bias, say): keep them in place and check again
-                result = dataclasses.replace(result, spec=PermutationSpec(result.spec.groups))
+                kept = dict(result.kept)
+                spec = _without_lone_rigid_groups(
+                    PermutationSpec(result.spec.groups),
+                    kept,
+                    dict.fromkeys(
+                        (g.name for g in result.spec.groups if g.rigid),
+                        "its units keep their order within each head, and moving whole heads changes the outputs",
+                    ),
+                )
+                unit_axes = {g: a for g, a in result.unit_axes.items() if g in spec.names}
+                result = dataclasses.replace(result, spec=spec, kept=kept, unit_axes=unit_axes)
                 check_permutation_invariance(model, result.spec, example_inputs)
         except InvarianceError as err:  # a group the rules followed wrongly: refuse it like any other
             reason = (
@@ -152,8 +163,10 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     for label, reason in an.blocks:
         blocked.setdefault(uf.find(label), reason)
     kept_roots: dict = {}
-    for label, reason in an.keeps:
+    extents: dict = {}  # root -> the extent of every op that fixes the order of its units (`Analysis.keep`)
+    for label, reason, extent in an.keeps:
         kept_roots.setdefault(uf.find(label), reason)
+        extents.setdefault(uf.find(label), []).append(extent)
 
     node_order = {n: i for i, n in enumerate(an.graph.nodes)}
     classes = []
@@ -169,13 +182,22 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     aliases = _aliases(state)
     position = {k: i for i, k in enumerate(state)}
     groups, skipped, kept, unit_axes, repair_modules = [], {}, {}, {}, []
+    kept_reason: dict = {}  # rigid group -> why its units keep their order within blocks
 
     def group_name(origins) -> str:  # a tied weight by its first name in the state dict (the input embedding)
         key = min(aliases.get(origins[0][1], [origins[0][1]]), key=position.__getitem__)
         return key.rsplit(".", 1)[0]
 
-    for _, root, elems, origins in classes:
-        name = group_name(origins)
+    def heads_of(root) -> set:
+        return {h for lab, h in an.head_splits if uf.find(lab) == root}
+
+    def add_group(name, root, elems, origins, blocks, heads, rigid=False) -> None:
+        pre, act, axis_pre, axis_act, sites = _modules(an, root, origins)
+        if not heads:  # attention projections are not REPAIRed: their outputs are logits' factors
+            repair_modules.extend(sites)
+        axis = axis_act if act is not None else axis_pre
+        if pre is not None and act is not None and axis_pre != axis_act:
+            pre = None  # one unit axis per group: keep the one activation matching uses by default
         axes = sorted(
             {
                 (alias, an.param_axes[e][1])
@@ -185,8 +207,44 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             },
             key=lambda ka: (position[ka[0]], ka[1]),
         )
+        size = an.param_axes[next(e for e in elems if e in an.param_axes)][2]
+        groups.append(
+            PermGroup(
+                name,
+                size,
+                tuple(axes),
+                activation=act or pre,
+                preactivation=pre,
+                unit_axis=axis if axis is not None else 1,
+                blocks=blocks,
+                rigid=rigid,
+            )
+        )
+        unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
+
+    rigid_roots, shared = _whole_heads(an, members, blocked, kept_roots, extents, heads_of)
+    couplings, regrouped = [], set()
+    for _, root, elems, origins in classes:
+        name = group_name(origins)
+        if root in shared:  # grouped-query attention: regrouped by size (`_whole_heads`), once for both roots
+            parts, kv_heads = shared[root]
+            if id(parts) not in regrouped:
+                regrouped.add(id(parts))
+                pair = []
+                for part in parts:
+                    owned = sorted(
+                        ((o, r) for e, r in part for o in an.origins.get(e, [])), key=lambda o: node_order[o[0][0]]
+                    )
+                    pair.append(group_name([o for o, _ in owned]))
+                    kept_reason[pair[-1]] = next(
+                        (kept_roots[r] for p in parts for _, r in p if r in kept_roots),
+                        "grouped-query attention: its units keep their order within each key/value head",
+                    )
+                    add_group(pair[-1], owned[0][1], [e for e, _ in part], [o for o, _ in owned], kv_heads, True, True)
+                couplings.append(tuple(pair))
+            continue
         reason = blocked.get(root)
-        if reason is None and root in kept_roots:
+        if reason is None and root in kept_roots and root not in rigid_roots:
             kept[name] = kept_roots[root]
             continue
         if reason is not None:
@@ -198,8 +256,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
                 )
             skipped[name] = reason
             continue
-        size = an.param_axes[next(e for e in elems if e in an.param_axes)][2]
-        heads = {h for lab, h in an.head_splits if uf.find(lab) == root}
+        heads = heads_of(root)
         split = heads | {g for lab, g in an.conv_groups if uf.find(lab) == root}
         if len(split) > 1:
             why = f"its units are split into {sorted(split)} heads or convolution groups in different places"
@@ -209,28 +266,11 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
                 )
             skipped[name] = why
             continue
-        blocks = split.pop() if split else 1
-        pre, act, axis_pre, axis_act, sites = _modules(an, root, origins)
-        if not heads:  # attention projections are not REPAIRed: their outputs are logits' factors
-            repair_modules += sites
-        axis = axis_act if act is not None else axis_pre
-        if pre is not None and act is not None and axis_pre != axis_act:
-            pre = None  # one unit axis per group: keep the one activation matching uses by default
-        groups.append(
-            PermGroup(
-                name,
-                size,
-                tuple(axes),
-                activation=act or pre,
-                preactivation=pre,
-                unit_axis=axis if axis is not None else 1,
-                blocks=blocks,
-            )
-        )
-        unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
+        if root in rigid_roots:
+            kept_reason[name] = kept_roots[root]
+        add_group(name, root, elems, origins, split.pop() if split else 1, bool(heads), root in rigid_roots)
     name_of = {root: group_name(origins) for _, root, _, origins in classes}
     built = {g.name: g for g in groups}
-    couplings = []
     for qk, v in an.head_couplings:
         pair = tuple(dict.fromkeys(name_of.get(uf.find(lab)) for lab in (qk, v)))
         if (
@@ -240,13 +280,61 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             and pair not in couplings
         ):
             couplings.append(pair)
-    spec = PermutationSpec(tuple(groups), tuple(couplings))
+    spec = _without_lone_rigid_groups(PermutationSpec(tuple(groups), tuple(couplings)), kept, kept_reason)
     spec.validate(model.state_dict())
+    unit_axes = {g: a for g, a in unit_axes.items() if g in spec.names}
     first_call = {}
     for node in an.graph.nodes:
         first_call.setdefault(an.module_of.get(node), node_order[node])
     repair_modules.sort(key=lambda m: first_call.get(m, 0))
     return TracedSpec(spec, skipped, unit_axes, tuple(repair_modules), kept)
+
+
+def _without_lone_rigid_groups(spec: PermutationSpec, kept: dict, kept_reason: dict) -> PermutationSpec:
+    """A rigid group outside every coupling never moves: it is left out, as kept (with its reason)."""
+    coupled = {n for c in spec.couplings for n in c}
+    lone = [g.name for g in spec.groups if g.rigid and g.name not in coupled]
+    for name in lone:
+        kept[name] = kept_reason[name]
+    return PermutationSpec(tuple(g for g in spec.groups if g.name not in lone), spec.couplings)
+
+
+def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, extents: dict, heads_of):
+    """Attention groups whose units keep their order only within each head (a rotary embedding pairs a head's
+    units by position, grouped-query values are shared by several query heads) still move whole heads, with
+    their attention op's coupling: (roots that become rigid groups, grouped-query plans).
+
+    One key/value head per query head: the query/key group becomes rigid (its units stay in order within each
+    head), the value group is blocked as before. Grouped-query attention (`kv` key/value heads, each shared by
+    `heads / kv` consecutive query heads): the query/key label holds tensors of two widths, the value label too
+    (the output projection reads every query head's values), so they are regrouped by width: the queries and the
+    output projection's inputs, and the keys and values, each rigid in `kv` blocks, coupled. Plan: root ->
+    (((element, root) of the wide part, ... of the narrow part), kv). Every op that fixed an order must have seen
+    at most one head's units (its extent); the invariance check in `trace` tests the rest."""
+    uf = an.uf
+    rigid, shared = set(), {}
+
+    def within(root, width) -> bool:
+        return all(e is not None and e <= width for e in extents.get(root, []))
+
+    for qk, v in an.head_couplings:
+        rq, rv = uf.find(qk), uf.find(v)
+        if rq == rv or rq in blocked or rv in blocked:
+            continue
+        params = [(e, r) for r in (rq, rv) for e in members.get(r, []) if e in an.param_axes]
+        sizes = {an.param_axes[e][2] for e, _ in params}
+        hq, hv = heads_of(rq), heads_of(rv)
+        if len(sizes) == 1 and len(hq) == 1 and hq == hv:
+            width = next(iter(sizes)) // next(iter(hq))
+            rigid.update(r for r in (rq, rv) if r in kept_roots and within(r, width))
+        elif len(sizes) == 2 and len(hq) == 2 and len(hv) == 1 and hv < hq:
+            (kv,), (narrow, wide) = hv, sorted(sizes)
+            width = narrow // kv
+            if narrow % kv == 0 and wide == max(hq) * width and within(rq, width) and within(rv, width):
+                parts = tuple([(e, r) for e, r in params if an.param_axes[e][2] == n] for n in (wide, narrow))
+                if all(any(an.origins.get(e) for e, _ in part) for part in parts):  # each part has a producer
+                    shared[rq] = shared[rv] = (parts, kv)
+    return rigid, shared
 
 
 def _aliases(state: dict) -> dict[str, list[str]]:

@@ -163,5 +163,5 @@ class LayerRules:
             offset = len(shape) - len(al)
             for i, label in enumerate(al):
                 if label is not None and i + offset >= 0:
-                    out[i + offset] = self.uf.union(out[i + offset], label)
+                    out[i + offset] = self.meet(out[i + offset], label, shape[i + offset])
         self.labels[node] = tuple(label if label is not None or s == 1 else PIN for label, s in zip(out, shape))

@@ -81,8 +81,8 @@ class ShapeRules:
     def _shared_heads(self, node, xl, ia, oa, out) -> bool:
         """Grouped-query attention: value heads split as `kv` heads, repeated for their groups of query heads and
         merged back as more heads. The value projection's units would need its permutation repeated on the output
-        projection's inputs, which a group cannot express: its units are kept in place (the stream around it is not
-        affected)."""
+        projection's inputs, which a group cannot express: they keep their order within each key/value head (a keep
+        of one head's extent); whole key/value heads still move with their query heads (`build._whole_heads`)."""
         if not (len(ia) == 2 and len(oa) == 1):
             return False
         (head_axis, heads), (unit_axis, _) = ia
@@ -96,6 +96,7 @@ class ShapeRules:
             label,
             f"grouped-query attention ({self.where(node)}): {split[0]} key/value heads are shared by {heads} query "
             "heads, so the value units cannot move without repeating their permutation on the output projection",
+            ia[1][1],
         )
         out[oa[0][0]] = label
         return True
@@ -200,7 +201,7 @@ class ShapeRules:
                 continue
             for i, label in enumerate(tl):
                 if i == dim and self._is_group(label):  # rotate_half: cat((-x2, x1)) of one head's units
-                    self.keep(label, f"cat ({self.where(node)}) concatenates along a group's axis")
+                    self.keep(label, f"cat ({self.where(node)}) concatenates along a group's axis", shape[dim])
                 out[i] = self.uf.union(out[i], label)
         if out[dim] is None or not self._is_group(out[dim]):
             out[dim] = None if shape[dim] == 1 else PIN
@@ -231,7 +232,8 @@ class ShapeRules:
         dim = int(node.args[1]) % len(xl) if len(node.args) > 1 else 0
         if shape_of(x.meta["val"])[dim] != shape_of(val)[dim]:
             if self._is_group(xl[dim]):  # rotary embeddings: the halves of each head's units
-                self.keep(xl[dim], f"slice ({self.where(node)}) takes part of a group's units")
+                in_size = shape_of(x.meta["val"])[dim]
+                self.keep(xl[dim], f"slice ({self.where(node)}) takes part of a group's units", in_size)
             if shape_of(val)[dim] == 1 or not self._is_group(xl[dim]):
                 xl[dim] = None if shape_of(val)[dim] == 1 else PIN
         self.labels[node] = tuple(xl)
