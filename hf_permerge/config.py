@@ -79,11 +79,9 @@ class ModelSection(_Section):
     @classmethod
     def _check_model_type(cls, model_type: str | None):
         if model_type is not None:
-            from .models.causal_lm import config_class
-            from .models.image_classifier import is_image_classifier
+            from .models.image_classifier import check_model_type
 
-            if not is_image_classifier(model_type):
-                config_class(model_type)
+            check_model_type(model_type)
         return model_type
 
     @field_validator("config")

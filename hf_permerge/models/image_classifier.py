@@ -33,6 +33,30 @@ def is_image_classifier(model_type: str) -> bool:
     return model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 
+def check_model_type(model_type: str) -> None:
+    """`model_type` names a transformers causal LM or image classifier; else a ValueError naming the nearest."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    known = [*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES]
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, known, n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ValueError(
+            f"model.model_type: {model_type!r} is not a transformers architecture ({hint}e.g. llama, gpt2, qwen2; "
+            "an image classifier: resnet, vit, convnext)"
+        )
+    if model_type not in known:
+        raise ValueError(
+            f"model.model_type: {model_type!r} has neither a causal-LM head (AutoModelForCausalLM) nor an "
+            "image-classification head (AutoModelForImageClassification) in transformers; choose a decoder such as "
+            "llama, gpt2, qwen2, or an image classifier such as resnet, vit, convnext"
+        )
+
+
 def image_config_class(model_type: str):
     """The config class of `model_type`, which must name a transformers image classifier."""
     from transformers import CONFIG_MAPPING
