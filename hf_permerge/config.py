@@ -139,9 +139,7 @@ class ModelSection(_Section):
                 "an image classifier: resnet, vit, convnext)"
             )
         if self.loss != "cross_entropy":
-            raise ValueError(
-                f"model.loss {self.loss}: a transformers model trains with cross entropy; drop model.loss"
-            )
+            raise ValueError(f"model.loss {self.loss}: a transformers model trains with cross entropy; drop model.loss")
         ours = ["depth", "width", "layers", "batch_norm", "bias", "init"]
         changed = [k for k in ours if getattr(self, k) != type(self).model_fields[k].default]
         if changed:

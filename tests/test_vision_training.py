@@ -13,7 +13,13 @@ from hf_permerge.training import PairTrainer, build_model, engines, model_config
 
 TINY = {
     "resnet": {"embedding_size": 4, "hidden_sizes": [4, 8], "depths": [1, 1], "layer_type": "basic"},
-    "vit": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16, "patch_size": 7},
+    "vit": {
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "patch_size": 7,
+    },
     "convnext": {"hidden_sizes": [4, 8], "depths": [1, 1], "num_stages": 2},
 }
 
@@ -127,7 +133,11 @@ def test_width_multiplier_scales_the_widths_not_the_depths(model_type, multiplie
         ("vit", ["model.width_multiplier=1.125"], r"model.width_multiplier: hidden_size 9 is not divisible by"),
         ("vit", ["model.config.hidden_size=9"], r"model.config.hidden_size: hidden_size 9 is not divisible by"),
         ("resnet", ["model.width_multiplier=0"], r"model.width_multiplier"),
-        ("resnet", ["model.model_type=llama", "model.config={}"], r"data.dataset fashion_mnist is images, but model.type transformers"),
+        (
+            "resnet",
+            ["model.model_type=llama", "model.config={}"],
+            r"data.dataset fashion_mnist is images, but model.type transformers",
+        ),
         ("resnet", ["training.engine=stacked"], r"training.engine: stacked is for the MLP and CNN"),
         ("resnet", ["model.loss=mse"], r"model.loss mse: a transformers model trains with cross entropy"),
         ("resnet", ["model.model_type=resnt"], r"did you mean 'resnet'"),
@@ -143,9 +153,7 @@ def test_width_multiplier_is_refused_where_it_scales_nothing():
     with pytest.raises(ConfigError, match="model.width_multiplier is for type transformers, not cnn"):
         config_from_dict({"model": {"type": "cnn", "width_multiplier": 2}})
     with pytest.raises(ConfigError, match="model.width_multiplier: scales the widths of resnet, vit, convnext, not"):
-        config_from_dict(
-            {"model": {"type": "transformers", "model_type": "deit", "width_multiplier": 2}, "data": {}}
-        )
+        config_from_dict({"model": {"type": "transformers", "model_type": "deit", "width_multiplier": 2}, "data": {}})
 
 
 def test_width_multiplier_is_a_sweep_grid_key():
@@ -174,7 +182,9 @@ def test_init_is_seeded_per_net_and_leaves_the_global_generator_alone():
 
 def test_resume_of_a_batchnorm_resnet_equals_the_uninterrupted_run(tmp_path, tiny_fmnist, monkeypatch):
     """A ResNet killed mid-epoch and resumed ends where an uninterrupted run does, BatchNorm statistics included."""
-    cfg = load("resnet", "training.epochs=3", "training.max_steps=null", "training.batch_size=100", data_dir=tiny_fmnist)
+    cfg = load(
+        "resnet", "training.epochs=3", "training.max_steps=null", "training.batch_size=100", data_dir=tiny_fmnist
+    )
     PairTrainer(cfg, tmp_path / "full", progress=False).train()
 
     calls = {"n": 0}

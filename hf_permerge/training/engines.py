@@ -466,7 +466,9 @@ class StackedEngine:
 def make_engine(kind: str, models, tc, device, random_seeds: list[int] | None = None, **options):
     """`random_seeds` go to the per-net engine (the stacked engine's nets draw nothing at random); `options` to the
     stacked engine (`forward`, `compile`, `cuda_graph`)."""
-    if kind == "auto":  # transformers models, BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
+    if (
+        kind == "auto"
+    ):  # transformers models, BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
         per_net = (
             not is_ours(models[0])
             or any(True for m in models for _ in m.buffers())
