@@ -106,7 +106,11 @@ def test_evaluate_writes_a_report_of_curves_and_barriers(trained_pair, tmp_path,
     report = evaluate_pair(trained_pair, tmp_path / "eval", overrides=overrides, progress=False, device="cpu")
     assert (tmp_path / "eval" / "report.json").is_file()
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "eval" / "merged") is not None
-    assert "barriers" in report or "barrier" in str(report)
+    assert report["lambdas"] == [0.0, 0.5, 1.0]
+    for checkpoint in ("final", "init"):
+        for curve in ("vanilla", "permuted"):
+            barrier = report["barrier"][checkpoint][curve]["test"]
+            assert barrier["loss"] >= 0 and barrier["acc"] >= 0
 
 
 @pytest.mark.parametrize(
