@@ -1,18 +1,18 @@
-"""Align and merge models that have no hand-written permutation spec: transformers' ResNet and ViT.
+"""Merge models that have no hand-written permutation spec: transformers' ResNet and ViT, trained by the PairTrainer.
 
     python examples/merge_any_model.py --arch resnet --output-dir runs/any_resnet
-    python examples/merge_any_model.py --arch vit --output-dir runs/any_vit
+    python examples/merge_any_model.py --arch vit --output-dir runs/any_vit --set training.epochs=1
 
-Trains two nets of a small `transformers` architecture from scratch on Fashion-MNIST (same recipe,
-different seeds for init and data order), saves them as ordinary HF folders, then lets
-`PermMerger.from_pretrained([a, b])` trace their permutation spec (residual streams tied, BatchNorm
-following its channels; in the ViT, MLP hidden units and attention too: per layer the query and key units
-share one permutation and the value units with the output projection's inputs another, each keeping every
-head's units together, and by default whole heads move alike in both), align them by activation matching
-and merge them at alpha = 0.5: plain, with REPAIR, and (ResNet) with a BatchNorm reset. Writes
-`results-<merged folder>.json` and prints the midpoint table; the numbers in REPRODUCING.md ("Beyond the
-paper") come from this script. `--matcher weight` and `--keep-heads` (heads stay in place; units are
-permuted within each head only) re-use the trained nets of `--output-dir` and write their own merged folder.
+Trains a seeded pair of a small `transformers` image classifier on Fashion-MNIST with the shipped run config
+(`configs/fmnist_resnet_tiny.yaml` or `configs/fmnist_vit_tiny.yaml`, changed with `--set`, as `hf-permerge train`
+does), then lets `PermMerger.from_pretrained([net_0, net_1])` trace their permutation spec (residual streams tied,
+BatchNorm following its channels; in the ViT, MLP hidden units and attention too: per layer the query and key units
+share one permutation and the value units with the output projection's inputs another, each keeping every head's
+units together, and by default whole heads move alike in both), align them and merge them at alpha = 0.5: plain,
+with REPAIR, and (ResNet) with a BatchNorm reset. Writes `results-<merged folder>.json` and prints the midpoint
+table. `--matcher weight` and `--keep-heads` (heads stay in place; units are permuted within each head only) re-use
+the trained pair of `--output-dir` and write their own merged folder. `hf-permerge run CONFIG` gives the report
+(curves, barriers, plots) of such a pair; this script adds the midpoint table of every correction and `--keep-heads`.
 """
 
 from __future__ import annotations
@@ -22,105 +22,55 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-import hf_permerge  # noqa: F401  (registers our classes; not needed by the transformers models themselves)
+from hf_permerge.config import load_config
 from hf_permerge.data import load_tensors
 from hf_permerge.evaluation.interpolation import evaluate_model
 from hf_permerge.io_utils import write_json_atomic
+from hf_permerge.training import PairTrainer
 
-
-def build(arch: str, seed: int, width: int):
-    """A fresh transformers model for 28x28 grey images, initialised from `seed`."""
-    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    if arch == "resnet":  # conv-BN-ReLU stem, two stages of residual basic blocks with BatchNorm, global pool
-        config = ResNetConfig(
-            num_channels=1,
-            embedding_size=width,
-            hidden_sizes=[width, 2 * width],
-            depths=[2, 2],
-            layer_type="basic",
-            downsample_in_first_stage=False,
-            num_labels=10,
-        )
-        return ResNetForImageClassification(config)
-    config = ViTConfig(
-        image_size=28,
-        patch_size=7,
-        num_channels=1,
-        hidden_size=width,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=4 * width,
-        num_labels=10,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return ViTForImageClassification(config)
-
-
-def train(model, data, seed: int, epochs: int, batch_size: int, lr: float, progress: bool):
-    """AdamW on index slices of the whole training set; the data order is seeded per net."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-    steps = len(data) // batch_size
-    bar = tqdm(total=epochs * steps, desc=f"train seed {seed}", disable=not progress, mininterval=1.0)
-    for epoch in range(epochs):
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1000 * seed + epoch))
-        for step in range(steps):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            logits = model(pixel_values=data.pixel_values[idx]).logits
-            loss = F.cross_entropy(logits, data.labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.update()
-    bar.close()
-    return model.eval()
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=["resnet", "vit"], required=True)
-    p.add_argument("--output-dir", required=True, help="holds net_0/, net_1/, merged*/ and results-*.json")
-    p.add_argument("--width", type=int, default=None, help="ResNet: first stage channels (16); ViT: hidden size (64)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
+    p.add_argument("--output-dir", required=True, help="holds pair/ (the trained nets), merged*/ and results-*.json")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override the run config, e.g. --set model.width_multiplier=2 --set training.epochs=1",
+    )
     p.add_argument("--matcher", default="activation", choices=["activation", "weight"])
     p.add_argument(
         "--keep-heads", action="store_true", help="keep attention heads in place (permute units within each head only)"
     )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    width = args.width or (16 if args.arch == "resnet" else 64)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     out = Path(args.output_dir)
-    train_data, test = load_tensors("fashion_mnist", "train"), load_tensors("fashion_mnist", "test")
+    config = load_config(CONFIGS / f"fmnist_{args.arch}_tiny.yaml", args.overrides)
+    test = load_tensors("fashion_mnist", "test", data_dir=config.data.data_dir, mean_std=config.data.mean_std())
 
-    folders, timings = [], {}
+    timings = {}
     start = time.perf_counter()
-    for i, seed in enumerate(args.seeds):
-        folder = out / f"net_{i}"
-        if not (folder / "model.safetensors").is_file():
-            model = train(
-                build(args.arch, seed, width), train_data, seed, args.epochs, args.batch_size, args.lr, not args.quiet
-            )
-            model.save_pretrained(folder)
-        folders.append(folder)
+    pair = out / "pair"
+    if not (pair / "pair.json").is_file():  # a rerun (another --matcher) re-uses the pair
+        PairTrainer(config, pair, overwrite=pair.exists(), progress=not args.quiet).train()
+    folders = [pair / "net_0" / "final", pair / "net_1" / "final"]
     timings["train_s"] = time.perf_counter() - start
 
     from hf_permerge import PermMerger
 
     start = time.perf_counter()
     merger = PermMerger.from_pretrained(folders)  # no permutation_spec(): traced from the graph
+    merger.use_data(config.data.dataset, config.data.data_dir)
     timings["trace_s"] = time.perf_counter() - start
     if args.keep_heads:  # the same groups, without the couplings that move whole heads
         from hf_permerge.alignment import PermutationSpec, attach_permutation_spec
@@ -157,9 +107,7 @@ def main(argv=None) -> int:
     )  # a rerun replaces its own merged folder
     results = {
         "arch": args.arch,
-        "width": width,
-        "epochs": args.epochs,
-        "seeds": args.seeds,
+        "config": config.to_dict(),
         "matcher": args.matcher,
         "keep_heads": args.keep_heads,
         "couplings": [list(c) for c in merger.spec.couplings],

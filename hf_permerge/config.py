@@ -51,8 +51,9 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     type: Literal["mlp", "cnn", "transformers"] = "mlp"
-    """mlp, cnn: the paper's image classifiers; transformers: a causal language model of any transformers
-    architecture, named by `model_type` and configured by `config` (trained on a text data set)."""
+    """mlp, cnn: the paper's image classifiers; transformers: a model of any transformers architecture, named by
+    `model_type` and configured by `config`: a causal language model on a text data set, an image classifier
+    (resnet, vit, convnext, ...) on an image data set."""
     depth: int = Field(2, ge=1)
     width: int = Field(512, ge=1)
     layers: str = "64-64-avg-128-128"
@@ -63,26 +64,34 @@ class ModelSection(_Section):
     init: Literal["kaiming_normal", "xavier", "orthogonal"] = "kaiming_normal"
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     model_type: str | None = None
-    """type transformers: the architecture, as `AutoConfig.for_model` names it (llama, gpt2, qwen2, ...)."""
+    """type transformers: the architecture, as `AutoConfig.for_model` names it (a language model: llama, gpt2,
+    qwen2, ...; an image classifier: resnet, vit, convnext, ...)."""
     config: dict[str, Any] = Field(default_factory=dict)
     """type transformers: the fields of its config (hidden_size, num_hidden_layers, ...), each settable with
-    `--set model.config.<key>=...`; vocab_size and the special tokens come from the tokenizer,
-    max_position_embeddings defaults to data.block_size."""
+    `--set model.config.<key>=...`. Language models: vocab_size and the special tokens come from the tokenizer,
+    max_position_embeddings defaults to data.block_size. Image classifiers: num_channels, image_size,
+    num_labels, id2label and label2id come from the data set."""
+    width_multiplier: float = Field(1.0, gt=0)
+    """type transformers, image classifiers: scales every layer's width (resnet: embedding_size and
+    hidden_sizes; vit: hidden_size and intermediate_size; convnext: hidden_sizes), rounded to whole units."""
 
     @field_validator("model_type")
     @classmethod
     def _check_model_type(cls, model_type: str | None):
         if model_type is not None:
-            from .models.causal_lm import config_class
+            from .models.image_classifier import check_model_type
 
-            config_class(model_type)
+            check_model_type(model_type)
         return model_type
 
     @field_validator("config")
     @classmethod
     def _check_config(cls, config: dict, info):
+        """A language model's config is checked here; an image classifier's with its data (`RunConfig`)."""
+        from .models.image_classifier import is_image_classifier
+
         model_type = info.data.get("model_type")
-        if model_type is not None:
+        if model_type is not None and not is_image_classifier(model_type):
             from .models.causal_lm import causal_lm_config
 
             causal_lm_config(model_type, config)
@@ -96,6 +105,11 @@ class ModelSection(_Section):
             raise ValueError(
                 f"model.model_type and model.config are for type transformers, not {self.type}; "
                 "drop them or set model.type: transformers"
+            )
+        if self.width_multiplier != 1:
+            raise ValueError(
+                f"model.width_multiplier is for type transformers, not {self.type}; set the "
+                + ("widths in model.layers" if self.type == "cnn" else "width in model.width")
             )
         unused = ["depth", "width"] if self.type == "cnn" else ["layers"]
         changed = [k for k in unused if getattr(self, k) != type(self).model_fields[k].default]
@@ -121,10 +135,13 @@ class ModelSection(_Section):
     def _check_transformers(self):
         if self.model_type is None:
             raise ValueError(
-                "model.model_type: type transformers needs an architecture, e.g. model_type: llama (or gpt2, qwen2)"
+                "model.model_type: type transformers needs an architecture, e.g. model_type: llama (or gpt2, qwen2; "
+                "an image classifier: resnet, vit, convnext)"
             )
-        image = ["depth", "width", "layers", "batch_norm", "bias", "init", "loss"]
-        changed = [k for k in image if getattr(self, k) != type(self).model_fields[k].default]
+        if self.loss != "cross_entropy":
+            raise ValueError(f"model.loss {self.loss}: a transformers model trains with cross entropy; drop model.loss")
+        ours = ["depth", "width", "layers", "batch_norm", "bias", "init"]
+        changed = [k for k in ours if getattr(self, k) != type(self).model_fields[k].default]
         if changed:
             logger.warning(
                 "model.%s %s no effect on a transformers model (its architecture is model.config); ignored",
@@ -295,6 +312,21 @@ class EvaluationSection(_Section):
     CPU computes fp32 either way). Alignment statistics stay fp32 (see `alignment.products`)."""
 
 
+def image_fields(data: DataSection) -> dict[str, Any]:
+    """What an image data set decides of a transformers image classifier's config (`image_classifier_config`)."""
+    from .data.catalog import dataset_info
+
+    info = dataset_info(data.dataset)
+    mean, std = data.mean_std()
+    return dict(
+        num_channels=info.num_channels,
+        image_size=info.image_size,
+        class_names=tuple(info.class_names),
+        image_mean=tuple(mean),
+        image_std=tuple(std),
+    )
+
+
 class RunConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -321,25 +353,41 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_data_fits_model(self):
         """A language model trains on text, an image classifier on images; checked before any data is read."""
-        text, lm = self.data.is_text, self.model.type == "transformers"
-        if text != lm:
+        from .models.image_classifier import is_image_classifier
+
+        m, d = self.model, self.data
+        transformers = m.type == "transformers"
+        lm = transformers and not is_image_classifier(m.model_type)
+        if d.is_text != lm:
+            what = f"model.type {m.type}" + (f" with model_type {m.model_type}" if transformers else "")
             raise ValueError(
-                f"data.dataset {self.data.dataset} is {'text' if text else 'images'}, but model.type {self.model.type} "
+                f"data.dataset {d.dataset} is {'text' if d.is_text else 'images'}, but {what} "
                 + (
-                    "is an image classifier; set model.type: transformers with a model_type (configs/kjv_llama_tiny.yaml)"
-                    if text
-                    else "is a language model; set data.dataset: kjv (or model.type mlp or cnn)"
+                    "is an image classifier; set model.type: transformers with a language model's model_type "
+                    "(configs/kjv_llama_tiny.yaml)"
+                    if d.is_text
+                    else "is a language model; set data.dataset: kjv, or an image classifier's model_type "
+                    "(resnet, vit, convnext: configs/fmnist_resnet_tiny.yaml), or model.type mlp or cnn"
                 )
+            )
+        if transformers and self.training.engine == "stacked":
+            raise ValueError(
+                "training.engine: stacked is for the MLP and CNN; a transformers model trains one module per "
+                "net (set training.engine: auto or per_net)"
             )
         if lm:
             from .models.causal_lm import causal_lm_config
 
-            if self.training.engine == "stacked":
+            if m.width_multiplier != 1:
                 raise ValueError(
-                    "training.engine: stacked is for the MLP and CNN; a transformers model trains one module per "
-                    "net (set training.engine: auto or per_net)"
+                    "model.width_multiplier scales an image classifier's widths; for a language model set "
+                    "model.config.hidden_size (and intermediate_size)"
                 )
-            causal_lm_config(self.model.model_type, self.model.config, self.data.vocab_size, 0, self.data.block_size)
+            causal_lm_config(m.model_type, m.config, d.vocab_size, 0, d.block_size)
+        elif transformers:
+            from .models.image_classifier import image_classifier_config
+
+            image_classifier_config(m.model_type, m.config, m.width_multiplier, **image_fields(d))
         return self
 
     @model_validator(mode="after")

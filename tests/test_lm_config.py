@@ -73,8 +73,10 @@ def test_another_architecture_checks_the_keys_against_its_own_config():
     assert model_config_for(gpt2).n_positions == 16
 
 
-def test_an_encoder_without_a_causal_lm_head_is_refused():
-    with pytest.raises(ConfigError, match="'vit' has no causal-LM head"):
+def test_an_architecture_without_a_causal_lm_head_is_refused():
+    with pytest.raises(ConfigError, match="'t5' has neither a causal-LM head"):
+        load("model.model_type=t5", "model.config={}")
+    with pytest.raises(ConfigError, match="data.dataset kjv is text, but .* model_type vit is an image classifier"):
         load("model.model_type=vit", "model.config={}")
 
 

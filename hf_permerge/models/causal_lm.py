@@ -40,16 +40,18 @@ def config_class(model_type: str):
 
 
 def config_keys(model_type: str) -> set[str]:
-    """The keys a config of `model_type` takes: its fields, their aliases (`attribute_map`) and its init's
+    """The keys a config of `model_type` (a transformers architecture) takes: its fields, their aliases (`attribute_map`) and its init's
     arguments."""
-    cls = config_class(model_type)
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
     keys = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     keys |= set(getattr(cls, "attribute_map", {}))
     keys |= {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")}
     return keys | set(EXTRA_KEYS)
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: Exception) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
@@ -65,6 +67,7 @@ def causal_lm_config(
     `model.config.<key>`."""
     from transformers import AutoConfig
 
+    config_class(model_type)
     known = config_keys(model_type)
     for key in fields:
         if key in DATA_KEYS:
@@ -80,7 +83,7 @@ def causal_lm_config(
     try:
         config = AutoConfig.for_model(model_type, **{**fields, "vocab_size": vocab_size, **ids})
     except Exception as err:  # the strict config classes raise their own errors (huggingface_hub's), among others
-        message = _one_line(err)
+        message = one_line(err)
         key = next((k for k in fields if f"'{k}'" in message or f" {k} " in message), None)
         raise ValueError(f"model.config{'.' + key if key else ''}: {message}") from None
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)

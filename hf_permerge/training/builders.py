@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import RunConfig, image_fields
 from ..data.catalog import dataset_info
 from ..data.tokenizer import EOS_ID
 from ..models import PermCNNConfig, PermCNNForImageClassification, PermMLPConfig, PermMLPForImageClassification
 from ..models.causal_lm import build_causal_lm, causal_lm_config
+from ..models.image_classifier import build_image_classifier, image_classifier_config
 from .seeds import derive_seed
 
 
 def model_config_for(config: RunConfig, net_index: int = 0):
-    """The HF config of net `net_index`: architecture from `model`, input shape and labels (images) or vocabulary
-    and special tokens (text: the tokenizer's, whose size is `data.vocab_size` and end-of-text id `EOS_ID` for any
-    corpus) from the data set."""
-    m = config.model
-    if m.type == "transformers":
-        d = config.data
+    """The HF config of net `net_index`: architecture from `model`, input shape, labels and normalisation (images)
+    or vocabulary and special tokens (text: the tokenizer's, whose size is `data.vocab_size` and end-of-text id
+    `EOS_ID` for any corpus) from the data set."""
+    m, d = config.model, config.data
+    if m.type == "transformers" and d.is_text:
         return causal_lm_config(m.model_type, m.config, d.vocab_size, EOS_ID, d.block_size)
+    if m.type == "transformers":
+        return image_classifier_config(m.model_type, m.config, m.width_multiplier, **image_fields(d))
     info = dataset_info(config.data.dataset)
     common = dict(
         num_channels=info.num_channels,
@@ -40,7 +42,9 @@ def model_config_for(config: RunConfig, net_index: int = 0):
 
 def build_model(config: RunConfig, net_index: int = 0):
     cfg = model_config_for(config, net_index)
+    seed = derive_seed(config.training.seed, net_index, "init")
     if config.model.type == "transformers":
-        return build_causal_lm(cfg, derive_seed(config.training.seed, net_index, "init"))
+        build = build_causal_lm if config.data.is_text else build_image_classifier
+        return build(cfg, seed)
     cls = PermMLPForImageClassification if isinstance(cfg, PermMLPConfig) else PermCNNForImageClassification
     return cls(cfg)

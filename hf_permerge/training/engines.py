@@ -96,12 +96,23 @@ def eval_causal_lm(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tupl
     return (loss_sum / len(input_ids)).item(), correct.item() / labels[:, 1:].numel()
 
 
+def image_loss(model):
+    """The loss an image classifier trains with, on (logits, labels): ours states it (`compute_loss`); a transformers
+    classifier's, with labels, is cross entropy (its config's problem_type single_label_classification)."""
+    return getattr(model, "compute_loss", torch.nn.functional.cross_entropy)
+
+
+def is_ours(model) -> bool:
+    """One of our image classifiers (PermMLP, PermCNN), which the stacked engine can stack."""
+    return hasattr(model, "example_losses")
+
+
 def evaluate_model(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 10000) -> tuple[float, float]:
     """(loss, accuracy) of one model on a whole split (x, y) as its forward takes them: images and labels, or a
     language model's blocks and their labels (the blocks; accuracy of the next token)."""
     if is_causal_lm(model):
         return eval_causal_lm(model, x, y)
-    return eval_loss_acc(lambda b: model(pixel_values=b, return_dict=False)[0], x, y, model.compute_loss, chunk)
+    return eval_loss_acc(lambda b: model(pixel_values=b, return_dict=False)[0], x, y, image_loss(model), chunk)
 
 
 @contextmanager
@@ -199,7 +210,7 @@ class PerNetEngine:
                         lambda b, m=m: m(pixel_values=as_layout(b, self.channels_last), return_dict=False)[0],
                         x,
                         y,
-                        m.compute_loss,
+                        image_loss(m),
                         chunk,
                     )
                 )
@@ -289,6 +300,10 @@ class StackedEngine:
     name = "stacked"
 
     def __init__(self, models, tc, device, forward: str = "auto", compile: bool = False, cuda_graph: bool = False):
+        if not is_ours(models[0]):
+            raise ValueError(
+                f"the stacked engine stacks the MLP and CNN, not {type(models[0]).__name__}; use training.engine=per_net"
+            )
         if any(True for m in models for _ in m.buffers()):
             raise ValueError(
                 "the stacked engine does not support models with buffers (BatchNorm); use training.engine=per_net"
@@ -451,9 +466,11 @@ class StackedEngine:
 def make_engine(kind: str, models, tc, device, random_seeds: list[int] | None = None, **options):
     """`random_seeds` go to the per-net engine (the stacked engine's nets draw nothing at random); `options` to the
     stacked engine (`forward`, `compile`, `cuda_graph`)."""
-    if kind == "auto":  # language models, BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
+    if (
+        kind == "auto"
+    ):  # transformers models, BatchNorm buffers, or conv nets on the CPU (a loop over the nets either way)
         per_net = (
-            is_causal_lm(models[0])
+            not is_ours(models[0])
             or any(True for m in models for _ in m.buffers())
             or prefers_channels_last(models[0], device)
         )
