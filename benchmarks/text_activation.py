@@ -87,10 +87,12 @@ def job_reference(a, b, blocks, sequences, batch_size) -> dict:
     for g in spec.groups:
         coupled = spec.coupling_of(g.name)
         if coupled is None:
-            perm = solve_assignment(similarity[g.name], g.blocks)
+            perm = torch.arange(g.size) if g.rigid else solve_assignment(similarity[g.name], g.blocks)
             objective += float(similarity[g.name][torch.arange(g.size), perm].double().sum())
         elif g.name == coupled[-1]:
-            for n, perm in zip(coupled, solve_coupled([similarity[n] for n in coupled], g.blocks)):
+            for n, perm in zip(
+                coupled, solve_coupled([similarity[n] for n in coupled], g.blocks, [spec[n].rigid for n in coupled])
+            ):
                 objective += float(similarity[n][torch.arange(spec[n].size), perm].double().sum())
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "objective": objective, "tokens": split.num_tokens, "groups": len(spec.groups)}
