@@ -261,6 +261,10 @@ class _AlignmentBase(_Section):
     all pairs of nets; Git Re-Basin's MergeMany for weights): for averaging N > 2 nets (activation, weight)."""
     max_rounds: int = Field(50, ge=1)
     """reference average: rounds of coordinate ascent over the nets at most."""
+    heads: Literal["move", "keep"] = "move"
+    """Attention heads (blocked groups coupled across an attention layer): "move" lets whole heads move, as the
+    spec allows; "keep" matches units within each head only, every head staying where it is (the ablation of
+    Verma & Elbayad's question: does moving heads matter?)."""
     subset: Literal["fixed", "per_seed"] = "fixed"
     """The images a data matcher (activation, gradient) uses: one seeded subset for every run ("fixed"), or one
     drawn with the run's `training.seed` ("per_seed"), so that a sweep's seeds also sample the matching images."""
@@ -304,12 +308,21 @@ class EvaluationSection(_Section):
     current_perm: bool = False
     plots: bool = True
     batch_size: int = Field(10000, ge=1)
-    repair: Literal["repair", "reset_bn"] | None = None
-    """Also evaluate the midpoints with REPAIR or a BatchNorm reset (report.json `repair`); None: not."""
+    repair: list[Literal["repair", "reset_bn"]] = Field(default_factory=list)
+    """Also evaluate the midpoints after REPAIR and/or a BatchNorm reset (report.json `repair`, keyed by mode): a
+    mode, a list of them (`[repair, reset_bn]`: the two corrections side by side), or none."""
     precision: Literal["fp32", "tf32"] = "fp32"
     """Arithmetic of the curves' forward passes. fp32 (the science default); tf32: CUDA matmuls on tensor
     cores, for sweeps that must be fast (measuring a 3x4096 stack was a third of its time on an H200; the
     CPU computes fp32 either way). Alignment statistics stay fp32 (see `alignment.products`)."""
+
+    @field_validator("repair", mode="before")
+    @classmethod
+    def _one_repair_mode(cls, value):
+        """A single mode (`repair: reset_bn`) is a list of one; null is none."""
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 def image_fields(data: DataSection) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def test_every_matching_flag_is_derived_from_the_config():
 
     flags = {field for command, _, field in _mirrored_flags() if command == "merge"}
     bools = {f"alignment.{k}" for k, v in AlignmentSection.model_fields.items() if v.annotation is bool}
-    assert flags | bools == {f"alignment.{k}" for k in AlignmentSection.model_fields} | {"evaluation.repair"}
+    assert flags | bools == {f"alignment.{k}" for k in AlignmentSection.model_fields}
 
 
 @pytest.mark.parametrize("command,flag,field", _mirrored_flags())

@@ -128,11 +128,13 @@ def test_report_holds_the_repaired_midpoints(merger, tiny_fmnist):
     from hf_permerge.reporting.report import build_report
 
     evaluation = config_from_dict({"evaluation": {"repair": "repair", "n_way": False, "num_lambdas": 3}}).evaluation
+    assert evaluation.repair == ["repair"]  # one mode is a list of one
     splits = {"test": load_tensors("fashion_mnist", "test", data_dir=tiny_fmnist)}
     merger.merge(0.5)
     report = build_report(merger, evaluation, splits, progress=False)
-    rep = report["repair"]
-    assert rep["mode"] == "repair" and set(rep["midpoint"]) == {"vanilla", "permuted"}
+    assert set(report["repair"]) == {"repair"}
+    rep = report["repair"]["repair"]
+    assert set(rep["midpoint"]) == {"vanilla", "permuted"}
     mean_acc = sum(e["test"]["acc"] for e in report["endpoints"][:2]) / 2
     assert rep["barrier_midpoint"]["permuted"]["test"]["acc"] == pytest.approx(
         mean_acc - rep["midpoint"]["permuted"]["test"]["acc"]

@@ -211,3 +211,79 @@ def test_resume_of_a_batchnorm_resnet_equals_the_uninterrupted_run(tmp_path, tin
         assert any("running_mean" in k for k in full) and full.keys() == cut.keys()
         for k in full:
             assert torch.equal(full[k], cut[k]), (i, k)
+
+
+MEASURE = ["evaluation.num_lambdas=3", "evaluation.splits=[test]", "alignment.num_examples=200"]
+
+
+def test_a_sweep_cell_measures_repair_and_bn_reset_side_by_side(trained_pair, tiny_fmnist):
+    """evaluation.repair as a list: each correction's midpoint and the share of the permuted midpoint's barrier it
+    removes, in the cell's numbers."""
+    from hf_permerge.sweeps.experiments import measure
+
+    if "resnet" not in str(trained_pair):
+        pytest.skip("a BatchNorm reset needs BatchNorm")
+    config = load("resnet", *MEASURE, "evaluation.repair=[repair, reset_bn]", data_dir=tiny_fmnist)
+    m = measure("pair", config, trained_pair, "cpu")["metrics"]
+    for mode in ("repair", "reset_bn"):
+        for key in ("perm_acc", "vanilla_acc", "barrier_perm_acc", "barrier_perm_loss"):
+            assert 0 <= m[f"{mode}_{key}"] or key.startswith("barrier")
+        plain = m["single_acc"] - m["perm_acc"]
+        if plain > 0:
+            assert m[f"{mode}_removed_barrier_acc"] == pytest.approx(1 - m[f"{mode}_barrier_perm_acc"] / plain)
+            assert m[f"{mode}_barrier_perm_acc"] == pytest.approx(m["single_acc"] - m[f"{mode}_perm_acc"])
+
+
+def test_heads_kept_never_moves_a_head_and_keeps_the_function(trained_pair, tiny_fmnist):
+    """heads="keep": every coupled group's permutation maps each head onto itself; the permuted net computes the
+    same function; the `matchers` experiment compares moved and kept in one cell."""
+    from hf_permerge.merging import PermMerger
+    from hf_permerge.sweeps.experiments import measure
+
+    if "vit" not in str(trained_pair):
+        pytest.skip("heads are ViT's")
+    merger = PermMerger.from_pretrained(trained_pair)
+    spec = merger.spec
+    assert spec.couplings
+    perms = merger.align(matcher="weight", heads="keep")[1]
+    for name in {n for c in spec.couplings for n in c}:
+        width = spec[name].size // spec[name].blocks
+        heads = perms[name] // width
+        assert torch.equal(heads, torch.arange(spec[name].size) // width), name
+    assert merger.alignment["heads"] == "keep"
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merger.permuted(1).eval()(pixel_values=x).logits,
+            merger.load(1).eval()(pixel_values=x).logits,
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    assert merger.load(0).permutation_spec() == spec  # the full spec is back after aligning
+    config = load("vit", *MEASURE, data_dir=tiny_fmnist)
+    m = measure("matchers", config, trained_pair, "cpu", matchers={"moved": {}, "kept": {"heads": "keep"}})
+    assert {"moved:perm_acc", "kept:perm_acc", "random_acc"} <= set(m["metrics"])
+
+
+def test_heads_kept_recovers_a_planted_permutation_within_heads(trained_pair, tmp_path):
+    """B = A with units permuted within each head (heads in place) and every other group permuted: weight matching
+    with heads kept lines B up with A again, so their merge computes A's function."""
+    import dataclasses
+
+    from hf_permerge.alignment import Permutations
+    from hf_permerge.merging import PermMerger
+
+    if "vit" not in str(trained_pair):
+        pytest.skip("heads are ViT's")
+    a = PermMerger.from_pretrained(trained_pair).load(0)
+    spec = a.permutation_spec()
+    planted = Permutations.random(dataclasses.replace(spec, couplings=()), seed=3)
+    a.save_pretrained(tmp_path / "a")
+    planted.apply(a, spec).save_pretrained(tmp_path / "b")
+    merger = PermMerger.from_pretrained([tmp_path / "a", tmp_path / "b"])
+    merger.align(matcher="weight", heads="keep")
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merger.merge(0.5).eval()(pixel_values=x).logits, a.eval()(pixel_values=x).logits, atol=1e-4, rtol=1e-4
+        )

@@ -46,7 +46,7 @@ def matching(args) -> tuple[str, dict]:
 
 
 def reference_args(args) -> dict:
-    """--reference / --max-rounds as `merger.align`'s arguments (checked before anything is loaded)."""
+    """--reference / --max-rounds / --heads as `merger.align`'s arguments (checked before anything is loaded)."""
     if args.max_rounds is not None and args.reference != "average":
         raise ValueError("--max-rounds applies to --reference average; add it or drop --max-rounds")
     if args.reference == "average" and (args.matcher or "activation") == "gradient":
@@ -54,7 +54,11 @@ def reference_args(args) -> dict:
             "--reference average is implemented for the activation and weight matchers, not gradient; "
             "drop --reference or choose another --matcher"
         )
-    return {"reference": args.reference or "net_0", "max_rounds": 50 if args.max_rounds is None else args.max_rounds}
+    return {
+        "reference": args.reference or "net_0",
+        "max_rounds": 50 if args.max_rounds is None else args.max_rounds,
+        "heads": args.heads or "move",
+    }
 
 
 def device(args):

@@ -156,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     alignment.add_argument("--permutations", help="use permutations from `hf-permerge align` instead of aligning again")
     p.add_argument(
         "--repair",
-        type=_validated_by("evaluation", "repair"),
-        metavar="{repair,reset_bn}",
+        choices=("repair", "reset_bn"),
         default=None,
         help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
         "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)",

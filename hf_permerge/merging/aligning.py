@@ -3,7 +3,9 @@ record of how they were found (alignment.json)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import contextmanager
 
 from ..alignment import Permutations, get_matcher
 from ..alignment.average import REFERENCES, align_activations_jointly, align_to_average
@@ -19,9 +21,12 @@ def align_nets(
     checkpoint: str | None = None,
     reference: str = "net_0",
     max_rounds: int = 50,
+    heads: str = "move",
     **settings,
 ) -> tuple[list[Permutations], dict]:
     """(permutations, alignment record) as `PermMerger.align` describes them."""
+    if heads not in HEADS:
+        raise ValueError(f"heads={heads!r} is not supported; choose one of {list(HEADS)}")
     if reference not in REFERENCES:
         raise ValueError(f"reference={reference!r} is not supported; choose one of {list(REFERENCES)}")
     if reference == "average" and max_rounds < 1:
@@ -50,14 +55,15 @@ def align_nets(
     perms = [Permutations.identity(nets.spec)]
     others = [nets.load(i, checkpoint) for i in range(1, len(nets))]
     rounds = {}
-    if reference == "average" and matcher == "activation":  # it finds the star alignment on its way
-        perms, rounds = align_activations_jointly([ref, *others], m, dataset, None, max_rounds)
-    elif hasattr(m, "match_many"):  # one net's Hungarian solves overlap the next net's statistics
-        perms += m.match_many(ref, others, dataset)
-    else:
-        perms += [m.match(ref, other, dataset) for other in others]
-    if reference == "average" and matcher == "weight":
-        perms, rounds = align_to_average([ref, *others], m, dataset, perms, max_rounds)
+    with heads_in_place([ref, *others], nets.spec, heads == "keep"):
+        if reference == "average" and matcher == "activation":  # it finds the star alignment on its way
+            perms, rounds = align_activations_jointly([ref, *others], m, dataset, None, max_rounds)
+        elif hasattr(m, "match_many"):  # one net's Hungarian solves overlap the next net's statistics
+            perms += m.match_many(ref, others, dataset)
+        else:
+            perms += [m.match(ref, other, dataset) for other in others]
+        if reference == "average" and matcher == "weight":
+            perms, rounds = align_to_average([ref, *others], m, dataset, perms, max_rounds)
     if reference == "average":
         rounds = {"reference": reference, "max_rounds": max_rounds, **rounds}
     record = dict(
@@ -66,6 +72,7 @@ def align_nets(
         checkpoint=checkpoint,
         align_s=time.perf_counter() - start,
         **rounds,
+        **({"heads": heads} if heads != "move" else {}),
         **(
             {"examples": min(len(dataset), getattr(m, "num_examples", None) or len(dataset))}
             if dataset is not None
@@ -74,3 +81,28 @@ def align_nets(
         **({"data": GIVEN} if given else {"data": data.label()} if matcher != "weight" and data.choice else {}),
     )
     return perms, record
+
+
+HEADS = ("move", "keep")
+
+
+@contextmanager
+def heads_in_place(models: list, spec, keep: bool):
+    """While aligning, the models declare `spec` without its couplings when `keep`: blocked groups (attention
+    heads) then permute units within each head and never move a head; a rigid group stays as it is. The
+    permutations found are valid under the full spec too (a coupling that moves no block)."""
+    if not keep or not spec.couplings:
+        yield
+        return
+    kept = dataclasses.replace(spec, couplings=())
+    saved = [m.__dict__.get("permutation_spec") for m in models]
+    for m in models:
+        m.permutation_spec = lambda: kept
+    try:
+        yield
+    finally:
+        for m, before in zip(models, saved):
+            if before is None:
+                del m.permutation_spec
+            else:
+                m.permutation_spec = before

@@ -185,6 +185,7 @@ class PermMerger:
         reference: str = "net_0",
         max_rounds: int = 50,
         text_column: str | None = None,
+        heads: str = "move",
         **settings,
     ) -> list[Permutations]:
         """Align every net onto net 0 at `checkpoint`; returns one `Permutations` per net (net 0: identity).
@@ -196,11 +197,13 @@ class PermMerger:
         Re-Basin's MergeMany), which lines the nets up with each other for `merge_all`. Net 0 stays as it is.
         Text models: `dataset` has `input_ids` (and `attention_mask`), or text in `text_column` (default 'text')
         tokenized by the tokenizer saved beside net 0; statistics count real tokens, never padding.
+        heads: "move" (whole attention heads move where the spec couples them) or "keep" (units permute within
+        each head, every head stays in place: the ablation that asks whether moving heads matters).
         """
         if text_column is not None:
             self._data.text_column = text_column
         perms, record = align_nets(
-            self._nets, self._data, dataset, matcher, checkpoint, reference, max_rounds, **settings
+            self._nets, self._data, dataset, matcher, checkpoint, reference, max_rounds, heads, **settings
         )
         self.set_permutations(perms, **record)
         return perms

@@ -140,8 +140,8 @@ def _merged_metrics(info: dict, report: dict, checkpoint: str, alpha: float | No
     if list(info.get("nets") or [0, 1]) != [0, 1]:
         return {"acc": None, "loss": None}  # the report's curves join nets 0 and 1 only
     if info.get("repair"):  # the curves are unrepaired; the report may hold the repaired midpoint
-        repaired = _get(report, "repair", "midpoint", path, "test")
-        if _get(report, "repair", "mode") == info["repair"] and abs(alpha - 0.5) < 1e-9:
+        repaired = _get(report, "repair", info["repair"], "midpoint", path, "test")
+        if repaired is not None and abs(alpha - 0.5) < 1e-9:
             return {"acc": _metric(repaired, "acc"), "loss": _metric(repaired, "loss")}
         return {"acc": None, "loss": None}
     curve = _get(report, "curves", checkpoint, path) or {}

@@ -64,7 +64,14 @@ def align_merger(merger, config: RunConfig) -> None:
     settings = matcher_settings(a.matcher, a.model_dump())
     if a.subset == "per_seed" and "num_examples" in settings:  # a matcher that reads data
         settings["seed"] = config.training.seed
-    merger.align(matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds, **settings)
+    merger.align(
+        matcher=a.matcher,
+        checkpoint=a.checkpoint,
+        reference=a.reference,
+        max_rounds=a.max_rounds,
+        heads=a.heads,
+        **settings,
+    )
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:

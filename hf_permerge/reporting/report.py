@@ -116,7 +116,7 @@ def _build_report(merger, evaluation, splits: dict, progress: bool) -> dict:
             for s in res
         }
     if ev.repair:
-        report["repair"] = repair_report(merger, splits, ev.repair, report["endpoints"])
+        report["repair"] = {mode: repair_report(merger, splits, mode, report["endpoints"]) for mode in ev.repair}
     if ev.n_way and merger.num_nets > 2:
         report["n_way"] = n_way(merger, splits["test"], ev.batch_size, cks)
     if ev.plane:
@@ -168,7 +168,7 @@ def repair_report(merger, splits: dict, repair: str, endpoints: list) -> dict:
     """The trained midpoints (vanilla, permuted) after REPAIR or a BatchNorm reset, and their barrier at the
     midpoint: mean of the two endpoints minus the midpoint (accuracy; loss the other way round)."""
     saved = merger._last_merge, merger._last_model  # the report's merges must not change what save_pretrained saves
-    out: dict = {"mode": repair, "midpoint": {}, "barrier_midpoint": {}}
+    out: dict = {"midpoint": {}, "barrier_midpoint": {}}
     try:
         for mode in MODES:
             model = merger.merge(0.5, permute=(mode == "permuted"), repair=repair)

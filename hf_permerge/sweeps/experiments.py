@@ -12,7 +12,10 @@ and which numbers to keep. All numbers are on the test split unless a key says `
   after a uniformly random permutation of net 1 (seeded by the cell's seed), the baseline that shows what
   matching buys over any permutation.
 - `matchers` (App. B): for each labelled alignment (e.g. activation matching after training, the
-  gradient/FOOF matcher at init), the pair numbers under that alignment, keyed `<label>:<metric>`.
+  gradient/FOOF matcher at init, heads moved or kept), the pair numbers under that alignment, keyed
+  `<label>:<metric>`, and the random-permutation baseline unlabelled.
+- with `evaluation.repair`, the pair numbers also hold each correction's midpoint and the share of the permuted
+  midpoint's barrier it removes (`repair_metrics`).
 - `train`: no alignment; the nets' own test numbers from pair.json (text: the held-out books), `single_loss`,
   `single_acc`, and their curve over training, `single_loss_t{step}` (each mean over the nets).
 """
@@ -51,6 +54,28 @@ def pair_metrics(report: dict) -> dict[str, float]:
             out[f"{prefix}barrier_{short}_loss"] = bars["test"]["loss"]
             if "train" in bars:
                 out[f"{prefix}barrier_{short}_train_loss"] = bars["train"]["loss"]
+    return out | repair_metrics(report)
+
+
+def repair_metrics(report: dict) -> dict[str, float]:
+    """Per repair mode of the report (`repair`, `reset_bn`): `{mode}_{perm|vanilla}_acc` / `_loss`, the trained
+    midpoint after the correction; `{mode}_barrier_perm_acc` / `_loss`, its barrier at the midpoint (endpoints'
+    mean minus it); and `{mode}_removed_barrier_acc` / `_loss`, the share of the permuted midpoint's own barrier that the
+    correction removes (REPAIR's measure: 1 - repaired barrier / unrepaired barrier)."""
+    out: dict[str, float] = {}
+    ends = report["endpoints"][:2]
+    for mode, rep in (report.get("repair") or {}).items():
+        for path, short in MODE_SHORT.items():
+            mid = rep["midpoint"][path]["test"]
+            out[f"{mode}_{short}_acc"], out[f"{mode}_{short}_loss"] = mid["acc"], mid["loss"]
+        for metric, sign in (("acc", 1.0), ("loss", -1.0)):
+            plain = sign * (
+                fmean(e["test"][metric] for e in ends) - report["midpoint"]["final"]["permuted"]["test"][metric]
+            )
+            repaired = rep["barrier_midpoint"]["permuted"]["test"][metric]
+            out[f"{mode}_barrier_perm_{metric}"] = repaired
+            if plain > 0:  # else there is no barrier to remove: the share is left out of this cell
+                out[f"{mode}_removed_barrier_{metric}"] = 1.0 - repaired / plain
     return out
 
 
@@ -154,6 +179,8 @@ def measure(
     splits = evaluation_splits(config, device, merger.recorded_normalisation())
     if experiment == "matchers":
         metrics, timings = {}, {}
+        if "test" in splits:
+            metrics |= random_permutation_metrics(merger, splits["test"], config.training.seed)
         for label, settings in (matchers or {}).items():
             alignment = AlignmentSection.model_validate({**config.alignment.model_dump(), **settings})
             cfg = config.model_copy(update={"alignment": alignment})
