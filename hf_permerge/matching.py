@@ -30,6 +30,12 @@ class ActivationSettings(MatcherSettings):
         "float64: exact, 2x slower on CPUs)",
     )
     num_examples: int = Field(10000, ge=1, description="images to use, a seeded subset of the data (default 10000)")
+    max_statistics_mb: int | None = Field(
+        None,
+        ge=1,
+        description="bound the statistics held at once (MiB): groups are gathered in several passes over the "
+        "data, each stopping after the last layer it needs (default: all groups in one pass)",
+    )
 
 
 class WeightSettings(MatcherSettings):

@@ -211,7 +211,8 @@ def test_streamed_merge_on_the_command_line(planted_pair, tmp_path, run_cli, cap
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--matcher", "activation"), "--streamed aligns by weight matching"),
+        (("--matcher", "gradient"), "--streamed aligns by weight or activation matching, not gradient"),
+        (("--matcher", "activation"), "--streamed --matcher activation reads the models' activations on text"),
         (("--vanilla",), "--vanilla cannot be used with --streamed"),
         (("--checkpoint", "init"), "--checkpoint cannot be used with --streamed"),
     ],
@@ -222,3 +223,110 @@ def test_streamed_merge_refuses_what_it_cannot_do(planted_pair, tmp_path, run_cl
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0, err
     assert not (tmp_path / "merged").exists()
+
+
+# Activation matching at scale: statistics in bounded passes, both models read layer by layer from their shards.
+
+
+def _tokens(n: int = 16, length: int = 12):
+    from hf_permerge.data.tokens import TokenSplit
+
+    ids = token_ids(n, length, seed=5)
+    return TokenSplit(ids, torch.ones_like(ids), "planted-test")
+
+
+def test_statistics_passes_bound_their_memory_and_keep_couplings_together():
+    from hf_permerge.alignment.activation import statistics_bytes, statistics_passes
+
+    spec = trace(tiny("llama"), {"input_ids": token_ids()}).spec
+    assert statistics_passes(spec, None) == [spec.names]
+    bound = max(sum(statistics_bytes(spec[g].size) for g in spec.coupling_of(g) or (g,)) for g in spec.names)
+    passes = statistics_passes(spec, bound)
+    assert len(passes) > 1 and sorted(g for p in passes for g in p) == sorted(spec.names)
+    for p in passes:
+        assert sum(statistics_bytes(spec[g].size) for g in p) <= bound
+        for g in p:
+            assert set(spec.coupling_of(g) or ()) <= set(p)
+    with pytest.raises(ValueError, match="more than max_statistics_mb=.*raise max_statistics_mb"):
+        statistics_passes(spec, bound - 1)
+
+
+def test_activation_matching_in_passes_finds_what_one_pass_finds(monkeypatch):
+    """Every group's objective, matched and at the identity, is the same whether its statistics were gathered in
+    one pass or in several (each pass stopping its forwards early); the planted permutation is undone."""
+    from hf_permerge.alignment import activation
+    from hf_permerge.alignment.activation import ActivationMatcher
+    from hf_permerge.alignment.tracing import attach_permutation_spec
+
+    model = tiny("llama").eval()
+    spec = trace(tiny("llama"), {"input_ids": token_ids()}).spec
+    other = tiny("llama").eval()
+    other.load_state_dict(planted_permutation(model, seed=3))
+    a, b = attach_permutation_spec(model, spec), attach_permutation_spec(other, spec)
+    one = ActivationMatcher(num_examples=None).match(a, b, _tokens())
+    monkeypatch.setattr(activation, "statistics_bytes", lambda n: 2**19)  # two groups to a MiB
+    calls = []
+    original = activation.activation_statistics
+    monkeypatch.setattr(activation, "activation_statistics", lambda *args: calls.append(args[-1]) or original(*args))
+    passes = ActivationMatcher(num_examples=None, max_statistics_mb=1).match(a, b, _tokens())
+    assert len(calls) > 2 and all(c is not None for c in calls)
+    for g in spec.names:
+        for key in ("similarity_matched", "similarity_identity"):
+            assert passes.info["groups"][g][key] == pytest.approx(one.info["groups"][g][key], rel=1e-6), (g, key)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logits(passes.apply(b, spec), token_ids()), logits(a, token_ids()), atol=1e-5, rtol=1e-4
+        )
+
+
+def test_offloaded_activation_matching_undoes_a_planted_permutation(planted_pair):
+    from hf_permerge.merging.offloaded import match_activations_offloaded, offload_map
+
+    a, b, spec = planted_pair
+    perms = match_activations_offloaded(a, b, _tokens(), spec, max_statistics_mb=1, num_examples=None)
+    source_a, source_b = ShardedTensors(a), ShardedTensors(b)
+    aligned = apply_permutations(spec, {k: source_b[k] for k in source_b}, perms)
+    for key in source_a:
+        assert torch.equal(aligned[key], source_a[key]), key
+    placed = offload_map(tiny("llama"))
+    assert placed["model.layers.0"] == placed["model.layers.1"] == "disk" and placed["lm_head"] == "disk"
+
+
+def test_streamed_activation_merge_of_a_planted_pair_is_a(planted_pair, tmp_path):
+    a, b, _ = planted_pair
+    lines = []
+    out = merge_streamed(a, b, tmp_path / "m", matcher="activation", data=_tokens(), progress=False, log=lines.append)
+    merged, source_a = ShardedTensors(out), ShardedTensors(a)
+    for key in source_a:
+        assert torch.equal(merged[key], source_a[key]), key
+    assert "memory" in lines[0]
+    with pytest.raises(ValueError, match="pass data"):
+        merge_streamed(a, b, tmp_path / "n", matcher="activation", progress=False, log=lines.append)
+    assert not (tmp_path / "n").exists()
+
+
+def test_streamed_activation_merge_on_the_command_line(planted_pair, tmp_path, run_cli, capsys):
+    """--streamed --matcher activation on a saved Dataset of input_ids: the planted pair's merge is A."""
+    from datasets import Dataset
+
+    a, b, _ = planted_pair
+    Dataset.from_dict({"input_ids": token_ids(16, 12, seed=5).tolist()}).save_to_disk(tmp_path / "tokens")
+    out = tmp_path / "merged"
+    code = run_cli(
+        "merge",
+        a,
+        b,
+        "--streamed",
+        "--matcher",
+        "activation",
+        "--dataset",
+        tmp_path / "tokens",
+        "--max-statistics-mb",
+        "1",
+        "-o",
+        out,
+    )
+    assert code == 0, capsys.readouterr().err
+    merged, source_a = ShardedTensors(out), ShardedTensors(a)
+    for key in source_a:
+        assert torch.equal(merged[key], source_a[key]), key

@@ -27,7 +27,7 @@ from .base import (
     model_device,
     model_input,
 )
-from .hungarian import AssignmentSolver
+from .hungarian import AssignmentSolver, matched_similarity
 from .permutations import Permutations
 from .spec import PermutationSpec
 
@@ -212,19 +212,29 @@ def activation_statistics(
     preactivation: bool = False,
     batch_size: int = 1000,
     products: str = "float32",
+    groups: list[str] | None = None,
 ) -> dict[str, ActivationStatistics]:
     """One pass over the data through both nets (eval mode), streaming statistics per group.
 
     `pixel_values`: images (N, C, H, W), or a split (`forward_batches`: a `TokenSplit` of sequences, whose padding
     is no sample). Forward hooks on model_a store its activations; model_b's hooks fold each group into the
     statistics as soon as its own activations arrive, then drop model_a's, bounding memory: a batch's tokens x
-    units of one group at a time, never all tokens.
+    units of one group at a time, never all tokens. `groups`: only these (default all); each forward stops as
+    soon as it has produced their activations (a pass for the early layers runs only those layers).
     """
     names = activation_modules(spec, preactivation)
+    if groups is not None:
+        names = {g: names[g] for g in groups}
     check_choice("products", products, tuple(PRODUCTS))
     stats = {g: ActivationStatistics.zeros(spec[g].size, model_device(model_a), PRODUCTS[products]) for g in names}
     held: dict[str, torch.Tensor] = {}
-    batch: dict = {"mask": None}
+    batch: dict = {"mask": None, "seen_a": set(), "seen_b": set()}
+    stop_early = groups is not None
+
+    def seen(which: str, group: str) -> None:
+        batch[which].add(group)
+        if stop_early and len(batch[which]) == len(names):
+            raise _EnoughActivations
 
     def hook_a(group):
         def hook(module, inputs, output):
@@ -232,12 +242,14 @@ def activation_statistics(
             held[group] = units_as_columns(output, spec[group].unit_axis, batch["mask"]).to(
                 PRODUCTS[products], copy=True
             )
+            seen("seen_a", group)
 
         return hook
 
     def hook_b(group):
         def hook(module, inputs, output):
             stats[group].update(held.pop(group), units_as_columns(output, spec[group].unit_axis, batch["mask"]))
+            seen("seen_b", group)
 
         return hook
 
@@ -259,12 +271,54 @@ def activation_statistics(
                 disable=None,
             ):
                 batch["mask"] = mask
-                model_a(**inputs_a)
-                model_b(**inputs_b)
+                for model, inputs, which in ((model_a, inputs_a, "seen_a"), (model_b, inputs_b, "seen_b")):
+                    batch[which] = set()
+                    try:
+                        model(**inputs)
+                    except _EnoughActivations:
+                        pass
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+class _EnoughActivations(Exception):
+    """Raised by a hook once a forward has produced every activation a pass needs: the rest is not run."""
+
+
+def statistics_passes(spec: PermutationSpec, max_bytes: int | None) -> list[list[str]]:
+    """The groups in passes over the data whose statistics (an n x n float64 cross-product per group) fit in
+    `max_bytes` each, in spec order; an attention coupling's groups share a pass (they are solved together).
+    None: one pass. A group (or coupling) larger than the bound alone is an error naming it."""
+    if max_bytes is None:
+        return [list(spec.names)]
+    units, done = [], set()
+    for g in spec.names:
+        if g not in done:
+            unit = list(spec.coupling_of(g) or (g,))
+            done.update(unit)
+            units.append(unit)
+    passes, current, used = [], [], 0
+    for unit in units:
+        need = sum(statistics_bytes(spec[g].size) for g in unit)
+        if need > max_bytes:
+            raise ValueError(
+                f"the statistics of {', '.join(unit)} need {need / 2**20:.0f} MiB, more than "
+                f"max_statistics_mb={max_bytes / 2**20:.0f}; raise max_statistics_mb"
+            )
+        if current and used + need > max_bytes:
+            passes.append(current)
+            current, used = [], 0
+        current += unit
+        used += need
+    return passes + [current] if current else passes
+
+
+def statistics_bytes(n: int) -> int:
+    """Memory of one group's `ActivationStatistics`: the n x n cross-products and four n-vectors, float64, and
+    the similarity computed from them."""
+    return 8 * (2 * n * n + 6 * n)
 
 
 @torch.no_grad()
@@ -349,10 +403,13 @@ class ActivationMatcher(Matcher):
     batch_size: int = 1000
     seed: int = 0
     products: str = "float32"
+    max_statistics_mb: int | None = None
 
     def __post_init__(self):
         check_choice("similarity", self.similarity, SIMILARITIES)
         check_choice("products", self.products, tuple(PRODUCTS))
+        if self.max_statistics_mb is not None and self.max_statistics_mb < 1:
+            raise ValueError(f"max_statistics_mb={self.max_statistics_mb} must be >= 1 (or None: no bound)")
 
     def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Permutations:
         return self.match_many(model_a, [model_b], data)[0]
@@ -362,36 +419,67 @@ class ActivationMatcher(Matcher):
 
         Each group's assignment is submitted to worker threads as soon as its similarity is
         ready, and the caller goes on: the next group's similarity, then the next net's pass
-        over the data, run while the earlier nets' assignments are being solved.
+        over the data, run while the earlier nets' assignments are being solved. With
+        `max_statistics_mb`, the groups are gathered in several passes, each holding at most that much of
+        statistics (`statistics_passes`); a pass's solves finish and its similarities are dropped before the next.
         """
         check_matching_data(data, model_a)
         split = data.subset(self.num_examples, self.seed).to(model_device(model_a))
-        similarities = []
+        bound = None if self.max_statistics_mb is None else self.max_statistics_mb * 2**20
+        summaries: list[dict] = [{} for _ in others]
+        perms: list[dict] = [{} for _ in others]
         with AssignmentSolver() as solver:
+            held = []  # (net, group, similarity) whose solve is not collected yet
             for k, model_b in enumerate(others):
                 spec = check_same_architecture(model_a, model_b)
-                stats = activation_statistics(
-                    model_a, model_b, matching_inputs(split), spec, self.preactivation, self.batch_size, self.products
-                )
-                similarities.append({})
-                for g in spec.names:
-                    similarities[k][g] = stats.pop(g).similarity(self.similarity)
-                    coupled = spec.coupling_of(g)
-                    if coupled is None:
-                        solver.submit((k, g), similarities[k][g], spec[g].blocks, spec[g].rigid)
-                    elif g == coupled[-1]:  # an attention layer's groups move their heads together
-                        solver.submit_coupled(
-                            tuple((k, n) for n in coupled),
-                            [similarities[k][n] for n in coupled],
-                            spec[g].blocks,
-                            [spec[n].rigid for n in coupled],
-                        )
-            solved = solver.results()
-        out = []
-        for k, sims in enumerate(similarities):
-            perms = {g: solved[(k, g)] for g in sims}
-            out.append(Permutations(perms, self._info(sims, perms, split)))
-        return out
+                passes = statistics_passes(spec, bound)
+                for groups in passes:
+                    stats = activation_statistics(
+                        model_a,
+                        model_b,
+                        matching_inputs(split),
+                        spec,
+                        self.preactivation,
+                        self.batch_size,
+                        self.products,
+                        groups if len(passes) > 1 else None,
+                    )
+                    sims = {}
+                    for g in groups:
+                        sims[g] = stats.pop(g).similarity(self.similarity)
+                        held.append((k, g, sims[g]))
+                        coupled = spec.coupling_of(g)
+                        if coupled is None:
+                            solver.submit((k, g), sims[g], spec[g].blocks, spec[g].rigid)
+                        elif g == coupled[-1]:  # an attention layer's groups move their heads together
+                            solver.submit_coupled(
+                                tuple((k, n) for n in coupled),
+                                [sims[n] for n in coupled],
+                                spec[g].blocks,
+                                [spec[n].rigid for n in coupled],
+                            )
+                    del sims
+                    if len(passes) > 1:
+                        held = self._collect(solver, held, summaries, perms)
+            self._collect(solver, held, summaries, perms)
+        return [Permutations(p, self._header(s, split)) for p, s in zip(perms, summaries)]
+
+    @staticmethod
+    def _collect(solver, held, summaries, perms) -> list:
+        """Wait for the solves of `held`; keep each group's permutation and objective, drop its similarity."""
+        solved = solver.results()
+        for k, g, sim in held:
+            perms[k][g] = solved[(k, g)]
+            summaries[k][g] = {
+                "similarity_identity": matched_similarity(sim, torch.arange(len(sim))),
+                "similarity_matched": matched_similarity(sim, solved[(k, g)]),
+            }
+        return []
+
+    def _header(self, groups: dict, data) -> dict:
+        """As `Matcher._info`, from the per-group objectives already computed."""
+        data_info = None if data is None else {"fingerprint": data.fingerprint, "num_examples": len(data)}
+        return {"matcher": self.name, "settings": self.settings, "data": data_info, "groups": groups}
 
 
 def matching_inputs(split):

@@ -83,7 +83,13 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> Permutati
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model computes: its parameters' device, or for a model whose weights are offloaded (on the meta
+    device until a layer runs) the execution device accelerate recorded, else the CPU."""
+    device = next(model.parameters()).device
+    if device.type != "meta":
+        return device
+    placed = {d for d in (getattr(model, "hf_device_map", None) or {}).values() if d not in ("disk", "meta")}
+    return torch.device(placed.pop()) if len(placed) == 1 else torch.device("cpu")
 
 
 def model_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -97,12 +97,33 @@ def cmd_merge(args) -> int:
 
 
 def merge_streamed_cli(args) -> int:
-    """merge --streamed: two checkpoint folders, weight matching, read and written tensor by tensor."""
+    """merge --streamed: two checkpoint folders, read and written tensor by tensor; weight matching, or activation
+    matching on a text --dataset with both models read layer by layer."""
     from ..merging.streamed import merge_streamed
 
     check_streamed_options(args)
-    _, settings = matching(args)
-    settings = {k: v for k, v in settings.items() if k in ("max_iter", "seed", "bottom_up")}
+    matcher, settings = matching(args)
+    options = {}
+    if matcher == "weight":
+        options = {k: v for k, v in settings.items() if k in ("max_iter", "seed", "bottom_up")}
+    else:
+        from ..merging.offloaded import checkpoint_tokens
+
+        source = data_source(args)
+        data = checkpoint_tokens(
+            args.pair[0],
+            source["dataset"],
+            args.text_column,
+            settings.get("num_examples", 10000),
+            settings.get("seed", 0),
+        )
+        stats = settings.pop("max_statistics_mb", None)
+        options = {
+            "matcher": "activation",
+            "data": data,
+            "activation_settings": {k: v for k, v in settings.items() if k not in ("num_examples", "seed")},
+            **({"max_statistics_mb": stats} if stats is not None else {}),
+        }
     merge_streamed(
         args.pair[0],
         args.pair[1],
@@ -112,7 +133,7 @@ def merge_streamed_cli(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         log=print if not args.quiet else (lambda _: None),
-        **settings,
+        **options,
     )
     print(f"merged model: {args.output_dir}")
     return 0

@@ -156,14 +156,23 @@ def heldout_text(args) -> dict | None:
 
 
 def check_streamed_options(args) -> None:
-    """merge --streamed merges two checkpoint folders by weight matching; what it cannot do is refused by name."""
+    """merge --streamed merges two checkpoint folders by weight matching, or by activation matching on a text
+    --dataset; what it cannot do is refused by name."""
     if len(args.pair) != 2:
         raise ValueError(
             f"--streamed merges two model folders (A B), got {len(args.pair)} argument(s); name both checkpoints"
         )
-    if (args.matcher or "weight") != "weight":
-        raise ValueError(f"--streamed aligns by weight matching (reads no activations); drop --matcher {args.matcher}")
-    args.matcher = "weight"
+    args.matcher = args.matcher or "weight"
+    if args.matcher not in ("weight", "activation"):
+        raise ValueError(
+            f"--streamed aligns by weight or activation matching, not {args.matcher}; choose --matcher weight or "
+            "--matcher activation"
+        )
+    if args.matcher == "activation" and args.dataset is None:
+        raise ValueError(
+            "--streamed --matcher activation reads the models' activations on text: name it with --dataset (a text "
+            "file, a save_to_disk folder or a Hub id)"
+        )
     given = [
         flag
         for flag, value in (
@@ -172,7 +181,7 @@ def check_streamed_options(args) -> None:
             ("--permutations", args.permutations),
             ("--repair", args.repair),
             ("--checkpoint", args.checkpoint),
-            ("--dataset", args.dataset),
+            ("--dataset", args.dataset if args.matcher == "weight" else None),
             ("--device", args.device),
             ("--reference", args.reference),
         )

@@ -39,29 +39,39 @@ class Needs:
         )
 
 
-def estimate(spec: PermutationSpec, sizes: dict[str, int], chunk_elements: int) -> Needs:
+def estimate(spec: PermutationSpec, sizes: dict[str, int], chunk_elements: int, statistics: int | None = None) -> Needs:
     """Peak memory and the output's size on disk. `sizes`: every tensor's bytes as stored.
 
-    Matching holds one group's similarity and, while it accumulates, one tensor of each model, b's permuted copy
-    and a float32 chunk per side; solving holds the similarity's copies (`SOLVE_BYTES_PER_ENTRY`). Merging holds a
-    tensor of each model, b's permuted copy, the output and three float32 chunks."""
+    Weight matching holds one group's similarity and, while it accumulates, one tensor of each model, b's permuted
+    copy and a float32 chunk per side; solving holds the similarity's copies (`SOLVE_BYTES_PER_ENTRY`). Activation
+    matching (`statistics`: its bound in bytes) holds one pass's statistics, each model's largest layer in float32
+    (`layer_bytes`) and a solve. Merging holds a tensor of each model, b's permuted copy, the output and three
+    float32 chunks."""
     n = max((g.size for g in spec.groups), default=0)
     largest = max(sizes.values(), default=0)
     chunk = 4 * chunk_elements
-    matching = max(SOLVE_BYTES_PER_ENTRY * n * n, 4 * n * n + 3 * largest + 2 * chunk)
+    if statistics is None:
+        matching = max(SOLVE_BYTES_PER_ENTRY * n * n, 4 * n * n + 3 * largest + 2 * chunk)
+    else:
+        matching = statistics + SOLVE_BYTES_PER_ENTRY * n * n + 2 * layer_bytes(sizes)
     merging = 4 * largest + 3 * chunk
     solve = SOLVE_BYTES_PER_ENTRY * n * n
     return Needs(int(BASE_MEMORY + max(matching, merging)), sum(sizes.values()), n, largest, solve)
 
 
-def check_resources(needs: Needs, output_dir: Path, chunk_elements: int) -> None:
-    """Refuse (`NotEnoughResources`, one line) when available memory or the output disk's free space is short."""
+def check_resources(needs: Needs, output_dir: Path, chunk_elements: int, max_statistics_mb: int | None = None) -> None:
+    """Refuse (`NotEnoughResources`, one line) when available memory or the output disk's free space is short;
+    `max_statistics_mb`: the activation matcher's bound, the setting to lower then."""
     available = psutil.virtual_memory().available
     if needs.memory > available:
+        lower = (
+            f"max_statistics_mb (now {max_statistics_mb}) to gather the activation statistics in more passes"
+            if max_statistics_mb is not None
+            else f"chunk_elements (now {chunk_elements}) to hold less of each tensor at once"
+        )
         raise NotEnoughResources(
-            f"{needs.describe()}, but only {available / GiB:.1f} GiB of memory is available; lower "
-            f"chunk_elements (now {chunk_elements}) to hold less of each tensor at once (solving the largest "
-            f"group alone takes {needs.solve / GiB:.1f} GiB), or free memory"
+            f"{needs.describe()}, but only {available / GiB:.1f} GiB of memory is available; lower {lower} "
+            f"(solving the largest group alone takes {needs.solve / GiB:.1f} GiB), or free memory"
         )
     parent = next(p for p in [output_dir, *output_dir.parents] if p.exists())
     free = shutil.disk_usage(parent).free
@@ -70,3 +80,15 @@ def check_resources(needs: Needs, output_dir: Path, chunk_elements: int) -> None
             f"{needs.describe()}, but {parent} has only {free / GiB:.1f} GiB free; choose an output folder "
             "on a disk with more space (output_dir)"
         )
+
+
+def layer_bytes(sizes: dict[str, int]) -> int:
+    """The largest layer's weights in float32 (as a forward computes), a layer being the tensors whose names agree
+    up to the first number (`model.layers.7.`); a tensor outside the stack (embeddings, head) is a layer alone."""
+    layers: dict[str, int] = {}
+    for name, nbytes in sizes.items():
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+        key = ".".join(parts[: cut + 1])
+        layers[key] = layers.get(key, 0) + nbytes
+    return 2 * max(layers.values(), default=0)  # bf16 bytes doubled (a float32 checkpoint: an overestimate)

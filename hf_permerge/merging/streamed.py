@@ -29,6 +29,7 @@ from ..shards import INDEX_NAME, ShardedTensors, ShardWriter
 from .budget import check_resources, estimate
 from .checkpoint_spec import checkpoint_spec
 from .nets import check_same_architecture
+from .offloaded import match_activations_offloaded
 from .saving import MARKER, check_save_target
 
 _NOT_COPIED = {INDEX_NAME, MARKER, "README.md", "aligned_to.json"}
@@ -80,19 +81,30 @@ def merge_streamed(
     chunk_elements: int = CHUNK_ELEMENTS,
     max_shard_size: int | str = "5GB",
     spec: PermutationSpec | None = None,
+    matcher: str = "weight",
+    data=None,
+    max_statistics_mb: int | None = 2048,
+    activation_settings: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
     log=print,
 ) -> Path:
-    """Weight-match checkpoint folder `b` onto `a` and write `(1 - alpha) A + alpha pi(B)` to `output_dir`.
+    """Align checkpoint folder `b` onto `a` and write `(1 - alpha) A + alpha pi(B)` to `output_dir`.
 
     Both are read lazily from their safetensors shards; the spec is traced on a two-layer copy of a's config
-    (`checkpoint_spec`) unless given. The output holds the merged shards (a's dtype, `max_shard_size` each, the
-    index as `save_pretrained` writes it), a's other files (config, generation config, tokenizer), the
-    permutations (`permutations/net_1.safetensors`) and `merge_config.json`. Memory and disk are estimated and
-    printed (`log`) once the spec is known (seconds); a machine with less is refused (`budget.NotEnoughResources`)
-    before the matching starts.
+    (`checkpoint_spec`) unless given. matcher "weight" (default) reads each tensor when a group needs it;
+    "activation" runs both models over `data` (a `TokenSplit`) one layer at a time from disk
+    (`offloaded.match_activations_offloaded`), its statistics gathered in passes of at most `max_statistics_mb`
+    (`activation_settings`: the matcher's other settings). The output holds the merged shards (a's dtype,
+    `max_shard_size` each, the index as `save_pretrained` writes it), a's other files (config, generation config,
+    tokenizer), the permutations (`permutations/net_1.safetensors`) and `merge_config.json`. Memory and disk are
+    estimated and printed (`log`) once the spec is known (seconds); a machine with less is refused
+    (`budget.NotEnoughResources`) before the matching starts.
     """
+    if matcher not in ("weight", "activation"):
+        raise ValueError(f"matcher={matcher!r}: a streamed merge aligns by 'weight' or 'activation' matching")
+    if matcher == "activation" and data is None:
+        raise ValueError("matcher='activation' reads activations: pass data (a TokenSplit of the models' tokens)")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if chunk_elements < 1:
@@ -108,12 +120,17 @@ def merge_streamed(
         spec, _ = checkpoint_spec(AutoConfig.from_pretrained(a), source_a.shapes())
     else:
         spec.validate(source_a.shapes())
-    needs = estimate(spec, {n: source_a.nbytes(n) for n in source_a}, chunk_elements)
+    sizes = {n: source_a.nbytes(n) for n in source_a}
+    statistics = None if matcher == "weight" else (max_statistics_mb or 0) * 2**20 or None
+    needs = estimate(spec, sizes, chunk_elements, statistics)
     log(needs.describe())
-    check_resources(needs, output_dir, chunk_elements)
-    perms = match_streamed(
-        spec, source_a, source_b, max_iter, seed, bottom_up, chunk_elements=chunk_elements, progress=progress
-    )
+    check_resources(needs, output_dir, chunk_elements, max_statistics_mb if matcher == "activation" else None)
+    if matcher == "weight":
+        perms = match_streamed(
+            spec, source_a, source_b, max_iter, seed, bottom_up, chunk_elements=chunk_elements, progress=progress
+        )
+    else:
+        perms = match_activations_offloaded(a, b, data, spec, max_statistics_mb, **(activation_settings or {}))
     aligned = time.perf_counter()
     with folder_job(output_dir, check, overwrite) as (out, _), atomic_dir(out) as tmp:
         write_merge(spec, source_a, source_b, perms, tmp, float(alpha), chunk_elements, max_shard_size, progress)
@@ -131,7 +148,7 @@ def merge_streamed(
                 "format": "hf_permerge.merge/1",
                 "sources": [a.name, b.name],
                 "merge": {"alpha": float(alpha), "nets": [0, 1], "permuted": True, "streamed": True},
-                "alignment": {"matcher": "weight", "settings": perms.info["settings"], "groups": len(spec.groups)},
+                "alignment": {"matcher": matcher, "settings": perms.info["settings"], "groups": len(spec.groups)},
                 "timings_s": {"align": aligned - started, "merge": time.perf_counter() - aligned},
             },
         )

@@ -1,0 +1,101 @@
+"""Activation matching of two checkpoints on disk without holding either: each layer's weights are read from the
+safetensors shards when a forward pass reaches it and dropped after it (accelerate's disk offload, reading the
+checkpoint's own files, nothing copied), and the statistics are gathered in passes bounded by
+`max_statistics_mb` (`ActivationMatcher`). Memory: one layer of each model, a batch's activations, the
+statistics of one pass; never the models, never tokens x units for all tokens.
+
+    from hf_permerge.merging.offloaded import match_activations_offloaded
+    perms = match_activations_offloaded("models/a", "models/b", token_split, spec, max_statistics_mb=2048)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from ..alignment.activation import ActivationMatcher
+from ..alignment.permutations import Permutations
+from ..alignment.spec import PermutationSpec
+from ..alignment.tracing import attach_permutation_spec
+from ..data.tensors import subset_indices
+from ..data.tokens import TokenSplit, token_split
+from ..models.folders import _LOADING, _without_transformers_bars, auto_class_for
+
+
+def offload_map(model: nn.Module) -> dict[str, str]:
+    """accelerate's device map that leaves every block of the model's layer stack (its largest `nn.ModuleList`) on
+    disk, one entry each, and every other module holding weights (embeddings, final norm, head) on disk too; only
+    modules without weights (rotary tables) stay on the CPU. Each entry is loaded for its own forward only."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no stack of layers (nn.ModuleList) to read one at a time")
+    stack, _ = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    out: dict[str, str] = {}
+
+    def place(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if path == stack:
+                out.update({f"{path}.{i}": "disk" for i in range(len(child))})
+            elif stack.startswith(path + "."):
+                place(path + ".", child)
+            else:
+                out[path] = "disk" if any(True for _ in child.parameters()) else "cpu"
+
+    place("", model)
+    return out
+
+
+def load_offloaded(folder: str | Path, offload_dir: str | Path, spec: PermutationSpec, dtype=torch.float32):
+    """The model of `folder` (its Auto class), every weight left on disk per `offload_map`, computing in `dtype`
+    (float32: statistics in fp32 whatever the checkpoint's dtype), with `spec` attached for the matchers."""
+    config = AutoConfig.from_pretrained(folder)
+    auto = auto_class_for(config)
+    with init_empty_weights():
+        skeleton = auto.from_config(config)
+    device_map = offload_map(skeleton)
+    with _LOADING, _without_transformers_bars():
+        model = auto.from_pretrained(folder, device_map=device_map, offload_folder=str(offload_dir), dtype=dtype)
+    return attach_permutation_spec(model.eval(), spec)
+
+
+def match_activations_offloaded(
+    a: str | Path,
+    b: str | Path,
+    data,
+    spec: PermutationSpec,
+    max_statistics_mb: int | None = 2048,
+    **settings,
+) -> Permutations:
+    """Activation matching of checkpoint folder `b` onto `a` on `data` (a `TokenSplit`), both models read layer by
+    layer from their shards. `settings` as `ActivationMatcher`'s (similarity, num_examples, batch_size, ...)."""
+    with tempfile.TemporaryDirectory(prefix="hf_permerge-offload-") as scratch:
+        model_a = load_offloaded(a, Path(scratch) / "a", spec)
+        model_b = load_offloaded(b, Path(scratch) / "b", spec)
+        matcher = ActivationMatcher(max_statistics_mb=max_statistics_mb, **settings)
+        return matcher.match(model_a, model_b, data)
+
+
+def checkpoint_tokens(
+    folder: str | Path, dataset, text_column: str | None = None, num_examples: int | None = None, seed: int = 0
+) -> TokenSplit:
+    """The sequences of a `datasets.Dataset` (input_ids, or text tokenized by the tokenizer saved in `folder`) for
+    the checkpoint in `folder`, checked against its config (positions, vocabulary) without loading its weights;
+    a seeded subset of `num_examples` sequences."""
+    if isinstance(dataset, TokenSplit):
+        return dataset.subset(num_examples, seed)
+    config = AutoConfig.from_pretrained(folder)
+    if num_examples is not None and num_examples < len(dataset):
+        dataset = dataset.select(subset_indices(len(dataset), num_examples, seed).tolist())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    pad = config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else 0
+    return token_split(dataset, tokenizer, text_column, positions, config.vocab_size, pad)
