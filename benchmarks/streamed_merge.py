@@ -3,6 +3,7 @@ against a plain in-memory implementation and the I/O floor, in one run (BENCHMAR
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/streamed_merge.py --layers 22 --work /tmp/bench
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/streamed_merge.py --layers 4 --reference --work /tmp/bench
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/streamed_merge.py --layers 22 --jobs activation --work /tmp/bench
 
 The pair: A random (bf16, hidden 2048, MLP 5632, 32 heads, 4 key/value heads, vocabulary 32000), B a planted
 permutation of A (the residual stream and every MLP's units, permuted here by name, not by the tracer's spec),
@@ -11,6 +12,8 @@ both written tensor by tensor into 500 MB shards (nothing is ever held whole). T
 Each job runs in its own process (one torch thread); this process samples its RssAnon (anonymous memory: file
 pages of the memory-mapped shards excluded) from /proc every 20 ms and keeps the peak:
 - streamed: `merge_streamed` (trace a two-layer copy, weight matching streamed from the shards, merge, save);
+- activation (`--jobs activation`): `merge_streamed(matcher="activation")` on 4 x 256 random tokens, both models
+  read layer by layer from their shards, statistics in passes of at most 4096 MiB, merge, save;
 - reference: both state dicts loaded in float32, Git Re-Basin's coordinate descent (from the identity, random
   group order, until a pass improves nothing), the merge in float32, one safetensors file written in bf16;
 - floor: read both, average, write (a linear merge, streamed): the cost of merely moving the bytes.
@@ -108,6 +111,32 @@ def job_streamed(a, b, out) -> dict:
     return json.loads((Path(out) / "merge_config.json").read_text())["timings_s"]
 
 
+ACTIVATION = {"sequences": 4, "length": 256, "max_statistics_mb": 4096}
+"""The activation job's token stream (random ids: the planted pair's units agree on any input) and bound."""
+
+
+def job_activation(a, b, out) -> dict:
+    import torch
+
+    from hf_permerge.data.tokens import TokenSplit
+    from hf_permerge.merging.streamed import merge_streamed
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, TINYLLAMA["vocab_size"], (ACTIVATION["sequences"], ACTIVATION["length"]), generator=gen)
+    data = TokenSplit(ids, torch.ones_like(ids), "random-tokens")
+    merge_streamed(
+        a,
+        b,
+        out,
+        max_shard_size="500MB",
+        progress=False,
+        matcher="activation",
+        data=data,
+        max_statistics_mb=ACTIVATION["max_statistics_mb"],
+    )
+    return json.loads((Path(out) / "merge_config.json").read_text())["timings_s"]
+
+
 def job_floor(a, b, out) -> dict:
     import torch
 
@@ -185,7 +214,7 @@ def job_reference(a, b, out) -> dict:
     return {"load": loaded - start, "align": aligned - loaded, "merge": time.perf_counter() - aligned, "sweeps": sweeps}
 
 
-JOBS = {"streamed": job_streamed, "floor": job_floor, "reference": job_reference}
+JOBS = {"streamed": job_streamed, "activation": job_activation, "floor": job_floor, "reference": job_reference}
 
 
 def rss_anon(pid: int) -> int:
@@ -242,6 +271,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hf_permerge-streamed-bench"))
     parser.add_argument("--reference", action="store_true", help="also run the plain in-memory reference")
+    parser.add_argument(
+        "--jobs",
+        nargs="+",
+        choices=[j for j in JOBS if j != "reference"],
+        default=["floor", "streamed"],
+        help="which streamed jobs to run (default: floor streamed; activation: streamed activation matching)",
+    )
     parser.add_argument("--job", nargs=4, metavar=("NAME", "A", "B", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
@@ -259,7 +295,7 @@ def main() -> None:
     built = time.perf_counter() - start
     size = folder_bytes(a)
     rows = {}
-    for name in ["floor", "streamed"] + (["reference"] if args.reference else []):
+    for name in list(args.jobs) + (["reference"] if args.reference else []):
         out = args.work / f"out-{name}-{args.layers}"
         rows[name] = run_job(name, a, b, out)
         rows[name]["output_equals_a"] = equals_a(a, out)
@@ -281,9 +317,11 @@ def main() -> None:
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": 1, "torch": torch.__version__},
         "load_average": os.getloadavg(),
         "jobs": rows,
+        **({"activation": ACTIVATION} if "activation" in rows else {}),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"tinyllama-{args.layers}-layers-{time.strftime('%Y-%m-%dT%H%M')}.json"
+    tag = "-activation" if "activation" in rows else ""
+    path = RESULTS / f"tinyllama-{args.layers}-layers{tag}-{time.strftime('%Y-%m-%dT%H%M')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print("wrote", path)

@@ -287,10 +287,13 @@ class _EnoughActivations(Exception):
     """Raised by a hook once a forward has produced every activation a pass needs: the rest is not run."""
 
 
-def statistics_passes(spec: PermutationSpec, max_bytes: int | None) -> list[list[str]]:
+def statistics_passes(
+    spec: PermutationSpec, max_bytes: int | None, order: dict[str, int] | None = None
+) -> list[list[str]]:
     """The groups in passes over the data whose statistics (an n x n float64 cross-product per group) fit in
-    `max_bytes` each, in spec order; an attention coupling's groups share a pass (they are solved together).
-    None: one pass. A group (or coupling) larger than the bound alone is an error naming it."""
+    `max_bytes` each; an attention coupling's groups share a pass (they are solved together). Groups are taken by
+    `order` (group -> position of its activation module in the forward; default spec order), so that each pass
+    stops as early as it can. None: one pass. A group (or coupling) larger than the bound alone is an error."""
     if max_bytes is None:
         return [list(spec.names)]
     units, done = [], set()
@@ -299,6 +302,8 @@ def statistics_passes(spec: PermutationSpec, max_bytes: int | None) -> list[list
             unit = list(spec.coupling_of(g) or (g,))
             done.update(unit)
             units.append(unit)
+    if order is not None:
+        units.sort(key=lambda unit: max(order.get(g, 0) for g in unit))
     passes, current, used = [], [], 0
     for unit in units:
         need = sum(statistics_bytes(spec[g].size) for g in unit)
@@ -432,7 +437,7 @@ class ActivationMatcher(Matcher):
             held = []  # (net, group, similarity) whose solve is not collected yet
             for k, model_b in enumerate(others):
                 spec = check_same_architecture(model_a, model_b)
-                passes = statistics_passes(spec, bound)
+                passes = statistics_passes(spec, bound, self._forward_order(model_a, spec))
                 for groups in passes:
                     stats = activation_statistics(
                         model_a,
@@ -463,6 +468,12 @@ class ActivationMatcher(Matcher):
                         held = self._collect(solver, held, summaries, perms)
             self._collect(solver, held, summaries, perms)
         return [Permutations(p, self._header(s, split)) for p, s in zip(perms, summaries)]
+
+    def _forward_order(self, model: nn.Module, spec: PermutationSpec) -> dict[str, int]:
+        """Group -> position of its activation module among the model's modules (registration order, which is the
+        order a transformer's forward reaches them)."""
+        positions = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        return {g: positions.get(m, 0) for g, m in activation_modules(spec, self.preactivation).items()}
 
     @staticmethod
     def _collect(solver, held, summaries, perms) -> list:
