@@ -27,7 +27,7 @@ from .base import (
     model_device,
     model_input,
 )
-from .hungarian import AssignmentSolver, matched_similarity
+from .hungarian import AssignmentSolver, objective_summary
 from .permutations import Permutations
 from .spec import PermutationSpec
 
@@ -481,16 +481,8 @@ class ActivationMatcher(Matcher):
         solved = solver.results()
         for k, g, sim in held:
             perms[k][g] = solved[(k, g)]
-            summaries[k][g] = {
-                "similarity_identity": matched_similarity(sim, torch.arange(len(sim))),
-                "similarity_matched": matched_similarity(sim, solved[(k, g)]),
-            }
+            summaries[k][g] = objective_summary(sim, solved[(k, g)])
         return []
-
-    def _header(self, groups: dict, data) -> dict:
-        """As `Matcher._info`, from the per-group objectives already computed."""
-        data_info = None if data is None else {"fingerprint": data.fingerprint, "num_examples": len(data)}
-        return {"matcher": self.name, "settings": self.settings, "data": data_info, "groups": groups}
 
 
 def matching_inputs(split):

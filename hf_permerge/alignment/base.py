@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .hungarian import matched_similarity
+from .hungarian import objective_summary
 from .permutations import Permutations
 from .spec import PermutationSpec
 
@@ -37,13 +37,10 @@ class Matcher:
     def _info(self, similarities: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor], data) -> dict:
         """The header a `Permutations` carries: matcher, settings, data, and per group the summed
         similarity of the identity matching next to that of the matching found."""
-        groups = {
-            g: {
-                "similarity_identity": matched_similarity(s, torch.arange(len(s))),
-                "similarity_matched": matched_similarity(s, perms[g]),
-            }
-            for g, s in similarities.items()
-        }
+        return self._header({g: objective_summary(s, perms[g]) for g, s in similarities.items()}, data)
+
+    def _header(self, groups: dict, data) -> dict:
+        """As `_info`, from each group's objectives (`objective_summary`) already computed."""
         data_info = None if data is None else {"fingerprint": data.fingerprint, "num_examples": len(data)}
         return {"matcher": self.name, "settings": self.settings, "data": data_info, "groups": groups}
 

@@ -179,6 +179,14 @@ def matched_similarity(similarity: torch.Tensor, perm: torch.Tensor) -> float:
     return float(similarity[idx, perm.to(similarity.device)].double().sum())
 
 
+def objective_summary(similarity: torch.Tensor, perm: torch.Tensor) -> dict[str, float]:
+    """One group's objective at the identity and at the permutation found (the `groups` entry of a header)."""
+    return {
+        "similarity_identity": matched_similarity(similarity, torch.arange(len(similarity))),
+        "similarity_matched": matched_similarity(similarity, perm),
+    }
+
+
 class AssignmentSolver:
     """Solves assignments on worker threads; scipy releases the GIL, so the solves overlap with
     whatever the caller does next on the device (computing the next group's similarity).

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .hungarian import matched_similarity
+from .hungarian import objective_summary
 from .permutations import Permutations
 from .spec import PermutationSpec
 from .weight import coordinate_descent, group_similarity
@@ -43,13 +43,9 @@ def match_streamed(
         columns = chunk_columns(spec[group].size, chunk_elements)
         return group_similarity(spec, group, [(a, b)], perms, solved, torch.float32, columns)
 
-    def keep(s, perm):
-        return {
-            "similarity_identity": matched_similarity(s, torch.arange(len(s))),
-            "similarity_matched": matched_similarity(s, perm),
-        }
-
-    perms, groups = coordinate_descent(spec, similarity, max_iter, seed, bottom_up, keep=keep, progress=progress)
+    perms, groups = coordinate_descent(
+        spec, similarity, max_iter, seed, bottom_up, keep=objective_summary, progress=progress
+    )
     settings = {"max_iter": max_iter, "seed": seed, "bottom_up": bottom_up, "streamed": True}
     return Permutations(perms, {"matcher": "weight", "settings": settings, "data": None, "groups": groups})
 

@@ -139,3 +139,18 @@ def token_split(
         )
     digest = hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16]
     return TokenSplit(ids, mask, f"tokens:{digest}")
+
+
+def model_token_split(
+    ds, tokenizer, config, text_column: str | None = None, num_examples: int | None = None, seed: int = 0
+) -> TokenSplit:
+    """`token_split` for the model a transformers `config` describes (its positions, vocabulary and pad id), of a
+    seeded subset of `num_examples` sequences of `ds` (all when None)."""
+    from .tensors import subset_indices
+
+    if num_examples is not None and num_examples < len(ds):
+        ds = ds.select(subset_indices(len(ds), num_examples, seed).tolist())
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    positions = int(positions) if isinstance(positions, int) else None
+    pad = config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else 0
+    return token_split(ds, tokenizer, text_column, positions, config.vocab_size, pad)

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..alignment.base import fits, input_shape_text
-from ..alignment.tracing.export import max_positions
 from ..data.catalog import DATASETS, dataset_info
 from ..data.loading import check_image_dataset
 from ..data.tensors import TensorSplit, load_tensors, recorded_normalisation, subset_indices
-from ..data.tokens import TokenSplit, check_text_columns, token_split
+from ..data.tokens import TokenSplit, check_text_columns, model_token_split
 from ..io_utils import only_a_local_path
 from .inputs import as_tensor_split
 from .nets import Nets
@@ -101,11 +100,7 @@ class MergeData:
                 f"cannot align a text model on {type(data).__name__}: pass a datasets.Dataset with input_ids (and "
                 "attention_mask) or a text column, or use matcher='weight', which needs no data"
             )
-        if num_examples is not None and num_examples < len(data):
-            data = data.select(subset_indices(len(data), num_examples, seed).tolist())
-        cfg = model.config
-        pad = cfg.pad_token_id if isinstance(getattr(cfg, "pad_token_id", None), int) else 0
-        return token_split(data, nets.tokenizer(), self.text_column, max_positions(model), cfg.vocab_size, pad)
+        return model_token_split(data, nets.tokenizer(), model.config, self.text_column, num_examples, seed)
 
     def recorded_normalisation(self, nets: Nets) -> tuple | None:
         """The (mean, std) net 0's config records (what our nets were trained with), for the catalog data set;

@@ -22,8 +22,7 @@ from ..alignment.activation import ActivationMatcher
 from ..alignment.permutations import Permutations
 from ..alignment.spec import PermutationSpec
 from ..alignment.tracing import attach_permutation_spec
-from ..data.tensors import subset_indices
-from ..data.tokens import TokenSplit, token_split
+from ..data.tokens import TokenSplit, model_token_split
 from ..models.folders import _LOADING, _without_transformers_bars, auto_class_for
 
 
@@ -89,13 +88,8 @@ def checkpoint_tokens(
     a seeded subset of `num_examples` sequences."""
     if isinstance(dataset, TokenSplit):
         return dataset.subset(num_examples, seed)
-    config = AutoConfig.from_pretrained(folder)
-    if num_examples is not None and num_examples < len(dataset):
-        dataset = dataset.select(subset_indices(len(dataset), num_examples, seed).tolist())
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    pad = config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else 0
-    return token_split(dataset, tokenizer, text_column, positions, config.vocab_size, pad)
+    return model_token_split(dataset, tokenizer, AutoConfig.from_pretrained(folder), text_column, num_examples, seed)
