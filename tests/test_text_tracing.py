@@ -90,9 +90,19 @@ def test_bert_heads_move_and_its_mlm_transform_is_permuted_on_both_axes():
     assert traced.spec.couplings  # whole heads move, queries/keys with values
 
 
-def test_gpt2_fused_qkv_projection_is_kept_in_place_and_its_conv1d_layers_are_seen():
-    _, traced = _traced("gpt2")
-    assert "c_attn" in next(iter(traced.kept)) and "fused" in next(iter(traced.kept.values()))
+def test_gpt2_fused_qkv_projection_is_split_into_parts_and_its_conv1d_layers_are_seen():
+    model, traced = _traced("gpt2")
+    assert not traced.kept and not traced.skipped
+    d, heads = model.config.n_embd, model.config.n_head
+    base = "transformer.h.0.attn"
+    qk, v = traced.spec[f"{base}.c_attn@0"], traced.spec[f"{base}.c_attn@{2 * d}"]
+    w = f"{base}.c_attn.weight"  # Conv1D: (in, out); outputs [q | k | v]
+    assert {(k, a, p.start) for k, a, p in qk.parts if k == w} == {(w, 1, 0), (w, 1, d)}  # q and k: one group
+    assert {(k, a, p.start) for k, a, p in v.parts if k == w} == {(w, 1, 2 * d)}
+    assert (f"{base}.c_proj.weight", 0) in v.axes
+    assert (qk.blocks, qk.rigid, v.blocks, v.rigid) == (heads, False, heads, False)  # units move within heads
+    assert (qk.name, v.name) in traced.spec.couplings or (v.name, qk.name) in traced.spec.couplings  # whole heads
+    assert qk.activation == f"{base}.c_attn" and qk.activation_part.start == 0  # the queries' part of c_attn
     fc = traced.spec["transformer.h.0.mlp.c_fc"]
     assert ("transformer.h.0.mlp.c_fc.weight", 1) in fc.axes  # Conv1D stores (in, out)
 

@@ -62,9 +62,9 @@ def _rand(n: int, gen) -> torch.Tensor:
 
 
 def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
-    """A permuted copy of `model`'s state dict: the residual stream and every MLP's hidden units (and, for BERT,
-    the value units inside each head; for LLaMA-style models, whole attention heads) moved by random permutations,
-    written per architecture by hand."""
+    """A permuted copy of `model`'s state dict: the residual stream, every MLP's hidden units and the attention
+    heads (GPT-2, BERT: whole heads, q/k units and value units within each head; LLaMA-style: whole heads, a
+    key/value head with its query heads) moved by random permutations, written per architecture by hand."""
     gen = torch.Generator().manual_seed(seed)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = model.config
@@ -116,16 +116,24 @@ def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
             cols(f"transformer.h.{i}.mlp.c_fc.weight", p)
             rows(f"transformer.h.{i}.mlp.c_fc.bias", p)
             rows(f"transformer.h.{i}.mlp.c_proj.weight", p)
+            # attention (modeling_gpt2.py): c_attn's outputs are [q | k | v], each split into heads; whole heads move
+            # alike in all three, q and k units jointly within each head, v units within each head on their own
+            qk, v = _heads_and_units(cfg.n_head, d // cfg.n_head, gen)
+            base = f"transformer.h.{i}.attn"
+            fused = torch.cat([qk, d + qk, 2 * d + v])
+            cols(f"{base}.c_attn.weight", fused)  # Conv1D: (in, out)
+            rows(f"{base}.c_attn.bias", fused)
+            rows(f"{base}.c_proj.weight", v)
         elif cfg.model_type == "bert":
             base = f"bert.encoder.layer.{i}"
             p = _rand(cfg.intermediate_size, gen)
             rows(f"{base}.intermediate.dense.weight", p)
             rows(f"{base}.intermediate.dense.bias", p)
             cols(f"{base}.output.dense.weight", p)
-            heads, width = cfg.num_attention_heads, d // cfg.num_attention_heads
-            v = torch.cat([h * width + _rand(width, gen) for h in range(heads)])  # value units inside each head
-            rows(f"{base}.attention.self.value.weight", v)
-            rows(f"{base}.attention.self.value.bias", v)
+            qk, v = _heads_and_units(cfg.num_attention_heads, d // cfg.num_attention_heads, gen)
+            for name, perm in (("query", qk), ("key", qk), ("value", v)):
+                rows(f"{base}.attention.self.{name}.weight", perm)
+                rows(f"{base}.attention.self.{name}.bias", perm)
             cols(f"{base}.attention.output.dense.weight", v)
         else:
             base = f"model.layers.{i}.mlp"
@@ -135,6 +143,16 @@ def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
             cols(f"{base}.down_proj.weight", p)
             _move_rotary_heads(sd, cfg, f"model.layers.{i}.self_attn", gen)
     return sd
+
+
+def _heads_and_units(heads: int, width: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention layer without rotary embeddings: whole heads moved by one permutation (alike for queries, keys
+    and values), and within each head the q/k units by one permutation (queries and keys alike: their dot product
+    is unchanged) and the value units by another. Returns the (query/key, value) index over heads x width."""
+    sigma = _rand(heads, gen)
+    qk = torch.cat([int(s) * width + _rand(width, gen) for s in sigma])
+    v = torch.cat([int(s) * width + _rand(width, gen) for s in sigma])
+    return qk, v
 
 
 def _move_rotary_heads(sd, cfg, base, gen) -> None:

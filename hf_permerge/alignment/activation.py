@@ -46,6 +46,16 @@ def units_as_columns(t: torch.Tensor, axis: int = 1, mask: torch.Tensor | None =
     return rows
 
 
+def group_columns(output: torch.Tensor, group, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A module's output as (rows, units) of one group: its `unit_axis`, only the group's `activation_part` of it
+    where the module's output carries other groups too (a fused projection's q | k | v)."""
+    if group.activation_part is not None:
+        output = output.index_select(
+            group.unit_axis, group.activation_part.positions(group.size)[:, 0].to(output.device)
+        )
+    return units_as_columns(output, group.unit_axis, mask)
+
+
 def forward_batches(data, models: list[nn.Module], batch_size: int):
     """Batches of the matching data as each model takes them: yields (per-model kwargs, token mask or None).
 
@@ -239,16 +249,14 @@ def activation_statistics(
     def hook_a(group):
         def hook(module, inputs, output):
             # a copy, safe from in-place ops later (an in-place ReLU on this output)
-            held[group] = units_as_columns(output, spec[group].unit_axis, batch["mask"]).to(
-                PRODUCTS[products], copy=True
-            )
+            held[group] = group_columns(output, spec[group], batch["mask"]).to(PRODUCTS[products], copy=True)
             seen("seen_a", group)
 
         return hook
 
     def hook_b(group):
         def hook(module, inputs, output):
-            stats[group].update(held.pop(group), units_as_columns(output, spec[group].unit_axis, batch["mask"]))
+            stats[group].update(held.pop(group), group_columns(output, spec[group], batch["mask"]))
             seen("seen_b", group)
 
         return hook
@@ -355,9 +363,7 @@ def pairwise_activation_statistics(
     def hook(i: int, group: str):
         def store(module, inputs, output):
             # a copy, safe from in-place ops later (an in-place ReLU on this output)
-            held[i, group] = units_as_columns(output, spec[group].unit_axis, batch["mask"]).to(
-                PRODUCTS[products], copy=True
-            )
+            held[i, group] = group_columns(output, spec[group], batch["mask"]).to(PRODUCTS[products], copy=True)
 
         return store
 
@@ -456,7 +462,7 @@ class ActivationMatcher(Matcher):
                         coupled = spec.coupling_of(g)
                         if coupled is None:
                             solver.submit((k, g), sims[g], spec[g].blocks, spec[g].rigid)
-                        elif g == coupled[-1]:  # an attention layer's groups move their heads together
+                        elif all(n in sims for n in coupled):  # an attention layer's groups move their heads together
                             solver.submit_coupled(
                                 tuple((k, n) for n in coupled),
                                 [sims[n] for n in coupled],

@@ -46,19 +46,21 @@ def repeat_layers(
     position: int | None = None  # where the per-layer groups go among the spanning ones
     for g in spec.groups:
         name, layer = _template(g.name, traced_layers)
-        axes = [(*_template(key, traced_layers), axis) for key, axis in g.axes]
-        if layer is not None and all(i == layer for _, i, _ in axes):
-            key = (name, tuple((k, a) for k, _, a in axes), g.size, g.blocks, g.rigid)
+        axes = [(*_template(key, traced_layers), axis, None) for key, axis in g.axes] + [
+            (*_template(key, traced_layers), axis, part) for key, axis, part in g.parts
+        ]  # (key template, layer, axis, part or None for the whole axis)
+        if layer is not None and all(i == layer for _, i, _, _ in axes):
+            key = (name, tuple((k, a, p) for k, _, a, p in axes), g.size, g.blocks, g.rigid)
             seen[layer].append(key)
             if layer == 0:
                 per_layer.append((name, key[1], g))
                 position = len(spanning) if position is None else position
             continue
-        fixed = [(k, a) for k, i, a in axes if i is None]
+        fixed = [(k, a, p) for k, i, a, p in axes if i is None]
         layered: dict[int, list] = {i: [] for i in range(traced_layers)}
-        for k, i, a in axes:
+        for k, i, a, p in axes:
             if i is not None:
-                layered[i].append((k, a))
+                layered[i].append((k, a, p))
         if len({tuple(v) for v in layered.values()}) != 1:
             raise ValueError(f"group {g.name!r} does not touch every traced layer alike; its spec cannot be repeated")
         spanning.append((g, fixed, layered))
@@ -69,26 +71,25 @@ def repeat_layers(
             raise ValueError(f"coupling {coupled} spans layers; the spec cannot be repeated by layer")
 
     def size(g: PermGroup, axes) -> int:
-        key, axis = axes[0]
+        key, axis = next(((k, a) for k, a, p in axes if p is None), (None, None))
         return int(shapes[key].shape[axis]) if shapes is not None and key in shapes else g.size
 
     def moved(g: PermGroup, name: str, axes) -> PermGroup:
-        return dataclasses.replace(g, name=name, size=size(g, axes), axes=tuple(axes))
+        whole, parts = tuple((k, a) for k, a, p in axes if p is None), tuple(e for e in axes if e[2] is not None)
+        return dataclasses.replace(g, name=name, size=size(g, axes), axes=whole, parts=parts)
 
     def renamed(g: PermGroup, layer: int, name: str, axes) -> PermGroup:
-        filled = [(_fill(k, layer), a) for k, a in axes]
+        filled = [(_fill(k, layer), a, p) for k, a, p in axes]
         return dataclasses.replace(
-            g,
+            moved(g, name, filled),
             name=_fill(name, layer),
-            size=size(g, filled),
-            axes=tuple(filled),
             activation=_fill(_template(g.activation, traced_layers)[0], layer),
             preactivation=_fill(_template(g.preactivation, traced_layers)[0], layer),
         )
 
     layer_groups = [renamed(g, i, name, axes) for i in range(num_layers) for name, axes, g in per_layer]
     streams = [
-        moved(g, g.name, fixed + [(_fill(k, i), a) for i in range(num_layers) for k, a in layered[0]])
+        moved(g, g.name, fixed + [(_fill(k, i), a, p) for i in range(num_layers) for k, a, p in layered[0]])
         for g, fixed, layered in spanning
     ]
     at = len(streams) if position is None else position

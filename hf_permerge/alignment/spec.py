@@ -8,8 +8,40 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
+
+@dataclass(frozen=True)
+class AxisPart:
+    """Where a group's units sit on an axis it shares with other groups (a fused projection's part).
+
+    Unit u sits at position  start + (u // width) * stride + u % width  (runs of `width` consecutive units, one per
+    head, `stride` apart): GPT-2's c_attn keys are `AxisPart(d, d)`; GPT-NeoX's per-head interleaved [q k v] rows
+    put head h's keys at `AxisPart(hd, hd, 3 * hd)`. With `reps` > 1 the unit also sits at that position plus
+    r * rep_stride for r < reps, all moved alike: one value head read by several query heads (grouped-query and
+    multi-query attention) is repeated on the output projection's inputs."""
+
+    start: int
+    width: int
+    stride: int = 0
+    reps: int = 1
+    rep_stride: int = 0
+
+    def __post_init__(self):
+        if self.start < 0 or self.width < 1 or self.reps < 1 or (self.reps > 1 and self.rep_stride < 1):
+            raise ValueError(f"{self} is not a part of an axis (start >= 0, width >= 1, reps >= 1)")
+
+    def positions(self, size: int) -> torch.Tensor:
+        """(size, reps): the axis positions of each of `size` units."""
+        u = torch.arange(size)
+        first = self.start + (u // self.width) * self.stride + u % self.width
+        return first[:, None] + torch.arange(self.reps) * self.rep_stride
+
+    def __str__(self) -> str:
+        rep = f", x{self.reps} every {self.rep_stride}" if self.reps > 1 else ""
+        return f"[{self.start}: {self.width} every {self.stride}{rep}]" if self.stride else f"[{self.start}:{rep}]"
 
 
 @dataclass(frozen=True)
@@ -36,6 +68,12 @@ class PermGroup:
     """Each block keeps its units in order: only whole blocks move, through a coupling (a rotary embedding pairs
     the units within each head by position, but treats every head alike). Matching gives such a group the identity
     within each block."""
+    parts: tuple[tuple[str, int, AxisPart], ...] = ()
+    """(state-dict key, axis, part) triples: the group permutes only that part of the axis, other groups the rest
+    (the q | k | v parts of a fused projection). A group may hold two parts of one axis (GPT-2's queries and keys
+    share one group)."""
+    activation_part: AxisPart | None = None
+    """The part of the activation module's unit axis that carries this group (a fused projection's output)."""
 
     def __post_init__(self):
         if self.blocks < 1 or self.size % self.blocks:
@@ -65,6 +103,22 @@ class PermutationSpec:
                     f"coupling {coupled} must name groups of the spec with the same number (> 1) of blocks"
                 )
 
+    @cached_property
+    def layout(self) -> dict[str, dict[int, list[tuple[str, AxisPart | None]]]]:
+        """key -> {axis: [(group, part or None for the whole axis), ...]}: the inverse map, derived once, never
+        written by hand. The single source every permuting and matching function reads."""
+        out: dict[str, dict[int, list]] = {}
+        for g in self.groups:
+            for key, axis in g.axes:
+                out.setdefault(key, {}).setdefault(axis, []).append((g.name, None))
+            for key, axis, part in g.parts:
+                out.setdefault(key, {}).setdefault(axis, []).append((g.name, part))
+        return out
+
+    def groups_on(self, key: str) -> set[str]:
+        """Every group that permutes some axis of `key`."""
+        return {n for entries in self.layout.get(key, {}).values() for n, _ in entries}
+
     def coupling_of(self, name: str) -> tuple[str, ...] | None:
         return next((c for c in self.couplings if name in c), None)
 
@@ -81,7 +135,7 @@ class PermutationSpec:
     def equivalent(self, other: PermutationSpec) -> bool:
         """True when both specs permute the same tensors alike: the same groups up to their names and order.
 
-        Groups correspond when they name the same (key, axis) pairs; corresponding groups must have the same
+        Groups correspond when they name the same (key, axis) pairs and parts; corresponding groups must have the same
         size, blocks and rigidity, and the couplings must correspond. Where matching reads a group's activations
         (`activation`, `preactivation`, `unit_axis`) is not compared: two specs may hook different modules
         that carry the same units. Use it to compare a traced spec with a hand-written one (their group
@@ -89,10 +143,10 @@ class PermutationSpec:
         """
         if not isinstance(other, PermutationSpec) or len(self.groups) != len(other.groups):
             return False
-        theirs = {frozenset(g.axes): g for g in other.groups}
+        theirs = {frozenset(g.axes) | frozenset(g.parts): g for g in other.groups}
         renamed: dict[str, str] = {}
         for g in self.groups:
-            h = theirs.get(frozenset(g.axes))
+            h = theirs.get(frozenset(g.axes) | frozenset(g.parts))
             if h is None or (h.size, h.blocks, h.rigid) != (g.size, g.blocks, g.rigid):
                 return False
             renamed[g.name] = h.name
@@ -101,39 +155,78 @@ class PermutationSpec:
         return {frozenset(renamed[n] for n in c) for c in self.couplings} == {frozenset(c) for c in other.couplings}
 
     def axes_to_perm(self) -> dict[str, dict[int, str]]:
-        """key -> {axis: group}: the inverse map, derived, never written by hand."""
-        out: dict[str, dict[int, str]] = {}
-        for g in self.groups:
-            for key, axis in g.axes:
-                out.setdefault(key, {})[axis] = g.name
+        """key -> {axis: group} for the axes a group permutes whole (`layout` has the parts too); every key the
+        spec names is a key of the result, one whose axes are all shared by parts with an empty map."""
+        out: dict[str, dict[int, str]] = {key: {} for key in self.layout}
+        for key, axes in self.layout.items():
+            for axis, entries in axes.items():
+                if entries[0][1] is None:
+                    out[key][axis] = entries[0][0]
         return out
 
     def validate(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Check that the spec fits a state dict: keys exist, sizes agree, no axis named twice. A group may act on
         two axes of one tensor (P W P^T: BERT's MLM transform, a layer whose input and output are one stream)."""
-        seen: dict[str, set[str]] = {}
-        for g in self.groups:
-            for key, axis in g.axes:
-                if key not in state_dict:
-                    raise ValueError(f"permutation group {g.name!r} names {key!r}, which is not in the state dict")
-                t = state_dict[key]
-                if axis >= t.ndim or t.shape[axis] != g.size:
+        for key, axes in self.layout.items():
+            if key not in state_dict:
+                raise ValueError(
+                    f"permutation group {axes[min(axes)][0][0]!r} names {key!r}, which is not in the state dict"
+                )
+            t = state_dict[key]
+            for axis, entries in axes.items():
+                names = [n for n, _ in entries]
+                if axis >= t.ndim:
                     raise ValueError(
-                        f"permutation group {g.name!r} (size {g.size}) does not fit axis {axis} of {key!r} "
-                        f"with shape {tuple(t.shape)}"
+                        f"permutation group {names[0]!r} names axis {axis} of {key!r} with shape {tuple(t.shape)}"
                     )
-                if (g.name, axis) in seen.setdefault(key, set()):
-                    raise ValueError(f"permutation group {g.name!r} names axis {axis} of {key!r} twice")
-                seen[key].add((g.name, axis))
+                if any(part is None for _, part in entries):
+                    if len(entries) > 1:
+                        raise ValueError(f"permutation groups {names} all name axis {axis} of {key!r} whole")
+                    if t.shape[axis] != self[names[0]].size:
+                        raise ValueError(
+                            f"permutation group {names[0]!r} (size {self[names[0]].size}) does not fit axis {axis} "
+                            f"of {key!r} with shape {tuple(t.shape)}"
+                        )
+                    continue
+                taken = torch.zeros(t.shape[axis], dtype=torch.bool)
+                for name, part in entries:
+                    pos = part.positions(self[name].size).flatten()
+                    if int(pos.max()) >= t.shape[axis] or taken[pos].any() or len(pos.unique()) != len(pos):
+                        raise ValueError(
+                            f"permutation group {name!r} (size {self[name].size}) part {part} does not fit axis "
+                            f"{axis} of {key!r} with shape {tuple(t.shape)} beside the other parts there"
+                        )
+                    taken[pos] = True
 
 
-def _permute_axes(
-    tensor: torch.Tensor, axes: Mapping[int, str], perms: Mapping[str, torch.Tensor], except_group: str | None = None
-) -> torch.Tensor:
-    """The single place a tensor is permuted: every axis whose group has a permutation (but `except_group`)."""
-    for axis, group in axes.items():
-        if group != except_group and group in perms:
-            tensor = torch.index_select(tensor, axis, perms[group].to(tensor.device))
+def axis_index(
+    size: int, entries, perms: Mapping[str, torch.Tensor], spec_sizes: Mapping[str, int], except_group=None
+) -> torch.Tensor | None:
+    """The gather index of one axis of `size` positions under its groups' permutations (None: nothing moves).
+    Position P(j) takes what stood at P(perm[j]), for each part P of the axis; a whole-axis group is its own index."""
+    index = None
+    for group, part in entries:
+        if group == except_group or group not in perms:
+            continue
+        perm = perms[group]
+        if part is None:
+            return perm
+        index = torch.arange(size) if index is None else index
+        pos = part.positions(spec_sizes[group])
+        index[pos] = pos[perm.cpu()]
+    return index
+
+
+def _permute_axes(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms, except_group=None, except_axis=None):
+    """The single place a tensor is permuted: every axis whose groups have a permutation (but `except_group`)."""
+    sizes = None
+    for axis, entries in spec.layout.get(key, {}).items():
+        if axis == except_axis:
+            continue
+        sizes = sizes or {g.name: g.size for g in spec.groups}
+        index = axis_index(tensor.shape[axis], entries, perms, sizes, except_group)
+        if index is not None:
+            tensor = torch.index_select(tensor, axis, index.to(tensor.device))
     return tensor
 
 
@@ -146,13 +239,11 @@ def permute_tensor(
     except_axis: int | None = None,
 ) -> torch.Tensor:
     """Apply every group's permutation that acts on `key` (optionally all but one group, or all but one axis)."""
-    axes = {a: g for a, g in spec.axes_to_perm().get(key, {}).items() if a != except_axis}
-    return _permute_axes(tensor, axes, perms, except_group)
+    return _permute_axes(spec, key, tensor, perms, except_group, except_axis)
 
 
 def apply_permutations(
     spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Return a permuted copy of a state dict: unit j of the result is unit perms[g][j] of the input."""
-    a2p = spec.axes_to_perm()
-    return {key: _permute_axes(t, a2p.get(key, {}), perms) for key, t in state_dict.items()}
+    return {key: _permute_axes(spec, key, t, perms) for key, t in state_dict.items()}

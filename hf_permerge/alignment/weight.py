@@ -41,18 +41,22 @@ def group_similarity(
     tensors read is one chunk per side. `solved`: the layer-by-layer pass, counting only the tensors whose other
     permuted axes all belong to groups already matched."""
     g = spec[group]
-    axes_to_perm = spec.axes_to_perm()
     total = torch.zeros(g.size, g.size, dtype=dtype)
+    entries = [(key, axis, None) for key, axis in g.axes] + list(g.parts)
     for a, b in pairs:
-        for key, axis in g.axes:
+        for key, axis, part in entries:
             if key not in a or key not in b:
                 continue
-            if solved is not None and not set(axes_to_perm[key].values()) - {group} <= solved:
+            if solved is not None and not spec.groups_on(key) - {group} <= solved:
                 continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
             # every other axis at its current permutation: for a tensor carrying this group on two axes
             # (P W P^T) each axis's term is the objective linearised at the group's current permutation
-            b_k = permute_tensor(spec, key, b[key], perms, except_axis=axis).movedim(axis, 0).reshape(g.size, -1)
-            a_k = a[key].movedim(axis, 0).reshape(g.size, -1)
+            b_k = permute_tensor(spec, key, b[key], perms, except_axis=axis).movedim(axis, 0)
+            a_k = a[key].movedim(axis, 0)
+            if part is not None:  # the group's own positions of a shared axis (each repeat counts)
+                pos = part.positions(g.size)
+                a_k, b_k = a_k[pos], b_k[pos]
+            a_k, b_k = a_k.reshape(g.size, -1), b_k.reshape(g.size, -1)
             step = chunk or a_k.shape[1] or 1
             for j in range(0, a_k.shape[1], step):
                 total.addmm_(a_k[:, j : j + step].to(dtype), b_k[:, j : j + step].to(dtype).T)
@@ -76,17 +80,20 @@ def coordinate_descent(
     kept from the last time it was computed while none of its neighbours changed since, so only stale groups are
     computed again at the end. `progress`: a bar per pass, counting its groups."""
     perms = {g.name: torch.arange(g.size) for g in spec.groups}
-    axes_to_perm = spec.axes_to_perm()
     # A group's objective depends on the other groups it shares a tensor with (not on its own permutation: no
     # tensor carries a group twice). Re-solving it while none of them changed finds the same permutation, which
     # would not be kept (no improvement): skipped. This halves the solves of a one-hidden-layer MLP, whose only
     # group was solved twice per match. A bottom-up solve counts once all its neighbours were solved before it
     # (then it saw every tensor of the group), unless the group is coupled (that pass keeps heads in place).
-    neighbours = {  # a group on two axes of one tensor is its own neighbour: its objective is not linear
-        g.name: {o for key, axis in g.axes for a, o in axes_to_perm[key].items() if a != axis and o != g.name}
-        | {g.name for key, axis in g.axes if list(axes_to_perm[key].values()).count(g.name) > 1}
-        for g in spec.groups
-    }
+    # A group on two axes of one tensor is its own neighbour: its objective is not linear (two parts of one
+    # axis are: they are different positions).
+    neighbours: dict[str, set[str]] = {g: set() for g in spec.names}
+    for axes in spec.layout.values():
+        for axis, entries in axes.items():
+            for other_axis, others in axes.items():
+                if other_axis != axis:
+                    for n, _ in entries:
+                        neighbours[n].update(o for o, _ in others)
     changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
     final: dict[str, tuple[object, int]] = {}  # group -> (kept similarity, `changes` when it was computed)
     potentials = {g: {} for g in spec.names} if potentials is None else potentials
@@ -178,7 +185,7 @@ def solve_linear_matching(
         pairs_a, pairs_b = [pairs_a], [pairs_b]
     if len(pairs_a) != len(pairs_b):
         raise ValueError(f"pairs_a has {len(pairs_a)} mappings but pairs_b has {len(pairs_b)}")
-    named = set(spec.axes_to_perm())
+    named = set(spec.layout)
     pairs = [
         (
             {k: a[k].detach().double() for k in named if k in a and k in b},

@@ -27,6 +27,7 @@ class Analysis(LayerRules, ShapeRules):
         self.head_splits: list = []  # (label, heads): a group's axis split into (heads, units per head)
         self.head_couplings: list = []  # (query/key label, value label) of one attention op: heads move together
         self.fixed: dict = {}  # element of a tensor outside the state dict -> why it fixes the units it meets
+        self.parts: dict = {}  # element -> (label of the split axis, start, width, size of that axis): `part`
         self.conv_groups: list = []  # (label, groups): a grouped convolution's output channels, in fixed groups
         self.graph = ep.graph_module.graph
         self.module_of: dict = {}  # node -> innermost module path

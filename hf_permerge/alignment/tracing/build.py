@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..spec import PermGroup, PermutationSpec
+from ..spec import AxisPart, PermGroup, PermutationSpec
 from .analysis import Analysis
 from .export import traceable_call
 from .invariance import InvarianceError, check_permutation_invariance
@@ -169,10 +169,28 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         extents.setdefault(uf.find(label), []).append(extent)
 
     node_order = {n: i for i, n in enumerate(an.graph.nodes)}
+    split, unusable = _split_roots(an, members)  # fused outputs: parent root -> its parts' roots; -> why they stay
+    parent_of = {c: p for p, children in split.items() for c in children}
+    for p, children in split.items():  # a part inherits what blocks or fixes its whole axis
+        if p in unusable:
+            kept_roots.setdefault(p, unusable[p])
+            extents.setdefault(p, []).append(None)
+        for c in children:
+            if p in blocked:
+                blocked.setdefault(c, blocked[p])
+            if p in kept_roots:
+                kept_roots.setdefault(c, kept_roots[p])
+                extents.setdefault(c, []).extend(extents.get(p, []))
     classes = []
     for root, elems in members.items():
         origins = [o for e in elems for o in an.origins.get(e, [])]
-        if root == pinned or not origins:
+        if root in parent_of:  # a part: named and hooked after the projection it is a part of
+            origins = sorted(
+                (o for e in members[parent_of[root]] for o in an.origins.get(e, [])), key=lambda o: node_order[o[0]]
+            )
+        if root in split and root not in unusable:
+            continue  # a fused projection's output: its parts are the groups
+        if root == pinned or not origins or parent_of.get(root) == pinned:
             continue
         origins.sort(key=lambda o: node_order[o[0]])
         classes.append((node_order[origins[0][0]], root, elems, origins))
@@ -184,15 +202,40 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     groups, skipped, kept, unit_axes, repair_modules = [], {}, {}, {}, []
     kept_reason: dict = {}  # rigid group -> why its units keep their order within blocks
 
-    def group_name(origins) -> str:  # a tied weight by its first name in the state dict (the input embedding)
+    def group_name(
+        origins, root=None
+    ) -> str:  # a tied weight by its first name in the state dict (the input embedding)
         key = min(aliases.get(origins[0][1], [origins[0][1]]), key=position.__getitem__)
+        if root in parent_of:  # a part of a fused projection: after it and where the part starts
+            return f"{key.rsplit('.', 1)[0]}@{min(an.parts[e][1] for e in members[root] if e in an.parts)}"
         return key.rsplit(".", 1)[0]
+
+    def part_entries(root) -> tuple[list, AxisPart | None, int | None]:
+        """A part's positions on each tensor of the projection it is a part of: ([(key, axis, part)], the part of
+        the projection's output that carries it (for activation matching), its number of units)."""
+        if root not in parent_of:
+            return [], None, None
+        entries, first, size = [], None, None
+        for e in sorted((e for e in members[root] if e in an.parts), key=lambda e: an.parts[e][1]):
+            _, start, width, in_size = an.parts[e]
+            for pe in members[parent_of[root]]:
+                if pe not in an.param_axes:
+                    continue
+                key, axis, full = an.param_axes[pe]
+                part = AxisPart(start, width, in_size if in_size < full else 0)
+                size = width * (full // in_size)
+                first = first or part
+                entries += [(alias, axis, part) for alias in aliases.get(key, [key])]
+        return sorted(set(entries), key=lambda e: (position[e[0]], e[1], e[2].start)), first, size
 
     def heads_of(root) -> set:
         return {h for lab, h in an.head_splits if uf.find(lab) == root}
 
     def add_group(name, root, elems, origins, blocks, heads, rigid=False) -> None:
-        pre, act, axis_pre, axis_act, sites = _modules(an, root, origins)
+        parts, activation_part, part_size = part_entries(root)
+        pre, act, axis_pre, axis_act, sites = _modules(an, parent_of.get(root, root), origins)
+        if parts and act is not None and act != pre:
+            act = None  # only the projection's output is known to carry the part on its unit axis
         if not heads:  # attention projections are not REPAIRed: their outputs are logits' factors
             repair_modules.extend(sites)
         axis = axis_act if act is not None else axis_pre
@@ -207,12 +250,15 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             },
             key=lambda ka: (position[ka[0]], ka[1]),
         )
-        size = an.param_axes[next(e for e in elems if e in an.param_axes)][2]
+        own = next((e for e in elems if e in an.param_axes), None)
+        size = an.param_axes[own][2] if own is not None else part_size
         groups.append(
             PermGroup(
                 name,
                 size,
                 tuple(axes),
+                parts=tuple(parts),
+                activation_part=activation_part if (act or pre) is not None else None,
                 activation=act or pre,
                 preactivation=pre,
                 unit_axis=axis if axis is not None else 1,
@@ -225,7 +271,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     rigid_roots, shared = _whole_heads(an, members, blocked, kept_roots, extents, heads_of)
     couplings, regrouped = [], set()
     for _, root, elems, origins in classes:
-        name = group_name(origins)
+        name = group_name(origins, root)
         if root in shared:  # grouped-query attention: regrouped by size (`_whole_heads`), once for both roots
             parts, kv_heads = shared[root]
             if id(parts) not in regrouped:
@@ -269,7 +315,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         if root in rigid_roots:
             kept_reason[name] = kept_roots[root]
         add_group(name, root, elems, origins, split.pop() if split else 1, bool(heads), root in rigid_roots)
-    name_of = {root: group_name(origins) for _, root, _, origins in classes}
+    name_of = {root: group_name(origins, root) for _, root, _, origins in classes}
     built = {g.name: g for g in groups}
     for qk, v in an.head_couplings:
         pair = tuple(dict.fromkeys(name_of.get(uf.find(lab)) for lab in (qk, v)))
@@ -288,6 +334,33 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         first_call.setdefault(an.module_of.get(node), node_order[node])
     repair_modules.sort(key=lambda m: first_call.get(m, 0))
     return TracedSpec(spec, skipped, unit_axes, tuple(repair_modules), kept)
+
+
+def _split_roots(an: Analysis, members: dict) -> tuple[dict, dict]:
+    """Fused projections: the classes split into parts (`Analysis.part`), each -> the classes of its parts; and
+    those whose parts cannot move on their own -> why (then the projection and its parts stay in place, as any
+    kept group): the projection's whole output is also read by a layer, or a part is split again."""
+    uf = an.uf
+    split: dict = {}
+    for element, (label, *_) in an.parts.items():
+        split.setdefault(uf.find(label), set()).add(uf.find(element))
+    unusable = {}
+    for root, children in split.items():
+        producers = {key.rsplit(".", 1)[0] for e in members.get(root, []) for _, key in an.origins.get(e, [])}
+        readers = sorted(
+            {
+                an.param_axes[e][0]
+                for e in members.get(root, [])
+                if e in an.param_axes and an.param_axes[e][0].rsplit(".", 1)[0] not in producers
+            }
+        )
+        if readers or children & set(split) or root in children:
+            why = f"{readers[0]!r} reads the whole output" if readers else "a part of it is split again"
+            unusable[root] = (
+                f"the output of {sorted(producers) or ['a fused projection']} is split into parts, but {why}, so "
+                "its parts cannot be permuted separately"
+            )
+    return split, unusable
 
 
 def _without_lone_rigid_groups(spec: PermutationSpec, kept: dict, kept_reason: dict) -> PermutationSpec:

@@ -102,8 +102,9 @@ class ShapeRules:
         return True
 
     def op_split(self, node, val):
-        """split / split_with_sizes / chunk / unbind along a group's axis (GPT-2's fused q/k/v projection): the
-        parts are different units of one axis, which one group cannot permute separately, so it stays in place."""
+        """split / split_with_sizes / chunk along a group's axis (GPT-2's fused q/k/v projection, GPT-NeoX's per-head
+        [q k v], Phi-3's gate | up): each output is a *part* of the group's units, with a label of its own that the
+        rules follow on (`part`); unbind picks single units."""
         x = node.args[0]
         xl = list(self.lab(x))
         name = op_name(node)
@@ -114,12 +115,27 @@ class ShapeRules:
             self.block(xl[dim], f"unbind ({self.where(node)}) picks single units of a group")
             self.labels[node] = [tuple(xl[:dim] + xl[dim + 1 :]) for _ in val]
             return
-        self.keep(
-            xl[dim],
-            f"{name} ({self.where(node)}) splits one layer's units into parts (a fused query/key/value "
-            "projection); one permutation group cannot permute the parts separately",
-        )
-        self.labels[node] = [tuple(xl) for _ in val]
+        if not self._is_group(xl[dim]):
+            self.labels[node] = [tuple(xl) for _ in val]
+            return
+        in_size, out, start = shape_of(x.meta["val"])[dim], [], 0
+        for i, v in enumerate(val):
+            width = shape_of(v)[dim]
+            out.append(tuple(xl[:dim] + [self.part(xl[dim], (node.name, i), start, width, in_size)] + xl[dim + 1 :]))
+            start += width
+        self.labels[node] = out
+
+    def part(self, label, name, start: int, width: int, in_size: int):
+        """A new label for units [start, start + width) of an axis of `in_size` units carrying `label` (one head's
+        units, alike for every head, where the axis was split into heads): the units of a fused projection's part.
+        `build` gives it the producing tensors' positions of that part (`AxisPart`)."""
+        element = ("part", *name)
+        self.uf.find(element)
+        self.parts[element] = (label, start, width, in_size)
+        heads = {h for lab, h in self.head_splits if self.uf.find(lab) == self.uf.find(label)}
+        if len(heads) == 1:  # the part of every head: its units are split into the same heads
+            self.head_splits.append((element, heads.pop()))
+        return element
 
     op_split_with_sizes = op_chunk = op_unbind = op_split
 
@@ -230,7 +246,14 @@ class ShapeRules:
         x = node.args[0]
         xl = list(self.lab(x))
         dim = int(node.args[1]) % len(xl) if len(node.args) > 1 else 0
-        if shape_of(x.meta["val"])[dim] != shape_of(val)[dim]:
+        step = int(node.args[4]) if len(node.args) > 4 else 1
+        in_size, out_size = shape_of(x.meta["val"])[dim], shape_of(val)[dim]
+        head_split = any(self.uf.find(lab) == self.uf.find(xl[dim]) for lab, _ in self.head_splits)
+        if in_size != out_size and self._is_group(xl[dim]) and step == 1 and out_size > 1 and not head_split:
+            start = int(node.args[2] or 0) if len(node.args) > 2 else 0  # a fused projection's part (Phi-3's q | k | v)
+            start = start + in_size if start < 0 else min(start, in_size)
+            xl[dim] = self.part(xl[dim], (node.name,), start, out_size, in_size)
+        elif in_size != out_size:
             if self._is_group(xl[dim]):  # rotary embeddings: the halves of each head's units
                 in_size = shape_of(x.meta["val"])[dim]
                 self.keep(xl[dim], f"slice ({self.where(node)}) takes part of a group's units", in_size)
