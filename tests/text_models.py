@@ -68,6 +68,8 @@ def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = model.config
+    if cfg.model_type == "gpt_neox":
+        return _planted_neox(sd, cfg, gen)
     d = cfg.hidden_size
     r = _rand(d, gen)  # the residual stream
 
@@ -153,6 +155,48 @@ def _heads_and_units(heads: int, width: int, gen) -> tuple[torch.Tensor, torch.T
     qk = torch.cat([int(s) * width + _rand(width, gen) for s in sigma])
     v = torch.cat([int(s) * width + _rand(width, gen) for s in sigma])
     return qk, v
+
+
+def _planted_neox(sd, cfg, gen) -> dict:
+    """GPT-NeoX (modeling_gpt_neox.py): `query_key_value` rows are per head [q_h | k_h | v_h] (interleaved), partial
+    rotary on the first `rotary_pct` of each head's q/k units. Moved: the residual stream (embed_in, lm_head, every
+    LayerNorm, every projection's input, the dense / MLP outputs), each MLP's units, whole heads (q, k, v of a head
+    together, and `attention.dense`'s inputs) and the value units within each head. Not moved: q/k units within a head
+    (the rotary ones are paired by position; the others could move, which the tracer does not yet do)."""
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    width = d // heads
+    r = _rand(d, gen)
+    for key in sd:
+        if key.endswith(("embed_in.weight", "lm_head.weight", "query_key_value.weight", "dense_h_to_4h.weight")):
+            sd[key] = sd[key][:, r]
+        elif (
+            "layernorm" in key
+            or "final_layer_norm" in key
+            or key.endswith(("attention.dense.bias", "dense_4h_to_h.bias"))
+        ):
+            sd[key] = sd[key][r]
+        elif key.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+            sd[key] = sd[key][r]
+    for i in range(cfg.num_hidden_layers):
+        base = f"gpt_neox.layers.{i}"
+        p = _rand(cfg.intermediate_size, gen)
+        sd[f"{base}.mlp.dense_h_to_4h.weight"] = sd[f"{base}.mlp.dense_h_to_4h.weight"][p]
+        sd[f"{base}.mlp.dense_h_to_4h.bias"] = sd[f"{base}.mlp.dense_h_to_4h.bias"][p]
+        sd[f"{base}.mlp.dense_4h_to_h.weight"] = sd[f"{base}.mlp.dense_4h_to_h.weight"][:, p]
+        sigma = _rand(heads, gen)
+        values = [_rand(width, gen) for _ in range(heads)]
+        rows = torch.cat(  # slot h takes head sigma[h]: its q and k rows in order, its v rows permuted within
+            [
+                torch.cat([3 * width * int(s) + torch.arange(2 * width), 3 * width * int(s) + 2 * width + v])
+                for s, v in zip(sigma, values)
+            ]
+        )
+        for kind in ("weight", "bias"):
+            key = f"{base}.attention.query_key_value.{kind}"
+            sd[key] = sd[key][rows]
+        dense_in = torch.cat([width * int(s) + v for s, v in zip(sigma, values)])
+        sd[f"{base}.attention.dense.weight"] = sd[f"{base}.attention.dense.weight"][:, dense_in]
+    return sd
 
 
 def _move_rotary_heads(sd, cfg, base, gen) -> None:

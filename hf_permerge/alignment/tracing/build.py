@@ -202,23 +202,34 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     groups, skipped, kept, unit_axes, repair_modules = [], {}, {}, {}, []
     kept_reason: dict = {}  # rigid group -> why its units keep their order within blocks
 
-    def group_name(
-        origins, root=None
-    ) -> str:  # a tied weight by its first name in the state dict (the input embedding)
-        key = min(aliases.get(origins[0][1], [origins[0][1]]), key=position.__getitem__)
-        if root in parent_of:  # a part of a fused projection: after it and where the part starts
-            return f"{key.rsplit('.', 1)[0]}@{min(an.parts[e][1] for e in members[root] if e in an.parts)}"
-        return key.rsplit(".", 1)[0]
+    def origins_of(elems) -> list:
+        """The producing (node, weight key) of a class's elements; a part's are its fused projection's."""
+        parents = {uf.find(an.parts[e][0]) for e in elems if e in an.parts}
+        found = [o for e in elems for o in an.origins.get(e, [])]
+        found += [o for p in parents for e in members.get(p, []) for o in an.origins.get(e, [])]
+        return sorted(set(found), key=lambda o: node_order[o[0]])
 
-    def part_entries(root) -> tuple[list, AxisPart | None, int | None]:
-        """A part's positions on each tensor of the projection it is a part of: ([(key, axis, part)], the part of
-        the projection's output that carries it (for activation matching), its number of units)."""
-        if root not in parent_of:
-            return [], None, None
+    def group_name(origins, elems=()) -> str:
+        """After its first producer (a tied weight by its first name in the state dict: the input embedding); a part
+        of a fused projection after the projection and where its first part starts (`c_attn@0`)."""
+        key = min(aliases.get(origins[0][1], [origins[0][1]]), key=position.__getitem__)
+        starts = [an.parts[e][1] for e in elems if e in an.parts]
+        return key.rsplit(".", 1)[0] + (f"@{min(starts)}" if starts else "")
+
+    def part_size(e) -> int | None:
+        """Units of a part element: its width in each run, times the runs (heads) of the projection's output (None
+        for a part of an axis no tensor carries)."""
+        label, _, width, in_size = an.parts[e]
+        full = next((an.param_axes[pe][2] for pe in members[uf.find(label)] if pe in an.param_axes), None)
+        return None if full is None else width * (full // in_size)
+
+    def part_entries(elems) -> tuple[list, AxisPart | None, int | None]:
+        """The parts among `elems` as positions on each tensor of the projection they are parts of: ([(key, axis,
+        part)], the part of the projection's output that carries the first (for activation matching), units)."""
         entries, first, size = [], None, None
-        for e in sorted((e for e in members[root] if e in an.parts), key=lambda e: an.parts[e][1]):
-            _, start, width, in_size = an.parts[e]
-            for pe in members[parent_of[root]]:
+        for e in sorted((e for e in elems if e in an.parts), key=lambda e: an.parts[e][1]):
+            label, start, width, in_size = an.parts[e]
+            for pe in members[uf.find(label)]:
                 if pe not in an.param_axes:
                     continue
                 key, axis, full = an.param_axes[pe]
@@ -232,8 +243,10 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         return {h for lab, h in an.head_splits if uf.find(lab) == root}
 
     def add_group(name, root, elems, origins, blocks, heads, rigid=False) -> None:
-        parts, activation_part, part_size = part_entries(root)
-        pre, act, axis_pre, axis_act, sites = _modules(an, parent_of.get(root, root), origins)
+        parts, activation_part, units = part_entries(elems)
+        first = min((e for e in elems if e in an.parts), key=lambda e: an.parts[e][1], default=None)
+        unit_root = uf.find(an.parts[first][0]) if first is not None else root  # a part's units: its projection's
+        pre, act, axis_pre, axis_act, sites = _modules(an, unit_root, origins)
         if parts and act is not None and act != pre:
             act = None  # only the projection's output is known to carry the part on its unit axis
         if not heads:  # attention projections are not REPAIRed: their outputs are logits' factors
@@ -251,7 +264,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             key=lambda ka: (position[ka[0]], ka[1]),
         )
         own = next((e for e in elems if e in an.param_axes), None)
-        size = an.param_axes[own][2] if own is not None else part_size
+        size = an.param_axes[own][2] if own is not None else units
         groups.append(
             PermGroup(
                 name,
@@ -268,25 +281,29 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         )
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
 
-    rigid_roots, shared = _whole_heads(an, members, blocked, kept_roots, extents, heads_of)
+    sizes = {e: an.param_axes[e][2] for e in an.param_axes}
+    sizes |= {e: n for e in an.parts if (n := part_size(e)) is not None}
+    rigid_roots, shared = _whole_heads(an, members, blocked, kept_roots, extents, heads_of, sizes)
     couplings, regrouped = [], set()
     for _, root, elems, origins in classes:
-        name = group_name(origins, root)
+        name = group_name(origins, elems)
         if root in shared:  # grouped-query attention: regrouped by size (`_whole_heads`), once for both roots
             parts, kv_heads = shared[root]
             if id(parts) not in regrouped:
                 regrouped.add(id(parts))
                 pair = []
                 for part in parts:
-                    owned = sorted(
+                    elems_p = [e for e, _ in part]
+                    own = sorted(
                         ((o, r) for e, r in part for o in an.origins.get(e, [])), key=lambda o: node_order[o[0][0]]
                     )
-                    pair.append(group_name([o for o, _ in owned]))
+                    origins_p = [o for o, _ in own] or origins_of(elems_p)
+                    pair.append(group_name(origins_p, elems_p))
                     kept_reason[pair[-1]] = next(
                         (kept_roots[r] for p in parts for _, r in p if r in kept_roots),
                         "grouped-query attention: its units keep their order within each key/value head",
                     )
-                    add_group(pair[-1], owned[0][1], [e for e, _ in part], [o for o, _ in owned], kv_heads, True, True)
+                    add_group(pair[-1], own[0][1] if own else part[0][1], elems_p, origins_p, kv_heads, True, True)
                 couplings.append(tuple(pair))
             continue
         reason = blocked.get(root)
@@ -315,7 +332,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         if root in rigid_roots:
             kept_reason[name] = kept_roots[root]
         add_group(name, root, elems, origins, split.pop() if split else 1, bool(heads), root in rigid_roots)
-    name_of = {root: group_name(origins, root) for _, root, _, origins in classes}
+    name_of = {root: group_name(origins, elems) for _, root, elems, origins in classes}
     built = {g.name: g for g in groups}
     for qk, v in an.head_couplings:
         pair = tuple(dict.fromkeys(name_of.get(uf.find(lab)) for lab in (qk, v)))
@@ -372,7 +389,7 @@ def _without_lone_rigid_groups(spec: PermutationSpec, kept: dict, kept_reason: d
     return PermutationSpec(tuple(g for g in spec.groups if g.name not in lone), spec.couplings)
 
 
-def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, extents: dict, heads_of):
+def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, extents: dict, heads_of, sizes: dict):
     """Attention groups whose units keep their order only within each head (a rotary embedding pairs a head's
     units by position, grouped-query values are shared by several query heads) still move whole heads, with
     their attention op's coupling: (roots that become rigid groups, grouped-query plans).
@@ -394,18 +411,18 @@ def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, e
         rq, rv = uf.find(qk), uf.find(v)
         if rq == rv or rq in blocked or rv in blocked:
             continue
-        params = [(e, r) for r in (rq, rv) for e in members.get(r, []) if e in an.param_axes]
-        sizes = {an.param_axes[e][2] for e, _ in params}
+        params = [(e, r) for r in (rq, rv) for e in members.get(r, []) if e in sizes]  # tensors' axes and parts
+        widths = {sizes[e] for e, _ in params}
         hq, hv = heads_of(rq), heads_of(rv)
-        if len(sizes) == 1 and len(hq) == 1 and hq == hv:
-            width = next(iter(sizes)) // next(iter(hq))
+        if len(widths) == 1 and len(hq) == 1 and hq == hv:
+            width = next(iter(widths)) // next(iter(hq))
             rigid.update(r for r in (rq, rv) if r in kept_roots and within(r, width))
-        elif len(sizes) == 2 and len(hq) == 2 and len(hv) == 1 and hv < hq:
-            (kv,), (narrow, wide) = hv, sorted(sizes)
+        elif len(widths) == 2 and len(hq) == 2 and len(hv) == 1 and hv < hq:
+            (kv,), (narrow, wide) = hv, sorted(widths)
             width = narrow // kv
             if narrow % kv == 0 and wide == max(hq) * width and within(rq, width) and within(rv, width):
-                parts = tuple([(e, r) for e, r in params if an.param_axes[e][2] == n] for n in (wide, narrow))
-                if all(any(an.origins.get(e) for e, _ in part) for part in parts):  # each part has a producer
+                parts = tuple([(e, r) for e, r in params if sizes[e] == n] for n in (wide, narrow))
+                if all(any(an.origins.get(e) or e in an.parts for e, _ in part) for part in parts):  # a producer each
                     shared[rq] = shared[rv] = (parts, kv)
     return rigid, shared
 
