@@ -68,6 +68,10 @@ class PermGroup:
     """Each block keeps its units in order: only whole blocks move, through a coupling (a rotary embedding pairs
     the units within each head by position, but treats every head alike). Matching gives such a group the identity
     within each block."""
+    runs: int = 1
+    """A rigid group's blocks hold `runs` equal runs of units (the query heads sharing one key/value head) that move
+    as wholes within their block, each keeping its order: the query heads of a grouped-query block permute among
+    themselves. 1: the block keeps its order."""
     parts: tuple[tuple[str, int, AxisPart], ...] = ()
     """(state-dict key, axis, part) triples: the group permutes only that part of the axis, other groups the rest
     (the q | k | v parts of a fused projection). A group may hold two parts of one axis (GPT-2's queries and keys
@@ -80,8 +84,19 @@ class PermGroup:
             raise ValueError(
                 f"permutation group {self.name!r}: {self.size} units do not split into {self.blocks} equal blocks"
             )
-        if self.rigid and self.blocks < 2:
-            raise ValueError(f"permutation group {self.name!r} is rigid but has no blocks to move (blocks < 2)")
+        if self.runs < 1 or (self.size // self.blocks) % self.runs or (self.runs > 1 and not self.rigid):
+            raise ValueError(
+                f"permutation group {self.name!r}: runs={self.runs} must divide its {self.size // self.blocks} units "
+                "per block, and runs > 1 needs a rigid group"
+            )
+        if self.rigid and self.blocks < 2 and self.runs < 2:
+            raise ValueError(f"permutation group {self.name!r} is rigid but has no blocks or runs to move")
+
+    @property
+    def rigid_runs(self) -> int:
+        """What the solvers take as `rigid`: 0 (units move freely within blocks), or the number of rigid runs per
+        block that may permute among themselves (1: the block keeps its order)."""
+        return self.runs if self.rigid else 0
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,7 @@ class PermutationSpec:
         renamed: dict[str, str] = {}
         for g in self.groups:
             h = theirs.get(frozenset(g.axes) | frozenset(g.parts))
-            if h is None or (h.size, h.blocks, h.rigid) != (g.size, g.blocks, g.rigid):
+            if h is None or (h.size, h.blocks, h.rigid, h.runs) != (g.size, g.blocks, g.rigid, g.runs):
                 return False
             renamed[g.name] = h.name
         if len(set(renamed.values())) != len(other.groups):

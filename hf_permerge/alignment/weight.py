@@ -104,7 +104,7 @@ def coordinate_descent(
         for group in bar(spec.names, "layer-by-layer pass"):
             s = similarity(group, perms, solved)
             perms[group] = solve_assignment(
-                s, spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid
+                s, spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid_runs
             )
             if neighbours[group] <= solved:  # every tensor of the group counted: its full objective
                 final[group] = (keep(s, perms[group]), changes)
@@ -128,11 +128,14 @@ def coordinate_descent(
                 solved_at[n] = changes
             sims = [similarity(n, perms, None) for n in unit]
             new = (
-                solve_coupled(sims, spec[group].blocks, [spec[n].rigid for n in unit])
+                solve_coupled(sims, spec[group].blocks, [spec[n].rigid_runs for n in unit])
                 if len(unit) > 1
                 else [
                     solve_assignment(
-                        sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid
+                        sims[0],
+                        spec[group].blocks,
+                        previous=potentials.setdefault(group, {}),
+                        rigid=spec[group].rigid_runs,
                     )
                 ]
             )

@@ -155,6 +155,9 @@ def trace_permutation_spec(
 
 def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     uf = an.uf
+    # a part that the graph joins back to its whole (rotate_half's halves, added to the unrotated units) is no part
+    # of a fused projection: only the order it fixes (its keeps) remains
+    an.parts = {e: p for e, p in an.parts.items() if uf.find(e) != uf.find(p[0])}
     pinned = uf.find(PIN)
     members: dict = {}
     for element in list(uf.parent):
@@ -242,7 +245,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     def heads_of(root) -> set:
         return {h for lab, h in an.head_splits if uf.find(lab) == root}
 
-    def add_group(name, root, elems, origins, blocks, heads, rigid=False) -> None:
+    def add_group(name, root, elems, origins, blocks, heads, rigid=False, runs=1) -> None:
         parts, activation_part, units = part_entries(elems)
         first = min((e for e in elems if e in an.parts), key=lambda e: an.parts[e][1], default=None)
         unit_root = uf.find(an.parts[first][0]) if first is not None else root  # a part's units: its projection's
@@ -277,6 +280,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
                 unit_axis=axis if axis is not None else 1,
                 blocks=blocks,
                 rigid=rigid,
+                runs=runs,
             )
         )
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
@@ -303,8 +307,19 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
                         (kept_roots[r] for p in parts for _, r in p if r in kept_roots),
                         "grouped-query attention: its units keep their order within each key/value head",
                     )
-                    add_group(pair[-1], own[0][1] if own else part[0][1], elems_p, origins_p, kv_heads, True, True)
-                couplings.append(tuple(pair))
+                    # the queries' block holds its key/value head's query heads, which permute among themselves
+                    runs = sizes[part[0][0]] // sizes[parts[-1][0][0]]
+                    if kv_heads == 1 and runs == 1:  # multi-query: the one key/value head stays where it is
+                        kept[pair.pop()] = (
+                            "multi-query attention: its one key/value head is read by every query head, so its units "
+                            "keep their order (the query heads permute among themselves)"
+                        )
+                        continue
+                    add_group(
+                        pair[-1], own[0][1] if own else part[0][1], elems_p, origins_p, kv_heads, True, True, runs
+                    )
+                if kv_heads > 1:
+                    couplings.append(tuple(pair))
             continue
         reason = blocked.get(root)
         if reason is None and root in kept_roots and root not in rigid_roots:
@@ -383,7 +398,7 @@ def _split_roots(an: Analysis, members: dict) -> tuple[dict, dict]:
 def _without_lone_rigid_groups(spec: PermutationSpec, kept: dict, kept_reason: dict) -> PermutationSpec:
     """A rigid group outside every coupling never moves: it is left out, as kept (with its reason)."""
     coupled = {n for c in spec.couplings for n in c}
-    lone = [g.name for g in spec.groups if g.rigid and g.name not in coupled]
+    lone = [g.name for g in spec.groups if g.rigid and g.runs == 1 and g.name not in coupled]
     for name in lone:
         kept[name] = kept_reason[name]
     return PermutationSpec(tuple(g for g in spec.groups if g.name not in lone), spec.couplings)
@@ -417,8 +432,8 @@ def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, e
         if len(widths) == 1 and len(hq) == 1 and hq == hv:
             width = next(iter(widths)) // next(iter(hq))
             rigid.update(r for r in (rq, rv) if r in kept_roots and within(r, width))
-        elif len(widths) == 2 and len(hq) == 2 and len(hv) == 1 and hv < hq:
-            (kv,), (narrow, wide) = hv, sorted(widths)
+        elif len(widths) == 2 and (len(hq) == 2 and len(hv) == 1 and hv < hq or len(hq) == 1 and not hv):
+            (kv,), (narrow, wide) = hv or {1}, sorted(widths)  # no head split of the values: one key/value head
             width = narrow // kv
             if narrow % kv == 0 and wide == max(hq) * width and within(rq, width) and within(rv, width):
                 parts = tuple([(e, r) for e, r in params if sizes[e] == n] for n in (wide, narrow))

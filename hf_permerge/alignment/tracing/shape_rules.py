@@ -89,8 +89,8 @@ class ShapeRules:
         label = xl[unit_axis]
         if not self._is_group(label) or self._is_group(xl[head_axis]):
             return False
-        split = [h for lab, h in self.head_splits if self.uf.find(lab) == self.uf.find(label)]
-        if not split or heads % split[0] or split[0] == heads:
+        split = [h for lab, h in self.head_splits if self.uf.find(lab) == self.uf.find(label)] or [1]  # 1: MQA
+        if heads % split[0] or split[0] == heads:
             return False
         self.keep(
             label,
