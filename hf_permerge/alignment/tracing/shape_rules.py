@@ -165,6 +165,17 @@ class ShapeRules:
         if not isinstance(al, tuple) or not isinstance(bl, tuple) or len(al) < 2 or len(bl) < 2:
             return self._unknown(node, val)
         self.uf.union(al[-1], bl[-2])
+        left = node.args[0]
+        if (
+            left in self.scores and self.scores[left] is not None and len(bl) >= 3
+        ):  # softmax(q k^T) @ v: eager attention
+            self.head_couplings.append((self.scores[left], bl[-1]))
+        elif (
+            len(al) >= 3
+            and self._is_group(al[-1])
+            and any(self.uf.find(lab) == self.uf.find(al[-1]) for lab, _ in self.head_splits)
+        ):
+            self.scores[node] = al[-1]  # q k^T over a group split into heads: attention scores, per head
         shape = shape_of(val)
         out = [None] * len(shape)
         for batch in (al[:-2], bl[:-2]):
