@@ -219,24 +219,22 @@ def _planted_neox(sd, cfg, gen) -> dict:
 def _move_rotary_heads(sd, cfg, base, gen) -> None:
     """Whole heads of a rotary attention layer, from `modeling_llama.py`: key/value head j moves to slot i with its
     `heads / kv_heads` consecutive query heads (`repeat_kv`), which permute among themselves, and their output
-    projection's columns; the units keep their order inside each head (rotary pairs unit u with u + head_dim / 2),
-    except the values' with one value head per query head, which move within their head too. (Under grouped-query
-    attention the value units within a key/value head could move too, repeated on every query head's output
-    columns; not planted: not yet aligned.)"""
+    projection's columns; query and key units keep their order inside each head (rotary pairs unit u with
+    u + head_dim / 2); a key/value head's value units move within it, alike on the output-projection columns of
+    every query head that reads it."""
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     width = cfg.hidden_size // heads
-    sigma = _rand(kv_heads, gen)
-    group = heads // kv_heads  # query heads per key/value head: they permute among themselves (each in order)
-    query = (
-        torch.cat(
-            [int(s) * group * width + int(t) * width + torch.arange(width) for s in sigma for t in _rand(group, gen)]
-        )
-        if kv_heads != heads
-        else torch.cat([int(s) * width + torch.arange(width) for s in sigma])
+    group = heads // kv_heads  # query heads per key/value head
+    sigma = _rand(kv_heads, gen)  # slot i takes key/value head sigma[i]
+    taus = [_rand(group, gen) for _ in sigma]  # ... and its query heads in the order tau
+    units = [_rand(width, gen) for _ in sigma]  # ... and its value units in this order
+    query = torch.cat(
+        [(int(s) * group + int(t)) * width + torch.arange(width) for s, ts in zip(sigma, taus) for t in ts]
     )
     key = torch.cat([int(s) * width + torch.arange(width) for s in sigma])
-    value = key if kv_heads != heads else torch.cat([int(s) * width + _rand(width, gen) for s in sigma])
-    output = query if kv_heads != heads else value
+    value = torch.cat([int(s) * width + u for s, u in zip(sigma, units)])
+    # o_proj's inputs: query head (s, t)'s outputs, which are its key/value head's values: in their new order
+    output = torch.cat([(int(s) * group + int(t)) * width + u for s, ts, u in zip(sigma, taus, units) for t in ts])
     if f"{base}.qkv_proj.weight" in sd:  # Phi-3 (modeling_phi3.py): one projection, rows [q | k | v]
         q, kv = heads * width, kv_heads * width
         sd[f"{base}.qkv_proj.weight"] = sd[f"{base}.qkv_proj.weight"][torch.cat([query, q + key, q + kv + value])]

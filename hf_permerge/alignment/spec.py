@@ -28,6 +28,10 @@ class AxisPart:
     stride: int = 0
     reps: int = 1
     rep_stride: int = 0
+    within: bool = False
+    """Only the part of the group's permutation inside its blocks acts here, before the axis's other groups: one
+    key/value head's value units, permuted alike on the output-projection inputs of every query head that reads it,
+    while the query-head group moves those inputs by whole heads."""
 
     def __post_init__(self):
         if self.start < 0 or self.width < 1 or self.reps < 1 or (self.reps > 1 and self.rep_stride < 1):
@@ -41,6 +45,7 @@ class AxisPart:
 
     def __str__(self) -> str:
         rep = f", x{self.reps} every {self.rep_stride}" if self.reps > 1 else ""
+        rep += ", within blocks" if self.within else ""
         return f"[{self.start}: {self.width} every {self.stride}{rep}]" if self.stride else f"[{self.start}:{rep}]"
 
 
@@ -195,17 +200,21 @@ class PermutationSpec:
                         f"permutation group {names[0]!r} names axis {axis} of {key!r} with shape {tuple(t.shape)}"
                     )
                 if any(part is None for _, part in entries):
-                    if len(entries) > 1:
+                    if len([e for e in entries if e[1] is None or not e[1].within]) > 1:
                         raise ValueError(f"permutation groups {names} all name axis {axis} of {key!r} whole")
-                    if t.shape[axis] != self[names[0]].size:
+                    whole = next(n for n, part in entries if part is None)
+                    if t.shape[axis] != self[whole].size:
                         raise ValueError(
-                            f"permutation group {names[0]!r} (size {self[names[0]].size}) does not fit axis {axis} "
+                            f"permutation group {whole!r} (size {self[whole].size}) does not fit axis {axis} "
                             f"of {key!r} with shape {tuple(t.shape)}"
                         )
-                    continue
                 taken = torch.zeros(t.shape[axis], dtype=torch.bool)
                 for name, part in entries:
+                    if part is None:
+                        continue
                     pos = part.positions(self[name].size).flatten()
+                    if part.within and int(pos.max()) < t.shape[axis] and len(pos.unique()) == len(pos):
+                        continue  # it reorders units inside positions the axis's other groups move whole
                     if int(pos.max()) >= t.shape[axis] or taken[pos].any() or len(pos.unique()) != len(pos):
                         raise ValueError(
                             f"permutation group {name!r} (size {self[name].size}) part {part} does not fit axis "
@@ -215,31 +224,49 @@ class PermutationSpec:
 
 
 def axis_index(
-    size: int, entries, perms: Mapping[str, torch.Tensor], spec_sizes: Mapping[str, int], except_group=None
+    size: int, entries, perms: Mapping[str, torch.Tensor], groups: Mapping[str, PermGroup], skip=lambda g, part: False
 ) -> torch.Tensor | None:
     """The gather index of one axis of `size` positions under its groups' permutations (None: nothing moves).
-    Position P(j) takes what stood at P(perm[j]), for each part P of the axis; a whole-axis group is its own index."""
-    index = None
+    Position P(j) takes what stood at P(perm[j]), for each part P of the axis; a whole-axis group is its own index.
+    A `within` part acts first, on the positions as they are: each unit moves inside its own block to where the
+    group's permutation puts it relative to that block. `skip(group, part)`: entries left out."""
+    index, within = None, None
     for group, part in entries:
-        if group == except_group or group not in perms:
+        if skip(group, part) or group not in perms:
             continue
-        perm = perms[group]
-        if part is None:
-            return perm
-        index = torch.arange(size) if index is None else index
-        pos = part.positions(spec_sizes[group])
-        index[pos] = pos[perm.cpu()]
-    return index
+        perm, g = perms[group].cpu(), groups[group]
+        if part is not None and part.within:
+            width = g.size // g.blocks
+            units = torch.arange(g.size)
+            moved = torch.empty_like(perm)
+            moved[(perm // width) * width + units % width] = perm  # source unit -> its unit after the move, in place
+            pos = part.positions(g.size)
+            within = torch.arange(size) if within is None else within
+            within[pos] = pos[moved]
+        elif part is None:
+            index = perm
+        else:
+            index = torch.arange(size) if index is None else index
+            pos = part.positions(g.size)
+            index[pos] = pos[perm]
+    if within is None:
+        return index
+    return within if index is None else within[index]
 
 
-def _permute_axes(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms, except_group=None, except_axis=None):
-    """The single place a tensor is permuted: every axis whose groups have a permutation (but `except_group`)."""
-    sizes = None
+def _permute_axes(
+    spec: PermutationSpec, key: str, tensor: torch.Tensor, perms, except_group=None, except_axis=None, axis_group=None
+):
+    """The single place a tensor is permuted: every axis whose groups have a permutation (but `except_group`); on
+    `except_axis` only the `within` parts of groups other than `axis_group` (weight matching's view of one axis)."""
+    groups = None
     for axis, entries in spec.layout.get(key, {}).items():
         if axis == except_axis:
-            continue
-        sizes = sizes or {g.name: g.size for g in spec.groups}
-        index = axis_index(tensor.shape[axis], entries, perms, sizes, except_group)
+            skip = lambda g, part: part is None or not part.within or g == axis_group  # noqa: E731
+        else:
+            skip = lambda g, part: g == except_group  # noqa: E731
+        groups = groups or {g.name: g for g in spec.groups}
+        index = axis_index(tensor.shape[axis], entries, perms, groups, skip)
         if index is not None:
             tensor = torch.index_select(tensor, axis, index.to(tensor.device))
     return tensor
@@ -252,9 +279,11 @@ def permute_tensor(
     perms: Mapping[str, torch.Tensor],
     except_group: str | None = None,
     except_axis: int | None = None,
+    axis_group: str | None = None,
 ) -> torch.Tensor:
-    """Apply every group's permutation that acts on `key` (optionally all but one group, or all but one axis)."""
-    return _permute_axes(spec, key, tensor, perms, except_group, except_axis)
+    """Apply every group's permutation that acts on `key` (optionally all but one group, or all but one axis: there,
+    only the `within` parts of groups other than `axis_group`)."""
+    return _permute_axes(spec, key, tensor, perms, except_group, except_axis, axis_group)
 
 
 def apply_permutations(

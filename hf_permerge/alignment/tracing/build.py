@@ -245,8 +245,9 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     def heads_of(root) -> set:
         return {h for lab, h in an.head_splits if uf.find(lab) == root}
 
-    def add_group(name, root, elems, origins, blocks, heads, rigid=False, runs=1) -> None:
+    def add_group(name, root, elems, origins, blocks, heads, rigid=False, runs=1, extra_parts=()) -> None:
         parts, activation_part, units = part_entries(elems)
+        parts = parts + list(extra_parts)
         first = min((e for e in elems if e in an.parts), key=lambda e: an.parts[e][1], default=None)
         unit_root = uf.find(an.parts[first][0]) if first is not None else root  # a part's units: its projection's
         pre, act, axis_pre, axis_act, sites = _modules(an, unit_root, origins)
@@ -285,41 +286,61 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         )
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
 
+    def add_grouped_query(parts, kv, rq, rv) -> None:
+        """Grouped-query (and multi-query) attention as three groups whose `kv` blocks move together: the queries
+        with the output projection's inputs (rigid: the query heads of a block permute among themselves, `runs`), the
+        keys (rigid under rotary embeddings; else their units move within a head, alike on the queries of every
+        query head that reads it: a `within` part) and the values (units moving within a head, alike on the output
+        projection's inputs of every query head that reads it)."""
+        wide, narrow = parts
+        runs = sizes[wide[0][0]] // sizes[narrow[0][0]]
+        width = sizes[narrow[0][0]] // kv
+        queries, outputs = [e for e, r in wide if r == rq], [e for e, r in wide if r == rv]
+        keys, values = [e for e, r in narrow if r == rq], [e for e, r in narrow if r == rv]
+        repeated = AxisPart(0, width, runs * width, runs, width, within=True)
+
+        def within_parts(elems):  # one key/value head's units on every query head reading it
+            return [
+                (alias, an.param_axes[e][1], repeated)
+                for e in elems
+                if e in an.param_axes
+                for alias in aliases.get(an.param_axes[e][0], [an.param_axes[e][0]])
+            ]
+
+        keys_rigid = rq in kept_roots or any(e in an.parts for e in queries)
+        why = next((kept_roots[r] for r in (rq, rv) if r in kept_roots), "grouped-query attention")
+        plan = [
+            (queries + outputs, rq, True, runs, ()),
+            (keys, rq, keys_rigid, 1, () if keys_rigid else within_parts(queries)),
+            (values, rv, False, 1, within_parts(outputs)),
+        ]
+        names = []
+        for elems_g, root_g, rigid, runs_g, extra in plan:
+            own = sorted((o for e in elems_g for o in an.origins.get(e, [])), key=lambda o: node_order[o[0]])
+            origins_g = own or origins_of(elems_g)
+            name = group_name(origins_g, [e for e in elems_g if e not in outputs] or elems_g)
+            if kv == 1 and rigid and runs_g == 1:  # multi-query: the one key head stays where it is
+                kept[name] = (
+                    "multi-query attention: its one key/value head is read by every query head, so its key units "
+                    "keep their order (the query heads permute among themselves, the value units too)"
+                )
+                continue
+            kept_reason[name] = why
+            add_group(name, root_g, elems_g, origins_g, kv, True, rigid, runs_g, extra)
+            names.append(name)
+        if kv > 1:
+            couplings.append(tuple(names))
+
     sizes = {e: an.param_axes[e][2] for e in an.param_axes}
     sizes |= {e: n for e in an.parts if (n := part_size(e)) is not None}
     rigid_roots, shared = _whole_heads(an, members, blocked, kept_roots, extents, heads_of, sizes)
     couplings, regrouped = [], set()
     for _, root, elems, origins in classes:
         name = group_name(origins, elems)
-        if root in shared:  # grouped-query attention: regrouped by size (`_whole_heads`), once for both roots
-            parts, kv_heads = shared[root]
-            if id(parts) not in regrouped:
-                regrouped.add(id(parts))
-                pair = []
-                for part in parts:
-                    elems_p = [e for e, _ in part]
-                    own = sorted(
-                        ((o, r) for e, r in part for o in an.origins.get(e, [])), key=lambda o: node_order[o[0][0]]
-                    )
-                    origins_p = [o for o, _ in own] or origins_of(elems_p)
-                    pair.append(group_name(origins_p, elems_p))
-                    kept_reason[pair[-1]] = next(
-                        (kept_roots[r] for p in parts for _, r in p if r in kept_roots),
-                        "grouped-query attention: its units keep their order within each key/value head",
-                    )
-                    # the queries' block holds its key/value head's query heads, which permute among themselves
-                    runs = sizes[part[0][0]] // sizes[parts[-1][0][0]]
-                    if kv_heads == 1 and runs == 1:  # multi-query: the one key/value head stays where it is
-                        kept[pair.pop()] = (
-                            "multi-query attention: its one key/value head is read by every query head, so its units "
-                            "keep their order (the query heads permute among themselves)"
-                        )
-                        continue
-                    add_group(
-                        pair[-1], own[0][1] if own else part[0][1], elems_p, origins_p, kv_heads, True, True, runs
-                    )
-                if kv_heads > 1:
-                    couplings.append(tuple(pair))
+        if root in shared:  # grouped-query attention: regrouped (`_whole_heads`), once for both roots
+            if id(shared[root]) not in regrouped:
+                regrouped.add(id(shared[root]))
+                add_grouped_query(*shared[root])
             continue
         reason = blocked.get(root)
         if reason is None and root in kept_roots and root not in rigid_roots:
@@ -355,7 +376,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             len(pair) == 2
             and all(n in built and built[n].blocks > 1 for n in pair)
             and built[pair[0]].blocks == built[pair[1]].blocks
-            and pair not in couplings
+            and not any(set(pair) & set(c) for c in couplings)  # grouped-query layers are coupled already
         ):
             couplings.append(pair)
     spec = _without_lone_rigid_groups(PermutationSpec(tuple(groups), tuple(couplings)), kept, kept_reason)
@@ -438,7 +459,7 @@ def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, e
             if narrow % kv == 0 and wide == max(hq) * width and within(rq, width) and within(rv, width):
                 parts = tuple([(e, r) for e, r in params if sizes[e] == n] for n in (wide, narrow))
                 if all(any(an.origins.get(e) or e in an.parts for e, _ in part) for part in parts):  # a producer each
-                    shared[rq] = shared[rv] = (parts, kv)
+                    shared[rq] = shared[rv] = (parts, kv, rq, rv)
     return rigid, shared
 
 
