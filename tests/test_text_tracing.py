@@ -11,7 +11,7 @@ from hf_permerge.alignment import WeightMatcher
 from hf_permerge.alignment.tracing import attach_permutation_spec, trace
 from hf_permerge.alignment.tracing.build import permuted_share
 
-ARCHS = ["gpt2", "llama", "llama_mha", "llama_mqa", "llama_tied", "qwen2", "bert"]
+ARCHS = ["gpt2", "llama", "llama_mha", "llama_mqa", "llama_tied", "qwen2", "qwen3", "phi3", "gpt_neox", "bert"]
 
 
 def _traced(arch):

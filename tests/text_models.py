@@ -12,7 +12,8 @@ VOCAB, POSITIONS = 97, 32
 
 
 def tiny(arch: str, seed: int = 0, **overrides):
-    """A small random model of `arch`: gpt2, llama (grouped-query), llama_mha, llama_mqa, llama_tied, qwen2, bert."""
+    """A small random model of `arch`: gpt2, llama (grouped-query), llama_mha, llama_mqa, llama_tied, qwen2, qwen3,
+    phi3, gpt_neox, bert."""
     torch.manual_seed(seed)
     # weights at a trained net's scale: with the default 0.02 a tiny model is nearly linear, and a wrong spec
     # would change its logits too little for the invariance check to see
@@ -41,6 +42,23 @@ def tiny(arch: str, seed: int = 0, **overrides):
         return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **llama, **overrides))
     if arch == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **llama, **overrides))
+    if arch == "qwen3":  # per-head q/k RMSNorm shared by every head
+        return T.Qwen3ForCausalLM(
+            T.Qwen3Config(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **llama, **overrides)
+        )
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **llama, **overrides))
+    if arch == "gpt_neox":  # per-head interleaved query_key_value, partial rotary
+        cfg = T.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            **common,
+            **overrides,
+        )
+        return T.GPTNeoXForCausalLM(cfg)
     if arch == "bert":
         cfg = T.BertConfig(
             hidden_size=32,
