@@ -23,6 +23,8 @@
 # all that is left; 1024 steps (4 epochs) at most. Each cap
 # is written to OUT/gpt2_hW.max_steps when its width starts and reused on a rerun, so that --resume continues it
 # (a killed run: rerun this script; finished widths, with a pair.json, are skipped).
+# WIDTHS (default "64 128 256") picks the widths; a width's cap can be fixed beforehand in OUT/gpt2_hW.max_steps
+# (then no estimate is made for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -65,7 +67,7 @@ print(f"width {w}: {left:.0f} s left, share {share[w]}, slowdown {slowdown:.2f},
 PYEOF
 }
 
-for W in 64 128 256; do
+for W in ${WIDTHS:-64 128 256}; do
   run="$OUT/gpt2_h$W"
   log="$OUT/train_h$W.log"
   if [ -f "$run/pair.json" ]; then
