@@ -131,6 +131,7 @@ def merge_streamed_cli(args) -> int:
         0.5 if args.alpha is None else args.alpha,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        allow_different_tokenizers=args.allow_different_tokenizers,
         progress=not args.quiet,
         log=print if not args.quiet else (lambda _: None),
         **options,

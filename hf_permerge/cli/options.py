@@ -75,7 +75,13 @@ def merger_for(args, data: dict | None, on):
     from ..merging import PermMerger
 
     source = args.pair[0] if len(args.pair) == 1 else args.pair
-    merger = PermMerger.from_pretrained(source, device=on, token=args.token, revision=args.revision)
+    merger = PermMerger.from_pretrained(
+        source,
+        device=on,
+        token=args.token,
+        revision=args.revision,
+        allow_different_tokenizers=getattr(args, "allow_different_tokenizers", False),
+    )
     if data is not None:
         merger.use_data(**{**data, "dataset": data["dataset"] or merger.dataset_name()})
     return merger

@@ -336,6 +336,12 @@ def _flag_help(name: str, info) -> str:
 
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids")
+    p.add_argument(
+        "--allow-different-tokenizers",
+        action="store_true",
+        help="text models: merge even if their tokenizers differ (refused otherwise, naming the first differing "
+        "ids); the model card says so",
+    )
     _add_hub_read_args(p)
 
 

@@ -197,6 +197,8 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     - `pipeline_tag` (str, default `"image-classification"`) and `auto_class` (the Auto class that loads it, for
       the loading snippet): a text model's, e.g. `"text-generation"` and `"AutoModelForCausalLM"`.
     - `alignment_data` (str): what the permutations were found on, when it is not a named Hub data set.
+    - `tokenizers_differ` (str): how the models' tokenizers differ, when the merge was told to go on anyway
+      (`allow_different_tokenizers`); the card says so beside the settings.
     - `command` (str): the command that reproduces the merge (absolute paths in it are cut to their last part).
     - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
     - `merged` (dict): `{"test": {"acc": float, "loss": float}}` measured on the merged model; default: the
@@ -355,4 +357,5 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         pipeline_tag=pipeline_tag,
         auto_class=info.get("auto_class") or "AutoModelForImageClassification",
         alignment_data=info.get("alignment_data"),
+        tokenizers_differ=info.get("tokenizers_differ"),
     )

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..alignment.activation import ActivationMatcher
 from ..alignment.permutations import Permutations
 from ..alignment.spec import PermutationSpec
 from ..alignment.tracing import attach_permutation_spec
 from ..data.tokens import TokenSplit, model_token_split
-from ..models.folders import _LOADING, _without_transformers_bars, auto_class_for
+from ..models.folders import auto_class_for, load_config, load_model
+from ..models.trust import NO_REMOTE_CODE
 
 
 def offload_map(model: nn.Module) -> dict[str, str]:
@@ -53,13 +54,10 @@ def offload_map(model: nn.Module) -> dict[str, str]:
 def load_offloaded(folder: str | Path, offload_dir: str | Path, spec: PermutationSpec, dtype=torch.float32):
     """The model of `folder` (its Auto class), every weight left on disk per `offload_map`, computing in `dtype`
     (float32: statistics in fp32 whatever the checkpoint's dtype), with `spec` attached for the matchers."""
-    config = AutoConfig.from_pretrained(folder)
-    auto = auto_class_for(config)
+    config = load_config(folder)
     with init_empty_weights():
-        skeleton = auto.from_config(config)
-    device_map = offload_map(skeleton)
-    with _LOADING, _without_transformers_bars():
-        model = auto.from_pretrained(folder, device_map=device_map, offload_folder=str(offload_dir), dtype=dtype)
+        skeleton = auto_class_for(config).from_config(config)
+    model = load_model(folder, device_map=offload_map(skeleton), offload_folder=str(offload_dir), dtype=dtype)
     return attach_permutation_spec(model.eval(), spec)
 
 
@@ -88,8 +86,9 @@ def checkpoint_tokens(
     a seeded subset of `num_examples` sequences."""
     if isinstance(dataset, TokenSplit):
         return dataset.subset(num_examples, seed)
+    config = load_config(folder)  # first: refuses a folder naming code before its tokenizer is read
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return model_token_split(dataset, tokenizer, AutoConfig.from_pretrained(folder), text_column, num_examples, seed)
+    return model_token_split(dataset, tokenizer, config, text_column, num_examples, seed)

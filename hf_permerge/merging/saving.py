@@ -84,6 +84,7 @@ def merge_settings(merger) -> dict:
             else {}
         ),
         "dataset": merger.described_dataset(),
+        **({"tokenizers_differ": merger._nets.tokenizers_differ} if merger._nets.tokenizers_differ else {}),
         **(
             {
                 "traced_spec": {
@@ -151,6 +152,7 @@ def model_card(merger, model, report: dict | None = None, plots=(), command: str
             "repo_id": repo_id,
             **task_of(model),
             "alignment_data": _alignment_data(alignment) if permuted else None,
+            "tokenizers_differ": merger._nets.tokenizers_differ,
         }
     )
 

@@ -19,31 +19,37 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from ..alignment.permutations import Permutations
 from ..alignment.spec import PermutationSpec, permute_tensor
 from ..alignment.streamed import CHUNK_ELEMENTS, match_streamed
 from ..io_utils import atomic_dir, folder_job, write_json_atomic
+from ..models.folders import load_config
 from ..shards import INDEX_NAME, ShardedTensors, ShardWriter
 from .budget import check_resources, estimate
 from .checkpoint_spec import checkpoint_spec
 from .nets import check_same_architecture
 from .offloaded import match_activations_offloaded
 from .saving import MARKER, check_save_target
+from .tokenizers import compare_tokenizers
 
 _NOT_COPIED = {INDEX_NAME, MARKER, "README.md", "aligned_to.json"}
 
 
 def check_same_tensors(a: ShardedTensors, b: ShardedTensors) -> None:
-    """Refuse checkpoints whose tensors differ in name, shape or dtype, naming the first difference."""
+    """Refuse checkpoints whose tensors differ in name, shape or dtype, naming the first difference and its file."""
     for name in sorted(set(a) | set(b)):
         if name not in a or name not in b:
+            has, lacks = (a, b) if name in a else (b, a)
             raise ValueError(
-                f"{name} is in {a.folder if name in a else b.folder} only; the checkpoints must hold the same tensors"
+                f"{name} is missing from {lacks.file_of(name)} ({has.folder / has.shard_of[name]} holds it); the "
+                "checkpoints must hold the same tensors: save or download the model again"
             )
         if a.meta(name) != b.meta(name):
-            raise ValueError(f"{name} is {a.meta(name)} in {a.folder} but {b.meta(name)} in {b.folder}")
+            raise ValueError(
+                f"{name} is {a.meta(name)} in {a.folder / a.shard_of[name]} but {b.meta(name)} in "
+                f"{b.folder / b.shard_of[name]}; the checkpoints must be of one architecture"
+            )
 
 
 def merged_tensor(spec, name: str, a: torch.Tensor, b: torch.Tensor, perms, alpha: float, chunk: int) -> torch.Tensor:
@@ -86,6 +92,7 @@ def merge_streamed(
     max_statistics_mb: int | None = 2048,
     activation_settings: dict | None = None,
     overwrite: bool = False,
+    allow_different_tokenizers: bool = False,
     progress: bool = True,
     log=print,
 ) -> Path:
@@ -112,12 +119,14 @@ def merge_streamed(
     a, b = Path(a), Path(b)
     check = functools.partial(check_save_target, output_dir, overwrite)
     output_dir = check()
+    configs = [load_config(a), load_config(b)]  # refuses a folder naming code, before anything reads it
     source_a, source_b = ShardedTensors(a), ShardedTensors(b)
-    check_same_architecture([AutoConfig.from_pretrained(a), AutoConfig.from_pretrained(b)], [str(a), str(b)])
+    check_same_architecture(configs, [str(a), str(b)])
+    tokenizers_differ = compare_tokenizers([a, b], [a.name, b.name], allow_different_tokenizers)
     check_same_tensors(source_a, source_b)
     started = time.perf_counter()
     if spec is None:
-        spec, _ = checkpoint_spec(AutoConfig.from_pretrained(a), source_a.shapes())
+        spec, _ = checkpoint_spec(configs[0], source_a.shapes())
     else:
         spec.validate(source_a.shapes())
     sizes = {n: source_a.nbytes(n) for n in source_a}
@@ -135,7 +144,12 @@ def merge_streamed(
     with folder_job(output_dir, check, overwrite) as (out, _), atomic_dir(out) as tmp:
         write_merge(spec, source_a, source_b, perms, tmp, float(alpha), chunk_elements, max_shard_size, progress)
         for f in a.iterdir():
-            if f.is_file() and not f.name.startswith(".") and f.suffix != ".safetensors" and f.name not in _NOT_COPIED:
+            if (
+                f.is_file()
+                and not f.name.startswith(".")
+                and f.suffix not in (".safetensors", ".py")
+                and f.name not in _NOT_COPIED
+            ):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "permutations").mkdir()
         Permutations({g.name: torch.arange(g.size) for g in spec.groups}).save(
@@ -149,6 +163,7 @@ def merge_streamed(
                 "sources": [a.name, b.name],
                 "merge": {"alpha": float(alpha), "nets": [0, 1], "permuted": True, "streamed": True},
                 "alignment": {"matcher": matcher, "settings": perms.info["settings"], "groups": len(spec.groups)},
+                **({"tokenizers_differ": tokenizers_differ} if tokenizers_differ else {}),
                 "timings_s": {"align": aligned - started, "merge": time.perf_counter() - aligned},
             },
         )
