@@ -24,7 +24,7 @@ from ..alignment.permutations import Permutations
 from ..alignment.spec import PermutationSpec, permute_tensor
 from ..alignment.streamed import CHUNK_ELEMENTS, match_streamed
 from ..io_utils import atomic_dir, folder_job, write_json_atomic
-from ..models.folders import load_config
+from ..models.folders import load_config, non_finite_error
 from ..shards import INDEX_NAME, ShardedTensors, ShardWriter
 from .budget import check_resources, estimate
 from .checkpoint_spec import checkpoint_spec
@@ -65,6 +65,15 @@ def merged_tensor(spec, name: str, a: torch.Tensor, b: torch.Tensor, perms, alph
     return out
 
 
+def first_non_finite(*sources: ShardedTensors) -> None:
+    """Raise `non_finite_error` for the first floating tensor of the sources holding NaN or inf (none: return)."""
+    for source in sources:
+        for name in source:
+            t = source[name]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise non_finite_error(name, source.file_of(name)) from None
+
+
 def write_merge(
     spec, source_a, source_b, perms, folder: Path, alpha: float, chunk: int, max_shard_size, progress: bool
 ) -> None:
@@ -72,7 +81,11 @@ def write_merge(
     layout = {name: source_a.meta(name) for name in source_a}
     with ShardWriter(folder, layout, max_shard_size) as writer:
         for name in tqdm(list(source_a), desc="merge", leave=False, disable=not progress):
-            writer.write(name, merged_tensor(spec, name, source_a[name], source_b[name], perms, alpha, chunk))
+            a, b = source_a[name], source_b[name]
+            for source, t in ((source_a, a), (source_b, b)):  # one no group reads (a norm), or at alpha's ends
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise non_finite_error(name, source.file_of(name))
+            writer.write(name, merged_tensor(spec, name, a, b, perms, alpha, chunk))
 
 
 def merge_streamed(
@@ -134,12 +147,16 @@ def merge_streamed(
     needs = estimate(spec, sizes, chunk_elements, statistics)
     log(needs.describe())
     check_resources(needs, output_dir, chunk_elements, max_statistics_mb if matcher == "activation" else None)
-    if matcher == "weight":
-        perms = match_streamed(
-            spec, source_a, source_b, max_iter, seed, bottom_up, chunk_elements=chunk_elements, progress=progress
-        )
-    else:
-        perms = match_activations_offloaded(a, b, data, spec, max_statistics_mb, **(activation_settings or {}))
+    try:
+        if matcher == "weight":
+            perms = match_streamed(
+                spec, source_a, source_b, max_iter, seed, bottom_up, chunk_elements=chunk_elements, progress=progress
+            )
+        else:
+            perms = match_activations_offloaded(a, b, data, spec, max_statistics_mb, **(activation_settings or {}))
+    except ValueError:  # a cost matrix of NaN or inf: name the tensor that holds them, found only now
+        first_non_finite(source_a, source_b)
+        raise
     aligned = time.perf_counter()
     with folder_job(output_dir, check, overwrite) as (out, _), atomic_dir(out) as tmp:
         write_merge(spec, source_a, source_b, perms, tmp, float(alpha), chunk_elements, max_shard_size, progress)

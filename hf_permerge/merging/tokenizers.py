@@ -39,15 +39,27 @@ def load_tokenizer(folder: Path):
         return None
 
 
+def _tokens_by_id(vocab: dict[str, int]) -> dict[int, tuple[str, ...]]:
+    """id -> its tokens (a vocabulary may give one id two names)."""
+    out: dict[int, list[str]] = {}
+    for token, i in vocab.items():
+        out.setdefault(i, []).append(token)
+    return {i: tuple(sorted(tokens)) for i, tokens in out.items()}
+
+
+def _said(tokens) -> str:
+    return "none" if tokens is None else " or ".join(repr(t) for t in tokens)
+
+
 def tokenizer_difference(a, b) -> str | None:
     """How two tokenizers differ, in words (the first differing ids and how many differ), or None when they map
     every id to the same token and have the same special tokens."""
-    by_id_a = {i: t for t, i in a.get_vocab().items()}
-    by_id_b = {i: t for t, i in b.get_vocab().items()}
-    ids = sorted(set(by_id_a) | set(by_id_b))
-    differ = [i for i in ids if by_id_a.get(i) != by_id_b.get(i)]
-    if differ:
-        shown = ", ".join(f"id {i}: {by_id_a.get(i)!r} vs {by_id_b.get(i)!r}" for i in differ[:3])
+    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
+    if vocab_a != vocab_b:
+        by_id_a, by_id_b = _tokens_by_id(vocab_a), _tokens_by_id(vocab_b)
+        ids = sorted(set(by_id_a) | set(by_id_b))
+        differ = [i for i in ids if by_id_a.get(i) != by_id_b.get(i)]
+        shown = ", ".join(f"id {i}: {_said(by_id_a.get(i))} vs {_said(by_id_b.get(i))}" for i in differ[:3])
         return f"{len(differ)} of {len(ids)} ids map to other tokens ({shown})"
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "mask_token_id", "sep_token_id"):
         if getattr(a, name, None) != getattr(b, name, None):

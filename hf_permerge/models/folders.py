@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from ..io_utils import atomic_dir, atomic_file
@@ -49,7 +50,12 @@ def write_model_files(model, folder: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in _untied(model.state_dict()).items()}
     check_finite(state)
     with atomic_file(Path(folder) / "model.safetensors") as tmp:  # safetensors alone writes 0600 files
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as err:  # a full disk comes as the library's own error, not an OSError
+            raise OSError(
+                f"cannot write {folder}/model.safetensors ({err}); free space there or write elsewhere"
+            ) from None
 
 
 @contextmanager
@@ -128,18 +134,23 @@ def load_config(folder: str | Path):
     data = read_json(path)
     if not isinstance(data.get("model_type"), str):
         raise ValueError(f"{path} names no model_type; save the model with save_pretrained of a transformers model")
+    if data["model_type"] not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{path} names model_type {data['model_type']!r}, which this transformers does not know; upgrade "
+            "transformers, or merge models of an architecture it ships (never remote code)"
+        )
+    check_field_types(CONFIG_MAPPING[data["model_type"]], data, path)
     try:
-        config = AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read {path} ({err}); save the model again with save_pretrained") from None
-    check_field_types(config, data, path)
-    return config
+        return AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE)
+    except Exception as err:  # noqa: BLE001 - transformers' validators raise their own types
+        said = " ".join(str(err).split())[:300]
+        raise ValueError(f"cannot read {path} ({said}); correct it, or save the model again") from None
 
 
-def check_field_types(config, data: dict, path: Path) -> None:
+def check_field_types(config_class, data: dict, path: Path) -> None:
     """Refuse a config field whose type differs from its class's default (`hidden_size: "sixty-four"`)."""
     try:
-        defaults = type(config)()
+        defaults = config_class()
     except Exception:  # noqa: BLE001 - a config class that needs arguments: nothing to compare against
         return
     for key, value in data.items():
@@ -154,7 +165,7 @@ def check_field_types(config, data: dict, path: Path) -> None:
             continue
         if not ok:
             raise ValueError(
-                f"{path}: {key} is {value!r}, but a {config.model_type} config takes a {type(default).__name__} "
+                f"{path}: {key} is {value!r}, but a {defaults.model_type} config takes a {type(default).__name__} "
                 f"there (e.g. {default!r}); correct the field or save the model again"
             )
 
@@ -183,16 +194,21 @@ def check_loading_info(info: dict, folder: Path, files: dict[str, str]) -> None:
         raise ValueError(f"cannot load {folder}: {message.splitlines()[0]}; {fix}")
 
 
+def non_finite_error(name: str, where) -> ValueError:
+    """The one message for weights holding NaN or inf, on every path."""
+    return ValueError(
+        f"{name} in {where} holds NaN or inf, so nothing can be matched or merged with it (a net whose training "
+        "diverged: train it again with a lower learning rate, or merge another checkpoint)"
+    )
+
+
 def check_finite_parameters(model, folder: Path, files: dict[str, str]) -> None:
     """Refuse weights holding NaN or inf before they are matched (a cost matrix of them means nothing)."""
     import torch
 
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ValueError(
-                f"{name} in {_file_of(folder, files, name)} holds NaN or inf, so nothing can be matched or merged "
-                "with it (a net whose training diverged: train it again with a lower learning rate)"
-            )
+            raise non_finite_error(name, _file_of(folder, files, name))
 
 
 def load_model(folder: str | Path, **kwargs):

@@ -1,0 +1,122 @@
+"""The battery of bad inputs on the text paths (tiny LLaMA folders, one file and sharded): every case, on the command
+line in memory and `--streamed`, and through the API, is refused with exactly one line naming the problem, leaves
+nothing in or beside the output folder, and leaves the inputs byte-identical. No model folder's code ever runs,
+even with `y` piped to the command."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from bad_inputs import DATA_CASES, FOLDER_CASES, save_pair
+
+from hf_permerge import PermMerger
+from hf_permerge.merging.streamed import merge_streamed
+
+EXE = str(Path(sys.executable).parent / "hf-permerge")
+REFUSED = (ValueError, OSError, RuntimeError)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("pair"))
+
+
+def snapshot(*folders: Path) -> dict:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.rglob("*")) if p.is_file()
+    }
+
+
+def left_beside(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}"))
+
+
+def case_folders(pair, tmp_path, fault, sharded: bool) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(pair["as" if sharded else "a"], a)
+    shutil.copytree(pair["bs" if sharded else "b"], b)
+    fault(b)
+    return a, b
+
+
+def assert_one_line(err: str, named: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert named in lines[0], lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+PATHS = ["merge", "merge --streamed", "api", "api streamed"]
+
+
+def run(path: str, a: Path, b: Path, out: Path, run_cli, capsys, extra=()) -> str:
+    """Run one path on (a, b) into `out`; return the single line (CLI) or message (API) of its refusal."""
+    if path.startswith("api"):
+        with pytest.raises(REFUSED) as err:
+            if path == "api streamed":
+                merge_streamed(a, b, out, progress=False, log=lambda _: None, **dict(extra))
+            else:
+                merger = PermMerger.from_pretrained([a, b])
+                merger.align(matcher="weight", **dict(extra))
+                merger.save_pretrained(out, merger.merge(0.5))
+        return str(err.value)
+    capsys.readouterr()
+    flags = ["--streamed"] if path.endswith("--streamed") else []
+    assert run_cli("merge", a, b, "--matcher", "weight", *flags, "-q", "-o", out) != 0
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", sorted(FOLDER_CASES))
+def test_a_bad_model_folder_is_refused_in_one_line_leaving_nothing(pair, tmp_path, run_cli, capsys, case, path):
+    fault, sharded, named = FOLDER_CASES[case]
+    a, b = case_folders(pair, tmp_path, fault, sharded)
+    before, out = snapshot(a, b), tmp_path / "out"
+    said = run(path, a, b, out, run_cli, capsys)
+    assert_one_line(said, named)
+    assert left_beside(out) == []
+    assert snapshot(a, b) == before
+    assert not list(tmp_path.rglob("*.ran"))  # the folder's code never ran
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("case", ["config_auto_map", "tokenizer_auto_map"])
+def test_no_folder_code_runs_even_when_yes_is_piped(pair, tmp_path, case, streamed):
+    fault, _, named = FOLDER_CASES[case]
+    a, b = case_folders(pair, tmp_path, fault, False)
+    out = tmp_path / "out"
+    cmd = [EXE, "merge", str(a), str(b), "--matcher", "weight", "-q", "-o", str(out)] + ["--streamed"] * streamed
+    done = subprocess.run(cmd, input="y\n" * 100, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert_one_line(done.stderr, named)
+    assert not list(tmp_path.rglob("*.ran")) and left_beside(out) == []
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_a_bad_data_file_is_refused_in_one_line_leaving_nothing(pair, tmp_path, run_cli, capsys, case, streamed):
+    write, named = DATA_CASES[case]
+    data = write(tmp_path / "data")
+    before, out = snapshot(pair["a"], pair["b"], tmp_path / "data"), tmp_path / "out"
+    flags = ["--streamed", "--matcher", "activation"] if streamed else []
+    capsys.readouterr()
+    assert run_cli("merge", pair["a"], pair["b"], *flags, "--dataset", data, "-q", "-o", out) != 0
+    assert_one_line(capsys.readouterr().err, named)
+    assert left_beside(out) == []
+    assert snapshot(pair["a"], pair["b"], tmp_path / "data") == before
+
+
+def test_different_tokenizers_merge_when_allowed_and_the_card_says_so(pair, tmp_path, run_cli):
+    a, b = case_folders(pair, tmp_path, FOLDER_CASES["other_tokenizer"][0], False)
+    out = tmp_path / "out"
+    assert run_cli("merge", a, b, "--matcher", "weight", "--allow-different-tokenizers", "-q", "-o", out) == 0
+    card = (out / "README.md").read_text()
+    assert "tokenizers: **they differ** (the tokenizers of a and b differ: 43 of 97 ids" in card
+    merger = PermMerger.from_pretrained([a, b], allow_different_tokenizers=True)
+    assert merger.merge_settings()["tokenizers_differ"].startswith("the tokenizers of a and b differ")
