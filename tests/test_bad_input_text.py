@@ -120,3 +120,50 @@ def test_different_tokenizers_merge_when_allowed_and_the_card_says_so(pair, tmp_
     assert "tokenizers: **they differ** (the tokenizers of a and b differ: 43 of 97 ids" in card
     merger = PermMerger.from_pretrained([a, b], allow_different_tokenizers=True)
     assert merger.merge_settings()["tokenizers_differ"].startswith("the tokenizers of a and b differ")
+
+
+@pytest.mark.parametrize("command", ["align", "evaluate"])
+@pytest.mark.parametrize("case", ["config_auto_map", "missing_tensor", "truncated", "nan_weights"])
+def test_align_and_evaluate_refuse_a_bad_folder_the_same_way(pair, tmp_path, run_cli, capsys, case, command):
+    fault, sharded, named = FOLDER_CASES[case]
+    a, b = case_folders(pair, tmp_path, fault, sharded)
+    before, out = snapshot(a, b), tmp_path / "out"
+    text = tmp_path / "heldout.txt"
+    text.write_text("w1 w2 w3 w4\nw5 w6 w7\n")
+    flags = ["--write-aligned", out, "--matcher", "weight"] if command == "align" else ["--dataset", text, "-o", out]
+    capsys.readouterr()
+    assert run_cli(command, a, b, *flags, "-q") == 2
+    assert_one_line(capsys.readouterr().err, named)
+    assert left_beside(out) == [] and snapshot(a, b) == before
+
+
+FULL = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(pair, tmp_path, run_cli, capsys, monkeypatch, streamed):
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    from hf_permerge import shards
+    from hf_permerge.models import folders
+
+    if streamed:  # the shards' bytes; not the lock's PID (a few bytes)
+        write = os.pwrite
+
+        def full(fd, data, offset):
+            if len(data) > 64:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(fd, data, offset)
+
+        monkeypatch.setattr(shards.os, "pwrite", full)
+    else:
+        monkeypatch.setattr(folders, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError(FULL)))
+    out = tmp_path / "out"
+    flags = ["--streamed"] * streamed
+    capsys.readouterr()
+    assert run_cli("merge", pair["a"], pair["b"], "--matcher", "weight", *flags, "-q", "-o", out) == 2
+    assert_one_line(capsys.readouterr().err, "no space left on the disk")
+    assert left_beside(out) == []

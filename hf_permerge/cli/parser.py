@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "merge",
         help="merge a pair: align, then average weights (trained, init or a step)",
-        description="Writes OUT as an HF model folder (loads with AutoModelForImageClassification after "
-        "`import hf_permerge`), with merge_config.json, a model card and (unless --vanilla) "
-        "the permutations.",
+        description="Writes OUT as an HF model folder that loads with the Auto class of its kind "
+        "(AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForImageClassification; our own image models after "
+        "`import hf_permerge`), with its tokenizer or image processor, merge_config.json, a model card and "
+        "(unless --vanilla) the permutations.",
         epilog=EPILOG,
     )
     _add_pair_arg(p)
@@ -159,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("repair", "reset_bn"),
         default=None,
         help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
-        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)",
+        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 examples of the data (--dataset); "
+        "what a model admits is said before any work (a LayerNorm transformer has no BatchNorm to reset, and "
+        "REPAIR needs layers it can fold a correction into)",
     )
     p.add_argument(
         "--streamed",

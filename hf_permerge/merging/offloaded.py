@@ -10,6 +10,8 @@ statistics of one pass; never the models, never tokens x units for all tokens.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,6 +63,28 @@ def load_offloaded(folder: str | Path, offload_dir: str | Path, spec: Permutatio
     return attach_permutation_spec(model.eval(), spec)
 
 
+OFFLOAD_PREFIX = "hf_permerge-offload-"
+"""The scratch folders of `match_activations_offloaded`, in the temp folder, named by their process's PID."""
+
+
+def remove_dead_offload_folders() -> None:
+    """Remove the scratch folders of processes that are gone (a SIGKILL skips the clean-up of `TemporaryDirectory`)."""
+    for entry in Path(tempfile.gettempdir()).glob(f"{OFFLOAD_PREFIX}*-*"):
+        pid = entry.name[len(OFFLOAD_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def match_activations_offloaded(
     a: str | Path,
     b: str | Path,
@@ -71,7 +95,8 @@ def match_activations_offloaded(
 ) -> Permutations:
     """Activation matching of checkpoint folder `b` onto `a` on `data` (a `TokenSplit`), both models read layer by
     layer from their shards. `settings` as `ActivationMatcher`'s (similarity, num_examples, batch_size, ...)."""
-    with tempfile.TemporaryDirectory(prefix="hf_permerge-offload-") as scratch:
+    remove_dead_offload_folders()
+    with tempfile.TemporaryDirectory(prefix=f"{OFFLOAD_PREFIX}{os.getpid()}-") as scratch:
         model_a = load_offloaded(a, Path(scratch) / "a", spec)
         model_b = load_offloaded(b, Path(scratch) / "b", spec)
         matcher = ActivationMatcher(max_statistics_mb=max_statistics_mb, **settings)

@@ -132,7 +132,7 @@ def resolve(path_or_id: str | Path, token: str | None = None, revision: str | No
     try:
         return Path(resolve_local_or_hub(text, revision, token=token)), text
     except HubError as err:
-        if Path(path.parts[0]).is_dir():  # `models/vit_9` beside a models/ folder: most likely a typo
+        if len(path.parts) == 1 or Path(path.parts[0]).is_dir():  # `Bx` or `models/vit_9`: most likely a typo
             raise missing_folder_error(path, f"; nor is it a Hub repo: {err}") from None
         raise
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..alignment.permutations import Permutations
 from ..alignment.spec import PermutationSpec, permute_tensor
 from ..alignment.streamed import CHUNK_ELEMENTS, match_streamed
-from ..io_utils import atomic_dir, folder_job, write_json_atomic
+from ..io_utils import PYTHON_WORDING, atomic_dir, check_outside_inputs, folder_job, write_json_atomic
 from ..models.folders import load_config, non_finite_error
 from ..shards import INDEX_NAME, ShardedTensors, ShardWriter
 from .budget import check_resources, estimate
@@ -130,58 +130,67 @@ def merge_streamed(
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
     a, b = Path(a), Path(b)
+    check_outside_inputs(output_dir, [a, b], overwrite, PYTHON_WORDING)
     check = functools.partial(check_save_target, output_dir, overwrite)
     output_dir = check()
-    configs = [load_config(a), load_config(b)]  # refuses a folder naming code, before anything reads it
-    source_a, source_b = ShardedTensors(a), ShardedTensors(b)
-    check_same_architecture(configs, [str(a), str(b)])
-    tokenizers_differ = compare_tokenizers([a, b], [a.name, b.name], allow_different_tokenizers)
-    check_same_tensors(source_a, source_b)
-    started = time.perf_counter()
-    if spec is None:
-        spec, _ = checkpoint_spec(configs[0], source_a.shapes())
-    else:
-        spec.validate(source_a.shapes())
-    sizes = {n: source_a.nbytes(n) for n in source_a}
-    statistics = None if matcher == "weight" else (max_statistics_mb or 0) * 2**20 or None
-    needs = estimate(spec, sizes, chunk_elements, statistics)
-    log(needs.describe())
-    check_resources(needs, output_dir, chunk_elements, max_statistics_mb if matcher == "activation" else None)
-    try:
-        if matcher == "weight":
-            perms = match_streamed(
-                spec, source_a, source_b, max_iter, seed, bottom_up, chunk_elements=chunk_elements, progress=progress
-            )
+    with folder_job(output_dir, check, overwrite) as (out, _):  # locked before any work: one writer at a time
+        configs = [load_config(a), load_config(b)]  # refuses a folder naming code, before anything reads it
+        source_a, source_b = ShardedTensors(a), ShardedTensors(b)
+        check_same_architecture(configs, [str(a), str(b)])
+        tokenizers_differ = compare_tokenizers([a, b], [a.name, b.name], allow_different_tokenizers)
+        check_same_tensors(source_a, source_b)
+        started = time.perf_counter()
+        if spec is None:
+            spec, _ = checkpoint_spec(configs[0], source_a.shapes())
         else:
-            perms = match_activations_offloaded(a, b, data, spec, max_statistics_mb, **(activation_settings or {}))
-    except ValueError:  # a cost matrix of NaN or inf: name the tensor that holds them, found only now
-        first_non_finite(source_a, source_b)
-        raise
-    aligned = time.perf_counter()
-    with folder_job(output_dir, check, overwrite) as (out, _), atomic_dir(out) as tmp:
-        write_merge(spec, source_a, source_b, perms, tmp, float(alpha), chunk_elements, max_shard_size, progress)
-        for f in a.iterdir():
-            if (
-                f.is_file()
-                and not f.name.startswith(".")
-                and f.suffix not in (".safetensors", ".py")
-                and f.name not in _NOT_COPIED
-            ):
-                shutil.copy2(f, tmp / f.name)
-        (tmp / "permutations").mkdir()
-        Permutations({g.name: torch.arange(g.size) for g in spec.groups}).save(
-            tmp / "permutations" / "net_0.safetensors"
-        )
-        perms.save(tmp / "permutations" / "net_1.safetensors")
-        write_json_atomic(
-            tmp / MARKER,
-            {
-                "format": "hf_permerge.merge/1",
-                "sources": [a.name, b.name],
-                "merge": {"alpha": float(alpha), "nets": [0, 1], "permuted": True, "streamed": True},
-                "alignment": {"matcher": matcher, "settings": perms.info["settings"], "groups": len(spec.groups)},
-                **({"tokenizers_differ": tokenizers_differ} if tokenizers_differ else {}),
-                "timings_s": {"align": aligned - started, "merge": time.perf_counter() - aligned},
-            },
-        )
+            spec.validate(source_a.shapes())
+        sizes = {n: source_a.nbytes(n) for n in source_a}
+        statistics = None if matcher == "weight" else (max_statistics_mb or 0) * 2**20 or None
+        needs = estimate(spec, sizes, chunk_elements, statistics)
+        log(needs.describe())
+        check_resources(needs, output_dir, chunk_elements, max_statistics_mb if matcher == "activation" else None)
+        try:
+            if matcher == "weight":
+                perms = match_streamed(
+                    spec,
+                    source_a,
+                    source_b,
+                    max_iter,
+                    seed,
+                    bottom_up,
+                    chunk_elements=chunk_elements,
+                    progress=progress,
+                )
+            else:
+                perms = match_activations_offloaded(a, b, data, spec, max_statistics_mb, **(activation_settings or {}))
+        except ValueError:  # a cost matrix of NaN or inf: name the tensor that holds them, found only now
+            first_non_finite(source_a, source_b)
+            raise
+        aligned = time.perf_counter()
+        with atomic_dir(out) as tmp:
+            write_merge(spec, source_a, source_b, perms, tmp, float(alpha), chunk_elements, max_shard_size, progress)
+            for f in a.iterdir():
+                if (
+                    f.is_file()
+                    and not f.name.startswith(".")
+                    and f.suffix not in (".safetensors", ".py")
+                    and f.name not in _NOT_COPIED
+                ):
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / "permutations").mkdir()
+            Permutations({g.name: torch.arange(g.size) for g in spec.groups}).save(
+                tmp / "permutations" / "net_0.safetensors"
+            )
+            perms.save(tmp / "permutations" / "net_1.safetensors")
+            write_json_atomic(
+                tmp / MARKER,
+                {
+                    "format": "hf_permerge.merge/1",
+                    "sources": [a.name, b.name],
+                    "merge": {"alpha": float(alpha), "nets": [0, 1], "permuted": True, "streamed": True},
+                    "alignment": {"matcher": matcher, "settings": perms.info["settings"], "groups": len(spec.groups)},
+                    **({"tokenizers_differ": tokenizers_differ} if tokenizers_differ else {}),
+                    "timings_s": {"align": aligned - started, "merge": time.perf_counter() - aligned},
+                },
+            )
     return output_dir

@@ -22,7 +22,15 @@ from ..merging.sources import portable_path
 from ..training import PairTrainer
 from ..training.trainer import resumable_pair
 from .report import build_report, summary_table
-from .text_report import align_text, check_text_evaluation, plot_text_curves, text_report, text_splits, text_summary
+from .text_report import (
+    align_text,
+    check_text_evaluation,
+    plot_text_curves,
+    text_evaluation_fields,
+    text_report,
+    text_splits,
+    text_summary,
+)
 
 logger = logging.getLogger("hf_permerge.pipeline")
 
@@ -207,17 +215,19 @@ def _evaluate_text(merger, config, overrides, heldout, models: bool, pair, comma
         config = config_from_dict(apply_overrides(base, overrides), "--config" if config else "defaults", overrides)
     else:
         config = evaluation_config(pair_config, config, overrides, "pair.json")
-    check_text_evaluation(config, heldout, models)
+    check_text_evaluation(config, heldout, models, overrides)
     splits = text_splits(merger, config, heldout)
     align_text(merger, config)
     report = text_report(merger, config, splits, pair, portable_command(command), progress)
+    evaluation = {k: v for k, v in report["config"]["evaluation"].items() if k in text_evaluation_fields(models)}
+    report["config"]["evaluation"] = evaluation  # what was measured, not the image settings it never read
     if pair_config is None:
-        report["config"] = {"alignment": report["config"]["alignment"], "evaluation": report["config"]["evaluation"]}
+        report["config"] = {"alignment": report["config"]["alignment"], "evaluation": evaluation}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as tmp:
         files = plot_text_curves(report, Path(tmp)) if config.evaluation.plots else []
         merged = merger.merge(0.5, "final")
-        merger.save_pretrained(out / "merged", merged, command=command, overwrite=overwrite)
+        merger.save_pretrained(out / "merged", merged, report=report, command=command, overwrite=overwrite)
         for name in files:
             (Path(tmp) / name).replace(out / name)
     write_json_atomic(out / "report.json", report)
