@@ -58,13 +58,17 @@ def _shard_of(folder: Path, key: str = KEY) -> str:
     return json.loads((folder / INDEX).read_text())["weight_map"][key]
 
 
+_MARK = "open({!r}, 'w').write('ran')\n"
+"""A folder's code that leaves a mark beside it when it runs (transformers imports a copy from its cache)."""
+
+
 def config_auto_map(b: Path) -> None:
-    (b / "configuration_evil.py").write_text("open(__file__ + '.ran', 'w').write('ran')\n")
+    (b / "configuration_evil.py").write_text(_MARK.format(str(b / "code.ran")))
     _edit_json(b / "config.json", lambda d: d.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"}))
 
 
 def tokenizer_auto_map(b: Path) -> None:
-    (b / "tokenization_evil.py").write_text("open(__file__ + '.ran', 'w').write('ran')\n")
+    (b / "tokenization_evil.py").write_text(_MARK.format(str(b / "code.ran")))
     _edit_json(
         b / "tokenizer_config.json", lambda d: d.update(auto_map={"AutoTokenizer": [None, "tokenization_evil.Evil"]})
     )

@@ -6,6 +6,7 @@ even with `y` piped to the command."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from bad_inputs import DATA_CASES, FOLDER_CASES, save_pair
 from hf_permerge import PermMerger
 from hf_permerge.merging.streamed import merge_streamed
 
-EXE = str(Path(sys.executable).parent / "hf-permerge")
 REFUSED = (ValueError, OSError, RuntimeError)
 
 
@@ -85,17 +85,32 @@ def test_a_bad_model_folder_is_refused_in_one_line_leaving_nothing(pair, tmp_pat
     assert not list(tmp_path.rglob("*.ran"))  # the folder's code never ran
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-@pytest.mark.parametrize("case", ["config_auto_map", "tokenizer_auto_map"])
-def test_no_folder_code_runs_even_when_yes_is_piped(pair, tmp_path, case, streamed):
-    fault, _, named = FOLDER_CASES[case]
-    a, b = case_folders(pair, tmp_path, fault, False)
-    out = tmp_path / "out"
-    cmd = [EXE, "merge", str(a), str(b), "--matcher", "weight", "-q", "-o", str(out)] + ["--streamed"] * streamed
-    done = subprocess.run(cmd, input="y\n" * 100, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert_one_line(done.stderr, named)
-    assert not list(tmp_path.rglob("*.ran")) and left_beside(out) == []
+RUN_ALL = (
+    "import json, sys; from hf_permerge.cli import main; "
+    "print(json.dumps([main(args) for args in json.loads(sys.argv[1])]))"
+)
+
+
+def test_no_folder_code_runs_even_when_yes_is_piped(pair, tmp_path):
+    """One process (its stdin all `y`), the command line run in it for each way a folder names code, in memory and
+    streamed: every run refused in one line, no code run, nothing written."""
+    runs, outs = [], []
+    for case in ("config_auto_map", "tokenizer_auto_map"):
+        a, b = case_folders(pair, tmp_path / case, FOLDER_CASES[case][0], False)
+        for flags in ([], ["--streamed"]):
+            outs.append(tmp_path / case / f"out{len(flags)}")
+            runs.append(["merge", str(a), str(b), "--matcher", "weight", "-q", "-o", str(outs[-1]), *flags])
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_ALL, json.dumps(runs)],
+        input="y\n" * 100,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert json.loads(done.stdout) == [2, 2, 2, 2], done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 4 and all("names custom code" in line for line in lines), done.stderr
+    assert not list(tmp_path.rglob("*.ran")) and all(left_beside(out) == [] for out in outs)
 
 
 @pytest.mark.parametrize("streamed", [False, True])
