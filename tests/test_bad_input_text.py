@@ -182,3 +182,21 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(pair, tmp_path, run_
     assert run_cli("merge", pair["a"], pair["b"], "--matcher", "weight", *flags, "-q", "-o", out) == 2
     assert_one_line(capsys.readouterr().err, "no space left on the disk")
     assert left_beside(out) == []
+
+
+@pytest.mark.parametrize(
+    "columns, named",
+    [
+        ({"input_ids": ["1 2 3", "4 5"]}, "input_ids row 0 holds str values"),
+        ({"input_ids": [[1, -3, 4], [5, 6]]}, "token id -3 is negative"),
+        ({"foo": [1, 2]}, "the data set has no 'input_ids' or 'text' column"),
+        ({"text": ["", " "]}, "holds no text"),
+    ],
+)
+def test_the_api_refuses_bad_token_data_in_the_same_words(pair, columns, named):
+    import datasets
+
+    merger = PermMerger.from_pretrained([pair["a"], pair["b"]])
+    with pytest.raises(ValueError, match=named) as err:
+        merger.align(datasets.Dataset.from_dict(columns), matcher="activation")
+    assert "\n" not in str(err.value)

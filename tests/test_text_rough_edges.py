@@ -85,3 +85,24 @@ def test_evaluate_logs_each_lambda_counts_predicted_tokens_and_fills_the_card(pa
     assert "## Held-out loss along λ (final weights, heldout: 108 tokens predicted)" in card
     assert f"| 0.5 | {report['curves']['final']['heldout']['vanilla']['loss'][1]:.4f} |" in card
     assert f"{loss:.4f}" in card and os.path.isfile(out / "merged" / "report.json")
+
+
+def test_evaluate_aligns_by_activations_on_other_text_than_it_measures(pair, tmp_path, run_cli, capsys):
+    heldout, other = tmp_path / "heldout.txt", tmp_path / "align.txt"
+    heldout.write_text("\n".join(" ".join(f"w{(5 * i + 3 * j) % 90}" for j in range(10)) for i in range(12)))
+    other.write_text("\n".join(" ".join(f"w{(7 * i + j) % 90}" for j in range(12)) for i in range(30)))
+    out, flags = tmp_path / "eval", ["--set", "alignment.matcher=activation", "--set", "evaluation.num_lambdas=3", "-q"]
+    capsys.readouterr()
+    assert (
+        run_cli("evaluate", pair["a"], pair["b"], "--dataset", heldout, "--align-dataset", heldout, *flags, "-o", out)
+        == 2
+    )
+    assert_one_line(capsys.readouterr().err, "--align-dataset is the held-out --dataset")
+    assert (
+        run_cli("evaluate", pair["a"], pair["b"], "--dataset", heldout, "--align-dataset", other, *flags, "-o", out)
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["alignment"]["matcher"] == "activation"
+    curve = report["curves"]["final"]["heldout"]["permuted"]["loss"]
+    assert max(curve) - min(curve) < 1e-4  # B is a planted permutation of A: aligned, one function all along

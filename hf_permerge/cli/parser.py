@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the split of a --dataset folder or Hub id (default: a saved DatasetDict's test, else train)",
     )
     t.add_argument("--text-column", help="the column of --dataset holding text (default: input_ids, else 'text')")
+    t.add_argument(
+        "--align-dataset",
+        help="other text to align on with a data matcher (--set alignment.matcher=activation): a file, folder or "
+        "Hub id as --dataset takes (default: weight matching, which reads no text); never the held-out text, "
+        "which would flatter the permuted curve",
+    )
     _add_output_args(p)
     _add_hub_read_args(p)
 

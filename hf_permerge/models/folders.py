@@ -155,6 +155,8 @@ def check_field_types(config_class, data: dict, path: Path) -> None:
         return
     for key, value in data.items():
         default = getattr(defaults, key, None)
+        if value is None:  # unset (transformers' own validators judge whether it may be)
+            continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):

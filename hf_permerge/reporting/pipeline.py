@@ -217,7 +217,7 @@ def _evaluate_text(merger, config, overrides, heldout, models: bool, pair, comma
         config = evaluation_config(pair_config, config, overrides, "pair.json")
     check_text_evaluation(config, heldout, models, overrides)
     splits = text_splits(merger, config, heldout)
-    align_text(merger, config)
+    align_text(merger, config, (heldout or {}).get("align"))
     report = text_report(merger, config, splits, pair, portable_command(command), progress)
     evaluation = {k: v for k, v in report["config"]["evaluation"].items() if k in text_evaluation_fields(models)}
     report["config"]["evaluation"] = evaluation  # what was measured, not the image settings it never read

@@ -43,11 +43,22 @@ def check_text_evaluation(config, heldout, models: bool, overrides=()) -> None:
             "these are language models without a pair.json: name the held-out text their curves are measured on "
             "with --dataset (a .txt/.jsonl/.csv file, a saved Dataset or a Hub id; --text-column for its column)"
         )
-    if models and config.alignment.matcher != "weight":
+    aligned_on = (heldout or {}).get("align")
+    if models and config.alignment.matcher not in ("weight", "activation"):
         raise ValueError(
-            f"alignment.matcher {config.alignment.matcher}: language models without a pair.json are aligned by "
-            "weight matching here (matching on the held-out text would flatter the permuted curve); add "
-            "--set alignment.matcher=weight, or align on other text with `hf-permerge merge A B --dataset TEXT`"
+            f"alignment.matcher {config.alignment.matcher}: language models are aligned by weight or activation "
+            "matching; set alignment.matcher=weight or activation"
+        )
+    if models and config.alignment.matcher == "activation" and aligned_on is None:
+        raise ValueError(
+            "alignment.matcher activation: language models without a pair.json are aligned by weight matching here "
+            "(matching on the held-out text would flatter the permuted curve); name other text to align on with "
+            "--align-dataset, or add --set alignment.matcher=weight"
+        )
+    if models and config.alignment.matcher == "weight" and aligned_on is not None:
+        raise ValueError(
+            "--align-dataset is text for a data matcher, and alignment.matcher is weight (it reads no text): add "
+            "--set alignment.matcher=activation, or drop --align-dataset"
         )
 
 
@@ -62,11 +73,12 @@ def text_splits(merger, config, heldout=None) -> dict:
     return {name: test if name == "test" else train for name in config.evaluation.splits}
 
 
-def align_text(merger, config) -> None:
-    """Align as the config's `alignment` section says; data matchers read the pair's training blocks."""
+def align_text(merger, config, aligned_on=None) -> None:
+    """Align as the config's `alignment` section says; data matchers read `aligned_on` (model folders: the text of
+    --align-dataset), else the pair's training blocks."""
     a = config.alignment
     settings = matcher_settings(a.matcher, a.model_dump())
-    data = None if a.matcher == "weight" else load_splits(config)[0]
+    data = None if a.matcher == "weight" else aligned_on if aligned_on is not None else load_splits(config)[0]
     merger.align(data, matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, **settings)
 
 
