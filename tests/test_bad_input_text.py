@@ -200,3 +200,15 @@ def test_the_api_refuses_bad_token_data_in_the_same_words(pair, columns, named):
     with pytest.raises(ValueError, match=named) as err:
         merger.align(datasets.Dataset.from_dict(columns), matcher="activation")
     assert "\n" not in str(err.value)
+
+
+def test_config_fields_of_other_legal_forms_are_not_type_errors(pair, tmp_path):
+    """Several eos ids (Llama 3) or a field left null are what real checkpoints hold, not a wrong type."""
+    from bad_inputs import _edit_json
+
+    from hf_permerge.models.folders import load_config
+
+    b = tmp_path / "b"
+    shutil.copytree(pair["b"], b)
+    _edit_json(b / "config.json", lambda d: d.update(eos_token_id=[1, 2], pad_token_id=None))
+    assert load_config(b).eos_token_id == [1, 2]

@@ -155,7 +155,7 @@ def check_field_types(config_class, data: dict, path: Path) -> None:
         return
     for key, value in data.items():
         default = getattr(defaults, key, None)
-        if value is None:  # unset (transformers' own validators judge whether it may be)
+        if value is None or isinstance(value, (list, dict)):  # unset, or several ids (Llama 3's eos_token_id)
             continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
