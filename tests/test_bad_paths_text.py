@@ -113,3 +113,17 @@ def test_offload_folders_of_a_gone_process_are_removed(tmp_path):
         assert not os.path.exists(gone) and os.path.isdir(live)
     finally:
         os.rmdir(live)
+
+
+def test_long_names_get_distinct_hidden_names_under_255_bytes():
+    from hf_permerge.io_utils import hidden_name
+
+    one, two = hidden_name("é" * 125 + "a", ".lock"), hidden_name("é" * 125 + "b", ".lock")
+    assert one != two and len(one.encode()) <= 255 and len(two.encode()) <= 255
+    assert hidden_name("out", ".tmp-") == ".out.tmp-"
+
+
+def test_a_small_disk_is_said_in_units_that_keep_a_digit():
+    from hf_permerge.merging.budget import size_text
+
+    assert [size_text(n) for n in (5 * 10**6, 3 * 2**30, 2048, 12)] == ["4.8 MiB", "3.0 GiB", "2.0 KiB", "12 bytes"]
