@@ -138,7 +138,7 @@ def test_different_tokenizers_merge_when_allowed_and_the_card_says_so(pair, tmp_
 
 
 @pytest.mark.parametrize("command", ["align", "evaluate"])
-@pytest.mark.parametrize("case", ["config_auto_map", "missing_tensor", "truncated", "nan_weights"])
+@pytest.mark.parametrize("case", ["config_auto_map", "missing_tensor", "truncated", "nan_weights", "other_tokenizer"])
 def test_align_and_evaluate_refuse_a_bad_folder_the_same_way(pair, tmp_path, run_cli, capsys, case, command):
     fault, sharded, named = FOLDER_CASES[case]
     a, b = case_folders(pair, tmp_path, fault, sharded)

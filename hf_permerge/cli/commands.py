@@ -194,6 +194,7 @@ def cmd_evaluate(args) -> int:
             token=args.token,
             revision=args.revision,
             heldout=heldout,
+            allow_different_tokenizers=args.allow_different_tokenizers,
         )
     print(f"report: {args.output_dir}/report.json")
     return 0

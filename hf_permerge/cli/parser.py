@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the split of a --dataset folder or Hub id (default: a saved DatasetDict's test, else train)",
     )
     t.add_argument("--text-column", help="the column of --dataset holding text (default: input_ids, else 'text')")
+    _add_tokenizer_flag(t)
     t.add_argument(
         "--align-dataset",
         help="other text to align on with a data matcher (--set alignment.matcher=activation): a file, folder or "
@@ -345,13 +346,17 @@ def _flag_help(name: str, info) -> str:
 
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids")
+    _add_tokenizer_flag(p)
+    _add_hub_read_args(p)
+
+
+def _add_tokenizer_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-different-tokenizers",
         action="store_true",
         help="text models: merge even if their tokenizers differ (refused otherwise, naming the first differing "
         "ids); the model card says so",
     )
-    _add_hub_read_args(p)
 
 
 def _add_hub_read_args(p: argparse.ArgumentParser) -> None:

@@ -165,20 +165,28 @@ def evaluate_pair(
     revision: str | None = None,
     pair_label: str | None = None,
     heldout: dict | None = None,
+    allow_different_tokenizers: bool = False,
 ) -> dict:
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`) on `device`
         (default: the GPU if there is one; one this machine lacks is refused before any work); write OUT/report.json,
         OUT/*.png, OUT/merged/ (with its card) and OUT/permutations/ as one job (`io_utils.folder_job`): an evaluation
         that `overwrite` replaces stays as it was unless the new one is written whole. `pair_label`: how the report
         names the pair (default: its portable path). Language models: held-out loss and perplexity along lambda instead
-    (`text_report`); `heldout` ({"dataset", "text_column"}) is the held-out text of model folders."""
+    (`text_report`); `heldout` ({"dataset", "text_column", "align"}) is the held-out text of model folders (and the
+    text to align on); `allow_different_tokenizers` as `PermMerger.from_pretrained`'s."""
     device = check_device(device)
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
     check = functools.partial(check_evaluate_output, output_dir, overwrite)
     check()  # before any download
     with folder_job(output_dir, check, overwrite, into=True) as (out, overwrite):  # into: a run folder keeps its pair
-        merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
+        merger = PermMerger.from_pretrained(
+            pair_dir,
+            device=device,
+            token=token,
+            revision=revision,
+            allow_different_tokenizers=allow_different_tokenizers,
+        )
         models = not isinstance(pair_dir, (str, Path))  # a list of model folders / repo ids
         pair = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
         if merger.is_text():
