@@ -111,7 +111,7 @@ def test_streamed_merge_estimates_its_needs_and_says_so(planted_pair, tmp_path):
     a, b, _ = planted_pair
     said = []
     merge_streamed(a, b, tmp_path / "merged", progress=False, log=said.append)
-    assert len(said) == 1 and "GiB of memory" in said[0] and "GiB of disk" in said[0]
+    assert len(said) == 1 and "GiB of memory" in said[0] and " of disk" in said[0]
 
 
 def test_too_little_memory_is_refused_in_one_line_naming_the_setting(planted_pair, tmp_path, monkeypatch):
