@@ -82,7 +82,7 @@ class ShapeRules:
         """Grouped-query attention: value heads split as `kv` heads, repeated for their groups of query heads and
         merged back as more heads. The value projection's units would need its permutation repeated on the output
         projection's inputs, which a group cannot express: they keep their order within each key/value head (a keep
-        of one head's extent); whole key/value heads still move with their query heads (`build._whole_heads`)."""
+        of one head's extent); whole key/value heads still move with their query heads (`heads.whole_heads`)."""
         if not (len(ia) == 2 and len(oa) == 1):
             return False
         (head_axis, heads), (unit_axis, _) = ia
