@@ -10,7 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..alignment.matchers import matcher_settings
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from ..data.tensors import load_tensors
 from ..devices import check_device
@@ -24,6 +23,7 @@ from ..training.trainer import resumable_pair
 from .report import build_report, summary_table
 from .text_report import (
     align_text,
+    alignment_arguments,
     check_text_evaluation,
     plot_text_curves,
     text_evaluation_fields,
@@ -68,18 +68,7 @@ def evaluation_splits(config: RunConfig, device, mean_std: tuple | None = None) 
 
 def align_merger(merger, config: RunConfig) -> None:
     """Align with the config's `alignment` section (the chosen matcher's settings), on the training split."""
-    a = config.alignment
-    settings = matcher_settings(a.matcher, a.model_dump())
-    if a.subset == "per_seed" and "num_examples" in settings:  # a matcher that reads data
-        settings["seed"] = config.training.seed
-    merger.align(
-        matcher=a.matcher,
-        checkpoint=a.checkpoint,
-        reference=a.reference,
-        max_rounds=a.max_rounds,
-        heads=a.heads,
-        **settings,
-    )
+    merger.align(**alignment_arguments(config))
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:

@@ -77,9 +77,20 @@ def align_text(merger, config, aligned_on=None) -> None:
     """Align as the config's `alignment` section says; data matchers read `aligned_on` (model folders: the text of
     --align-dataset), else the pair's training blocks."""
     a = config.alignment
-    settings = matcher_settings(a.matcher, a.model_dump())
     data = None if a.matcher == "weight" else aligned_on if aligned_on is not None else load_splits(config)[0]
-    merger.align(data, matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, **settings)
+    merger.align(data, **alignment_arguments(config))
+
+
+def alignment_arguments(config) -> dict:
+    """`PermMerger.align`'s keywords from a run config's `alignment` section: the matcher, its own settings, and
+    the merger's (checkpoint, reference, max_rounds, heads), the one place both the image and the text path read."""
+    a = config.alignment
+    settings = matcher_settings(a.matcher, a.model_dump())
+    if a.subset == "per_seed" and "num_examples" in settings:  # a matcher that reads data
+        settings["seed"] = config.training.seed
+    return dict(
+        matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds, heads=a.heads
+    ) | settings
 
 
 def text_report(merger, config, splits: dict, pair, command: str | None, progress: bool = True) -> dict:
