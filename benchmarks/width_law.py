@@ -49,6 +49,7 @@ def summarise(paths: list[Path]) -> list[dict]:
             out.append(
                 {
                     "width": width_of(path),
+                    "checkpoint": chosen[0].get("checkpoint", "final"),
                     "variant": variant,
                     "n": len(chosen),
                     "endpoint_loss": [r["endpoint_loss"] for r in chosen],
@@ -146,8 +147,10 @@ def main(argv=None) -> None:
     print(table(summary))
     for width in sorted({s["width"] for s in summary}):
         s = next(s for s in summary if s["width"] == width)
-        if s["steps"]:
-            print(f"width {width}: steps {s['steps']}, stopped because {sorted(set(s['reasons']))}")
+        if s["checkpoint"] != "final":
+            print(f"width {width}: checkpoint {s['checkpoint']} of every net")
+        elif s["steps"]:
+            print(f"width {width}: final checkpoints at steps {s['steps']}, ended by {sorted(set(s['reasons']))}")
     if args.plot:
         plot(summary, args.plot)
 
