@@ -314,6 +314,8 @@ class ShapeRules:
         xl = self.lab(x)
         ndim = len(xl)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dims, torch.fx.Node):  # min / max of two tensors (T5's position buckets): elementwise
+            return self.op_pointwise(node, val)
         if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
             dims = list(range(ndim))
         elif isinstance(dims, int):
