@@ -75,6 +75,23 @@ class GradientSettings(MatcherSettings):
     max_iter: int = Field(100, ge=0, description="coordinate-descent sweeps at most (default 100)")
 
 
+class SymmetrySettings(MatcherSettings):
+    """Matching beyond permutations (`alignment.beyond`): signed permutations or an orthogonal residual stream.
+    Its matcher returns `Transforms`, not `Permutations`, so it is not (yet) one of the run config's matchers."""
+
+    symmetry: Literal["signed", "orthogonal"] = Field(
+        "signed",
+        description="signed: signed permutations of an RMSNorm stream and of gated MLP units; orthogonal: any "
+        "orthogonal map of an RMSNorm stream, its norm gains folded into the layers that read them",
+    )
+    source: Literal["weight", "activation"] = Field(
+        "weight", description="find the orthogonal stream from the weights (default) or from activations on data"
+    )
+    max_iter: int = Field(100, ge=0, description="coordinate-descent sweeps at most (default 100)")
+    seed: int = Field(0, description="the sweeps' order, and the random elements that test the class")
+    num_examples: int = Field(10000, ge=1, description="sequences to use with source activation (default 10000)")
+
+
 MATCHER_SETTINGS: dict[str, type[MatcherSettings]] = {
     "activation": ActivationSettings,
     "weight": WeightSettings,

@@ -1,0 +1,337 @@
+"""Matching beyond permutations (Theus et al. 2025): signed permutations, and orthogonal maps of the residual stream.
+
+- "signed": RMSNorm is odd per coordinate (rms(Sx) = rms(x)), so a stream coordinate's sign flipped in every writer
+  and reader, the norm gains kept, leaves the function unchanged; so does a SwiGLU up unit's sign (up row and
+  down column: silu(gate) * up is odd in up). A group's objective with signs is  sum_i C_plain[i, p(i)] +
+  s_i C_free[i, p(i)],  maximised by s_i = sign(C_free[i, p(i)]): the permutation solves on C_plain + |C_free|.
+- "orthogonal": once every RMSNorm gain is folded into the layers that read it (`transforms.Fold`), rms(Qx) = rms(x)
+  for any orthogonal Q, so the stream admits Q; found by Procrustes (Q = U V^T of sum_k A_k B_k^T) on weights, or on
+  the cross-covariance of the stream's normalised activations.
+
+LayerNorm refuses both: its mean-centering mixes coordinates, so LN(Sx) != S LN(x) for a per-coordinate flip S
+(only S = -I holds, with its bias flipped too), and an orthogonal map must fix the all-ones vector after folding
+its weight and bias (not done here). Every other group keeps permutations. Which tensors of a group take a sign is
+found by trying (a flip of one random element must keep the function), never by names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..matching import SymmetrySettings
+from .activation import forward_batches
+from .base import Matcher, check_matching_data, check_same_architecture, eval_mode
+from .hungarian import matched_similarity, solve_assignment, solve_coupled
+from .spec import PermutationSpec
+from .tracing.export import traceable_call
+from .tracing.invariance import _run
+from .transforms import Fold, Transforms, fold_state
+
+
+def owner(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def norms_on(model: nn.Module, spec: PermutationSpec, group: str) -> dict[str, nn.Module]:
+    """Norm modules whose parameters a group carries (module name -> module)."""
+    out = {}
+    for key, _ in spec[group].axes:
+        name = owner(key)
+        module = model.get_submodule(name) if name else model
+        if "Norm" in type(module).__name__:
+            out[name] = module
+    return out
+
+
+def is_rms(module: nn.Module) -> bool:
+    return "RMSNorm" in type(module).__name__
+
+
+def stream_groups(model: nn.Module, spec: PermutationSpec) -> list[str]:
+    """The unblocked groups that pass a norm: a transformer's residual stream."""
+    return [g.name for g in spec.groups if g.blocks == 1 and norms_on(model, spec, g.name)]
+
+
+def check_admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> list[str]:
+    """The stream groups, or a ValueError in one line naming the module that forbids `symmetry`."""
+    streams = stream_groups(model, spec)
+    if not streams:
+        raise ValueError(f"symmetry {symmetry!r}: {type(model).__name__} has no residual stream through a norm")
+    for group in streams:
+        for name, module in norms_on(model, spec, group).items():
+            if not is_rms(module):
+                why = (
+                    "its mean-centering mixes coordinates, so a per-coordinate sign flip is no symmetry (only "
+                    "flipping every coordinate and its bias is)"
+                    if symmetry == "signed"
+                    else "only orthogonal maps fixing the all-ones vector, after folding its weight and bias, "
+                    "keep it (not supported)"
+                )
+                raise ValueError(
+                    f"symmetry {symmetry!r} is refused: the residual stream passes {name} "
+                    f"({type(module).__name__}): {why}; use the weight or activation matcher (permutations)"
+                )
+    return streams
+
+
+class FunctionCheck:
+    """Whether a state dict computes the model's function on a few example tokens (float32, relative 1e-4)."""
+
+    def __init__(self, model: nn.Module):
+        self.call, self.inputs = traceable_call(model, None)
+        self.state = dict(model.state_dict())
+        with torch.no_grad(), eval_mode(model):
+            self.reference = _run(self.call, self.state, self.inputs)
+        self.model = model
+
+    def holds(self, state) -> bool:
+        with torch.no_grad(), eval_mode(self.model):
+            out = _run(self.call, state, self.inputs)
+        return all((a - b).abs().max() <= 1e-4 * max(a.abs().max().item(), 1e-6) for a, b in zip(self.reference, out))
+
+
+def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, seed: int = 0) -> Transforms:
+    """The identity element of `symmetry` for this model: which groups take signs or a matrix, which of their
+    tensors stay plain, and the folds; each choice tried once on the model (refused where it fails)."""
+    streams = check_admitted(model, spec, symmetry)
+    gen = torch.Generator().manual_seed(seed)
+    identity = {g.name: torch.arange(g.size) for g in spec.groups}
+    plain = {g: frozenset((k, a) for k, a in spec[g].axes if owner(k) in norms_on(model, spec, g)) for g in streams}
+    if symmetry == "orthogonal":
+        folds = find_folds(model, spec, streams)
+        check = FunctionCheck(model)
+        folded = fold_state(check.state, folds)
+        if not check.holds(folded):
+            raise ValueError(f"folding the norm gains of {[f.norm for f in folds]} changes the function: refused")
+        trial = Transforms(identity, matrices={g: random_orthogonal(spec[g].size, gen) for g in streams}, plain=plain)
+        for g in streams:
+            one = dataclasses.replace(trial, matrices={g: trial.matrices[g]})
+            if not check.holds({k: one.tensor(spec, k, t) for k, t in folded.items()}):
+                raise ValueError(f"symmetry 'orthogonal': an orthogonal map of group {g!r} changes the function")
+        return Transforms(identity, matrices={g: torch.eye(spec[g].size) for g in streams}, plain=plain, folds=folds)
+    check = FunctionCheck(model)
+    signed: dict[str, frozenset] = {}
+    for g in spec.groups:
+        if g.blocks > 1:
+            continue
+        keys = [(k, a) for k, a in g.axes] + [(k, a) for k, a, _ in g.parts]
+        modules = list(dict.fromkeys(owner(k) for k, _ in keys))
+        candidates = [plain[g.name]] if g.name in plain else [frozenset()]
+        candidates += [] if g.name in plain else [frozenset(x for x in keys if owner(x[0]) == m) for m in modules]
+        signs = {g.name: torch.randint(0, 2, (g.size,), generator=gen).double() * 2 - 1}
+        for c in candidates:
+            if len(c) == len(keys):
+                continue
+            trial = Transforms(identity, signs=signs, plain={g.name: c})
+            if check.holds({k: trial.tensor(spec, k, t) for k, t in check.state.items()}):
+                signed[g.name] = c
+                break
+        else:
+            if g.name in streams:
+                raise ValueError(f"symmetry 'signed': flipping signs of group {g.name!r} changes the function")
+    return Transforms(identity, signs={g: torch.ones(spec[g].size) for g in signed}, plain=signed)
+
+
+def find_folds(model: nn.Module, spec: PermutationSpec, streams: list[str]) -> tuple[Fold, ...]:
+    """For each norm of a stream, the stream's weights whose module reads the norm's output (seen on a forward pass
+    of example tokens); refused where a reader's weight is tied to a tensor the fold must not touch."""
+    entries = {owner(k): (k, a) for g in streams for k, a in spec[g].axes if k.endswith(".weight")}
+    norms = {n: m for g in streams for n, m in norms_on(model, spec, g).items()}
+    outputs, inputs, hooks = {}, {}, []
+
+    def seen(store, name, value) -> None:  # a hook that returns something would replace the module's output
+        store.setdefault(name, value)
+
+    for name, module in model.named_modules():
+        if name in norms:
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: seen(outputs, n, o)))
+        elif name in entries:
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: seen(inputs, n, i[0] if i else None)))
+    call, args = traceable_call(model, None)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            call(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731  (a slice of the norm's output reads it too)
+    state = model.state_dict()
+    folds = []
+    for norm, out in outputs.items():
+        readers = tuple(entries[m] for m, x in inputs.items() if torch.is_tensor(x) and storage(x) == storage(out))
+        if not readers:
+            raise ValueError(f"symmetry 'orthogonal': {norm}'s output goes into no linear layer whose gain could fold")
+        gain = state[f"{norm}.weight"]
+        for key, _ in readers:
+            ties = [k for k, t in state.items() if k != key and t.data_ptr() == state[key].data_ptr()]
+            if ties and not torch.all(gain == 1):
+                raise ValueError(
+                    f"symmetry 'orthogonal' is refused: {norm}'s gain cannot fold into {key}, which is tied to "
+                    f"{ties[0]}; untie them, or keep permutations (or signs) on the stream"
+                )
+        folds.append(Fold(f"{norm}.weight", readers))
+    return tuple(folds)
+
+
+def procrustes(cross: torch.Tensor) -> torch.Tensor:
+    """The orthogonal Q maximising <cross, Q> (Q = U V^T of cross = U S V^T)."""
+    u, _, vh = torch.linalg.svd(cross)
+    return u @ vh
+
+
+def group_cross(spec, group, pairs, tr: Transforms, solved=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_plain, C_free): sum over pairs and tensors of A_k B_k^T with the group's units on the rows and b's other
+    axes transformed; split into the plain tensors and the ones taking signs or the matrix."""
+    g = spec[group]
+    plain, free = torch.zeros(g.size, g.size, dtype=torch.float64), torch.zeros(g.size, g.size, dtype=torch.float64)
+    entries = [(k, a, None) for k, a in g.axes] + list(g.parts)
+    for a, b in pairs:
+        for key, axis, part in entries:
+            if key not in a or (solved is not None and not spec.groups_on(key) - {group} <= solved):
+                continue
+            b_k = tr.tensor(spec, key, b[key], except_axis=axis).movedim(axis, 0)
+            a_k = a[key].movedim(axis, 0)
+            if part is not None:
+                pos = part.positions(g.size)
+                a_k, b_k = a_k[pos], b_k[pos]
+            target = plain if (key, axis) in tr.plain.get(group, ()) else free
+            target += a_k.reshape(g.size, -1) @ b_k.reshape(g.size, -1).T
+    return plain, free
+
+
+def solve_group(spec, group, plain, free, tr: Transforms, blocks: bool = True):
+    """(new perm or matrix, objective value after, value of the current element) for one group."""
+    g = spec[group]
+    if group in tr.matrices:
+        q = procrustes(free)
+        return q, float((free * q).sum()), float((free * tr.matrices[group]).sum())
+    cost = plain + free.abs() if group in tr.signs else plain + free
+    perm = solve_assignment(cost, g.blocks if blocks else 1, rigid=g.rigid)
+    return perm, matched_similarity(cost, perm), matched_similarity(cost, tr.perms[group])
+
+
+def set_group(tr: Transforms, group: str, found, free: torch.Tensor) -> None:
+    """Store a group's solution in place (the value object is only mutated while it is being found)."""
+    if group in tr.matrices:
+        tr.matrices[group] = found
+        return
+    tr.perms[group] = found
+    if group in tr.signs:
+        matched = free[torch.arange(len(found)), found]
+        tr.signs[group] = torch.where(matched < 0, -1.0, 1.0).double()
+
+
+def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fixed=()) -> Transforms:
+    """Coordinate descent as in `weight.solve_linear_matching`, from one layer-by-layer pass; a group with signs
+    takes the best signs for its permutation, a group with a matrix its Procrustes solution. `fixed` groups keep
+    their element (found elsewhere, e.g. from activations)."""
+    solved = set(fixed)
+    for group in spec.names:
+        if group in fixed:
+            continue
+        plain, free = group_cross(spec, group, pairs, tr, solved)
+        set_group(tr, group, solve_group(spec, group, plain, free, tr)[0], free)
+        solved.add(group)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max_iter):
+        improved, visited = False, set(fixed)
+        for i in torch.randperm(len(spec.names), generator=gen).tolist():
+            unit = spec.coupling_of(spec.names[i]) or (spec.names[i],)
+            if visited & set(unit):
+                continue
+            visited.update(unit)
+            crosses = [group_cross(spec, n, pairs, tr) for n in unit]
+            if len(unit) > 1:
+                sims = [p + f for p, f in crosses]
+                new = solve_coupled(sims, spec[unit[0]].blocks, [spec[n].rigid for n in unit])
+                before = sum(matched_similarity(s, tr.perms[n]) for s, n in zip(sims, unit))
+                after = sum(matched_similarity(s, p) for s, p in zip(sims, new))
+                if after > before + 1e-12 * max(1.0, abs(before)):
+                    tr.perms.update(zip(unit, new))
+                    improved = True
+                continue
+            (plain, free), group = crosses[0], unit[0]
+            found, after, before = solve_group(spec, group, plain, free, tr)
+            if after > before + 1e-12 * max(1.0, abs(before)):
+                set_group(tr, group, found, free)
+                improved = True
+            elif group in tr.signs:
+                set_group(tr, group, tr.perms[group], free)  # the best signs for the permutation kept
+        if not improved:
+            break
+    return tr
+
+
+def stream_activation_cross(model_a, model_b, tr: Transforms, spec, streams, data, batch_size: int = 32):
+    """Per stream group, sum over tokens of a b^T for the outputs of every norm the stream passes (folded: x / rms(x),
+    which an orthogonal map of the stream carries along); the models are folded copies."""
+    norms = {n: g for g in streams for n in norms_on(model_a, spec, g)}
+    cross = {g: torch.zeros(spec[g].size, spec[g].size, dtype=torch.float64) for g in streams}
+    held: dict = {}
+    hooks = [
+        m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n, side=side: held.__setitem__((side, n), o))
+        for side, m in (("a", model_a), ("b", model_b))
+        for n in norms
+    ]
+    try:
+        with torch.no_grad(), eval_mode(model_a, model_b):
+            for inputs, mask in forward_batches(data, [model_a, model_b], batch_size):
+                model_a(**inputs[0])
+                model_b(**inputs[1])
+                for n, g in norms.items():
+                    a, b = (held[(s, n)].reshape(-1, spec[g].size).double() for s in ("a", "b"))
+                    if mask is not None:
+                        a, b = a[mask.reshape(-1)], b[mask.reshape(-1)]
+                    cross[g] += a.T @ b
+    finally:
+        for h in hooks:
+            h.remove()
+    return cross
+
+
+@dataclasses.dataclass
+class SymmetryMatcher(Matcher):
+    """Align model_b onto model_a by a class beyond permutations: `symmetry` "signed" (signed permutations of an
+    RMSNorm stream and of gated MLP units, from weights) or "orthogonal" (the RMSNorm stream by Procrustes after
+    folding its gains, from weights or, `source="activation"`, from the stream's activations on `data`); every other
+    group by weight matching. Returns `Transforms` (merge with `transforms.merge_aligned`)."""
+
+    name: ClassVar[str] = "symmetry"
+    symmetry: str = "signed"
+    source: str = "weight"
+    max_iter: int = 100
+    seed: int = 0
+    num_examples: int = 10000
+
+    def __post_init__(self):
+        SymmetrySettings(**self.settings)  # one declaration of the settings; its errors name the field
+
+    def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Transforms:
+        spec = check_same_architecture(model_a, model_b)
+        if self.source == "activation":
+            if self.symmetry != "orthogonal":
+                raise ValueError("source='activation' finds the orthogonal stream; signs are matched on weights")
+            check_matching_data(data, model_a)
+        tr = plan(model_a, spec, self.symmetry, self.seed)
+        fixed = ()
+        if self.source == "activation":
+            a, b = tr.reference(model_a), tr.reference(model_b)
+            streams = list(tr.matrices)
+            for g, c in stream_activation_cross(a, b, tr, spec, streams, data.subset(self.num_examples)).items():
+                tr.matrices[g] = procrustes(c)
+            fixed = tuple(streams)
+        named = set(spec.layout)
+        sa, sb = (fold_state(m.state_dict(), tr.folds) for m in (model_a, model_b))
+        pairs = [({k: sa[k].double() for k in named}, {k: sb[k].double() for k in named})]
+        tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)
+        info = {"matcher": self.name, "settings": self.settings, "folded": [f.norm for f in tr.folds]}
+        return dataclasses.replace(tr, info=info)

@@ -1,0 +1,126 @@
+"""Symmetries beyond permutations as values: per group a permutation, then signs or an orthogonal map, applied to
+a state dict through the spec's layout; and the fold of norm gains into the layers that read a norm.
+
+Convention (the spec's, extended): unit j of the result is  sum_i M[j, i] * unit i  of the input on every axis the
+group names, with M = Q S P (P the permutation, S the signs, Q the matrix). For an orthogonal M that one rule is
+right for writers (h -> M h) and readers alike (W -> W M^T = W M^-1), as it is for permutations. Tensors that hold
+one scale per unit (a norm's weight) and a gated MLP's gate rows are `plain`: they take the permutation only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .spec import PermutationSpec, permute_tensor
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A norm's gain (weight) folded into the layers that read its output: each reader's input axis is scaled by
+    it and the gain becomes 1. The function is unchanged; the checkpoint keeps its architecture."""
+
+    norm: str
+    """State-dict key of the norm's weight."""
+    readers: tuple[tuple[str, int], ...]
+    """(key, axis): the reader weights and the axis that carries the norm's units."""
+
+
+def fold_state(state: Mapping[str, torch.Tensor], folds: tuple[Fold, ...]) -> dict[str, torch.Tensor]:
+    """A copy of `state` with every fold done (idempotent: a folded gain is 1)."""
+    out = dict(state)
+    for f in folds:
+        gain = out[f.norm]
+        for key, axis in f.readers:
+            shape = [1] * out[key].ndim
+            shape[axis] = -1
+            out[key] = out[key] * gain.to(out[key].dtype).reshape(shape)
+        out[f.norm] = torch.ones_like(gain)
+    return out
+
+
+def along(t: torch.Tensor, axis: int, vector: torch.Tensor) -> torch.Tensor:
+    """`t` scaled by `vector` along `axis`."""
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    return t * vector.to(t.dtype).reshape(shape)
+
+
+def matrix_along(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """result[..., j, ...] = sum_i matrix[j, i] * t[..., i, ...] on `axis`."""
+    return torch.tensordot(matrix.to(t.dtype), t, dims=([1], [axis])).movedim(0, axis)
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """One class element per group: `perms` (every group), `signs` (+-1 per unit) and `matrices` (orthogonal) where
+    found, the `plain` (key, axis) pairs of a group that take its permutation only, and the `folds` done on both
+    nets first. `apply(model_b)` computes model_b's function, lined up with `reference(model_a)`."""
+
+    perms: dict[str, torch.Tensor]
+    signs: dict[str, torch.Tensor] = field(default_factory=dict)
+    matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    plain: dict[str, frozenset] = field(default_factory=dict)
+    folds: tuple[Fold, ...] = ()
+    info: dict = field(default_factory=dict)
+
+    def tensor(self, spec: PermutationSpec, key: str, t: torch.Tensor, except_axis: int | None = None):
+        """One tensor transformed on every axis its groups name (but `except_axis`); folds are not done here."""
+        t = permute_tensor(spec, key, t, self.perms, except_axis=except_axis)
+        for axis, entries in spec.layout.get(key, {}).items():
+            if axis == except_axis:
+                continue
+            for group, part in entries:
+                if (key, axis) in self.plain.get(group, ()):
+                    continue
+                s, q = self.signs.get(group), self.matrices.get(group)
+                if s is not None:
+                    if part is not None:
+                        full = torch.ones(t.shape[axis], dtype=s.dtype)
+                        full[part.positions(len(s))] = s[:, None]
+                        s = full
+                    t = along(t, axis, s)
+                if q is not None:
+                    if part is not None:
+                        raise ValueError(f"group {group!r} holds part {part} of {key!r}: no matrix acts on a part")
+                    t = matrix_along(t, axis, q)
+        return t
+
+    def apply_state(self, spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """model_b's state dict folded, then transformed: the same function, lined up with the reference."""
+        folded = fold_state(state, self.folds)
+        return {k: self.tensor(spec, k, t) for k, t in folded.items()}
+
+    def apply(self, model: nn.Module, spec: PermutationSpec | None = None) -> nn.Module:
+        """A transformed copy of `model` (same class, device, dtype); the input is not modified."""
+        spec = spec or model.permutation_spec()
+        out = copy.deepcopy(model)
+        out.load_state_dict(self.apply_state(spec, model.state_dict()))
+        return out
+
+    def reference(self, model: nn.Module) -> nn.Module:
+        """model_a as the merge sees it: its norm gains folded (the same function; a copy when there are folds)."""
+        if not self.folds:
+            return model
+        out = copy.deepcopy(model)
+        out.load_state_dict(fold_state(model.state_dict(), self.folds))
+        return out
+
+
+def merge_aligned(model_a: nn.Module, model_b: nn.Module, transforms: Transforms, weight: float = 0.5) -> nn.Module:
+    """(1 - weight) * reference(model_a) + weight * transforms.apply(model_b): an ordinary checkpoint of model_a's
+    class (norm gains folded to 1 where `transforms.folds` says so)."""
+    spec = model_a.permutation_spec()
+    a = fold_state(model_a.state_dict(), transforms.folds)
+    b = transforms.apply_state(spec, model_b.state_dict())
+    merged = {
+        k: ((1 - weight) * t.float() + weight * b[k].float()).to(t.dtype) if t.is_floating_point() else t
+        for k, t in a.items()
+    }
+    out = copy.deepcopy(model_a)
+    out.load_state_dict(merged)
+    return out

@@ -1,0 +1,193 @@
+"""Symmetries beyond permutations: signed permutations and orthogonal maps of an RMSNorm residual stream.
+
+Each planted element is written here by hand for the LLaMA layout (modeling_llama.py: every writer and reader of the
+stream, the SwiGLU units), composed with text_models' hand-written permutations; never taken from the tracer."""
+
+import pytest
+import torch
+import transformers as T
+from text_models import logits, planted_permutation, tiny, token_ids
+
+from hf_permerge.alignment import WeightMatcher, get_matcher
+from hf_permerge.alignment.tracing import attach_permutation_spec, trace
+from hf_permerge.alignment.transforms import merge_aligned
+from hf_permerge.data.tokens import TokenSplit
+
+RMS = ["llama", "llama_mha", "qwen2"]
+READS = ("q_proj", "k_proj", "v_proj")  # input_layernorm's readers
+READS_MLP = ("gate_proj", "up_proj")  # post_attention_layernorm's readers
+
+
+def _traced(model):
+    attach_permutation_spec(model, trace(model, {"input_ids": token_ids()}).spec)
+    return model
+
+
+def _model(arch, sd):
+    """A model of `arch` holding `sd`, its spec traced (the tracer sees shapes only: any weights do)."""
+    m = tiny(arch)
+    m.load_state_dict(sd)
+    return _traced(m.eval())
+
+
+def _stream_map(sd, cfg, rows, cols):
+    """Every writer's stream axis by `rows` (a function of a tensor's stream rows), every reader's by `cols`."""
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[key] = cols(sd[key])
+    for i in range(cfg.num_hidden_layers):
+        base = f"model.layers.{i}"
+        for name in READS:
+            sd[f"{base}.self_attn.{name}.weight"] = cols(sd[f"{base}.self_attn.{name}.weight"])
+        for name in READS_MLP:
+            sd[f"{base}.mlp.{name}.weight"] = cols(sd[f"{base}.mlp.{name}.weight"])
+        sd[f"{base}.self_attn.o_proj.weight"] = rows(sd[f"{base}.self_attn.o_proj.weight"])
+        sd[f"{base}.mlp.down_proj.weight"] = rows(sd[f"{base}.mlp.down_proj.weight"])
+    return sd
+
+
+def planted_signed(model, seed=1):
+    """The hand-written permutations, then a random sign per stream coordinate (norm gains kept) and per SwiGLU up
+    unit (up_proj row and down_proj column; gate_proj untouched)."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    cfg = model.config
+    sd = planted_permutation(model, seed)
+    s = torch.randint(0, 2, (cfg.hidden_size,), generator=gen) * 2.0 - 1
+    sd = _stream_map(sd, cfg, lambda w: s[:, None] * w, lambda w: w * s)
+    for i in range(cfg.num_hidden_layers):
+        u = torch.randint(0, 2, (cfg.intermediate_size,), generator=gen) * 2.0 - 1
+        sd[f"model.layers.{i}.mlp.up_proj.weight"] *= u[:, None]
+        sd[f"model.layers.{i}.mlp.down_proj.weight"] *= u
+    return sd
+
+
+def with_gains(model, seed=2, final=True):
+    """`model` with random positive RMSNorm gains (a trained net's are not 1); `final=False` keeps model.norm's 1."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    for key, t in sd.items():
+        if key.endswith("norm.weight") and (final or key != "model.norm.weight"):
+            sd[key] = 0.5 + torch.rand(t.shape, generator=gen)
+    model.load_state_dict(sd)
+    return model
+
+
+def folded(sd, cfg):
+    """Each RMSNorm gain folded by hand into the columns of the layers that read it, the gain set to 1."""
+    sd = dict(sd)
+    for i in range(cfg.num_hidden_layers):
+        base = f"model.layers.{i}"
+        for norm, reads in (("input_layernorm", READS), ("post_attention_layernorm", READS_MLP)):
+            gain = sd[f"{base}.{norm}.weight"]
+            for name in reads:
+                sub = "self_attn" if name in READS else "mlp"
+                sd[f"{base}.{sub}.{name}.weight"] = sd[f"{base}.{sub}.{name}.weight"] * gain
+            sd[f"{base}.{norm}.weight"] = torch.ones_like(gain)
+    sd["lm_head.weight"] = sd["lm_head.weight"] * sd["model.norm.weight"]
+    sd["model.norm.weight"] = torch.ones_like(sd["model.norm.weight"])
+    return sd
+
+
+def planted_orthogonal(model, seed=1):
+    """The gains folded, the hand-written permutations, then a random orthogonal Q of the stream: writers Q W,
+    readers W Q^T (the embedding's rows e -> Q e)."""
+    gen = torch.Generator().manual_seed(seed + 200)
+    cfg = model.config
+    base = type(model)(cfg)
+    base.load_state_dict(folded(model.state_dict(), cfg))
+    q, r = torch.linalg.qr(torch.randn(cfg.hidden_size, cfg.hidden_size, generator=gen, dtype=torch.float64))
+    q = (q * torch.sign(torch.diagonal(r))).float()
+    return _stream_map(planted_permutation(base, seed), cfg, lambda w: q @ w, lambda w: w @ q.T)
+
+
+def _same_function(a, b, atol=1e-4):
+    ids = token_ids(seed=7)
+    return torch.allclose(logits(a, ids), logits(b, ids), atol=atol)
+
+
+def test_rmsnorm_is_odd_per_coordinate_and_layernorm_only_under_the_global_flip():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=gen)
+    s = torch.tensor([1.0, -1, 1, 1, -1, -1, 1, -1])
+    rms = torch.nn.RMSNorm(8, eps=1e-6)
+    ln = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        rms.weight.uniform_(0.5, 1.5)
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+        assert torch.allclose(rms(x * s), rms(x) * s, atol=1e-6)  # gains kept
+        flipped = torch.nn.LayerNorm(8)
+        flipped.weight.copy_(ln.weight)
+        flipped.bias.copy_(ln.bias * s)  # the best LayerNorm can do: its bias flipped with its coordinate
+        assert not torch.allclose(flipped(x * s), ln(x) * s, atol=1e-2)  # mean-centering mixes the coordinates
+        flipped.bias.copy_(-ln.bias)
+        assert torch.allclose(flipped(-x), -ln(x), atol=1e-6)  # flipping every coordinate holds
+        q = torch.linalg.qr(torch.randn(8, 8, generator=gen))[0]
+        unit = torch.nn.RMSNorm(8, eps=1e-6)
+        assert torch.allclose(unit(x @ q.T), unit(x) @ q.T, atol=1e-5)  # gain 1: any orthogonal map
+        assert not torch.allclose(rms(x @ q.T), rms(x) @ q.T, atol=1e-2)  # a gain left unfolded breaks it
+
+
+@pytest.mark.parametrize("arch", RMS + ["llama_tied"])
+def test_signed_matching_undoes_planted_signed_permutations(arch):
+    a = _traced(tiny(arch).eval())
+    b = _model(arch, planted_signed(a))
+    assert _same_function(a, b)  # the planted element is a symmetry
+    plain = WeightMatcher().match(a, b).apply(b)
+    assert not torch.allclose(
+        plain.state_dict()["model.embed_tokens.weight"], a.state_dict()["model.embed_tokens.weight"]
+    )
+    tr = get_matcher("symmetry", symmetry="signed").match(a, b)
+    mlp = [f"model.layers.{i}.mlp.gate_proj" for i in range(a.config.num_hidden_layers)]
+    assert set(tr.signs) == {"model.embed_tokens", *mlp}  # the stream and the SwiGLU units, nothing else
+    assert ("model.layers.0.mlp.gate_proj.weight", 0) in tr.plain[mlp[0]]  # gate rows: no signs
+    aligned = tr.apply(b)
+    for key, t in a.state_dict().items():
+        assert torch.allclose(aligned.state_dict()[key], t, atol=1e-6), key
+    merged = merge_aligned(a, b, tr)
+    assert all(torch.allclose(merged.state_dict()[k], t, atol=1e-6) for k, t in a.state_dict().items())
+    assert _same_function(aligned, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+@pytest.mark.parametrize("symmetry", ["signed", "orthogonal"])
+def test_a_layernorm_stream_refuses_signs_and_unfolded_orthogonal_maps_naming_the_norm(arch, symmetry):
+    a = _traced(tiny(arch).eval())
+    norm = "transformer.h.0.ln_1" if arch == "gpt2" else "bert.embeddings.LayerNorm"
+    with pytest.raises(ValueError, match=f"passes {norm} \\(LayerNorm\\)") as caught:
+        get_matcher("symmetry", symmetry=symmetry).match(a, a)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("arch", RMS)
+@pytest.mark.parametrize("source", ["weight", "activation"])
+def test_orthogonal_stream_matching_undoes_a_planted_rotation_after_folding_the_gains(arch, source, tmp_path):
+    a = _traced(with_gains(tiny(arch)).eval())
+    b = _model(arch, planted_orthogonal(a))
+    assert _same_function(a, b)
+    ids = token_ids(n=8, length=16, seed=3)
+    data = TokenSplit(ids, torch.ones_like(ids), "planted")
+    tr = get_matcher("symmetry", symmetry="orthogonal", source=source).match(a, b, data)
+    assert len(tr.folds) == 2 * a.config.num_hidden_layers + 1  # every RMSNorm's gain, into its readers
+    reference = folded(a.state_dict(), a.config)  # what changes: the gains folded to 1
+    merged = merge_aligned(a, b, tr)
+    for key, t in reference.items():
+        assert torch.allclose(merged.state_dict()[key], t, atol=2e-5), key
+    assert _same_function(tr.apply(b), a) and _same_function(merged, a)
+    merged.save_pretrained(tmp_path)  # an ordinary checkpoint of the same architecture
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(a) and _same_function(loaded, a)
+
+
+def test_tied_embeddings_take_the_same_rotation_but_refuse_to_fold_a_final_gain_into_them():
+    a = _traced(with_gains(tiny("llama_tied"), final=False).eval())  # final gain 1: nothing to fold into lm_head
+    b = _model("llama_tied", planted_orthogonal(a))
+    tr = get_matcher("symmetry", symmetry="orthogonal").match(a, b)
+    assert _same_function(tr.apply(b), a) and _same_function(merge_aligned(a, b, tr), a)
+    gained = _traced(with_gains(tiny("llama_tied")).eval())
+    with pytest.raises(ValueError, match="model.norm's gain cannot fold into lm_head.weight, which is tied"):
+        get_matcher("symmetry", symmetry="orthogonal").match(gained, gained)
+
+
+def test_symmetry_settings_are_validated_by_their_declared_model():
+    with pytest.raises(ValueError, match="symmetry"):
+        get_matcher("symmetry", symmetry="affine")
