@@ -79,10 +79,12 @@ class SymmetrySettings(MatcherSettings):
     """Matching beyond permutations (`alignment.beyond`): signed permutations or an orthogonal residual stream.
     Its matcher returns `Transforms`, not `Permutations`, so it is not (yet) one of the run config's matchers."""
 
-    symmetry: Literal["signed", "orthogonal"] = Field(
+    symmetry: Literal["signed", "orthogonal", "per_head", "per_head_values"] = Field(
         "signed",
         description="signed: signed permutations of an RMSNorm stream and of gated MLP units; orthogonal: any "
-        "orthogonal map of an RMSNorm stream, its norm gains folded into the layers that read them",
+        "orthogonal map of an RMSNorm stream, its norm gains folded into the layers that read them; per_head: an "
+        "invertible map per attention head on values (B, B^-T on the output projection) and on queries and keys "
+        "(A, A^-T; refused under rotary embeddings); per_head_values: the values' maps only",
     )
     source: Literal["weight", "activation"] = Field(
         "weight", description="find the orthogonal stream from the weights (default) or from activations on data"

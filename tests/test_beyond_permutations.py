@@ -191,3 +191,72 @@ def test_tied_embeddings_take_the_same_rotation_but_refuse_to_fold_a_final_gain_
 def test_symmetry_settings_are_validated_by_their_declared_model():
     with pytest.raises(ValueError, match="symmetry"):
         get_matcher("symmetry", symmetry="affine")
+
+
+def _invertible(n, w, gen):
+    """Block-diagonal: one random invertible map (identity plus noise, well conditioned) per head of width w."""
+    return torch.block_diag(*[torch.eye(w) + 0.3 * torch.randn(w, w, generator=gen) for _ in range(n // w)])
+
+
+def planted_per_head(model, seed=1):
+    """The hand-written permutations, then per head an invertible B on the values (the output projection's inputs by
+    B^-T) and an invertible A on the queries (keys by A^-T; not under LLaMA's rotary embedding), per layout: GPT-2's
+    Conv1D stores (in, out) and c_attn's outputs are [q | k | v]; BERT's and LLaMA's Linear stores (out, in)."""
+    gen = torch.Generator().manual_seed(seed + 300)
+    cfg = model.config
+    sd = planted_permutation(model, seed)
+    d, w = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        a, b = _invertible(d, w, gen), _invertible(d, w, gen)
+        a_inv_t, b_inv_t = torch.linalg.inv(a).T, torch.linalg.inv(b).T
+        if cfg.model_type == "gpt2":
+            base = f"transformer.h.{i}.attn"
+            wt, bias = sd[f"{base}.c_attn.weight"].clone(), sd[f"{base}.c_attn.bias"].clone()
+            wt[:, :d], wt[:, d : 2 * d], wt[:, 2 * d :] = (
+                wt[:, :d] @ a.T,
+                wt[:, d : 2 * d] @ a_inv_t.T,
+                wt[:, 2 * d :] @ b.T,
+            )
+            bias[:d], bias[d : 2 * d], bias[2 * d :] = a @ bias[:d], a_inv_t @ bias[d : 2 * d], b @ bias[2 * d :]
+            sd[f"{base}.c_attn.weight"], sd[f"{base}.c_attn.bias"] = wt, bias
+            sd[f"{base}.c_proj.weight"] = b_inv_t @ sd[f"{base}.c_proj.weight"]
+            continue
+        if cfg.model_type == "bert":
+            base = f"bert.encoder.layer.{i}.attention"
+            names = {"query": a, "key": a_inv_t, "value": b}
+            out = f"{base}.output.dense.weight"
+        else:
+            base = f"model.layers.{i}.self_attn"
+            names = {"v_proj": b}
+            out = f"{base}.o_proj.weight"
+        for name, m in names.items():
+            for kind in ("weight", "bias"):
+                key = f"{base}.self.{name}.{kind}" if cfg.model_type == "bert" else f"{base}.{name}.{kind}"
+                if key in sd:
+                    sd[key] = m @ sd[key]
+        sd[out] = sd[out] @ torch.linalg.inv(b)
+    return sd
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "llama_mha"])
+def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_values(arch):
+    values_only = arch == "llama_mha"
+    a = _traced(tiny(arch).eval())
+    b = _model(arch, planted_per_head(a))
+    assert _same_function(a, b)
+    tr = get_matcher("symmetry", symmetry="per_head_values" if values_only else "per_head").match(a, b)
+    assert len(tr.matrices) == a.config.num_hidden_layers * (1 if values_only else 2)
+    aligned, merged = tr.apply(b), merge_aligned(a, b, tr)
+    for key, t in a.state_dict().items():
+        assert torch.allclose(aligned.state_dict()[key], t, atol=1e-4), key
+        assert torch.allclose(merged.state_dict()[key], t, atol=1e-4), key
+    assert _same_function(aligned, a) and _same_function(merged, a)
+
+
+def test_per_head_query_key_maps_are_refused_under_rotary_embeddings_naming_the_module():
+    a = _traced(tiny("llama_mha").eval())
+    with pytest.raises(ValueError, match="refused: model.rotary_emb pins the query/key units"):
+        get_matcher("symmetry", symmetry="per_head").match(a, a)
+    gqa = _traced(tiny("llama").eval())  # grouped-query: the values share their group with the keys
+    with pytest.raises(ValueError, match="no attention group of LlamaForCausalLM takes per-head maps"):
+        get_matcher("symmetry", symmetry="per_head_values").match(gqa, gqa)

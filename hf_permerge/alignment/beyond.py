@@ -1,4 +1,5 @@
-"""Matching beyond permutations (Theus et al. 2025): signed permutations, and orthogonal maps of the residual stream.
+"""Matching beyond permutations (Theus et al. 2025): signed permutations, orthogonal maps of the residual stream,
+and (`per_head`) invertible maps per attention head.
 
 - "signed": RMSNorm is odd per coordinate (rms(Sx) = rms(x)), so a stream coordinate's sign flipped in every writer
   and reader, the norm gains kept, leaves the function unchanged; so does a SwiGLU up unit's sign (up row and
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..matching import SymmetrySettings
+from . import per_head
 from .activation import forward_batches
 from .base import Matcher, check_matching_data, check_same_architecture, eval_mode
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
@@ -30,6 +32,8 @@ from .spec import PermutationSpec
 from .tracing.export import traceable_call
 from .tracing.invariance import _run
 from .transforms import Fold, Transforms, fold_state
+
+PER_HEAD = ("per_head", "per_head_values")
 
 
 def owner(key: str) -> str:
@@ -102,9 +106,19 @@ def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
 def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, seed: int = 0) -> Transforms:
     """The identity element of `symmetry` for this model: which groups take signs or a matrix, which of their
     tensors stay plain, and the folds; each choice tried once on the model (refused where it fails)."""
-    streams = check_admitted(model, spec, symmetry)
     gen = torch.Generator().manual_seed(seed)
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
+    if symmetry in PER_HEAD:
+        groups = per_head.admitted(model, spec, symmetry)
+        check, trial = FunctionCheck(model), per_head.random_element(spec, groups, gen)
+        for g in groups:
+            one = Transforms(identity, **{field: {g: v[g]} for field, v in trial.items()})
+            if not check.holds({k: one.tensor(spec, k, t) for k, t in check.state.items()}):
+                raise ValueError(
+                    f"symmetry {symmetry!r}: an invertible map per head of group {g!r} changes the function"
+                )
+        return Transforms(identity, **per_head.element(spec, groups, {g: torch.eye(spec[g].size) for g in groups}))
+    streams = check_admitted(model, spec, symmetry)
     plain = {g: frozenset((k, a) for k, a in spec[g].axes if owner(k) in norms_on(model, spec, g)) for g in streams}
     if symmetry == "orthogonal":
         folds = find_folds(model, spec, streams)
@@ -188,15 +202,18 @@ def procrustes(cross: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def group_cross(spec, group, pairs, tr: Transforms, solved=None) -> tuple[torch.Tensor, torch.Tensor]:
+def group_cross(spec, group, pairs, tr: Transforms, solved=None, ignore=()) -> tuple[torch.Tensor, torch.Tensor]:
     """(C_plain, C_free): sum over pairs and tensors of A_k B_k^T with the group's units on the rows and b's other
-    axes transformed; split into the plain tensors and the ones taking signs or the matrix."""
+    axes transformed; split into the plain tensors and the ones taking signs or the matrix. Tensors that carry an
+    `ignore` group do not count (heads not matched yet)."""
     g = spec[group]
     plain, free = torch.zeros(g.size, g.size, dtype=torch.float64), torch.zeros(g.size, g.size, dtype=torch.float64)
     entries = [(k, a, None) for k, a in g.axes] + list(g.parts)
     for a, b in pairs:
         for key, axis, part in entries:
             if key not in a or (solved is not None and not spec.groups_on(key) - {group} <= solved):
+                continue
+            if spec.groups_on(key) & set(ignore):
                 continue
             b_k = tr.tensor(spec, key, b[key], except_axis=axis).movedim(axis, 0)
             a_k = a[key].movedim(axis, 0)
@@ -230,15 +247,15 @@ def set_group(tr: Transforms, group: str, found, free: torch.Tensor) -> None:
         tr.signs[group] = torch.where(matched < 0, -1.0, 1.0).double()
 
 
-def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fixed=()) -> Transforms:
+def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fixed=(), ignore=()) -> Transforms:
     """Coordinate descent as in `weight.solve_linear_matching`, from one layer-by-layer pass; a group with signs
     takes the best signs for its permutation, a group with a matrix its Procrustes solution. `fixed` groups keep
-    their element (found elsewhere, e.g. from activations)."""
+    their element (found elsewhere, e.g. from activations); tensors carrying an `ignore` group do not count."""
     solved = set(fixed)
     for group in spec.names:
         if group in fixed:
             continue
-        plain, free = group_cross(spec, group, pairs, tr, solved)
+        plain, free = group_cross(spec, group, pairs, tr, solved, ignore)
         set_group(tr, group, solve_group(spec, group, plain, free, tr)[0], free)
         solved.add(group)
     gen = torch.Generator().manual_seed(seed)
@@ -249,7 +266,7 @@ def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fix
             if visited & set(unit):
                 continue
             visited.update(unit)
-            crosses = [group_cross(spec, n, pairs, tr) for n in unit]
+            crosses = [group_cross(spec, n, pairs, tr, ignore=ignore) for n in unit]
             if len(unit) > 1:
                 sims = [p + f for p, f in crosses]
                 new = solve_coupled(sims, spec[unit[0]].blocks, [spec[n].rigid for n in unit])
@@ -302,8 +319,9 @@ def stream_activation_cross(model_a, model_b, tr: Transforms, spec, streams, dat
 class SymmetryMatcher(Matcher):
     """Align model_b onto model_a by a class beyond permutations: `symmetry` "signed" (signed permutations of an
     RMSNorm stream and of gated MLP units, from weights) or "orthogonal" (the RMSNorm stream by Procrustes after
-    folding its gains, from weights or, `source="activation"`, from the stream's activations on `data`); every other
-    group by weight matching. Returns `Transforms` (merge with `transforms.merge_aligned`)."""
+    folding its gains, from weights or, `source="activation"`, from the stream's activations on `data`), "per_head"
+    (an invertible map per attention head on values and on queries/keys, `per_head`; "per_head_values": values
+    only); every other group by weight matching. Returns `Transforms` (merge with `transforms.merge_aligned`)."""
 
     name: ClassVar[str] = "symmetry"
     symmetry: str = "signed"
@@ -318,7 +336,7 @@ class SymmetryMatcher(Matcher):
     def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Transforms:
         spec = check_same_architecture(model_a, model_b)
         if self.source == "activation":
-            if self.symmetry != "orthogonal":
+            if self.symmetry != "orthogonal":  # the per-head fits and signs are found on weights
                 raise ValueError("source='activation' finds the orthogonal stream; signs are matched on weights")
             check_matching_data(data, model_a)
         tr = plan(model_a, spec, self.symmetry, self.seed)
@@ -332,6 +350,12 @@ class SymmetryMatcher(Matcher):
         named = set(spec.layout)
         sa, sb = (fold_state(m.state_dict(), tr.folds) for m in (model_a, model_b))
         pairs = [({k: sa[k].double() for k in named}, {k: sb[k].double() for k in named})]
+        if self.symmetry in PER_HEAD:  # the rest without the heads, then whole heads and their maps, then the rest
+            heads = tuple(n for c in spec.couplings for n in c)
+            tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed=heads, ignore=heads)
+            groups = per_head.admitted(model_a, spec, self.symmetry)
+            tr = dataclasses.replace(tr, **per_head.match_heads(model_a, spec, tr, groups, *pairs[0]))
+            fixed = heads
         tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)
         info = {"matcher": self.name, "settings": self.settings, "folded": [f.norm for f in tr.folds]}
         return dataclasses.replace(tr, info=info)

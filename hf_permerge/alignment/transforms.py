@@ -4,7 +4,9 @@ a state dict through the spec's layout; and the fold of norm gains into the laye
 Convention (the spec's, extended): unit j of the result is  sum_i M[j, i] * unit i  of the input on every axis the
 group names, with M = Q S P (P the permutation, S the signs, Q the matrix). For an orthogonal M that one rule is
 right for writers (h -> M h) and readers alike (W -> W M^T = W M^-1), as it is for permutations. Tensors that hold
-one scale per unit (a norm's weight) and a gated MLP's gate rows are `plain`: they take the permutation only.
+one scale per unit (a norm's weight) and a gated MLP's gate rows are `plain`: they take the permutation only. A map
+that is not orthogonal (per attention head: values by B and the output projection's inputs by B^-T; queries by A,
+keys by A^-T) names its `dual` tensors, which take M^-T.
 """
 
 from __future__ import annotations
@@ -50,21 +52,32 @@ def along(t: torch.Tensor, axis: int, vector: torch.Tensor) -> torch.Tensor:
     return t * vector.to(t.dtype).reshape(shape)
 
 
-def matrix_along(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    """result[..., j, ...] = sum_i matrix[j, i] * t[..., i, ...] on `axis`."""
-    return torch.tensordot(matrix.to(t.dtype), t, dims=([1], [axis])).movedim(0, axis)
+def matrix_along(t: torch.Tensor, axis: int, matrix: torch.Tensor, part=None) -> torch.Tensor:
+    """result[..., j, ...] = sum_i matrix[j, i] * t[..., i, ...] on `axis` (on the positions of `part` only)."""
+    if part is None:
+        return torch.tensordot(matrix.to(t.dtype), t, dims=([1], [axis])).movedim(0, axis)
+    for pos in part.positions(len(matrix)).T:  # each repeat of the part (a key/value head read by several queries)
+        t = t.index_copy(axis, pos, matrix_along(t.index_select(axis, pos), axis, matrix))
+    return t
+
+
+def side(key: str, axis: int, part) -> tuple:
+    """How `Transforms.dual` names one tensor axis (or one part of it) of a group."""
+    return (key, axis, None if part is None else part.start)
 
 
 @dataclass(frozen=True)
 class Transforms:
     """One class element per group: `perms` (every group), `signs` (+-1 per unit) and `matrices` (orthogonal) where
-    found, the `plain` (key, axis) pairs of a group that take its permutation only, and the `folds` done on both
-    nets first. `apply(model_b)` computes model_b's function, lined up with `reference(model_a)`."""
+    found, the `plain` (key, axis) pairs of a group that take its permutation only, the `dual` sides (`side`) that
+    take M^-T (`duals` holds it), and the `folds` done on both nets first. `apply(model_b)` computes model_b's function, lined up with `reference(model_a)`."""
 
     perms: dict[str, torch.Tensor]
     signs: dict[str, torch.Tensor] = field(default_factory=dict)
     matrices: dict[str, torch.Tensor] = field(default_factory=dict)
     plain: dict[str, frozenset] = field(default_factory=dict)
+    dual: dict[str, frozenset] = field(default_factory=dict)
+    duals: dict[str, torch.Tensor] = field(default_factory=dict)
     folds: tuple[Fold, ...] = ()
     info: dict = field(default_factory=dict)
 
@@ -85,9 +98,9 @@ class Transforms:
                         s = full
                     t = along(t, axis, s)
                 if q is not None:
-                    if part is not None:
-                        raise ValueError(f"group {group!r} holds part {part} of {key!r}: no matrix acts on a part")
-                    t = matrix_along(t, axis, q)
+                    if side(key, axis, part) in self.dual.get(group, ()):
+                        q = self.duals[group]
+                    t = matrix_along(t, axis, q, part)
         return t
 
     def apply_state(self, spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,160 @@
+"""Per-head invertible maps (Theus et al. 2025): a head's values by any invertible B with the output projection's
+inputs by B^-T, its queries by any invertible A with its keys by A^-T; the scores and outputs are unchanged.
+
+Each coupled attention group has a primary side (value rows, or query rows) and a dual side (output projection
+inputs, or key rows), told apart by the layer kind (a Linear's rows are outputs, a GPT-2 Conv1D's columns; a bias
+is an output). Heads are matched whole by what no per-head map changes (X_primary^T X_dual per head), then each
+head's map is the least-squares fit on the primary side, M = A_h B_h^+ (exact for a planted element).
+A rotary embedding pins the query/key units of a head (`PermGroup.rigid`): only 2x2 rotation-scalings per
+frequency pair commute with it, which this module does not find, so invertible q/k maps are refused there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hungarian import solve_assignment
+from .spec import PermutationSpec
+from .transforms import Transforms, side
+
+
+def owner(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def _is_output(model: nn.Module, key: str, axis: int, ndim: int) -> bool:
+    if ndim == 1:
+        return True
+    module = model.get_submodule(owner(key))
+    if hasattr(module, "out_features"):  # nn.Linear: (out, in)
+        return axis == 0
+    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2): (in, out)
+        return axis == 1
+    raise ValueError(f"per-head maps: cannot tell inputs from outputs of {owner(key)} ({type(module).__name__})")
+
+
+def sides(model: nn.Module, spec: PermutationSpec, group: str) -> tuple[str, list, list]:
+    """(kind, primary, dual): kind "values" (outputs by B, the readers by B^-T) or "queries_keys" (one projection's
+    outputs by A, the other's by A^-T); primary and dual list (key, axis, part) entries."""
+    g, state = spec[group], model.state_dict()
+    entries = [(k, a, None) for k, a in g.axes] + list(g.parts)
+    outputs = [e for e in entries if _is_output(model, e[0], e[1], state[e[0]].ndim)]
+    readers = [e for e in entries if e not in outputs]
+    if readers:
+        return "values", outputs, readers
+    by_side: dict[tuple, list] = {}
+    for e in outputs:
+        by_side.setdefault((owner(e[0]), None if e[2] is None else e[2].start), []).append(e)
+    if len(by_side) != 2:
+        raise ValueError(f"per-head maps: group {group!r} has {len(by_side)} projections, not a query and a key")
+    primary, dual = by_side.values()
+    return "queries_keys", primary, dual
+
+
+def rows(spec: PermutationSpec, group: str, entries, state, tr: Transforms | None = None) -> torch.Tensor:
+    """(size, columns): every entry's tensor with the group's units on the rows (b's other axes transformed by
+    `tr`), side by side."""
+    g = spec[group]
+    out = []
+    for key, axis, part in entries:
+        t = state[key] if tr is None else tr.tensor(spec, key, state[key], except_axis=axis)
+        t = t.movedim(axis, 0)
+        if part is not None:
+            t = t[part.positions(g.size)[:, 0]]
+        out.append(t.reshape(g.size, -1).double())
+    return torch.cat(out, 1)
+
+
+def rotary_module(model: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if "Rotary" in type(m).__name__), "a rotary embedding")
+
+
+def admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> dict[str, tuple[list, list]]:
+    """The groups that take per-head maps (group -> (primary, dual)), or a ValueError in one line naming the module
+    that forbids the class: a rotary embedding (q/k maps), or no attention group at all."""
+    found = {}
+    for coupled in spec.couplings:
+        for name in coupled:
+            kind, primary, dual = sides(model, spec, name)
+            if spec[name].rigid:
+                if symmetry == "per_head" and kind == "queries_keys" and len(coupled) == 2:
+                    raise ValueError(
+                        f"symmetry 'per_head' is refused: {rotary_module(model)} pins the query/key units of "
+                        f"{name} (only 2x2 rotation-scalings per frequency pair commute with it, not supported); "
+                        "use symmetry 'per_head_values'"
+                    )
+                continue
+            if kind == "values" or symmetry == "per_head":
+                found[name] = (primary, dual)
+    if not found:
+        raise ValueError(
+            f"symmetry {symmetry!r} is refused: no attention group of {type(model).__name__} takes per-head maps "
+            "(grouped-query heads under a rotary embedding keep their values with their keys)"
+        )
+    return found
+
+
+def block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.block_diag(*blocks)
+
+
+def element(spec: PermutationSpec, groups: dict, matrices: dict[str, torch.Tensor]) -> dict:
+    """The Transforms fields of per-head maps: each group's matrix, its dual sides and their M^-T."""
+    return {
+        "matrices": matrices,
+        "dual": {g: frozenset(side(*e) for e in groups[g][1]) for g in matrices},
+        "duals": {g: torch.linalg.inv(m).T for g, m in matrices.items()},
+    }
+
+
+def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) -> dict:
+    """Random invertible maps per head, well conditioned (identity plus noise), for testing a class on a model."""
+    matrices = {}
+    for g in groups:
+        w = spec[g].size // spec[g].blocks
+        matrices[g] = block_diagonal(
+            [
+                torch.eye(w, dtype=torch.float64) + 0.3 * torch.randn(w, w, generator=gen, dtype=torch.float64)
+                for _ in range(spec[g].blocks)
+            ]
+        )
+    return element(spec, groups, matrices)
+
+
+def match_heads(model: nn.Module, spec: PermutationSpec, tr: Transforms, groups: dict, a: dict, b: dict) -> dict:
+    """Whole heads by their per-head invariants, then each group's map (least squares) or, for a group without maps,
+    its within-head permutation; returns the Transforms fields of the maps, the permutations set in `tr.perms`."""
+    from .beyond import group_cross  # the shared cross-product of one group (beyond imports this module)
+
+    matrices = {}
+    for coupled in spec.couplings:
+        blocks = spec[coupled[0]].blocks
+        score = torch.zeros(blocks, blocks, dtype=torch.float64)
+        for name in coupled:
+            _, primary, dual = sides(model, spec, name)
+            w = spec[name].size // blocks
+            inv = {}
+            for which, state, t in (("a", a, None), ("b", b, tr)):
+                x1, x2 = rows(spec, name, primary, state, t), rows(spec, name, dual, state, t)
+                inv[which] = torch.stack([x1[h * w : (h + 1) * w].T @ x2[h * w : (h + 1) * w] for h in range(blocks)])
+            score += torch.einsum("ipq,jpq->ij", inv["a"], inv["b"])
+        sigma = solve_assignment(score)
+        for name in coupled:
+            g, w = spec[name], spec[name].size // blocks
+            heads = torch.cat([int(s) * w + torch.arange(w) for s in sigma])
+            if name in groups:
+                tr.perms[name] = heads
+                xa, xb = rows(spec, name, groups[name][0], a), rows(spec, name, groups[name][0], b, tr)[heads]
+                fits = [
+                    torch.linalg.lstsq(xb[h * w : (h + 1) * w].T, xa[h * w : (h + 1) * w].T).solution.T
+                    for h in range(blocks)
+                ]
+                matrices[name] = block_diagonal(fits)
+            elif g.rigid:
+                tr.perms[name] = heads
+            else:
+                plain, free = group_cross(spec, name, [(a, b)], tr)
+                within = solve_assignment((plain + free)[:, heads], blocks)
+                tr.perms[name] = heads[within]
+    return element(spec, groups, matrices)
