@@ -61,12 +61,16 @@ def planted_signed(model, seed=1):
 
 
 def with_gains(model, seed=2, final=True):
-    """`model` with random positive RMSNorm gains (a trained net's are not 1); `final=False` keeps model.norm's 1."""
+    """`model` with random positive norm gains and random biases (a trained net's are not 1 and 0);
+    `final=False` keeps model.norm's gain 1."""
     gen = torch.Generator().manual_seed(seed)
     sd = model.state_dict()
     for key, t in sd.items():
-        if key.endswith("norm.weight") and (final or key != "model.norm.weight"):
+        norm = "norm" in key.lower() or "ln_" in key
+        if key.endswith(".weight") and norm and (final or key != "model.norm.weight"):
             sd[key] = 0.5 + torch.rand(t.shape, generator=gen)
+        elif key.endswith(".bias"):
+            sd[key] = 0.3 * torch.randn(t.shape, generator=gen)
     model.load_state_dict(sd)
     return model
 
@@ -149,12 +153,30 @@ def test_signed_matching_undoes_planted_signed_permutations(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
-@pytest.mark.parametrize("symmetry", ["signed", "orthogonal"])
-def test_a_layernorm_stream_refuses_signs_and_unfolded_orthogonal_maps_naming_the_norm(arch, symmetry):
+def test_a_layernorm_stream_refuses_signs_naming_the_norm(arch):
     a = _traced(tiny(arch).eval())
     norm = "transformer.h.0.ln_1" if arch == "gpt2" else "bert.embeddings.LayerNorm"
     with pytest.raises(ValueError, match=f"passes {norm} \\(LayerNorm\\)") as caught:
-        get_matcher("symmetry", symmetry=symmetry).match(a, a)
+        get_matcher("symmetry", symmetry="signed").match(a, a)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "arch, overrides, why",
+    [
+        (
+            "gpt2",
+            {},
+            "transformer.ln_f's gain cannot fold into lm_head.weight, which is tied to transformer.wte.weight",
+        ),
+        ("bert", {}, "cls.predictions.transform.LayerNorm's gain cannot fold into cls.predictions.decoder.weight"),
+        ("bert", {"tie_word_embeddings": False}, "folding bert.embeddings.LayerNorm's gain changes the function"),
+    ],
+)
+def test_a_layernorm_stream_refuses_an_orthogonal_map_where_its_norms_cannot_fold(arch, overrides, why):
+    a = _traced(with_gains(tiny(arch, **overrides)).eval())
+    with pytest.raises(ValueError, match=why) as caught:
+        get_matcher("symmetry", symmetry="orthogonal").match(a, a)
     assert "\n" not in str(caught.value)
 
 
@@ -260,3 +282,77 @@ def test_per_head_query_key_maps_are_refused_under_rotary_embeddings_naming_the_
     gqa = _traced(tiny("llama").eval())  # grouped-query: the values share their group with the keys
     with pytest.raises(ValueError, match="no attention group of LlamaForCausalLM takes per-head maps"):
         get_matcher("symmetry", symmetry="per_head_values").match(gqa, gqa)
+
+
+def tiny_phi():
+    """Phi (modeling_phi.py): pre-LN LayerNorm blocks, attention and MLP side by side, an LM head with a bias."""
+    torch.manual_seed(0)
+    cfg = T.PhiConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        partial_rotary_factor=0.5,
+        initializer_range=0.2,
+    )
+    return T.PhiForCausalLM(cfg)
+
+
+def planted_phi_rotation(model, seed=1):
+    """Phi's LayerNorms folded by hand (weight into the readers' columns, bias into their biases: W b + c), then a
+    random orthogonal Q with Q1 = 1 on the stream: embeddings, attention dense and fc2 outputs (weights and biases)
+    by Q, q/k/v, fc1 and lm_head inputs by Q^T."""
+    gen = torch.Generator().manual_seed(seed + 400)
+    cfg, sd = model.config, dict(model.state_dict())
+    d = cfg.hidden_size
+    norms = {
+        f"model.layers.{i}.input_layernorm": [
+            f"model.layers.{i}.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")
+        ]
+        for i in range(cfg.num_hidden_layers)
+    }
+    norms["model.final_layernorm"] = ["lm_head"]
+    for norm, readers in norms.items():
+        w, b = sd[f"{norm}.weight"], sd[f"{norm}.bias"]
+        for r in readers:
+            sd[f"{r}.bias"] = sd[f"{r}.bias"] + sd[f"{r}.weight"] @ b
+            sd[f"{r}.weight"] = sd[f"{r}.weight"] * w
+        sd[f"{norm}.weight"], sd[f"{norm}.bias"] = torch.ones(d), torch.zeros(d)
+    basis = torch.linalg.qr(torch.cat([torch.ones(d, 1), torch.randn(d, d - 1, generator=gen)], 1))[0][:, 1:]
+    r = torch.linalg.qr(torch.randn(d - 1, d - 1, generator=gen))[0]
+    q = torch.full((d, d), 1.0 / d) + basis @ r @ basis.T
+    assert torch.allclose(q @ torch.ones(d), torch.ones(d), atol=1e-5)
+    folded_a = dict(sd)
+    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] @ q.T
+    for key in list(sd):
+        if key.endswith(("self_attn.dense.weight", "mlp.fc2.weight")):
+            sd[key] = q @ sd[key]
+        elif key.endswith(("self_attn.dense.bias", "mlp.fc2.bias")):
+            sd[key] = q @ sd[key]
+        elif key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "fc1.weight", "lm_head.weight")):
+            sd[key] = sd[key] @ q.T
+    return folded_a, sd
+
+
+@pytest.mark.parametrize("source", ["weight", "activation"])
+def test_layernorm_stream_takes_orthogonal_maps_fixing_the_ones_after_folding_weight_and_bias(source):
+    a = _traced(with_gains(tiny_phi()).eval())
+    reference, planted = planted_phi_rotation(a)
+    b = tiny_phi()
+    b.load_state_dict(planted)
+    b = _traced(b.eval())
+    assert _same_function(a, b)
+    ids = token_ids(n=8, length=16, seed=3)
+    tr = get_matcher("symmetry", symmetry="orthogonal", source=source).match(
+        a, b, TokenSplit(ids, torch.ones_like(ids), "planted")
+    )
+    (stream,) = tr.fixes_ones
+    assert torch.allclose(
+        tr.matrices[stream] @ torch.ones(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
+    )
+    merged = merge_aligned(a, b, tr)
+    for key, t in reference.items():
+        assert torch.allclose(merged.state_dict()[key], t, atol=2e-5), key
+    assert _same_function(tr.apply(b), a) and _same_function(merged, a)

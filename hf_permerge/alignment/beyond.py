@@ -5,14 +5,17 @@ and (`per_head`) invertible maps per attention head.
   and reader, the norm gains kept, leaves the function unchanged; so does a SwiGLU up unit's sign (up row and
   down column: silu(gate) * up is odd in up). A group's objective with signs is  sum_i C_plain[i, p(i)] +
   s_i C_free[i, p(i)],  maximised by s_i = sign(C_free[i, p(i)]): the permutation solves on C_plain + |C_free|.
-- "orthogonal": once every RMSNorm gain is folded into the layers that read it (`transforms.Fold`), rms(Qx) = rms(x)
-  for any orthogonal Q, so the stream admits Q; found by Procrustes (Q = U V^T of sum_k A_k B_k^T) on weights, or on
-  the cross-covariance of the stream's normalised activations.
+- "orthogonal": once every norm gain is folded into the layers that read it (`folding`), rms(Qx) = rms(x) for any
+  orthogonal Q, so an RMSNorm stream admits Q; a LayerNorm stream (its bias folded into the readers' biases too)
+  admits the Q with Q1 = 1, which commute with its mean-centering. Found by Procrustes (Q = U V^T of
+  sum_k A_k B_k^T, restricted to the complement of the ones for LayerNorm) on weights, or on the cross-covariance
+  of the norms' outputs. Refused, naming the norm, where a fold cannot be done (a tie, a missing reader bias, a
+  post-LN residual).
+- "per_head": see `per_head`.
 
-LayerNorm refuses both: its mean-centering mixes coordinates, so LN(Sx) != S LN(x) for a per-coordinate flip S
-(only S = -I holds, with its bias flipped too), and an orthogonal map must fix the all-ones vector after folding
-its weight and bias (not done here). Every other group keeps permutations. Which tensors of a group take a sign is
-found by trying (a flip of one random element must keep the function), never by names.
+Signs under LayerNorm are refused: its mean-centering mixes coordinates, so LN(Sx) != S LN(x) for a per-coordinate
+flip S (only S = -I holds, with its bias flipped too). Every other group keeps permutations. Which tensors of a
+group take a sign is found by trying (a flip of one random element must keep the function), never by names.
 """
 
 from __future__ import annotations
@@ -27,37 +30,14 @@ from ..matching import SymmetrySettings
 from . import per_head
 from .activation import forward_batches
 from .base import Matcher, check_matching_data, check_same_architecture, eval_mode
+from .folding import find_folds, is_layer_norm, is_rms, norms_on, owner, stream_groups
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
 from .spec import PermutationSpec
 from .tracing.export import traceable_call
 from .tracing.invariance import _run
-from .transforms import Fold, Transforms, fold_state
+from .transforms import Transforms, fold_state
 
 PER_HEAD = ("per_head", "per_head_values")
-
-
-def owner(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key else ""
-
-
-def norms_on(model: nn.Module, spec: PermutationSpec, group: str) -> dict[str, nn.Module]:
-    """Norm modules whose parameters a group carries (module name -> module)."""
-    out = {}
-    for key, _ in spec[group].axes:
-        name = owner(key)
-        module = model.get_submodule(name) if name else model
-        if "Norm" in type(module).__name__:
-            out[name] = module
-    return out
-
-
-def is_rms(module: nn.Module) -> bool:
-    return "RMSNorm" in type(module).__name__
-
-
-def stream_groups(model: nn.Module, spec: PermutationSpec) -> list[str]:
-    """The unblocked groups that pass a norm: a transformer's residual stream."""
-    return [g.name for g in spec.groups if g.blocks == 1 and norms_on(model, spec, g.name)]
 
 
 def check_admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> list[str]:
@@ -67,18 +47,18 @@ def check_admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> li
         raise ValueError(f"symmetry {symmetry!r}: {type(model).__name__} has no residual stream through a norm")
     for group in streams:
         for name, module in norms_on(model, spec, group).items():
-            if not is_rms(module):
-                why = (
-                    "its mean-centering mixes coordinates, so a per-coordinate sign flip is no symmetry (only "
-                    "flipping every coordinate and its bias is)"
-                    if symmetry == "signed"
-                    else "only orthogonal maps fixing the all-ones vector, after folding its weight and bias, "
-                    "keep it (not supported)"
-                )
-                raise ValueError(
-                    f"symmetry {symmetry!r} is refused: the residual stream passes {name} "
-                    f"({type(module).__name__}): {why}; use the weight or activation matcher (permutations)"
-                )
+            if is_rms(module) or (symmetry == "orthogonal" and is_layer_norm(module)):
+                continue
+            why = (
+                "its mean-centering mixes coordinates, so a per-coordinate sign flip is no symmetry (only "
+                "flipping every coordinate and its bias is)"
+                if is_layer_norm(module)
+                else "no orthogonal map or sign flip is known to commute with it"
+            )
+            raise ValueError(
+                f"symmetry {symmetry!r} is refused: the residual stream passes {name} "
+                f"({type(module).__name__}): {why}; use the weight or activation matcher (permutations)"
+            )
     return streams
 
 
@@ -98,9 +78,19 @@ class FunctionCheck:
         return all((a - b).abs().max() <= 1e-4 * max(a.abs().max().item(), 1e-6) for a, b in zip(self.reference, out))
 
 
-def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+def random_orthogonal(n: int, gen: torch.Generator, fix_ones: bool = False) -> torch.Tensor:
+    """Haar-random orthogonal (n, n); `fix_ones`: one that maps the all-ones vector to itself."""
+    if fix_ones:
+        u = ones_complement(n)
+        return torch.full((n, n), 1.0 / n, dtype=torch.float64) + u @ random_orthogonal(n - 1, gen) @ u.T
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))
+
+
+def ones_complement(n: int) -> torch.Tensor:
+    """(n, n - 1): an orthonormal basis of the vectors orthogonal to the all-ones vector."""
+    basis = torch.linalg.qr(torch.cat([torch.ones(n, 1, dtype=torch.float64), torch.eye(n, dtype=torch.float64)], 1))
+    return basis[0][:, 1:n]
 
 
 def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, seed: int = 0) -> Transforms:
@@ -123,15 +113,25 @@ def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, seed: int = 0) 
     if symmetry == "orthogonal":
         folds = find_folds(model, spec, streams)
         check = FunctionCheck(model)
+        for f in folds:
+            if not check.holds(fold_state(check.state, (f,))):
+                raise ValueError(
+                    f"symmetry 'orthogonal' is refused: folding {owner(f.norm)}'s gain changes the function (its "
+                    "output also goes elsewhere than its readers: the residual of a post-LN block); keep permutations"
+                )
         folded = fold_state(check.state, folds)
-        if not check.holds(folded):
-            raise ValueError(f"folding the norm gains of {[f.norm for f in folds]} changes the function: refused")
-        trial = Transforms(identity, matrices={g: random_orthogonal(spec[g].size, gen) for g in streams}, plain=plain)
+        ones = frozenset(g for g in streams if any(is_layer_norm(m) for m in norms_on(model, spec, g).values()))
+        trial = Transforms(
+            identity,
+            matrices={g: random_orthogonal(spec[g].size, gen, g in ones) for g in streams},
+            plain=plain,
+        )
         for g in streams:
             one = dataclasses.replace(trial, matrices={g: trial.matrices[g]})
             if not check.holds({k: one.tensor(spec, k, t) for k, t in folded.items()}):
                 raise ValueError(f"symmetry 'orthogonal': an orthogonal map of group {g!r} changes the function")
-        return Transforms(identity, matrices={g: torch.eye(spec[g].size) for g in streams}, plain=plain, folds=folds)
+        matrices = {g: torch.eye(spec[g].size) for g in streams}
+        return Transforms(identity, matrices=matrices, plain=plain, fixes_ones=ones, folds=folds)
     check = FunctionCheck(model)
     signed: dict[str, frozenset] = {}
     for g in spec.groups:
@@ -155,49 +155,12 @@ def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, seed: int = 0) 
     return Transforms(identity, signs={g: torch.ones(spec[g].size) for g in signed}, plain=signed)
 
 
-def find_folds(model: nn.Module, spec: PermutationSpec, streams: list[str]) -> tuple[Fold, ...]:
-    """For each norm of a stream, the stream's weights whose module reads the norm's output (seen on a forward pass
-    of example tokens); refused where a reader's weight is tied to a tensor the fold must not touch."""
-    entries = {owner(k): (k, a) for g in streams for k, a in spec[g].axes if k.endswith(".weight")}
-    norms = {n: m for g in streams for n, m in norms_on(model, spec, g).items()}
-    outputs, inputs, hooks = {}, {}, []
-
-    def seen(store, name, value) -> None:  # a hook that returns something would replace the module's output
-        store.setdefault(name, value)
-
-    for name, module in model.named_modules():
-        if name in norms:
-            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: seen(outputs, n, o)))
-        elif name in entries:
-            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: seen(inputs, n, i[0] if i else None)))
-    call, args = traceable_call(model, None)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            call(*args)
-    finally:
-        for h in hooks:
-            h.remove()
-    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731  (a slice of the norm's output reads it too)
-    state = model.state_dict()
-    folds = []
-    for norm, out in outputs.items():
-        readers = tuple(entries[m] for m, x in inputs.items() if torch.is_tensor(x) and storage(x) == storage(out))
-        if not readers:
-            raise ValueError(f"symmetry 'orthogonal': {norm}'s output goes into no linear layer whose gain could fold")
-        gain = state[f"{norm}.weight"]
-        for key, _ in readers:
-            ties = [k for k, t in state.items() if k != key and t.data_ptr() == state[key].data_ptr()]
-            if ties and not torch.all(gain == 1):
-                raise ValueError(
-                    f"symmetry 'orthogonal' is refused: {norm}'s gain cannot fold into {key}, which is tied to "
-                    f"{ties[0]}; untie them, or keep permutations (or signs) on the stream"
-                )
-        folds.append(Fold(f"{norm}.weight", readers))
-    return tuple(folds)
-
-
-def procrustes(cross: torch.Tensor) -> torch.Tensor:
-    """The orthogonal Q maximising <cross, Q> (Q = U V^T of cross = U S V^T)."""
+def procrustes(cross: torch.Tensor, fix_ones: bool = False) -> torch.Tensor:
+    """The orthogonal Q maximising <cross, Q> (Q = U V^T of cross = U S V^T); `fix_ones`: among those with Q1 = 1,
+    Q = 11^T / n + B R B^T with R the Procrustes solution of B^T cross B (B: the complement of the ones)."""
+    if fix_ones:
+        n, b = len(cross), ones_complement(len(cross))
+        return torch.full((n, n), 1.0 / n, dtype=torch.float64) + b @ procrustes(b.T @ cross @ b) @ b.T
     u, _, vh = torch.linalg.svd(cross)
     return u @ vh
 
@@ -229,7 +192,7 @@ def solve_group(spec, group, plain, free, tr: Transforms, blocks: bool = True):
     """(new perm or matrix, objective value after, value of the current element) for one group."""
     g = spec[group]
     if group in tr.matrices:
-        q = procrustes(free)
+        q = procrustes(free, group in tr.fixes_ones)
         return q, float((free * q).sum()), float((free * tr.matrices[group]).sum())
     cost = plain + free.abs() if group in tr.signs else plain + free
     perm = solve_assignment(cost, g.blocks if blocks else 1, rigid=g.rigid)
@@ -345,7 +308,7 @@ class SymmetryMatcher(Matcher):
             a, b = tr.reference(model_a), tr.reference(model_b)
             streams = list(tr.matrices)
             for g, c in stream_activation_cross(a, b, tr, spec, streams, data.subset(self.num_examples)).items():
-                tr.matrices[g] = procrustes(c)
+                tr.matrices[g] = procrustes(c, g in tr.fixes_ones)
             fixed = tuple(streams)
         named = set(spec.layout)
         sa, sb = (fold_state(m.state_dict(), tr.folds) for m in (model_a, model_b))

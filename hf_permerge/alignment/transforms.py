@@ -30,18 +30,24 @@ class Fold:
     """State-dict key of the norm's weight."""
     readers: tuple[tuple[str, int], ...]
     """(key, axis): the reader weights and the axis that carries the norm's units."""
+    bias: str | None = None
+    """State-dict key of a LayerNorm's bias: it goes into each reader's bias (W b + c) and becomes 0."""
 
 
 def fold_state(state: Mapping[str, torch.Tensor], folds: tuple[Fold, ...]) -> dict[str, torch.Tensor]:
-    """A copy of `state` with every fold done (idempotent: a folded gain is 1)."""
+    """A copy of `state` with every fold done (idempotent: a folded gain is 1, a folded bias 0)."""
     out = dict(state)
     for f in folds:
-        gain = out[f.norm]
+        gain, shift = out[f.norm], out[f.bias] if f.bias else None
         for key, axis in f.readers:
-            shape = [1] * out[key].ndim
-            shape[axis] = -1
-            out[key] = out[key] * gain.to(out[key].dtype).reshape(shape)
+            w = out[key]
+            reader_bias = f"{key.rsplit('.', 1)[0]}.bias"
+            if shift is not None and reader_bias in out:
+                out[reader_bias] = out[reader_bias] + torch.tensordot(w, shift.to(w.dtype), dims=([axis], [0]))
+            out[key] = along(w, axis, gain)
         out[f.norm] = torch.ones_like(gain)
+        if shift is not None:
+            out[f.bias] = torch.zeros_like(shift)
     return out
 
 
@@ -78,6 +84,8 @@ class Transforms:
     plain: dict[str, frozenset] = field(default_factory=dict)
     dual: dict[str, frozenset] = field(default_factory=dict)
     duals: dict[str, torch.Tensor] = field(default_factory=dict)
+    fixes_ones: frozenset = frozenset()
+    """Groups whose matrix must map the all-ones vector to itself (a LayerNorm stream)."""
     folds: tuple[Fold, ...] = ()
     info: dict = field(default_factory=dict)
 
