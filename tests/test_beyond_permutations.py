@@ -215,15 +215,27 @@ def test_symmetry_settings_are_validated_by_their_declared_model():
         get_matcher("symmetry", symmetry="affine")
 
 
+def _rotation_scalings(n, w, gen):
+    """Block-diagonal: per head of width w, [[a, -b], [b, a]] on each pair of units (u, u + w / 2)."""
+    m = torch.zeros(n, n)
+    for h in range(n // w):
+        for u in range(w // 2):
+            i, j = h * w + u, h * w + u + w // 2
+            a, b = 0.5 + torch.rand(1, generator=gen).item(), torch.rand(1, generator=gen).item() - 0.5
+            m[i, i], m[i, j], m[j, i], m[j, j] = a, -b, b, a
+    return m
+
+
 def _invertible(n, w, gen):
     """Block-diagonal: one random invertible map (identity plus noise, well conditioned) per head of width w."""
     return torch.block_diag(*[torch.eye(w) + 0.3 * torch.randn(w, w, generator=gen) for _ in range(n // w)])
 
 
-def planted_per_head(model, seed=1):
+def planted_per_head(model, queries_keys=True, seed=1):
     """The hand-written permutations, then per head an invertible B on the values (the output projection's inputs by
-    B^-T) and an invertible A on the queries (keys by A^-T; not under LLaMA's rotary embedding), per layout: GPT-2's
-    Conv1D stores (in, out) and c_attn's outputs are [q | k | v]; BERT's and LLaMA's Linear stores (out, in)."""
+    B^-T) and an invertible A on the queries (keys by A^-T), per layout: GPT-2's Conv1D stores (in, out) and c_attn's
+    outputs are [q | k | v]; BERT's and LLaMA's Linear stores (out, in). Under LLaMA's rotary embedding (rotate_half
+    pairs unit u of a head with u + head_dim / 2) A is a rotation-scaling [[a, -b], [b, a]] per pair."""
     gen = torch.Generator().manual_seed(seed + 300)
     cfg = model.config
     sd = planted_permutation(model, seed)
@@ -249,7 +261,9 @@ def planted_per_head(model, seed=1):
             out = f"{base}.output.dense.weight"
         else:
             base = f"model.layers.{i}.self_attn"
-            names = {"v_proj": b}
+            names = {"v_proj": b, **({"q_proj": _rotation_scalings(d, w, gen)} if queries_keys else {})}
+            if queries_keys:
+                names["k_proj"] = torch.linalg.inv(names["q_proj"]).T
             out = f"{base}.o_proj.weight"
         for name, m in names.items():
             for kind in ("weight", "bias"):
@@ -260,11 +274,12 @@ def planted_per_head(model, seed=1):
     return sd
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "bert", "llama_mha"])
-def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_values(arch):
-    values_only = arch == "llama_mha"
+@pytest.mark.parametrize(
+    "arch, values_only", [("gpt2", False), ("bert", False), ("llama_mha", False), ("llama_mha", True)]
+)
+def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_values(arch, values_only):
     a = _traced(tiny(arch).eval())
-    b = _model(arch, planted_per_head(a))
+    b = _model(arch, planted_per_head(a, queries_keys=not values_only))
     assert _same_function(a, b)
     tr = get_matcher("symmetry", symmetry="per_head_values" if values_only else "per_head").match(a, b)
     assert len(tr.matrices) == a.config.num_hidden_layers * (1 if values_only else 2)
@@ -275,11 +290,10 @@ def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_va
     assert _same_function(aligned, a) and _same_function(merged, a)
 
 
-def test_per_head_query_key_maps_are_refused_under_rotary_embeddings_naming_the_module():
-    a = _traced(tiny("llama_mha").eval())
-    with pytest.raises(ValueError, match="refused: model.rotary_emb pins the query/key units"):
-        get_matcher("symmetry", symmetry="per_head").match(a, a)
-    gqa = _traced(tiny("llama").eval())  # grouped-query: the values share their group with the keys
+def test_per_head_query_key_maps_are_refused_where_grouped_query_heads_share_a_rotary_group():
+    gqa = _traced(tiny("llama").eval())  # the values share their group with the keys, rigid under the rotary
+    with pytest.raises(ValueError, match="refused: model.rotary_emb pins the query/key units of .*k_proj and no"):
+        get_matcher("symmetry", symmetry="per_head").match(gqa, gqa)
     with pytest.raises(ValueError, match="no attention group of LlamaForCausalLM takes per-head maps"):
         get_matcher("symmetry", symmetry="per_head_values").match(gqa, gqa)
 

@@ -99,15 +99,24 @@ def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, seed: int = 0) 
     gen = torch.Generator().manual_seed(seed)
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
     if symmetry in PER_HEAD:
-        groups = per_head.admitted(model, spec, symmetry)
-        check, trial = FunctionCheck(model), per_head.random_element(spec, groups, gen)
-        for g in groups:
-            one = Transforms(identity, **{field: {g: v[g]} for field, v in trial.items()})
-            if not check.holds({k: one.tensor(spec, k, t) for k, t in check.state.items()}):
+        groups, check = per_head.admitted(model, spec, symmetry), FunctionCheck(model)
+        for g, (primary, dual, pairs) in list(groups.items()):
+            options = per_head.pairings(spec[g].size // spec[g].blocks) if pairs == per_head.ROTARY else {"": None}
+            for layout in options.values():
+                groups[g] = (primary, dual, layout)
+                one = Transforms(identity, **per_head.random_element(spec, {g: groups[g]}, gen))
+                if check.holds({k: one.tensor(spec, k, t) for k, t in check.state.items()}):
+                    break
+            else:
                 raise ValueError(
-                    f"symmetry {symmetry!r}: an invertible map per head of group {g!r} changes the function"
+                    f"symmetry {symmetry!r} is refused: {per_head.rotary_module(model)} pins the query/key units "
+                    f"of {g} and no rotation-scaling of their frequency pairs (halves or neighbours) keeps the "
+                    "function (grouped-query heads keep values with keys); use symmetry 'per_head_values'"
+                    if pairs == per_head.ROTARY
+                    else f"symmetry {symmetry!r}: an invertible map per head of group {g!r} changes the function"
                 )
-        return Transforms(identity, **per_head.element(spec, groups, {g: torch.eye(spec[g].size) for g in groups}))
+        eye = {g: torch.eye(spec[g].size) for g in groups}
+        return Transforms(identity, **per_head.element(spec, groups, eye), info={"heads": groups})
     streams = check_admitted(model, spec, symmetry)
     plain = {g: frozenset((k, a) for k, a in spec[g].axes if owner(k) in norms_on(model, spec, g)) for g in streams}
     if symmetry == "orthogonal":
@@ -316,8 +325,8 @@ class SymmetryMatcher(Matcher):
         if self.symmetry in PER_HEAD:  # the rest without the heads, then whole heads and their maps, then the rest
             heads = tuple(n for c in spec.couplings for n in c)
             tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed=heads, ignore=heads)
-            groups = per_head.admitted(model_a, spec, self.symmetry)
-            tr = dataclasses.replace(tr, **per_head.match_heads(model_a, spec, tr, groups, *pairs[0]))
+            fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0])
+            tr = dataclasses.replace(tr, **fields)
             fixed = heads
         tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)
         info = {"matcher": self.name, "settings": self.settings, "folded": [f.norm for f in tr.folds]}

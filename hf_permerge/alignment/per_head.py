@@ -5,8 +5,10 @@ Each coupled attention group has a primary side (value rows, or query rows) and 
 inputs, or key rows), told apart by the layer kind (a Linear's rows are outputs, a GPT-2 Conv1D's columns; a bias
 is an output). Heads are matched whole by what no per-head map changes (X_primary^T X_dual per head), then each
 head's map is the least-squares fit on the primary side, M = A_h B_h^+ (exact for a planted element).
-A rotary embedding pins the query/key units of a head (`PermGroup.rigid`): only 2x2 rotation-scalings per
-frequency pair commute with it, which this module does not find, so invertible q/k maps are refused there.
+A rotary embedding pins the query/key units of a head (`PermGroup.rigid`): it rotates each frequency pair of units
+by a position's angle, so only a rotation-scaling [[a, -b], [b, a]] per pair commutes with it (queries by it, keys
+by its inverse transpose). Which units pair up (a head's halves, as `rotate_half` does, or neighbours) is found by
+trying both on the model; the pair's (a, b) is the least-squares fit, a = <A, B> / |B|^2, b = <A, JB> / |B|^2.
 """
 
 from __future__ import annotations
@@ -70,23 +72,38 @@ def rotary_module(model: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if "Rotary" in type(m).__name__), "a rotary embedding")
 
 
-def admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> dict[str, tuple[list, list]]:
-    """The groups that take per-head maps (group -> (primary, dual)), or a ValueError in one line naming the module
-    that forbids the class: a rotary embedding (q/k maps), or no attention group at all."""
+ROTARY = "rotary"
+"""A rigid query/key group's pairs before they are found (`pairings`)."""
+
+
+def pairings(width: int) -> dict[str, torch.Tensor]:
+    """The layouts of a head's frequency pairs to try: (width / 2, 2) unit indices."""
+    half = torch.arange(width // 2)
+    return {"halves": torch.stack([half, half + width // 2], 1), "neighbours": torch.arange(width).view(-1, 2)}
+
+
+def rotation_scaling(pairs: torch.Tensor, width: int, ab: torch.Tensor) -> torch.Tensor:
+    """(width, width): [[a, -b], [b, a]] on each pair (i, j) of `pairs`, with ab[p] = (a, b)."""
+    m = torch.zeros(width, width, dtype=torch.float64)
+    i, j = pairs[:, 0], pairs[:, 1]
+    m[i, i], m[i, j], m[j, i], m[j, j] = ab[:, 0], -ab[:, 1], ab[:, 1], ab[:, 0]
+    return m
+
+
+def admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> dict[str, tuple]:
+    """The groups that take per-head maps (group -> (primary, dual, pairs): pairs None for any invertible map, or
+    `ROTARY` for a rigid query/key group, whose pairs `pairings` offers), or a ValueError in one line naming what
+    forbids the class."""
     found = {}
     for coupled in spec.couplings:
         for name in coupled:
             kind, primary, dual = sides(model, spec, name)
             if spec[name].rigid:
-                if symmetry == "per_head" and kind == "queries_keys" and len(coupled) == 2:
-                    raise ValueError(
-                        f"symmetry 'per_head' is refused: {rotary_module(model)} pins the query/key units of "
-                        f"{name} (only 2x2 rotation-scalings per frequency pair commute with it, not supported); "
-                        "use symmetry 'per_head_values'"
-                    )
+                if symmetry == "per_head" and kind == "queries_keys" and spec[name].size % 2 == 0:
+                    found[name] = (primary, dual, ROTARY)
                 continue
             if kind == "values" or symmetry == "per_head":
-                found[name] = (primary, dual)
+                found[name] = (primary, dual, None)
     if not found:
         raise ValueError(
             f"symmetry {symmetry!r} is refused: no attention group of {type(model).__name__} takes per-head maps "
@@ -109,17 +126,34 @@ def element(spec: PermutationSpec, groups: dict, matrices: dict[str, torch.Tenso
 
 
 def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) -> dict:
-    """Random invertible maps per head, well conditioned (identity plus noise), for testing a class on a model."""
+    """Random maps per head, well conditioned (identity plus noise; rotation-scalings on the pairs of a rotary
+    group), for testing a class on a model."""
     matrices = {}
-    for g in groups:
+    for g, (_, _, pairs) in groups.items():
         w = spec[g].size // spec[g].blocks
-        matrices[g] = block_diagonal(
-            [
-                torch.eye(w, dtype=torch.float64) + 0.3 * torch.randn(w, w, generator=gen, dtype=torch.float64)
-                for _ in range(spec[g].blocks)
-            ]
-        )
+        heads = []
+        for _ in range(spec[g].blocks):
+            if pairs is None:
+                heads.append(
+                    torch.eye(w, dtype=torch.float64) + 0.3 * torch.randn(w, w, generator=gen, dtype=torch.float64)
+                )
+            else:
+                ab = torch.rand(len(pairs), 2, generator=gen, dtype=torch.float64) + torch.tensor([0.5, -0.5])
+                heads.append(rotation_scaling(pairs, w, ab))
+        matrices[g] = block_diagonal(heads)
     return element(spec, groups, matrices)
+
+
+def fit(xa: torch.Tensor, xb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+    """One head's map M with M xb ~ xa (rows: the head's units): least squares, over every invertible map or over
+    the rotation-scalings of `pairs`."""
+    if pairs is None:
+        return torch.linalg.lstsq(xb.T, xa.T).solution.T
+    a_rows, b_rows = xa[pairs], xb[pairs]  # (pairs, 2, columns)
+    turned = torch.stack([-b_rows[:, 1], b_rows[:, 0]], 1)  # J B, J = [[0, -1], [1, 0]]
+    norm = (b_rows**2).sum((1, 2))
+    ab = torch.stack([(a_rows * b_rows).sum((1, 2)), (a_rows * turned).sum((1, 2))], 1) / norm[:, None]
+    return rotation_scaling(pairs, len(xa), ab)
 
 
 def match_heads(model: nn.Module, spec: PermutationSpec, tr: Transforms, groups: dict, a: dict, b: dict) -> dict:
@@ -146,10 +180,8 @@ def match_heads(model: nn.Module, spec: PermutationSpec, tr: Transforms, groups:
             if name in groups:
                 tr.perms[name] = heads
                 xa, xb = rows(spec, name, groups[name][0], a), rows(spec, name, groups[name][0], b, tr)[heads]
-                fits = [
-                    torch.linalg.lstsq(xb[h * w : (h + 1) * w].T, xa[h * w : (h + 1) * w].T).solution.T
-                    for h in range(blocks)
-                ]
+                pairs = groups[name][2]
+                fits = [fit(xa[h * w : (h + 1) * w], xb[h * w : (h + 1) * w], pairs) for h in range(blocks)]
                 matrices[name] = block_diagonal(fits)
             elif g.rigid:
                 tr.perms[name] = heads
