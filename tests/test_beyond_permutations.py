@@ -275,13 +275,26 @@ def planted_per_head(model, queries_keys=True, seed=1):
 
 
 @pytest.mark.parametrize(
-    "arch, values_only", [("gpt2", False), ("bert", False), ("llama_mha", False), ("llama_mha", True)]
+    "arch, values_only, source",
+    [
+        ("gpt2", False, "weight"),
+        ("bert", False, "weight"),
+        ("llama_mha", False, "weight"),
+        ("llama_mha", True, "weight"),
+        ("gpt2", False, "activation"),
+        ("bert", False, "activation"),
+        ("llama_mha", False, "activation"),
+    ],
 )
-def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_values(arch, values_only):
+def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_values(arch, values_only, source):
     a = _traced(tiny(arch).eval())
     b = _model(arch, planted_per_head(a, queries_keys=not values_only))
     assert _same_function(a, b)
-    tr = get_matcher("symmetry", symmetry="per_head_values" if values_only else "per_head").match(a, b)
+    ids = token_ids(n=8, length=16, seed=3)
+    symmetry = "per_head_values" if values_only else "per_head"
+    tr = get_matcher("symmetry", symmetry=symmetry, source=source).match(
+        a, b, TokenSplit(ids, torch.ones_like(ids), "t")
+    )
     assert len(tr.matrices) == a.config.num_hidden_layers * (1 if values_only else 2)
     aligned, merged = tr.apply(b), merge_aligned(a, b, tr)
     for key, t in a.state_dict().items():

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..matching import SymmetrySettings
 from . import per_head
-from .activation import forward_batches
+from .activation import forward_batches, group_columns, units_as_columns
 from .base import Matcher, check_matching_data, check_same_architecture, eval_mode
 from .folding import find_folds, is_layer_norm, is_rms, norms_on, owner, stream_groups
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
@@ -260,31 +260,60 @@ def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fix
     return tr
 
 
-def stream_activation_cross(model_a, model_b, tr: Transforms, spec, streams, data, batch_size: int = 32):
-    """Per stream group, sum over tokens of a b^T for the outputs of every norm the stream passes (folded: x / rms(x),
-    which an orthogonal map of the stream carries along); the models are folded copies."""
-    norms = {n: g for g in streams for n in norms_on(model_a, spec, g)}
-    cross = {g: torch.zeros(spec[g].size, spec[g].size, dtype=torch.float64) for g in streams}
+def paired_moments(model_a, model_b, taps: dict, data, batch_size: int = 32) -> dict:
+    """key -> (sum a b^T, sum b b^T) over the data's tokens, for `taps`: key -> (module, columns), where
+    columns(output, token mask) gives a module's output as (samples, units); a and b are the two models' columns."""
+    sums: dict = {}
     held: dict = {}
+    names = {name for name, _ in taps.values()}
     hooks = [
         m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n, side=side: held.__setitem__((side, n), o))
         for side, m in (("a", model_a), ("b", model_b))
-        for n in norms
+        for n in names
     ]
     try:
         with torch.no_grad(), eval_mode(model_a, model_b):
             for inputs, mask in forward_batches(data, [model_a, model_b], batch_size):
                 model_a(**inputs[0])
                 model_b(**inputs[1])
-                for n, g in norms.items():
-                    a, b = (held[(s, n)].reshape(-1, spec[g].size).double() for s in ("a", "b"))
-                    if mask is not None:
-                        a, b = a[mask.reshape(-1)], b[mask.reshape(-1)]
-                    cross[g] += a.T @ b
+                for key, (name, columns) in taps.items():
+                    a, b = (columns(held[(s, name)], mask).double() for s in ("a", "b"))
+                    cab, cbb = sums.get(key, (0.0, 0.0))
+                    sums[key] = (cab + a.T @ b, cbb + b.T @ b)
     finally:
         for h in hooks:
             h.remove()
-    return cross
+    return sums
+
+
+def stream_cross(model_a, model_b, spec, streams, data) -> dict[str, torch.Tensor]:
+    """Per stream group, sum over tokens of a b^T of the outputs of every norm it passes (folded copies: x / rms(x)
+    or the centred x / std(x), which an orthogonal map of the stream carries along)."""
+    taps = {
+        (g, n): (n, lambda o, mask: units_as_columns(o, -1, mask)) for g in streams for n in norms_on(model_a, spec, g)
+    }
+    out = {g: torch.zeros(spec[g].size, spec[g].size, dtype=torch.float64) for g in streams}
+    for (g, _), (cab, _) in paired_moments(model_a, model_b, taps, data).items():
+        out[g] += cab
+    return out
+
+
+def head_moments(model_a, model_b, spec, groups, data) -> dict:
+    """Per group with per-head maps: (sum a b^T, sum b b^T, dual) of the activations of the side its activation module
+    shows (`dual`: the side that takes M^-T, e.g. the keys)."""
+    taps, dual = {}, {}
+
+    def shows(group, entries) -> bool:  # the activation module is this side's projection (its part, if fused)
+        start = None if group.activation_part is None else group.activation_part.start
+        return any(owner(k) == group.activation and (p is None or p.start == start) for k, _, p in entries)
+
+    for g, (primary, duals, _) in groups.items():
+        group = spec[g]
+        if group.activation is None or not (shows(group, primary) or shows(group, duals)):
+            raise ValueError(f"source 'activation': no module carries the projections of group {g!r} alone")
+        dual[g] = not shows(group, primary)
+        taps[g] = (group.activation, lambda o, mask, group=group: group_columns(o, group, mask))
+    return {g: (cab, cbb, dual[g]) for g, (cab, cbb) in paired_moments(model_a, model_b, taps, data).items()}
 
 
 @dataclasses.dataclass
@@ -292,8 +321,9 @@ class SymmetryMatcher(Matcher):
     """Align model_b onto model_a by a class beyond permutations: `symmetry` "signed" (signed permutations of an
     RMSNorm stream and of gated MLP units, from weights) or "orthogonal" (the RMSNorm stream by Procrustes after
     folding its gains, from weights or, `source="activation"`, from the stream's activations on `data`), "per_head"
-    (an invertible map per attention head on values and on queries/keys, `per_head`; "per_head_values": values
-    only); every other group by weight matching. Returns `Transforms` (merge with `transforms.merge_aligned`)."""
+    (an invertible map per attention head on values and on queries/keys; "per_head_values": values only; whole heads
+    matched on weights, the maps fitted on weights or on one projection's activations); every other group by weight
+    matching. Returns `Transforms` (merge with `transforms.merge_aligned`)."""
 
     name: ClassVar[str] = "symmetry"
     symmetry: str = "signed"
@@ -307,25 +337,27 @@ class SymmetryMatcher(Matcher):
 
     def match(self, model_a: nn.Module, model_b: nn.Module, data=None) -> Transforms:
         spec = check_same_architecture(model_a, model_b)
-        if self.source == "activation":
-            if self.symmetry != "orthogonal":  # the per-head fits and signs are found on weights
-                raise ValueError("source='activation' finds the orthogonal stream; signs are matched on weights")
+        activations = self.source == "activation"
+        if activations:
+            if self.symmetry == "signed":
+                raise ValueError("source 'activation' finds orthogonal streams and per-head maps; signs use weights")
             check_matching_data(data, model_a)
+            data = data.subset(self.num_examples)
         tr = plan(model_a, spec, self.symmetry, self.seed)
         fixed = ()
-        if self.source == "activation":
+        if activations and self.symmetry == "orthogonal":
             a, b = tr.reference(model_a), tr.reference(model_b)
-            streams = list(tr.matrices)
-            for g, c in stream_activation_cross(a, b, tr, spec, streams, data.subset(self.num_examples)).items():
+            for g, c in stream_cross(a, b, spec, list(tr.matrices), data).items():
                 tr.matrices[g] = procrustes(c, g in tr.fixes_ones)
-            fixed = tuple(streams)
+            fixed = tuple(tr.matrices)
         named = set(spec.layout)
         sa, sb = (fold_state(m.state_dict(), tr.folds) for m in (model_a, model_b))
         pairs = [({k: sa[k].double() for k in named}, {k: sb[k].double() for k in named})]
         if self.symmetry in PER_HEAD:  # the rest without the heads, then whole heads and their maps, then the rest
             heads = tuple(n for c in spec.couplings for n in c)
             tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed=heads, ignore=heads)
-            fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0])
+            moments = head_moments(model_a, model_b, spec, tr.info["heads"], data) if activations else None
+            fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0], moments)
             tr = dataclasses.replace(tr, **fields)
             fixed = heads
         tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)

@@ -144,21 +144,24 @@ def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) ->
     return element(spec, groups, matrices)
 
 
-def fit(xa: torch.Tensor, xb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
-    """One head's map M with M xb ~ xa (rows: the head's units): least squares, over every invertible map or over
-    the rotation-scalings of `pairs`."""
+def fit(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+    """One head's map M with M b ~ a, from the moments cab = sum a b^T and cbb = sum b b^T (rows of weights, or
+    activations): least squares over every invertible map (cab cbb^-1) or over the rotation-scalings of `pairs`."""
     if pairs is None:
-        return torch.linalg.lstsq(xb.T, xa.T).solution.T
-    a_rows, b_rows = xa[pairs], xb[pairs]  # (pairs, 2, columns)
-    turned = torch.stack([-b_rows[:, 1], b_rows[:, 0]], 1)  # J B, J = [[0, -1], [1, 0]]
-    norm = (b_rows**2).sum((1, 2))
-    ab = torch.stack([(a_rows * b_rows).sum((1, 2)), (a_rows * turned).sum((1, 2))], 1) / norm[:, None]
-    return rotation_scaling(pairs, len(xa), ab)
+        return torch.linalg.solve(cbb, cab.T).T  # cbb is symmetric
+    i, j = pairs[:, 0], pairs[:, 1]
+    norm = cbb[i, i] + cbb[j, j]
+    ab = torch.stack([cab[i, i] + cab[j, j], cab[j, i] - cab[i, j]], 1) / norm[:, None]  # <a, B> and <a, J b>
+    return rotation_scaling(pairs, len(cab), ab)
 
 
-def match_heads(model: nn.Module, spec: PermutationSpec, tr: Transforms, groups: dict, a: dict, b: dict) -> dict:
-    """Whole heads by their per-head invariants, then each group's map (least squares) or, for a group without maps,
-    its within-head permutation; returns the Transforms fields of the maps, the permutations set in `tr.perms`."""
+def match_heads(
+    model: nn.Module, spec: PermutationSpec, tr: Transforms, groups: dict, a: dict, b: dict, moments=None
+) -> dict:
+    """Whole heads by their per-head invariants, then each group's map (least squares on the primary side's weights,
+    or on `moments`: group -> (sum a b^T, sum b b^T, dual) of one side's activations, `dual` when that side takes
+    M^-T) or, for a group without maps, its within-head permutation; returns the Transforms fields of the maps, the
+    permutations set in `tr.perms`."""
     from .beyond import group_cross  # the shared cross-product of one group (beyond imports this module)
 
     matrices = {}
@@ -179,10 +182,15 @@ def match_heads(model: nn.Module, spec: PermutationSpec, tr: Transforms, groups:
             heads = torch.cat([int(s) * w + torch.arange(w) for s in sigma])
             if name in groups:
                 tr.perms[name] = heads
-                xa, xb = rows(spec, name, groups[name][0], a), rows(spec, name, groups[name][0], b, tr)[heads]
-                pairs = groups[name][2]
-                fits = [fit(xa[h * w : (h + 1) * w], xb[h * w : (h + 1) * w], pairs) for h in range(blocks)]
-                matrices[name] = block_diagonal(fits)
+                if moments is None:
+                    xa, xb = rows(spec, name, groups[name][0], a), rows(spec, name, groups[name][0], b, tr)[heads]
+                    cab, cbb, dual = xa @ xb.T, xb @ xb.T, False
+                else:
+                    cab, cbb, dual = moments[name]
+                    cab, cbb = cab[:, heads], cbb[heads][:, heads]
+                cut = [slice(h * w, (h + 1) * w) for h in range(blocks)]
+                m = block_diagonal([fit(cab[c, c], cbb[c, c], groups[name][2]) for c in cut])
+                matrices[name] = torch.linalg.inv(m).T if dual else m
             elif g.rigid:
                 tr.perms[name] = heads
             else:
