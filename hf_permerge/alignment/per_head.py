@@ -144,15 +144,29 @@ def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) ->
     return element(spec, groups, matrices)
 
 
-def fit(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
-    """One head's map M with M b ~ a, from the moments cab = sum a b^T and cbb = sum b b^T (rows of weights, or
-    activations): least squares over every invertible map (cab cbb^-1) or over the rotation-scalings of `pairs`."""
+def fit_heads(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+    """Each head's map M with M b ~ a, from its moments cab = sum a b^T and cbb = sum b b^T, stacked (heads, w, w)
+    (rows of weights, or activations): least squares over every invertible map (cab cbb^-1, one batched solve) or
+    over the rotation-scalings of `pairs` (a = <a, b> / |b|^2, b = <a, J b> / |b|^2 per pair)."""
     if pairs is None:
-        return torch.linalg.solve(cbb, cab.T).T  # cbb is symmetric
+        return torch.linalg.solve(cbb, cab.transpose(1, 2)).transpose(1, 2)  # cbb is symmetric
     i, j = pairs[:, 0], pairs[:, 1]
-    norm = cbb[i, i] + cbb[j, j]
-    ab = torch.stack([cab[i, i] + cab[j, j], cab[j, i] - cab[i, j]], 1) / norm[:, None]  # <a, B> and <a, J b>
-    return rotation_scaling(pairs, len(cab), ab)
+    norm = cbb[:, i, i] + cbb[:, j, j]
+    ab = torch.stack([cab[:, i, i] + cab[:, j, j], cab[:, j, i] - cab[:, i, j]], -1) / norm[..., None]
+    return torch.stack([rotation_scaling(pairs, cab.shape[-1], h) for h in ab])
+
+
+def diagonal_blocks(m: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(blocks, w, w): the diagonal blocks of a (blocks * w, blocks * w) matrix."""
+    w = len(m) // blocks
+    return torch.stack([m[h * w : (h + 1) * w, h * w : (h + 1) * w] for h in range(blocks)])
+
+
+def head_moments_of_rows(xa: torch.Tensor, xb: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, (sum a b^T, sum b b^T) over the columns of two (units, columns) row sets: batched, never the full
+    units x units product (a group's work grows with its heads, not with their square)."""
+    a, b = xa.view(blocks, -1, xa.shape[1]), xb.view(blocks, -1, xb.shape[1])
+    return a @ b.transpose(1, 2), b @ b.transpose(1, 2)
 
 
 def match_heads(
@@ -184,13 +198,14 @@ def match_heads(
                 tr.perms[name] = heads
                 if moments is None:
                     xa, xb = rows(spec, name, groups[name][0], a), rows(spec, name, groups[name][0], b, tr)[heads]
-                    cab, cbb, dual = xa @ xb.T, xb @ xb.T, False
+                    (cab, cbb), dual = head_moments_of_rows(xa, xb, blocks), False
                 else:
                     cab, cbb, dual = moments[name]
-                    cab, cbb = cab[:, heads], cbb[heads][:, heads]
-                cut = [slice(h * w, (h + 1) * w) for h in range(blocks)]
-                m = block_diagonal([fit(cab[c, c], cbb[c, c], groups[name][2]) for c in cut])
-                matrices[name] = torch.linalg.inv(m).T if dual else m
+                    cab, cbb = diagonal_blocks(cab[:, heads], blocks), diagonal_blocks(cbb[heads][:, heads], blocks)
+                fits = fit_heads(cab, cbb, groups[name][2])
+                if dual:
+                    fits = torch.linalg.inv(fits).transpose(1, 2)
+                matrices[name] = block_diagonal(list(fits))
             elif g.rigid:
                 tr.perms[name] = heads
             else:
