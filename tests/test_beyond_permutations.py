@@ -383,3 +383,14 @@ def test_layernorm_stream_takes_orthogonal_maps_fixing_the_ones_after_folding_we
     for key, t in reference.items():
         assert torch.allclose(merged.state_dict()[key], t, atol=2e-5), key
     assert _same_function(tr.apply(b), a) and _same_function(merged, a)
+
+
+def test_the_merger_refuses_a_matcher_whose_transforms_it_cannot_average(tmp_path):
+    from hf_permerge import PermMerger
+
+    a = tiny("llama").eval()
+    for name, m in (("a", a), ("b", _model("llama", planted_signed(a)))):
+        m.save_pretrained(tmp_path / name)
+    merger = PermMerger.from_pretrained([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ValueError, match="beyond permutations, which the merger does not average yet"):
+        merger.align(matcher="symmetry", symmetry="signed")

@@ -326,6 +326,8 @@ class SymmetryMatcher(Matcher):
     matching. Returns `Transforms` (merge with `transforms.merge_aligned`)."""
 
     name: ClassVar[str] = "symmetry"
+    gives_permutations: ClassVar[bool] = False
+    """`PermMerger.align` refuses it: its `Transforms` are merged by `merge_aligned`, not by the merger (yet)."""
     symmetry: str = "signed"
     source: str = "weight"
     max_iter: int = 100

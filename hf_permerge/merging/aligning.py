@@ -43,6 +43,11 @@ def align_nets(
         )
     checkpoint = checkpoint or nets.default_checkpoint
     m = get_matcher(matcher, **settings)
+    if not getattr(m, "gives_permutations", True):
+        raise ValueError(
+            f"matcher {matcher!r} finds transforms beyond permutations, which the merger does not average yet: use "
+            f"get_matcher({matcher!r}, ...).match(model_a, model_b) and hf_permerge.alignment.transforms.merge_aligned"
+        )
     given = dataset is not None and matcher != "weight"  # the weight matcher reads no data
     if matcher == "weight":
         dataset = None
