@@ -87,7 +87,9 @@ class SymmetrySettings(MatcherSettings):
         "(A, A^-T; refused under rotary embeddings); per_head_values: the values' maps only",
     )
     source: Literal["weight", "activation"] = Field(
-        "weight", description="find the orthogonal stream from the weights (default) or from activations on data"
+        "weight",
+        description="find the class's elements from the weights (default) or from activations on data: the stream's "
+        "signs or orthogonal map and the per-head maps (whole heads and the other groups by weight matching)",
     )
     max_iter: int = Field(100, ge=0, description="coordinate-descent sweeps at most (default 100)")
     seed: int = Field(0, description="the sweeps' order, and the random elements that test the class")

@@ -131,8 +131,9 @@ def test_rmsnorm_is_odd_per_coordinate_and_layernorm_only_under_the_global_flip(
         assert not torch.allclose(rms(x @ q.T), rms(x) @ q.T, atol=1e-2)  # a gain left unfolded breaks it
 
 
+@pytest.mark.parametrize("source", ["weight", "activation"])
 @pytest.mark.parametrize("arch", RMS + ["llama_tied"])
-def test_signed_matching_undoes_planted_signed_permutations(arch):
+def test_signed_matching_undoes_planted_signed_permutations(arch, source):
     a = _traced(tiny(arch).eval())
     b = _model(arch, planted_signed(a))
     assert _same_function(a, b)  # the planted element is a symmetry
@@ -140,7 +141,9 @@ def test_signed_matching_undoes_planted_signed_permutations(arch):
     assert not torch.allclose(
         plain.state_dict()["model.embed_tokens.weight"], a.state_dict()["model.embed_tokens.weight"]
     )
-    tr = get_matcher("symmetry", symmetry="signed").match(a, b)
+    ids = token_ids(n=8, length=16, seed=3)
+    data = TokenSplit(ids, torch.ones_like(ids), "planted")
+    tr = get_matcher("symmetry", symmetry="signed", source=source).match(a, b, data)
     mlp = [f"model.layers.{i}.mlp.gate_proj" for i in range(a.config.num_hidden_layers)]
     assert set(tr.signs) == {"model.embed_tokens", *mlp}  # the stream and the SwiGLU units, nothing else
     assert ("model.layers.0.mlp.gate_proj.weight", 0) in tr.plain[mlp[0]]  # gate rows: no signs

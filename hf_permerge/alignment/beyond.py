@@ -28,8 +28,8 @@ from torch import nn
 
 from ..matching import SymmetrySettings
 from . import per_head
-from .activation import forward_batches, group_columns, units_as_columns
 from .base import Matcher, check_matching_data, check_same_architecture, eval_mode
+from .beyond_statistics import head_moments, signed_from_activations, stream_cross
 from .folding import find_folds, is_layer_norm, is_rms, norms_on, owner, stream_groups
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
 from .spec import PermutationSpec
@@ -260,70 +260,15 @@ def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fix
     return tr
 
 
-def paired_moments(model_a, model_b, taps: dict, data, batch_size: int = 32) -> dict:
-    """key -> (sum a b^T, sum b b^T) over the data's tokens, for `taps`: key -> (module, columns), where
-    columns(output, token mask) gives a module's output as (samples, units); a and b are the two models' columns."""
-    sums: dict = {}
-    held: dict = {}
-    names = {name for name, _ in taps.values()}
-    hooks = [
-        m.get_submodule(n).register_forward_hook(lambda mod, i, o, n=n, side=side: held.__setitem__((side, n), o))
-        for side, m in (("a", model_a), ("b", model_b))
-        for n in names
-    ]
-    try:
-        with torch.no_grad(), eval_mode(model_a, model_b):
-            for inputs, mask in forward_batches(data, [model_a, model_b], batch_size):
-                model_a(**inputs[0])
-                model_b(**inputs[1])
-                for key, (name, columns) in taps.items():
-                    a, b = (columns(held[(s, name)], mask).double() for s in ("a", "b"))
-                    cab, cbb = sums.get(key, (0.0, 0.0))
-                    sums[key] = (cab + a.T @ b, cbb + b.T @ b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sums
-
-
-def stream_cross(model_a, model_b, spec, streams, data) -> dict[str, torch.Tensor]:
-    """Per stream group, sum over tokens of a b^T of the outputs of every norm it passes (folded copies: x / rms(x)
-    or the centred x / std(x), which an orthogonal map of the stream carries along)."""
-    taps = {
-        (g, n): (n, lambda o, mask: units_as_columns(o, -1, mask)) for g in streams for n in norms_on(model_a, spec, g)
-    }
-    out = {g: torch.zeros(spec[g].size, spec[g].size, dtype=torch.float64) for g in streams}
-    for (g, _), (cab, _) in paired_moments(model_a, model_b, taps, data).items():
-        out[g] += cab
-    return out
-
-
-def head_moments(model_a, model_b, spec, groups, data) -> dict:
-    """Per group with per-head maps: (sum a b^T, sum b b^T, dual) of the activations of the side its activation module
-    shows (`dual`: the side that takes M^-T, e.g. the keys)."""
-    taps, dual = {}, {}
-
-    def shows(group, entries) -> bool:  # the activation module is this side's projection (its part, if fused)
-        start = None if group.activation_part is None else group.activation_part.start
-        return any(owner(k) == group.activation and (p is None or p.start == start) for k, _, p in entries)
-
-    for g, (primary, duals, _) in groups.items():
-        group = spec[g]
-        if group.activation is None or not (shows(group, primary) or shows(group, duals)):
-            raise ValueError(f"source 'activation': no module carries the projections of group {g!r} alone")
-        dual[g] = not shows(group, primary)
-        taps[g] = (group.activation, lambda o, mask, group=group: group_columns(o, group, mask))
-    return {g: (cab, cbb, dual[g]) for g, (cab, cbb) in paired_moments(model_a, model_b, taps, data).items()}
-
-
 @dataclasses.dataclass
 class SymmetryMatcher(Matcher):
     """Align model_b onto model_a by a class beyond permutations: `symmetry` "signed" (signed permutations of an
-    RMSNorm stream and of gated MLP units, from weights) or "orthogonal" (the RMSNorm stream by Procrustes after
-    folding its gains, from weights or, `source="activation"`, from the stream's activations on `data`), "per_head"
-    (an invertible map per attention head on values and on queries/keys; "per_head_values": values only; whole heads
-    matched on weights, the maps fitted on weights or on one projection's activations); every other group by weight
-    matching. Returns `Transforms` (merge with `transforms.merge_aligned`)."""
+    RMSNorm stream and of gated MLP units), "orthogonal" (the stream by Procrustes after folding its norms' gains),
+    "per_head" (an invertible map per attention head on values and on queries/keys; rotation-scalings per frequency
+    pair under a rotary embedding) or "per_head_values" (values only). `source` "weight" finds them on the weights;
+    "activation" on `data` (signs by the cosines of the outputs that carry them, the stream's Procrustes on its norms'
+    outputs, each head's map on one projection's outputs), whole heads and the other groups still by weight matching.
+    Returns `Transforms` (merge with `transforms.merge_aligned`)."""
 
     name: ClassVar[str] = "symmetry"
     gives_permutations: ClassVar[bool] = False
@@ -341,8 +286,6 @@ class SymmetryMatcher(Matcher):
         spec = check_same_architecture(model_a, model_b)
         activations = self.source == "activation"
         if activations:
-            if self.symmetry == "signed":
-                raise ValueError("source 'activation' finds orthogonal streams and per-head maps; signs use weights")
             check_matching_data(data, model_a)
             data = data.subset(self.num_examples)
         tr = plan(model_a, spec, self.symmetry, self.seed)
@@ -352,6 +295,8 @@ class SymmetryMatcher(Matcher):
             for g, c in stream_cross(a, b, spec, list(tr.matrices), data).items():
                 tr.matrices[g] = procrustes(c, g in tr.fixes_ones)
             fixed = tuple(tr.matrices)
+        if activations and self.symmetry == "signed":
+            fixed = signed_from_activations(model_a, model_b, spec, tr, data)
         named = set(spec.layout)
         sa, sb = (fold_state(m.state_dict(), tr.folds) for m in (model_a, model_b))
         pairs = [({k: sa[k].double() for k in named}, {k: sb[k].double() for k in named})]

@@ -25,7 +25,7 @@ def owner(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
-def _is_output(model: nn.Module, key: str, axis: int, ndim: int) -> bool:
+def is_output(model: nn.Module, key: str, axis: int, ndim: int) -> bool:
     if ndim == 1:
         return True
     module = model.get_submodule(owner(key))
@@ -41,7 +41,7 @@ def sides(model: nn.Module, spec: PermutationSpec, group: str) -> tuple[str, lis
     outputs by A, the other's by A^-T); primary and dual list (key, axis, part) entries."""
     g, state = spec[group], model.state_dict()
     entries = [(k, a, None) for k, a in g.axes] + list(g.parts)
-    outputs = [e for e in entries if _is_output(model, e[0], e[1], state[e[0]].ndim)]
+    outputs = [e for e in entries if is_output(model, e[0], e[1], state[e[0]].ndim)]
     readers = [e for e in entries if e not in outputs]
     if readers:
         return "values", outputs, readers
