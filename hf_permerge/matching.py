@@ -79,12 +79,17 @@ class SymmetrySettings(MatcherSettings):
     """Matching beyond permutations (`alignment.beyond`): signed permutations or an orthogonal residual stream.
     Its matcher returns `Transforms`, not `Permutations`, so it is not (yet) one of the run config's matchers."""
 
-    symmetry: Literal["signed", "orthogonal", "per_head", "per_head_values"] = Field(
+    symmetry: Literal["permutation", "signed", "orthogonal"] = Field(
         "signed",
-        description="signed: signed permutations of an RMSNorm stream and of gated MLP units; orthogonal: any "
-        "orthogonal map of an RMSNorm stream, its norm gains folded into the layers that read them; per_head: an "
-        "invertible map per attention head on values (B, B^-T on the output projection) and on queries and keys "
-        "(A, A^-T; refused under rotary embeddings); per_head_values: the values' maps only",
+        description="the residual stream's class: permutation; signed (signed permutations of an RMSNorm stream and "
+        "of gated MLP units); orthogonal (any orthogonal map once the norms' gains are folded into the layers that "
+        "read them; maps fixing the all-ones vector under LayerNorm)",
+    )
+    head_maps: Literal["none", "values", "all"] = Field(
+        "none",
+        description="per attention head: none (permutations); values (an invertible map B on the values, B^-T on "
+        "the output projection's inputs); all (values, and queries by A with keys by A^-T; under a rotary embedding "
+        "a rotation-scaling per frequency pair)",
     )
     source: Literal["weight", "activation"] = Field(
         "weight",

@@ -239,9 +239,13 @@ def planted_per_head(model, queries_keys=True, seed=1):
     B^-T) and an invertible A on the queries (keys by A^-T), per layout: GPT-2's Conv1D stores (in, out) and c_attn's
     outputs are [q | k | v]; BERT's and LLaMA's Linear stores (out, in). Under LLaMA's rotary embedding (rotate_half
     pairs unit u of a head with u + head_dim / 2) A is a rotation-scaling [[a, -b], [b, a]] per pair."""
+    return head_maps(planted_permutation(model, seed), model.config, queries_keys, seed)
+
+
+def head_maps(sd, cfg, queries_keys=True, seed=1):
+    """`planted_per_head`'s maps on a state dict of `cfg`'s layout."""
     gen = torch.Generator().manual_seed(seed + 300)
-    cfg = model.config
-    sd = planted_permutation(model, seed)
+    sd = dict(sd)
     d, w = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
         a, b = _invertible(d, w, gen), _invertible(d, w, gen)
@@ -294,8 +298,8 @@ def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_va
     b = _model(arch, planted_per_head(a, queries_keys=not values_only))
     assert _same_function(a, b)
     ids = token_ids(n=8, length=16, seed=3)
-    symmetry = "per_head_values" if values_only else "per_head"
-    tr = get_matcher("symmetry", symmetry=symmetry, source=source).match(
+    maps = "values" if values_only else "all"
+    tr = get_matcher("symmetry", symmetry="permutation", head_maps=maps, source=source).match(
         a, b, TokenSplit(ids, torch.ones_like(ids), "t")
     )
     assert len(tr.matrices) == a.config.num_hidden_layers * (1 if values_only else 2)
@@ -309,9 +313,9 @@ def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_va
 def test_per_head_query_key_maps_are_refused_where_grouped_query_heads_share_a_rotary_group():
     gqa = _traced(tiny("llama").eval())  # the values share their group with the keys, rigid under the rotary
     with pytest.raises(ValueError, match="refused: model.rotary_emb pins the query/key units of .*k_proj and no"):
-        get_matcher("symmetry", symmetry="per_head").match(gqa, gqa)
+        get_matcher("symmetry", symmetry="permutation", head_maps="all").match(gqa, gqa)
     with pytest.raises(ValueError, match="no attention group of LlamaForCausalLM takes per-head maps"):
-        get_matcher("symmetry", symmetry="per_head_values").match(gqa, gqa)
+        get_matcher("symmetry", symmetry="permutation", head_maps="values").match(gqa, gqa)
 
 
 def tiny_phi():
@@ -385,6 +389,21 @@ def test_layernorm_stream_takes_orthogonal_maps_fixing_the_ones_after_folding_we
     merged = merge_aligned(a, b, tr)
     for key, t in reference.items():
         assert torch.allclose(merged.state_dict()[key], t, atol=2e-5), key
+    assert _same_function(tr.apply(b), a) and _same_function(merged, a)
+
+
+@pytest.mark.parametrize("source", ["weight", "activation"])
+def test_an_orthogonal_stream_and_per_head_maps_together_are_undone(source):
+    a = _traced(with_gains(tiny("llama_mha")).eval())
+    b = _model("llama_mha", head_maps(planted_orthogonal(a), a.config))
+    assert _same_function(a, b)
+    ids = token_ids(n=8, length=16, seed=3)
+    data = TokenSplit(ids, torch.ones_like(ids), "planted")
+    tr = get_matcher("symmetry", symmetry="orthogonal", head_maps="all", source=source).match(a, b, data)
+    assert len(tr.matrices) == 1 + 2 * a.config.num_hidden_layers  # the stream, and each layer's values and q/k
+    merged = merge_aligned(a, b, tr)
+    for key, t in folded(a.state_dict(), a.config).items():
+        assert torch.allclose(merged.state_dict()[key], t, atol=1e-4), key
     assert _same_function(tr.apply(b), a) and _same_function(merged, a)
 
 

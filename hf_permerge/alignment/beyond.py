@@ -11,7 +11,7 @@ and (`per_head`) invertible maps per attention head.
   sum_k A_k B_k^T, restricted to the complement of the ones for LayerNorm) on weights, or on the cross-covariance
   of the norms' outputs. Refused, naming the norm, where a fold cannot be done (a tie, a missing reader bias, a
   post-LN residual).
-- "per_head": see `per_head`.
+- `head_maps` ("values", "all"): invertible maps per attention head, see `per_head`; they combine with either.
 
 Signs under LayerNorm are refused: its mean-centering mixes coordinates, so LN(Sx) != S LN(x) for a per-coordinate
 flip S (only S = -I holds, with its bias flipped too). Every other group keeps permutations. Which tensors of a
@@ -28,16 +28,12 @@ from torch import nn
 
 from ..matching import SymmetrySettings
 from . import per_head
-from .base import Matcher, check_matching_data, check_same_architecture, eval_mode
+from .base import Matcher, check_matching_data, check_same_architecture
 from .beyond_statistics import head_moments, signed_from_activations, stream_cross
-from .folding import find_folds, is_layer_norm, is_rms, norms_on, owner, stream_groups
+from .folding import FunctionCheck, find_folds, is_layer_norm, is_rms, norms_on, owner, stream_groups
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
 from .spec import PermutationSpec
-from .tracing.export import traceable_call
-from .tracing.invariance import _run
 from .transforms import Transforms, fold_state
-
-PER_HEAD = ("per_head", "per_head_values")
 
 
 def check_admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> list[str]:
@@ -62,22 +58,6 @@ def check_admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> li
     return streams
 
 
-class FunctionCheck:
-    """Whether a state dict computes the model's function on a few example tokens (float32, relative 1e-4)."""
-
-    def __init__(self, model: nn.Module):
-        self.call, self.inputs = traceable_call(model, None)
-        self.state = dict(model.state_dict())
-        with torch.no_grad(), eval_mode(model):
-            self.reference = _run(self.call, self.state, self.inputs)
-        self.model = model
-
-    def holds(self, state) -> bool:
-        with torch.no_grad(), eval_mode(self.model):
-            out = _run(self.call, state, self.inputs)
-        return all((a - b).abs().max() <= 1e-4 * max(a.abs().max().item(), 1e-6) for a, b in zip(self.reference, out))
-
-
 def random_orthogonal(n: int, gen: torch.Generator, fix_ones: bool = False) -> torch.Tensor:
     """Haar-random orthogonal (n, n); `fix_ones`: one that maps the all-ones vector to itself."""
     if fix_ones:
@@ -93,30 +73,28 @@ def ones_complement(n: int) -> torch.Tensor:
     return basis[0][:, 1:n]
 
 
-def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, seed: int = 0) -> Transforms:
-    """The identity element of `symmetry` for this model: which groups take signs or a matrix, which of their
-    tensors stay plain, and the folds; each choice tried once on the model (refused where it fails)."""
+def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, head_maps: str = "none", seed: int = 0):
+    """The identity element of the class (`symmetry` on the stream, `head_maps` on the heads) for this model: which
+    groups take signs or a matrix, which of their tensors stay plain or take M^-T, and the folds; each choice tried
+    once on the model (refused, in one line, where it fails)."""
     gen = torch.Generator().manual_seed(seed)
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
-    if symmetry in PER_HEAD:
-        groups, check = per_head.admitted(model, spec, symmetry), FunctionCheck(model)
-        for g, (primary, dual, pairs) in list(groups.items()):
-            options = per_head.pairings(spec[g].size // spec[g].blocks) if pairs == per_head.ROTARY else {"": None}
-            for layout in options.values():
-                groups[g] = (primary, dual, layout)
-                one = Transforms(identity, **per_head.random_element(spec, {g: groups[g]}, gen))
-                if check.holds({k: one.tensor(spec, k, t) for k, t in check.state.items()}):
-                    break
-            else:
-                raise ValueError(
-                    f"symmetry {symmetry!r} is refused: {per_head.rotary_module(model)} pins the query/key units "
-                    f"of {g} and no rotation-scaling of their frequency pairs (halves or neighbours) keeps the "
-                    "function (grouped-query heads keep values with keys); use symmetry 'per_head_values'"
-                    if pairs == per_head.ROTARY
-                    else f"symmetry {symmetry!r}: an invertible map per head of group {g!r} changes the function"
-                )
-        eye = {g: torch.eye(spec[g].size) for g in groups}
-        return Transforms(identity, **per_head.element(spec, groups, eye), info={"heads": groups})
+    tr = Transforms(identity) if symmetry == "permutation" else stream_plan(model, spec, symmetry, gen, identity)
+    if head_maps == "none":
+        return tr
+    groups = per_head.plan_heads(model, spec, head_maps, gen, FunctionCheck(model))
+    heads = per_head.element(spec, groups, {g: torch.eye(spec[g].size) for g in groups})
+    return dataclasses.replace(
+        tr,
+        matrices={**tr.matrices, **heads["matrices"]},
+        dual=heads["dual"],
+        duals=heads["duals"],
+        info={"heads": groups},
+    )
+
+
+def stream_plan(model: nn.Module, spec: PermutationSpec, symmetry: str, gen, identity) -> Transforms:
+    """`plan` for the stream's class: "signed" or "orthogonal"."""
     streams = check_admitted(model, spec, symmetry)
     plain = {g: frozenset((k, a) for k, a in spec[g].axes if owner(k) in norms_on(model, spec, g)) for g in streams}
     if symmetry == "orthogonal":
@@ -262,18 +240,20 @@ def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fix
 
 @dataclasses.dataclass
 class SymmetryMatcher(Matcher):
-    """Align model_b onto model_a by a class beyond permutations: `symmetry` "signed" (signed permutations of an
-    RMSNorm stream and of gated MLP units), "orthogonal" (the stream by Procrustes after folding its norms' gains),
-    "per_head" (an invertible map per attention head on values and on queries/keys; rotation-scalings per frequency
-    pair under a rotary embedding) or "per_head_values" (values only). `source` "weight" finds them on the weights;
-    "activation" on `data` (signs by the cosines of the outputs that carry them, the stream's Procrustes on its norms'
-    outputs, each head's map on one projection's outputs), whole heads and the other groups still by weight matching.
-    Returns `Transforms` (merge with `transforms.merge_aligned`)."""
+    """Align model_b onto model_a by a class beyond permutations: `symmetry` on the stream, "permutation", "signed"
+    (signed permutations of an RMSNorm stream and of gated MLP units) or "orthogonal" (Procrustes after folding the
+    norms' gains), and `head_maps`: "none", "values" (an invertible map per attention head on its values) or "all"
+    (values, and queries/keys: any invertible map, or rotation-scalings per frequency pair under a rotary
+    embedding). `source` "weight" finds them on the weights; "activation" on `data` (signs by the cosines of the
+    outputs that carry them, the stream's Procrustes on its norms' outputs, each head's map on one projection's
+    outputs), whole heads and the other groups still by weight matching. Returns `Transforms` (merge with
+    `transforms.merge_aligned`)."""
 
     name: ClassVar[str] = "symmetry"
     gives_permutations: ClassVar[bool] = False
     """`PermMerger.align` refuses it: its `Transforms` are merged by `merge_aligned`, not by the merger (yet)."""
     symmetry: str = "signed"
+    head_maps: str = "none"
     source: str = "weight"
     max_iter: int = 100
     seed: int = 0
@@ -288,25 +268,26 @@ class SymmetryMatcher(Matcher):
         if activations:
             check_matching_data(data, model_a)
             data = data.subset(self.num_examples)
-        tr = plan(model_a, spec, self.symmetry, self.seed)
+        tr = plan(model_a, spec, self.symmetry, self.head_maps, self.seed)
         fixed = ()
         if activations and self.symmetry == "orthogonal":
             a, b = tr.reference(model_a), tr.reference(model_b)
-            for g, c in stream_cross(a, b, spec, list(tr.matrices), data).items():
+            streams = [g for g in tr.matrices if g not in tr.info.get("heads", {})]
+            for g, c in stream_cross(a, b, spec, streams, data).items():
                 tr.matrices[g] = procrustes(c, g in tr.fixes_ones)
-            fixed = tuple(tr.matrices)
+            fixed = tuple(streams)
         if activations and self.symmetry == "signed":
             fixed = signed_from_activations(model_a, model_b, spec, tr, data)
         named = set(spec.layout)
         sa, sb = (fold_state(m.state_dict(), tr.folds) for m in (model_a, model_b))
         pairs = [({k: sa[k].double() for k in named}, {k: sb[k].double() for k in named})]
-        if self.symmetry in PER_HEAD:  # the rest without the heads, then whole heads and their maps, then the rest
+        if self.head_maps != "none":  # the rest without the heads, then whole heads and their maps, then the rest
             heads = tuple(n for c in spec.couplings for n in c)
-            tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed=heads, ignore=heads)
+            tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed=fixed + heads, ignore=heads)
             moments = head_moments(model_a, model_b, spec, tr.info["heads"], data) if activations else None
             fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0], moments)
-            tr = dataclasses.replace(tr, **fields)
-            fixed = heads
+            tr = dataclasses.replace(tr, **{k: {**getattr(tr, k), **v} for k, v in fields.items()})
+            fixed = fixed + heads
         tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)
         info = {"matcher": self.name, "settings": self.settings, "folded": [f.norm for f in tr.folds]}
         return dataclasses.replace(tr, info=info)

@@ -16,6 +16,7 @@ from torch import nn
 from .base import eval_mode
 from .spec import PermutationSpec
 from .tracing.export import traceable_call
+from .tracing.invariance import _run
 from .transforms import Fold
 
 
@@ -101,3 +102,19 @@ def find_folds(model: nn.Module, spec: PermutationSpec, streams: list[str]) -> t
                 )
         folds.append(Fold(f"{norm}.weight", readers, f"{norm}.bias" if bias is not None else None))
     return tuple(folds)
+
+
+class FunctionCheck:
+    """Whether a state dict computes the model's function on a few example tokens (float32, relative 1e-4)."""
+
+    def __init__(self, model: nn.Module):
+        self.call, self.inputs = traceable_call(model, None)
+        self.state = dict(model.state_dict())
+        with torch.no_grad(), eval_mode(model):
+            self.reference = _run(self.call, self.state, self.inputs)
+        self.model = model
+
+    def holds(self, state) -> bool:
+        with torch.no_grad(), eval_mode(self.model):
+            out = _run(self.call, state, self.inputs)
+        return all((a - b).abs().max() <= 1e-4 * max(a.abs().max().item(), 1e-6) for a, b in zip(self.reference, out))

@@ -90,7 +90,7 @@ def rotation_scaling(pairs: torch.Tensor, width: int, ab: torch.Tensor) -> torch
     return m
 
 
-def admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> dict[str, tuple]:
+def admitted(model: nn.Module, spec: PermutationSpec, head_maps: str) -> dict[str, tuple]:
     """The groups that take per-head maps (group -> (primary, dual, pairs): pairs None for any invertible map, or
     `ROTARY` for a rigid query/key group, whose pairs `pairings` offers), or a ValueError in one line naming what
     forbids the class."""
@@ -99,14 +99,14 @@ def admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> dict[str
         for name in coupled:
             kind, primary, dual = sides(model, spec, name)
             if spec[name].rigid:
-                if symmetry == "per_head" and kind == "queries_keys" and spec[name].size % 2 == 0:
+                if head_maps == "all" and kind == "queries_keys" and spec[name].size % 2 == 0:
                     found[name] = (primary, dual, ROTARY)
                 continue
-            if kind == "values" or symmetry == "per_head":
+            if kind == "values" or head_maps == "all":
                 found[name] = (primary, dual, None)
     if not found:
         raise ValueError(
-            f"symmetry {symmetry!r} is refused: no attention group of {type(model).__name__} takes per-head maps "
+            f"head_maps {head_maps!r} is refused: no attention group of {type(model).__name__} takes per-head maps "
             "(grouped-query heads under a rotary embedding keep their values with their keys)"
         )
     return found
@@ -213,3 +213,26 @@ def match_heads(
                 within = solve_assignment((plain + free)[:, heads], blocks)
                 tr.perms[name] = heads[within]
     return element(spec, groups, matrices)
+
+
+def plan_heads(model: nn.Module, spec: PermutationSpec, head_maps: str, gen: torch.Generator, check) -> dict:
+    """`admitted`'s groups with each rotary group's pair layout found: the first whose random rotation-scalings keep
+    the function (`check`: a `folding.FunctionCheck`); refused in one line where none does."""
+    groups = admitted(model, spec, head_maps)
+    identity = {g.name: torch.arange(g.size) for g in spec.groups}
+    for g, (primary, dual, pairs) in list(groups.items()):
+        options = pairings(spec[g].size // spec[g].blocks) if pairs == ROTARY else {"": None}
+        for layout in options.values():
+            groups[g] = (primary, dual, layout)
+            one = Transforms(identity, **random_element(spec, {g: groups[g]}, gen))
+            if check.holds({k: one.tensor(spec, k, t) for k, t in check.state.items()}):
+                break
+        else:
+            raise ValueError(
+                f"head_maps {head_maps!r} is refused: {rotary_module(model)} pins the query/key units of {g} and no "
+                "rotation-scaling of their frequency pairs (halves or neighbours) keeps the function (grouped-query "
+                "heads keep values with keys); use head_maps 'values'"
+                if pairs == ROTARY
+                else f"head_maps {head_maps!r}: an invertible map per head of group {g!r} changes the function"
+            )
+    return groups
