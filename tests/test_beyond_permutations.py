@@ -10,7 +10,7 @@ from text_models import logits, planted_permutation, tiny, token_ids
 
 from hf_permerge.alignment import WeightMatcher, get_matcher
 from hf_permerge.alignment.tracing import attach_permutation_spec, trace
-from hf_permerge.alignment.transforms import merge_aligned
+from hf_permerge.alignment.transforms import merge_aligned, merge_all
 from hf_permerge.data.tokens import TokenSplit
 
 RMS = ["llama", "llama_mha", "qwen2"]
@@ -405,6 +405,16 @@ def test_an_orthogonal_stream_and_per_head_maps_together_are_undone(source):
     for key, t in folded(a.state_dict(), a.config).items():
         assert torch.allclose(merged.state_dict()[key], t, atol=1e-4), key
     assert _same_function(tr.apply(b), a) and _same_function(merged, a)
+
+
+def test_three_nets_each_aligned_onto_the_first_average_back_to_it():
+    a = _traced(with_gains(tiny("llama_mha")).eval())
+    others = [_model("llama_mha", head_maps(planted_orthogonal(a, seed), a.config, seed=seed)) for seed in (1, 2)]
+    matcher = get_matcher("symmetry", symmetry="orthogonal", head_maps="all")
+    merged = merge_all([a, *others], [matcher.match(a, m) for m in others])
+    for key, t in folded(a.state_dict(), a.config).items():
+        assert torch.allclose(merged.state_dict()[key], t, atol=1e-4), key
+    assert _same_function(merged, a)
 
 
 def test_the_merger_refuses_a_matcher_whose_transforms_it_cannot_average(tmp_path):

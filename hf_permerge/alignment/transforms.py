@@ -135,13 +135,25 @@ class Transforms:
 def merge_aligned(model_a: nn.Module, model_b: nn.Module, transforms: Transforms, weight: float = 0.5) -> nn.Module:
     """(1 - weight) * reference(model_a) + weight * transforms.apply(model_b): an ordinary checkpoint of model_a's
     class (norm gains folded to 1 where `transforms.folds` says so)."""
-    spec = model_a.permutation_spec()
-    a = fold_state(model_a.state_dict(), transforms.folds)
-    b = transforms.apply_state(spec, model_b.state_dict())
+    return merge_all([model_a, model_b], [transforms], [1 - weight, weight])
+
+
+def merge_all(models: list[nn.Module], transforms: list[Transforms], weights: list[float] | None = None) -> nn.Module:
+    """The weighted average (default: uniform) of models[0], folded, and each models[i] under transforms[i - 1]
+    (each found aligning models[i] onto models[0]): the n-way merge, an ordinary checkpoint of models[0]'s class."""
+    if len(transforms) != len(models) - 1:
+        raise ValueError(f"need one Transforms per model after the first: {len(models)} models, {len(transforms)}")
+    folds = {t.folds for t in transforms}
+    if len(folds) > 1:
+        raise ValueError("the transforms fold different norms: were they found with different symmetry settings?")
+    weights = weights or [1 / len(models)] * len(models)
+    spec = models[0].permutation_spec()
+    states = [fold_state(models[0].state_dict(), transforms[0].folds if transforms else ())]
+    states += [t.apply_state(spec, m.state_dict()) for m, t in zip(models[1:], transforms)]
     merged = {
-        k: ((1 - weight) * t.float() + weight * b[k].float()).to(t.dtype) if t.is_floating_point() else t
-        for k, t in a.items()
+        k: sum(w * s[k].float() for w, s in zip(weights, states)).to(t.dtype) if t.is_floating_point() else t
+        for k, t in states[0].items()
     }
-    out = copy.deepcopy(model_a)
+    out = copy.deepcopy(models[0])
     out.load_state_dict(merged)
     return out
