@@ -426,3 +426,21 @@ def test_the_merger_refuses_a_matcher_whose_transforms_it_cannot_average(tmp_pat
     merger = PermMerger.from_pretrained([tmp_path / "a", tmp_path / "b"])
     with pytest.raises(ValueError, match="beyond permutations, which the merger does not average yet"):
         merger.align(matcher="symmetry", symmetry="signed")
+
+
+@pytest.mark.parametrize(
+    "arch, settings",
+    [
+        ("llama", {"symmetry": "signed"}),
+        ("qwen2", {"symmetry": "orthogonal"}),
+        ("llama_mha", {"symmetry": "orthogonal", "head_maps": "all"}),
+        ("gpt2", {"symmetry": "permutation", "head_maps": "all"}),
+        ("bert", {"symmetry": "permutation", "head_maps": "all", "source": "activation"}),
+    ],
+)
+def test_what_is_found_for_two_unrelated_nets_is_a_symmetry_of_the_second(arch, settings):
+    a, b = _traced(with_gains(tiny(arch)).eval()), _traced(with_gains(tiny(arch, seed=1), seed=3).eval())
+    ids = token_ids(n=8, length=16, seed=3)
+    tr = get_matcher("symmetry", **settings).match(a, b, TokenSplit(ids, torch.ones_like(ids), "t"))
+    assert _same_function(tr.apply(b), b, atol=1e-3)
+    assert not _same_function(merge_aligned(a, b, tr), a, atol=1e-3)  # unrelated nets: the merge is neither
