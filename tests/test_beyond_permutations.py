@@ -172,6 +172,7 @@ def test_a_layernorm_stream_refuses_signs_naming_the_norm(arch):
             {},
             "transformer.ln_f's gain cannot fold into lm_head.weight, which is tied to transformer.wte.weight",
         ),
+        ("gpt2", {"tie_word_embeddings": False}, "transformer.ln_f's bias cannot fold into lm_head, which has no bias"),
         ("bert", {}, "cls.predictions.transform.LayerNorm's gain cannot fold into cls.predictions.decoder.weight"),
         ("bert", {"tie_word_embeddings": False}, "folding bert.embeddings.LayerNorm's gain changes the function"),
     ],
