@@ -10,7 +10,7 @@ from text_models import logits, planted_permutation, tiny, token_ids
 
 from hf_permerge.alignment import WeightMatcher, get_matcher
 from hf_permerge.alignment.tracing import attach_permutation_spec, trace
-from hf_permerge.alignment.transforms import merge_aligned, merge_all
+from hf_permerge.alignment.transforms import load_transforms, merge_aligned, merge_all, save_transforms
 from hf_permerge.data.tokens import TokenSplit
 
 RMS = ["llama", "llama_mha", "qwen2"]
@@ -394,7 +394,7 @@ def test_layernorm_stream_takes_orthogonal_maps_fixing_the_ones_after_folding_we
 
 
 @pytest.mark.parametrize("source", ["weight", "activation"])
-def test_an_orthogonal_stream_and_per_head_maps_together_are_undone(source):
+def test_an_orthogonal_stream_and_per_head_maps_together_are_undone(source, tmp_path):
     a = _traced(with_gains(tiny("llama_mha")).eval())
     b = _model("llama_mha", head_maps(planted_orthogonal(a), a.config))
     assert _same_function(a, b)
@@ -402,6 +402,8 @@ def test_an_orthogonal_stream_and_per_head_maps_together_are_undone(source):
     data = TokenSplit(ids, torch.ones_like(ids), "planted")
     tr = get_matcher("symmetry", symmetry="orthogonal", head_maps="all", source=source).match(a, b, data)
     assert len(tr.matrices) == 1 + 2 * a.config.num_hidden_layers  # the stream, and each layer's values and q/k
+    save_transforms(tr, tmp_path / "t.safetensors")
+    tr = load_transforms(tmp_path / "t.safetensors")  # what is merged below is what was saved
     merged = merge_aligned(a, b, tr)
     for key, t in folded(a.state_dict(), a.config).items():
         assert torch.allclose(merged.state_dict()[key], t, atol=1e-4), key
@@ -416,6 +418,16 @@ def test_three_nets_each_aligned_onto_the_first_average_back_to_it():
     for key, t in folded(a.state_dict(), a.config).items():
         assert torch.allclose(merged.state_dict()[key], t, atol=1e-4), key
     assert _same_function(merged, a)
+
+
+def test_a_file_that_is_not_a_transforms_file_is_refused_naming_it(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors' is a safetensors file but not a transforms file"):
+        load_transforms(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors transforms file"):
+        load_transforms(tmp_path / "missing.safetensors")
 
 
 def test_the_merger_refuses_a_matcher_whose_transforms_it_cannot_average(tmp_path):

@@ -12,13 +12,21 @@ keys by A^-T) names its `dual` tensors, which take M^-T.
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from ..io_utils import atomic_file
 from .spec import PermutationSpec, permute_tensor
+
+METADATA_KEY = "hf_permerge.transforms"
+KINDS = ("perms", "signs", "matrices", "duals")
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,46 @@ class Transforms:
         out = copy.deepcopy(model)
         out.load_state_dict(fold_state(model.state_dict(), self.folds))
         return out
+
+
+def save_transforms(t: Transforms, path: str | os.PathLike) -> None:
+    """One safetensors file: the tensors as '<kind>/<group>', the rest (plain and dual sides, folds, info) as JSON
+    in its metadata header."""
+    tensors = {f"{kind}/{g}": v.contiguous() for kind in KINDS for g, v in getattr(t, kind).items()}
+    header = {
+        "plain": {g: sorted(map(list, v)) for g, v in t.plain.items()},
+        "dual": {g: sorted(map(list, v), key=str) for g, v in t.dual.items()},
+        "fixes_ones": sorted(t.fixes_ones),
+        "folds": [{"norm": f.norm, "readers": [list(r) for r in f.readers], "bias": f.bias} for f in t.folds],
+        "info": t.info,
+    }
+    with atomic_file(os.fspath(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+
+
+def load_transforms(path: str | os.PathLike) -> Transforms:
+    """What `save_transforms` wrote; a ValueError naming the file for anything else."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for missing or corrupt files
+        raise ValueError(f"{path!r} is not a readable safetensors transforms file: {e}") from e
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path!r} is a safetensors file but not a transforms file (no {METADATA_KEY!r} metadata)")
+    h = json.loads(metadata[METADATA_KEY])
+    fields = {kind: {} for kind in KINDS}
+    for name, v in tensors.items():
+        kind, group = name.split("/", 1)
+        fields[kind][group] = v
+    return Transforms(
+        **fields,
+        plain={g: frozenset(tuple(x) for x in v) for g, v in h["plain"].items()},
+        dual={g: frozenset(tuple(x) for x in v) for g, v in h["dual"].items()},
+        fixes_ones=frozenset(h["fixes_ones"]),
+        folds=tuple(Fold(f["norm"], tuple(tuple(r) for r in f["readers"]), f["bias"]) for f in h["folds"]),
+        info=h["info"],
+    )
 
 
 def merge_aligned(model_a: nn.Module, model_b: nn.Module, transforms: Transforms, weight: float = 0.5) -> nn.Module:
