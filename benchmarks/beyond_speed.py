@@ -101,7 +101,7 @@ def run(d: int, layers: int, vocab: int, width: int) -> dict:
     assert torch.allclose(q, q0.T, atol=1e-8) and torch.allclose(q_ref, q0.T, atol=1e-8)
     row = {"d": d, "layers": layers, "procrustes": {"ours_s": ours_s, "loop_s": ref_s, "ratio": ref_s / ours_s}}
     xa = head_rows(d, width, gen)
-    for kind, pairs in (("invertible", None), ("rotary", per_head.pairings(width)["halves"])):
+    for kind, pairs in (("invertible", None), ("rotary", per_head.pairings(width)[f"halves of {width}"])):
         heads = len(xa) // width
         if pairs is None:
             m0 = torch.block_diag(

@@ -457,3 +457,41 @@ def test_what_is_found_for_two_unrelated_nets_is_a_symmetry_of_the_second(arch, 
     tr = get_matcher("symmetry", **settings).match(a, b, TokenSplit(ids, torch.ones_like(ids), "t"))
     assert _same_function(tr.apply(b), b, atol=1e-3)
     assert not _same_function(merge_aligned(a, b, tr), a, atol=1e-3)  # unrelated nets: the merge is neither
+
+
+def planted_phi_heads(model, seed=1):
+    """Per head of Phi (modeling_phi.py, partial rotary: rotate_half on the first half of each head's units): queries
+    by A, keys by A^-T, where A is a rotation-scaling on the rotary pairs (u, u + 2) of units 0-3 and any invertible
+    map of units 4-7; values by B, the dense layer's inputs by B^-1 (weights and biases)."""
+    gen = torch.Generator().manual_seed(seed + 500)
+    cfg, sd = model.config, dict(model.state_dict())
+    d, w = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        heads = []
+        for _ in range(d // w):
+            m = torch.zeros(w, w)
+            for u in range(w // 4):
+                a, b = 0.5 + torch.rand(1, generator=gen).item(), torch.rand(1, generator=gen).item() - 0.5
+                m[u, u], m[u, u + w // 4], m[u + w // 4, u], m[u + w // 4, u + w // 4] = a, -b, b, a
+            m[w // 2 :, w // 2 :] = torch.eye(w // 2) + 0.3 * torch.randn(w // 2, w // 2, generator=gen)
+            heads.append(m)
+        a_map, b_map = torch.block_diag(*heads), _invertible(d, w, gen)
+        base = f"model.layers.{i}.self_attn"
+        for name, m in (("q_proj", a_map), ("k_proj", torch.linalg.inv(a_map).T), ("v_proj", b_map)):
+            for kind in ("weight", "bias"):
+                sd[f"{base}.{name}.{kind}"] = m @ sd[f"{base}.{name}.{kind}"]
+        sd[f"{base}.dense.weight"] = sd[f"{base}.dense.weight"] @ torch.linalg.inv(b_map)
+    return sd
+
+
+def test_partial_rotary_heads_take_rotation_scalings_on_their_pairs_and_any_map_on_the_rest():
+    a = _traced(with_gains(tiny_phi()).eval())
+    b = tiny_phi()
+    b.load_state_dict(planted_phi_heads(a))
+    b = _traced(b.eval())
+    assert _same_function(a, b)
+    tr = get_matcher("symmetry", symmetry="permutation", head_maps="all").match(a, b)
+    aligned = tr.apply(b)
+    for key, t in a.state_dict().items():
+        assert torch.allclose(aligned.state_dict()[key], t, atol=1e-4), key
+    assert _same_function(merge_aligned(a, b, tr), a)

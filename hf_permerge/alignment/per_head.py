@@ -7,8 +7,9 @@ is an output). Heads are matched whole by what no per-head map changes (X_primar
 head's map is the least-squares fit on the primary side, M = A_h B_h^+ (exact for a planted element).
 A rotary embedding pins the query/key units of a head (`PermGroup.rigid`): it rotates each frequency pair of units
 by a position's angle, so only a rotation-scaling [[a, -b], [b, a]] per pair commutes with it (queries by it, keys
-by its inverse transpose). Which units pair up (a head's halves, as `rotate_half` does, or neighbours) is found by
-trying both on the model; the pair's (a, b) is the least-squares fit, a = <A, B> / |B|^2, b = <A, JB> / |B|^2.
+by its inverse transpose); units a partial rotary leaves alone take any invertible map. Which units pair up (the
+halves of a head or of its rotary part, as `rotate_half` does, or neighbours) is found by trying each on the model;
+the pair's (a, b) is the least-squares fit, a = <A, B> / |B|^2, b = <A, JB> / |B|^2.
 """
 
 from __future__ import annotations
@@ -77,9 +78,23 @@ ROTARY = "rotary"
 
 
 def pairings(width: int) -> dict[str, torch.Tensor]:
-    """The layouts of a head's frequency pairs to try: (width / 2, 2) unit indices."""
-    half = torch.arange(width // 2)
-    return {"halves": torch.stack([half, half + width // 2], 1), "neighbours": torch.arange(width).view(-1, 2)}
+    """The layouts of a head's frequency pairs to try, (pairs, 2) unit indices: the halves of the first r units
+    (`rotate_half`) or neighbours, for r = the head's width, half or a quarter of it (a partial rotary embedding: the
+    other units are not rotated, so any invertible map of them is free)."""
+    out = {}
+    for r in (width, width // 2, width // 4):
+        if r >= 2 and r % 2 == 0:
+            half = torch.arange(r // 2)
+            out[f"halves of {r}"] = torch.stack([half, half + r // 2], 1)
+            out[f"neighbours of {r}"] = torch.arange(r).view(-1, 2)
+    return out
+
+
+def free_units(pairs: torch.Tensor, width: int) -> torch.Tensor:
+    """The units of a head outside its rotary pairs."""
+    taken = torch.zeros(width, dtype=torch.bool)
+    taken[pairs.flatten()] = True
+    return torch.arange(width)[~taken]
 
 
 def rotation_scaling(pairs: torch.Tensor, width: int, ab: torch.Tensor) -> torch.Tensor:
@@ -139,7 +154,10 @@ def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) ->
                 )
             else:
                 ab = torch.rand(len(pairs), 2, generator=gen, dtype=torch.float64) + torch.tensor([0.5, -0.5])
-                heads.append(rotation_scaling(pairs, w, ab))
+                m, free = rotation_scaling(pairs, w, ab), free_units(pairs, w)
+                noise = 0.3 * torch.randn(len(free), len(free), generator=gen, dtype=torch.float64)
+                m[free[:, None], free] = torch.eye(len(free), dtype=torch.float64) + noise
+                heads.append(m)
         matrices[g] = block_diagonal(heads)
     return element(spec, groups, matrices)
 
@@ -147,13 +165,19 @@ def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) ->
 def fit_heads(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
     """Each head's map M with M b ~ a, from its moments cab = sum a b^T and cbb = sum b b^T, stacked (heads, w, w)
     (rows of weights, or activations): least squares over every invertible map (cab cbb^-1, one batched solve) or
-    over the rotation-scalings of `pairs` (a = <a, b> / |b|^2, b = <a, J b> / |b|^2 per pair)."""
+    over the rotation-scalings of `pairs` (a = <a, b> / |b|^2, b = <a, J b> / |b|^2 per pair), with any invertible
+    map of the units outside them (the fit separates: M has no entries between the two)."""
     if pairs is None:
         return torch.linalg.solve(cbb, cab.transpose(1, 2)).transpose(1, 2)  # cbb is symmetric
     i, j = pairs[:, 0], pairs[:, 1]
     norm = cbb[:, i, i] + cbb[:, j, j]
     ab = torch.stack([cab[:, i, i] + cab[:, j, j], cab[:, j, i] - cab[:, i, j]], -1) / norm[..., None]
-    return torch.stack([rotation_scaling(pairs, cab.shape[-1], h) for h in ab])
+    out = torch.stack([rotation_scaling(pairs, cab.shape[-1], h) for h in ab])
+    free = free_units(pairs, cab.shape[-1])
+    if len(free):
+        sub = (slice(None), free[:, None], free)
+        out[sub] = fit_heads(cab[sub], cbb[sub], None)
+    return out
 
 
 def diagonal_blocks(m: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -230,7 +254,7 @@ def plan_heads(model: nn.Module, spec: PermutationSpec, head_maps: str, gen: tor
         else:
             raise ValueError(
                 f"head_maps {head_maps!r} is refused: {rotary_module(model)} pins the query/key units of {g} and no "
-                "rotation-scaling of their frequency pairs (halves or neighbours) keeps the function (grouped-query "
+                "rotation-scaling of their frequency pairs (halves or neighbours, of all or part) keeps the function (grouped-query "
                 "heads keep values with keys); use head_maps 'values'"
                 if pairs == ROTARY
                 else f"head_maps {head_maps!r}: an invertible map per head of group {g!r} changes the function"
