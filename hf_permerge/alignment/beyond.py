@@ -175,14 +175,14 @@ def group_cross(spec, group, pairs, tr: Transforms, solved=None, ignore=()) -> t
     return plain, free
 
 
-def solve_group(spec, group, plain, free, tr: Transforms, blocks: bool = True):
+def solve_group(spec, group, plain, free, tr: Transforms):
     """(new perm or matrix, objective value after, value of the current element) for one group."""
     g = spec[group]
     if group in tr.matrices:
         q = procrustes(free, group in tr.fixes_ones)
         return q, float((free * q).sum()), float((free * tr.matrices[group]).sum())
     cost = plain + free.abs() if group in tr.signs else plain + free
-    perm = solve_assignment(cost, g.blocks if blocks else 1, rigid=g.rigid)
+    perm = solve_assignment(cost, g.blocks, rigid=g.rigid)
     return perm, matched_similarity(cost, perm), matched_similarity(cost, tr.perms[group])
 
 

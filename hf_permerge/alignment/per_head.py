@@ -17,16 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .folding import owner
 from .hungarian import solve_assignment
 from .spec import PermutationSpec
 from .transforms import Transforms, side
 
 
-def owner(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key else ""
-
-
 def is_output(model: nn.Module, key: str, axis: int, ndim: int) -> bool:
+    """Whether `axis` of `key` carries its layer's outputs (a bias always does)."""
     if ndim == 1:
         return True
     module = model.get_submodule(owner(key))
