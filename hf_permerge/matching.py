@@ -77,6 +77,32 @@ class GradientSettings(MatcherSettings):
     max_iter: int = Field(100, ge=0, description="coordinate-descent sweeps at most (default 100)")
 
 
+class SymmetrySettings(MatcherSettings):
+    """Matching beyond permutations (`alignment.beyond`): signed permutations or an orthogonal residual stream.
+    Its matcher returns `Transforms`, not `Permutations`, so it is not (yet) one of the run config's matchers."""
+
+    symmetry: Literal["permutation", "signed", "orthogonal"] = Field(
+        "signed",
+        description="the residual stream's class: permutation; signed (signed permutations of an RMSNorm stream and "
+        "of gated MLP units); orthogonal (any orthogonal map once the norms' gains are folded into the layers that "
+        "read them; maps fixing the all-ones vector under LayerNorm)",
+    )
+    head_maps: Literal["none", "values", "all"] = Field(
+        "none",
+        description="per attention head: none (permutations); values (an invertible map B on the values, B^-T on "
+        "the output projection's inputs); all (values, and queries by A with keys by A^-T; under a rotary embedding "
+        "a rotation-scaling per frequency pair)",
+    )
+    source: Literal["weight", "activation"] = Field(
+        "weight",
+        description="find the class's elements from the weights (default) or from activations on data: the stream's "
+        "signs or orthogonal map and the per-head maps (whole heads and the other groups by weight matching)",
+    )
+    max_iter: int = Field(100, ge=0, description="coordinate-descent sweeps at most (default 100)")
+    seed: int = Field(0, description="the sweeps' order, and the random elements that test the class")
+    num_examples: int = Field(10000, ge=1, description="sequences to use with source activation (default 10000)")
+
+
 MATCHER_SETTINGS: dict[str, type[MatcherSettings]] = {
     "activation": ActivationSettings,
     "weight": WeightSettings,

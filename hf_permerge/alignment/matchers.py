@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from ..matching import MATCHER_SETTINGS, settings_for
 from .activation import ActivationMatcher
 from .base import Matcher
+from .beyond import SymmetryMatcher
 from .gradient import GradientMatcher
 from .weight import WeightMatcher
 
@@ -32,7 +33,7 @@ def register_matcher(cls: type[Matcher]) -> type[Matcher]:
     return cls
 
 
-for _builtin in (ActivationMatcher, WeightMatcher, GradientMatcher):
+for _builtin in (ActivationMatcher, WeightMatcher, GradientMatcher, SymmetryMatcher):
     register_matcher(_builtin)
 
 

@@ -48,6 +48,11 @@ def align_nets(
             "models: align them with the weight or the activation matcher (--matcher weight / activation)"
         )
     m = get_matcher(matcher, **settings)
+    if not getattr(m, "gives_permutations", True):
+        raise ValueError(
+            f"matcher {matcher!r} finds transforms beyond permutations, which the merger does not average yet: use "
+            f"get_matcher({matcher!r}, ...).match(model_a, model_b) and hf_permerge.alignment.transforms.merge_aligned"
+        )
     given = dataset is not None and matcher != "weight"  # the weight matcher reads no data
     if matcher == "weight":
         dataset = None
