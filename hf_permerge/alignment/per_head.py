@@ -240,6 +240,13 @@ def match_heads(
 def plan_heads(model: nn.Module, spec: PermutationSpec, head_maps: str, gen: torch.Generator, check) -> dict:
     """`admitted`'s groups with each rotary group's pair layout found: the first whose random rotation-scalings keep
     the function (`check`: a `folding.FunctionCheck`); refused in one line where none does."""
+    shared = [g.name for g in spec.groups if g.runs > 1 or any(part.within for _, _, part in g.parts)]
+    if shared:  # a key/value head read by several query heads: its map would have to act on all their inputs
+        raise ValueError(
+            f"head_maps {head_maps!r} is refused: {shared[0]!r} belongs to grouped- or multi-query attention (one "
+            "key/value head read by several query heads), where per-head maps are not supported yet; use head_maps "
+            "'none' (signs and orthogonal streams still apply)"
+        )
     groups = admitted(model, spec, head_maps)
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
     for g, (primary, dual, pairs) in list(groups.items()):

@@ -97,14 +97,17 @@ class Transforms:
     folds: tuple[Fold, ...] = ()
     info: dict = field(default_factory=dict)
 
-    def tensor(self, spec: PermutationSpec, key: str, t: torch.Tensor, except_axis: int | None = None):
-        """One tensor transformed on every axis its groups name (but `except_axis`); folds are not done here."""
-        t = permute_tensor(spec, key, t, self.perms, except_axis=except_axis)
+    def tensor(
+        self, spec: PermutationSpec, key: str, t: torch.Tensor, except_axis: int | None = None, except_group=None
+    ):
+        """One tensor transformed on every axis its groups name (but `except_axis`, and every entry of
+        `except_group`); folds are not done here."""
+        t = permute_tensor(spec, key, t, self.perms, except_group=except_group, except_axis=except_axis)
         for axis, entries in spec.layout.get(key, {}).items():
             if axis == except_axis:
                 continue
             for group, part in entries:
-                if (key, axis) in self.plain.get(group, ()):
+                if group == except_group or (key, axis) in self.plain.get(group, ()):
                     continue
                 s, q = self.signs.get(group), self.matrices.get(group)
                 if s is not None:

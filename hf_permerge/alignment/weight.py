@@ -51,7 +51,7 @@ def group_similarity(
                 continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
             if part is not None and part.within:
                 b_k = permute_tensor(spec, key, b[key], perms, except_group=group).movedim(axis, 0)
-                _add_within(total, g, part, a[key].movedim(axis, 0), b_k)
+                add_within(total, g, part, a[key].movedim(axis, 0), b_k)
                 continue
             # every other axis at its current permutation: for a tensor carrying this group on two axes
             # (P W P^T) each axis's term is the objective linearised at the group's current permutation
@@ -67,7 +67,7 @@ def group_similarity(
     return total
 
 
-def _add_within(total: torch.Tensor, g, part, a_k: torch.Tensor, b_k: torch.Tensor) -> None:
+def add_within(total: torch.Tensor, g, part, a_k: torch.Tensor, b_k: torch.Tensor) -> None:
     """A `within` part's term (both tensors with the axis first; b's with the axis's other groups applied, which
     moved its blocks): slot-block i of a meets what now stands in block i of b, and unit j of every column block
     scores as unit j there (the block map itself is the coupling's, decided by the other terms)."""
