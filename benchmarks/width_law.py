@@ -2,7 +2,8 @@
 against the model's width, and the permuted-init question at each width, from `benchmarks/text_merging.py`'s rows.
 
 One JSON of rows per width (3 pairs each: `text_merging.py RUN --out W.json`), named after the width's run
-(`gpt2_h64.json`: width 64), and the training record of each run beside it (`gpt2_h64.training.json`: every net's
+(`gpt2_h64.json`: width 64), `beyond_merging.py`'s rows beside it (`gpt2_h64.beyond.json`), and the training
+record of each run (`gpt2_h64.training.json`: every net's
 stop step and why, from the run's pair.json). Every cell is `mean ± h`, h the half-width of the Student-t 95%
 interval over the pairs (n - 1 degrees of freedom).
 
@@ -19,7 +20,16 @@ from pathlib import Path
 
 from hf_permerge.evaluation.statistics import t_interval
 
-VARIANTS = ("vanilla", "weight", "activation", "activation, heads kept", "random permutation")
+VARIANTS = (
+    "vanilla",
+    "weight",
+    "activation",
+    "activation, heads kept",
+    "random permutation",
+    "symmetry: permutation + per-head maps",
+)
+"""The rows shown; `beyond_merging.py`'s (W.beyond.json beside W.json) join them: its permutation row is weight
+matching again, its orthogonal stream is refused for GPT-2 (a tied LM head)."""
 
 
 def width_of(path: Path) -> int:
@@ -38,8 +48,17 @@ def summarise(paths: list[Path]) -> list[dict]:
     """Per width and variant: n, the barrier, its share of the vanilla barrier removed, the midpoint of the
     permuted inits against the vanilla inits' (positive: the permuted inits average better), each a list over pairs."""
     out = []
+    paths = [p for p in paths if not p.name.endswith((".beyond.json", ".training.json", ".meta.json"))]
     for path in sorted(paths, key=width_of):
         rows = json.loads(path.read_text())
+        beyond = path.with_name(path.stem + ".beyond.json")
+        if beyond.is_file():  # share removed and init gain against the same pair's vanilla row
+            vanilla = {r["pair"]: r for r in rows if r["variant"] == "vanilla"}
+            for r in json.loads(beyond.read_text()):
+                v = vanilla[r["pair"]]
+                r["barrier_removed"] = 1 - r["barrier"] / v["barrier"] if v["barrier"] > 0 else None
+                r["init_midpoint_gain"] = v["init_midpoint_loss"] - r["init_midpoint_loss"]
+                rows.append(r)
         training = path.with_name(path.stem + ".training.json")
         record = json.loads(training.read_text()) if training.is_file() else {}
         for variant in VARIANTS:
