@@ -289,5 +289,14 @@ class SymmetryMatcher(Matcher):
             tr = dataclasses.replace(tr, **{k: {**getattr(tr, k), **v} for k, v in fields.items()})
             fixed = fixed + heads
         tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)
-        info = {"matcher": self.name, "settings": self.settings, "folded": [f.norm for f in tr.folds]}
+        a, b = pairs[0]
+        info = {
+            "matcher": self.name,
+            "settings": self.settings,
+            "data": None if data is None else {"fingerprint": data.fingerprint, "num_examples": len(data)},
+            "folded": [f.norm for f in tr.folds],
+            # sum_k <A_k, B_k> over the spec's tensors (folded where the class folds), before and after: what is maximised
+            "objective_identity": sum(float((a[k] * b[k]).sum()) for k in a),
+            "objective_matched": sum(float((a[k] * tr.tensor(spec, k, b[k])).sum()) for k in a),
+        }
         return dataclasses.replace(tr, info=info)
