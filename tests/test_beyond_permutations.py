@@ -185,6 +185,19 @@ def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_va
     assert _same_function(aligned, a) and _same_function(merged, a)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama_mha"])
+def test_procrustes_head_fits_undo_planted_orthogonal_head_maps(arch):
+    a = _traced(tiny(arch).eval())
+    b = _model(arch, planted_per_head(a, orthogonal=True))
+    tr = get_matcher("symmetry", symmetry="permutation", head_maps="all", head_fit="procrustes").match(a, b)
+    for m in tr.matrices.values():
+        assert torch.allclose(m @ m.T, torch.eye(len(m), dtype=m.dtype), atol=1e-8)  # every head's map orthogonal
+    aligned = tr.apply(b)
+    for key, t in a.state_dict().items():
+        assert torch.allclose(aligned.state_dict()[key], t, atol=1e-4), key
+    assert _same_function(merge_aligned(a, b, tr), a)
+
+
 def test_per_head_query_key_maps_are_refused_where_grouped_query_heads_share_a_rotary_group():
     gqa = _traced(tiny("llama").eval())  # the values share their group with the keys, rigid under the rotary
     with pytest.raises(ValueError, match="refused: model.rotary_emb pins the query/key units of .*k_proj and no"):
@@ -272,6 +285,7 @@ def test_the_merger_refuses_a_matcher_whose_transforms_it_cannot_average(tmp_pat
         ("gpt2", {"symmetry": "permutation", "head_maps": "all"}),
         ("bert", {"symmetry": "permutation", "head_maps": "all", "source": "activation"}),
         ("neox", {"symmetry": "permutation", "head_maps": "all"}),  # fused per-head q|k|v, partial rotary
+        ("llama_mha", {"symmetry": "orthogonal", "head_maps": "all", "head_fit": "procrustes"}),
     ],
 )
 def test_what_is_found_for_two_unrelated_nets_is_a_symmetry_of_the_second(arch, settings):

@@ -246,7 +246,8 @@ class SymmetryMatcher(Matcher):
     (values, and queries/keys: any invertible map, or rotation-scalings per frequency pair under a rotary
     embedding). `source` "weight" finds them on the weights; "activation" on `data` (signs by the cosines of the
     outputs that carry them, the stream's Procrustes on its norms' outputs, each head's map on one projection's
-    outputs), whole heads and the other groups still by weight matching. Returns `Transforms` (merge with
+    outputs), whole heads and the other groups still by weight matching. `head_fit` "least_squares" (any invertible
+    map, one side) or "procrustes" (orthogonal maps, both sides). Returns `Transforms` (merge with
     `transforms.merge_aligned`)."""
 
     name: ClassVar[str] = "symmetry"
@@ -254,6 +255,7 @@ class SymmetryMatcher(Matcher):
     """`PermMerger.align` refuses it: its `Transforms` are merged by `merge_aligned`, not by the merger (yet)."""
     symmetry: str = "signed"
     head_maps: str = "none"
+    head_fit: str = "least_squares"
     source: str = "weight"
     max_iter: int = 100
     seed: int = 0
@@ -285,7 +287,8 @@ class SymmetryMatcher(Matcher):
             heads = tuple(n for c in spec.couplings for n in c)
             tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed=fixed + heads, ignore=heads)
             moments = head_moments(model_a, model_b, spec, tr.info["heads"], data) if activations else None
-            fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0], moments)
+            orthogonal = self.head_fit == "procrustes"
+            fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0], moments, orthogonal)
             tr = dataclasses.replace(tr, **{k: {**getattr(tr, k), **v} for k, v in fields.items()})
             fixed = fixed + heads
         tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)

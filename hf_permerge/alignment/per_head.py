@@ -4,7 +4,8 @@ inputs by B^-T, its queries by any invertible A with its keys by A^-T; the score
 Each coupled attention group has a primary side (value rows, or query rows) and a dual side (output projection
 inputs, or key rows), told apart by the layer kind (a Linear's rows are outputs, a GPT-2 Conv1D's columns; a bias
 is an output). Heads are matched whole by what no per-head map changes (X_primary^T X_dual per head), then each
-head's map is the least-squares fit on the primary side, M = A_h B_h^+ (exact for a planted element).
+head's map is the least-squares fit on the primary side, M = A_h B_h^+ (exact for a planted element), or (`head_fit`
+"procrustes") the orthogonal map best on both sides, well conditioned where a one-sided fit of unrelated nets is not.
 A rotary embedding pins the query/key units of a head (`PermGroup.rigid`): it rotates each frequency pair of units
 by a position's angle, so only a rotation-scaling [[a, -b], [b, a]] per pair commutes with it (queries by it, keys
 by its inverse transpose); units a partial rotary leaves alone take any invertible map. Which units pair up (the
@@ -160,21 +161,25 @@ def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) ->
     return element(spec, groups, matrices)
 
 
-def fit_heads(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+def fit_heads(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None, orthogonal: bool = False):
     """Each head's map M with M b ~ a, from its moments cab = sum a b^T and cbb = sum b b^T, stacked (heads, w, w)
     (rows of weights, or activations): least squares over every invertible map (cab cbb^-1, one batched solve) or
     over the rotation-scalings of `pairs` (a = <a, b> / |b|^2, b = <a, J b> / |b|^2 per pair), with any invertible
-    map of the units outside them (the fit separates: M has no entries between the two)."""
+    map of the units outside them (the fit separates: M has no entries between the two). `orthogonal`: the
+    orthogonal M maximising <cab, M> instead (Procrustes; pure rotations on the pairs), where M^-T = M."""
     if pairs is None:
+        if orthogonal:
+            u, _, vh = torch.linalg.svd(cab)
+            return u @ vh
         return torch.linalg.solve(cbb, cab.transpose(1, 2)).transpose(1, 2)  # cbb is symmetric
     i, j = pairs[:, 0], pairs[:, 1]
-    norm = cbb[:, i, i] + cbb[:, j, j]
-    ab = torch.stack([cab[:, i, i] + cab[:, j, j], cab[:, j, i] - cab[:, i, j]], -1) / norm[..., None]
-    out = torch.stack([rotation_scaling(pairs, cab.shape[-1], h) for h in ab])
+    ab = torch.stack([cab[:, i, i] + cab[:, j, j], cab[:, j, i] - cab[:, i, j]], -1)
+    norm = ab.norm(dim=-1) if orthogonal else cbb[:, i, i] + cbb[:, j, j]
+    out = torch.stack([rotation_scaling(pairs, cab.shape[-1], h) for h in ab / norm[..., None]])
     free = free_units(pairs, cab.shape[-1])
     if len(free):
         sub = (slice(None), free[:, None], free)
-        out[sub] = fit_heads(cab[sub], cbb[sub], None)
+        out[sub] = fit_heads(cab[sub], cbb[sub], None, orthogonal)
     return out
 
 
@@ -192,12 +197,19 @@ def head_moments_of_rows(xa: torch.Tensor, xb: torch.Tensor, blocks: int) -> tup
 
 
 def match_heads(
-    model: nn.Module, spec: PermutationSpec, tr: Transforms, groups: dict, a: dict, b: dict, moments=None
+    model: nn.Module,
+    spec: PermutationSpec,
+    tr: Transforms,
+    groups: dict,
+    a: dict,
+    b: dict,
+    moments=None,
+    orthogonal: bool = False,
 ) -> dict:
     """Whole heads by their per-head invariants, then each group's map (least squares on the primary side's weights,
     or on `moments`: group -> (sum a b^T, sum b b^T, dual) of one side's activations, `dual` when that side takes
-    M^-T) or, for a group without maps, its within-head permutation; returns the Transforms fields of the maps, the
-    permutations set in `tr.perms`."""
+    M^-T; `orthogonal`: Procrustes, on both sides' weights) or, for a group without maps, its within-head
+    permutation; returns the Transforms fields of the maps, the permutations set in `tr.perms`."""
     from .beyond import group_cross  # the shared cross-product of one group (beyond imports this module)
 
     matrices = {}
@@ -221,10 +233,13 @@ def match_heads(
                 if moments is None:
                     xa, xb = rows(spec, name, groups[name][0], a), rows(spec, name, groups[name][0], b, tr)[heads]
                     (cab, cbb), dual = head_moments_of_rows(xa, xb, blocks), False
+                    if orthogonal:  # M^-T = M: the dual side's rows count alike
+                        da, db = rows(spec, name, groups[name][1], a), rows(spec, name, groups[name][1], b, tr)[heads]
+                        cab = cab + head_moments_of_rows(da, db, blocks)[0]
                 else:
                     cab, cbb, dual = moments[name]
                     cab, cbb = diagonal_blocks(cab[:, heads], blocks), diagonal_blocks(cbb[heads][:, heads], blocks)
-                fits = fit_heads(cab, cbb, groups[name][2])
+                fits = fit_heads(cab, cbb, groups[name][2], orthogonal)
                 if dual:
                     fits = torch.linalg.inv(fits).transpose(1, 2)
                 matrices[name] = block_diagonal(list(fits))
