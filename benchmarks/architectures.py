@@ -123,6 +123,8 @@ ARCHS = [
     ),
     Arch("Phi-3", lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER, pad_token_id=0)), text_inputs),
     Arch("Qwen3", lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**DECODER, head_dim=8)), text_inputs),
+    Arch("Gemma2", lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**{**DECODER, "head_dim": 8})), text_inputs),
+    Arch("Gemma3", lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**{**DECODER, "head_dim": 8})), text_inputs),
     Arch("OLMo-2", lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**DECODER)), text_inputs),
     Arch("StarCoder2", lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**DECODER)), text_inputs),
     Arch(
@@ -173,6 +175,45 @@ ARCHS = [
         "Mixtral",
         lambda: T.MixtralForCausalLM(T.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2)),
         text_inputs,
+    ),
+    Arch(
+        "Qwen2-MoE",
+        lambda: T.Qwen2MoeForCausalLM(
+            T.Qwen2MoeConfig(
+                **DECODER,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+            )
+        ),
+        text_inputs,
+    ),
+    Arch(
+        "T5",
+        lambda: T.T5ForConditionalGeneration(
+            T.T5Config(
+                vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0
+            )
+        ),
+        lambda: {**text_inputs(), "decoder_input_ids": text_inputs()["input_ids"][:, :8]},
+    ),
+    Arch(
+        "BART",
+        lambda: T.BartForConditionalGeneration(
+            T.BartConfig(
+                vocab_size=VOCAB,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=48,
+                decoder_ffn_dim=48,
+                max_position_embeddings=64,
+            )
+        ),
+        lambda: {**text_inputs(), "decoder_input_ids": text_inputs()["input_ids"][:, :8]},
     ),
     Arch(
         "BERT",
@@ -415,14 +456,18 @@ def planted_undone(name: str, model: torch.nn.Module, spec) -> str:
     return ("yes" if same else "no") + (f" ({kind})" if kind else "")
 
 
+GQA_LEFT = ""
 PLANTED = {  # row -> what the hand-written element leaves out ('' where it is the full group)
     "GPT-2": "",
     "BERT": "",
+    "Gemma (MQA)": GQA_LEFT,
+    "Qwen3": GQA_LEFT,
+    "Phi-3": GQA_LEFT,
     "GPT-NeoX (Pythia)": "q/k units within a head beyond the rotary ones not planted: not yet aligned",
-    "LLaMA (GQA)": "query heads within a key/value group and value units not planted: not yet aligned",
+    "LLaMA (GQA)": GQA_LEFT,
     "LLaMA (MHA, tied embeddings)": "",
-    "Mistral": "query heads within a key/value group and value units not planted: not yet aligned",
-    "Qwen2": "query heads within a key/value group and value units not planted: not yet aligned",
+    "Mistral": GQA_LEFT,
+    "Qwen2": GQA_LEFT,
 }
 
 

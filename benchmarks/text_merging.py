@@ -61,17 +61,19 @@ def keep_in_place(perms: Permutations, spec, kind: str) -> Permutations:
     )
 
 
-def measure_pair(folder: Path, a: int, b: int, evaluation, matching, lambdas, batch_size: int, seed: int):
+def measure_pair(
+    folder: Path, a: int, b: int, evaluation, matching, lambdas, batch_size: int, seed: int, trained: str = "final"
+):
     merger = PermMerger.from_pretrained([str(folder / f"net_{a}"), str(folder / f"net_{b}")])
     spec = merger.spec
     model = merger.load(0)
     probe = type(model)(model.config).eval()
     variants: dict[str, Permutations] = {}
     started = time.perf_counter()
-    variants["weight"] = merger.align(matcher="weight")[1]
+    variants["weight"] = merger.align(matcher="weight", checkpoint=trained)[1]
     weight_s = time.perf_counter() - started
     started = time.perf_counter()
-    activation = merger.align(matching, matcher="activation")[1]
+    activation = merger.align(matching, matcher="activation", checkpoint=trained)[1]
     activation_s = time.perf_counter() - started
     variants["activation"] = activation
     variants["activation, residual stream kept"] = keep_in_place(activation, spec, "stream")
@@ -81,11 +83,11 @@ def measure_pair(folder: Path, a: int, b: int, evaluation, matching, lambdas, ba
     identity = Permutations.identity(spec)
     rows = []
     ends = {}
-    for checkpoint in ("final", "init"):
+    for checkpoint in (trained, "init"):
         ends[checkpoint] = [token_loss(merger.load(i, checkpoint), evaluation, batch_size) for i in (0, 1)]
     for name in ["vanilla", *variants]:
-        row = {"pair": f"{a}-{b}", "seed": a // 2, "variant": name}
-        for checkpoint, prefix in (("final", ""), ("init", "init_")):
+        row = {"pair": f"{a}-{b}", "seed": a // 2, "variant": name, "checkpoint": trained}
+        for checkpoint, prefix in ((trained, ""), ("init", "init_")):
             merger.set_permutations([identity, variants.get(name, identity)])
             start = merger.permuted_state(0, checkpoint)
             end = merger.permuted_state(1, checkpoint, permute=name != "vanilla")
@@ -155,6 +157,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument(
+        "--checkpoint", default="final", help="the trained checkpoint to align and merge (final, or step-N saved)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     blocks = load_from_disk(str(args.blocks or blocks_folder()))
@@ -164,7 +169,9 @@ def main(argv=None) -> None:
     lambdas = [i / (args.lambdas - 1) for i in range(args.lambdas)]
     rows = []
     for a in range(0, len(nets) - 1, 2):
-        rows += measure_pair(args.pair_folder, a, a + 1, evaluation, matching, lambdas, args.batch_size, seed=a)
+        rows += measure_pair(
+            args.pair_folder, a, a + 1, evaluation, matching, lambdas, args.batch_size, seed=a, trained=args.checkpoint
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))
     meta = {

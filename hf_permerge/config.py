@@ -199,6 +199,16 @@ class DataSection(_Section):
         return normalisation_constants(self.dataset, self.normalisation)
 
 
+class FlatStop(_Section):
+    """`training.stop_when_flat`: stop each net once its held-out curve has flattened (`hf_permerge.training.flat_stop`)."""
+
+    patience: int = Field(3, ge=1)
+    """Evaluations: a net stops when the best of its last `patience` held-out losses is not more than `min_delta`
+    below the best before them."""
+    min_delta: float = Field(0.01, ge=0)
+    """Nats of held-out loss per token (test loss, for images) that count as an improvement."""
+
+
 class TrainingSection(_Section):
     num_nets: int = Field(2, ge=1)
     seed: int = 0
@@ -230,6 +240,11 @@ class TrainingSection(_Section):
     """constant: `lr` throughout; cosine: from `lr` down to 0 over the run (after the warm-up)."""
     warmup_steps: int = Field(0, ge=0)
     """Steps over which the learning rate rises linearly from 0 to `lr` (0: none)."""
+    stop_when_flat: FlatStop | None = None
+    """Stop each net when its held-out loss has flattened ({patience: P, min_delta: D}, read at every evaluation;
+    `hf_permerge.training.flat_stop`), `epochs` / `max_steps` the upper bound; its stop step and why are in its log_history.json
+    and pair.json (`stop`). None: train every net to the end. Meant with lr_schedule constant (a cosine schedule
+    flattens the curve by itself)."""
 
     @field_validator("epochs")
     @classmethod
@@ -246,6 +261,11 @@ class TrainingSection(_Section):
         if bad:
             raise ValueError(
                 f"training.save_steps must be positive step counts (step 0, the init, is always saved); got {bad}"
+            )
+        if self.stop_when_flat is not None and not self.eval_steps and not self.eval_each_epoch:
+            raise ValueError(
+                "training.stop_when_flat reads the held-out curve, but nothing evaluates it (eval_steps is null and "
+                "eval_each_epoch false); set training.eval_steps"
             )
         return self
 

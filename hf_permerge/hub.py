@@ -130,7 +130,11 @@ def _hub_call(action: str, secret: str | None, endpoint: str | None, fn, /, *arg
 def cli_message(err: BaseException) -> str:
     """An error in the words of the command line (`--token` where Python says `token=...`), also when a Hub
     error was folded into another (a mistyped local path that is no Hub repo either)."""
-    return str(err).replace("pass token=...", "pass --token")
+    return (
+        str(err)
+        .replace("pass token=...", "pass --token")
+        .replace("allow_different_tokenizers=True", "--allow-different-tokenizers")
+    )
 
 
 def check_repo_id(repo_id: str) -> None:

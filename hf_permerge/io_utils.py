@@ -4,6 +4,7 @@ made is lost."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -37,17 +38,29 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def hidden_name(name: str, suffix: str) -> str:
+    """`.NAME` + suffix, the name of a temp folder or lock beside NAME, kept under the 255 bytes a file name may have:
+    a long NAME is cut and a digest of it added, so two long names still get two names."""
+    full = f".{name}{suffix}"
+    if len(full.encode()) + 12 <= 255:  # room for tempfile's random part
+        return full
+    import hashlib
+
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f".{name.encode()[:150].decode(errors='ignore')}-{digest}{suffix}"
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike):
     """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=hidden_name(target.name, ".tmp-"), dir=target.parent))
     try:
         tmp.chmod(dir_mode())  # mkdtemp's 0700, made the mode of any new folder
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(hidden_name(target.name, f".old-{os.getpid()}"))
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -64,7 +77,7 @@ def atomic_file(path: str | os.PathLike):
     ordinary file mode (mkstemp makes 0600 files), so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=hidden_name(path.name, ".tmp-"), dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -259,7 +272,7 @@ def folder_lock(target: str | os.PathLike):
     target = Path(target)
     created = [p for p in target.parents if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = target.parent / f".{target.name}.lock"
+    path = target.parent / hidden_name(target.name, ".lock")
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -280,6 +293,7 @@ def folder_lock(target: str | os.PathLike):
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    remove_stale_leftovers(target)
     try:
         with _holding(target):
             yield path
@@ -291,6 +305,39 @@ def folder_lock(target: str | os.PathLike):
                 folder.rmdir()
             except OSError:
                 break
+
+
+def remove_stale_leftovers(target: Path) -> None:
+    """Remove the temp folders and files a killed writer of `target` left beside it (`.NAME.tmp-*`, `.NAME.old-*`):
+    called by the lock's new holder, so no live writer owns them (a killed large merge would else leak a model's
+    size of disk per kill)."""
+    prefixes = (hidden_name(target.name, ".tmp-"), hidden_name(target.name, ".old-"))
+    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+        if entry.name.startswith(prefixes) and is_leftover(entry):
+            remove_path(entry)
+
+
+def check_outside_inputs(output: str | os.PathLike, inputs, overwrite: bool = False, wording=None) -> None:
+    """Refuse an output folder that is one of the input folders or lies inside one (a merge written into a model it
+    reads), and, with `overwrite`, one that holds an input (replacing it would delete that input)."""
+    wording = wording or CLI_WORDING
+    out = Path(output).expanduser().resolve()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            continue  # a Hub id
+        path = path.resolve()
+        if out == path or path in out.parents:
+            where = "is" if out == path else "lies inside"
+            raise ValueError(
+                f"output folder {output} {where} the input {item}, which it must not write into; "
+                f"{wording.elsewhere} outside the models' folders"
+            )
+        if overwrite and out in path.parents:
+            raise ValueError(
+                f"output folder {output} holds the input {item}, which {wording.overwrite} would "
+                f"delete; {wording.elsewhere} outside the models' folders"
+            )
 
 
 OUTCOME = "hf_permerge_outcome"
@@ -310,7 +357,7 @@ def output_job(target: str | os.PathLike, replace: bool = False, into: bool = Fa
     The exception leaving carries what became of the folder (`OUTCOME`)."""
     target = Path(target)
     if replace and target.is_dir():
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        stage = Path(tempfile.mkdtemp(prefix=hidden_name(target.name, ".tmp-"), dir=target.parent))
         stage.chmod(dir_mode())
         try:
             with _holding(stage):
@@ -345,7 +392,7 @@ def _swap_in(stage: Path, target: Path, into: bool) -> None:
     pairs = [(e, target / e.name) for e in stage.iterdir()] if into else [(stage, target)]
     for new, old in pairs:
         if old.exists() or old.is_symlink():
-            aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+            aside = old.with_name(hidden_name(old.name, f".old-{os.getpid()}"))
             os.replace(old, aside)
             os.replace(new, old)
             remove_path(aside)
@@ -367,8 +414,13 @@ def folder_job(
 
     A call nested in a job of this thread on `target` or a folder above it (a command's, or `run`'s around its
     training) writes as part of that job; so do the processes of `accelerate launch`, which share the folder: both
-    get `target` and `overwrite` as they are, checked, with the caller's own replacing."""
+    get `target` and `overwrite` as they are, checked, with the caller's own replacing. A `target` that is a symbolic
+    link is written where it points (said once), so the link stays and shows the new output."""
     target = Path(target)
+    if target.is_symlink():
+        real = target.resolve()
+        logging.getLogger(__name__).warning("%s is a link to %s: writing the output there, the link kept", target, real)
+        target = real
     if written_by_this_thread(target) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         check()
         yield target, overwrite

@@ -29,7 +29,9 @@ class ActivationSettings(MatcherSettings):
         description="dtype of the n x n products of mean-shifted activations (default float32; "
         "float64: exact, 2x slower on CPUs)",
     )
-    num_examples: int = Field(10000, ge=1, description="images to use, a seeded subset of the data (default 10000)")
+    num_examples: int = Field(
+        10000, ge=1, description="examples to use (images or text sequences), a seeded subset (default 10000)"
+    )
     max_statistics_mb: int | None = Field(
         None,
         ge=1,

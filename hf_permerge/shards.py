@@ -35,6 +35,70 @@ _DTYPES = {
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
+_REDOWNLOAD = "save or download the model again"
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors file's header (name -> {dtype, shape, data_offsets}), checked against the file's size without
+    reading any tensor; a truncated file, a header length or JSON that makes no sense is a ValueError naming the
+    file and the fix."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or length > size - 8:
+            raise ValueError(
+                f"cannot read {path}: its header length ({length if length is not None else 'none'}) does not fit "
+                f"in the file's {size} bytes (a truncated or damaged safetensors file); {_REDOWNLOAD}"
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: its header is not valid JSON ({err}); {_REDOWNLOAD}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"cannot read {path}: its header is not a JSON object; {_REDOWNLOAD}")
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ValueError(f"cannot read {path}: its header lacks tensors' data_offsets; {_REDOWNLOAD}") from None
+    if 8 + length + end > size:
+        raise ValueError(
+            f"cannot read {path}: it is truncated (its header describes {8 + length + end} bytes, the file holds "
+            f"{size}); {_REDOWNLOAD}"
+        )
+    return header
+
+
+def tensor_files(folder: str | os.PathLike) -> dict[str, str]:
+    """Each tensor of a model folder with the weights file that holds it, every file's header checked
+    (`read_header`); an index naming a shard that is not there, or a tensor its shard lacks, is a ValueError
+    naming both."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME} nor {INDEX_NAME}; save the model again")
+        return dict.fromkeys(read_header(folder / WEIGHTS_NAME), WEIGHTS_NAME)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"cannot read {index}: not a JSON object with a weight_map; {_REDOWNLOAD}")
+    missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{index} names shards that are not there: {', '.join(missing[:3])}; {_REDOWNLOAD}")
+    headers = {shard: read_header(folder / shard) for shard in sorted(set(weight_map.values()))}
+    for name, shard in weight_map.items():
+        if name not in headers[shard]:
+            holder = next((s for s, h in headers.items() if name in h), None)
+            where = f"it is in {holder}" if holder else "no shard holds it"
+            raise ValueError(f"{index} maps {name} to {shard}, which lacks it ({where}); {_REDOWNLOAD}")
+    return dict(weight_map)
+
+
 class ShardedTensors(Mapping):
     """The tensors of a model folder (`model.safetensors`, or the shards `model.safetensors.index.json` names) as a
     read-only mapping from name to tensor: each lookup reads that tensor from its shard, nothing is kept.
@@ -44,20 +108,8 @@ class ShardedTensors(Mapping):
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / WEIGHTS_NAME).is_file():
-            weight_map = None
-        else:
-            raise FileNotFoundError(f"{self.folder} holds no {WEIGHTS_NAME} nor {INDEX_NAME}")
         self._handles: dict[str, object] = {}
-        if weight_map is None:
-            weight_map = dict.fromkeys(self._open(WEIGHTS_NAME).keys(), WEIGHTS_NAME)
-        missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
-        self.shard_of: dict[str, str] = weight_map
+        self.shard_of: dict[str, str] = tensor_files(self.folder)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
 
     def _open(self, shard: str):
@@ -69,6 +121,12 @@ class ShardedTensors(Mapping):
         if name not in self.shard_of:
             raise KeyError(name)
         return self._open(self.shard_of[name]).get_tensor(name)
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds `name`, or for a tensor it lacks the file that would (the index, or the one file)."""
+        if name in self.shard_of:
+            return self.folder / self.shard_of[name]
+        return self.folder / (INDEX_NAME if (self.folder / INDEX_NAME).is_file() else WEIGHTS_NAME)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._open(self.shard_of[name]).get_slice(name)[start:stop]

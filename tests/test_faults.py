@@ -347,7 +347,7 @@ def test_merge_refuses_to_save_a_model_with_a_nan_weight(tiny_pair, tmp_path, ru
     out = tmp_path / "m"
     assert run_cli("merge", pair, "--vanilla", "-o", out, "-q") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "hold NaN or inf" in err and name in err
+    assert err.count("\n") == 1 and "holds NaN or inf" in err and name in err
     assert not out.exists() and beside(out) == []
 
 

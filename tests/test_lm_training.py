@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_permerge import PermMerger
 from hf_permerge.training import PairTrainer, build_model, engines
 
 GPT2 = {"type": "transformers", "model_type": "gpt2", "config": {"n_embd": 16, "n_layer": 2, "n_head": 4}}
@@ -197,3 +198,22 @@ def test_evaluate_a_trained_pair_of_language_models(tmp_path, tiny_lm_config, ru
         assert test[path]["loss"][-1] == pytest.approx(pair["nets"][1]["test"]["loss"], rel=1e-4)
     assert (out / "text_curves.png").is_file() and (out / "permutations").is_dir()
     assert AutoModelForCausalLM.from_pretrained(out / "merged").config.model_type == "llama"
+
+
+def test_evaluate_on_a_text_pair_with_heads_kept_keeps_every_head(tmp_path, tiny_lm_config, run_cli):
+    """`alignment.heads: keep` reaches the text path's matcher: every attention group's permutation leaves each
+    head in its place (its units may move within it), while the residual stream and the MLPs still move."""
+    from hf_permerge.alignment.permutations import Permutations
+
+    PairTrainer(tiny_lm_config(training={"max_steps": 3}), tmp_path / "pair", progress=False).train()
+    out = tmp_path / "eval"
+    args = ("evaluate", tmp_path / "pair", "-q", "-o", out, "--set", "evaluation.num_lambdas=3")
+    assert run_cli(*args, "--set", "alignment.heads=keep", "--set", "alignment.matcher=weight") == 0
+    perms = Permutations.load(out / "permutations" / "net_1.safetensors")
+    merger = PermMerger.from_pretrained(tmp_path / "pair")
+    coupled = {n for c in merger.spec.couplings for n in c}
+    assert coupled  # the tiny LLaMA's attention layers move heads by default
+    for name in coupled:
+        g = merger.spec[name]
+        width = g.size // g.blocks
+        assert torch.equal(perms[name] // width, torch.arange(g.size) // width), name  # each unit in its own head

@@ -18,7 +18,7 @@ AUTO = {"bert": AutoModelForMaskedLM}
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)} | {"[UNK]": 96}, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)} | {"[UNK]": 96}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
 
@@ -74,7 +74,9 @@ def test_masked_lm_merge_loads_with_its_auto_class(tmp_path):
     assert "pipeline_tag: fill-mask" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("arch", ["llama_mha", "llama", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize(
+    "arch", ["llama_mha", "llama", "llama_mqa", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "bert"]
+)
 def test_activation_matching_on_a_dataset_of_input_ids_undoes_a_planted_permutation(tmp_path, arch):
     from datasets import Dataset
 

@@ -11,7 +11,7 @@ from hf_permerge.alignment import WeightMatcher
 from hf_permerge.alignment.tracing import attach_permutation_spec, trace
 from hf_permerge.alignment.tracing.build import permuted_share
 
-ARCHS = ["gpt2", "llama", "llama_mha", "llama_tied", "qwen2", "bert"]
+ARCHS = ["gpt2", "llama", "llama_mha", "llama_mqa", "llama_tied", "qwen2", "qwen3", "phi3", "gpt_neox", "bert"]
 
 
 def _traced(arch):
@@ -65,12 +65,17 @@ def test_grouped_query_heads_move_with_their_key_value_head(arch):
     model, traced = _traced(arch)
     spec, attn = traced.spec, "model.layers.0.self_attn"
     bias = {f"{attn}.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")} if arch == "qwen2" else set()
-    queries, keys_values = spec[f"{attn}.q_proj"], spec[f"{attn}.k_proj"]
-    assert (queries.size, queries.blocks, queries.rigid) == (32, 2, True)  # 2 groups of 2 query heads of 8 units
+    queries, keys, values = (spec[f"{attn}.{p}_proj"] for p in "qkv")
+    # 2 key/value heads of 8 units, each read by 2 query heads: the query heads of a block permute (runs)
+    assert (queries.size, queries.blocks, queries.rigid, queries.runs) == (32, 2, True, 2)
     assert _keys(queries) == {f"{attn}.q_proj.weight", f"{attn}.o_proj.weight"} | (bias & {f"{attn}.q_proj.bias"})
-    assert (keys_values.size, keys_values.blocks, keys_values.rigid) == (16, 2, True)
-    assert _keys(keys_values) == {f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"} | (bias - {f"{attn}.q_proj.bias"})
-    assert (queries.name, keys_values.name) in spec.couplings
+    assert (keys.size, keys.blocks, keys.rigid) == (16, 2, True)  # rotary: in order within a head
+    assert _keys(keys) == {f"{attn}.k_proj.weight"} | (bias & {f"{attn}.k_proj.bias"})
+    assert (values.size, values.blocks, values.rigid) == (16, 2, False)  # values move within their head ...
+    assert {k for k, _ in values.axes} == {f"{attn}.v_proj.weight"} | (bias & {f"{attn}.v_proj.bias"})
+    (key, axis, part), *_ = values.parts  # ... alike on the o_proj inputs of both query heads reading them
+    assert (key, axis, part.within, part.reps) == (f"{attn}.o_proj.weight", 1, True, 2)
+    assert (queries.name, keys.name, values.name) in spec.couplings
     assert len(spec.couplings) == model.config.num_hidden_layers and not traced.kept
 
 

@@ -12,7 +12,8 @@ VOCAB, POSITIONS = 97, 32
 
 
 def tiny(arch: str, seed: int = 0, **overrides):
-    """A small random model of `arch`: gpt2, llama (grouped-query), llama_mha, llama_tied, qwen2, bert."""
+    """A small random model of `arch`: gpt2, llama (grouped-query), llama_mha, llama_mqa, llama_tied, qwen2, qwen3,
+    phi3, gpt_neox, bert."""
     torch.manual_seed(seed)
     # weights at a trained net's scale: with the default 0.02 a tiny model is nearly linear, and a wrong spec
     # would change its logits too little for the invariance check to see
@@ -35,10 +36,29 @@ def tiny(arch: str, seed: int = 0, **overrides):
         return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **llama, **overrides))
     if arch == "llama_mha":
         return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, **llama, **overrides))
+    if arch == "llama_mqa":  # multi-query: one key/value head for every query head
+        return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=1, tie_word_embeddings=False, **llama, **overrides))
     if arch == "llama_tied":
         return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **llama, **overrides))
     if arch == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **llama, **overrides))
+    if arch == "qwen3":  # per-head q/k RMSNorm shared by every head
+        return T.Qwen3ForCausalLM(
+            T.Qwen3Config(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **llama, **overrides)
+        )
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **llama, **overrides))
+    if arch == "gpt_neox":  # per-head interleaved query_key_value, partial rotary
+        cfg = T.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            **common,
+            **overrides,
+        )
+        return T.GPTNeoXForCausalLM(cfg)
     if arch == "bert":
         cfg = T.BertConfig(
             hidden_size=32,
@@ -105,7 +125,19 @@ def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
         elif is_gpt2 and name.endswith("c_proj") and t.shape[-1] == d:
             sd[key] = t[..., r]
         elif t.ndim == 2 and name.endswith(
-            ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", ".query", ".key", ".value", "intermediate.dense")
+            (
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "qkv_proj",
+                "gate_proj",
+                "up_proj",
+                "gate_up_proj",
+                ".query",
+                ".key",
+                ".value",
+                "intermediate.dense",
+            )
         ):
             cols(key, r)
         elif name.endswith(("o_proj", "down_proj", "attention.output.dense", "output.dense")) and t.shape[0] == d:
@@ -140,8 +172,11 @@ def planted_permutation(model, seed: int = 1) -> dict[str, torch.Tensor]:
         else:
             base = f"model.layers.{i}.mlp"
             p = _rand(cfg.intermediate_size, gen)
-            rows(f"{base}.gate_proj.weight", p)
-            rows(f"{base}.up_proj.weight", p)
+            if f"{base}.gate_up_proj.weight" in sd:  # Phi-3: rows [gate | up], one permutation for both halves
+                rows(f"{base}.gate_up_proj.weight", torch.cat([p, cfg.intermediate_size + p]))
+            else:
+                rows(f"{base}.gate_proj.weight", p)
+                rows(f"{base}.up_proj.weight", p)
             cols(f"{base}.down_proj.weight", p)
             _move_rotary_heads(sd, cfg, f"model.layers.{i}.self_attn", gen)
     return sd
@@ -201,17 +236,26 @@ def _planted_neox(sd, cfg, gen) -> dict:
 
 def _move_rotary_heads(sd, cfg, base, gen) -> None:
     """Whole heads of a rotary attention layer, from `modeling_llama.py`: key/value head j moves to slot i with its
-    `heads / kv_heads` consecutive query heads (`repeat_kv`) and their output projection's columns; the units keep
-    their order inside each head (rotary pairs unit u with u + head_dim / 2), except the values' with one value head
-    per query head, which move within their head too."""
+    `heads / kv_heads` consecutive query heads (`repeat_kv`), which permute among themselves, and their output
+    projection's columns; query and key units keep their order inside each head (rotary pairs unit u with
+    u + head_dim / 2); a key/value head's value units move within it, alike on the output-projection columns of
+    every query head that reads it."""
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     width = cfg.hidden_size // heads
-    sigma = _rand(kv_heads, gen)
-    per_kv = torch.arange((heads // kv_heads) * width)
-    query = torch.cat([int(s) * len(per_kv) + per_kv for s in sigma])
+    group = heads // kv_heads  # query heads per key/value head
+    sigma = _rand(kv_heads, gen)  # slot i takes key/value head sigma[i]
+    taus = [_rand(group, gen) for _ in sigma]  # ... and its query heads in the order tau
+    units = [_rand(width, gen) for _ in sigma]  # ... and its value units in this order
+    query = torch.cat(
+        [(int(s) * group + int(t)) * width + torch.arange(width) for s, ts in zip(sigma, taus) for t in ts]
+    )
     key = torch.cat([int(s) * width + torch.arange(width) for s in sigma])
-    value = key if kv_heads != heads else torch.cat([int(s) * width + _rand(width, gen) for s in sigma])
-    output = query if kv_heads != heads else value
+    value = torch.cat([int(s) * width + u for s, u in zip(sigma, units)])
+    # o_proj's inputs: query head (s, t)'s outputs, which are its key/value head's values: in their new order
+    output = torch.cat([(int(s) * group + int(t)) * width + u for s, ts, u in zip(sigma, taus, units) for t in ts])
+    if f"{base}.qkv_proj.weight" in sd:  # Phi-3 (modeling_phi3.py): one projection, rows [q | k | v]
+        q, kv = heads * width, kv_heads * width
+        sd[f"{base}.qkv_proj.weight"] = sd[f"{base}.qkv_proj.weight"][torch.cat([query, q + key, q + kv + value])]
     for name, p in (("q_proj", query), ("k_proj", key), ("v_proj", value)):
         for kind in ("weight", "bias"):
             if f"{base}.{name}.{kind}" in sd:

@@ -461,13 +461,13 @@ class ActivationMatcher(Matcher):
                         held.append((k, g, sims[g]))
                         coupled = spec.coupling_of(g)
                         if coupled is None:
-                            solver.submit((k, g), sims[g], spec[g].blocks, spec[g].rigid)
+                            solver.submit((k, g), sims[g], spec[g].blocks, spec[g].rigid_runs)
                         elif all(n in sims for n in coupled):  # an attention layer's groups move their heads together
                             solver.submit_coupled(
                                 tuple((k, n) for n in coupled),
                                 [sims[n] for n in coupled],
                                 spec[g].blocks,
-                                [spec[n].rigid for n in coupled],
+                                [spec[n].rigid_runs for n in coupled],
                             )
                     del sims
                     if len(passes) > 1:

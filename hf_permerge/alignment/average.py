@@ -160,7 +160,7 @@ def align_activations_jointly(
                 sims[i, j, g] = similarity.to("cpu", torch.float32)
                 if i == 0 and start is None:
                     to_net_0[j][g] = similarity
-                    solver.submit((j, g), similarity, spec[g].blocks, spec[g].rigid)
+                    solver.submit((j, g), similarity, spec[g].blocks, spec[g].rigid_runs)
         solved = solver.results()
     del stats
     if start is None:
@@ -198,7 +198,7 @@ def align_activations_jointly(
                     continue  # the other nets' units in this group have not moved since
                 solved_at[i, g] = changes
                 c = cost(i, g)
-                found = solve_assignment(c, spec[g].blocks, previous=potentials[i, g], rigid=spec[g].rigid)
+                found = solve_assignment(c, spec[g].blocks, previous=potentials[i, g], rigid=spec[g].rigid_runs)
                 current = matched_similarity(c, perms[i][g])
                 if matched_similarity(c, found) - current > tolerance * max(1.0, abs(current)):
                     converged = False

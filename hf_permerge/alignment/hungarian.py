@@ -118,6 +118,30 @@ def solve_on_host(s: torch.Tensor, blocks: int = 1, duals=None) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(cols)).long()
 
 
+def within_block(sub: np.ndarray, rigid: int = 0) -> tuple[np.ndarray, float]:
+    """(cols, value): the best assignment of one diagonal or block-pair sub-matrix under a group's rigidity: free
+    (rigid 0), the identity (rigid 1: the block keeps its order), or `rigid` runs of consecutive units moved as
+    wholes, each scored by its sub-block's trace (the query heads of a grouped-query block)."""
+    w = len(sub)
+    if not rigid:
+        rows, cols = linear_sum_assignment(sub, maximize=True)
+        return cols, float(sub[rows, cols].sum())
+    if rigid == 1:
+        return np.arange(w), float(np.trace(sub))
+    q = w // rigid
+    traces = sub.reshape(rigid, q, rigid, q).diagonal(axis1=1, axis2=3).sum(-1)  # [a, b]: run b in run a's place
+    rows, cols = linear_sum_assignment(traces, maximize=True)
+    return (cols[:, None] * q + np.arange(q)).reshape(-1), float(traces[rows, cols].sum())
+
+
+def solve_rigid(similarity: torch.Tensor, blocks: int, rigid: int) -> torch.Tensor:
+    """A rigid group alone (without its coupling): its blocks stay, its runs move within them (`within_block`)."""
+    s = similarity.detach().to("cpu", torch.float64).numpy()
+    w = len(s) // blocks
+    cols = [within_block(s[b * w : (b + 1) * w, b * w : (b + 1) * w], rigid)[0] + b * w for b in range(blocks)]
+    return torch.from_numpy(np.concatenate(cols)).long()
+
+
 def solve_assignment(
     similarity: torch.Tensor,
     blocks: int = 1,
@@ -128,14 +152,15 @@ def solve_assignment(
     """The permutation maximising `sum_i similarity[i, perm[i]]` (exact: float64, CPU, SciPy).
 
     blocks > 1: units stay within their block of `n / blocks` consecutive units (attention heads), so each
-    diagonal block is its own, smaller assignment. rigid: the units also keep their order within each block
-    (`PermGroup.rigid`), so alone (without its coupling) the group's only permutation is the identity.
+    diagonal block is its own, smaller assignment. rigid (`PermGroup.rigid_runs`): True or 1, the units also keep
+    their order within each block, so alone (without its coupling) the group's only permutation is the identity;
+    r > 1, only whole runs of n / blocks / r units move within each block.
     warm_start: see the module docstring and `uses_warm_start`.
     previous: a dict kept by the caller between solves of one slowly changing matrix whose columns stay the same
     units (coordinate ascent); the warm start then begins from the last solve's column potentials, at the
     coldest temperature only. It changes how fast the optimum is found, never which."""
     if rigid:
-        return torch.arange(len(similarity))
+        return torch.arange(len(similarity)) if int(rigid) == 1 else solve_rigid(similarity, blocks, int(rigid))
     s, duals = to_host(similarity, blocks, warm_start, previous)
     return solve_on_host(s, blocks, duals)
 
@@ -146,24 +171,19 @@ def solve_coupled(similarities, blocks: int, rigid=()) -> list[torch.Tensor]:
     Block j of the other net goes to slot-block i for every group at once: block pairs are scored by the
     summed value of each group's best within-block assignment, the block map is the assignment maximising
     that score, and each group's units are then assigned within the chosen block pairs (exact for this
-    two-level structure: the objective is separable once the block map is fixed). rigid[k]: group k keeps its
-    units' order within blocks (`PermGroup.rigid`): its within-block assignment is the identity, its block-pair
-    score the trace of the sub-block."""
+    two-level structure: the objective is separable once the block map is fixed). rigid[k]
+    (`PermGroup.rigid_runs`): group k keeps its units' order within blocks, its block-pair score the trace of the
+    sub-block, or (r > 1) moves whole runs within them (`within_block`)."""
     mats = [s.detach().to("cpu", torch.float64).numpy() for s in similarities]
-    rigid = tuple(rigid) + (False,) * (len(mats) - len(rigid))
+    rigid = tuple(int(r) for r in rigid) + (0,) * (len(mats) - len(rigid))
     inner: dict = {}
     score = np.zeros((blocks, blocks))
     for i in range(blocks):
         for j in range(blocks):
             for k, s in enumerate(mats):
                 w = s.shape[0] // blocks
-                sub = s[i * w : (i + 1) * w, j * w : (j + 1) * w]
-                if rigid[k]:
-                    rows = cols = np.arange(w)
-                else:
-                    rows, cols = linear_sum_assignment(sub, maximize=True)
-                inner[k, i, j] = cols
-                score[i, j] += sub[rows, cols].sum()
+                inner[k, i, j], value = within_block(s[i * w : (i + 1) * w, j * w : (j + 1) * w], rigid[k])
+                score[i, j] += value
     _, block_map = linear_sum_assignment(score, maximize=True)
     return [
         torch.from_numpy(
@@ -204,8 +224,8 @@ class AssignmentSolver:
         self._coupled: dict[tuple, Future] = {}  # names -> one future giving their permutations in order
 
     def submit(self, name: Hashable, similarity: torch.Tensor, blocks: int = 1, rigid: bool = False) -> None:
-        if rigid:  # alone, a rigid group stays in place (`solve_assignment`)
-            self._futures[name] = self._pool.submit(torch.arange, len(similarity))
+        if rigid:  # alone, a rigid group stays in place, or moves its runs (`solve_assignment`)
+            self._futures[name] = self._pool.submit(solve_assignment, similarity.detach().cpu(), blocks, rigid=rigid)
             return
         # The warm start and the device->host copy happen here, on the caller's thread (see `to_host`).
         s, duals = to_host(similarity, blocks, self.warm_start)

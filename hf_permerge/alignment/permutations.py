@@ -105,7 +105,14 @@ class Permutations(Mapping[str, torch.Tensor]):
         def one(g):
             width = g.size // g.blocks  # whole blocks move as the coupling's map says; within, anything (not rigid)
             sigma = block_maps.get(g.name, torch.arange(g.blocks))
-            within = (lambda: torch.arange(width)) if g.rigid else (lambda: torch.randperm(width, generator=gen))
+            run = width // g.runs  # a rigid group's runs move as wholes within their block, in order inside
+
+            def within():
+                if not g.rigid:
+                    return torch.randperm(width, generator=gen)
+                order = torch.randperm(g.runs, generator=gen) if g.runs > 1 else torch.zeros(1, dtype=torch.long)
+                return (order[:, None] * run + torch.arange(run)).reshape(-1)
+
             return torch.cat([sigma[b] * width + within() for b in range(g.blocks)])
 
         return cls({g.name: one(g) for g in spec.groups}, {"matcher": "random", "settings": {"seed": seed}})
@@ -135,6 +142,12 @@ class Permutations(Mapping[str, torch.Tensor]):
                 )
         maps = {}
         for g in spec.groups:
+            run = g.size // g.blocks // g.runs
+            if g.rigid and not (self._perms[g.name].view(-1, run) % run == torch.arange(run)).all():
+                raise ValueError(
+                    f"permutation of group {g.name!r} reorders units within its blocks, which must keep their "
+                    "order (a rotary embedding pairs each head's units by position)"
+                )
             if g.blocks == 1:
                 continue
             width = g.size // g.blocks
@@ -146,11 +159,6 @@ class Permutations(Mapping[str, torch.Tensor]):
                 raise ValueError(
                     f"permutation of group {g.name!r} moves units between its {g.blocks} blocks "
                     "(attention heads), which would change the model's function"
-                )
-            if g.rigid and not (self._perms[g.name].view(g.blocks, width) % width == torch.arange(width)).all():
-                raise ValueError(
-                    f"permutation of group {g.name!r} reorders units within its blocks, which must keep their "
-                    "order (a rotary embedding pairs each head's units by position)"
                 )
             if coupled is not None and not torch.equal(maps.setdefault(coupled, source[:, 0]), source[:, 0]):
                 raise ValueError(f"groups {coupled} must move their blocks (heads) alike; {g.name!r} does not")

@@ -50,7 +50,7 @@ def repeat_layers(
             (*_template(key, traced_layers), axis, part) for key, axis, part in g.parts
         ]  # (key template, layer, axis, part or None for the whole axis)
         if layer is not None and all(i == layer for _, i, _, _ in axes):
-            key = (name, tuple((k, a, p) for k, _, a, p in axes), g.size, g.blocks, g.rigid)
+            key = (name, tuple((k, a, p) for k, _, a, p in axes), g.size, g.blocks, g.rigid, g.runs)
             seen[layer].append(key)
             if layer == 0:
                 per_layer.append((name, key[1], g))

@@ -28,6 +28,10 @@ class AxisPart:
     stride: int = 0
     reps: int = 1
     rep_stride: int = 0
+    within: bool = False
+    """Only the part of the group's permutation inside its blocks acts here, before the axis's other groups: one
+    key/value head's value units, permuted alike on the output-projection inputs of every query head that reads it,
+    while the query-head group moves those inputs by whole heads."""
 
     def __post_init__(self):
         if self.start < 0 or self.width < 1 or self.reps < 1 or (self.reps > 1 and self.rep_stride < 1):
@@ -41,6 +45,7 @@ class AxisPart:
 
     def __str__(self) -> str:
         rep = f", x{self.reps} every {self.rep_stride}" if self.reps > 1 else ""
+        rep += ", within blocks" if self.within else ""
         return f"[{self.start}: {self.width} every {self.stride}{rep}]" if self.stride else f"[{self.start}:{rep}]"
 
 
@@ -68,6 +73,10 @@ class PermGroup:
     """Each block keeps its units in order: only whole blocks move, through a coupling (a rotary embedding pairs
     the units within each head by position, but treats every head alike). Matching gives such a group the identity
     within each block."""
+    runs: int = 1
+    """A rigid group's blocks hold `runs` equal runs of units (the query heads sharing one key/value head) that move
+    as wholes within their block, each keeping its order: the query heads of a grouped-query block permute among
+    themselves. 1: the block keeps its order."""
     parts: tuple[tuple[str, int, AxisPart], ...] = ()
     """(state-dict key, axis, part) triples: the group permutes only that part of the axis, other groups the rest
     (the q | k | v parts of a fused projection). A group may hold two parts of one axis (GPT-2's queries and keys
@@ -80,8 +89,19 @@ class PermGroup:
             raise ValueError(
                 f"permutation group {self.name!r}: {self.size} units do not split into {self.blocks} equal blocks"
             )
-        if self.rigid and self.blocks < 2:
-            raise ValueError(f"permutation group {self.name!r} is rigid but has no blocks to move (blocks < 2)")
+        if self.runs < 1 or (self.size // self.blocks) % self.runs or (self.runs > 1 and not self.rigid):
+            raise ValueError(
+                f"permutation group {self.name!r}: runs={self.runs} must divide its {self.size // self.blocks} units "
+                "per block, and runs > 1 needs a rigid group"
+            )
+        if self.rigid and self.blocks < 2 and self.runs < 2:
+            raise ValueError(f"permutation group {self.name!r} is rigid but has no blocks or runs to move")
+
+    @property
+    def rigid_runs(self) -> int:
+        """What the solvers take as `rigid`: 0 (units move freely within blocks), or the number of rigid runs per
+        block that may permute among themselves (1: the block keeps its order)."""
+        return self.runs if self.rigid else 0
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,7 @@ class PermutationSpec:
         renamed: dict[str, str] = {}
         for g in self.groups:
             h = theirs.get(frozenset(g.axes) | frozenset(g.parts))
-            if h is None or (h.size, h.blocks, h.rigid) != (g.size, g.blocks, g.rigid):
+            if h is None or (h.size, h.blocks, h.rigid, h.runs) != (g.size, g.blocks, g.rigid, g.runs):
                 return False
             renamed[g.name] = h.name
         if len(set(renamed.values())) != len(other.groups):
@@ -180,17 +200,21 @@ class PermutationSpec:
                         f"permutation group {names[0]!r} names axis {axis} of {key!r} with shape {tuple(t.shape)}"
                     )
                 if any(part is None for _, part in entries):
-                    if len(entries) > 1:
+                    if len([e for e in entries if e[1] is None or not e[1].within]) > 1:
                         raise ValueError(f"permutation groups {names} all name axis {axis} of {key!r} whole")
-                    if t.shape[axis] != self[names[0]].size:
+                    whole = next(n for n, part in entries if part is None)
+                    if t.shape[axis] != self[whole].size:
                         raise ValueError(
-                            f"permutation group {names[0]!r} (size {self[names[0]].size}) does not fit axis {axis} "
+                            f"permutation group {whole!r} (size {self[whole].size}) does not fit axis {axis} "
                             f"of {key!r} with shape {tuple(t.shape)}"
                         )
-                    continue
                 taken = torch.zeros(t.shape[axis], dtype=torch.bool)
                 for name, part in entries:
+                    if part is None:
+                        continue
                     pos = part.positions(self[name].size).flatten()
+                    if part.within and int(pos.max()) < t.shape[axis] and len(pos.unique()) == len(pos):
+                        continue  # it reorders units inside positions the axis's other groups move whole
                     if int(pos.max()) >= t.shape[axis] or taken[pos].any() or len(pos.unique()) != len(pos):
                         raise ValueError(
                             f"permutation group {name!r} (size {self[name].size}) part {part} does not fit axis "
@@ -200,31 +224,49 @@ class PermutationSpec:
 
 
 def axis_index(
-    size: int, entries, perms: Mapping[str, torch.Tensor], spec_sizes: Mapping[str, int], except_group=None
+    size: int, entries, perms: Mapping[str, torch.Tensor], groups: Mapping[str, PermGroup], skip=lambda g, part: False
 ) -> torch.Tensor | None:
     """The gather index of one axis of `size` positions under its groups' permutations (None: nothing moves).
-    Position P(j) takes what stood at P(perm[j]), for each part P of the axis; a whole-axis group is its own index."""
-    index = None
+    Position P(j) takes what stood at P(perm[j]), for each part P of the axis; a whole-axis group is its own index.
+    A `within` part acts first, on the positions as they are: each unit moves inside its own block to where the
+    group's permutation puts it relative to that block. `skip(group, part)`: entries left out."""
+    index, within = None, None
     for group, part in entries:
-        if group == except_group or group not in perms:
+        if skip(group, part) or group not in perms:
             continue
-        perm = perms[group]
-        if part is None:
-            return perm
-        index = torch.arange(size) if index is None else index
-        pos = part.positions(spec_sizes[group])
-        index[pos] = pos[perm.cpu()]
-    return index
+        perm, g = perms[group].cpu(), groups[group]
+        if part is not None and part.within:
+            width = g.size // g.blocks
+            units = torch.arange(g.size)
+            moved = torch.empty_like(perm)
+            moved[(perm // width) * width + units % width] = perm  # source unit -> its unit after the move, in place
+            pos = part.positions(g.size)
+            within = torch.arange(size) if within is None else within
+            within[pos] = pos[moved]
+        elif part is None:
+            index = perm
+        else:
+            index = torch.arange(size) if index is None else index
+            pos = part.positions(g.size)
+            index[pos] = pos[perm]
+    if within is None:
+        return index
+    return within if index is None else within[index]
 
 
-def _permute_axes(spec: PermutationSpec, key: str, tensor: torch.Tensor, perms, except_group=None, except_axis=None):
-    """The single place a tensor is permuted: every axis whose groups have a permutation (but `except_group`)."""
-    sizes = None
+def _permute_axes(
+    spec: PermutationSpec, key: str, tensor: torch.Tensor, perms, except_group=None, except_axis=None, axis_group=None
+):
+    """The single place a tensor is permuted: every axis whose groups have a permutation (but `except_group`); on
+    `except_axis` only the `within` parts of groups other than `axis_group` (weight matching's view of one axis)."""
+    groups = None
     for axis, entries in spec.layout.get(key, {}).items():
         if axis == except_axis:
-            continue
-        sizes = sizes or {g.name: g.size for g in spec.groups}
-        index = axis_index(tensor.shape[axis], entries, perms, sizes, except_group)
+            skip = lambda g, part: part is None or not part.within or g == axis_group  # noqa: E731
+        else:
+            skip = lambda g, part: g == except_group  # noqa: E731
+        groups = groups or {g.name: g for g in spec.groups}
+        index = axis_index(tensor.shape[axis], entries, perms, groups, skip)
         if index is not None:
             tensor = torch.index_select(tensor, axis, index.to(tensor.device))
     return tensor
@@ -237,9 +279,11 @@ def permute_tensor(
     perms: Mapping[str, torch.Tensor],
     except_group: str | None = None,
     except_axis: int | None = None,
+    axis_group: str | None = None,
 ) -> torch.Tensor:
-    """Apply every group's permutation that acts on `key` (optionally all but one group, or all but one axis)."""
-    return _permute_axes(spec, key, tensor, perms, except_group, except_axis)
+    """Apply every group's permutation that acts on `key` (optionally all but one group, or all but one axis: there,
+    only the `within` parts of groups other than `axis_group`)."""
+    return _permute_axes(spec, key, tensor, perms, except_group, except_axis, axis_group)
 
 
 def apply_permutations(

@@ -49,9 +49,13 @@ def group_similarity(
                 continue
             if solved is not None and not spec.groups_on(key) - {group} <= solved:
                 continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
+            if part is not None and part.within:
+                b_k = permute_tensor(spec, key, b[key], perms, except_group=group).movedim(axis, 0)
+                _add_within(total, g, part, a[key].movedim(axis, 0), b_k)
+                continue
             # every other axis at its current permutation: for a tensor carrying this group on two axes
             # (P W P^T) each axis's term is the objective linearised at the group's current permutation
-            b_k = permute_tensor(spec, key, b[key], perms, except_axis=axis).movedim(axis, 0)
+            b_k = permute_tensor(spec, key, b[key], perms, except_axis=axis, axis_group=group).movedim(axis, 0)
             a_k = a[key].movedim(axis, 0)
             if part is not None:  # the group's own positions of a shared axis (each repeat counts)
                 pos = part.positions(g.size)
@@ -61,6 +65,19 @@ def group_similarity(
             for j in range(0, a_k.shape[1], step):
                 total.addmm_(a_k[:, j : j + step].to(dtype), b_k[:, j : j + step].to(dtype).T)
     return total
+
+
+def _add_within(total: torch.Tensor, g, part, a_k: torch.Tensor, b_k: torch.Tensor) -> None:
+    """A `within` part's term (both tensors with the axis first; b's with the axis's other groups applied, which
+    moved its blocks): slot-block i of a meets what now stands in block i of b, and unit j of every column block
+    scores as unit j there (the block map itself is the coupling's, decided by the other terms)."""
+    width = g.size // g.blocks
+    pos = part.positions(g.size)
+    a_k = a_k[pos].reshape(g.size, -1).to(total.dtype)
+    b_k = b_k[pos].reshape(g.size, -1).to(total.dtype)
+    for i in range(g.blocks):
+        rows = slice(i * width, (i + 1) * width)
+        total[rows] += (a_k[rows] @ b_k[rows].T).repeat(1, g.blocks)
 
 
 def coordinate_descent(
@@ -94,6 +111,10 @@ def coordinate_descent(
                 if other_axis != axis:
                     for n, _ in entries:
                         neighbours[n].update(o for o, _ in others)
+            if any(part is not None and part.within for _, part in entries):  # a within part sees the others move
+                names = {n for n, _ in entries}
+                for n in names:
+                    neighbours[n].update(names - {n})
     changes, changed_at, solved_at = 0, dict.fromkeys(spec.names, 0), dict.fromkeys(spec.names, -1)
     final: dict[str, tuple[object, int]] = {}  # group -> (kept similarity, `changes` when it was computed)
     potentials = {g: {} for g in spec.names} if potentials is None else potentials
@@ -104,7 +125,7 @@ def coordinate_descent(
         for group in bar(spec.names, "layer-by-layer pass"):
             s = similarity(group, perms, solved)
             perms[group] = solve_assignment(
-                s, spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid
+                s, spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid_runs
             )
             if neighbours[group] <= solved:  # every tensor of the group counted: its full objective
                 final[group] = (keep(s, perms[group]), changes)
@@ -128,11 +149,14 @@ def coordinate_descent(
                 solved_at[n] = changes
             sims = [similarity(n, perms, None) for n in unit]
             new = (
-                solve_coupled(sims, spec[group].blocks, [spec[n].rigid for n in unit])
+                solve_coupled(sims, spec[group].blocks, [spec[n].rigid_runs for n in unit])
                 if len(unit) > 1
                 else [
                     solve_assignment(
-                        sims[0], spec[group].blocks, previous=potentials.setdefault(group, {}), rigid=spec[group].rigid
+                        sims[0],
+                        spec[group].blocks,
+                        previous=potentials.setdefault(group, {}),
+                        rigid=spec[group].rigid_runs,
                     )
                 ]
             )

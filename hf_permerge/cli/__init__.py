@@ -7,6 +7,7 @@ and exit codes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -43,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def one_line(err: BaseException, message: str) -> str:
+    """An error's message on one line; a full disk said as such, whatever raised it."""
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in message:
+        where = getattr(err, "filename", None)
+        return (
+            f"no space left on the disk{f' of {where}' if where else ''} while writing; free space there or "
+            "choose an --output-dir on another disk"
+        )
+    return " ".join(message.split())
+
+
 def _run(args) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -66,10 +78,22 @@ def _run(args) -> int:
 
         outcome = getattr(err, OUTCOME, "")
         print(
-            f"hf-permerge {args.command}: error: {cli_message(err)}" + (f" ({outcome})" if outcome else ""),
+            f"hf-permerge {args.command}: error: {one_line(err, cli_message(err))}"
+            + (f" ({outcome})" if outcome else ""),
             file=sys.stderr,
         )
         return 2
+    except Exception as err:  # noqa: BLE001 - a bug or an error of a library we did not foresee: still one line
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(
+            f"hf-permerge {args.command}: error: {type(err).__name__}: {one_line(err, str(err))} (unexpected: "
+            "run again with -v for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt as err:
         from ..io_utils import OUTCOME
 

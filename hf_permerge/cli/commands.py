@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..io_utils import check_outside_inputs
 from .jobs import job
 from .options import (
     check_merge_options,
@@ -32,6 +33,9 @@ def cmd_align(args) -> int:
     if args.output_dir is None and args.write_aligned is None:
         raise ValueError("say where to write: --output-dir for the permutations, --write-aligned for aligned models")
     perms_out, aligned_out = args.output_dir, args.write_aligned
+    for out in (perms_out, aligned_out):
+        if out is not None:
+            check_outside_inputs(out, args.pair, args.overwrite)
     aligned = functools.partial(check_save_target, aligned_out, args.overwrite, "aligned model", CLI_WORDING)
     if aligned_out is not None:
         aligned()
@@ -40,11 +44,10 @@ def cmd_align(args) -> int:
         if perms_out is not None
         else aligned
     )
-    check()  # before any data is read, and again under the job's lock
-    data = data_source(args)
+    check()  # before any data is read, and again under the job's lock, taken before any work
     args.output_dir = perms_out or aligned_out  # the job's folder
     with job(args, check) as (out, overwrite):
-        merger = merger_for(args, data, on)
+        merger = merger_for(args, data_source(args), on)
         perms = merger.align(matcher=matcher, checkpoint=args.align_checkpoint, **reference, **settings)
         if perms_out is not None:
             merger.save_permutations(out)
@@ -72,15 +75,15 @@ def cmd_merge(args) -> int:
 
     on = device(args)
     check_merge_options(args)
+    check_outside_inputs(args.output_dir, args.pair, args.overwrite)
     if args.streamed:
         return merge_streamed_cli(args)
     matcher, settings = matching(args)
     reference = reference_args(args)
     check = functools.partial(check_save_target, args.output_dir, args.overwrite, wording=CLI_WORDING)
-    check()  # before any data is read, and again under the job's lock
-    data = data_source(args)
+    check()  # before any data is read, and again under the job's lock, taken before any work
     with job(args, check) as (out, overwrite):
-        merger = merger_for(args, data, on)
+        merger = merger_for(args, data_source(args), on)
         merger.check_repair(args.repair)
         if args.permutations:
             merger.load_permutations(args.permutations)
@@ -99,42 +102,48 @@ def cmd_merge(args) -> int:
 def merge_streamed_cli(args) -> int:
     """merge --streamed: two checkpoint folders, read and written tensor by tensor; weight matching, or activation
     matching on a text --dataset with both models read layer by layer."""
+    from ..io_utils import CLI_WORDING
+    from ..merging.merger import check_save_target
     from ..merging.streamed import merge_streamed
 
     check_streamed_options(args)
     matcher, settings = matching(args)
-    options = {}
-    if matcher == "weight":
-        options = {k: v for k, v in settings.items() if k in ("max_iter", "seed", "bottom_up")}
-    else:
-        from ..merging.offloaded import checkpoint_tokens
+    check = functools.partial(check_save_target, args.output_dir, args.overwrite, wording=CLI_WORDING)
+    check()  # before any data is read, and again under the job's lock, taken before any work
+    with job(args, check) as (out, overwrite):
+        options = {}
+        if matcher == "weight":
+            options = {k: v for k, v in settings.items() if k in ("max_iter", "seed", "bottom_up")}
+        else:
+            from ..merging.offloaded import checkpoint_tokens
 
-        source = data_source(args)
-        data = checkpoint_tokens(
+            source = data_source(args)
+            data = checkpoint_tokens(
+                args.pair[0],
+                source["dataset"],
+                args.text_column,
+                settings.get("num_examples", 10000),
+                settings.get("seed", 0),
+            )
+            stats = settings.pop("max_statistics_mb", None)
+            options = {
+                "matcher": "activation",
+                "data": data,
+                "activation_settings": {k: v for k, v in settings.items() if k not in ("num_examples", "seed")},
+                **({"max_statistics_mb": stats} if stats is not None else {}),
+            }
+        merge_streamed(
             args.pair[0],
-            source["dataset"],
-            args.text_column,
-            settings.get("num_examples", 10000),
-            settings.get("seed", 0),
+            args.pair[1],
+            out,
+            0.5 if args.alpha is None else args.alpha,
+            max_shard_size=args.max_shard_size,
+            overwrite=overwrite,
+            allow_different_tokenizers=args.allow_different_tokenizers,
+            progress=not args.quiet,
+            log=print if not args.quiet else (lambda _: None),
+            **options,
         )
-        stats = settings.pop("max_statistics_mb", None)
-        options = {
-            "matcher": "activation",
-            "data": data,
-            "activation_settings": {k: v for k, v in settings.items() if k not in ("num_examples", "seed")},
-            **({"max_statistics_mb": stats} if stats is not None else {}),
-        }
-    merge_streamed(
-        args.pair[0],
-        args.pair[1],
-        args.output_dir,
-        0.5 if args.alpha is None else args.alpha,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        log=print if not args.quiet else (lambda _: None),
-        **options,
-    )
     print(f"merged model: {args.output_dir}")
     return 0
 
@@ -168,6 +177,7 @@ def cmd_evaluate(args) -> int:
     on = device(args)
     config = load_config(args.config) if args.config else None
     check_evaluate_overrides(args.overrides)
+    check_outside_inputs(args.output_dir, args.pair)  # a run folder holding its pair is the one legal overlap
     check = functools.partial(check_evaluate_output, args.output_dir, args.overwrite)
     check()  # before the held-out text is read
     heldout = heldout_text(args)
@@ -184,6 +194,7 @@ def cmd_evaluate(args) -> int:
             token=args.token,
             revision=args.revision,
             heldout=heldout,
+            allow_different_tokenizers=args.allow_different_tokenizers,
         )
     print(f"report: {args.output_dir}/report.json")
     return 0

@@ -75,7 +75,13 @@ def merger_for(args, data: dict | None, on):
     from ..merging import PermMerger
 
     source = args.pair[0] if len(args.pair) == 1 else args.pair
-    merger = PermMerger.from_pretrained(source, device=on, token=args.token, revision=args.revision)
+    merger = PermMerger.from_pretrained(
+        source,
+        device=on,
+        token=args.token,
+        revision=args.revision,
+        allow_different_tokenizers=getattr(args, "allow_different_tokenizers", False),
+    )
     if data is not None:
         merger.use_data(**{**data, "dataset": data["dataset"] or merger.dataset_name()})
     return merger
@@ -140,7 +146,7 @@ def heldout_text(args) -> dict | None:
     """evaluate's --dataset (held-out text for language models given as folders) as {"dataset", "text_column"},
     read before any model is loaded; None when not given."""
     if args.dataset is None:
-        for flag in ("dataset_split", "text_column"):
+        for flag in ("dataset_split", "text_column", "align_dataset"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} qualifies --dataset (held-out text); add --dataset")
         return None
@@ -152,7 +158,11 @@ def heldout_text(args) -> dict | None:
     if split is None and (Path(args.dataset) / "test").is_dir():  # a saved DatasetDict: its held-out split
         split = "test"
     data, _ = load_dataset_source(args.dataset, split, args.text_column)
-    return {"dataset": data, "text_column": args.text_column}
+    align = getattr(args, "align_dataset", None)
+    if align is not None and Path(align).expanduser().resolve() == Path(args.dataset).expanduser().resolve():
+        raise ValueError("--align-dataset is the held-out --dataset: align on other text, or drop --align-dataset")
+    aligned_on = load_dataset_source(align, None, args.text_column)[0] if align is not None else None
+    return {"dataset": data, "text_column": args.text_column, "align": aligned_on}
 
 
 def check_streamed_options(args) -> None:

@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "merge",
         help="merge a pair: align, then average weights (trained, init or a step)",
-        description="Writes OUT as an HF model folder (loads with AutoModelForImageClassification after "
-        "`import hf_permerge`), with merge_config.json, a model card and (unless --vanilla) "
-        "the permutations.",
+        description="Writes OUT as an HF model folder that loads with the Auto class of its kind "
+        "(AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForImageClassification; our own image models after "
+        "`import hf_permerge`), with its tokenizer or image processor, merge_config.json, a model card and "
+        "(unless --vanilla) the permutations.",
         epilog=EPILOG,
     )
     _add_pair_arg(p)
@@ -159,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("repair", "reset_bn"),
         default=None,
         help="after averaging: REPAIR (each unit's pre-activation statistics set to the endpoints' "
-        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 images of the data (--dataset)",
+        "interpolation) or reset_bn (BatchNorm statistics recomputed), on 5000 examples of the data (--dataset); "
+        "what a model admits is said before any work (a LayerNorm transformer has no BatchNorm to reset, and "
+        "REPAIR needs layers it can fold a correction into)",
     )
     p.add_argument(
         "--streamed",
@@ -209,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the split of a --dataset folder or Hub id (default: a saved DatasetDict's test, else train)",
     )
     t.add_argument("--text-column", help="the column of --dataset holding text (default: input_ids, else 'text')")
+    _add_tokenizer_flag(t)
+    t.add_argument(
+        "--align-dataset",
+        help="other text to align on with a data matcher (--set alignment.matcher=activation): a file, folder or "
+        "Hub id as --dataset takes (default: weight matching, which reads no text); never the held-out text, "
+        "which would flatter the permuted curve",
+    )
     _add_output_args(p)
     _add_hub_read_args(p)
 
@@ -336,7 +346,17 @@ def _flag_help(name: str, info) -> str:
 
 def _add_pair_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("pair", nargs="+", help="a pair folder, the Hub repo id of a pair, or >= 2 model folders / repo ids")
+    _add_tokenizer_flag(p)
     _add_hub_read_args(p)
+
+
+def _add_tokenizer_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-different-tokenizers",
+        action="store_true",
+        help="text models: merge even if their tokenizers differ (refused otherwise, naming the first differing "
+        "ids); the model card says so",
+    )
 
 
 def _add_hub_read_args(p: argparse.ArgumentParser) -> None:

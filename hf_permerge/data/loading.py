@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -96,7 +97,45 @@ def check_image_dataset(ds) -> None:
     if "image" not in ds.column_names:
         guess = next((c for c in ds.column_names if c.lower() in ("img", "images", "pixel_values", "pixels")), None)
         fix = f"ds = ds.rename_column({guess!r}, 'image')" if guess else "ds = ds.rename_column(<its name>, 'image')"
-        raise ValueError(f"dataset lacks an 'image' column (found {ds.column_names}); rename the images' column: {fix}")
+        raise ValueError(
+            f"dataset lacks an 'image' column (image models) and an 'input_ids' or 'text' column (language models); "
+            f"its columns are {ds.column_names}: rename the images' column ({fix}), or for text name the column "
+            "(--text-column / text_column=...)"
+        )
+
+
+_TEXT_FILE_FIX = (
+    "give a UTF-8 text file with one example per line (.txt), one JSON object per line with a 'text' or "
+    "'input_ids' field (.jsonl), or a CSV file with a header row and a text column (.csv)"
+)
+_EMPTY_FIX = "give a data set with examples (for text models: non-empty lines of text, or input_ids)"
+
+
+def _check_not_blank(path: Path) -> None:
+    """Refuse a file with nothing but whitespace (an empty file is no data set, whatever its suffix)."""
+    with path.open("rb") as f:
+        head = f.read(1 << 20)
+    if not head.strip() and path.stat().st_size <= len(head):
+        raise ValueError(f"{path} holds no examples (it is empty or blank); {_EMPTY_FIX}")
+
+
+def _saved_empty(path: Path) -> bool:
+    """A `save_to_disk` folder of a data set with no rows: `datasets` writes it no data file, then cannot read it."""
+    import json
+
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _first_cause(err: BaseException) -> str:
+    """The innermost cause's message, on one line: `datasets` wraps a parse error in a DatasetGenerationError whose
+    own message says only that generating the split failed."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:200]
 
 
 TEXT_FILES = {".txt": "text", ".jsonl": "json", ".csv": "csv"}
@@ -122,6 +161,8 @@ def load_dataset_source(source: str, split: str | None = None, text_column: str 
                 else datasets.load_dataset("imagefolder", data_dir=str(path))
             )
         except Exception as err:  # the builders raise many types; the message says what was wrong
+            if _saved_empty(path):
+                raise ValueError(f"{path} holds no examples (a data set saved with no rows); {_EMPTY_FIX}") from None
             raise ValueError(
                 f"could not read {path} as a data set ({err}); give a folder written by "
                 "Dataset.save_to_disk, or a folder of images with one subfolder per class"
@@ -129,9 +170,24 @@ def load_dataset_source(source: str, split: str | None = None, text_column: str 
     elif path.is_file() and path.suffix in TEXT_FILES:
         shown = not datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()  # "Generating train split": a bar for a fraction of a second
+        quiet = logging.getLogger("datasets")  # its builders log each parse failure with a traceback
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
+            _check_not_blank(path)
             ds = datasets.load_dataset(TEXT_FILES[path.suffix], data_files=str(path), split="train")
+        except ValueError as err:
+            if "holds no examples" in str(err):
+                raise
+            raise ValueError(
+                f"could not read {path} as a {path.suffix} file ({_first_cause(err)}); {_TEXT_FILE_FIX}"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - the builders raise many types (DatasetGenerationError, ...)
+            raise ValueError(
+                f"could not read {path} as a {path.suffix} file ({_first_cause(err)}); {_TEXT_FILE_FIX}"
+            ) from None
         finally:
+            quiet.setLevel(level)
             if shown:
                 datasets.enable_progress_bars()
     elif path.exists():
@@ -159,6 +215,8 @@ def load_dataset_source(source: str, split: str | None = None, text_column: str 
                 "save it once online (load_dataset(...).save_to_disk(FOLDER)) and pass the folder"
             ) from err
     if isinstance(ds, datasets.DatasetDict):
+        if not ds:
+            raise ValueError(f"{source} holds no splits; {_EMPTY_FIX}")
         if (split or "train") not in ds:
             raise ValueError(
                 f"{source} has the splits {sorted(ds)}, not {split or 'train'!r}; choose one with --dataset-split"
@@ -166,6 +224,8 @@ def load_dataset_source(source: str, split: str | None = None, text_column: str 
         ds = ds[split or "train"]
     elif split not in (None, "train") and hub_id is None:
         raise ValueError(f"{source} holds one split only (no splits to choose from); drop --dataset-split")
+    if len(ds) == 0:
+        raise ValueError(f"{source} holds no examples; {_EMPTY_FIX}")
     if text_column is not None or "image" not in ds.column_names and {"text", "input_ids"} & set(ds.column_names):
         from .tokens import check_text_columns
 

@@ -73,7 +73,7 @@ def _read_cache(folder: Path, names: dict[str, tuple[str, ...]]) -> tuple[TokenS
     if not (folder / "blocks").is_dir():
         return None
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer", trust_remote_code=False)
         blocks = datasets.load_from_disk(str(folder / "blocks"))
         ids = {s: torch.from_numpy(blocks[s].with_format("numpy")[:]["input_ids"].astype(np.int64)) for s in names}
     except Exception as err:  # a damaged cache is made again, never fatal

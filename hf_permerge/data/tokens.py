@@ -91,6 +91,20 @@ def check_text_columns(ds, text_column: str | None) -> str | None:
     return name
 
 
+def _token_ids(row, i: int) -> list[int]:
+    """Row `i` of `input_ids` as a list of ints; ids stored as strings or floats are refused naming the row."""
+    values = row.tolist() if hasattr(row, "tolist") else list(row) if isinstance(row, (list, tuple)) else None
+    if values is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        shown = (
+            type(row).__name__ if values is None else type(next(v for v in values if not isinstance(v, int))).__name__
+        )
+        raise ValueError(
+            f"input_ids row {i} holds {shown} values, not token ids (lists of ints): tokenize the text with the "
+            "models' tokenizer, or give the text itself with --text-column / text_column=..."
+        )
+    return values
+
+
 def token_split(
     ds,
     tokenizer=None,
@@ -112,13 +126,17 @@ def token_split(
                 "models' tokenizer beside them (tokenizer.save_pretrained(folder)), or pass input_ids"
             )
         texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise ValueError(
+                f"the data set's {column!r} column holds no text (every row is empty or not a string); give text"
+            )
         encoded = tokenizer(texts, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)
         sequences = encoded["input_ids"]
         masks = None
     else:
         sequences = ds["input_ids"]
         masks = ds["attention_mask"] if "attention_mask" in ds.column_names else None
-    sequences = [list(s) for s in sequences]
+    sequences = [_token_ids(s, i) for i, s in enumerate(sequences)]
     if not sequences or not any(sequences):
         raise ValueError("the data set holds no tokens: every sequence is empty")
     longest = max(len(s) for s in sequences)
@@ -132,6 +150,11 @@ def token_split(
     for i, s in enumerate(sequences):  # once, at the edge; the hot path is index slices of these tensors
         ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[i, : len(s)] = torch.as_tensor(masks[i], dtype=torch.long) if masks is not None else 1
+    if int(ids.min()) < 0:
+        raise ValueError(
+            f"token id {int(ids.min())} is negative: token ids count from 0; tokenize the text with the models' "
+            "own tokenizer (and pad with its pad id, not -100: the attention mask marks padding)"
+        )
     if vocab_size is not None and int(ids.max()) >= vocab_size:
         raise ValueError(
             f"token id {int(ids.max())} is outside the models' vocabulary of {vocab_size}: the data was tokenized "

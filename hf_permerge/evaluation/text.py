@@ -16,16 +16,26 @@ MASKED_SHARE = 0.15
 measured on the same masked positions."""
 
 
+def _masked_positions(split: TokenSplit) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.rand(split.input_ids.shape, generator=gen) < MASKED_SHARE) & split.attention_mask.bool().cpu()
+
+
+def predicted_tokens(split: TokenSplit, masked_lm: bool) -> int:
+    """How many tokens `token_loss` predicts (and averages over): a causal LM's every real token after a
+    sequence's first, a masked LM's hidden ones; fewer than the split's tokens."""
+    if masked_lm:
+        return int(_masked_positions(split).sum())
+    return int(split.attention_mask[:, 1:].cpu().sum())
+
+
 @torch.no_grad()
 def token_loss(model, split: TokenSplit, batch_size: int = 16, mask_token_id: int | None = None) -> float:
     """Mean cross-entropy per predicted token over `split`: the next token for a causal LM, the hidden tokens for a
     masked LM (`mask_token_id`); padding never counts."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    masked = None
-    if mask_token_id is not None:
-        gen = torch.Generator().manual_seed(0)
-        masked = (torch.rand(split.input_ids.shape, generator=gen) < MASKED_SHARE) & split.attention_mask.bool().cpu()
+    masked = _masked_positions(split) if mask_token_id is not None else None
     model.eval()
     for start in range(0, len(split), batch_size):
         rows = slice(start, min(start + batch_size, len(split)))
@@ -50,13 +60,20 @@ def token_loss(model, split: TokenSplit, batch_size: int = 16, mask_token_id: in
 
 
 def text_curves(
-    merger, split: TokenSplit, num_lambdas: int = 11, checkpoint: str | None = None, other: int = 1, batch_size=16
+    merger,
+    split: TokenSplit,
+    num_lambdas: int = 11,
+    checkpoint: str | None = None,
+    other: int = 1,
+    batch_size=16,
+    step=lambda path, lam, loss: None,
 ) -> dict:
     """Held-out loss along lambda for the vanilla and the permuted average of net 0 and net `other` (the merger
     aligned), their barriers, and the share of the vanilla loss barrier that alignment removes.
 
     {"lambdas", "vanilla": {"loss", "perplexity"}, "permuted": {...}, "barrier": {"vanilla", "permuted"},
-    "removed": share, "log_vocab": ln V (a uniform guess's loss)}."""
+    "removed": share, "log_vocab": ln V (a uniform guess's loss), "predicted_tokens"}. `step(path, lam, loss)` is
+    called after each lambda (progress)."""
     lambdas = [i / (num_lambdas - 1) for i in range(num_lambdas)]
     model = merger.load(0, checkpoint)
     probe = type(model)(model.config).to(device=next(model.parameters()).device, dtype=model.dtype)
@@ -64,7 +81,11 @@ def text_curves(
     mask_id = getattr(tokenizer, "mask_token_id", None) if "MaskedLM" in type(model).__name__ else None
     if "MaskedLM" in type(model).__name__ and mask_id is None:
         raise ValueError("a masked LM's loss needs its tokenizer's mask token: save the tokenizer beside the model")
-    out = {"lambdas": lambdas, "log_vocab": math.log(model.config.vocab_size)}
+    out = {
+        "lambdas": lambdas,
+        "log_vocab": math.log(model.config.vocab_size),
+        "predicted_tokens": predicted_tokens(split, mask_id is not None),
+    }
     start = merger.permuted_state(0, checkpoint)
     for path, permute in (("vanilla", False), ("permuted", True)):
         end = merger.permuted_state(other, checkpoint, permute=permute)
@@ -72,6 +93,7 @@ def text_curves(
         for lam in lambdas:
             probe.load_state_dict(average_state_dicts([start, end], [1 - lam, lam]))
             losses.append(token_loss(probe, split, batch_size, mask_id))
+            step(path, lam, losses[-1])
         out[path] = {"loss": losses, "perplexity": [math.exp(v) for v in losses]}
     out["barrier"] = {p: loss_barrier(lambdas, out[p]["loss"]).barrier for p in ("vanilla", "permuted")}
     van = out["barrier"]["vanilla"]

@@ -42,6 +42,11 @@ def align_nets(
             "yet; use reference='net_0', or the weight matcher"
         )
     checkpoint = checkpoint or nets.default_checkpoint
+    if matcher == "gradient" and nets.is_text(nets.load(0, checkpoint)):
+        raise ValueError(
+            "the gradient matcher (Appendix B) follows a classifier's loss on labelled images, and these are language "
+            "models: align them with the weight or the activation matcher (--matcher weight / activation)"
+        )
     m = get_matcher(matcher, **settings)
     if not getattr(m, "gives_permutations", True):
         raise ValueError(

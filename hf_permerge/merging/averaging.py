@@ -47,6 +47,12 @@ def permuted(nets: Nets, alignment: Alignment, i: int, checkpoint: str | None = 
 
 def check_repair(nets: Nets, repair: str | None) -> None:
     check_repair_mode(repair)
+    if repair is not None and nets.is_text(nets.load(0)):
+        raise ValueError(
+            f"{repair}: {type(nets.load(0)).__name__} is a LayerNorm transformer, which admits neither repair: it "
+            "has no BatchNorm statistics to reset, and REPAIR's per-unit correction cannot be folded into its "
+            "embeddings and attention; merge it without --repair / repair=... (its norms already rescale each token)"
+        )
     if repair == "reset_bn":
         require_batchnorm(nets.load(0))
 

@@ -19,6 +19,14 @@ SOLVE_BYTES_PER_ENTRY = 36
 the warm start's transpose and buffer (4 + 4), the reduced cost matrix (8) and SciPy's own copy of it (8)."""
 
 
+def size_text(nbytes: float) -> str:
+    """Bytes in the largest unit that keeps a digit before the point (5 MB reads 4.8 MiB, not 0.0 GiB)."""
+    for unit, factor in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 class NotEnoughResources(RuntimeError):
     """The machine has less memory or disk than the job needs; raised before any work."""
 
@@ -33,9 +41,9 @@ class Needs:
 
     def describe(self) -> str:
         return (
-            f"streamed merge needs about {self.memory / GiB:.1f} GiB of memory (largest group "
-            f"{self.largest_group} units, largest tensor {self.largest_tensor / GiB:.2f} GiB) and "
-            f"{self.disk / GiB:.1f} GiB of disk"
+            f"streamed merge needs about {size_text(self.memory)} of memory (largest group "
+            f"{self.largest_group} units, largest tensor {size_text(self.largest_tensor)}) and "
+            f"{size_text(self.disk)} of disk"
         )
 
 
@@ -70,14 +78,14 @@ def check_resources(needs: Needs, output_dir: Path, chunk_elements: int, max_sta
             else f"chunk_elements (now {chunk_elements}) to hold less of each tensor at once"
         )
         raise NotEnoughResources(
-            f"{needs.describe()}, but only {available / GiB:.1f} GiB of memory is available; lower {lower} "
-            f"(solving the largest group alone takes {needs.solve / GiB:.1f} GiB), or free memory"
+            f"{needs.describe()}, but only {size_text(available)} of memory is available; lower {lower} "
+            f"(solving the largest group alone takes {size_text(needs.solve)}), or free memory"
         )
     parent = next(p for p in [output_dir, *output_dir.parents] if p.exists())
     free = shutil.disk_usage(parent).free
     if needs.disk > free:
         raise NotEnoughResources(
-            f"{needs.describe()}, but {parent} has only {free / GiB:.1f} GiB free; choose an output folder "
+            f"{needs.describe()}, but {parent} has only {size_text(free)} free; choose an output folder "
             "on a disk with more space (output_dir)"
         )
 

@@ -45,7 +45,13 @@ class PermMerger:
     """
 
     def __init__(
-        self, sources: list[NetSource], pair: dict | None = None, device=None, example_inputs=None, image_processor=None
+        self,
+        sources: list[NetSource],
+        pair: dict | None = None,
+        device=None,
+        example_inputs=None,
+        image_processor=None,
+        allow_different_tokenizers: bool = False,
     ):
         self.pair = pair
         self._data = MergeData(pair)
@@ -55,6 +61,7 @@ class PermMerger:
             example_inputs,
             image_processor,
             catalog_data=lambda: (self._data.dataset_name(), self._data.data_dir()),
+            allow_different_tokenizers=allow_different_tokenizers,
         )
         self.permutations: list[Permutations] | None = None
         self.alignment: dict = {}
@@ -71,6 +78,7 @@ class PermMerger:
         token: str | None = None,
         revision: str | None = None,
         image_processor=None,
+        allow_different_tokenizers: bool = False,
     ) -> PermMerger:
         """A pair folder, the Hub repo id of a pair, or a list of >= 2 model folders / repo ids.
 
@@ -82,11 +90,13 @@ class PermMerger:
         it converts your `datasets.Dataset` for them and is saved beside the merged model, so that
         `pipeline("image-classification")` loads it. Net 0's own is used when this is None.
         device: where the nets are loaded and merged (default: the CPU); one this machine lacks is refused at once.
+        allow_different_tokenizers: merge text models whose tokenizers differ (refused otherwise, naming the first
+        differing ids); the card and merge_config.json then say how they differ.
         """
         if device:
             check_device(device)  # before any download
         sources, pair = load_sources(pair_or_models, token=token, revision=revision)
-        return cls(sources, pair, device, example_inputs, image_processor)
+        return cls(sources, pair, device, example_inputs, image_processor, allow_different_tokenizers)
 
     # -- the nets --------------------------------------------------------------------------------
     sources = property(lambda self: self._nets.sources)

@@ -111,6 +111,33 @@ def _dataset(name: str | None) -> tuple[str | None, str | None]:
     return name, name
 
 
+def text_curve_tables(report: dict) -> list[dict]:
+    """The card's tables of a text report.json (`reporting.text_report`): per checkpoint and split, loss and
+    perplexity along λ, vanilla and permuted, with the barriers and the tokens predicted."""
+    tables = []
+    for checkpoint, by_split in (report.get("curves") or {}).items():
+        for split, c in by_split.items():
+            rows = [
+                {
+                    "lam": f"{lam:g}",
+                    **{f"{p}_loss": _fmt(c[p]["loss"][i]) for p in ("vanilla", "permuted")},
+                    **{f"{p}_ppl": f"{c[p]['perplexity'][i]:.2f}" for p in ("vanilla", "permuted")},
+                }
+                for i, lam in enumerate(c["lambdas"])
+            ]
+            tables.append(
+                {
+                    "checkpoint": checkpoint,
+                    "split": split,
+                    "tokens": (report.get("predicted_tokens") or {}).get(split, "?"),
+                    "barrier_vanilla": _fmt(c["barrier"]["vanilla"]),
+                    "barrier_permuted": _fmt(c["barrier"]["permuted"]),
+                    "rows": rows,
+                }
+            )
+    return tables
+
+
 def _curve_rows(curves: dict | None) -> list[dict]:
     """One row per λ, vanilla and permuted side by side (joined on λ)."""
     rows: dict[float, dict] = {}
@@ -197,6 +224,11 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
     - `pipeline_tag` (str, default `"image-classification"`) and `auto_class` (the Auto class that loads it, for
       the loading snippet): a text model's, e.g. `"text-generation"` and `"AutoModelForCausalLM"`.
     - `alignment_data` (str): what the permutations were found on, when it is not a named Hub data set.
+    - `tokenizers_differ` (str): how the models' tokenizers differ, when the merge was told to go on anyway
+      (`allow_different_tokenizers`); the card says so beside the settings.
+    - `text_curves` (list): a text evaluation's held-out loss along λ, each `{"checkpoint", "split", "tokens",
+      "barrier_vanilla", "barrier_permuted", "rows": [{"lam", "vanilla_loss", "vanilla_ppl", ...}]}`
+      (`text_curve_tables` of a text report.json).
     - `command` (str): the command that reproduces the merge (absolute paths in it are cut to their last part).
     - `plots` (list): repo-relative image paths, or `{"path": ..., "caption": ...}`.
     - `merged` (dict): `{"test": {"acc": float, "loss": float}}` measured on the merged model; default: the
@@ -355,4 +387,6 @@ def render_model_card(info: dict, template_path: str | Path | None = None):
         pipeline_tag=pipeline_tag,
         auto_class=info.get("auto_class") or "AutoModelForImageClassification",
         alignment_data=info.get("alignment_data"),
+        tokenizers_differ=info.get("tokenizers_differ"),
+        text_curves=info.get("text_curves") or [],
     )

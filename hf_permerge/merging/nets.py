@@ -8,15 +8,17 @@ import operator
 from collections.abc import Callable
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer
 
 from ..alignment.base import input_shape, model_input
 from ..alignment.tracing import attach_permutation_spec, example_inputs_for, example_tokens, trace
 from ..data.tensors import load_tensors
 from ..devices import check_device
-from ..models.folders import load_model
+from ..models.folders import load_config, load_model
 from ..models.image_processing_perm import image_processor_for
+from ..models.trust import NO_REMOTE_CODE
 from .sources import NetSource
+from .tokenizers import compare_tokenizers
 
 logger = logging.getLogger("hf_permerge.merging")
 
@@ -85,6 +87,7 @@ class Nets:
         example_inputs=None,
         image_processor=None,
         catalog_data: Callable[[], tuple] = lambda: ("fashion_mnist", None),
+        allow_different_tokenizers: bool = False,
     ):
         if len(sources) < 2:
             raise ValueError("merging needs at least two nets")
@@ -105,6 +108,12 @@ class Nets:
         self._catalog_data = catalog_data
         configs = [self.config(i, next(iter(s.checkpoints))) for i, s in enumerate(sources)]
         check_same_architecture(configs, [s.name for s in sources])
+        self.tokenizers_differ = compare_tokenizers(
+            [s.checkpoints.get(self.default_checkpoint) or next(iter(s.checkpoints.values())) for s in sources],
+            [s.label for s in sources],  # portable: the difference is recorded in merge_config.json
+            allow_different_tokenizers,
+        )
+        """How the nets' tokenizers differ, when told to merge them anyway (said in the card); else None."""
         self.spec = None
         self.spec = self.load(0).permutation_spec()
 
@@ -112,7 +121,7 @@ class Nets:
         return len(self.sources)
 
     def config(self, i: int, checkpoint: str):
-        return AutoConfig.from_pretrained(self.sources[i].folder(checkpoint))
+        return load_config(self.sources[i].folder(checkpoint))
 
     def load(self, i: int, checkpoint: str | None = None):
         checkpoint = checkpoint or self.default_checkpoint
@@ -187,7 +196,7 @@ class Nets:
         if not hasattr(self, "_tokenizer"):
             folder = self.sources[0].folder(self.default_checkpoint)
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(folder)
+                self._tokenizer = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
             except (OSError, ValueError, TypeError):
                 self._tokenizer = None
         return self._tokenizer
@@ -213,7 +222,7 @@ class Nets:
         if self.image_processor is None:
             try:
                 self.image_processor = AutoImageProcessor.from_pretrained(
-                    next(iter(self.sources[0].checkpoints.values()))
+                    next(iter(self.sources[0].checkpoints.values())), **NO_REMOTE_CODE
                 )
             except (OSError, ValueError):
                 logger.warning(

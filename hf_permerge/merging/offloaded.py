@@ -10,20 +10,23 @@ statistics of one pass; never the models, never tokens x units for all tokens.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..alignment.activation import ActivationMatcher
 from ..alignment.permutations import Permutations
 from ..alignment.spec import PermutationSpec
 from ..alignment.tracing import attach_permutation_spec
 from ..data.tokens import TokenSplit, model_token_split
-from ..models.folders import _LOADING, _without_transformers_bars, auto_class_for
+from ..models.folders import auto_class_for, load_config, load_model
+from ..models.trust import NO_REMOTE_CODE
 
 
 def offload_map(model: nn.Module) -> dict[str, str]:
@@ -53,14 +56,33 @@ def offload_map(model: nn.Module) -> dict[str, str]:
 def load_offloaded(folder: str | Path, offload_dir: str | Path, spec: PermutationSpec, dtype=torch.float32):
     """The model of `folder` (its Auto class), every weight left on disk per `offload_map`, computing in `dtype`
     (float32: statistics in fp32 whatever the checkpoint's dtype), with `spec` attached for the matchers."""
-    config = AutoConfig.from_pretrained(folder)
-    auto = auto_class_for(config)
+    config = load_config(folder)
     with init_empty_weights():
-        skeleton = auto.from_config(config)
-    device_map = offload_map(skeleton)
-    with _LOADING, _without_transformers_bars():
-        model = auto.from_pretrained(folder, device_map=device_map, offload_folder=str(offload_dir), dtype=dtype)
+        skeleton = auto_class_for(config).from_config(config)
+    model = load_model(folder, device_map=offload_map(skeleton), offload_folder=str(offload_dir), dtype=dtype)
     return attach_permutation_spec(model.eval(), spec)
+
+
+OFFLOAD_PREFIX = "hf_permerge-offload-"
+"""The scratch folders of `match_activations_offloaded`, in the temp folder, named by their process's PID."""
+
+
+def remove_dead_offload_folders() -> None:
+    """Remove the scratch folders of processes that are gone (a SIGKILL skips the clean-up of `TemporaryDirectory`)."""
+    for entry in Path(tempfile.gettempdir()).glob(f"{OFFLOAD_PREFIX}*-*"):
+        pid = entry.name[len(OFFLOAD_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def match_activations_offloaded(
@@ -73,7 +95,8 @@ def match_activations_offloaded(
 ) -> Permutations:
     """Activation matching of checkpoint folder `b` onto `a` on `data` (a `TokenSplit`), both models read layer by
     layer from their shards. `settings` as `ActivationMatcher`'s (similarity, num_examples, batch_size, ...)."""
-    with tempfile.TemporaryDirectory(prefix="hf_permerge-offload-") as scratch:
+    remove_dead_offload_folders()
+    with tempfile.TemporaryDirectory(prefix=f"{OFFLOAD_PREFIX}{os.getpid()}-") as scratch:
         model_a = load_offloaded(a, Path(scratch) / "a", spec)
         model_b = load_offloaded(b, Path(scratch) / "b", spec)
         matcher = ActivationMatcher(max_statistics_mb=max_statistics_mb, **settings)
@@ -88,8 +111,9 @@ def checkpoint_tokens(
     a seeded subset of `num_examples` sequences."""
     if isinstance(dataset, TokenSplit):
         return dataset.subset(num_examples, seed)
+    config = load_config(folder)  # first: refuses a folder naming code before its tokenizer is read
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return model_token_split(dataset, tokenizer, AutoConfig.from_pretrained(folder), text_column, num_examples, seed)
+    return model_token_split(dataset, tokenizer, config, text_column, num_examples, seed)

@@ -12,10 +12,18 @@ from pathlib import Path
 from ..alignment import Permutations
 from ..alignment.tracing.build import permuted_share
 from ..hub import check_repo_id, push_folder_to_hub
-from ..io_utils import PYTHON_WORDING, Wording, atomic_dir, check_output_dir, folder_job, write_json_atomic
+from ..io_utils import (
+    PYTHON_WORDING,
+    Wording,
+    atomic_dir,
+    check_output_dir,
+    check_outside_inputs,
+    folder_job,
+    write_json_atomic,
+)
 from ..models.folders import auto_class_for, write_model_files
 from ..records import AlignmentRecord, read_record
-from .model_card import render_model_card
+from .model_card import render_model_card, text_curve_tables
 
 MARKER = "merge_config.json"
 """The file that marks a folder as a merged model of ours: the only kind `save_pretrained` may replace."""
@@ -84,6 +92,7 @@ def merge_settings(merger) -> dict:
             else {}
         ),
         "dataset": merger.described_dataset(),
+        **({"tokenizers_differ": merger._nets.tokenizers_differ} if merger._nets.tokenizers_differ else {}),
         **(
             {
                 "traced_spec": {
@@ -101,6 +110,7 @@ def merge_settings(merger) -> dict:
 def model_card(merger, model, report: dict | None = None, plots=(), command: str | None = None, repo_id=None):
     """The card of `merger`'s last merge, `model` (see `PermMerger.model_card`)."""
     last = merger._last_merge or {}
+    text = (report or {}).get("kind") == "text"  # its curves are losses on text, not the image report's
     nets = last.get("nets", [0, 1])
     permuted = merger._permuted_merge()
     alignment = merger.alignment
@@ -145,12 +155,14 @@ def model_card(merger, model, report: dict | None = None, plots=(), command: str
                 if merger.traced is not None and permuted
                 else None
             ),
-            "report": report,
+            "report": None if text else report,
+            "text_curves": text_curve_tables(report) if text else None,
             "plots": list(plots),
             "command": command,
             "repo_id": repo_id,
             **task_of(model),
             "alignment_data": _alignment_data(alignment) if permuted else None,
+            "tokenizers_differ": merger._nets.tokenizers_differ,
         }
     )
 
@@ -178,6 +190,11 @@ def _alignment_data(alignment: dict) -> str | None:
     return f"{data}{f', {examples} examples' if examples else ''}" if data else None
 
 
+def input_folders(merger) -> list[Path]:
+    """Every folder the merger reads: each net's checkpoint folders (an output must lie outside all of them)."""
+    return [path for source in merger.sources for path in source.checkpoints.values()]
+
+
 def save_merged(
     merger,
     output_dir,
@@ -189,6 +206,7 @@ def save_merged(
 ) -> Path:
     """The merged folder of `merger` (see `PermMerger.save_pretrained`), written as one job (`io_utils.folder_job`):
     a merge that `overwrite` replaces stays as it was unless the new one is written whole."""
+    check_outside_inputs(output_dir, input_folders(merger), overwrite, PYTHON_WORDING)
     check = functools.partial(check_save_target, output_dir, overwrite)
     output_dir = check()  # before a default merge is made
     if model is None:
@@ -217,6 +235,7 @@ def save_merged(
 
 def save_aligned(merger, i: int, output_dir, checkpoint: str | None = None, overwrite: bool = False) -> Path:
     """Net i permuted onto net 0 as an ordinary model folder (see `PermMerger.save_aligned`), written as one job."""
+    check_outside_inputs(output_dir, input_folders(merger), overwrite, PYTHON_WORDING)
     check = functools.partial(check_save_target, output_dir, overwrite, "aligned model")
     output_dir = check()
     model = merger.permuted(i, checkpoint)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..hub import HubError, resolve_local_or_hub
 from ..io_utils import missing_folder_error, only_a_local_path
+from ..models.trust import check_no_remote_code
 from ..records import PairRecord, read_record
 
 logger = logging.getLogger(__name__)
@@ -80,15 +81,25 @@ def _is_model_folder(path: Path) -> bool:
 
 
 def net_checkpoints(folder: Path) -> dict[str, Path]:
-    """A net folder (init/, step-N/, final/) or a single model folder (its only checkpoint is 'final').
+    """A net folder (init/, step-N/, final/) or a single model folder (its only checkpoint is 'final'), each refused
+    if it names code (`check_no_remote_code`), before transformers reads any of them.
 
     A model folder that sits inside a net folder (net_i/final) brings its siblings along,
     so `merge(checkpoint="init")` works on `pair/net_1/final` too.
     """
+    found = _net_checkpoints(folder)
+    for path in found.values():
+        check_no_remote_code(path)
+    return found
+
+
+def _net_checkpoints(folder: Path) -> dict[str, Path]:
     if _is_model_folder(folder):
         parent = folder.parent
         if folder.name in ("final", "init") or folder.name.startswith("step-"):
-            found = net_checkpoints(parent) if any(_is_model_folder(p) for p in parent.iterdir() if p != folder) else {}
+            found = (
+                _net_checkpoints(parent) if any(_is_model_folder(p) for p in parent.iterdir() if p != folder) else {}
+            )
             if folder.name in found:
                 return found
         return {"final": folder}
@@ -121,7 +132,7 @@ def resolve(path_or_id: str | Path, token: str | None = None, revision: str | No
     try:
         return Path(resolve_local_or_hub(text, revision, token=token)), text
     except HubError as err:
-        if Path(path.parts[0]).is_dir():  # `models/vit_9` beside a models/ folder: most likely a typo
+        if len(path.parts) == 1 or Path(path.parts[0]).is_dir():  # `Bx` or `models/vit_9`: most likely a typo
             raise missing_folder_error(path, f"; nor is it a Hub repo: {err}") from None
         raise
 

@@ -19,31 +19,37 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from ..alignment.permutations import Permutations
 from ..alignment.spec import PermutationSpec, permute_tensor
 from ..alignment.streamed import CHUNK_ELEMENTS, match_streamed
-from ..io_utils import atomic_dir, folder_job, write_json_atomic
+from ..io_utils import PYTHON_WORDING, atomic_dir, check_outside_inputs, folder_job, write_json_atomic
+from ..models.folders import load_config, non_finite_error
 from ..shards import INDEX_NAME, ShardedTensors, ShardWriter
 from .budget import check_resources, estimate
 from .checkpoint_spec import checkpoint_spec
 from .nets import check_same_architecture
 from .offloaded import match_activations_offloaded
 from .saving import MARKER, check_save_target
+from .tokenizers import compare_tokenizers
 
 _NOT_COPIED = {INDEX_NAME, MARKER, "README.md", "aligned_to.json"}
 
 
 def check_same_tensors(a: ShardedTensors, b: ShardedTensors) -> None:
-    """Refuse checkpoints whose tensors differ in name, shape or dtype, naming the first difference."""
+    """Refuse checkpoints whose tensors differ in name, shape or dtype, naming the first difference and its file."""
     for name in sorted(set(a) | set(b)):
         if name not in a or name not in b:
+            has, lacks = (a, b) if name in a else (b, a)
             raise ValueError(
-                f"{name} is in {a.folder if name in a else b.folder} only; the checkpoints must hold the same tensors"
+                f"{name} is missing from {lacks.file_of(name)} ({has.folder / has.shard_of[name]} holds it); the "
+                "checkpoints must hold the same tensors: save or download the model again"
             )
         if a.meta(name) != b.meta(name):
-            raise ValueError(f"{name} is {a.meta(name)} in {a.folder} but {b.meta(name)} in {b.folder}")
+            raise ValueError(
+                f"{name} is {a.meta(name)} in {a.folder / a.shard_of[name]} but {b.meta(name)} in "
+                f"{b.folder / b.shard_of[name]}; the checkpoints must be of one architecture"
+            )
 
 
 def merged_tensor(spec, name: str, a: torch.Tensor, b: torch.Tensor, perms, alpha: float, chunk: int) -> torch.Tensor:
@@ -59,6 +65,15 @@ def merged_tensor(spec, name: str, a: torch.Tensor, b: torch.Tensor, perms, alph
     return out
 
 
+def first_non_finite(*sources: ShardedTensors) -> None:
+    """Raise `non_finite_error` for the first floating tensor of the sources holding NaN or inf (none: return)."""
+    for source in sources:
+        for name in source:
+            t = source[name]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise non_finite_error(name, source.file_of(name)) from None
+
+
 def write_merge(
     spec, source_a, source_b, perms, folder: Path, alpha: float, chunk: int, max_shard_size, progress: bool
 ) -> None:
@@ -66,7 +81,11 @@ def write_merge(
     layout = {name: source_a.meta(name) for name in source_a}
     with ShardWriter(folder, layout, max_shard_size) as writer:
         for name in tqdm(list(source_a), desc="merge", leave=False, disable=not progress):
-            writer.write(name, merged_tensor(spec, name, source_a[name], source_b[name], perms, alpha, chunk))
+            a, b = source_a[name], source_b[name]
+            for source, t in ((source_a, a), (source_b, b)):  # one no group reads (a norm), or at alpha's ends
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise non_finite_error(name, source.file_of(name))
+            writer.write(name, merged_tensor(spec, name, a, b, perms, alpha, chunk))
 
 
 def merge_streamed(
@@ -86,6 +105,7 @@ def merge_streamed(
     max_statistics_mb: int | None = 2048,
     activation_settings: dict | None = None,
     overwrite: bool = False,
+    allow_different_tokenizers: bool = False,
     progress: bool = True,
     log=print,
 ) -> Path:
@@ -110,46 +130,67 @@ def merge_streamed(
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
     a, b = Path(a), Path(b)
+    check_outside_inputs(output_dir, [a, b], overwrite, PYTHON_WORDING)
     check = functools.partial(check_save_target, output_dir, overwrite)
     output_dir = check()
-    source_a, source_b = ShardedTensors(a), ShardedTensors(b)
-    check_same_architecture([AutoConfig.from_pretrained(a), AutoConfig.from_pretrained(b)], [str(a), str(b)])
-    check_same_tensors(source_a, source_b)
-    started = time.perf_counter()
-    if spec is None:
-        spec, _ = checkpoint_spec(AutoConfig.from_pretrained(a), source_a.shapes())
-    else:
-        spec.validate(source_a.shapes())
-    sizes = {n: source_a.nbytes(n) for n in source_a}
-    statistics = None if matcher == "weight" else (max_statistics_mb or 0) * 2**20 or None
-    needs = estimate(spec, sizes, chunk_elements, statistics)
-    log(needs.describe())
-    check_resources(needs, output_dir, chunk_elements, max_statistics_mb if matcher == "activation" else None)
-    if matcher == "weight":
-        perms = match_streamed(
-            spec, source_a, source_b, max_iter, seed, bottom_up, chunk_elements=chunk_elements, progress=progress
-        )
-    else:
-        perms = match_activations_offloaded(a, b, data, spec, max_statistics_mb, **(activation_settings or {}))
-    aligned = time.perf_counter()
-    with folder_job(output_dir, check, overwrite) as (out, _), atomic_dir(out) as tmp:
-        write_merge(spec, source_a, source_b, perms, tmp, float(alpha), chunk_elements, max_shard_size, progress)
-        for f in a.iterdir():
-            if f.is_file() and not f.name.startswith(".") and f.suffix != ".safetensors" and f.name not in _NOT_COPIED:
-                shutil.copy2(f, tmp / f.name)
-        (tmp / "permutations").mkdir()
-        Permutations({g.name: torch.arange(g.size) for g in spec.groups}).save(
-            tmp / "permutations" / "net_0.safetensors"
-        )
-        perms.save(tmp / "permutations" / "net_1.safetensors")
-        write_json_atomic(
-            tmp / MARKER,
-            {
-                "format": "hf_permerge.merge/1",
-                "sources": [a.name, b.name],
-                "merge": {"alpha": float(alpha), "nets": [0, 1], "permuted": True, "streamed": True},
-                "alignment": {"matcher": matcher, "settings": perms.info["settings"], "groups": len(spec.groups)},
-                "timings_s": {"align": aligned - started, "merge": time.perf_counter() - aligned},
-            },
-        )
+    with folder_job(output_dir, check, overwrite) as (out, _):  # locked before any work: one writer at a time
+        configs = [load_config(a), load_config(b)]  # refuses a folder naming code, before anything reads it
+        source_a, source_b = ShardedTensors(a), ShardedTensors(b)
+        check_same_architecture(configs, [str(a), str(b)])
+        tokenizers_differ = compare_tokenizers([a, b], [a.name, b.name], allow_different_tokenizers)
+        check_same_tensors(source_a, source_b)
+        started = time.perf_counter()
+        if spec is None:
+            spec, _ = checkpoint_spec(configs[0], source_a.shapes())
+        else:
+            spec.validate(source_a.shapes())
+        sizes = {n: source_a.nbytes(n) for n in source_a}
+        statistics = None if matcher == "weight" else (max_statistics_mb or 0) * 2**20 or None
+        needs = estimate(spec, sizes, chunk_elements, statistics)
+        log(needs.describe())
+        check_resources(needs, output_dir, chunk_elements, max_statistics_mb if matcher == "activation" else None)
+        try:
+            if matcher == "weight":
+                perms = match_streamed(
+                    spec,
+                    source_a,
+                    source_b,
+                    max_iter,
+                    seed,
+                    bottom_up,
+                    chunk_elements=chunk_elements,
+                    progress=progress,
+                )
+            else:
+                perms = match_activations_offloaded(a, b, data, spec, max_statistics_mb, **(activation_settings or {}))
+        except ValueError:  # a cost matrix of NaN or inf: name the tensor that holds them, found only now
+            first_non_finite(source_a, source_b)
+            raise
+        aligned = time.perf_counter()
+        with atomic_dir(out) as tmp:
+            write_merge(spec, source_a, source_b, perms, tmp, float(alpha), chunk_elements, max_shard_size, progress)
+            for f in a.iterdir():
+                if (
+                    f.is_file()
+                    and not f.name.startswith(".")
+                    and f.suffix not in (".safetensors", ".py")
+                    and f.name not in _NOT_COPIED
+                ):
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / "permutations").mkdir()
+            Permutations({g.name: torch.arange(g.size) for g in spec.groups}).save(
+                tmp / "permutations" / "net_0.safetensors"
+            )
+            perms.save(tmp / "permutations" / "net_1.safetensors")
+            write_json_atomic(
+                tmp / MARKER,
+                {
+                    "format": "hf_permerge.merge/1",
+                    "sources": [a.name, b.name],
+                    "merge": {"alpha": float(alpha), "nets": [0, 1], "permuted": True, "streamed": True},
+                    "alignment": {"matcher": matcher, "settings": perms.info["settings"], "groups": len(spec.groups)},
+                    **({"tokenizers_differ": tokenizers_differ} if tokenizers_differ else {}),
+                    "timings_s": {"align": aligned - started, "merge": time.perf_counter() - aligned},
+                },
+            )
     return output_dir

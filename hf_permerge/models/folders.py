@@ -16,9 +16,12 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from ..io_utils import atomic_dir, atomic_file
+from ..shards import INDEX_NAME, WEIGHTS_NAME, tensor_files
+from .trust import NO_REMOTE_CODE, check_no_remote_code, read_json
 
 
 def check_finite(state: dict) -> None:
@@ -47,7 +50,12 @@ def write_model_files(model, folder: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in _untied(model.state_dict()).items()}
     check_finite(state)
     with atomic_file(Path(folder) / "model.safetensors") as tmp:  # safetensors alone writes 0600 files
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as err:  # a full disk comes as the library's own error, not an OSError
+            raise OSError(
+                f"cannot write {folder}/model.safetensors ({err}); free space there or write elsewhere"
+            ) from None
 
 
 @contextmanager
@@ -112,18 +120,126 @@ no-op, put back after), so two loads on threads (a sweep's measure workers) coul
 process with untied embeddings."""
 
 
-def load_model(folder: str | Path):
+def load_config(folder: str | Path):
+    """The config of a model folder, through `AutoConfig` once nothing in the folder names code
+    (`check_no_remote_code`); a missing or damaged config.json, or a field of the wrong type, is one error naming it."""
+    folder = Path(folder)
+    check_no_remote_code(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: a model folder holds its config beside its safetensors weights; "
+            "save the model with save_pretrained"
+        )
+    data = read_json(path)
+    if not isinstance(data.get("model_type"), str):
+        raise ValueError(f"{path} names no model_type; save the model with save_pretrained of a transformers model")
+    if data["model_type"] not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{path} names model_type {data['model_type']!r}, which this transformers does not know; upgrade "
+            "transformers, or merge models of an architecture it ships (never remote code)"
+        )
+    check_field_types(CONFIG_MAPPING[data["model_type"]], data, path)
+    try:
+        return AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE)
+    except Exception as err:  # noqa: BLE001 - transformers' validators raise their own types
+        said = " ".join(str(err).split())[:300]
+        raise ValueError(f"cannot read {path} ({said}); correct it, or save the model again") from None
+
+
+def check_field_types(config_class, data: dict, path: Path) -> None:
+    """Refuse a config field whose type differs from its class's default (`hidden_size: "sixty-four"`)."""
+    try:
+        defaults = config_class()
+    except Exception:  # noqa: BLE001 - a config class that needs arguments: nothing to compare against
+        return
+    for key, value in data.items():
+        default = getattr(defaults, key, None)
+        if value is None or isinstance(value, (list, dict)):  # unset, or several ids (Llama 3's eos_token_id)
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            raise ValueError(
+                f"{path}: {key} is {value!r}, but a {defaults.model_type} config takes a {type(default).__name__} "
+                f"there (e.g. {default!r}); correct the field or save the model again"
+            )
+
+
+def _file_of(folder: Path, files: dict[str, str], name: str) -> str:
+    """Where a tensor is, or would be, for a message: its weights file, or the folder's index."""
+    if name in files:
+        return str(folder / files[name])
+    return str(folder / (INDEX_NAME if (folder / INDEX_NAME).is_file() else WEIGHTS_NAME))
+
+
+def check_loading_info(info: dict, folder: Path, files: dict[str, str]) -> None:
+    """Refuse a model that transformers loaded only in part: a tensor missing from its files (it would keep its random
+    init), one its class has no place for, or one of the wrong shape, named with the file."""
+    fix = "the folder's weights do not fit its config: save or download the model again"
+    for name in sorted(info.get("missing_keys") or ()):
+        raise ValueError(f"{name} is missing from {_file_of(folder, files, name)} (it would be left random); {fix}")
+    for name in sorted(info.get("unexpected_keys") or ()):
+        raise ValueError(f"{_file_of(folder, files, name)} holds {name}, which its config's model has not; {fix}")
+    for name, theirs, ours in sorted(info.get("mismatched_keys") or (), key=str):
+        raise ValueError(
+            f"{name} in {_file_of(folder, files, name)} has shape {tuple(theirs)}, its config's model takes "
+            f"{tuple(ours)}; {fix}"
+        )
+    for message in info.get("error_msgs") or ():
+        raise ValueError(f"cannot load {folder}: {message.splitlines()[0]}; {fix}")
+
+
+def non_finite_error(name: str, where) -> ValueError:
+    """The one message for weights holding NaN or inf, on every path."""
+    return ValueError(
+        f"{name} in {where} holds NaN or inf, so nothing can be matched or merged with it (a net whose training "
+        "diverged: train it again with a lower learning rate, or merge another checkpoint)"
+    )
+
+
+def check_finite_parameters(model, folder: Path, files: dict[str, str]) -> None:
+    """Refuse weights holding NaN or inf before they are matched (a cost matrix of them means nothing)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise non_finite_error(name, _file_of(folder, files, name))
+
+
+def load_model(folder: str | Path, **kwargs):
     """An HF model folder (one safetensors file or shards with their index) through the Auto class its config names
-    (`auto_class_for`), in its saved dtype; a damaged weights file is an OSError naming it."""
+    (`auto_class_for`), in its saved dtype, never its code; every weights file's header checked first and the
+    loading info after (`check_loading_info`), so a damaged or incomplete folder is one error naming the file.
+    `kwargs` go to `from_pretrained` (a device map)."""
+    folder = Path(folder)
+    config = load_config(folder)
+    files = tensor_files(folder)
     try:
         with _LOADING, _without_transformers_bars():
-            auto = auto_class_for(AutoConfig.from_pretrained(folder))
-            return auto.from_pretrained(folder, dtype="auto")
+            auto = auto_class_for(config)
+            model, info = auto.from_pretrained(
+                folder,
+                config=config,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **{"dtype": "auto", **kwargs, **NO_REMOTE_CODE},
+            )
     except SafetensorError as err:
         raise OSError(
             f"cannot read the weights in {folder} ({err}): the safetensors file is damaged or incomplete; "
             "save or download the model again"
         ) from err
+    check_loading_info(info, folder, files)
+    if "device_map" not in kwargs:
+        check_finite_parameters(model, folder, files)
+    return model
 
 
 def save_model(model, folder: str | Path, tokenizer=None) -> None:

@@ -10,7 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..alignment.matchers import matcher_settings
 from ..config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from ..data.tensors import load_tensors
 from ..devices import check_device
@@ -22,7 +21,16 @@ from ..merging.sources import portable_path
 from ..training import PairTrainer
 from ..training.trainer import resumable_pair
 from .report import build_report, summary_table
-from .text_report import align_text, check_text_evaluation, plot_text_curves, text_report, text_splits, text_summary
+from .text_report import (
+    align_text,
+    alignment_arguments,
+    check_text_evaluation,
+    plot_text_curves,
+    text_evaluation_fields,
+    text_report,
+    text_splits,
+    text_summary,
+)
 
 logger = logging.getLogger("hf_permerge.pipeline")
 
@@ -60,18 +68,7 @@ def evaluation_splits(config: RunConfig, device, mean_std: tuple | None = None) 
 
 def align_merger(merger, config: RunConfig) -> None:
     """Align with the config's `alignment` section (the chosen matcher's settings), on the training split."""
-    a = config.alignment
-    settings = matcher_settings(a.matcher, a.model_dump())
-    if a.subset == "per_seed" and "num_examples" in settings:  # a matcher that reads data
-        settings["seed"] = config.training.seed
-    merger.align(
-        matcher=a.matcher,
-        checkpoint=a.checkpoint,
-        reference=a.reference,
-        max_rounds=a.max_rounds,
-        heads=a.heads,
-        **settings,
-    )
+    merger.align(**alignment_arguments(config))
 
 
 def check_evaluate_overrides(overrides: list[str] | None) -> None:
@@ -157,20 +154,28 @@ def evaluate_pair(
     revision: str | None = None,
     pair_label: str | None = None,
     heldout: dict | None = None,
+    allow_different_tokenizers: bool = False,
 ) -> dict:
     """Align and evaluate a pair folder (or a pair's Hub repo id, at `revision`, read with `token`) on `device`
         (default: the GPU if there is one; one this machine lacks is refused before any work); write OUT/report.json,
         OUT/*.png, OUT/merged/ (with its card) and OUT/permutations/ as one job (`io_utils.folder_job`): an evaluation
         that `overwrite` replaces stays as it was unless the new one is written whole. `pair_label`: how the report
         names the pair (default: its portable path). Language models: held-out loss and perplexity along lambda instead
-    (`text_report`); `heldout` ({"dataset", "text_column"}) is the held-out text of model folders."""
+    (`text_report`); `heldout` ({"dataset", "text_column", "align"}) is the held-out text of model folders (and the
+    text to align on); `allow_different_tokenizers` as `PermMerger.from_pretrained`'s."""
     device = check_device(device)
     check_evaluate_overrides(overrides)
     output_dir = Path(output_dir)
     check = functools.partial(check_evaluate_output, output_dir, overwrite)
     check()  # before any download
     with folder_job(output_dir, check, overwrite, into=True) as (out, overwrite):  # into: a run folder keeps its pair
-        merger = PermMerger.from_pretrained(pair_dir, device=device, token=token, revision=revision)
+        merger = PermMerger.from_pretrained(
+            pair_dir,
+            device=device,
+            token=token,
+            revision=revision,
+            allow_different_tokenizers=allow_different_tokenizers,
+        )
         models = not isinstance(pair_dir, (str, Path))  # a list of model folders / repo ids
         pair = [s.label for s in merger.sources] if models else pair_label or portable_path(pair_dir)
         if merger.is_text():
@@ -207,17 +212,19 @@ def _evaluate_text(merger, config, overrides, heldout, models: bool, pair, comma
         config = config_from_dict(apply_overrides(base, overrides), "--config" if config else "defaults", overrides)
     else:
         config = evaluation_config(pair_config, config, overrides, "pair.json")
-    check_text_evaluation(config, heldout, models)
+    check_text_evaluation(config, heldout, models, overrides)
     splits = text_splits(merger, config, heldout)
-    align_text(merger, config)
+    align_text(merger, config, (heldout or {}).get("align"))
     report = text_report(merger, config, splits, pair, portable_command(command), progress)
+    evaluation = {k: v for k, v in report["config"]["evaluation"].items() if k in text_evaluation_fields(models)}
+    report["config"]["evaluation"] = evaluation  # what was measured, not the image settings it never read
     if pair_config is None:
-        report["config"] = {"alignment": report["config"]["alignment"], "evaluation": report["config"]["evaluation"]}
+        report["config"] = {"alignment": report["config"]["alignment"], "evaluation": evaluation}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as tmp:
         files = plot_text_curves(report, Path(tmp)) if config.evaluation.plots else []
         merged = merger.merge(0.5, "final")
-        merger.save_pretrained(out / "merged", merged, command=command, overwrite=overwrite)
+        merger.save_pretrained(out / "merged", merged, report=report, command=command, overwrite=overwrite)
         for name in files:
             (Path(tmp) / name).replace(out / name)
     write_json_atomic(out / "report.json", report)

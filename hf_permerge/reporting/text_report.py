@@ -17,18 +17,48 @@ TRAIN_SUBSET_SEED = 1
 """The training blocks the curves read are an independent draw from the matcher's (seed 0), as for images."""
 
 
-def check_text_evaluation(config, heldout, models: bool) -> None:
-    """Refusals before any work: model folders need held-out text and the weight matcher."""
+TEXT_EVALUATION = ("num_lambdas", "plots", "splits", "train_subset")
+"""The evaluation settings a text evaluation reads (model folders: the first two; their curves are on --dataset)."""
+
+
+def text_evaluation_fields(models: bool) -> tuple[str, ...]:
+    return TEXT_EVALUATION[:2] if models else TEXT_EVALUATION
+
+
+def check_text_evaluation(config, heldout, models: bool, overrides=()) -> None:
+    """Refusals before any work: model folders need held-out text and the weight matcher; an evaluation setting the
+    text evaluation does not read (the plane, n-way averages, REPAIR ...) is refused by name, not ignored."""
+    applies = text_evaluation_fields(models)
+    for override in overrides or ():
+        key = override.split("=", 1)[0].strip()
+        section, _, field = key.partition(".")
+        if section == "evaluation" and field not in applies:
+            raise ValueError(
+                f"--set {key}: the evaluation of language models {'given as model folders ' if models else ''}"
+                f"measures held-out loss along lambda and reads only evaluation.{', evaluation.'.join(applies)}; "
+                f"drop --set {key}"
+            )
     if models and heldout is None:
         raise ValueError(
             "these are language models without a pair.json: name the held-out text their curves are measured on "
             "with --dataset (a .txt/.jsonl/.csv file, a saved Dataset or a Hub id; --text-column for its column)"
         )
-    if models and config.alignment.matcher != "weight":
+    aligned_on = (heldout or {}).get("align")
+    if models and config.alignment.matcher not in ("weight", "activation"):
         raise ValueError(
-            f"alignment.matcher {config.alignment.matcher}: language models without a pair.json are aligned by "
-            "weight matching here (matching on the held-out text would flatter the permuted curve); add "
-            "--set alignment.matcher=weight, or align on other text with `hf-permerge merge A B --dataset TEXT`"
+            f"alignment.matcher {config.alignment.matcher}: language models are aligned by weight or activation "
+            "matching; set alignment.matcher=weight or activation"
+        )
+    if models and config.alignment.matcher == "activation" and aligned_on is None:
+        raise ValueError(
+            "alignment.matcher activation: language models without a pair.json are aligned by weight matching here "
+            "(matching on the held-out text would flatter the permuted curve); name other text to align on with "
+            "--align-dataset, or add --set alignment.matcher=weight"
+        )
+    if models and config.alignment.matcher == "weight" and aligned_on is not None:
+        raise ValueError(
+            "--align-dataset is text for a data matcher, and alignment.matcher is weight (it reads no text): add "
+            "--set alignment.matcher=activation, or drop --align-dataset"
         )
 
 
@@ -43,34 +73,82 @@ def text_splits(merger, config, heldout=None) -> dict:
     return {name: test if name == "test" else train for name in config.evaluation.splits}
 
 
-def align_text(merger, config) -> None:
-    """Align as the config's `alignment` section says; data matchers read the pair's training blocks."""
+def align_text(merger, config, aligned_on=None) -> None:
+    """Align as the config's `alignment` section says; data matchers read `aligned_on` (model folders: the text of
+    --align-dataset), else the pair's training blocks."""
+    a = config.alignment
+    data = None if a.matcher == "weight" else aligned_on if aligned_on is not None else load_splits(config)[0]
+    merger.align(data, **alignment_arguments(config))
+
+
+def alignment_arguments(config) -> dict:
+    """`PermMerger.align`'s keywords from a run config's `alignment` section: the matcher, its own settings, and
+    the merger's (checkpoint, reference, max_rounds, heads), the one place both the image and the text path read."""
     a = config.alignment
     settings = matcher_settings(a.matcher, a.model_dump())
-    data = None if a.matcher == "weight" else load_splits(config)[0]
-    merger.align(data, matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, **settings)
+    if a.subset == "per_seed" and "num_examples" in settings:  # a matcher that reads data
+        settings["seed"] = config.training.seed
+    return dict(
+        matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds, heads=a.heads
+    ) | settings
 
 
 def text_report(merger, config, splits: dict, pair, command: str | None, progress: bool = True) -> dict:
     """report.json of a text pair: per checkpoint (final; init when the nets kept it) and split, `text_curves`."""
-    from tqdm.auto import tqdm
-
     checkpoints = ["final"] + (["init"] if all("init" in s.checkpoints for s in merger.sources) else [])
     curves: dict = {}
     jobs = [(c, s) for c in checkpoints for s in splits]
-    for checkpoint, name in tqdm(jobs, desc="text curves", disable=not progress or None, leave=False):
-        curves.setdefault(checkpoint, {})[name] = text_curves(
-            merger, splits[name], config.evaluation.num_lambdas, checkpoint=checkpoint
-        )
+    with Progress(len(jobs) * 2 * config.evaluation.num_lambdas, progress) as bar:
+        for checkpoint, name in jobs:
+            curves.setdefault(checkpoint, {})[name] = text_curves(
+                merger,
+                splits[name],
+                config.evaluation.num_lambdas,
+                checkpoint=checkpoint,
+                step=lambda path, lam, loss, c=checkpoint, n=name: bar.step(
+                    f"{c} {n} {path} λ={lam:.2f} loss {loss:.4f}"
+                ),
+            )
     return {
         "kind": "text",
         "pair": pair,
         "alignment": {k: v for k, v in merger.alignment.items() if k != "perms"},
         "tokens": {name: split.num_tokens for name, split in splits.items()},
+        "predicted_tokens": {name: curves["final"][name]["predicted_tokens"] for name in splits},
         "curves": curves,
         "config": config.to_dict(),
         "command": command,
     }
+
+
+class Progress:
+    """One step per lambda measured: a bar on a terminal, else one line each on stderr (a log that a job's output
+    keeps), so a long evaluation is never silent."""
+
+    def __init__(self, total: int, shown: bool):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.shown = total, 0, shown
+        self.terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="text curves", leave=False) if shown and self.terminal else None
+
+    def step(self, what: str) -> None:
+        import sys
+
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.shown:
+            print(f"text curves {self.done}/{self.total}: {what}", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def text_summary(report: dict) -> str:
@@ -82,7 +160,7 @@ def text_summary(report: dict) -> str:
             mid = len(van) // 2
             removed = "" if c["removed"] is None else f", {c['removed']:.0%} of it removed"
             lines.append(
-                f"{checkpoint} on {name} ({report['tokens'][name]} tokens): loss {van[0]:.3f} / {van[-1]:.3f} at the "
+                f"{checkpoint} on {name} ({report['predicted_tokens'][name]} tokens predicted): loss {van[0]:.3f} / {van[-1]:.3f} at the "
                 f"ends (ln V {c['log_vocab']:.3f}); midpoint vanilla {van[mid]:.3f}, permuted {perm[mid]:.3f} "
                 f"(perplexity {math.exp(van[mid]):.1f} -> {math.exp(perm[mid]):.1f}); barrier "
                 f"{c['barrier']['vanilla']:.3f} -> {c['barrier']['permuted']:.3f}{removed}"

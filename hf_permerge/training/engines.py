@@ -156,11 +156,16 @@ class PerNetEngine:
         self.optimizers = [make_optimizer(m.parameters(), tc) for m in self.models]
         self.precision = tc.precision
         self.device = device
+        self.paused: set[int] = set()
+        """Nets that no longer train or evaluate (stopped by `training.stop_when_flat`): loss 0, evaluation nan."""
 
     def step(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """One optimiser step per net; xs (N, B, ...) and ys (N, B) hold each net's own batch."""
         losses = []
         for k, (model, opt, x, y) in enumerate(zip(self.models, self.optimizers, xs, ys)):
+            if k in self.paused:
+                losses.append(torch.zeros((), device=self.device))
+                continue
             x = as_layout(x, self.channels_last)
             with self._own_draws(k), tf32_matmuls(self.precision):
                 with _autocast(self.device, self.precision):
@@ -200,7 +205,10 @@ class PerNetEngine:
 
     def evaluate(self, x, y, chunk=10000):
         out = []
-        for m in self.models:
+        for k, m in enumerate(self.models):
+            if k in self.paused:
+                out.append((float("nan"), float("nan")))
+                continue
             m.eval()
             if is_causal_lm(m):
                 out.append(eval_causal_lm(m, x, y))

@@ -27,6 +27,7 @@ from ..records import read_json
 from .builders import build_model
 from .checkpoints import load_resume_state, load_rng_state, save_resume_state
 from .engines import evaluate_model, make_engine
+from .flat_stop import held_out_curve, is_flat, stop_record
 from .pair_record import check_steps, pair_record, total_steps
 from .schedule import is_scheduled, lr_at
 from .seeds import derive_seed, epoch_order
@@ -273,7 +274,8 @@ class PairTrainer:
         first_bad = torch.zeros(len(slots), dtype=torch.long, device=acc.device)
         next_check = time.perf_counter() + FINITE_CHECK_S
         self._since_eval = [torch.zeros(len(slots), device=acc.device), 0]  # train loss since the last evaluation
-        while step < total:
+        self._stopped: set[int] = set()  # slots stopped by training.stop_when_flat: final saved, no more steps
+        while step < total and len(self._stopped) < len(slots):
             epoch, offset = divmod(step, steps_per_epoch)
             orders = torch.stack([epoch_order(slot.data_seed, epoch, len(train), acc.device) for slot in slots])
             loss_sum = torch.zeros(len(slots), device=acc.device)
@@ -291,21 +293,58 @@ class PairTrainer:
                 if step in save_steps:
                     self._check_finite(first_bad, slots)
                     for k, slot in enumerate(slots):
-                        save_model(engine.export(k), slot.folder / f"step-{step}", tokenizer)
+                        if k not in self._stopped:
+                            save_model(engine.export(k), slot.folder / f"step-{step}", tokenizer)
                 elif time.perf_counter() >= next_check:  # one host sync per refresh of the bar, not per step
                     self._check_finite(first_bad, slots)
                     next_check = time.perf_counter() + FINITE_CHECK_S
                 if tc.eval_steps and step % tc.eval_steps == 0 and step < total:
                     self._check_finite(first_bad, slots)
                     self._log_evaluation(engine, slots, step, test, f"step {step}/{total}", t0)
+                    self._stop_flat(engine, slots, step, tokenizer)
+                    if len(self._stopped) == len(slots):
+                        break
             self._check_finite(first_bad, slots)
+            if len(self._stopped) == len(slots):
+                break
             self._epoch_end(engine, slots, epoch, loss_sum / max(1, len(batches)), test, t0, step)
+            self._stop_flat(engine, slots, step, tokenizer)
         bar.close()
         for k, slot in enumerate(slots):
-            save_model(engine.export(k), slot.folder / "final", tokenizer)
-            write_json_atomic(slot.folder / "log_history.json", {"log_history": slot.log_history})
-            for old in slot.folder.glob("resume-step-*"):
-                shutil.rmtree(old, ignore_errors=True)
+            if k not in self._stopped:
+                self._finish(engine, k, slot, step, tokenizer, flat=False)
+
+    def _finish(self, engine, k, slot, step, tokenizer, flat: bool) -> None:
+        """Save net k's final checkpoint and log_history (with its stop record under `stop_when_flat`); its resume
+        points go."""
+        criterion = self.config.training.stop_when_flat
+        save_model(engine.export(k), slot.folder / "final", tokenizer)
+        record = {"log_history": slot.log_history}
+        if criterion is not None:
+            record["stop"] = stop_record(slot.log_history, step, flat, criterion.model_dump())
+        write_json_atomic(slot.folder / "log_history.json", record)
+        for old in slot.folder.glob("resume-step-*"):
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _stop_flat(self, engine, slots, step, tokenizer) -> None:
+        """`training.stop_when_flat`: every net still training whose held-out curve has flattened
+        (`flat_stop.is_flat`) is saved as it is now and trains no further (the per-net engine skips it; the
+        stacked engine keeps stepping it, unsaved)."""
+        criterion = self.config.training.stop_when_flat
+        if criterion is None:
+            return
+        for k, slot in enumerate(slots):
+            if k in self._stopped or not is_flat(
+                held_out_curve(slot.log_history), criterion.patience, criterion.min_delta
+            ):
+                continue
+            self._finish(engine, k, slot, step, tokenizer, flat=True)
+            self._stopped.add(k)
+            if hasattr(engine, "paused"):
+                engine.paused.add(k)
+            logger.info("%s: held-out loss flat at step %d; stopped (training.stop_when_flat)", slot.name, step)
+            if self.progress:
+                tqdm.write(f"{slot.name}: held-out loss flat at step {step}; stopped")
 
     def _check_finite(self, first_bad: torch.Tensor, slots) -> None:
         """Stop at a non-finite loss, naming the net and its first bad step, before anything of the diverged nets is
@@ -327,23 +366,31 @@ class PairTrainer:
         if tc.eval_each_epoch:
             self._log_evaluation(engine, slots, step, test, where, t0)
         else:
+            losses = zip(slots, mean_loss.tolist())
             self._log_line(
-                where, t0, step, {slot.name: {"train_loss": loss} for slot, loss in zip(slots, mean_loss.tolist())}
+                where,
+                t0,
+                step,
+                {s.name: {"train_loss": loss} for k, (s, loss) in enumerate(losses) if k not in self._stopped},
             )
         if step < self._total_steps:  # a resume point at every epoch end but the last (final follows)
             self._save_resume(engine, slots, step)
 
     def _log_evaluation(self, engine, slots, step, test, where, t0) -> None:
         """Evaluate every net on the test split (text: the held-out books), log it with the mean training loss
-        since the last evaluation, and keep it in each net's log_history."""
-        if slots[0].log_history and slots[0].log_history[-1]["step"] == step:
+        since the last evaluation, and keep it in each net's log_history (nets stopped by stop_when_flat: not)."""
+        stopped = getattr(self, "_stopped", set())
+        first = next(slot for k, slot in enumerate(slots) if k not in stopped)
+        if first.log_history and first.log_history[-1]["step"] == step:
             return  # evaluated at this step already (an eval step that ends an epoch)
         total, count = self._since_eval
         train_losses = (total / max(1, count)).tolist()  # one host sync per evaluation
         self._since_eval = [torch.zeros_like(total), 0]
         evals = engine.evaluate(*test.tensors())
         values = {}
-        for slot, train_loss, (test_loss, test_acc) in zip(slots, train_losses, evals):
+        for k, (slot, train_loss, (test_loss, test_acc)) in enumerate(zip(slots, train_losses, evals)):
+            if k in stopped:
+                continue
             values[slot.name] = {"train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc}
             slot.log_history.append({"step": step, **values[slot.name]})
         self._log_line(where, t0, step, values)
@@ -370,10 +417,14 @@ class PairTrainer:
 
     def _save_resume(self, engine, slots, step) -> None:
         for k, slot in enumerate(slots):
+            if k in self._stopped:
+                continue
             tensors, meta = engine.optimizer_state(k)
             folder = slot.folder / f"resume-step-{step}"
             save_resume_state(folder, engine.export(k), tensors, meta, step, slot.log_history)
-        for slot in slots:  # older points go only once every net has the new one
+        for k, slot in enumerate(slots):  # older points go only once every net has the new one
+            if k in self._stopped:
+                continue
             for old in slot.folder.glob("resume-step-*"):
                 if int(old.name.rsplit("-", 1)[1]) < step:
                     shutil.rmtree(old, ignore_errors=True)
@@ -416,12 +467,12 @@ class PairTrainer:
             model.to(self.accelerator.device)
             model.eval()
             loss, acc = evaluate_model(model, *test.tensors())
-            history = folder / "log_history.json"
+            history = read_json(folder / "log_history.json") if (folder / "log_history.json").is_file() else {}
             metrics.append(
                 {
                     "net": i,
                     "test": {"loss": loss, "acc": acc},
-                    **({"log_history": read_json(history)["log_history"]} if history.is_file() else {}),
+                    **{k: history[k] for k in ("log_history", "stop") if k in history},
                 }
             )
         pair = pair_record(cfg, train, test, metrics, train_s, trained_together)

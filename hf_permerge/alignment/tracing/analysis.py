@@ -28,6 +28,7 @@ class Analysis(LayerRules, ShapeRules):
         self.head_couplings: list = []  # (query/key label, value label) of one attention op: heads move together
         self.fixed: dict = {}  # element of a tensor outside the state dict -> why it fixes the units it meets
         self.parts: dict = {}  # element -> (label of the split axis, start, width, size of that axis): `part`
+        self.scores: dict = {}  # node -> query/key label of the attention scores it holds (None: they differ by head)
         self.conv_groups: list = []  # (label, groups): a grouped convolution's output channels, in fixed groups
         self.graph = ep.graph_module.graph
         self.module_of: dict = {}  # node -> innermost module path
@@ -77,12 +78,30 @@ class Analysis(LayerRules, ShapeRules):
         """The label of an axis where two inputs' labels meet (broadcasting): their union, except that a tensor
         outside the state dict fixes the order of a group's units (`size` of them, alike for every run) instead of
         joining it: rotary frequencies shared by every layer do not tie the layers' heads together."""
+        for head, shared in ((a, b), (b, a)):  # a per-head norm's weight (Qwen3's q_norm), one for every head
+            if self._shared_by_heads(head, shared, size):
+                key = self.param_axes[shared][0]
+                self.keep(
+                    head,
+                    f"{key!r} is one tensor shared by every head, so the units keep their order within each head",
+                    size,
+                )
+                return head
         fa, fb = self.fixed_reason(a), self.fixed_reason(b)
         group = b if fa is not None else a
         if (fa is None) != (fb is None) and self._is_group(group):
             self.keep(group, fa or fb, size)
             return group
         return self.uf.union(a, b)
+
+    def _shared_by_heads(self, head, shared, size: int) -> bool:
+        """`shared` is a parameter's axis of one head's width, broadcast over the heads `head` is split into."""
+        if head is None or shared not in self.param_axes or self.param_axes[shared][2] != size:
+            return False
+        root = self.uf.find(head)
+        if self.uf.find(shared) == root or not any(self.uf.find(lab) == root for lab, _ in self.head_splits):
+            return False
+        return any(self.uf.find(e) == root and n > size for e, (_, _, n) in self.param_axes.items())
 
     def lab(self, x):
         return self.labels.get(x) if isinstance(x, torch.fx.Node) else None
@@ -181,6 +200,20 @@ class Analysis(LayerRules, ShapeRules):
             self.labels[node] = self._fresh_like(val)
             return
         handler(node, val)
+        self._follow_scores(node, tensor_args, out_shape)
+
+    def _follow_scores(self, node, tensor_args, out_shape) -> None:
+        """Eager attention: scores q k^T keep being scores through elementwise ops of their shape (scaling, the mask,
+        a soft cap, softmax, dropout), so the matmul with the values couples the heads (`op_matmul`); a tensor added
+        that differs between heads (a relative position bias, ALiBi) pins the heads, as in the fused op."""
+        src = [self.scores[a] for a in tensor_args if a in self.scores]
+        if not src or node in self.scores or out_shape is None or len(out_shape) < 3:
+            return
+        if any(shape_of(a.meta.get("val")) != tuple(out_shape) for a in tensor_args if a in self.scores):
+            return
+        others = [shape_of(a.meta.get("val")) for a in tensor_args if a not in self.scores]
+        per_head = any(s is not None and len(s) >= 3 and s[-3] > 1 for s in others)
+        self.scores[node] = None if per_head or None in src else src[0]
 
     def _fresh_like(self, val):
         if isinstance(val, torch.Tensor):

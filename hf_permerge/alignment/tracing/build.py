@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
 import warnings
 from typing import Literal
 
@@ -13,8 +12,10 @@ from torch import nn
 from ..spec import AxisPart, PermGroup, PermutationSpec
 from .analysis import Analysis
 from .export import traceable_call
+from .heads import split_roots, whole_heads, without_lone_rigid_groups
 from .invariance import InvarianceError, check_permutation_invariance
-from .ops import BATCH_NORMS, GROUP_NORMS, LAYER_NORMS, NONLINEAR, PASS_THROUGH, PIN, op_name
+from .modules import group_modules
+from .ops import PIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ def trace(
                     raise
                 # heads that cannot move (a per-head bias, say): keep them in place and check again
                 kept = dict(result.kept)
-                spec = _without_lone_rigid_groups(
+                spec = without_lone_rigid_groups(
                     PermutationSpec(result.spec.groups),
                     kept,
                     dict.fromkeys(
@@ -155,6 +156,9 @@ def trace_permutation_spec(
 
 def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     uf = an.uf
+    # a part that the graph joins back to its whole (rotate_half's halves, added to the unrotated units) is no part
+    # of a fused projection: only the order it fixes (its keeps) remains
+    an.parts = {e: p for e, p in an.parts.items() if uf.find(e) != uf.find(p[0])}
     pinned = uf.find(PIN)
     members: dict = {}
     for element in list(uf.parent):
@@ -169,7 +173,7 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         extents.setdefault(uf.find(label), []).append(extent)
 
     node_order = {n: i for i, n in enumerate(an.graph.nodes)}
-    split, unusable = _split_roots(an, members)  # fused outputs: parent root -> its parts' roots; -> why they stay
+    split, unusable = split_roots(an, members)  # fused outputs: parent root -> its parts' roots; -> why they stay
     parent_of = {c: p for p, children in split.items() for c in children}
     for p, children in split.items():  # a part inherits what blocks or fixes its whole axis
         if p in unusable:
@@ -242,11 +246,12 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     def heads_of(root) -> set:
         return {h for lab, h in an.head_splits if uf.find(lab) == root}
 
-    def add_group(name, root, elems, origins, blocks, heads, rigid=False) -> None:
+    def add_group(name, root, elems, origins, blocks, heads, rigid=False, runs=1, extra_parts=()) -> None:
         parts, activation_part, units = part_entries(elems)
+        parts = parts + list(extra_parts)
         first = min((e for e in elems if e in an.parts), key=lambda e: an.parts[e][1], default=None)
         unit_root = uf.find(an.parts[first][0]) if first is not None else root  # a part's units: its projection's
-        pre, act, axis_pre, axis_act, sites = _modules(an, unit_root, origins)
+        pre, act, axis_pre, axis_act, sites = group_modules(an, unit_root, origins)
         if parts and act is not None and act != pre:
             act = None  # only the projection's output is known to carry the part on its unit axis
         if not heads:  # attention projections are not REPAIRed: their outputs are logits' factors
@@ -277,34 +282,66 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
                 unit_axis=axis if axis is not None else 1,
                 blocks=blocks,
                 rigid=rigid,
+                runs=runs,
             )
         )
         unit_axes[name] = {k: v for k, v in (("activation", axis_act), ("preactivation", axis_pre)) if v is not None}
 
+    def add_grouped_query(parts, kv, rq, rv) -> None:
+        """Grouped-query (and multi-query) attention as three groups whose `kv` blocks move together: the queries
+        with the output projection's inputs (rigid: the query heads of a block permute among themselves, `runs`), the
+        keys (rigid under rotary embeddings; else their units move within a head, alike on the queries of every
+        query head that reads it: a `within` part) and the values (units moving within a head, alike on the output
+        projection's inputs of every query head that reads it)."""
+        wide, narrow = parts
+        runs = sizes[wide[0][0]] // sizes[narrow[0][0]]
+        width = sizes[narrow[0][0]] // kv
+        queries, outputs = [e for e, r in wide if r == rq], [e for e, r in wide if r == rv]
+        keys, values = [e for e, r in narrow if r == rq], [e for e, r in narrow if r == rv]
+        repeated = AxisPart(0, width, runs * width, runs, width, within=True)
+
+        def within_parts(elems):  # one key/value head's units on every query head reading it
+            return [
+                (alias, an.param_axes[e][1], repeated)
+                for e in elems
+                if e in an.param_axes
+                for alias in aliases.get(an.param_axes[e][0], [an.param_axes[e][0]])
+            ]
+
+        keys_rigid = rq in kept_roots or any(e in an.parts for e in queries)
+        why = next((kept_roots[r] for r in (rq, rv) if r in kept_roots), "grouped-query attention")
+        plan = [
+            (queries + outputs, rq, True, runs, ()),
+            (keys, rq, keys_rigid, 1, () if keys_rigid else within_parts(queries)),
+            (values, rv, False, 1, within_parts(outputs)),
+        ]
+        names = []
+        for elems_g, root_g, rigid, runs_g, extra in plan:
+            own = sorted((o for e in elems_g for o in an.origins.get(e, [])), key=lambda o: node_order[o[0]])
+            origins_g = own or origins_of(elems_g)
+            name = group_name(origins_g, [e for e in elems_g if e not in outputs] or elems_g)
+            if kv == 1 and rigid and runs_g == 1:  # multi-query: the one key head stays where it is
+                kept[name] = (
+                    "multi-query attention: its one key/value head is read by every query head, so its key units "
+                    "keep their order (the query heads permute among themselves, the value units too)"
+                )
+                continue
+            kept_reason[name] = why
+            add_group(name, root_g, elems_g, origins_g, kv, True, rigid, runs_g, extra)
+            names.append(name)
+        if kv > 1:
+            couplings.append(tuple(names))
+
     sizes = {e: an.param_axes[e][2] for e in an.param_axes}
     sizes |= {e: n for e in an.parts if (n := part_size(e)) is not None}
-    rigid_roots, shared = _whole_heads(an, members, blocked, kept_roots, extents, heads_of, sizes)
+    rigid_roots, shared = whole_heads(an, members, blocked, kept_roots, extents, heads_of, sizes)
     couplings, regrouped = [], set()
     for _, root, elems, origins in classes:
         name = group_name(origins, elems)
-        if root in shared:  # grouped-query attention: regrouped by size (`_whole_heads`), once for both roots
-            parts, kv_heads = shared[root]
-            if id(parts) not in regrouped:
-                regrouped.add(id(parts))
-                pair = []
-                for part in parts:
-                    elems_p = [e for e, _ in part]
-                    own = sorted(
-                        ((o, r) for e, r in part for o in an.origins.get(e, [])), key=lambda o: node_order[o[0][0]]
-                    )
-                    origins_p = [o for o, _ in own] or origins_of(elems_p)
-                    pair.append(group_name(origins_p, elems_p))
-                    kept_reason[pair[-1]] = next(
-                        (kept_roots[r] for p in parts for _, r in p if r in kept_roots),
-                        "grouped-query attention: its units keep their order within each key/value head",
-                    )
-                    add_group(pair[-1], own[0][1] if own else part[0][1], elems_p, origins_p, kv_heads, True, True)
-                couplings.append(tuple(pair))
+        if root in shared:  # grouped-query attention: regrouped (`whole_heads`), once for both roots
+            if id(shared[root]) not in regrouped:
+                regrouped.add(id(shared[root]))
+                add_grouped_query(*shared[root])
             continue
         reason = blocked.get(root)
         if reason is None and root in kept_roots and root not in rigid_roots:
@@ -340,10 +377,10 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             len(pair) == 2
             and all(n in built and built[n].blocks > 1 for n in pair)
             and built[pair[0]].blocks == built[pair[1]].blocks
-            and pair not in couplings
+            and not any(set(pair) & set(c) for c in couplings)  # grouped-query layers are coupled already
         ):
             couplings.append(pair)
-    spec = _without_lone_rigid_groups(PermutationSpec(tuple(groups), tuple(couplings)), kept, kept_reason)
+    spec = without_lone_rigid_groups(PermutationSpec(tuple(groups), tuple(couplings)), kept, kept_reason)
     spec.validate(model.state_dict())
     unit_axes = {g: a for g, a in unit_axes.items() if g in spec.names}
     first_call = {}
@@ -353,80 +390,6 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     return TracedSpec(spec, skipped, unit_axes, tuple(repair_modules), kept)
 
 
-def _split_roots(an: Analysis, members: dict) -> tuple[dict, dict]:
-    """Fused projections: the classes split into parts (`Analysis.part`), each -> the classes of its parts; and
-    those whose parts cannot move on their own -> why (then the projection and its parts stay in place, as any
-    kept group): the projection's whole output is also read by a layer, or a part is split again."""
-    uf = an.uf
-    split: dict = {}
-    for element, (label, *_) in an.parts.items():
-        split.setdefault(uf.find(label), set()).add(uf.find(element))
-    unusable = {}
-    for root, children in split.items():
-        producers = {key.rsplit(".", 1)[0] for e in members.get(root, []) for _, key in an.origins.get(e, [])}
-        readers = sorted(
-            {
-                an.param_axes[e][0]
-                for e in members.get(root, [])
-                if e in an.param_axes and an.param_axes[e][0].rsplit(".", 1)[0] not in producers
-            }
-        )
-        if readers or children & set(split) or root in children:
-            why = f"{readers[0]!r} reads the whole output" if readers else "a part of it is split again"
-            unusable[root] = (
-                f"the output of {sorted(producers) or ['a fused projection']} is split into parts, but {why}, so "
-                "its parts cannot be permuted separately"
-            )
-    return split, unusable
-
-
-def _without_lone_rigid_groups(spec: PermutationSpec, kept: dict, kept_reason: dict) -> PermutationSpec:
-    """A rigid group outside every coupling never moves: it is left out, as kept (with its reason)."""
-    coupled = {n for c in spec.couplings for n in c}
-    lone = [g.name for g in spec.groups if g.rigid and g.name not in coupled]
-    for name in lone:
-        kept[name] = kept_reason[name]
-    return PermutationSpec(tuple(g for g in spec.groups if g.name not in lone), spec.couplings)
-
-
-def _whole_heads(an: Analysis, members: dict, blocked: dict, kept_roots: dict, extents: dict, heads_of, sizes: dict):
-    """Attention groups whose units keep their order only within each head (a rotary embedding pairs a head's
-    units by position, grouped-query values are shared by several query heads) still move whole heads, with
-    their attention op's coupling: (roots that become rigid groups, grouped-query plans).
-
-    One key/value head per query head: the query/key group becomes rigid (its units stay in order within each
-    head), the value group is blocked as before. Grouped-query attention (`kv` key/value heads, each shared by
-    `heads / kv` consecutive query heads): the query/key label holds tensors of two widths, the value label too
-    (the output projection reads every query head's values), so they are regrouped by width: the queries and the
-    output projection's inputs, and the keys and values, each rigid in `kv` blocks, coupled. Plan: root ->
-    (((element, root) of the wide part, ... of the narrow part), kv). Every op that fixed an order must have seen
-    at most one head's units (its extent); the invariance check in `trace` tests the rest."""
-    uf = an.uf
-    rigid, shared = set(), {}
-
-    def within(root, width) -> bool:
-        return all(e is not None and e <= width for e in extents.get(root, []))
-
-    for qk, v in an.head_couplings:
-        rq, rv = uf.find(qk), uf.find(v)
-        if rq == rv or rq in blocked or rv in blocked:
-            continue
-        params = [(e, r) for r in (rq, rv) for e in members.get(r, []) if e in sizes]  # tensors' axes and parts
-        widths = {sizes[e] for e, _ in params}
-        hq, hv = heads_of(rq), heads_of(rv)
-        if len(widths) == 1 and len(hq) == 1 and hq == hv:
-            width = next(iter(widths)) // next(iter(hq))
-            rigid.update(r for r in (rq, rv) if r in kept_roots and within(r, width))
-        elif len(widths) == 2 and len(hq) == 2 and len(hv) == 1 and hv < hq:
-            (kv,), (narrow, wide) = hv, sorted(widths)
-            width = narrow // kv
-            if narrow % kv == 0 and wide == max(hq) * width and within(rq, width) and within(rv, width):
-                parts = tuple([(e, r) for e, r in params if sizes[e] == n] for n in (wide, narrow))
-                if all(any(an.origins.get(e) or e in an.parts for e, _ in part) for part in parts):  # a producer each
-                    shared[rq] = shared[rv] = (parts, kv)
-    return rigid, shared
-
-
 def _aliases(state: dict) -> dict[str, list[str]]:
     """key -> every state-dict key sharing its storage (tied weights): all must be permuted alike."""
     by_ptr: dict = {}
@@ -434,138 +397,6 @@ def _aliases(state: dict) -> dict[str, list[str]]:
         if t.numel():
             by_ptr.setdefault((t.data_ptr(), tuple(t.shape)), []).append(k)
     return {k: keys for keys in by_ptr.values() for k in keys}
-
-
-def _single_op_module(an: Analysis, node) -> str | None:
-    """The leaf module (no submodules, called once) whose output is this node: its last op. A Linear, a norm, an
-    activation module of several pointwise ops (GPT-2's GELU), GPT-2's `Conv1D` (view, addmm, view), an RMSNorm."""
-    path = an.module_of.get(node)
-    if not path or len(an.module_calls.get(path, ())) != 1 or path not in an.leaf_modules:
-        return None
-    nodes = an.module_nodes.get(path) or []
-    if not nodes or nodes[-1] is not node:
-        return None
-    return path
-
-
-def _module_output(an: Analysis, node):
-    """From an op inside a leaf module to that module's output, through the single-user ops that follow it there
-    (Conv1D's addmm -> view); the node itself where it is not inside a leaf module."""
-    path = an.module_of.get(node)
-    while path in an.leaf_modules and _single_op_module(an, node) is None:
-        users = [u for u, _ in _users(node)]
-        if len(users) != 1 or an.module_of.get(users[0]) != path:
-            return node
-        node = users[0]
-    return node
-
-
-def _is_norm_module(an: Analysis, path: str) -> bool:
-    names = {op_name(n) for n in an.module_nodes.get(path, [])}
-    return bool(names & (BATCH_NORMS | LAYER_NORMS | GROUP_NORMS)) or {"rsqrt", "mean"} <= names  # RMSNorm
-
-
-def _is_pointwise_module(an: Analysis, path: str) -> bool:
-    """Every op of the module is elementwise (an activation written as several ops, GPT-2's `NewGELUActivation`)."""
-    return all(
-        op_name(n) in NONLINEAR | PASS_THROUGH or torch.Tag.pointwise in getattr(n.target, "tags", ())
-        for n in an.module_nodes.get(path, [])
-    )
-
-
-def _unit_axis(an: Analysis, node, root) -> int | None:
-    labels = an.labels.get(node)
-    labels = labels[0] if isinstance(labels, list) else labels
-    for i, label in enumerate(labels or ()):
-        if label is not None and an.uf.find(label) == root:
-            return i
-    return None
-
-
-def _users(node) -> list:
-    """Users, looking through `getitem(x, 0)` of ops returning tuples (native batch/layer norm)."""
-    out = []
-    for u in node.users:
-        if u.target is operator.getitem and u.args[1] == 0:
-            out += [(v, u) for v in u.users]
-        elif u.target is not operator.getitem:
-            out.append((u, node))
-    return out
-
-
-def _chain_end(an: Analysis, origin_node):
-    """Follow a producing layer through norms that only it feeds: the per-unit affine output REPAIR corrects."""
-    cur = _module_output(an, origin_node)
-    while True:
-        users = _users(cur)
-        if len(users) != 1:
-            return cur
-        user, via = users[0]
-        name = op_name(user) if user.op == "call_function" else ""
-        if (
-            (name in BATCH_NORMS or name in LAYER_NORMS or name in GROUP_NORMS)
-            and user.args[0] is via
-            and _single_op_module(an, user)
-        ):
-            cur = user
-        else:
-            return cur
-
-
-def _activation_after(an: Analysis, end, root):
-    """(module, unit axis) of the activation module that alone consumes `end`, or (None, None)."""
-    users = [u for u, _ in _users(end)]
-    paths = {an.module_of.get(u) for u in users}
-    if len(paths) != 1:
-        return None, None
-    path = paths.pop()
-    if path is None or path == an.module_of.get(end) or not _is_pointwise_module(an, path):
-        return None, None
-    nodes = an.module_nodes.get(path) or []
-    if not nodes or _single_op_module(an, nodes[-1]) is None:
-        return None, None
-    if not any(op_name(n) in NONLINEAR for n in nodes) and not any(op_name(n) == "tanh" for n in nodes):
-        return None, None
-    axis = _unit_axis(an, nodes[-1], root)
-    return (path, axis) if axis is not None else (None, None)
-
-
-def _modules(an: Analysis, root, origins):
-    """(preactivation, activation, their unit axes, REPAIR sites) of one group."""
-    sites, pre, act, axis_pre, axis_act = [], None, None, None, None
-    ends = []
-    for node, _ in origins:
-        end = _chain_end(an, node)
-        module = _single_op_module(an, end)
-        if module is not None and module not in sites:
-            sites.append(module)
-        ends.append((end, module))
-    if len(origins) == 1 and ends[0][1] is not None:
-        end, pre = ends[0]
-        axis_pre = _unit_axis(an, end, root)
-        act, axis_act = _activation_after(an, end, root)
-        return pre, act, axis_pre, axis_act, sites
-    nonlinear, norms = [], []
-    for node in an.graph.nodes:
-        if node.op != "call_function":
-            continue
-        path = _single_op_module(an, node)
-        if path is None:
-            continue
-        axis = _unit_axis(an, node, root)
-        if axis is None:
-            continue
-        name = op_name(node)
-        if name in NONLINEAR and len(an.module_nodes.get(path, [])) == 1:
-            nonlinear.append((node, axis))
-        elif _is_norm_module(an, path):
-            norms.append((node, axis))
-    if nonlinear or norms:
-        node, axis_act = (nonlinear or norms)[-1]
-        act = _single_op_module(an, node)
-    elif ends[0][1] is not None:  # tied producers and nothing after them (attention's query and key): the first
-        act, axis_act = ends[0][1], _unit_axis(an, ends[0][0], root)
-    return None, act, None, axis_act, sites
 
 
 def attach_permutation_spec(model: nn.Module, spec: PermutationSpec | None = None, **trace_kwargs) -> nn.Module:

@@ -170,7 +170,7 @@ OP_FAMILIES = (
     (PADS, "op_pad"),
     (REDUCTIONS, "op_reduction"),
     (CREATION, "op_creation"),
-    (PASS_THROUGH | NONLINEAR, "op_pointwise"),
+    (PASS_THROUGH | NONLINEAR | {"where"}, "op_pointwise"),  # where(cond, a, b): elementwise, cond broadcast
 )
 """Ops without an `op_<name>` rule of their own, by family -> the rule that handles them."""
 

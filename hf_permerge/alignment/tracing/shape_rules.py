@@ -82,15 +82,15 @@ class ShapeRules:
         """Grouped-query attention: value heads split as `kv` heads, repeated for their groups of query heads and
         merged back as more heads. The value projection's units would need its permutation repeated on the output
         projection's inputs, which a group cannot express: they keep their order within each key/value head (a keep
-        of one head's extent); whole key/value heads still move with their query heads (`build._whole_heads`)."""
+        of one head's extent); whole key/value heads still move with their query heads (`heads.whole_heads`)."""
         if not (len(ia) == 2 and len(oa) == 1):
             return False
         (head_axis, heads), (unit_axis, _) = ia
         label = xl[unit_axis]
         if not self._is_group(label) or self._is_group(xl[head_axis]):
             return False
-        split = [h for lab, h in self.head_splits if self.uf.find(lab) == self.uf.find(label)]
-        if not split or heads % split[0] or split[0] == heads:
+        split = [h for lab, h in self.head_splits if self.uf.find(lab) == self.uf.find(label)] or [1]  # 1: MQA
+        if heads % split[0] or split[0] == heads:
             return False
         self.keep(
             label,
@@ -165,6 +165,17 @@ class ShapeRules:
         if not isinstance(al, tuple) or not isinstance(bl, tuple) or len(al) < 2 or len(bl) < 2:
             return self._unknown(node, val)
         self.uf.union(al[-1], bl[-2])
+        left = node.args[0]
+        if (
+            left in self.scores and self.scores[left] is not None and len(bl) >= 3
+        ):  # softmax(q k^T) @ v: eager attention
+            self.head_couplings.append((self.scores[left], bl[-1]))
+        elif (
+            len(al) >= 3
+            and self._is_group(al[-1])
+            and any(self.uf.find(lab) == self.uf.find(al[-1]) for lab, _ in self.head_splits)
+        ):
+            self.scores[node] = al[-1]  # q k^T over a group split into heads: attention scores, per head
         shape = shape_of(val)
         out = [None] * len(shape)
         for batch in (al[:-2], bl[:-2]):
@@ -303,6 +314,8 @@ class ShapeRules:
         xl = self.lab(x)
         ndim = len(xl)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dims, torch.fx.Node):  # min / max of two tensors (T5's position buckets): elementwise
+            return self.op_pointwise(node, val)
         if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
             dims = list(range(ndim))
         elif isinstance(dims, int):
