@@ -112,7 +112,8 @@ def planted_per_head(model, queries_keys=True, seed=1, orthogonal=False):
     """The hand-written permutations, then per head an invertible B on the values (the output projection's inputs by
     B^-T) and an invertible A on the queries (keys by A^-T), per layout: GPT-2's Conv1D stores (in, out) and c_attn's
     outputs are [q | k | v]; BERT's and LLaMA's Linear stores (out, in). Under LLaMA's rotary embedding (rotate_half
-    pairs unit u of a head with u + head_dim / 2) A is a rotation-scaling [[a, -b], [b, a]] per pair."""
+    pairs unit u of a head with u + head_dim / 2) A is a rotation-scaling [[a, -b], [b, a]] per pair; under
+    grouped-query attention only the values are mapped, B per key/value head, on every query head that reads it."""
     return head_maps(planted_permutation(model, seed), model.config, queries_keys, seed, orthogonal)
 
 
@@ -142,6 +143,15 @@ def head_maps(sd, cfg, queries_keys=True, seed=1, orthogonal=False):
             out = f"{base}.output.dense.weight"
         else:
             base = f"model.layers.{i}.self_attn"
+            kv = cfg.num_key_value_heads
+            if kv != cfg.num_attention_heads:  # grouped-query (repeat_kv): query head h reads value head h // group
+                value_maps = [_invertible(w, w, gen, orthogonal) for _ in range(kv)]
+                group = cfg.num_attention_heads // kv
+                b = torch.block_diag(*value_maps)
+                sd[f"{base}.v_proj.weight"] = b @ sd[f"{base}.v_proj.weight"]
+                reads = torch.block_diag(*[torch.linalg.inv(value_maps[h // group]) for h in range(d // w)])
+                sd[f"{base}.o_proj.weight"] = sd[f"{base}.o_proj.weight"] @ reads
+                continue
             names = {"v_proj": b, **({"q_proj": _rotation_scalings(d, w, gen, orthogonal)} if queries_keys else {})}
             if queries_keys:
                 names["k_proj"] = torch.linalg.inv(names["q_proj"]).T

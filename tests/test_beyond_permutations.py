@@ -163,6 +163,8 @@ def test_symmetry_settings_are_validated_by_their_declared_model():
         ("bert", False, "weight"),
         ("llama_mha", False, "weight"),
         ("llama_mha", True, "weight"),
+        ("llama", True, "weight"),  # grouped-query: B per key/value head on every query head reading it
+        ("llama", True, "activation"),
         ("gpt2", False, "activation"),
         ("bert", False, "activation"),
         ("llama_mha", False, "activation"),
@@ -198,12 +200,17 @@ def test_procrustes_head_fits_undo_planted_orthogonal_head_maps(arch):
     assert _same_function(merge_aligned(a, b, tr), a)
 
 
-def test_per_head_query_key_maps_are_refused_where_grouped_query_heads_share_a_rotary_group():
-    gqa = _traced(tiny("llama").eval())  # the values share their group with the keys, rigid under the rotary
-    with pytest.raises(ValueError, match="refused: model.rotary_emb pins the query/key units of .*k_proj and no"):
+def test_per_head_query_key_maps_are_refused_where_grouped_query_heads_split_queries_from_keys():
+    gqa = _traced(tiny("llama").eval())
+    with pytest.raises(ValueError, match="the queries and keys of model.layers.0.self_attn are in different groups"):
         get_matcher("symmetry", symmetry="permutation", head_maps="all").match(gqa, gqa)
-    with pytest.raises(ValueError, match="no attention group of LlamaForCausalLM takes per-head maps"):
-        get_matcher("symmetry", symmetry="permutation", head_maps="values").match(gqa, gqa)
+    with pytest.raises(ValueError, match="no attention group of Sequential takes per-head maps"):
+        get_matcher("symmetry", symmetry="permutation", head_maps="values").match(*[_plain_linear()] * 2)
+
+
+def _plain_linear():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    return attach_permutation_spec(model, trace(model, (torch.randn(2, 8),)).spec)
 
 
 @pytest.mark.parametrize("source", ["weight", "activation"])

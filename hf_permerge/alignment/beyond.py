@@ -34,6 +34,7 @@ from .folding import FunctionCheck, find_folds, is_layer_norm, is_rms, norms_on,
 from .hungarian import matched_similarity, solve_assignment, solve_coupled
 from .spec import PermutationSpec
 from .transforms import Transforms, fold_state
+from .weight import _add_within as add_within
 
 
 def check_admitted(model: nn.Module, spec: PermutationSpec, symmetry: str) -> list[str]:
@@ -82,7 +83,7 @@ def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, head_maps: str 
     tr = Transforms(identity) if symmetry == "permutation" else stream_plan(model, spec, symmetry, gen, identity)
     if head_maps == "none":
         return tr
-    groups = per_head.plan_heads(model, spec, head_maps, gen, FunctionCheck(model))
+    groups = per_head.plan_heads(model, spec, head_maps, gen)
     heads = per_head.element(spec, groups, {g: torch.eye(spec[g].size) for g in groups})
     return dataclasses.replace(
         tr,
@@ -165,12 +166,16 @@ def group_cross(spec, group, pairs, tr: Transforms, solved=None, ignore=()) -> t
                 continue
             if spec.groups_on(key) & set(ignore):
                 continue
-            b_k = tr.tensor(spec, key, b[key], except_axis=axis).movedim(axis, 0)
+            target = plain if (key, axis) in tr.plain.get(group, ()) else free
+            if part is not None and part.within:  # b with the axis's other groups applied, as weight matching does
+                b_k = tr.tensor(spec, key, b[key], except_group=group).movedim(axis, 0)
+                add_within(target, g, part, a[key].movedim(axis, 0), b_k)
+                continue
+            b_k = tr.tensor(spec, key, b[key], except_axis=axis, axis_group=group).movedim(axis, 0)
             a_k = a[key].movedim(axis, 0)
             if part is not None:
                 pos = part.positions(g.size)
                 a_k, b_k = a_k[pos], b_k[pos]
-            target = plain if (key, axis) in tr.plain.get(group, ()) else free
             target += a_k.reshape(g.size, -1) @ b_k.reshape(g.size, -1).T
     return plain, free
 
@@ -182,7 +187,7 @@ def solve_group(spec, group, plain, free, tr: Transforms):
         q = procrustes(free, group in tr.fixes_ones)
         return q, float((free * q).sum()), float((free * tr.matrices[group]).sum())
     cost = plain + free.abs() if group in tr.signs else plain + free
-    perm = solve_assignment(cost, g.blocks, rigid=g.rigid)
+    perm = solve_assignment(cost, g.blocks, rigid=g.rigid_runs)
     return perm, matched_similarity(cost, perm), matched_similarity(cost, tr.perms[group])
 
 
@@ -219,7 +224,7 @@ def descend(spec, pairs, tr: Transforms, max_iter: int = 100, seed: int = 0, fix
             crosses = [group_cross(spec, n, pairs, tr, ignore=ignore) for n in unit]
             if len(unit) > 1:
                 sims = [p + f for p, f in crosses]
-                new = solve_coupled(sims, spec[unit[0]].blocks, [spec[n].rigid for n in unit])
+                new = solve_coupled(sims, spec[unit[0]].blocks, [spec[n].rigid_runs for n in unit])
                 before = sum(matched_similarity(s, tr.perms[n]) for s, n in zip(sims, unit))
                 after = sum(matched_similarity(s, p) for s, p in zip(sims, new))
                 if after > before + 1e-12 * max(1.0, abs(before)):

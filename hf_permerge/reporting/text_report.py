@@ -88,9 +88,10 @@ def alignment_arguments(config) -> dict:
     settings = matcher_settings(a.matcher, a.model_dump())
     if a.subset == "per_seed" and "num_examples" in settings:  # a matcher that reads data
         settings["seed"] = config.training.seed
-    return dict(
-        matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds, heads=a.heads
-    ) | settings
+    return (
+        dict(matcher=a.matcher, checkpoint=a.checkpoint, reference=a.reference, max_rounds=a.max_rounds, heads=a.heads)
+        | settings
+    )
 
 
 def text_report(merger, config, splits: dict, pair, command: str | None, progress: bool = True) -> dict:
