@@ -93,6 +93,11 @@ class SymmetrySettings(MatcherSettings):
         "the output projection's inputs); all (values, and queries by A with keys by A^-T; under a rotary embedding "
         "a rotation-scaling per frequency pair)",
     )
+    head_fit: Literal["least_squares", "procrustes"] = Field(
+        "least_squares",
+        description="per-head maps: least squares on one projection (any invertible map; exact for a planted one) "
+        "or procrustes (orthogonal maps fitted on both projections: well conditioned for unrelated nets)",
+    )
     source: Literal["weight", "activation"] = Field(
         "weight",
         description="find the class's elements from the weights (default) or from activations on data: the stream's "

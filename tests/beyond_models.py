@@ -86,37 +86,44 @@ def planted_orthogonal(model, seed=1):
     return _stream_map(planted_permutation(base, seed), cfg, lambda w: q @ w, lambda w: w @ q.T)
 
 
-def _rotation_scalings(n, w, gen):
-    """Block-diagonal: per head of width w, [[a, -b], [b, a]] on each pair of units (u, u + w / 2)."""
+def _rotation_scalings(n, w, gen, orthogonal=False):
+    """Block-diagonal: per head of width w, [[a, -b], [b, a]] on each pair of units (u, u + w / 2); `orthogonal`:
+    a rotation (a^2 + b^2 = 1)."""
     m = torch.zeros(n, n)
     for h in range(n // w):
         for u in range(w // 2):
             i, j = h * w + u, h * w + u + w // 2
             a, b = 0.5 + torch.rand(1, generator=gen).item(), torch.rand(1, generator=gen).item() - 0.5
+            if orthogonal:
+                a, b = a / (a * a + b * b) ** 0.5, b / (a * a + b * b) ** 0.5
             m[i, i], m[i, j], m[j, i], m[j, j] = a, -b, b, a
     return m
 
 
-def _invertible(n, w, gen):
-    """Block-diagonal: one random invertible map (identity plus noise, well conditioned) per head of width w."""
+def _invertible(n, w, gen, orthogonal=False):
+    """Block-diagonal: one random invertible map (identity plus noise, well conditioned) per head of width w;
+    `orthogonal`: a random orthogonal one."""
+    if orthogonal:
+        return torch.block_diag(*[torch.linalg.qr(torch.randn(w, w, generator=gen))[0] for _ in range(n // w)])
     return torch.block_diag(*[torch.eye(w) + 0.3 * torch.randn(w, w, generator=gen) for _ in range(n // w)])
 
 
-def planted_per_head(model, queries_keys=True, seed=1):
+def planted_per_head(model, queries_keys=True, seed=1, orthogonal=False):
     """The hand-written permutations, then per head an invertible B on the values (the output projection's inputs by
     B^-T) and an invertible A on the queries (keys by A^-T), per layout: GPT-2's Conv1D stores (in, out) and c_attn's
     outputs are [q | k | v]; BERT's and LLaMA's Linear stores (out, in). Under LLaMA's rotary embedding (rotate_half
-    pairs unit u of a head with u + head_dim / 2) A is a rotation-scaling [[a, -b], [b, a]] per pair."""
-    return head_maps(planted_permutation(model, seed), model.config, queries_keys, seed)
+    pairs unit u of a head with u + head_dim / 2) A is a rotation-scaling [[a, -b], [b, a]] per pair; under
+    grouped-query attention only the values are mapped, B per key/value head, on every query head that reads it."""
+    return head_maps(planted_permutation(model, seed), model.config, queries_keys, seed, orthogonal)
 
 
-def head_maps(sd, cfg, queries_keys=True, seed=1):
-    """`planted_per_head`'s maps on a state dict of `cfg`'s layout."""
+def head_maps(sd, cfg, queries_keys=True, seed=1, orthogonal=False):
+    """`planted_per_head`'s maps on a state dict of `cfg`'s layout (`orthogonal`: orthogonal maps and rotations)."""
     gen = torch.Generator().manual_seed(seed + 300)
     sd = dict(sd)
     d, w = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
-        a, b = _invertible(d, w, gen), _invertible(d, w, gen)
+        a, b = _invertible(d, w, gen, orthogonal), _invertible(d, w, gen, orthogonal)
         a_inv_t, b_inv_t = torch.linalg.inv(a).T, torch.linalg.inv(b).T
         if cfg.model_type == "gpt2":
             base = f"transformer.h.{i}.attn"
@@ -136,7 +143,16 @@ def head_maps(sd, cfg, queries_keys=True, seed=1):
             out = f"{base}.output.dense.weight"
         else:
             base = f"model.layers.{i}.self_attn"
-            names = {"v_proj": b, **({"q_proj": _rotation_scalings(d, w, gen)} if queries_keys else {})}
+            kv = cfg.num_key_value_heads
+            if kv != cfg.num_attention_heads:  # grouped-query (repeat_kv): query head h reads value head h // group
+                value_maps = [_invertible(w, w, gen, orthogonal) for _ in range(kv)]
+                group = cfg.num_attention_heads // kv
+                b = torch.block_diag(*value_maps)
+                sd[f"{base}.v_proj.weight"] = b @ sd[f"{base}.v_proj.weight"]
+                reads = torch.block_diag(*[torch.linalg.inv(value_maps[h // group]) for h in range(d // w)])
+                sd[f"{base}.o_proj.weight"] = sd[f"{base}.o_proj.weight"] @ reads
+                continue
+            names = {"v_proj": b, **({"q_proj": _rotation_scalings(d, w, gen, orthogonal)} if queries_keys else {})}
             if queries_keys:
                 names["k_proj"] = torch.linalg.inv(names["q_proj"]).T
             out = f"{base}.o_proj.weight"

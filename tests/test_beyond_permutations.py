@@ -163,6 +163,8 @@ def test_symmetry_settings_are_validated_by_their_declared_model():
         ("bert", False, "weight"),
         ("llama_mha", False, "weight"),
         ("llama_mha", True, "weight"),
+        ("llama", True, "weight"),  # grouped-query: B per key/value head on every query head reading it
+        ("llama", True, "activation"),
         ("gpt2", False, "activation"),
         ("bert", False, "activation"),
         ("llama_mha", False, "activation"),
@@ -185,11 +187,30 @@ def test_per_head_matching_undoes_planted_invertible_maps_of_queries_keys_and_va
     assert _same_function(aligned, a) and _same_function(merged, a)
 
 
-def test_per_head_query_key_maps_are_refused_where_grouped_query_heads_share_a_rotary_group():
-    gqa = _traced(tiny("llama").eval())  # two query heads read each key/value head
-    for maps in ("all", "values"):
-        with pytest.raises(ValueError, match="q_proj.*grouped- or multi-query attention.*not supported yet"):
-            get_matcher("symmetry", symmetry="permutation", head_maps=maps).match(gqa, gqa)
+@pytest.mark.parametrize("arch", ["gpt2", "llama_mha"])
+def test_procrustes_head_fits_undo_planted_orthogonal_head_maps(arch):
+    a = _traced(tiny(arch).eval())
+    b = _model(arch, planted_per_head(a, orthogonal=True))
+    tr = get_matcher("symmetry", symmetry="permutation", head_maps="all", head_fit="procrustes").match(a, b)
+    for m in tr.matrices.values():
+        assert torch.allclose(m @ m.T, torch.eye(len(m), dtype=m.dtype), atol=1e-8)  # every head's map orthogonal
+    aligned = tr.apply(b)
+    for key, t in a.state_dict().items():
+        assert torch.allclose(aligned.state_dict()[key], t, atol=1e-4), key
+    assert _same_function(merge_aligned(a, b, tr), a)
+
+
+def test_per_head_query_key_maps_are_refused_where_grouped_query_heads_split_queries_from_keys():
+    gqa = _traced(tiny("llama").eval())
+    with pytest.raises(ValueError, match="the queries and keys of model.layers.0.self_attn are in different groups"):
+        get_matcher("symmetry", symmetry="permutation", head_maps="all").match(gqa, gqa)
+    with pytest.raises(ValueError, match="no attention group of Sequential takes per-head maps"):
+        get_matcher("symmetry", symmetry="permutation", head_maps="values").match(*[_plain_linear()] * 2)
+
+
+def _plain_linear():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    return attach_permutation_spec(model, trace(model, (torch.randn(2, 8),)).spec)
 
 
 @pytest.mark.parametrize("source", ["weight", "activation"])
@@ -271,6 +292,7 @@ def test_the_merger_refuses_a_matcher_whose_transforms_it_cannot_average(tmp_pat
         ("gpt2", {"symmetry": "permutation", "head_maps": "all"}),
         ("bert", {"symmetry": "permutation", "head_maps": "all", "source": "activation"}),
         ("neox", {"symmetry": "permutation", "head_maps": "all"}),  # fused per-head q|k|v, partial rotary
+        ("llama_mha", {"symmetry": "orthogonal", "head_maps": "all", "head_fit": "procrustes"}),
     ],
 )
 def test_what_is_found_for_two_unrelated_nets_is_a_symmetry_of_the_second(arch, settings):
@@ -280,6 +302,7 @@ def test_what_is_found_for_two_unrelated_nets_is_a_symmetry_of_the_second(arch, 
     tr = get_matcher("symmetry", **settings).match(a, b, TokenSplit(ids, torch.ones_like(ids), "t"))
     assert _same_function(tr.apply(b), b, atol=1e-3)
     assert not _same_function(merge_aligned(a, b, tr), a, atol=1e-3)  # unrelated nets: the merge is neither
+    assert tr.info["objective_matched"] > tr.info["objective_identity"]  # the alignment lines them up better
 
 
 def test_partial_rotary_heads_take_rotation_scalings_on_their_pairs_and_any_map_on_the_rest():

@@ -83,7 +83,7 @@ def plan(model: nn.Module, spec: PermutationSpec, symmetry: str, head_maps: str 
     tr = Transforms(identity) if symmetry == "permutation" else stream_plan(model, spec, symmetry, gen, identity)
     if head_maps == "none":
         return tr
-    groups = per_head.plan_heads(model, spec, head_maps, gen, FunctionCheck(model))
+    groups = per_head.plan_heads(model, spec, head_maps, gen)
     heads = per_head.element(spec, groups, {g: torch.eye(spec[g].size) for g in groups})
     return dataclasses.replace(
         tr,
@@ -167,11 +167,11 @@ def group_cross(spec, group, pairs, tr: Transforms, solved=None, ignore=()) -> t
             if spec.groups_on(key) & set(ignore):
                 continue
             target = plain if (key, axis) in tr.plain.get(group, ()) else free
-            if part is not None and part.within:  # one value head's units on every query head reading it
+            if part is not None and part.within:  # b with the axis's other groups applied, as weight matching does
                 b_k = tr.tensor(spec, key, b[key], except_group=group).movedim(axis, 0)
                 add_within(target, g, part, a[key].movedim(axis, 0), b_k)
                 continue
-            b_k = tr.tensor(spec, key, b[key], except_axis=axis).movedim(axis, 0)
+            b_k = tr.tensor(spec, key, b[key], except_axis=axis, axis_group=group).movedim(axis, 0)
             a_k = a[key].movedim(axis, 0)
             if part is not None:
                 pos = part.positions(g.size)
@@ -251,7 +251,8 @@ class SymmetryMatcher(Matcher):
     (values, and queries/keys: any invertible map, or rotation-scalings per frequency pair under a rotary
     embedding). `source` "weight" finds them on the weights; "activation" on `data` (signs by the cosines of the
     outputs that carry them, the stream's Procrustes on its norms' outputs, each head's map on one projection's
-    outputs), whole heads and the other groups still by weight matching. Returns `Transforms` (merge with
+    outputs), whole heads and the other groups still by weight matching. `head_fit` "least_squares" (any invertible
+    map, one side) or "procrustes" (orthogonal maps, both sides). Returns `Transforms` (merge with
     `transforms.merge_aligned`)."""
 
     name: ClassVar[str] = "symmetry"
@@ -259,6 +260,7 @@ class SymmetryMatcher(Matcher):
     """`PermMerger.align` refuses it: its `Transforms` are merged by `merge_aligned`, not by the merger (yet)."""
     symmetry: str = "signed"
     head_maps: str = "none"
+    head_fit: str = "least_squares"
     source: str = "weight"
     max_iter: int = 100
     seed: int = 0
@@ -290,9 +292,19 @@ class SymmetryMatcher(Matcher):
             heads = tuple(n for c in spec.couplings for n in c)
             tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed=fixed + heads, ignore=heads)
             moments = head_moments(model_a, model_b, spec, tr.info["heads"], data) if activations else None
-            fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0], moments)
+            orthogonal = self.head_fit == "procrustes"
+            fields = per_head.match_heads(model_a, spec, tr, tr.info["heads"], *pairs[0], moments, orthogonal)
             tr = dataclasses.replace(tr, **{k: {**getattr(tr, k), **v} for k, v in fields.items()})
             fixed = fixed + heads
         tr = descend(spec, pairs, tr, self.max_iter, self.seed, fixed)
-        info = {"matcher": self.name, "settings": self.settings, "folded": [f.norm for f in tr.folds]}
+        a, b = pairs[0]
+        info = {
+            "matcher": self.name,
+            "settings": self.settings,
+            "data": None if data is None else {"fingerprint": data.fingerprint, "num_examples": len(data)},
+            "folded": [f.norm for f in tr.folds],
+            # sum_k <A_k, B_k> over the spec's tensors (folded where the class folds), before and after: what is maximised
+            "objective_identity": sum(float((a[k] * b[k]).sum()) for k in a),
+            "objective_matched": sum(float((a[k] * tr.tensor(spec, k, b[k])).sum()) for k in a),
+        }
         return dataclasses.replace(tr, info=info)

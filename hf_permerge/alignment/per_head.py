@@ -4,7 +4,8 @@ inputs by B^-T, its queries by any invertible A with its keys by A^-T; the score
 Each coupled attention group has a primary side (value rows, or query rows) and a dual side (output projection
 inputs, or key rows), told apart by the layer kind (a Linear's rows are outputs, a GPT-2 Conv1D's columns; a bias
 is an output). Heads are matched whole by what no per-head map changes (X_primary^T X_dual per head), then each
-head's map is the least-squares fit on the primary side, M = A_h B_h^+ (exact for a planted element).
+head's map is the least-squares fit on the primary side, M = A_h B_h^+ (exact for a planted element), or (`head_fit`
+"procrustes") the orthogonal map best on both sides, well conditioned where a one-sided fit of unrelated nets is not.
 A rotary embedding pins the query/key units of a head (`PermGroup.rigid`): it rotates each frequency pair of units
 by a position's angle, so only a rotation-scaling [[a, -b], [b, a]] per pair commutes with it (queries by it, keys
 by its inverse transpose); units a partial rotary leaves alone take any invertible map. Which units pair up (the
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .folding import owner
+from .folding import FunctionCheck, owner
 from .hungarian import solve_assignment
 from .spec import PermutationSpec
 from .transforms import Transforms, side
@@ -36,8 +37,9 @@ def is_output(model: nn.Module, key: str, axis: int, ndim: int) -> bool:
 
 
 def sides(model: nn.Module, spec: PermutationSpec, group: str) -> tuple[str, list, list]:
-    """(kind, primary, dual): kind "values" (outputs by B, the readers by B^-T) or "queries_keys" (one projection's
-    outputs by A, the other's by A^-T); primary and dual list (key, axis, part) entries."""
+    """(kind, primary, dual): kind "values" (outputs by B, the readers by B^-T), "queries_keys" (one projection's
+    outputs by A, the other's by A^-T) or "other" (one projection's outputs alone: grouped-query keys); primary and
+    dual list (key, axis, part) entries."""
     g, state = spec[group], model.state_dict()
     entries = [(k, a, None) for k, a in g.axes] + list(g.parts)
     outputs = [e for e in entries if is_output(model, e[0], e[1], state[e[0]].ndim)]
@@ -48,7 +50,7 @@ def sides(model: nn.Module, spec: PermutationSpec, group: str) -> tuple[str, lis
     for e in outputs:
         by_side.setdefault((owner(e[0]), None if e[2] is None else e[2].start), []).append(e)
     if len(by_side) != 2:
-        raise ValueError(f"per-head maps: group {group!r} has {len(by_side)} projections, not a query and a key")
+        return "other", outputs, []
     primary, dual = by_side.values()
     return "queries_keys", primary, dual
 
@@ -59,7 +61,7 @@ def rows(spec: PermutationSpec, group: str, entries, state, tr: Transforms | Non
     g = spec[group]
     out = []
     for key, axis, part in entries:
-        t = state[key] if tr is None else tr.tensor(spec, key, state[key], except_axis=axis)
+        t = state[key] if tr is None else tr.tensor(spec, key, state[key], except_axis=axis, axis_group=group)
         t = t.movedim(axis, 0)
         if part is not None:
             t = t[part.positions(g.size)[:, 0]]
@@ -109,8 +111,17 @@ def admitted(model: nn.Module, spec: PermutationSpec, head_maps: str) -> dict[st
     forbids the class."""
     found = {}
     for coupled in spec.couplings:
+        kinds = {name: sides(model, spec, name)[0] for name in coupled}
+        if head_maps == "all" and "queries_keys" not in kinds.values():
+            raise ValueError(
+                f"head_maps 'all' is refused: the queries and keys of {owner(coupled[0])} are in different groups "
+                "(grouped-query heads): maps of one by the other's inverse transpose are not supported; use "
+                "head_maps 'values'"
+            )
         for name in coupled:
             kind, primary, dual = sides(model, spec, name)
+            if kind == "other":
+                continue
             if spec[name].rigid:
                 if head_maps == "all" and kind == "queries_keys" and spec[name].size % 2 == 0:
                     found[name] = (primary, dual, ROTARY)
@@ -119,8 +130,7 @@ def admitted(model: nn.Module, spec: PermutationSpec, head_maps: str) -> dict[st
                 found[name] = (primary, dual, None)
     if not found:
         raise ValueError(
-            f"head_maps {head_maps!r} is refused: no attention group of {type(model).__name__} takes per-head maps "
-            "(grouped-query heads under a rotary embedding keep their values with their keys)"
+            f"head_maps {head_maps!r} is refused: no attention group of {type(model).__name__} takes per-head maps"
         )
     return found
 
@@ -160,21 +170,25 @@ def random_element(spec: PermutationSpec, groups: dict, gen: torch.Generator) ->
     return element(spec, groups, matrices)
 
 
-def fit_heads(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+def fit_heads(cab: torch.Tensor, cbb: torch.Tensor, pairs: torch.Tensor | None, orthogonal: bool = False):
     """Each head's map M with M b ~ a, from its moments cab = sum a b^T and cbb = sum b b^T, stacked (heads, w, w)
     (rows of weights, or activations): least squares over every invertible map (cab cbb^-1, one batched solve) or
     over the rotation-scalings of `pairs` (a = <a, b> / |b|^2, b = <a, J b> / |b|^2 per pair), with any invertible
-    map of the units outside them (the fit separates: M has no entries between the two)."""
+    map of the units outside them (the fit separates: M has no entries between the two). `orthogonal`: the
+    orthogonal M maximising <cab, M> instead (Procrustes; pure rotations on the pairs), where M^-T = M."""
     if pairs is None:
+        if orthogonal:
+            u, _, vh = torch.linalg.svd(cab)
+            return u @ vh
         return torch.linalg.solve(cbb, cab.transpose(1, 2)).transpose(1, 2)  # cbb is symmetric
     i, j = pairs[:, 0], pairs[:, 1]
-    norm = cbb[:, i, i] + cbb[:, j, j]
-    ab = torch.stack([cab[:, i, i] + cab[:, j, j], cab[:, j, i] - cab[:, i, j]], -1) / norm[..., None]
-    out = torch.stack([rotation_scaling(pairs, cab.shape[-1], h) for h in ab])
+    ab = torch.stack([cab[:, i, i] + cab[:, j, j], cab[:, j, i] - cab[:, i, j]], -1)
+    norm = ab.norm(dim=-1) if orthogonal else cbb[:, i, i] + cbb[:, j, j]
+    out = torch.stack([rotation_scaling(pairs, cab.shape[-1], h) for h in ab / norm[..., None]])
     free = free_units(pairs, cab.shape[-1])
     if len(free):
         sub = (slice(None), free[:, None], free)
-        out[sub] = fit_heads(cab[sub], cbb[sub], None)
+        out[sub] = fit_heads(cab[sub], cbb[sub], None, orthogonal)
     return out
 
 
@@ -192,12 +206,19 @@ def head_moments_of_rows(xa: torch.Tensor, xb: torch.Tensor, blocks: int) -> tup
 
 
 def match_heads(
-    model: nn.Module, spec: PermutationSpec, tr: Transforms, groups: dict, a: dict, b: dict, moments=None
+    model: nn.Module,
+    spec: PermutationSpec,
+    tr: Transforms,
+    groups: dict,
+    a: dict,
+    b: dict,
+    moments=None,
+    orthogonal: bool = False,
 ) -> dict:
     """Whole heads by their per-head invariants, then each group's map (least squares on the primary side's weights,
     or on `moments`: group -> (sum a b^T, sum b b^T, dual) of one side's activations, `dual` when that side takes
-    M^-T) or, for a group without maps, its within-head permutation; returns the Transforms fields of the maps, the
-    permutations set in `tr.perms`."""
+    M^-T; `orthogonal`: Procrustes, on both sides' weights) or, for a group without maps, its within-head
+    permutation; returns the Transforms fields of the maps, the permutations set in `tr.perms`."""
     from .beyond import group_cross  # the shared cross-product of one group (beyond imports this module)
 
     matrices = {}
@@ -209,45 +230,43 @@ def match_heads(
             w = spec[name].size // blocks
             inv = {}
             for which, state, t in (("a", a, None), ("b", b, tr)):
-                x1, x2 = rows(spec, name, primary, state, t), rows(spec, name, dual, state, t)
+                x1 = rows(spec, name, primary, state, t)
+                x2 = rows(spec, name, dual, state, t) if dual else x1  # keys alone: their Gram matrix per head
                 inv[which] = torch.stack([x1[h * w : (h + 1) * w].T @ x2[h * w : (h + 1) * w] for h in range(blocks)])
             score += torch.einsum("ipq,jpq->ij", inv["a"], inv["b"])
         sigma = solve_assignment(score)
+        whole = {
+            n: torch.cat([int(s) * (spec[n].size // blocks) + torch.arange(spec[n].size // blocks) for s in sigma])
+            for n in coupled
+        }
+        tr.perms.update(whole)  # every group's heads moved before any within-head term is scored
         for name in coupled:
-            g, w = spec[name], spec[name].size // blocks
-            heads = torch.cat([int(s) * w + torch.arange(w) for s in sigma])
+            g, heads = spec[name], whole[name]
             if name in groups:
-                tr.perms[name] = heads
                 if moments is None:
                     xa, xb = rows(spec, name, groups[name][0], a), rows(spec, name, groups[name][0], b, tr)[heads]
                     (cab, cbb), dual = head_moments_of_rows(xa, xb, blocks), False
+                    if orthogonal:  # M^-T = M: the dual side's rows count alike
+                        da, db = rows(spec, name, groups[name][1], a), rows(spec, name, groups[name][1], b, tr)[heads]
+                        cab = cab + head_moments_of_rows(da, db, blocks)[0]
                 else:
                     cab, cbb, dual = moments[name]
                     cab, cbb = diagonal_blocks(cab[:, heads], blocks), diagonal_blocks(cbb[heads][:, heads], blocks)
-                fits = fit_heads(cab, cbb, groups[name][2])
+                fits = fit_heads(cab, cbb, groups[name][2], orthogonal)
                 if dual:
                     fits = torch.linalg.inv(fits).transpose(1, 2)
                 matrices[name] = block_diagonal(list(fits))
-            elif g.rigid:
-                tr.perms[name] = heads
-            else:
+            else:  # permutations within the heads (none for a rigid group, its runs for grouped queries)
                 plain, free = group_cross(spec, name, [(a, b)], tr)
-                within = solve_assignment((plain + free)[:, heads], blocks)
-                tr.perms[name] = heads[within]
+                tr.perms[name] = heads[solve_assignment((plain + free)[:, heads], blocks, rigid=g.rigid_runs)]
     return element(spec, groups, matrices)
 
 
-def plan_heads(model: nn.Module, spec: PermutationSpec, head_maps: str, gen: torch.Generator, check) -> dict:
+def plan_heads(model: nn.Module, spec: PermutationSpec, head_maps: str, gen: torch.Generator) -> dict:
     """`admitted`'s groups with each rotary group's pair layout found: the first whose random rotation-scalings keep
-    the function (`check`: a `folding.FunctionCheck`); refused in one line where none does."""
-    shared = [g.name for g in spec.groups if g.runs > 1 or any(part.within for _, _, part in g.parts)]
-    if shared:  # a key/value head read by several query heads: its map would have to act on all their inputs
-        raise ValueError(
-            f"head_maps {head_maps!r} is refused: {shared[0]!r} belongs to grouped- or multi-query attention (one "
-            "key/value head read by several query heads), where per-head maps are not supported yet; use head_maps "
-            "'none' (signs and orthogonal streams still apply)"
-        )
+    the function; refused in one line where none does."""
     groups = admitted(model, spec, head_maps)
+    check = FunctionCheck(model)
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
     for g, (primary, dual, pairs) in list(groups.items()):
         options = pairings(spec[g].size // spec[g].blocks) if pairs == ROTARY else {"": None}
@@ -259,8 +278,8 @@ def plan_heads(model: nn.Module, spec: PermutationSpec, head_maps: str, gen: tor
         else:
             raise ValueError(
                 f"head_maps {head_maps!r} is refused: {rotary_module(model)} pins the query/key units of {g} and no "
-                "rotation-scaling of their frequency pairs (halves or neighbours, of all or part) keeps the function (grouped-query "
-                "heads keep values with keys); use head_maps 'values'"
+                "rotation-scaling of their frequency pairs (halves or neighbours, of all or part) keeps the function; "
+                "use head_maps 'values'"
                 if pairs == ROTARY
                 else f"head_maps {head_maps!r}: an invertible map per head of group {g!r} changes the function"
             )

@@ -98,16 +98,25 @@ class Transforms:
     info: dict = field(default_factory=dict)
 
     def tensor(
-        self, spec: PermutationSpec, key: str, t: torch.Tensor, except_axis: int | None = None, except_group=None
+        self,
+        spec: PermutationSpec,
+        key: str,
+        t: torch.Tensor,
+        except_axis: int | None = None,
+        axis_group: str | None = None,
+        except_group: str | None = None,
     ):
-        """One tensor transformed on every axis its groups name (but `except_axis`, and every entry of
-        `except_group`); folds are not done here."""
-        t = permute_tensor(spec, key, t, self.perms, except_group=except_group, except_axis=except_axis)
+        """One tensor transformed on every axis its groups name; folds are not done here. Matching's views: but
+        `except_axis` (there only the permutations of other groups' `within` parts, as `permute_tensor` does with
+        `axis_group`), or every group but `except_group`."""
+        t = permute_tensor(spec, key, t, self.perms, except_group, except_axis, axis_group)
         for axis, entries in spec.layout.get(key, {}).items():
             if axis == except_axis:
                 continue
             for group, part in entries:
-                if group == except_group or (key, axis) in self.plain.get(group, ()):
+                if group == except_group:
+                    continue
+                if (key, axis) in self.plain.get(group, ()):
                     continue
                 s, q = self.signs.get(group), self.matrices.get(group)
                 if s is not None:
