@@ -31,8 +31,13 @@ from hf_permerge.evaluation.text import token_loss
 
 CLASSES = {
     "symmetry: permutation": dict(symmetry="permutation", head_maps="none"),
+    "symmetry: signed permutation": dict(symmetry="signed", head_maps="none"),
+    "symmetry: orthogonal stream": dict(symmetry="orthogonal", head_maps="none"),
     "symmetry: permutation + per-head maps": dict(symmetry="permutation", head_maps="all"),
-    "symmetry: orthogonal stream + per-head maps": dict(symmetry="orthogonal", head_maps="all"),
+    "symmetry: permutation + orthogonal per-head maps": dict(
+        symmetry="permutation", head_maps="all", head_fit="procrustes"
+    ),
+    "symmetry: orthogonal stream + value maps": dict(symmetry="orthogonal", head_maps="values", head_fit="procrustes"),
 }
 
 

@@ -27,6 +27,7 @@ VARIANTS = (
     "activation, heads kept",
     "random permutation",
     "symmetry: permutation + per-head maps",
+    "symmetry: permutation + orthogonal per-head maps",
 )
 """The rows shown; `beyond_merging.py`'s (W.beyond.json beside W.json) join them: its permutation row is weight
 matching again, its orthogonal stream is refused for GPT-2 (a tied LM head)."""
