@@ -332,3 +332,21 @@ def test_streamed_activation_merge_on_the_command_line(planted_pair, tmp_path, r
     merged, source_a = ShardedTensors(out), ShardedTensors(a)
     for key in source_a:
         assert torch.equal(merged[key], source_a[key]), key
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_streamed_merge_undoes_planted_fused_projections(arch, tmp_path):
+    """Fused q/k/v (GPT-2's thirds with its tied LM head stored once, Phi-3's slices and gate|up halves): the two-layer
+    traced spec's parts, repeated for every layer, let the streamed merge of a planted pair give A back."""
+    config = tiny(arch).config
+    config.num_hidden_layers = 3  # more than the two the streamed spec is traced on (GPT-2: n_layer, the same)
+    torch.manual_seed(0)
+    model = type(tiny(arch))(config)
+    _save(model.state_dict(), model, tmp_path / "a")
+    _save(planted_permutation(model, seed=5), type(model)(model.config), tmp_path / "b")
+    out = merge_streamed(
+        tmp_path / "a", tmp_path / "b", tmp_path / "merged", max_shard_size="20KB", progress=False, log=lambda _: None
+    )
+    merged, source_a = ShardedTensors(out), ShardedTensors(tmp_path / "a")
+    for key in source_a:
+        assert torch.equal(merged[key], source_a[key]), key

@@ -8,6 +8,7 @@ for every layer (`alignment.repeat`), then checked against the checkpoint's own 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -50,8 +51,30 @@ def checkpoint_spec(config, shapes: Mapping[str, torch.Tensor]) -> tuple[Permuta
             logger.info(
                 "traced spec %s %d groups: %s", what, len(groups), "; ".join(f"{k}: {v}" for k, v in groups.items())
             )
+    spec = _stored_keys_only(traced.spec, model, shapes)
     del model
     if small.num_hidden_layers == layers:
-        traced.spec.validate(shapes)
-        return traced.spec, traced
-    return repeat_layers(traced.spec, small.num_hidden_layers, layers, shapes), traced
+        spec.validate(shapes)
+        return spec, traced
+    return repeat_layers(spec, small.num_hidden_layers, layers, shapes), traced
+
+
+def _stored_keys_only(spec: PermutationSpec, model, shapes: Mapping) -> PermutationSpec:
+    """The spec without the tied copies a checkpoint does not store (GPT-2's `lm_head.weight`, the embeddings' twin):
+    `save_pretrained` writes a tied tensor once, and permuting the stored one permutes both."""
+    state = model.state_dict(keep_vars=True)
+    by_storage: dict = {}
+    for key, t in state.items():
+        by_storage.setdefault((t.data_ptr(), tuple(t.shape)), []).append(key)
+    absent = {k for keys in by_storage.values() if len(keys) > 1 for k in keys if k not in shapes}
+    if not absent:
+        return spec
+    groups = tuple(
+        dataclasses.replace(
+            g,
+            axes=tuple(e for e in g.axes if e[0] not in absent),
+            parts=tuple(e for e in g.parts if e[0] not in absent),
+        )
+        for g in spec.groups
+    )
+    return PermutationSpec(groups, spec.couplings)
