@@ -33,7 +33,7 @@ def __getattr__(name):
 
 class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
     """Imports our `models` (which registers them with the Auto classes) right after transformers is imported,
-    so that `import hf_permerge` then `AutoModelForImageClassification.from_pretrained(folder)` works without
+    so that `import hf_permerge` then `AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=False)` works without
     `import hf_permerge` having to import transformers."""
 
     def find_spec(self, fullname, path=None, target=None):

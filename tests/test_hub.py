@@ -430,7 +430,7 @@ def test_model_card_metadata_and_body():
     text = card.text
     assert "| 0.5 | 0.4100 | 1.6000 | 0.8525 | 0.4500 |" in text  # λ, vanilla acc/loss, permuted acc/loss
     assert "![interpolation](plots/interpolation.png)" in text
-    assert 'AutoModelForImageClassification.from_pretrained("alice/fmnist-merged")' in text
+    assert 'AutoModelForImageClassification.from_pretrained("alice/fmnist-merged", trust_remote_code=False)' in text
     assert "hf-permerge merge runs/pair --output-dir runs/merged" in text
     assert "arXiv:2209.07509" in text and "Benzing" in text
     assert "activation" in text and "similarity=cosine" in text
@@ -584,7 +584,10 @@ def test_a_card_saved_before_its_repo_was_known_loads_from_the_repo_once_pushed(
     local = (tmp_path / "README.md").read_text()
     assert LOCAL_REPO_PLACEHOLDER in local
     pushed = _card_for_repo(tmp_path / "README.md", "alice/fmnist-merged").decode()
-    assert LOCAL_REPO_PLACEHOLDER not in pushed and 'from_pretrained("alice/fmnist-merged")' in pushed
+    assert (
+        LOCAL_REPO_PLACEHOLDER not in pushed
+        and 'from_pretrained("alice/fmnist-merged", trust_remote_code=False)' in pushed
+    )
     assert (tmp_path / "README.md").read_text() == local
 
 

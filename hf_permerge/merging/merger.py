@@ -86,7 +86,7 @@ class PermMerger:
         or `hf auth login`'s, and is never stored.
         example_inputs: for models without a `permutation_spec()` (any HF image classifier), the inputs to
         trace one with (a pixel tensor); default two test images of the pair's data set (Fashion-MNIST).
-        image_processor: for models saved without one (e.g. `AutoImageProcessor.from_pretrained(<base model>)`):
+        image_processor: for models saved without one (e.g. `AutoImageProcessor.from_pretrained(<base model>, trust_remote_code=False)`):
         it converts your `datasets.Dataset` for them and is saved beside the merged model, so that
         `pipeline("image-classification")` loads it. Net 0's own is used when this is None.
         device: where the nets are loaded and merged (default: the CPU); one this machine lacks is refused at once.

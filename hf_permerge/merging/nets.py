@@ -16,7 +16,6 @@ from ..data.tensors import load_tensors
 from ..devices import check_device
 from ..models.folders import load_config, load_model
 from ..models.image_processing_perm import image_processor_for
-from ..models.trust import NO_REMOTE_CODE
 from .sources import NetSource
 from .tokenizers import compare_tokenizers
 
@@ -196,7 +195,7 @@ class Nets:
         if not hasattr(self, "_tokenizer"):
             folder = self.sources[0].folder(self.default_checkpoint)
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
+                self._tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
             except (OSError, ValueError, TypeError):
                 self._tokenizer = None
         return self._tokenizer
@@ -221,15 +220,14 @@ class Nets:
             return image_processor_for(model.config)
         if self.image_processor is None:
             try:
-                self.image_processor = AutoImageProcessor.from_pretrained(
-                    next(iter(self.sources[0].checkpoints.values())), **NO_REMOTE_CODE
-                )
+                first = next(iter(self.sources[0].checkpoints.values()))
+                self.image_processor = AutoImageProcessor.from_pretrained(first, trust_remote_code=False)
             except (OSError, ValueError):
                 logger.warning(
                     "net 0 (%s) has no image processor, so the merged folder gets none and "
                     "pipeline('image-classification') cannot load it; pass the model's image processor: "
-                    "PermMerger.from_pretrained(..., image_processor=AutoImageProcessor.from_pretrained("
-                    "<its base model>))",
+                    "PermMerger.from_pretrained(..., image_processor=<its base model's image processor, loaded "
+                    "with trust_remote_code=False>)",
                     self.sources[0].name,
                 )
                 return None

@@ -26,7 +26,6 @@ from ..alignment.spec import PermutationSpec
 from ..alignment.tracing import attach_permutation_spec
 from ..data.tokens import TokenSplit, model_token_split
 from ..models.folders import auto_class_for, load_config, load_model
-from ..models.trust import NO_REMOTE_CODE
 
 
 def offload_map(model: nn.Module) -> dict[str, str]:
@@ -113,7 +112,7 @@ def checkpoint_tokens(
         return dataset.subset(num_examples, seed)
     config = load_config(folder)  # first: refuses a folder naming code before its tokenizer is read
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model_token_split(dataset, tokenizer, config, text_column, num_examples, seed)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..models.trust import NO_REMOTE_CODE
-
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -34,7 +32,7 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError):
         return None
 

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from ..io_utils import atomic_dir, atomic_file
 from ..shards import INDEX_NAME, WEIGHTS_NAME, tensor_files
-from .trust import NO_REMOTE_CODE, check_no_remote_code, read_json
+from .trust import check_no_remote_code, read_json
 
 
 def check_finite(state: dict) -> None:
@@ -141,7 +141,7 @@ def load_config(folder: str | Path):
         )
     check_field_types(CONFIG_MAPPING[data["model_type"]], data, path)
     try:
-        return AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - transformers' validators raise their own types
         said = " ".join(str(err).split())[:300]
         raise ValueError(f"cannot read {path} ({said}); correct it, or save the model again") from None
@@ -224,13 +224,8 @@ def load_model(folder: str | Path, **kwargs):
     try:
         with _LOADING, _without_transformers_bars():
             auto = auto_class_for(config)
-            model, info = auto.from_pretrained(
-                folder,
-                config=config,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                **{"dtype": "auto", **kwargs, **NO_REMOTE_CODE},
-            )
+            settings = {"dtype": "auto", **kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True}
+            model, info = auto.from_pretrained(folder, config=config, trust_remote_code=False, **settings)
     except SafetensorError as err:
         raise OSError(
             f"cannot read the weights in {folder} ({err}): the safetensors file is damaged or incomplete; "
@@ -244,7 +239,7 @@ def load_model(folder: str | Path, **kwargs):
 
 def save_model(model, folder: str | Path, tokenizer=None) -> None:
     """Write an HF model folder into a temp folder, renamed into place (safetensors only); with a `tokenizer`,
-    its files too, so that `AutoTokenizer.from_pretrained(folder)` reads it."""
+    its files too, so that `AutoTokenizer.from_pretrained(folder, trust_remote_code=False)` reads it."""
     with atomic_dir(folder) as tmp:
         write_model_files(model, tmp)
         if tokenizer is not None:

@@ -1,14 +1,11 @@
 """What a model folder may bring before transformers reads it: never code. A folder whose config or tokenizer names
 custom code (`auto_map`, `custom_pipelines`) is refused from its JSON alone, before any transformers load could
-import it; every load passes `trust_remote_code=False` (`NO_REMOTE_CODE`), so nothing ever prompts either."""
+import it; every load passes `trust_remote_code=False` on its own line, so nothing ever prompts either."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-NO_REMOTE_CODE = {"trust_remote_code": False}
-"""The keyword every `from_pretrained` of ours passes: transformers then refuses custom code instead of asking."""
 
 _CODE_KEYS = ("auto_map", "custom_pipelines")
 _FILES = (
