@@ -46,7 +46,9 @@ class AxisPart:
     def __str__(self) -> str:
         rep = f", x{self.reps} every {self.rep_stride}" if self.reps > 1 else ""
         rep += ", within blocks" if self.within else ""
-        return f"[{self.start}: {self.width} every {self.stride}{rep}]" if self.stride else f"[{self.start}:{rep}]"
+        if self.stride:
+            return f"[{self.start}: {self.width} every {self.stride}{rep}]"
+        return f"[{self.start}:{self.start + self.width}{rep}]"
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,14 @@ class PermutationSpec:
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
 
+    @cached_property
+    def by_name(self) -> dict[str, PermGroup]:
+        return {g.name: g for g in self.groups}
+
     def __getitem__(self, name: str) -> PermGroup:
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(f"no permutation group {name!r}; groups are {self.names}")
+        if name not in self.by_name:
+            raise KeyError(f"no permutation group {name!r}; groups are {self.names}")
+        return self.by_name[name]
 
     def equivalent(self, other: PermutationSpec) -> bool:
         """True when both specs permute the same tensors alike: the same groups up to their names and order.
@@ -259,14 +264,12 @@ def _permute_axes(
 ):
     """The single place a tensor is permuted: every axis whose groups have a permutation (but `except_group`); on
     `except_axis` only the `within` parts of groups other than `axis_group` (weight matching's view of one axis)."""
-    groups = None
     for axis, entries in spec.layout.get(key, {}).items():
         if axis == except_axis:
             skip = lambda g, part: part is None or not part.within or g == axis_group  # noqa: E731
         else:
             skip = lambda g, part: g == except_group  # noqa: E731
-        groups = groups or {g.name: g for g in spec.groups}
-        index = axis_index(tensor.shape[axis], entries, perms, groups, skip)
+        index = axis_index(tensor.shape[axis], entries, perms, spec.by_name, skip)
         if index is not None:
             tensor = torch.index_select(tensor, axis, index.to(tensor.device))
     return tensor

@@ -51,7 +51,7 @@ def group_similarity(
                 continue  # layer-by-layer sweep: this tensor also carries a group not yet matched
             if part is not None and part.within:
                 b_k = permute_tensor(spec, key, b[key], perms, except_group=group).movedim(axis, 0)
-                add_within(total, g, part, a[key].movedim(axis, 0), b_k)
+                add_within(total, g, part, a[key].movedim(axis, 0), b_k, chunk)
                 continue
             # every other axis at its current permutation: for a tensor carrying this group on two axes
             # (P W P^T) each axis's term is the objective linearised at the group's current permutation
@@ -67,17 +67,21 @@ def group_similarity(
     return total
 
 
-def add_within(total: torch.Tensor, g, part, a_k: torch.Tensor, b_k: torch.Tensor) -> None:
+def add_within(total: torch.Tensor, g, part, a_k: torch.Tensor, b_k: torch.Tensor, chunk: int | None = None) -> None:
     """A `within` part's term (both tensors with the axis first; b's with the axis's other groups applied, which
     moved its blocks): slot-block i of a meets what now stands in block i of b, and unit j of every column block
-    scores as unit j there (the block map itself is the coupling's, decided by the other terms)."""
+    scores as unit j there (the block map itself is the coupling's, decided by the other terms). At most `chunk`
+    columns of each side are converted to `total`'s dtype at a time, as in `group_similarity`."""
     width = g.size // g.blocks
     pos = part.positions(g.size)
-    a_k = a_k[pos].reshape(g.size, -1).to(total.dtype)
-    b_k = b_k[pos].reshape(g.size, -1).to(total.dtype)
+    a_k, b_k = a_k[pos].reshape(g.size, -1), b_k[pos].reshape(g.size, -1)
+    step = chunk or a_k.shape[1] or 1
     for i in range(g.blocks):
         rows = slice(i * width, (i + 1) * width)
-        total[rows] += (a_k[rows] @ b_k[rows].T).repeat(1, g.blocks)
+        block = torch.zeros(width, width, dtype=total.dtype)
+        for j in range(0, a_k.shape[1], step):
+            block.addmm_(a_k[rows, j : j + step].to(total.dtype), b_k[rows, j : j + step].to(total.dtype).T)
+        total[rows] += block.repeat(1, g.blocks)
 
 
 def coordinate_descent(

@@ -173,9 +173,9 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
         extents.setdefault(uf.find(label), []).append(extent)
 
     node_order = {n: i for i, n in enumerate(an.graph.nodes)}
-    split, unusable = split_roots(an, members)  # fused outputs: parent root -> its parts' roots; -> why they stay
-    parent_of = {c: p for p, children in split.items() for c in children}
-    for p, children in split.items():  # a part inherits what blocks or fixes its whole axis
+    fused, unusable = split_roots(an, members)  # fused outputs: parent root -> its parts' roots; -> why they stay
+    parent_of = {c: p for p, children in fused.items() for c in children}
+    for p, children in fused.items():  # a part inherits what blocks or fixes its whole axis
         if p in unusable:
             kept_roots.setdefault(p, unusable[p])
             extents.setdefault(p, []).append(None)
@@ -185,18 +185,21 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
             if p in kept_roots:
                 kept_roots.setdefault(c, kept_roots[p])
                 extents.setdefault(c, []).extend(extents.get(p, []))
+
+    def origins_of(elems) -> list:
+        """The producing (node, weight key) of a class's elements; a part's are its fused projection's."""
+        parents = {uf.find(an.parts[e][0]) for e in elems if e in an.parts}
+        found = [o for e in elems for o in an.origins.get(e, [])]
+        found += [o for p in parents for e in members.get(p, []) for o in an.origins.get(e, [])]
+        return sorted(set(found), key=lambda o: node_order[o[0]])
+
     classes = []
     for root, elems in members.items():
-        origins = [o for e in elems for o in an.origins.get(e, [])]
-        if root in parent_of:  # a part: named and hooked after the projection it is a part of
-            origins = sorted(
-                (o for e in members[parent_of[root]] for o in an.origins.get(e, [])), key=lambda o: node_order[o[0]]
-            )
-        if root in split and root not in unusable:
+        if root in fused and root not in unusable:
             continue  # a fused projection's output: its parts are the groups
+        origins = origins_of(elems)  # a part is named and hooked after the projection it is a part of
         if root == pinned or not origins or parent_of.get(root) == pinned:
             continue
-        origins.sort(key=lambda o: node_order[o[0]])
         classes.append((node_order[origins[0][0]], root, elems, origins))
     classes.sort(key=lambda c: c[0])
 
@@ -205,13 +208,6 @@ def _build(an: Analysis, model: nn.Module, on_unsupported: str) -> TracedSpec:
     position = {k: i for i, k in enumerate(state)}
     groups, skipped, kept, unit_axes, repair_modules = [], {}, {}, {}, []
     kept_reason: dict = {}  # rigid group -> why its units keep their order within blocks
-
-    def origins_of(elems) -> list:
-        """The producing (node, weight key) of a class's elements; a part's are its fused projection's."""
-        parents = {uf.find(an.parts[e][0]) for e in elems if e in an.parts}
-        found = [o for e in elems for o in an.origins.get(e, [])]
-        found += [o for p in parents for e in members.get(p, []) for o in an.origins.get(e, [])]
-        return sorted(set(found), key=lambda o: node_order[o[0]])
 
     def group_name(origins, elems=()) -> str:
         """After its first producer (a tied weight by its first name in the state dict: the input embedding); a part
