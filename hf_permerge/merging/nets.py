@@ -226,8 +226,8 @@ class Nets:
                 logger.warning(
                     "net 0 (%s) has no image processor, so the merged folder gets none and "
                     "pipeline('image-classification') cannot load it; pass the model's image processor: "
-                    "PermMerger.from_pretrained(..., image_processor=<its base model's image processor, loaded "
-                    "with trust_remote_code=False>)",
+                    "PermMerger.from_pretrained(..., image_processor="
+                    "AutoImageProcessor.from_pretrained(<its base model>, trust_remote_code=False))",
                     self.sources[0].name,
                 )
                 return None
